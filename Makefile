@@ -1,0 +1,40 @@
+# gpuctl developer commands. Each target bootstraps .venv itself, so any of them can be the
+# first command on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PB_OUT := src/gpuctl/api/_pb
+
+.PHONY: demo test test-fast proto proto-check lint fmt clean venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m gpuctl.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 -q
+
+proto: $(STAMP)
+	$(PY) -m gpuctl.api.codegen $(PB_OUT)
+
+proto-check: $(STAMP)
+	$(PY) -m pytest -q tests/test_proto_fresh.py
+
+lint: $(STAMP)
+	$(PY) -m ruff check src tests
+	$(PY) -m ruff format --check src tests
+
+fmt: $(STAMP)
+	$(PY) -m ruff format src tests
+	$(PY) -m ruff check --fix src tests
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -1,0 +1,1 @@
+"""The gRPC edge: generated code, proto <-> model conversion, status mapping, servicers, SDK."""

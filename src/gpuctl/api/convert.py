@@ -1,0 +1,400 @@
+"""Protobuf <-> core model conversion; the only module that knows both shapes."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from gpuctl.api._pb.agent.v1 import agent_pb2
+from gpuctl.api._pb.v1 import events_pb2, jobs_pb2, leases_pb2, nodes_pb2
+from gpuctl.core.errors import FieldViolation, InvalidArgument
+from gpuctl.core.model import (
+    BandwidthProfile,
+    Event,
+    Gpu,
+    Job,
+    JobKind,
+    JobSpec,
+    JobState,
+    LeaseState,
+    NetKind,
+    Network,
+    Node,
+    NodeLease,
+    NodeState,
+    OnNodeLost,
+    Placement,
+    RankPlacement,
+    RankState,
+)
+
+JOB_KIND = {
+    JobKind.TRAINING: jobs_pb2.JOB_KIND_TRAINING,
+    JobKind.INFERENCE: jobs_pb2.JOB_KIND_INFERENCE,
+}
+JOB_STATE = {s: jobs_pb2.JobState.Value(f"JOB_STATE_{s.name}") for s in JobState}
+RANK_STATE = {s: jobs_pb2.RankState.Value(f"RANK_STATE_{s.name}") for s in RankState}
+NODE_STATE = {s: nodes_pb2.NodeState.Value(f"NODE_STATE_{s.name}") for s in NodeState}
+NET_KIND = {k: nodes_pb2.NetKind.Value(f"NET_KIND_{k.name}") for k in NetKind}
+LEASE_STATE = {s: leases_pb2.LeaseState.Value(f"LEASE_STATE_{s.name}") for s in LeaseState}
+ON_NODE_LOST = {
+    OnNodeLost.REQUEUE: jobs_pb2.ON_NODE_LOST_REQUEUE,
+    OnNodeLost.FAIL: jobs_pb2.ON_NODE_LOST_FAIL,
+}
+
+
+def _inverse(table: dict) -> dict:
+    return {v: k for k, v in table.items()}
+
+
+JOB_STATE_FROM = _inverse(JOB_STATE)
+RANK_STATE_FROM = _inverse(RANK_STATE)
+NODE_STATE_FROM = _inverse(NODE_STATE)
+NET_KIND_FROM = _inverse(NET_KIND)
+LEASE_STATE_FROM = _inverse(LEASE_STATE)
+
+
+# -- time ---------------------------------------------------------------------------------
+
+
+def ts(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    t = Timestamp()
+    t.FromDatetime(value.astimezone(UTC))
+    return t
+
+
+def from_ts(msg: Timestamp, present: bool = True) -> datetime | None:
+    if not present or (msg.seconds == 0 and msg.nanos == 0):
+        return None
+    return msg.ToDatetime(tzinfo=UTC)
+
+
+def duration(seconds: float) -> Duration:
+    d = Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
+# -- jobs ---------------------------------------------------------------------------------
+
+
+def spec_to_pb(spec: JobSpec) -> jobs_pb2.JobSpec:
+    msg = jobs_pb2.JobSpec(
+        kind=JOB_KIND[spec.kind],
+        name=spec.name,
+        queue=spec.queue,
+        priority=spec.priority,
+        command=list(spec.command),
+        env=dict(spec.env),
+        working_dir=spec.working_dir,
+        gpus_per_node=spec.gpus_per_node,
+        min_nvlink_gbps=spec.min_nvlink_gbps,
+        min_net_gbps=spec.min_net_gbps,
+        gpu_milli=spec.gpu_milli,
+        gpu_memory_mib=spec.gpu_memory_mib,
+        gpu_model=spec.gpu_model,
+        cpu_milli=spec.cpu_milli,
+        memory_mib=spec.memory_mib,
+        on_node_lost=ON_NODE_LOST[spec.on_node_lost],
+        preemptible=spec.preemptible,
+        num_nodes=spec.num_nodes,
+        replicas=spec.replicas,
+    )
+    if spec.time_limit_s:
+        msg.time_limit.CopyFrom(duration(spec.time_limit_s))
+    return msg
+
+
+def spec_from_pb(msg: jobs_pb2.JobSpec, *, owner: str = "") -> JobSpec:
+    """A model spec from the wire; structural problems raise `InvalidArgument` (the rest is
+    `core.validation`'s job)."""
+    violations: list[FieldViolation] = []
+    kind = {v: k for k, v in JOB_KIND.items()}.get(msg.kind)
+    if kind is None:
+        violations.append(FieldViolation("spec.kind", "must be 'training' or 'inference'"))
+    time_limit = msg.time_limit.seconds if msg.HasField("time_limit") else 0
+    if msg.HasField("time_limit") and (msg.time_limit.seconds < 0 or msg.time_limit.nanos < 0):
+        violations.append(FieldViolation("spec.time_limit", "must not be negative"))
+    if msg.on_node_lost not in (0, *ON_NODE_LOST.values()):
+        violations.append(FieldViolation("spec.on_node_lost", "must be 'requeue' or 'fail'"))
+    if violations:
+        raise InvalidArgument(violations)
+    assert kind is not None
+    return JobSpec(
+        kind=kind,
+        command=tuple(msg.command),
+        name=msg.name,
+        owner=owner,
+        queue=msg.queue or "default",
+        priority=msg.priority,
+        env=tuple(sorted(msg.env.items())),
+        working_dir=msg.working_dir,
+        time_limit_s=time_limit,
+        num_nodes=msg.num_nodes if msg.HasField("num_nodes") else 1,
+        gpus_per_node=msg.gpus_per_node,
+        min_nvlink_gbps=msg.min_nvlink_gbps,
+        min_net_gbps=msg.min_net_gbps,
+        replicas=msg.replicas if msg.HasField("replicas") else 1,
+        gpu_milli=msg.gpu_milli,
+        gpu_memory_mib=msg.gpu_memory_mib,
+        gpu_model=msg.gpu_model,
+        cpu_milli=msg.cpu_milli,
+        memory_mib=msg.memory_mib,
+        on_node_lost=OnNodeLost.FAIL
+        if msg.on_node_lost == jobs_pb2.ON_NODE_LOST_FAIL
+        else OnNodeLost.REQUEUE,
+        preemptible=msg.preemptible,
+    )
+
+
+def job_name(job_id: int) -> str:
+    return f"jobs/{job_id}"
+
+
+def parse_job_name(name: str, field: str = "name") -> int:
+    """'jobs/42' or '42' -> 42; anything else is `InvalidArgument` on `field`."""
+    raw = name.removeprefix("jobs/")
+    if not raw.isdigit() or len(raw) > 18 or int(raw) <= 0:
+        raise InvalidArgument(
+            [FieldViolation(field, f"{name!r} is not a job name like 'jobs/42' or '42'")]
+        )
+    return int(raw)
+
+
+def event_to_pb(event: Event) -> events_pb2.Event:
+    return events_pb2.Event(time=ts(event.time), type=event.type, message=event.message)
+
+
+def job_to_pb(
+    job: Job,
+    *,
+    events: tuple[Event, ...] = (),
+    rank_env: dict[int, dict[str, str]] | None = None,
+) -> jobs_pb2.Job:
+    msg = jobs_pb2.Job(
+        name=job_name(job.id),
+        id=job.id,
+        spec=spec_to_pb(job.spec),
+        state=JOB_STATE[job.state],
+        owner=job.spec.owner,
+        reason=job.reason,
+        attempt=job.attempt,
+        revision=job.revision,
+        request_id=job.request_id,
+        events=[event_to_pb(e) for e in events],
+    )
+    if job.exit_code is not None:
+        msg.exit_code = job.exit_code
+    for field, value in (
+        ("create_time", job.created_at),
+        ("start_time", job.started_at),
+        ("end_time", job.finished_at),
+        ("update_time", job.updated_at),
+    ):
+        if value is not None:
+            getattr(msg, field).CopyFrom(ts(value))
+    if job.placement is not None:
+        p = job.placement
+        msg.placement.CopyFrom(
+            jobs_pb2.Placement(
+                master_addr=p.master_addr, master_port=p.master_port, reason=p.reason
+            )
+        )
+        for r in p.ranks:
+            rs = msg.placement.ranks.add(
+                rank=r.rank,
+                node=r.node_id,
+                gpu_indices=list(r.gpu_indices),
+                gpu_milli=r.gpu_milli,
+                state=RANK_STATE[r.state],
+                message=r.message,
+                env=(rank_env or {}).get(r.rank, {}),
+            )
+            if r.exit_code is not None:
+                rs.exit_code = r.exit_code
+    return msg
+
+
+def job_from_pb(msg: jobs_pb2.Job) -> Job:
+    """For the SDK: the model view of a job read from the server."""
+    placement = None
+    if msg.HasField("placement"):
+        p = msg.placement
+        placement = Placement(
+            ranks=tuple(
+                RankPlacement(
+                    rank=r.rank,
+                    node_id=r.node,
+                    gpu_indices=tuple(r.gpu_indices),
+                    gpu_milli=r.gpu_milli,
+                    state=RANK_STATE_FROM.get(r.state, RankState.ASSIGNED),
+                    exit_code=r.exit_code if r.HasField("exit_code") else None,
+                    message=r.message,
+                )
+                for r in p.ranks
+            ),
+            master_addr=p.master_addr,
+            master_port=p.master_port,
+            reason=p.reason,
+        )
+    return Job(
+        id=msg.id,
+        spec=spec_from_pb(msg.spec, owner=msg.owner),
+        state=JOB_STATE_FROM.get(msg.state, JobState.PENDING),
+        request_id=msg.request_id,
+        attempt=msg.attempt,
+        placement=placement,
+        reason=msg.reason,
+        exit_code=msg.exit_code if msg.HasField("exit_code") else None,
+        created_at=from_ts(msg.create_time, msg.HasField("create_time")),
+        started_at=from_ts(msg.start_time, msg.HasField("start_time")),
+        finished_at=from_ts(msg.end_time, msg.HasField("end_time")),
+        updated_at=from_ts(msg.update_time, msg.HasField("update_time")),
+        revision=msg.revision,
+    )
+
+
+# -- nodes --------------------------------------------------------------------------------
+
+
+def profile_to_pb(p: BandwidthProfile) -> nodes_pb2.BandwidthProfile:
+    msg = nodes_pb2.BandwidthProfile(
+        nvlink_domain_size=p.nvlink_domain_size,
+        pcie_gen=p.pcie_gen,
+        pcie_width=p.pcie_width,
+        network=nodes_pb2.Network(
+            kind=NET_KIND[p.network.kind],
+            ports=p.network.ports,
+            gbps_per_port=p.network.gbps_per_port,
+        ),
+        bf16_tflops=p.bf16_tflops,
+        source=p.source,
+        measure_time=ts(p.measured_at),
+    )
+    for g in p.gpus:
+        gm = msg.gpus.add(
+            index=g.index,
+            uuid=g.uuid,
+            model=g.model,
+            memory_mib=g.memory_mib,
+            hbm_gbps=g.hbm_gbps,
+            nvlink_gbps=g.nvlink_gbps,
+            mig_enabled=g.mig_enabled,
+        )
+        if g.measured_hbm_gbps is not None:
+            gm.measured_hbm_gbps = g.measured_hbm_gbps
+    return msg
+
+
+def profile_from_pb(msg: nodes_pb2.BandwidthProfile) -> BandwidthProfile:
+    return BandwidthProfile(
+        gpus=tuple(
+            Gpu(
+                index=g.index,
+                uuid=g.uuid,
+                model=g.model,
+                memory_mib=g.memory_mib,
+                hbm_gbps=g.hbm_gbps,
+                nvlink_gbps=g.nvlink_gbps,
+                measured_hbm_gbps=g.measured_hbm_gbps if g.HasField("measured_hbm_gbps") else None,
+                mig_enabled=g.mig_enabled,
+            )
+            for g in msg.gpus
+        ),
+        nvlink_domain_size=msg.nvlink_domain_size,
+        pcie_gen=msg.pcie_gen,
+        pcie_width=msg.pcie_width,
+        network=Network(
+            kind=NET_KIND_FROM.get(msg.network.kind, NetKind.NONE),
+            ports=msg.network.ports,
+            gbps_per_port=msg.network.gbps_per_port,
+        ),
+        bf16_tflops=msg.bf16_tflops,
+        source=msg.source,
+        measured_at=from_ts(msg.measure_time, msg.HasField("measure_time")),
+    )
+
+
+def node_to_pb(
+    node: Node,
+    *,
+    usage: dict[int, tuple[int, list[int]]] | None = None,
+    events: tuple[Event, ...] = (),
+) -> nodes_pb2.Node:
+    """`usage`: GPU index -> (used milli, job ids), from the daemon's view of running jobs."""
+    msg = nodes_pb2.Node(
+        name=node.id,
+        address=node.address,
+        fabric=node.fabric,
+        provider=node.provider,
+        sku=node.sku,
+        region=node.region,
+        labels=dict(node.labels),
+        cpu_milli=node.cpu_milli,
+        memory_mib=node.memory_mib,
+        profile=profile_to_pb(node.profile),
+        price_per_hour=node.price_per_hour,
+        state=NODE_STATE[node.state],
+        state_reason=node.state_reason,
+        lease=node.lease_id,
+        register_time=ts(node.registered_at),
+        last_heartbeat_time=ts(node.last_heartbeat),
+        events=[event_to_pb(e) for e in events],
+    )
+    for index, (milli, job_ids) in sorted((usage or {}).items()):
+        msg.usage.add(index=index, used_milli=milli, job_ids=job_ids)
+    return msg
+
+
+def node_from_pb(msg: nodes_pb2.Node) -> Node:
+    return Node(
+        id=msg.name,
+        address=msg.address,
+        fabric=msg.fabric,
+        provider=msg.provider or "static",
+        sku=msg.sku,
+        region=msg.region,
+        labels=tuple(sorted(msg.labels.items())),
+        cpu_milli=msg.cpu_milli,
+        memory_mib=msg.memory_mib,
+        profile=profile_from_pb(msg.profile),
+        price_per_hour=msg.price_per_hour,
+        state=NODE_STATE_FROM.get(msg.state, NodeState.READY),
+        state_reason=msg.state_reason,
+        lease_id=msg.lease,
+        registered_at=from_ts(msg.register_time, msg.HasField("register_time")),
+        last_heartbeat=from_ts(msg.last_heartbeat_time, msg.HasField("last_heartbeat_time")),
+    )
+
+
+# -- leases -------------------------------------------------------------------------------
+
+
+def lease_to_pb(lease: NodeLease, *, now: datetime) -> leases_pb2.Lease:
+    end = lease.released_at or now
+    hours = max(0.0, (end - lease.acquired_at).total_seconds() / 3600) if lease.acquired_at else 0.0
+    return leases_pb2.Lease(
+        name=f"leases/{lease.id}",
+        provider=lease.provider,
+        provider_lease_id=lease.provider_lease_id,
+        node=lease.node_id,
+        sku=lease.sku,
+        price_per_hour=lease.price_per_hour,
+        acquire_time=ts(lease.acquired_at),
+        expire_time=ts(lease.expires_at),
+        release_time=ts(lease.released_at),
+        for_job_id=lease.for_job_id or 0,
+        state=LEASE_STATE[lease.state],
+        cost_usd=round(hours * lease.price_per_hour, 4),
+    )
+
+
+# -- agent --------------------------------------------------------------------------------
+
+
+def rank_ref(job_id: int, rank: int, attempt: int) -> agent_pb2.RankRef:
+    return agent_pb2.RankRef(job_id=job_id, rank=rank, attempt=attempt)

@@ -1,0 +1,65 @@
+"""Maps gpuctl's errors to gRPC status codes with rich `google.rpc.Status` details, in one place."""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from gpuctl.core.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    GpuctlError,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+
+_CODES: tuple[tuple[type[GpuctlError], grpc.StatusCode], ...] = (
+    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE),
+)
+
+
+def _pack(message) -> any_pb2.Any:
+    detail = any_pb2.Any()
+    detail.Pack(message)
+    return detail
+
+
+def to_status(error: GpuctlError) -> grpc.Status:
+    code = next((c for t, c in _CODES if isinstance(error, t)), grpc.StatusCode.INTERNAL)
+    details = []
+    if isinstance(error, InvalidArgument):
+        details.append(
+            _pack(
+                error_details_pb2.BadRequest(
+                    field_violations=[
+                        error_details_pb2.BadRequest.FieldViolation(
+                            field=v.field, description=v.description
+                        )
+                        for v in error.violations
+                    ]
+                )
+            )
+        )
+    elif isinstance(error, NotFound | AlreadyExists):
+        details.append(
+            _pack(
+                error_details_pb2.ResourceInfo(resource_type=error.kind, resource_name=error.name)
+            )
+        )
+    elif isinstance(error, Unavailable):
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay={"seconds": 1})))
+    return rpc_status.to_status(
+        status_pb2.Status(code=getattr(code_pb2, code.name), message=str(error), details=details)
+    )
+
+
+def abort(context: grpc.ServicerContext, error: GpuctlError) -> None:
+    """Ends the RPC with `error`'s status (raises, as `context.abort` does)."""
+    context.abort_with_status(to_status(error))

@@ -1,0 +1,83 @@
+"""Job and node state machines as transition tables: a missing entry is an illegal transition."""
+
+from __future__ import annotations
+
+import enum
+
+from gpuctl.core.errors import IllegalTransition
+from gpuctl.core.model import JobState, NodeState
+
+
+class JobEvent(enum.StrEnum):
+    BIND = "bind"  # the cycle placed it
+    CANCEL = "cancel"  # the user asked; a running job goes through CANCELLING
+    ALL_EXITED_OK = "all-exited-ok"
+    RANK_FAILED = "rank-failed"
+    STOPPED = "stopped"  # every rank of a cancelling job has exited
+    NODE_LOST_REQUEUE = "node-lost-requeue"
+    NODE_LOST_FAIL = "node-lost-fail"
+    TIME_LIMIT = "time-limit"
+
+
+J = JobState
+JOB_TRANSITIONS: dict[JobState, dict[JobEvent, JobState]] = {
+    J.PENDING: {JobEvent.BIND: J.RUNNING, JobEvent.CANCEL: J.CANCELLED},
+    J.RUNNING: {
+        JobEvent.CANCEL: J.CANCELLING,
+        JobEvent.ALL_EXITED_OK: J.SUCCEEDED,
+        JobEvent.RANK_FAILED: J.FAILED,
+        JobEvent.NODE_LOST_REQUEUE: J.PENDING,
+        JobEvent.NODE_LOST_FAIL: J.FAILED,
+        JobEvent.TIME_LIMIT: J.CANCELLING,
+    },
+    J.CANCELLING: {
+        JobEvent.STOPPED: J.CANCELLED,
+        JobEvent.CANCEL: J.CANCELLING,
+        JobEvent.NODE_LOST_REQUEUE: J.CANCELLED,
+        JobEvent.NODE_LOST_FAIL: J.CANCELLED,
+        JobEvent.TIME_LIMIT: J.CANCELLING,
+    },
+    J.SUCCEEDED: {},
+    J.FAILED: {},
+    J.CANCELLED: {},
+}
+
+
+class NodeEvent(enum.StrEnum):
+    REGISTER = "register"
+    DRAIN = "drain"
+    HEARTBEAT_MISSED = "heartbeat-missed"
+    RELEASE = "release"
+
+
+N = NodeState
+NODE_TRANSITIONS: dict[NodeState, dict[NodeEvent, NodeState]] = {
+    N.READY: {
+        NodeEvent.REGISTER: N.READY,
+        NodeEvent.DRAIN: N.DRAINING,
+        NodeEvent.HEARTBEAT_MISSED: N.LOST,
+        NodeEvent.RELEASE: N.RELEASED,
+    },
+    N.DRAINING: {
+        NodeEvent.REGISTER: N.DRAINING,
+        NodeEvent.DRAIN: N.DRAINING,
+        NodeEvent.HEARTBEAT_MISSED: N.LOST,
+        NodeEvent.RELEASE: N.RELEASED,
+    },
+    N.LOST: {NodeEvent.REGISTER: N.READY, NodeEvent.DRAIN: N.LOST, NodeEvent.RELEASE: N.RELEASED},
+    N.RELEASED: {NodeEvent.REGISTER: N.READY},
+}
+
+
+def next_job_state(job_id: int, state: JobState, event: JobEvent) -> JobState:
+    try:
+        return JOB_TRANSITIONS[state][event]
+    except KeyError:
+        raise IllegalTransition("job", str(job_id), state.value, event.value) from None
+
+
+def next_node_state(node_id: str, state: NodeState, event: NodeEvent) -> NodeState:
+    try:
+        return NODE_TRANSITIONS[state][event]
+    except KeyError:
+        raise IllegalTransition("node", node_id, state.value, event.value) from None

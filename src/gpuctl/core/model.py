@@ -1,0 +1,269 @@
+"""The domain model: nodes with their measured bandwidth profiles, leases, jobs and placements.
+
+Plain frozen dataclasses; protobuf messages and ORM rows are converted to and from these
+only in `api/convert.py` and `store/mapping.py`.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+
+MILLI_PER_GPU = 1000
+
+
+class JobKind(enum.StrEnum):
+    TRAINING = "training"
+    INFERENCE = "inference"
+
+
+class JobState(enum.StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    CANCELLING = "cancelling"  # cancel asked, processes still being stopped: resources held
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+    @property
+    def holds_resources(self) -> bool:
+        return self in (JobState.RUNNING, JobState.CANCELLING)
+
+
+class RankState(enum.StrEnum):
+    ASSIGNED = "assigned"  # bound to a node, the agent has not started it yet
+    RUNNING = "running"
+    EXITED = "exited"  # exit_code says how
+    LOST = "lost"  # its node stopped answering
+
+
+class NodeState(enum.StrEnum):
+    READY = "ready"
+    DRAINING = "draining"  # no new work; running work finishes
+    LOST = "lost"  # missed heartbeats past the timeout
+    RELEASED = "released"
+
+
+class LeaseState(enum.StrEnum):
+    REQUESTED = "requested"
+    ACTIVE = "active"
+    RELEASING = "releasing"
+    RELEASED = "released"
+    EXPIRED = "expired"
+    FAILED = "failed"
+
+
+class NetKind(enum.StrEnum):
+    NONE = "none"
+    ETHERNET = "ethernet"
+    ROCE = "roce"
+    INFINIBAND = "infiniband"
+
+
+class OnNodeLost(enum.StrEnum):
+    REQUEUE = "requeue"
+    FAIL = "fail"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Gpu:
+    index: int
+    uuid: str
+    model: str
+    memory_mib: int
+    hbm_gbps: float  # datasheet / theoretical
+    nvlink_gbps: float = 0.0  # aggregate NVLink bandwidth of this GPU, 0 = none
+    measured_hbm_gbps: float | None = None  # None: not measured
+    mig_enabled: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Network:
+    kind: NetKind = NetKind.NONE
+    ports: int = 0
+    gbps_per_port: float = 0.0
+
+    @property
+    def total_gbps(self) -> float:
+        return self.ports * self.gbps_per_port
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BandwidthProfile:
+    """What the agent measured (or derived from the datasheet) about one node."""
+
+    gpus: tuple[Gpu, ...] = ()
+    nvlink_domain_size: int = 0  # GPUs reachable from each other over NVLink
+    pcie_gen: int = 0
+    pcie_width: int = 0
+    network: Network = field(default_factory=Network)
+    bf16_tflops: float = 0.0  # dense, whole node
+    source: str = "fake"  # "fake" | "nvml"
+    measured_at: datetime | None = None
+
+    @property
+    def gpu_model(self) -> str:
+        return self.gpus[0].model if self.gpus else ""
+
+    @property
+    def hbm_gbps(self) -> float:
+        """HBM bandwidth per GPU (measured where known, else theoretical)."""
+        if not self.gpus:
+            return 0.0
+        g = self.gpus[0]
+        return g.measured_hbm_gbps if g.measured_hbm_gbps is not None else g.hbm_gbps
+
+    @property
+    def nvlink_gbps(self) -> float:
+        return min((g.nvlink_gbps for g in self.gpus), default=0.0)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Node:
+    id: str  # unique name, e.g. the hostname
+    address: str  # where ranks on this node are reachable (MASTER_ADDR when rank 0)
+    fabric: str = ""  # fabric path "fabric/spine/leaf"; nodes sharing the first part can be ganged
+    provider: str = "static"
+    sku: str = ""
+    region: str = ""
+    labels: tuple[tuple[str, str], ...] = ()
+    cpu_milli: int = 0
+    memory_mib: int = 0
+    profile: BandwidthProfile = field(default_factory=BandwidthProfile)
+    price_per_hour: float = 0.0
+    state: NodeState = NodeState.READY
+    state_reason: str = ""
+    lease_id: str = ""
+    registered_at: datetime | None = None
+    last_heartbeat: datetime | None = None
+
+    @property
+    def gpu_count(self) -> int:
+        return len(self.profile.gpus)
+
+    @property
+    def fabric_name(self) -> str:
+        return self.fabric.split("/", 1)[0] if self.fabric else ""
+
+    @property
+    def leaf(self) -> str:
+        return self.fabric
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeLease:
+    id: str
+    provider: str
+    provider_lease_id: str = ""
+    node_id: str = ""
+    sku: str = ""
+    price_per_hour: float = 0.0
+    acquired_at: datetime | None = None
+    expires_at: datetime | None = None
+    released_at: datetime | None = None
+    for_job_id: int | None = None
+    state: LeaseState = LeaseState.REQUESTED
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobSpec:
+    """What the user asked for. Validated by `core.validation.validate_spec`."""
+
+    kind: JobKind
+    command: tuple[str, ...]
+    name: str = ""
+    owner: str = ""
+    queue: str = "default"
+    priority: int = 0
+    env: tuple[tuple[str, str], ...] = ()
+    working_dir: str = ""
+    time_limit_s: int = 0  # 0 = none
+    # training: a gang of num_nodes x gpus_per_node, all or nothing, one fabric
+    num_nodes: int = 1
+    gpus_per_node: int = 0
+    min_nvlink_gbps: float = 0.0
+    min_net_gbps: float = 0.0
+    # inference: replicas, each whole GPUs (gpus_per_node) or a share of one (gpu_milli)
+    replicas: int = 1
+    gpu_milli: int = 0  # 1..999: a share of one GPU; 0: whole GPUs
+    gpu_memory_mib: int = 0  # per replica (weights + KV cache)
+    gpu_model: str = ""  # "" = any; else a model name such as "H100 SXM"
+    cpu_milli: int = 0  # per rank/replica
+    memory_mib: int = 0  # per rank/replica
+    on_node_lost: OnNodeLost = OnNodeLost.REQUEUE
+    preemptible: bool = False
+
+    @property
+    def rank_count(self) -> int:
+        return self.num_nodes if self.kind is JobKind.TRAINING else self.replicas
+
+    @property
+    def total_gpus(self) -> float:
+        if self.kind is JobKind.TRAINING:
+            return float(self.num_nodes * self.gpus_per_node)
+        if self.gpu_milli:
+            return self.replicas * self.gpu_milli / MILLI_PER_GPU
+        return float(self.replicas * self.gpus_per_node)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RankPlacement:
+    """Where one rank (training: one node of the gang) or replica (inference) runs."""
+
+    rank: int
+    node_id: str
+    gpu_indices: tuple[int, ...] = ()
+    gpu_milli: int = MILLI_PER_GPU  # per GPU in gpu_indices; < 1000 for a GPU share
+    cpu_milli: int = 0
+    memory_mib: int = 0
+    state: RankState = RankState.ASSIGNED
+    exit_code: int | None = None
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Placement:
+    ranks: tuple[RankPlacement, ...]
+    master_addr: str = ""
+    master_port: int = 0
+    reason: str = ""  # why here, for `gpuctl describe`
+
+    @property
+    def node_ids(self) -> tuple[str, ...]:
+        return tuple(r.node_id for r in self.ranks)
+
+    def with_rank(self, rank: RankPlacement) -> Placement:
+        return replace(self, ranks=tuple(rank if r.rank == rank.rank else r for r in self.ranks))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Job:
+    id: int
+    spec: JobSpec
+    state: JobState = JobState.PENDING
+    request_id: str = ""
+    attempt: int = 0  # bumped on every requeue; reports from older attempts are ignored
+    placement: Placement | None = None
+    reason: str = ""  # pending reason, or why it failed
+    exit_code: int | None = None
+    created_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    updated_at: datetime | None = None
+    revision: int = 0  # store-wide change counter, for WatchJobs resume
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    """Something that happened to a job or node, for `gpuctl describe`."""
+
+    object_kind: str  # "job" | "node"
+    object_id: str
+    time: datetime
+    type: str  # short word: Submitted, Scheduled, Started, Exited, Cancelled, NodeLost, ...
+    message: str

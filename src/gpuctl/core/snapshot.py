@@ -1,0 +1,226 @@
+"""The per-cycle view of the cluster: free GPU milli, CPU and memory on every node.
+
+Built from the nodes and the jobs that hold resources; `assume` reserves a placement the
+cycle has just made so later jobs see it, and `forget` is its idempotent undo.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from gpuctl.core.model import MILLI_PER_GPU, Gpu, Job, Node, NodeState, Placement, RankPlacement
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeView:
+    """One node as the cycle sees it: what is free now, and whose ranks it holds."""
+
+    node: Node
+    gpu_free_milli: tuple[int, ...]  # aligned with node.profile.gpus; 1000 = whole GPU free
+    cpu_free_milli: int
+    memory_free_mib: int
+    ranks: tuple[tuple[int, int], ...] = ()  # (job id, ranks of that job here), by job id
+
+    @property
+    def id(self) -> str:
+        return self.node.id
+
+    @property
+    def schedulable(self) -> bool:
+        return self.node.state is NodeState.READY
+
+    @property
+    def gpus(self) -> tuple[Gpu, ...]:
+        return self.node.profile.gpus
+
+    @property
+    def gpu_count(self) -> int:
+        return len(self.node.profile.gpus)
+
+    @property
+    def free_gpu_milli(self) -> int:
+        return sum(self.gpu_free_milli)
+
+    @property
+    def whole_free_gpus(self) -> tuple[Gpu, ...]:
+        """GPUs with nothing on them, lowest index first."""
+        free = (
+            g for g, m in zip(self.gpus, self.gpu_free_milli, strict=True) if m == MILLI_PER_GPU
+        )
+        return tuple(sorted(free, key=lambda g: g.index))
+
+    @property
+    def idle(self) -> bool:
+        """No job holds anything here."""
+        return not self.ranks
+
+    def ranks_of(self, job_id: int) -> int:
+        return next((n for j, n in self.ranks if j == job_id), 0)
+
+    def take(self, job_id: int, ranks: Sequence[RankPlacement]) -> NodeView:
+        """This node with `ranks` of `job_id` added; ValueError when they do not fit."""
+        free = list(self.gpu_free_milli)
+        position = {g.index: i for i, g in enumerate(self.gpus)}
+        cpu, memory = self.cpu_free_milli, self.memory_free_mib
+        for r in ranks:
+            if r.node_id != self.id:
+                raise ValueError(
+                    f"job {job_id}: rank {r.rank} is for node {r.node_id}, not {self.id}"
+                )
+            if len(set(r.gpu_indices)) != len(r.gpu_indices):
+                raise ValueError(f"job {job_id}: rank {r.rank} names a GPU twice: {r.gpu_indices}")
+            if r.gpu_indices and not 0 < r.gpu_milli <= MILLI_PER_GPU:
+                raise ValueError(f"job {job_id}: rank {r.rank} takes {r.gpu_milli} milli per GPU")
+            for index in r.gpu_indices:
+                if index not in position:
+                    raise ValueError(f"job {job_id}: node {self.id} has no GPU {index}")
+                if free[position[index]] < r.gpu_milli:
+                    raise ValueError(
+                        f"job {job_id}: GPU {index} of node {self.id} has "
+                        f"{free[position[index]]} milli free, rank {r.rank} needs {r.gpu_milli}"
+                    )
+                free[position[index]] -= r.gpu_milli
+            # A dimension the rank does not ask for is not checked: a node a running job
+            # already oversubscribes (it re-registered smaller) can still take a rank that
+            # needs none of that resource.
+            if r.cpu_milli > cpu or r.memory_mib > memory:
+                raise ValueError(
+                    f"job {job_id}: node {self.id} has {cpu} cpu-milli and {memory} MiB free, "
+                    f"rank {r.rank} needs {r.cpu_milli} and {r.memory_mib}"
+                )
+            cpu -= r.cpu_milli
+            memory -= r.memory_mib
+        held = dict(self.ranks)
+        held[job_id] = held.get(job_id, 0) + len(ranks)
+        return NodeView(
+            node=self.node,
+            gpu_free_milli=tuple(free),
+            cpu_free_milli=cpu,
+            memory_free_mib=memory,
+            ranks=tuple(sorted(held.items())),
+        )
+
+
+def _view(node: Node, held: Mapping[int, Sequence[RankPlacement]]) -> NodeView:
+    """`node` with the ranks in `held` subtracted, never below zero."""
+    free = [MILLI_PER_GPU] * len(node.profile.gpus)
+    position = {g.index: i for i, g in enumerate(node.profile.gpus)}
+    cpu, memory = node.cpu_milli, node.memory_mib
+    for ranks in held.values():
+        for r in ranks:
+            for index in r.gpu_indices:
+                if index in position:  # a GPU the node no longer reports holds nothing we place on
+                    free[position[index]] -= r.gpu_milli
+            cpu -= r.cpu_milli
+            memory -= r.memory_mib
+    return NodeView(
+        node=node,
+        gpu_free_milli=tuple(max(0, m) for m in free),
+        cpu_free_milli=max(0, cpu),
+        memory_free_mib=max(0, memory),
+        ranks=tuple(sorted((j, len(rs)) for j, rs in held.items())),
+    )
+
+
+def _by_node(placement: Placement) -> dict[str, tuple[RankPlacement, ...]]:
+    out: dict[str, list[RankPlacement]] = {}
+    for r in placement.ranks:
+        out.setdefault(r.node_id, []).append(r)
+    return {node_id: tuple(ranks) for node_id, ranks in out.items()}
+
+
+class Snapshot:
+    """What is free where, for one cycle.
+
+    The one mutable object of a cycle (like the framework's per-cycle snapshot): `assume`
+    and `forget` change it, the `NodeView`s it hands out never change.
+    """
+
+    __slots__ = ("_held", "_on_node", "_order", "_views")
+
+    def __init__(
+        self,
+        views: dict[str, NodeView],
+        on_node: dict[str, dict[int, tuple[RankPlacement, ...]]],
+        held: dict[int, Placement],
+    ) -> None:
+        self._views = views
+        self._on_node = on_node
+        self._held = held
+        self._order = tuple(sorted(views))
+
+    @classmethod
+    def build(cls, nodes: Sequence[Node], running: Sequence[Job]) -> Snapshot:
+        """The cluster as `nodes` with every job that holds resources taking its placement."""
+        on_node: dict[str, dict[int, tuple[RankPlacement, ...]]] = {}
+        for n in nodes:
+            if n.id in on_node:
+                raise ValueError(f"node {n.id} given twice")
+            on_node[n.id] = {}
+        held: dict[int, Placement] = {}
+        for job in running:
+            if not job.state.holds_resources or job.placement is None:
+                continue
+            if job.id in held:
+                raise ValueError(f"job {job.id} given twice")
+            held[job.id] = job.placement
+            for node_id, ranks in _by_node(job.placement).items():
+                if node_id in on_node:  # ranks on a node that is gone hold nothing we place on
+                    on_node[node_id][job.id] = ranks
+        views = {n.id: _view(n, on_node[n.id]) for n in nodes}
+        return cls(views, on_node, held)
+
+    @property
+    def nodes(self) -> tuple[NodeView, ...]:
+        """Every node, schedulable or not, by id."""
+        return tuple(self._views[i] for i in self._order)
+
+    @property
+    def schedulable(self) -> tuple[NodeView, ...]:
+        return tuple(v for v in self.nodes if v.schedulable)
+
+    def node(self, node_id: str) -> NodeView:
+        return self._views[node_id]
+
+    def placement_of(self, job_id: int) -> Placement | None:
+        return self._held.get(job_id)
+
+    def assume(self, job_id: int, placement: Placement) -> None:
+        """Reserve `placement` for `job_id`; ValueError if it does not fit (a bug in the caller)."""
+        if job_id in self._held:
+            raise ValueError(f"job {job_id} already holds resources; forget it first")
+        taken: dict[str, NodeView] = {}
+        for node_id, ranks in _by_node(placement).items():
+            if node_id not in self._views:
+                raise ValueError(f"job {job_id}: node {node_id} is not in the snapshot")
+            taken[node_id] = self._views[node_id].take(job_id, ranks)
+        # Checked in full above before anything changes, so a failed assume leaves no trace.
+        for node_id, ranks in _by_node(placement).items():
+            self._on_node[node_id][job_id] = ranks
+        self._views.update(taken)
+        self._held[job_id] = placement
+
+    def forget(self, job_id: int) -> None:
+        """Undo `assume` (or a running job's hold); forgetting an unknown job does nothing."""
+        placement = self._held.pop(job_id, None)
+        if placement is None:
+            return
+        for node_id in _by_node(placement):
+            if node_id in self._on_node:
+                self._on_node[node_id].pop(job_id, None)
+                # Recomputed from what is still held rather than added back, so a node that
+                # running jobs oversubscribe (clamped at zero) comes back exactly.
+                self._views[node_id] = _view(self._views[node_id].node, self._on_node[node_id])
+
+    def copy(self) -> Snapshot:
+        """An independent snapshot to assume into; views are shared, they never change."""
+        return Snapshot(
+            dict(self._views),
+            {node_id: dict(held) for node_id, held in self._on_node.items()},
+            dict(self._held),
+        )
+
+    def held(self) -> tuple[tuple[int, Placement], ...]:
+        """Every (job id, placement) holding resources, by job id."""
+        return tuple(sorted(self._held.items()))

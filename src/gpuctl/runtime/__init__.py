@@ -1,0 +1,1 @@
+"""The daemon's runtime: clock, config, controller, scheduling loop, composition root."""

@@ -1,0 +1,614 @@
+"""The daemon's use cases: submit, cancel, drain, register, heartbeat, report, and the cycle.
+
+Every mutation runs under one lock (one writer), reads the store, decides through the pure
+core (lifecycle tables, validation, `core.schedule`) and writes the result back in one
+transaction. Time comes from the injected clock; nothing here sleeps or touches the network.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+
+from gpuctl.core.cycle import CycleResult, schedule
+from gpuctl.core.errors import FailedPrecondition, NotFound
+from gpuctl.core.launch import rank_env
+from gpuctl.core.lifecycle import JobEvent, NodeEvent, next_job_state, next_node_state
+from gpuctl.core.model import (
+    Event,
+    Job,
+    JobSpec,
+    JobState,
+    LeaseState,
+    Node,
+    NodeLease,
+    NodeState,
+    OnNodeLost,
+    RankPlacement,
+    RankState,
+)
+from gpuctl.core.plugins import Policy
+from gpuctl.core.snapshot import Snapshot
+from gpuctl.core.validation import validate_spec
+from gpuctl.runtime.clock import Clock
+from gpuctl.runtime.logstore import LogStore
+from gpuctl.store.base import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ControllerSettings:
+    heartbeat_interval_s: float = 5.0
+    heartbeat_timeout_s: float = 30.0
+    kill_grace_s: float = 10.0
+    master_port_base: int = 29500
+    master_port_range: int = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class RankRef:
+    job_id: int
+    rank: int
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Assignment:
+    ref: RankRef
+    job: Job
+    rank: RankPlacement
+    env: dict[str, str]
+    kill_grace_s: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HeartbeatResult:
+    assignments: tuple[Assignment, ...] = ()
+    stop: tuple[RankRef, ...] = ()
+    reregister: bool = False
+
+
+class JobFeed:
+    """Wakes `WatchJobs` streams when a job's revision moves."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.revision = 0
+
+    def publish(self, jobs: Iterable[Job]) -> None:
+        with self._cond:
+            self.revision = max([self.revision, *(j.revision for j in jobs)])
+            self._cond.notify_all()
+
+    def wait(self, after: int, timeout: float) -> int:
+        with self._cond:
+            self._cond.wait_for(lambda: self.revision > after, timeout=timeout)
+            return self.revision
+
+
+class Controller:
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        policy: Policy,
+        logs: LogStore,
+        settings: ControllerSettings | None = None,
+        *,
+        wake: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.policy = policy
+        self.logs = logs
+        self.settings = settings or ControllerSettings()
+        self.wake = wake  # asks the scheduling loop to run a cycle soon
+        self.feed = JobFeed()
+        self._lock = threading.RLock()
+
+    # -- user API ------------------------------------------------------------------------
+
+    def submit(self, spec: JobSpec, *, request_id: str = "", validate_only: bool = False) -> Job:
+        validate_spec(spec)
+        now = self.clock.now()
+        if validate_only:
+            return Job(id=0, spec=spec, created_at=now, reason="validated; not stored")
+        with self._lock:
+            job, created = self.store.create_job(spec, request_id=request_id, now=now)
+            if created:
+                what = f"{spec.kind.value}: " + _describe_size(spec)
+                self.store.add_events(
+                    [_job_event(job, now, "Submitted", f"{what}, queue {spec.queue}")]
+                )
+                log.info("job %d submitted by %s (%s)", job.id, spec.owner or "-", what)
+        self.feed.publish([job])
+        self.wake()
+        return job
+
+    def get(self, job_id: int) -> tuple[Job, tuple[Event, ...], dict[int, dict[str, str]]]:
+        job = self.store.get_job(job_id)
+        events = self.store.list_events("job", str(job_id))
+        env: dict[int, dict[str, str]] = {}
+        if job.placement is not None:
+            nodes = self._nodes_by_id()
+            env = {r.rank: rank_env(job, r, nodes) for r in job.placement.ranks}
+        return job, events, env
+
+    def cancel(self, job_id: int) -> Job:
+        with self._lock:
+            job = self.store.get_job(job_id)
+            if job.state.finished:
+                raise FailedPrecondition(
+                    f"job {job_id} already {job.state.value}: nothing to cancel"
+                )
+            now = self.clock.now()
+            state = next_job_state(job.id, job.state, JobEvent.CANCEL)
+            changed = replace(job, state=state, updated_at=now)
+            if state is JobState.CANCELLED:
+                changed = replace(changed, finished_at=now, reason="cancelled while pending")
+            else:
+                changed = replace(changed, reason="cancel requested; stopping ranks")
+            (job,) = self._write(
+                [changed], [_job_event(job, now, "Cancel", f"cancel requested: {state.value}")]
+            )
+        self.wake()
+        return job
+
+    def drain(self, node_id: str, reason: str = "") -> Node:
+        with self._lock:
+            node = self.store.get_node(node_id)
+            state = next_node_state(node_id, node.state, NodeEvent.DRAIN)
+            why = reason or "drained by an operator"
+            node = self.store.put_node(replace(node, state=state, state_reason=why))
+            self.store.add_events([_node_event(node_id, self.clock.now(), "Drain", why)])
+        log.info("node %s draining: %s", node_id, why)
+        return node
+
+    def node_usage(self) -> dict[str, dict[int, tuple[int, list[int]]]]:
+        """Per node, per GPU: used milli and the jobs using it."""
+        usage: dict[str, dict[int, tuple[int, list[int]]]] = {}
+        for job in self.store.active_jobs():
+            if not job.state.holds_resources or job.placement is None:
+                continue
+            for r in job.placement.ranks:
+                gpus = usage.setdefault(r.node_id, {})
+                for i in r.gpu_indices:
+                    milli, ids = gpus.get(i, (0, []))
+                    gpus[i] = (milli + r.gpu_milli, [*ids, job.id])
+        return usage
+
+    # -- agent API -----------------------------------------------------------------------
+
+    def register_node(self, reported: Node) -> Node:
+        now = self.clock.now()
+        with self._lock:
+            try:
+                known: Node | None = self.store.get_node(reported.id)
+            except NotFound:
+                known = None
+            if known is None:
+                state, reason, registered = NodeState.READY, "", now
+            else:
+                state = next_node_state(reported.id, known.state, NodeEvent.REGISTER)
+                reason = known.state_reason if state is NodeState.DRAINING else ""
+                registered = known.registered_at or now
+            lease_id = known.lease_id if known else ""
+            if not self._lease_active(lease_id):
+                lease_id = self._open_static_lease(reported, now)
+            node = self.store.put_node(
+                replace(
+                    reported,
+                    state=state,
+                    state_reason=reason,
+                    registered_at=registered,
+                    last_heartbeat=now,
+                    lease_id=lease_id,
+                )
+            )
+            gpus = f"{node.gpu_count}x {node.profile.gpu_model}" if node.gpu_count else "no GPUs"
+            self.store.add_events(
+                [
+                    _node_event(
+                        node.id,
+                        now,
+                        "Registered",
+                        f"{gpus}, fabric {node.fabric or '-'}, at {node.address}",
+                    )
+                ]
+            )
+        log.info("node %s registered (%s)", node.id, gpus)
+        self.wake()
+        return node
+
+    def heartbeat(self, node_id: str, running: Sequence[RankRef]) -> HeartbeatResult:
+        now = self.clock.now()
+        with self._lock:
+            try:
+                node = self.store.get_node(node_id)
+            except NotFound:
+                return HeartbeatResult(reregister=True)
+            if node.state in (NodeState.LOST, NodeState.RELEASED):
+                return HeartbeatResult(reregister=True)
+            self.store.put_node(replace(node, last_heartbeat=now))
+            running_set = set(running)
+            jobs = {j.id: j for j in self.store.active_jobs()}
+            stop = [
+                ref
+                for ref in running_set
+                if not self._should_run(jobs.get(ref.job_id), ref, node_id)
+            ]
+            assignments: list[Assignment] = []
+            changed: list[Job] = []
+            events: list[Event] = []
+            nodes = None
+            for job in jobs.values():
+                if job.placement is None or not job.state.holds_resources:
+                    continue
+                updated = job
+                for r in job.placement.ranks:
+                    ref = RankRef(job.id, r.rank, job.attempt)
+                    if (
+                        r.node_id != node_id
+                        or r.state is not RankState.ASSIGNED
+                        or ref in running_set
+                    ):
+                        continue
+                    if job.state is JobState.CANCELLING:
+                        # Never started, and will not be now: count it as stopped.
+                        assert updated.placement is not None
+                        stopped = replace(
+                            r, state=RankState.EXITED, message="cancelled before start"
+                        )
+                        updated = replace(updated, placement=updated.placement.with_rank(stopped))
+                        continue
+                    nodes = nodes or self._nodes_by_id()
+                    assignments.append(
+                        Assignment(
+                            ref=ref,
+                            job=job,
+                            rank=r,
+                            env=rank_env(job, r, nodes),
+                            kill_grace_s=self.settings.kill_grace_s,
+                        )
+                    )
+                if updated is not job:
+                    finished = self._settle(updated, now, events)
+                    changed.append(finished)
+            if changed:
+                self._write(changed, events)
+        return HeartbeatResult(
+            assignments=tuple(assignments), stop=tuple(sorted(stop, key=_ref_key))
+        )
+
+    def report_rank(
+        self,
+        node_id: str,
+        ref: RankRef,
+        state: RankState,
+        exit_code: int | None = None,
+        message: str = "",
+    ) -> None:
+        """An agent says a rank started or exited. Reports about older attempts, unknown ranks
+        or ranks in a final state already are acknowledged and ignored (idempotent)."""
+        now = self.clock.now()
+        with self._lock:
+            try:
+                job = self.store.get_job(ref.job_id)
+            except NotFound:
+                return
+            if job.attempt != ref.attempt or job.placement is None or job.state.finished:
+                return
+            rank = next((r for r in job.placement.ranks if r.rank == ref.rank), None)
+            if (
+                rank is None
+                or rank.node_id != node_id
+                or rank.state in (RankState.EXITED, RankState.LOST)
+            ):
+                return
+            events: list[Event] = []
+            if state is RankState.RUNNING:
+                if rank.state is not RankState.ASSIGNED:
+                    return
+                rank = replace(rank, state=RankState.RUNNING)
+                job = replace(job, started_at=job.started_at or now)
+                events.append(
+                    _job_event(job, now, "Started", f"rank {ref.rank} started on {node_id}")
+                )
+            elif state is RankState.EXITED:
+                rank = replace(rank, state=RankState.EXITED, exit_code=exit_code, message=message)
+                detail = f" ({message})" if message else ""
+                events.append(
+                    _job_event(
+                        job,
+                        now,
+                        "Exited",
+                        f"rank {ref.rank} on {node_id} exited with {exit_code}{detail}",
+                    )
+                )
+            else:
+                return
+            job = replace(job, placement=job.placement.with_rank(rank), updated_at=now)
+            job = self._settle(job, now, events)
+            self._write([job], events)
+        if job.state.finished:
+            self.wake()
+
+    def push_logs(self, node_id: str, ref: RankRef, offset: int, data: bytes) -> int:
+        return self.logs.append(ref.job_id, ref.attempt, ref.rank, offset, data)
+
+    # -- periodic work -------------------------------------------------------------------
+
+    def run_cycle(self) -> CycleResult:
+        """One scheduling cycle: snapshot, `core.schedule`, bind what was placed."""
+        with self._lock:
+            now = self.clock.now()
+            nodes = self.store.list_nodes()
+            active = self.store.active_jobs()
+            pending = [j for j in active if j.state is JobState.PENDING]
+            if not pending:
+                return CycleResult(bindings=(), unschedulable=())
+            snapshot = Snapshot.build(nodes, [j for j in active if j.state.holds_resources])
+            result = schedule(snapshot, pending, self.policy, now=now)
+            by_id = {j.id: j for j in pending}
+            changed: list[Job] = []
+            events: list[Event] = []
+            for binding in result.bindings:
+                job = by_id[binding.job_id]
+                port = self.settings.master_port_base + job.id % self.settings.master_port_range
+                placement = replace(binding.placement, master_port=port)
+                changed.append(
+                    replace(
+                        job,
+                        state=next_job_state(job.id, job.state, JobEvent.BIND),
+                        placement=placement,
+                        reason="",
+                        updated_at=now,
+                    )
+                )
+                where = ", ".join(f"{r.rank}:{r.node_id}[{_gpus(r)}]" for r in placement.ranks)
+                events.append(_job_event(job, now, "Scheduled", f"{where}; {placement.reason}"))
+                log.info("job %d placed: %s (%s)", job.id, where, placement.reason)
+            for miss in result.unschedulable:
+                job = by_id[miss.job_id]
+                if job.reason != miss.reason:
+                    changed.append(replace(job, reason=miss.reason, updated_at=now))
+                    events.append(_job_event(job, now, "Unschedulable", miss.reason))
+            if changed:
+                self._write(changed, events)
+            return result
+
+    def expire_heartbeats(self) -> list[str]:
+        """Nodes silent past the timeout become LOST; their jobs are requeued or failed."""
+        now = self.clock.now()
+        cutoff = now - timedelta(seconds=self.settings.heartbeat_timeout_s)
+        lost: list[str] = []
+        with self._lock:
+            for node in self.store.list_nodes():
+                if node.state not in (NodeState.READY, NodeState.DRAINING):
+                    continue
+                if node.last_heartbeat is None or node.last_heartbeat >= cutoff:
+                    continue
+                silent = int((now - node.last_heartbeat).total_seconds())
+                why = f"no heartbeat for {silent}s (timeout {self.settings.heartbeat_timeout_s:g}s)"
+                self.store.put_node(
+                    replace(
+                        node,
+                        state=next_node_state(node.id, node.state, NodeEvent.HEARTBEAT_MISSED),
+                        state_reason=why,
+                    )
+                )
+                self.store.add_events([_node_event(node.id, now, "NodeLost", why)])
+                log.warning("node %s lost: %s", node.id, why)
+                lost.append(node.id)
+            if lost:
+                self._fail_over(set(lost), now)
+        if lost:
+            self.wake()
+        return lost
+
+    def enforce_time_limits(self) -> list[int]:
+        now = self.clock.now()
+        hit: list[int] = []
+        with self._lock:
+            changed, events = [], []
+            for job in self.store.active_jobs():
+                limit = job.spec.time_limit_s
+                if job.state is not JobState.RUNNING or not limit or job.started_at is None:
+                    continue
+                if now - job.started_at < timedelta(seconds=limit):
+                    continue
+                why = f"time limit of {_duration(limit)} reached"
+                changed.append(
+                    replace(
+                        job,
+                        state=next_job_state(job.id, job.state, JobEvent.TIME_LIMIT),
+                        reason=why,
+                        updated_at=now,
+                    )
+                )
+                events.append(_job_event(job, now, "TimeLimit", why + "; stopping ranks"))
+                hit.append(job.id)
+            if changed:
+                self._write(changed, events)
+        return hit
+
+    def lease_costs(self) -> float:
+        """Dollars accrued by every lease so far (bookkeeping; the full lease keeper is later)."""
+        now = self.clock.now()
+        total = 0.0
+        for lease in self.store.list_leases(include_released=True):
+            if lease.acquired_at is not None:
+                end = lease.released_at or now
+                total += (
+                    max(0.0, (end - lease.acquired_at).total_seconds())
+                    / 3600
+                    * lease.price_per_hour
+                )
+        return total
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _write(self, jobs: Sequence[Job], events: Sequence[Event]) -> tuple[Job, ...]:
+        written = self.store.update_jobs(jobs)
+        if events:
+            self.store.add_events(events)
+        self.feed.publish(written)
+        return written
+
+    def _nodes_by_id(self) -> dict[str, Node]:
+        return {n.id: n for n in self.store.list_nodes()}
+
+    def _should_run(self, job: Job | None, ref: RankRef, node_id: str) -> bool:
+        if (
+            job is None
+            or job.attempt != ref.attempt
+            or job.state is not JobState.RUNNING
+            or job.placement is None
+        ):
+            return False
+        return any(r.rank == ref.rank and r.node_id == node_id for r in job.placement.ranks)
+
+    def _settle(self, job: Job, now: datetime, events: list[Event]) -> Job:
+        """Move a job whose ranks changed to the state its ranks imply."""
+        assert job.placement is not None
+        ranks = job.placement.ranks
+        done = [r for r in ranks if r.state in (RankState.EXITED, RankState.LOST)]
+        if job.state is JobState.RUNNING:
+            failed = next((r for r in done if r.exit_code != 0), None)
+            if failed is not None:
+                why = f"rank {failed.rank} on {failed.node_id} exited with {failed.exit_code}"
+                if failed.message:
+                    why += f": {failed.message}"
+                events.append(_job_event(job, now, "Failed", why))
+                return replace(
+                    job,
+                    state=next_job_state(job.id, job.state, JobEvent.RANK_FAILED),
+                    reason=why,
+                    exit_code=failed.exit_code,
+                    finished_at=now,
+                )
+            if len(done) == len(ranks):
+                events.append(
+                    _job_event(job, now, "Succeeded", f"all {len(ranks)} ranks exited with 0")
+                )
+                return replace(
+                    job,
+                    state=next_job_state(job.id, job.state, JobEvent.ALL_EXITED_OK),
+                    exit_code=0,
+                    finished_at=now,
+                )
+        elif job.state is JobState.CANCELLING and len(done) == len(ranks):
+            events.append(_job_event(job, now, "Cancelled", "every rank stopped"))
+            return replace(
+                job,
+                state=next_job_state(job.id, job.state, JobEvent.STOPPED),
+                finished_at=now,
+                reason=job.reason.replace("; stopping ranks", "") or "cancelled",
+            )
+        return job
+
+    def _fail_over(self, lost: set[str], now: datetime) -> None:
+        changed, events = [], []
+        for job in self.store.active_jobs():
+            if job.placement is None or not lost.intersection(job.placement.node_ids):
+                continue
+            where = ", ".join(sorted(lost.intersection(job.placement.node_ids)))
+            if job.state is JobState.CANCELLING:
+                event = JobEvent.NODE_LOST_FAIL
+            else:
+                event = (
+                    JobEvent.NODE_LOST_REQUEUE
+                    if job.spec.on_node_lost is OnNodeLost.REQUEUE
+                    else JobEvent.NODE_LOST_FAIL
+                )
+            state = next_job_state(job.id, job.state, event)
+            if state is JobState.PENDING:
+                why = f"requeued: node {where} lost (attempt {job.attempt + 1})"
+                changed.append(
+                    replace(
+                        job,
+                        state=state,
+                        attempt=job.attempt + 1,
+                        placement=None,
+                        reason=why,
+                        started_at=None,
+                        updated_at=now,
+                    )
+                )
+            else:
+                why = f"node {where} lost"
+                changed.append(
+                    replace(job, state=state, reason=why, finished_at=now, updated_at=now)
+                )
+            events.append(_job_event(job, now, "NodeLost", why))
+            log.warning("job %d: %s", job.id, why)
+        if changed:
+            self._write(changed, events)
+
+    def _lease_active(self, lease_id: str) -> bool:
+        if not lease_id:
+            return False
+        return any(
+            lease.id == lease_id and lease.state is LeaseState.ACTIVE
+            for lease in self.store.list_leases()
+        )
+
+    def _open_static_lease(self, node: Node, now: datetime) -> str:
+        """A node that registers by itself is static capacity: account for it from now."""
+        lease_id = f"{node.provider}-{node.id}-{int(now.timestamp())}"
+        self.store.put_lease(
+            NodeLease(
+                id=lease_id,
+                provider=node.provider,
+                node_id=node.id,
+                sku=node.sku,
+                price_per_hour=node.price_per_hour,
+                acquired_at=now,
+                state=LeaseState.ACTIVE,
+            )
+        )
+        return lease_id
+
+
+def _ref_key(ref: RankRef) -> tuple[int, int, int]:
+    return (ref.job_id, ref.rank, ref.attempt)
+
+
+def _gpus(rank: RankPlacement) -> str:
+    if not rank.gpu_indices:
+        return "no GPU"
+    ids = ",".join(str(i) for i in rank.gpu_indices)
+    return f"GPU {ids} @{rank.gpu_milli}m" if rank.gpu_milli < 1000 else f"GPU {ids}"
+
+
+def _describe_size(spec: JobSpec) -> str:
+    if spec.kind.value == "training":
+        return f"{spec.num_nodes} node(s) x {spec.gpus_per_node} GPU(s)"
+    each = f"{spec.gpu_milli}m of a GPU" if spec.gpu_milli else f"{spec.gpus_per_node} GPU(s)"
+    return f"{spec.replicas} replica(s) x {each}"
+
+
+def _duration(seconds: int) -> str:
+    return str(timedelta(seconds=seconds))
+
+
+def _job_event(job: Job, now: datetime, type_: str, message: str) -> Event:
+    return Event(object_kind="job", object_id=str(job.id), time=now, type=type_, message=message)
+
+
+def _node_event(node_id: str, now: datetime, type_: str, message: str) -> Event:
+    return Event(object_kind="node", object_id=node_id, time=now, type=type_, message=message)
+
+
+__all__ = [
+    "Assignment",
+    "Controller",
+    "ControllerSettings",
+    "HeartbeatResult",
+    "JobFeed",
+    "RankRef",
+]

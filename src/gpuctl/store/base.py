@@ -1,0 +1,85 @@
+"""The `Store` protocol: what the daemon persists and how. One contract suite tests every backend."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from dataclasses import dataclass
+from typing import Protocol
+
+from gpuctl.core.model import Event, Job, JobSpec, JobState, Node, NodeLease
+
+
+@dataclass(frozen=True, slots=True)
+class JobPage:
+    jobs: tuple[Job, ...]
+    next_page_token: str  # "" on the last page
+
+
+class Store(Protocol):
+    """Durable state of gpuctld. Every write is committed before the method returns.
+
+    Jobs get increasing integer ids (1, 2, ...). Every write to a job sets its `revision` to a
+    store-wide counter that only grows, so watchers can resume from the last revision seen.
+    """
+
+    def create_job(self, spec: JobSpec, *, request_id: str, now: datetime) -> tuple[Job, bool]:
+        """Store a new PENDING job; with a `request_id` seen before, return that job instead.
+
+        Returns (job, created). `now` is a timezone-aware datetime.
+        """
+        ...
+
+    def get_job(self, job_id: int) -> Job:
+        """Raises `core.errors.NotFound`."""
+        ...
+
+    def list_jobs(
+        self,
+        *,
+        states: Sequence[JobState] = (),
+        queue: str = "",
+        owner: str = "",
+        page_size: int = 100,
+        page_token: str = "",
+    ) -> JobPage:
+        """Jobs in id order; `page_token` is opaque (raises `InvalidArgument` when malformed)."""
+        ...
+
+    def active_jobs(self) -> tuple[Job, ...]:
+        """Every job that is PENDING, RUNNING or CANCELLING, in id order."""
+        ...
+
+    def jobs_since(self, revision: int) -> tuple[Job, ...]:
+        """Jobs whose revision is greater than `revision`, in revision order."""
+        ...
+
+    def update_jobs(self, jobs: Sequence[Job]) -> tuple[Job, ...]:
+        """Write these jobs (which must exist) in one transaction; returns them with new revisions."""
+        ...
+
+    def put_node(self, node: Node) -> Node:
+        """Insert or replace a node by id."""
+        ...
+
+    def get_node(self, node_id: str) -> Node:
+        """Raises `core.errors.NotFound`."""
+        ...
+
+    def list_nodes(self) -> tuple[Node, ...]:
+        """Every node, in id order."""
+        ...
+
+    def put_lease(self, lease: NodeLease) -> NodeLease: ...
+
+    def list_leases(self, *, include_released: bool = False) -> tuple[NodeLease, ...]: ...
+
+    def add_events(self, events: Sequence[Event]) -> None: ...
+
+    def list_events(
+        self, object_kind: str, object_id: str, *, limit: int = 100
+    ) -> tuple[Event, ...]:
+        """The latest `limit` events of one object, oldest first."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,268 @@
+"""Conversion between store rows (`store.tables`) and the domain model (`core.model`).
+
+Nested dataclasses travel as JSON. Decoding keeps only the fields the model knows, so a row
+written by a newer gpuctld (during a rolling upgrade of an HA pair) still reads.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import fields, is_dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from gpuctl.core.model import (
+    BandwidthProfile,
+    Event,
+    Gpu,
+    Job,
+    JobKind,
+    JobSpec,
+    JobState,
+    LeaseState,
+    NetKind,
+    Network,
+    Node,
+    NodeLease,
+    NodeState,
+    OnNodeLost,
+    Placement,
+    RankPlacement,
+    RankState,
+)
+from gpuctl.store.tables import EventRow, JobRow, LeaseRow, NodeRow
+
+_MaybeTime = TypeVar("_MaybeTime", datetime, None)
+
+# -- jobs ---------------------------------------------------------------------------------------
+
+
+def job_values(job: Job) -> dict[str, Any]:
+    """Column values of a job's row; `id` is left out (the database assigns it)."""
+    spec = job.spec
+    return {
+        "request_id": job.request_id or None,
+        "owner": spec.owner,
+        "queue": spec.queue,
+        "name": spec.name,
+        "kind": spec.kind.value,
+        "state": job.state.value,
+        "priority": spec.priority,
+        "attempt": job.attempt,
+        "revision": job.revision,
+        "spec": _dumps(spec),
+        "placement": None if job.placement is None else _dumps(job.placement),
+        "reason": job.reason,
+        "exit_code": job.exit_code,
+        "created_at": _utc(job.created_at),
+        "started_at": _utc(job.started_at),
+        "finished_at": _utc(job.finished_at),
+        "updated_at": _utc(job.updated_at),
+    }
+
+
+def job_from_row(row: JobRow) -> Job:
+    assert row.id is not None, "a job row is read after the database gave it an id"
+    return Job(
+        id=row.id,
+        spec=_spec_from(json.loads(row.spec)),
+        state=JobState(row.state),
+        request_id=row.request_id or "",
+        attempt=row.attempt,
+        placement=None if row.placement is None else _placement_from(json.loads(row.placement)),
+        reason=row.reason,
+        exit_code=row.exit_code,
+        created_at=row.created_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        updated_at=row.updated_at,
+        revision=row.revision,
+    )
+
+
+def _spec_from(data: dict[str, Any]) -> JobSpec:
+    known = _known(JobSpec, data)
+    return JobSpec(
+        **{
+            **known,
+            "kind": JobKind(known["kind"]),
+            "command": tuple(known.get("command", ())),
+            "env": _pairs(known.get("env", ())),
+            "on_node_lost": OnNodeLost(known.get("on_node_lost", OnNodeLost.REQUEUE)),
+        }
+    )
+
+
+def _placement_from(data: dict[str, Any]) -> Placement:
+    known = _known(Placement, data)
+    return Placement(**{**known, "ranks": tuple(_rank_from(r) for r in known.get("ranks", ()))})
+
+
+def _rank_from(data: dict[str, Any]) -> RankPlacement:
+    known = _known(RankPlacement, data)
+    return RankPlacement(
+        **{
+            **known,
+            "gpu_indices": tuple(known.get("gpu_indices", ())),
+            "state": RankState(known.get("state", RankState.ASSIGNED)),
+        }
+    )
+
+
+# -- nodes and leases ---------------------------------------------------------------------------
+
+
+def node_values(node: Node) -> dict[str, Any]:
+    return {
+        "id": node.id,
+        "address": node.address,
+        "fabric": node.fabric,
+        "provider": node.provider,
+        "sku": node.sku,
+        "region": node.region,
+        "labels": _dumps(node.labels),
+        "cpu_milli": node.cpu_milli,
+        "memory_mib": node.memory_mib,
+        "profile": _dumps(node.profile),
+        "price_per_hour": node.price_per_hour,
+        "state": node.state.value,
+        "state_reason": node.state_reason,
+        "lease_id": node.lease_id,
+        "registered_at": _utc(node.registered_at),
+        "last_heartbeat": _utc(node.last_heartbeat),
+    }
+
+
+def node_from_row(row: NodeRow) -> Node:
+    return Node(
+        id=row.id,
+        address=row.address,
+        fabric=row.fabric,
+        provider=row.provider,
+        sku=row.sku,
+        region=row.region,
+        labels=_pairs(json.loads(row.labels)),
+        cpu_milli=row.cpu_milli,
+        memory_mib=row.memory_mib,
+        profile=_profile_from(json.loads(row.profile)),
+        price_per_hour=float(row.price_per_hour),  # SQLite's RETURNING can hand back 0 for 0.0
+        state=NodeState(row.state),
+        state_reason=row.state_reason,
+        lease_id=row.lease_id,
+        registered_at=row.registered_at,
+        last_heartbeat=row.last_heartbeat,
+    )
+
+
+def _profile_from(data: dict[str, Any]) -> BandwidthProfile:
+    known = _known(BandwidthProfile, data)
+    measured_at = known.get("measured_at")
+    return BandwidthProfile(
+        **{
+            **known,
+            "gpus": tuple(Gpu(**_known(Gpu, g)) for g in known.get("gpus", ())),
+            "network": _network_from(known.get("network", {})),
+            "measured_at": None
+            if measured_at is None
+            else _utc(datetime.fromisoformat(measured_at)),
+        }
+    )
+
+
+def _network_from(data: dict[str, Any]) -> Network:
+    known = _known(Network, data)
+    return Network(**{**known, "kind": NetKind(known.get("kind", NetKind.NONE))})
+
+
+def lease_values(lease: NodeLease) -> dict[str, Any]:
+    return {
+        "id": lease.id,
+        "provider": lease.provider,
+        "provider_lease_id": lease.provider_lease_id,
+        "node_id": lease.node_id,
+        "sku": lease.sku,
+        "price_per_hour": lease.price_per_hour,
+        "acquired_at": _utc(lease.acquired_at),
+        "expires_at": _utc(lease.expires_at),
+        "released_at": _utc(lease.released_at),
+        "for_job_id": lease.for_job_id,
+        "state": lease.state.value,
+    }
+
+
+def lease_from_row(row: LeaseRow) -> NodeLease:
+    return NodeLease(
+        id=row.id,
+        provider=row.provider,
+        provider_lease_id=row.provider_lease_id,
+        node_id=row.node_id,
+        sku=row.sku,
+        price_per_hour=float(row.price_per_hour),  # SQLite's RETURNING can hand back 0 for 0.0
+        acquired_at=row.acquired_at,
+        expires_at=row.expires_at,
+        released_at=row.released_at,
+        for_job_id=row.for_job_id,
+        state=LeaseState(row.state),
+    )
+
+
+# -- events -------------------------------------------------------------------------------------
+
+
+def event_row(event: Event) -> EventRow:
+    return EventRow(
+        object_kind=event.object_kind,
+        object_id=event.object_id,
+        time=_utc(event.time),
+        type=event.type,
+        message=event.message,
+    )
+
+
+def event_from_row(row: EventRow) -> Event:
+    return Event(
+        object_kind=row.object_kind,
+        object_id=row.object_id,
+        time=row.time,
+        type=row.type,
+        message=row.message,
+    )
+
+
+# -- JSON ---------------------------------------------------------------------------------------
+
+
+def _dumps(value: object) -> str:
+    return json.dumps(_plain(value), separators=(",", ":"), allow_nan=False)
+
+
+def _plain(value: object) -> Any:
+    """The JSON shape of a model value: dataclasses as objects, tuples as arrays, enums as values."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, datetime):
+        return _utc(value).isoformat()
+    return value
+
+
+def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in data.items() if k in names}
+
+
+def _pairs(items: Any) -> tuple[tuple[str, str], ...]:
+    return tuple((str(k), str(v)) for k, v in items)
+
+
+def _utc(value: _MaybeTime) -> _MaybeTime:
+    """The same instant in UTC; naive values are bugs, since the model keeps aware UTC times."""
+    if value is None:
+        return value
+    if value.tzinfo is None:
+        raise ValueError(f"naive datetime {value!r}: the store keeps aware UTC times only")
+    return value.astimezone(UTC)

@@ -1,0 +1,343 @@
+"""`SqlStore`: the `Store` protocol on SQLite (laptop, demo, tests) or PostgreSQL (production).
+
+Each call runs in its own session and transaction, so one store serves the daemon's gRPC threads
+and its scheduler thread at once.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine, create_engine, event, text, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
+from sqlalchemy.orm import sessionmaker
+from sqlmodel import Session, SQLModel, col, select
+
+from gpuctl.core.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
+from gpuctl.core.model import Event, Job, JobSpec, JobState, LeaseState, Node, NodeLease
+from gpuctl.store.base import JobPage
+from gpuctl.store.mapping import (
+    event_from_row,
+    event_row,
+    job_from_row,
+    job_values,
+    lease_from_row,
+    lease_values,
+    node_from_row,
+    node_values,
+)
+from gpuctl.store.tables import EventRow, JobRow, LeaseRow, NodeRow, RevisionCounter
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000  # larger requests are cut to this, as AIP-158 asks
+# Writers queue behind one another on SQLite; one write is milliseconds, so 10 s of waiting
+# means something is stuck, and the caller gets `Unavailable`.
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+# Any fixed key: it only has to be the same in every gpuctld sharing the database.
+_SCHEMA_LOCK_KEY = 0x67707563746C  # "gpuctl"
+_Row = TypeVar("_Row", NodeRow, LeaseRow)
+_TOKEN_RE = re.compile(r"jobs:([0-9]{1,19})")
+_ENDED_LEASE_STATES = (LeaseState.RELEASED, LeaseState.EXPIRED, LeaseState.FAILED)
+# Set only where a job row is written at creation; update_jobs leaves them alone.
+_FIXED_AT_CREATION = frozenset({"request_id", "created_at"})
+
+
+def open_store(url: str) -> SqlStore:
+    """Open (and create the tables of) the store at `sqlite:///path` or `postgresql://...`."""
+    return SqlStore(url)
+
+
+class SqlStore:
+    """The store on SQLAlchemy; see `store.base.Store` for the contract of each method."""
+
+    def __init__(self, url: str) -> None:
+        self._engine = _create_engine(url)
+        self._insert = _UPSERTS[self._engine.dialect.name]
+        self._reads = sessionmaker(self._engine, class_=Session, expire_on_commit=False)
+        self._writes = sessionmaker(
+            self._engine.execution_options(gpuctl_write=True),
+            class_=Session,
+            expire_on_commit=False,
+        )
+        self._create_tables()
+
+    def _create_tables(self) -> None:
+        with self._transaction(self._writes) as session:
+            if self._engine.dialect.name == "postgresql":
+                # Several gpuctld may start at once (HA) and CREATE TABLE races are not safe in
+                # PostgreSQL; the lock ends with this transaction.
+                session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SCHEMA_LOCK_KEY})
+            SQLModel.metadata.create_all(session.connection())
+            session.execute(
+                self._insert(RevisionCounter).values(id=1, value=0).on_conflict_do_nothing()
+            )
+
+    # -- jobs -----------------------------------------------------------------------------------
+
+    def create_job(self, spec: JobSpec, *, request_id: str, now: datetime) -> tuple[Job, bool]:
+        try:
+            with self._transaction(self._writes) as session:
+                if request_id and (row := _job_row_by_request_id(session, request_id)):
+                    return job_from_row(row), False
+                (revision,) = _next_revisions(session, 1)
+                job = Job(
+                    id=0,
+                    spec=spec,
+                    request_id=request_id,
+                    created_at=now,
+                    updated_at=now,
+                    revision=revision,
+                )
+                row = JobRow(**job_values(job))
+                session.add(row)
+                session.flush()
+                return job_from_row(row), True
+        except IntegrityError:
+            # Another caller with this request_id committed between our check and our insert
+            # (PostgreSQL; SQLite writers are serialized): its job is the answer.
+            if request_id:
+                with self._transaction(self._reads) as session:
+                    if row := _job_row_by_request_id(session, request_id):
+                        return job_from_row(row), False
+            raise
+
+    def get_job(self, job_id: int) -> Job:
+        with self._transaction(self._reads) as session:
+            row = session.get(JobRow, job_id)
+            if row is None:
+                raise NotFound("job", str(job_id))
+            return job_from_row(row)
+
+    def list_jobs(
+        self,
+        *,
+        states: Sequence[JobState] = (),
+        queue: str = "",
+        owner: str = "",
+        page_size: int = DEFAULT_PAGE_SIZE,
+        page_token: str = "",
+    ) -> JobPage:
+        """Jobs in id order; `page_size` 0 means the default, above `MAX_PAGE_SIZE` is cut."""
+        if page_size < 0:
+            raise InvalidArgument([FieldViolation("page_size", "must not be negative")])
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        query = select(JobRow).where(col(JobRow.id) > _decode_page_token(page_token))
+        if states:
+            query = query.where(col(JobRow.state).in_([JobState(s).value for s in states]))
+        if queue:
+            query = query.where(JobRow.queue == queue)
+        if owner:
+            query = query.where(JobRow.owner == owner)
+        # One row past the page says whether another page exists.
+        query = query.order_by(col(JobRow.id)).limit(size + 1)
+        with self._transaction(self._reads) as session:
+            rows = session.exec(query).all()
+        jobs = tuple(job_from_row(r) for r in rows[:size])
+        token = _encode_page_token(jobs[-1].id) if len(rows) > size else ""
+        return JobPage(jobs=jobs, next_page_token=token)
+
+    def active_jobs(self) -> tuple[Job, ...]:
+        active = [s.value for s in JobState if not s.finished]
+        query = select(JobRow).where(col(JobRow.state).in_(active)).order_by(col(JobRow.id))
+        with self._transaction(self._reads) as session:
+            return tuple(job_from_row(r) for r in session.exec(query))
+
+    def jobs_since(self, revision: int) -> tuple[Job, ...]:
+        query = select(JobRow).where(col(JobRow.revision) > revision).order_by(col(JobRow.revision))
+        with self._transaction(self._reads) as session:
+            return tuple(job_from_row(r) for r in session.exec(query))
+
+    def update_jobs(self, jobs: Sequence[Job]) -> tuple[Job, ...]:
+        """Write every field but `request_id` and `created_at`, which creation fixed."""
+        if not jobs:
+            return ()
+        ids = {job.id for job in jobs}
+        with self._transaction(self._writes) as session:
+            rows = {r.id: r for r in session.exec(select(JobRow).where(col(JobRow.id).in_(ids)))}
+            if missing := sorted(ids - rows.keys()):
+                raise NotFound("job", str(missing[0]))
+            written = []
+            for job, revision in zip(jobs, _next_revisions(session, len(jobs)), strict=True):
+                row = rows[job.id]
+                for name, value in job_values(replace(job, revision=revision)).items():
+                    if name not in _FIXED_AT_CREATION:
+                        setattr(row, name, value)
+                written.append(job_from_row(row))
+            return tuple(written)
+
+    # -- nodes and leases -----------------------------------------------------------------------
+
+    def put_node(self, node: Node) -> Node:
+        with self._transaction(self._writes) as session:
+            return node_from_row(self._upsert(session, NodeRow, node_values(node)))
+
+    def get_node(self, node_id: str) -> Node:
+        with self._transaction(self._reads) as session:
+            row = session.get(NodeRow, node_id)
+            if row is None:
+                raise NotFound("node", node_id)
+            return node_from_row(row)
+
+    def list_nodes(self) -> tuple[Node, ...]:
+        with self._transaction(self._reads) as session:
+            rows = session.exec(select(NodeRow).order_by(col(NodeRow.id)))
+            return tuple(node_from_row(r) for r in rows)
+
+    def put_lease(self, lease: NodeLease) -> NodeLease:
+        """Insert or replace a lease by id."""
+        with self._transaction(self._writes) as session:
+            return lease_from_row(self._upsert(session, LeaseRow, lease_values(lease)))
+
+    def list_leases(self, *, include_released: bool = False) -> tuple[NodeLease, ...]:
+        """Leases in id order; without `include_released`, only those not yet ended
+        (released, expired or failed)."""
+        query = select(LeaseRow).order_by(col(LeaseRow.id))
+        if not include_released:
+            query = query.where(col(LeaseRow.state).not_in([s.value for s in _ENDED_LEASE_STATES]))
+        with self._transaction(self._reads) as session:
+            return tuple(lease_from_row(r) for r in session.exec(query))
+
+    def _upsert(self, session: Session, table: type[_Row], values: dict[str, Any]) -> _Row:
+        # One statement rather than read-then-write: two writers of one id cannot both insert.
+        statement = (
+            self._insert(table)
+            .values(**values)
+            .on_conflict_do_update(index_elements=["id"], set_=values)
+            .returning(table)
+        )
+        return session.scalars(statement).one()
+
+    # -- events ---------------------------------------------------------------------------------
+
+    def add_events(self, events: Sequence[Event]) -> None:
+        if not events:
+            return
+        with self._transaction(self._writes) as session:
+            session.add_all([event_row(e) for e in events])
+
+    def list_events(
+        self, object_kind: str, object_id: str, *, limit: int = 100
+    ) -> tuple[Event, ...]:
+        """The latest `limit` events of one object, oldest first (none when `limit` <= 0)."""
+        if limit <= 0:
+            return ()
+        query = (
+            select(EventRow)
+            .where(EventRow.object_kind == object_kind, EventRow.object_id == object_id)
+            .order_by(col(EventRow.time).desc(), col(EventRow.id).desc())
+            .limit(limit)
+        )
+        with self._transaction(self._reads) as session:
+            latest = [event_from_row(r) for r in session.exec(query)]
+        return tuple(reversed(latest))
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    @contextmanager
+    def _transaction(self, sessions: sessionmaker[Session]) -> Iterator[Session]:
+        """A session in one transaction: committed on return, rolled back on error."""
+        try:
+            with sessions.begin() as session:
+                yield session
+        except OperationalError as e:
+            # Connection lost, server down, SQLite locked past the busy timeout: all may pass.
+            raise Unavailable(f"store: {e.orig or e}") from e
+
+
+def _job_row_by_request_id(session: Session, request_id: str) -> JobRow | None:
+    return session.exec(select(JobRow).where(JobRow.request_id == request_id)).first()
+
+
+def _next_revisions(session: Session, count: int) -> range:
+    """Take `count` new store-wide revisions in this transaction.
+
+    The UPDATE locks the counter row until commit, so transactions that write jobs commit in
+    revision order and a watcher resuming after revision r misses nothing. Every job write takes
+    this lock before any job row lock, so writers cannot deadlock on one another.
+    """
+    counter = RevisionCounter.__table__  # type: ignore[attr-defined]
+    statement = (
+        update(counter)
+        .where(counter.c.id == 1)
+        .values(value=counter.c.value + count)
+        .returning(counter.c.value)
+    )
+    last = session.execute(statement).scalar_one()
+    return range(last - count + 1, last + 1)
+
+
+def _encode_page_token(last_id: int) -> str:
+    return base64.urlsafe_b64encode(f"jobs:{last_id}".encode()).rstrip(b"=").decode()
+
+
+def _decode_page_token(token: str) -> int:
+    """The last job id of the previous page (0 for the first page)."""
+    if not token:
+        return 0
+    try:
+        raw = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True)
+        match = _TOKEN_RE.fullmatch(raw.decode("ascii"))
+    except ValueError:  # binascii.Error, non-ASCII input, undecodable bytes
+        match = None
+    if match is None:
+        raise InvalidArgument([FieldViolation("page_token", "not a token this server returned")])
+    return int(match.group(1))
+
+
+# Both dialects spell INSERT ... ON CONFLICT the same way.
+_UPSERTS: dict[str, Callable[..., Any]] = {
+    "sqlite": sqlite.insert,
+    "postgresql": postgresql.insert,
+}
+
+
+def _create_engine(url: str) -> Engine:
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        parsed = None
+    backend = parsed.get_backend_name() if parsed is not None else ""
+    if parsed is not None and backend == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        # A file only: each pooled connection would get its own empty in-memory database.
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            parsed.set(drivername="sqlite+pysqlite"), connect_args={"check_same_thread": False}
+        )
+        event.listen(engine, "connect", _sqlite_connect)
+        event.listen(engine, "begin", _sqlite_begin)
+        return engine
+    if parsed is not None and backend in ("postgresql", "postgres"):
+        # pre_ping: a pooled connection may have died with a PostgreSQL failover.
+        return create_engine(parsed.set(drivername="postgresql+psycopg"), pool_pre_ping=True)
+    raise InvalidArgument(
+        [FieldViolation("url", "want sqlite:///path/to/file.db or postgresql://...")]
+    )
+
+
+def _sqlite_connect(dbapi_connection: Any, _record: object) -> None:
+    # Take transactions away from the sqlite3 module (which BEGINs lazily, DEFERRED) so that
+    # `_sqlite_begin` decides how each one starts.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    # WAL: readers do not block the writer. FULL: an acknowledged submission survives power loss.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.close()
+
+
+def _sqlite_begin(connection: Any) -> None:
+    # A write transaction takes the write lock up front: a DEFERRED one that read first could not
+    # upgrade once another writer committed (SQLITE_BUSY at once, no busy wait).
+    write = connection.get_execution_options().get("gpuctl_write", False)
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")

@@ -1,0 +1,132 @@
+"""The SQL tables of the store: the only sqlmodel table classes in gpuctl.
+
+Nested values (job spec, placement, node profile, labels) are JSON text, so the schema does not
+follow every dataclass change; real columns exist for what queries filter or sort on.
+"""
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import BigInteger, DateTime, Dialect, Index, Integer, Text, TypeDecorator
+from sqlmodel import Field, SQLModel
+
+# BIGINT ids on PostgreSQL; SQLite only makes "INTEGER PRIMARY KEY" an auto-assigned rowid alias.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend.
+
+    SQLite has no zone-aware type and hands back naive values; PostgreSQL's timestamptz hands them
+    back in the session's zone. Both come back aware UTC. A naive value is refused, not guessed at.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: the store keeps aware UTC times only")
+        value = value.astimezone(UTC)
+        # Stored as naive UTC text on SQLite, so that text order is time order.
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class JobRow(SQLModel, table=True):
+    __tablename__ = "jobs"
+    # AUTOINCREMENT: SQLite must never hand out an id again, even if the newest row were deleted.
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: int | None = Field(default=None, primary_key=True, sa_type=BigId)
+    request_id: str | None = Field(default=None, unique=True)  # NULL: no idempotency key
+    # owner, queue, name, kind and priority repeat the spec so that list filters are indexed.
+    owner: str = Field(index=True)
+    queue: str = Field(index=True)
+    name: str
+    kind: str
+    state: str = Field(index=True)
+    priority: int
+    attempt: int
+    revision: int = Field(index=True, sa_type=BigInteger)
+    spec: str = Field(sa_type=Text)  # JSON of JobSpec
+    placement: str | None = Field(default=None, sa_type=Text)  # JSON of Placement
+    reason: str = Field(sa_type=Text)
+    exit_code: int | None = None
+    created_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    started_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    finished_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    updated_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+
+
+class NodeRow(SQLModel, table=True):
+    __tablename__ = "nodes"
+
+    id: str = Field(primary_key=True)
+    address: str
+    fabric: str = Field(index=True)
+    provider: str
+    sku: str
+    region: str
+    labels: str = Field(sa_type=Text)  # JSON list of [key, value]
+    cpu_milli: int = Field(sa_type=BigInteger)
+    memory_mib: int = Field(sa_type=BigInteger)
+    profile: str = Field(sa_type=Text)  # JSON of BandwidthProfile
+    price_per_hour: float
+    state: str
+    state_reason: str = Field(sa_type=Text)
+    lease_id: str
+    registered_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    last_heartbeat: datetime | None = Field(default=None, sa_type=UtcDateTime)
+
+
+class LeaseRow(SQLModel, table=True):
+    __tablename__ = "leases"
+
+    id: str = Field(primary_key=True)
+    provider: str
+    provider_lease_id: str
+    node_id: str = Field(index=True)
+    sku: str
+    price_per_hour: float
+    acquired_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    expires_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    released_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    for_job_id: int | None = Field(default=None, sa_type=BigInteger)
+    state: str = Field(index=True)
+
+
+class EventRow(SQLModel, table=True):
+    __tablename__ = "events"
+    # `time` is in the index so "latest N of one object" is a backwards index scan.
+    __table_args__ = (
+        Index("ix_events_object", "object_kind", "object_id", "time"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: int | None = Field(default=None, primary_key=True, sa_type=BigId)
+    object_kind: str
+    object_id: str
+    time: datetime = Field(sa_type=UtcDateTime)
+    type: str
+    message: str = Field(sa_type=Text)
+
+
+class RevisionCounter(SQLModel, table=True):
+    """One row (id 1) holding the last store-wide revision handed out.
+
+    Writers bump it with UPDATE ... RETURNING inside their own transaction; the row lock that
+    takes is held to commit, so revisions become visible in increasing order (a sequence would
+    let a later commit carry a smaller revision, which a resuming watcher would skip).
+    """
+
+    __tablename__ = "revision_counter"
+
+    id: int = Field(primary_key=True)
+    value: int = Field(sa_type=BigInteger)

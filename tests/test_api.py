@@ -1,0 +1,241 @@
+"""The gRPC API against an in-process server on a loopback port: codes, details, paging,
+idempotency, watch, health and reflection."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_status import rpc_status
+
+from gpuctl.api import convert
+from gpuctl.api._pb.agent.v1 import agent_pb2, agent_pb2_grpc
+from gpuctl.api._pb.v1 import jobs_pb2, jobs_pb2_grpc, leases_pb2, leases_pb2_grpc, nodes_pb2, nodes_pb2_grpc
+from gpuctl.api.server import ApiServer
+from gpuctl.core.plugins import build_policy
+from gpuctl.runtime.clock import FakeClock
+from gpuctl.runtime.controller import Controller
+from gpuctl.runtime.logstore import LogStore
+from gpuctl.store.sql import open_store
+from tests.test_controller import h100_node
+
+TRAINING = jobs_pb2.JOB_KIND_TRAINING
+
+
+@pytest.fixture
+def api(tmp_path):
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    controller = Controller(
+        store, FakeClock(), build_policy("default"), LogStore(tmp_path / "logs", max_bytes_per_rank=1 << 20)
+    )
+    server = ApiServer(controller, "127.0.0.1:0", max_workers=8, watch_poll_s=0.05)
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+
+    class Api:
+        jobs = jobs_pb2_grpc.JobServiceStub(channel)
+        nodes = nodes_pb2_grpc.NodeServiceStub(channel)
+        leases = leases_pb2_grpc.LeaseServiceStub(channel)
+        agent = agent_pb2_grpc.AgentServiceStub(channel)
+        health = health_pb2_grpc.HealthStub(channel)
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+
+    Api.controller = controller
+    Api.server = server
+    yield Api
+    channel.close()
+    server.drain(0)
+    store.close()
+
+
+def spec(**kw) -> jobs_pb2.JobSpec:
+    base = dict(kind=TRAINING, command=["python", "train.py"], gpus_per_node=8, num_nodes=1)
+    base.update(kw)
+    return jobs_pb2.JobSpec(**base)
+
+
+def violations(err: grpc.RpcError) -> dict[str, str]:
+    status = rpc_status.from_call(err)
+    out = {}
+    for detail in status.details:
+        br = error_details_pb2.BadRequest()
+        if detail.Unpack(br):
+            out.update({v.field: v.description for v in br.field_violations})
+    return out
+
+
+BAD_SPECS = [
+    ("zero-gpus", spec(gpus_per_node=0), "spec.gpus_per_node"),
+    ("negative-nodes", spec(num_nodes=-1), "spec.num_nodes"),
+    ("absurd-nodes", spec(num_nodes=100_000), "spec.num_nodes"),
+    ("no-kind", spec(kind=0), "spec.kind"),
+    ("no-command", spec(command=[]), "spec.command"),
+    ("zero-replicas", spec(kind=jobs_pb2.JOB_KIND_INFERENCE, replicas=0, num_nodes=None), "spec.replicas"),
+    ("absurd-memory", spec(memory_mib=1 << 40), "spec.memory_mib"),
+    ("share-of-two", spec(kind=jobs_pb2.JOB_KIND_INFERENCE, gpu_milli=500, num_nodes=None), "spec.gpu_milli"),
+    ("oversized-name", spec(name="x" * 300), "spec.name"),
+    ("reserved-env", spec(env={"MASTER_PORT": "1"}), "spec.env.MASTER_PORT"),
+    ("negative-priority-bound", spec(priority=-(10**7)), "spec.priority"),
+]
+
+
+@pytest.mark.parametrize(("case", "bad", "field"), BAD_SPECS, ids=[c[0] for c in BAD_SPECS])
+def test_bad_spec_is_invalid_argument_naming_the_field_and_stores_nothing(api, case, bad, field):
+    with pytest.raises(grpc.RpcError) as e:
+        api.jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=bad, request_id=case))
+    assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert field in violations(e.value), violations(e.value)
+    assert api.jobs.ListJobs(jobs_pb2.ListJobsRequest()).jobs == []
+
+
+def test_create_is_idempotent_and_validate_only_stores_nothing(api):
+    dry = api.jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=spec(), validate_only=True))
+    assert dry.id == 0
+    assert api.jobs.ListJobs(jobs_pb2.ListJobsRequest()).jobs == []
+    a = api.jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=spec(), request_id="abc"))
+    b = api.jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=spec(), request_id="abc"))
+    assert (a.name, b.name) == ("jobs/1", "jobs/1")
+    assert a.state == jobs_pb2.JOB_STATE_PENDING
+
+
+def test_owner_comes_from_metadata(api):
+    job = api.jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=spec()), metadata=[("x-gpuctl-user", "alice")])
+    assert job.owner == "alice"
+    with pytest.raises(grpc.RpcError) as e:
+        api.jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=spec()), metadata=[("x-gpuctl-user", "bad user!")])
+    assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_list_jobs_pages_through_everything(api):
+    for i in range(7):
+        api.jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=spec(name=f"j{i}")))
+    names, token = [], ""
+    while True:
+        page = api.jobs.ListJobs(jobs_pb2.ListJobsRequest(page_size=3, page_token=token))
+        names += [j.spec.name for j in page.jobs]
+        token = page.next_page_token
+        if not token:
+            break
+    assert names == [f"j{i}" for i in range(7)]
+    with pytest.raises(grpc.RpcError) as e:
+        api.jobs.ListJobs(jobs_pb2.ListJobsRequest(page_token="garbage!"))
+    assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_get_and_cancel_codes(api):
+    for call in (api.jobs.GetJob, api.jobs.CancelJob):
+        with pytest.raises(grpc.RpcError) as e:
+            call(jobs_pb2.GetJobRequest(name="jobs/99") if call is api.jobs.GetJob else jobs_pb2.CancelJobRequest(name="99"))
+        assert e.value.code() is grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as e:
+        api.jobs.GetJob(jobs_pb2.GetJobRequest(name="jobs/x"))
+    assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    job = api.jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=spec()))
+    assert api.jobs.CancelJob(jobs_pb2.CancelJobRequest(name=job.name)).state == jobs_pb2.JOB_STATE_CANCELLED
+    with pytest.raises(grpc.RpcError) as e:
+        api.jobs.CancelJob(jobs_pb2.CancelJobRequest(name=job.name))
+    assert e.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    got = api.jobs.GetJob(jobs_pb2.GetJobRequest(name=str(job.id)))
+    assert [e.type for e in got.events] == ["Submitted", "Cancel"]
+
+
+def test_watch_streams_changes_after_a_revision(api):
+    first = api.jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=spec(name="one")))
+    stream = api.jobs.WatchJobs(jobs_pb2.WatchJobsRequest(since_revision=first.revision))
+    seen: list[tuple[str, int]] = []
+    done = threading.Event()
+
+    def read():
+        for msg in stream:
+            seen.append((msg.job.spec.name, msg.job.state))
+            if len(seen) == 2:
+                done.set()
+                return
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    api.jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=spec(name="two")))
+    api.jobs.CancelJob(jobs_pb2.CancelJobRequest(name=first.name))
+    assert done.wait(10)
+    stream.cancel()
+    assert seen == [("two", jobs_pb2.JOB_STATE_PENDING), ("one", jobs_pb2.JOB_STATE_CANCELLED)]
+
+
+def test_agent_registration_then_nodes_drain_and_leases(api):
+    node = convert.node_to_pb(h100_node("gpu-a"))
+    resp = api.agent.RegisterNode(agent_pb2.RegisterNodeRequest(node=node))
+    assert resp.node_name == "gpu-a"
+    (listed,) = api.nodes.ListNodes(nodes_pb2.ListNodesRequest()).nodes
+    assert listed.state == nodes_pb2.NODE_STATE_READY
+    assert listed.profile.gpus[0].hbm_gbps == 3350
+    assert len(listed.profile.gpus) == 8
+    drained = api.nodes.DrainNode(nodes_pb2.DrainNodeRequest(name="gpu-a", reason="fan"))
+    assert (drained.state, drained.state_reason) == (nodes_pb2.NODE_STATE_DRAINING, "fan")
+    assert [e.type for e in api.nodes.GetNode(nodes_pb2.GetNodeRequest(name="gpu-a")).events] == [
+        "Registered",
+        "Drain",
+    ]
+    with pytest.raises(grpc.RpcError) as e:
+        api.nodes.GetNode(nodes_pb2.GetNodeRequest(name="nope"))
+    assert e.value.code() is grpc.StatusCode.NOT_FOUND
+    (lease,) = api.leases.ListLeases(leases_pb2.ListLeasesRequest()).leases
+    assert (lease.node, lease.price_per_hour, lease.state) == ("gpu-a", 24.0, leases_pb2.LEASE_STATE_ACTIVE)
+
+
+def test_bad_registration_is_rejected(api):
+    node = convert.node_to_pb(h100_node("bad name/with slash"))
+    with pytest.raises(grpc.RpcError) as e:
+        api.agent.RegisterNode(agent_pb2.RegisterNodeRequest(node=node))
+    assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "node.name" in violations(e.value)
+
+
+def test_heartbeat_assigns_and_report_completes(api):
+    api.agent.RegisterNode(agent_pb2.RegisterNodeRequest(node=convert.node_to_pb(h100_node("gpu-a"))))
+    job = api.jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=spec()))
+    api.controller.run_cycle()
+    hb = api.agent.Heartbeat(agent_pb2.HeartbeatRequest(node_name="gpu-a"))
+    (a,) = hb.assignments
+    assert (a.ref.job_id, a.ref.rank, list(a.command)) == (job.id, 0, ["python", "train.py"])
+    assert a.env["GPUCTL_JOB_ID"] == str(job.id)
+    for state, code in ((jobs_pb2.RANK_STATE_RUNNING, None), (jobs_pb2.RANK_STATE_EXITED, 0)):
+        req = agent_pb2.ReportRankStatusRequest(node_name="gpu-a", ref=a.ref, state=state)
+        if code is not None:
+            req.exit_code = code
+        api.agent.ReportRankStatus(req)
+    got = api.jobs.GetJob(jobs_pb2.GetJobRequest(name=job.name))
+    assert got.state == jobs_pb2.JOB_STATE_SUCCEEDED
+    assert got.placement.ranks[0].env["WORLD_SIZE"] == "8"
+    unknown = api.agent.Heartbeat(agent_pb2.HeartbeatRequest(node_name="never-registered"))
+    assert unknown.reregister
+
+
+def test_logs_round_trip_through_push_and_stream(api):
+    api.agent.RegisterNode(agent_pb2.RegisterNodeRequest(node=convert.node_to_pb(h100_node("gpu-a"))))
+    job = api.jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=spec()))
+    ref = agent_pb2.RankRef(job_id=job.id, rank=0, attempt=0)
+    r = api.agent.PushLogs(agent_pb2.PushLogsRequest(node_name="gpu-a", ref=ref, offset=0, data=b"step 1\n"))
+    assert r.next_offset == 7
+    r = api.agent.PushLogs(agent_pb2.PushLogsRequest(node_name="gpu-a", ref=ref, offset=3, data=b"oops"))
+    assert r.next_offset == 7  # wrong offset: told where to resume
+    chunks = api.jobs.StreamJobLogs(jobs_pb2.StreamJobLogsRequest(name=job.name))
+    assert b"".join(c.data for c in chunks) == b"step 1\n"
+
+
+def test_health_and_reflection(api):
+    assert api.health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+    assert (
+        api.health.Check(health_pb2.HealthCheckRequest(service="gpuctl.v1.JobService")).status
+        == health_pb2.HealthCheckResponse.SERVING
+    )
+    responses = api.reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = {s.name for r in responses for s in r.list_services_response.service}
+    assert {"gpuctl.v1.JobService", "gpuctl.agent.v1.AgentService", "grpc.health.v1.Health"} <= names
+    api.server.drain(0)
+    # After drain the server refuses work: health is no longer reachable as SERVING.
+    with pytest.raises(grpc.RpcError):
+        api.health.Check(health_pb2.HealthCheckRequest(), timeout=1)

@@ -1,0 +1,251 @@
+"""The daemon's use cases on a real SQLite store with a fake clock: submit, place, run, exit,
+cancel, lose a node, time limits. No network, no sleeping."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from gpuctl.core.errors import FailedPrecondition, InvalidArgument, NotFound
+from gpuctl.core.model import (
+    BandwidthProfile,
+    Gpu,
+    JobKind,
+    JobSpec,
+    JobState,
+    NetKind,
+    Network,
+    Node,
+    NodeState,
+    OnNodeLost,
+    RankState,
+)
+from gpuctl.core.plugins import build_policy
+from gpuctl.runtime.clock import FakeClock
+from gpuctl.runtime.controller import Controller, ControllerSettings, RankRef
+from gpuctl.runtime.logstore import LogStore
+from gpuctl.store.sql import open_store
+
+
+def h100_node(name: str, fabric: str = "ib-a/s1/l1") -> Node:
+    gpus = tuple(
+        Gpu(index=i, uuid=f"GPU-{name}-{i}", model="H100 SXM", memory_mib=81920, hbm_gbps=3350, nvlink_gbps=900)
+        for i in range(8)
+    )
+    return Node(
+        id=name,
+        address=f"10.0.0.{len(name)}",
+        fabric=fabric,
+        cpu_milli=192_000,
+        memory_mib=2_000_000,
+        price_per_hour=24.0,
+        profile=BandwidthProfile(
+            gpus=gpus,
+            nvlink_domain_size=8,
+            network=Network(kind=NetKind.INFINIBAND, ports=8, gbps_per_port=400),
+        ),
+    )
+
+
+def training(nodes: int = 2, gpus: int = 8, **kw) -> JobSpec:
+    return JobSpec(kind=JobKind.TRAINING, command=("python", "train.py"), num_nodes=nodes, gpus_per_node=gpus, **kw)
+
+
+@pytest.fixture
+def ctl(tmp_path):
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    clock = FakeClock()
+    wakes: list[int] = []
+    c = Controller(
+        store,
+        clock,
+        build_policy("default"),
+        LogStore(tmp_path / "logs", max_bytes_per_rank=1024),
+        ControllerSettings(heartbeat_timeout_s=30, kill_grace_s=1),
+        wake=lambda: wakes.append(1),
+    )
+    c.wakes = wakes  # type: ignore[attr-defined]
+    yield c
+    store.close()
+
+
+def run_gang(ctl: Controller) -> int:
+    ctl.register_node(h100_node("a"))
+    ctl.register_node(h100_node("b"))
+    job = ctl.submit(training(), request_id="r1")
+    result = ctl.run_cycle()
+    assert [b.job_id for b in result.bindings] == [job.id]
+    return job.id
+
+
+def test_submit_is_idempotent_by_request_id_and_wakes_the_loop(ctl):
+    first = ctl.submit(training(), request_id="same")
+    again = ctl.submit(training(), request_id="same")
+    assert first.id == again.id
+    assert ctl.store.get_job(first.id).state is JobState.PENDING
+    assert ctl.wakes
+
+
+def test_validate_only_stores_nothing(ctl):
+    job = ctl.submit(training(), validate_only=True)
+    assert job.id == 0
+    assert ctl.store.list_jobs().jobs == ()
+
+
+def test_invalid_spec_is_rejected_and_nothing_stored(ctl):
+    with pytest.raises(InvalidArgument) as e:
+        ctl.submit(training(gpus=0))
+    assert e.value.violations[0].field == "spec.gpus_per_node"
+    assert ctl.store.list_jobs().jobs == ()
+
+
+def test_gang_is_assigned_started_and_succeeds(ctl):
+    job_id = run_gang(ctl)
+    job = ctl.store.get_job(job_id)
+    assert job.state is JobState.RUNNING
+    assert job.placement.master_addr == "10.0.0.1"  # node "a" is rank 0: fabric order, then id
+    assert job.placement.master_port == 29500 + job_id
+
+    hb = ctl.heartbeat("a", [])
+    (assignment,) = hb.assignments
+    assert assignment.env["NODE_RANK"] == "0"
+    assert assignment.env["WORLD_SIZE"] == "16"
+    assert assignment.env["MASTER_ADDR"] == "10.0.0.1"
+    assert assignment.env["CUDA_VISIBLE_DEVICES"] == "0,1,2,3,4,5,6,7"
+    assert ctl.heartbeat("b", []).assignments[0].env["NODE_RANK"] == "1"
+
+    for node, rank in (("a", 0), ("b", 1)):
+        ctl.report_rank(node, RankRef(job_id, rank, 0), RankState.RUNNING)
+    # Once running, the heartbeat does not assign it again.
+    assert ctl.heartbeat("a", [RankRef(job_id, 0, 0)]).assignments == ()
+    ctl.report_rank("a", RankRef(job_id, 0, 0), RankState.EXITED, 0)
+    assert ctl.store.get_job(job_id).state is JobState.RUNNING
+    ctl.report_rank("b", RankRef(job_id, 1, 0), RankState.EXITED, 0)
+    ctl.report_rank("b", RankRef(job_id, 1, 0), RankState.EXITED, 0)  # duplicate: ignored
+    job = ctl.store.get_job(job_id)
+    assert job.state is JobState.SUCCEEDED
+    assert job.exit_code == 0
+    types = [e.type for e in ctl.store.list_events("job", str(job_id))]
+    assert types == ["Submitted", "Scheduled", "Started", "Started", "Exited", "Exited", "Succeeded"]
+
+
+def test_one_rank_failing_fails_the_gang_and_stops_the_rest(ctl):
+    job_id = run_gang(ctl)
+    for node, rank in (("a", 0), ("b", 1)):
+        ctl.report_rank(node, RankRef(job_id, rank, 0), RankState.RUNNING)
+    ctl.report_rank("b", RankRef(job_id, 1, 0), RankState.EXITED, 3, "")
+    job = ctl.store.get_job(job_id)
+    assert job.state is JobState.FAILED
+    assert job.exit_code == 3
+    assert "rank 1 on b exited with 3" in job.reason
+    assert ctl.heartbeat("a", [RankRef(job_id, 0, 0)]).stop == (RankRef(job_id, 0, 0),)
+
+
+def test_gang_that_does_not_fit_stays_pending_with_a_reason(ctl):
+    ctl.register_node(h100_node("a"))
+    job = ctl.submit(training(nodes=2))
+    ctl.run_cycle()
+    job = ctl.store.get_job(job.id)
+    assert job.state is JobState.PENDING
+    assert "2 nodes" in job.reason
+    ctl.run_cycle()  # same reason: no second event
+    assert [e.type for e in ctl.store.list_events("job", str(job.id))] == ["Submitted", "Unschedulable"]
+
+
+def test_cancel_pending_is_immediate_and_cancel_finished_is_refused(ctl):
+    job = ctl.submit(training())
+    assert ctl.cancel(job.id).state is JobState.CANCELLED
+    with pytest.raises(FailedPrecondition):
+        ctl.cancel(job.id)
+    with pytest.raises(NotFound):
+        ctl.cancel(999)
+
+
+def test_cancel_running_stops_ranks_then_cancelled(ctl):
+    job_id = run_gang(ctl)
+    ctl.report_rank("a", RankRef(job_id, 0, 0), RankState.RUNNING)
+    assert ctl.cancel(job_id).state is JobState.CANCELLING
+    assert ctl.heartbeat("a", [RankRef(job_id, 0, 0)]).stop == (RankRef(job_id, 0, 0),)
+    # Rank 1 was never started: node b's heartbeat settles it without starting it.
+    assert ctl.heartbeat("b", []).assignments == ()
+    assert ctl.store.get_job(job_id).state is JobState.CANCELLING  # rank 0 still stopping
+    ctl.report_rank("a", RankRef(job_id, 0, 0), RankState.EXITED, -15)
+    assert ctl.store.get_job(job_id).state is JobState.CANCELLED
+
+
+@pytest.mark.parametrize(
+    ("on_lost", "state", "attempt"),
+    [(OnNodeLost.REQUEUE, JobState.PENDING, 1), (OnNodeLost.FAIL, JobState.FAILED, 0)],
+    ids=["requeue", "fail"],
+)
+def test_lost_node_requeues_or_fails_its_jobs(ctl, on_lost, state, attempt):
+    ctl.register_node(h100_node("a"))
+    ctl.register_node(h100_node("b"))
+    job = ctl.submit(training(on_node_lost=on_lost))
+    ctl.run_cycle()
+    ctl.clock.advance(timedelta(seconds=20))
+    ctl.heartbeat("a", [])
+    assert ctl.expire_heartbeats() == []
+    ctl.clock.advance(timedelta(seconds=15))  # b silent for 35 s > 30 s; a for 15 s
+    assert ctl.expire_heartbeats() == ["b"]
+    assert ctl.store.get_node("b").state is NodeState.LOST
+    job = ctl.store.get_job(job.id)
+    assert (job.state, job.attempt) == (state, attempt)
+    assert "node b lost" in job.reason
+    # The surviving node is told to stop the old attempt's rank.
+    assert ctl.heartbeat("a", [RankRef(job.id, 0, 0)]).stop == (RankRef(job.id, 0, 0),)
+    # A lost node that comes back must register again.
+    assert ctl.heartbeat("b", []).reregister
+
+
+def test_report_from_an_older_attempt_is_ignored(ctl):
+    job_id = run_gang(ctl)
+    ctl.clock.advance(timedelta(seconds=31))
+    ctl.heartbeat("a", [])
+    ctl.expire_heartbeats()  # b lost -> requeued as attempt 1
+    ctl.report_rank("a", RankRef(job_id, 0, 0), RankState.EXITED, 1)
+    assert ctl.store.get_job(job_id).state is JobState.PENDING
+
+
+def test_time_limit_moves_a_running_job_to_cancelling(ctl):
+    ctl.register_node(h100_node("a"))
+    job = ctl.submit(training(nodes=1, time_limit_s=60))
+    ctl.run_cycle()
+    ctl.report_rank("a", RankRef(job.id, 0, 0), RankState.RUNNING)
+    ctl.clock.advance(timedelta(seconds=59))
+    assert ctl.enforce_time_limits() == []
+    ctl.clock.advance(timedelta(seconds=1))
+    assert ctl.enforce_time_limits() == [job.id]
+    assert ctl.store.get_job(job.id).state is JobState.CANCELLING
+    ctl.report_rank("a", RankRef(job.id, 0, 0), RankState.EXITED, -15)
+    job = ctl.store.get_job(job.id)
+    assert job.state is JobState.CANCELLED
+    assert "time limit" in job.reason
+
+
+def test_drain_keeps_new_work_off_the_node(ctl):
+    ctl.register_node(h100_node("a"))
+    assert ctl.drain("a", "bad fan").state is NodeState.DRAINING
+    job = ctl.submit(training(nodes=1))
+    ctl.run_cycle()
+    assert ctl.store.get_job(job.id).state is JobState.PENDING
+    assert ctl.register_node(h100_node("a")).state is NodeState.DRAINING  # re-register keeps the drain
+
+
+def test_registration_opens_a_lease_and_accrues_cost(ctl):
+    ctl.register_node(h100_node("a"))
+    (lease,) = ctl.store.list_leases()
+    assert (lease.node_id, lease.price_per_hour) == ("a", 24.0)
+    ctl.clock.advance(timedelta(minutes=30))
+    assert ctl.lease_costs() == pytest.approx(12.0)  # 0.5 h x $24/h
+    ctl.register_node(h100_node("a"))  # again: same lease
+    assert len(ctl.store.list_leases()) == 1
+
+
+def test_logs_are_appended_by_offset_idempotently(ctl):
+    ref = RankRef(7, 0, 0)
+    assert ctl.push_logs("a", ref, 0, b"hello ") == 6
+    assert ctl.push_logs("a", ref, 0, b"hello ") == 6  # a resend: not duplicated
+    assert ctl.push_logs("a", ref, 6, b"world\n") == 12
+    assert ctl.logs.read(7, 0, 0, 0) == b"hello world\n"

@@ -1,0 +1,595 @@
+"""The `Store` contract, run against every backend (SQLite file, PostgreSQL schema).
+
+A new backend passes this file or it is not a store.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import MISSING, fields, replace
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+
+from gpuctl.core.errors import InvalidArgument, NotFound
+from gpuctl.core.model import (
+    BandwidthProfile,
+    Event,
+    Gpu,
+    Job,
+    JobKind,
+    JobSpec,
+    JobState,
+    LeaseState,
+    NetKind,
+    Network,
+    Node,
+    NodeLease,
+    NodeState,
+    OnNodeLost,
+    Placement,
+    RankPlacement,
+    RankState,
+)
+from gpuctl.store import SqlStore, Store, open_store
+
+T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+IST = timezone(timedelta(hours=5, minutes=30))  # a non-UTC zone: values must come back UTC
+
+
+# -- builders -----------------------------------------------------------------------------------
+
+
+def training(**changes: object) -> JobSpec:
+    spec = JobSpec(
+        kind=JobKind.TRAINING,
+        command=("torchrun", "train.py"),
+        owner="alice",
+        queue="research",
+        num_nodes=2,
+        gpus_per_node=8,
+    )
+    return replace(spec, **changes)
+
+
+def full_spec() -> JobSpec:
+    """Every field away from its default, so a round trip that drops one fails."""
+    return JobSpec(
+        kind=JobKind.INFERENCE,
+        command=("vllm", "serve", "llama-70b"),
+        name="serve-llama",
+        owner="bob",
+        queue="prod",
+        priority=7,
+        env=(("HF_HOME", "/cache"), ("A", "b=c")),
+        working_dir="/srv",
+        time_limit_s=3600,
+        num_nodes=3,
+        gpus_per_node=4,
+        min_nvlink_gbps=450.5,
+        min_net_gbps=400.0,
+        replicas=5,
+        gpu_milli=250,
+        gpu_memory_mib=40_960,
+        gpu_model="H100 SXM",
+        cpu_milli=8000,
+        memory_mib=65_536,
+        on_node_lost=OnNodeLost.FAIL,
+        preemptible=True,
+    )
+
+
+def placement() -> Placement:
+    return Placement(
+        ranks=(
+            RankPlacement(
+                rank=0,
+                node_id="n1",
+                gpu_indices=(0, 1),
+                gpu_milli=500,
+                cpu_milli=4000,
+                memory_mib=32_768,
+                state=RankState.EXITED,
+                exit_code=137,
+                message="OOM-killed",
+            ),
+            RankPlacement(rank=1, node_id="n2", gpu_indices=(3,)),
+        ),
+        master_addr="10.0.0.1",
+        master_port=29500,
+        reason="one leaf, 2 nodes",
+    )
+
+
+def h100_profile() -> BandwidthProfile:
+    gpus = tuple(
+        Gpu(
+            index=i,
+            uuid=f"GPU-{i:04d}",
+            model="H100 SXM",
+            memory_mib=81_559,
+            hbm_gbps=3352.0,
+            nvlink_gbps=900.0,
+            measured_hbm_gbps=2971.25 + i,
+            mig_enabled=i == 0,
+        )
+        for i in range(8)
+    )
+    return BandwidthProfile(
+        gpus=gpus,
+        nvlink_domain_size=8,
+        pcie_gen=5,
+        pcie_width=16,
+        network=Network(kind=NetKind.INFINIBAND, ports=8, gbps_per_port=400.0),
+        bf16_tflops=7916.0,
+        source="nvml",
+        measured_at=datetime(2025, 3, 1, 17, 30, 0, 123456, tzinfo=IST),
+    )
+
+
+def node(node_id: str = "n1", **changes: object) -> Node:
+    full = Node(
+        id=node_id,
+        address="10.0.0.1",
+        fabric="ib0/spine1/leaf3",
+        provider="lambda",
+        sku="gpu_8x_h100_sxm5",
+        region="us-east-1",
+        labels=(("zone", "b"), ("tier", "gold")),
+        cpu_milli=208_000,
+        memory_mib=1_900_000,
+        profile=h100_profile(),
+        price_per_hour=23.92,
+        state=NodeState.DRAINING,
+        state_reason="maintenance",
+        lease_id="lease-1",
+        registered_at=T0,
+        last_heartbeat=T0.astimezone(IST) + timedelta(seconds=5),
+    )
+    return replace(full, **changes)
+
+
+def lease(lease_id: str, state: LeaseState = LeaseState.ACTIVE, **changes: object) -> NodeLease:
+    full = NodeLease(
+        id=lease_id,
+        provider="lambda",
+        provider_lease_id=f"i-{lease_id}",
+        node_id="n1",
+        sku="gpu_8x_h100_sxm5",
+        price_per_hour=23.92,
+        acquired_at=T0,
+        expires_at=T0 + timedelta(hours=4),
+        released_at=T0.astimezone(IST) + timedelta(hours=1),
+        for_job_id=42,
+        state=state,
+    )
+    return replace(full, **changes)
+
+
+def event(object_id: str, type_: str, minute: int, object_kind: str = "job") -> Event:
+    return Event(
+        object_kind=object_kind,
+        object_id=object_id,
+        time=T0 + timedelta(minutes=minute),
+        type=type_,
+        message=f"{type_} at minute {minute}",
+    )
+
+
+def assert_every_field_set(value: object) -> None:
+    """Round-trip tests only prove what their values exercise: no field may sit at its default."""
+    for f in fields(value):  # type: ignore[arg-type]
+        if f.default is not MISSING:
+            assert getattr(value, f.name) != f.default, f"{type(value).__name__}.{f.name}"
+        elif f.default_factory is not MISSING:
+            assert getattr(value, f.name) != f.default_factory(), f"{type(value).__name__}.{f.name}"
+
+
+def token(payload: str) -> str:
+    return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
+
+
+# -- fixtures -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    if request.param == "sqlite":
+        # A directory that does not exist yet: opening the store creates it.
+        return f"sqlite:///{tmp_path_factory.mktemp('store')}/state/gpuctl.db"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[SqlStore]:
+    opened = open_store(store_url)
+    yield opened
+    opened.close()
+
+
+def submit(store: Store, spec: JobSpec | None = None, *, request_id: str = "") -> Job:
+    job, created = store.create_job(spec or training(), request_id=request_id, now=T0)
+    assert created
+    return job
+
+
+def set_state(store: Store, job: Job, state: JobState) -> Job:
+    if state is job.state:
+        return job
+    (written,) = store.update_jobs([replace(job, state=state)])
+    return written
+
+
+# -- jobs ---------------------------------------------------------------------------------------
+
+
+def test_create_job_gives_increasing_ids_and_revisions(store: SqlStore) -> None:
+    results = [
+        store.create_job(training(name=f"j{i}"), request_id="", now=T0 + timedelta(seconds=i))
+        for i in range(3)
+    ]
+
+    assert [created for _, created in results] == [True, True, True]
+    jobs = [job for job, _ in results]
+    assert jobs[0].id >= 1
+    assert [j.id for j in jobs] == sorted({j.id for j in jobs})
+    assert [j.revision for j in jobs] == sorted({j.revision for j in jobs})
+    first = jobs[0]
+    assert (first.state, first.attempt, first.placement) == (JobState.PENDING, 0, None)
+    assert first.created_at == first.updated_at == T0
+    assert store.get_job(first.id) == first
+
+
+def test_create_job_with_a_seen_request_id_returns_the_first_job(store: SqlStore) -> None:
+    first, created = store.create_job(training(name="a"), request_id="req-1", now=T0)
+    again, created_again = store.create_job(
+        training(name="b"), request_id="req-1", now=T0 + timedelta(minutes=1)
+    )
+    other, created_other = store.create_job(training(name="b"), request_id="req-2", now=T0)
+
+    assert (created, created_again, created_other) == (True, False, True)
+    assert again == first
+    assert first.request_id == "req-1"
+    assert other.id > first.id
+    assert len(store.list_jobs().jobs) == 2
+
+
+def test_racing_creates_with_one_request_id_make_one_job(store: SqlStore) -> None:
+    callers = 8
+    barrier = threading.Barrier(callers, timeout=10)
+
+    def create(i: int) -> tuple[Job, bool]:
+        barrier.wait()
+        return store.create_job(training(name=f"c{i}"), request_id="race", now=T0)
+
+    with ThreadPoolExecutor(callers) as pool:
+        results = list(pool.map(create, range(callers)))
+
+    assert sum(created for _, created in results) == 1
+    assert len({job for job, _ in results}) == 1
+    assert len(store.list_jobs().jobs) == 1
+
+
+def test_concurrent_writers_get_distinct_ids_and_revisions(store: SqlStore) -> None:
+    def create_and_update(i: int) -> tuple[Job, Job]:
+        job = submit(store, training(name=f"w{i}"))
+        return job, set_state(store, job, JobState.RUNNING)
+
+    with ThreadPoolExecutor(8) as pool:
+        pairs = list(pool.map(create_and_update, range(24)))
+
+    assert len({created.id for created, _ in pairs}) == 24
+    revisions = [j.revision for pair in pairs for j in pair]
+    assert len(set(revisions)) == 48
+    assert all(created.revision < updated.revision for created, updated in pairs)
+
+
+# (owner, queue, state) of the jobs `list_jobs` pages through, in id order.
+LISTED = [
+    ("alice", "research", JobState.PENDING),
+    ("bob", "research", JobState.RUNNING),
+    ("alice", "prod", JobState.RUNNING),
+    ("alice", "research", JobState.SUCCEEDED),
+    ("carol", "prod", JobState.PENDING),
+    ("bob", "research", JobState.PENDING),
+    ("alice", "research", JobState.RUNNING),
+    ("alice", "prod", JobState.CANCELLED),
+]
+
+
+@pytest.mark.parametrize(
+    ("filters", "expected"),
+    [
+        pytest.param({}, [0, 1, 2, 3, 4, 5, 6, 7], id="no-filter"),
+        pytest.param({"states": [JobState.RUNNING]}, [1, 2, 6], id="one-state"),
+        pytest.param(
+            {"states": [JobState.PENDING, JobState.RUNNING]}, [0, 1, 2, 4, 5, 6], id="two-states"
+        ),
+        pytest.param({"queue": "research"}, [0, 1, 3, 5, 6], id="queue"),
+        pytest.param({"owner": "alice"}, [0, 2, 3, 6, 7], id="owner"),
+        pytest.param(
+            {"owner": "alice", "queue": "research", "states": [JobState.PENDING, JobState.RUNNING]},
+            [0, 6],
+            id="owner-queue-states",
+        ),
+        pytest.param({"owner": "nobody"}, [], id="no-match"),
+    ],
+)
+def test_list_jobs_pages_through_filtered_jobs_in_id_order(
+    store: SqlStore, filters: dict[str, object], expected: list[int]
+) -> None:
+    ids = [
+        set_state(store, submit(store, training(owner=owner, queue=queue)), state).id
+        for owner, queue, state in LISTED
+    ]
+    page_size = 2
+
+    pages = []
+    page_token = ""
+    while True:
+        page = store.list_jobs(page_size=page_size, page_token=page_token, **filters)  # type: ignore[arg-type]
+        pages.append([job.id for job in page.jobs])
+        if not page.next_page_token:
+            break
+        page_token = page.next_page_token
+
+    assert [i for page in pages for i in page] == [ids[i] for i in expected]
+    # Full pages, then the rest; no empty page at the end.
+    assert len(pages) == max(1, math.ceil(len(expected) / page_size))
+    assert all(len(p) == page_size for p in pages[:-1])
+
+
+@pytest.mark.parametrize(
+    ("page_size", "expected_len"),
+    [
+        pytest.param(0, 5, id="zero-means-default"),
+        pytest.param(3, 3, id="smaller"),
+        pytest.param(5000, 5, id="cut-to-max"),
+    ],
+)
+def test_list_jobs_page_size(store: SqlStore, page_size: int, expected_len: int) -> None:
+    for _ in range(5):
+        submit(store)
+
+    assert len(store.list_jobs(page_size=page_size).jobs) == expected_len
+
+
+def test_list_jobs_rejects_a_negative_page_size(store: SqlStore) -> None:
+    with pytest.raises(InvalidArgument) as raised:
+        store.list_jobs(page_size=-1)
+
+    assert [v.field for v in raised.value.violations] == ["page_size"]
+
+
+@pytest.mark.parametrize(
+    "page_token",
+    [
+        pytest.param("not base64!", id="not-base64"),
+        pytest.param("é", id="non-ascii"),
+        pytest.param(token("hello"), id="foreign-payload"),
+        pytest.param(token("jobs:"), id="no-id"),
+        pytest.param(token("jobs:-3"), id="negative-id"),
+        pytest.param(token("jobs:1 "), id="trailing-space"),
+        pytest.param(base64.urlsafe_b64encode(b"\xff\xfe").decode(), id="not-text"),
+    ],
+)
+def test_list_jobs_rejects_a_malformed_page_token(store: SqlStore, page_token: str) -> None:
+    with pytest.raises(InvalidArgument) as raised:
+        store.list_jobs(page_token=page_token)
+
+    assert [v.field for v in raised.value.violations] == ["page_token"]
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        pytest.param(lambda s: s.get_job(404), id="get_job"),
+        pytest.param(lambda s: s.get_node("nowhere"), id="get_node"),
+        pytest.param(lambda s: s.update_jobs([Job(id=404, spec=training())]), id="update_jobs"),
+    ],
+)
+def test_unknown_ids_raise_not_found(store: SqlStore, call: Callable[[Store], object]) -> None:
+    with pytest.raises(NotFound):
+        call(store)
+
+
+def test_update_jobs_with_an_unknown_job_writes_nothing(store: SqlStore) -> None:
+    job = submit(store)
+
+    with pytest.raises(NotFound) as raised:
+        store.update_jobs([replace(job, state=JobState.RUNNING), Job(id=404, spec=training())])
+
+    assert raised.value.name == "404"
+    assert store.get_job(job.id) == job
+    assert store.jobs_since(job.revision) == ()
+
+
+def test_update_jobs_assigns_growing_revisions_that_jobs_since_follows(store: SqlStore) -> None:
+    a, b, c = (submit(store) for _ in range(3))
+
+    updated = store.update_jobs(
+        [replace(b, state=JobState.RUNNING), replace(a, state=JobState.RUNNING)]
+    )
+
+    assert [j.id for j in updated] == [b.id, a.id]
+    assert c.revision < updated[0].revision < updated[1].revision
+    assert store.jobs_since(c.revision) == updated
+    assert store.jobs_since(0) == (c, *updated)  # revision order, not id order
+    assert store.jobs_since(updated[-1].revision) == ()
+    assert store.update_jobs([]) == ()
+
+
+def test_update_jobs_round_trips_every_field(store: SqlStore) -> None:
+    created, _ = store.create_job(full_spec(), request_id="full", now=T0.astimezone(IST))
+    changed = replace(
+        created,
+        state=JobState.FAILED,
+        attempt=2,
+        placement=placement(),
+        reason="rank 0 exited 137",
+        exit_code=137,
+        started_at=T0.astimezone(IST) + timedelta(minutes=1),
+        finished_at=T0 + timedelta(minutes=9, microseconds=1),
+        updated_at=T0 + timedelta(minutes=9, microseconds=1),
+    )
+    assert_every_field_set(changed)
+    assert_every_field_set(changed.spec)
+    assert changed.placement is not None
+    assert_every_field_set(changed.placement)
+    assert_every_field_set(changed.placement.ranks[0])
+
+    (written,) = store.update_jobs([changed])
+
+    assert written == replace(changed, revision=written.revision)
+    assert store.get_job(created.id) == written
+    assert all(
+        t is not None and t.tzinfo is UTC
+        for t in (written.created_at, written.started_at, written.finished_at, written.updated_at)
+    )
+
+
+def test_naive_datetimes_are_refused(store: SqlStore) -> None:
+    with pytest.raises(ValueError, match="naive"):
+        store.create_job(training(), request_id="", now=datetime(2025, 3, 1, 12, 0))
+
+    assert store.list_jobs().jobs == ()
+
+
+def test_active_jobs_are_the_unfinished_ones_in_id_order(store: SqlStore) -> None:
+    jobs = {state: set_state(store, submit(store), state) for state in JobState}
+
+    active = store.active_jobs()
+
+    expected = [JobState.PENDING, JobState.RUNNING, JobState.CANCELLING]
+    assert active == tuple(jobs[s] for s in expected)
+
+
+# -- nodes and leases ---------------------------------------------------------------------------
+
+
+def test_node_round_trips_with_its_full_bandwidth_profile(store: SqlStore) -> None:
+    original = node()
+    assert_every_field_set(original)
+    assert_every_field_set(original.profile)
+    assert_every_field_set(original.profile.network)
+    assert_every_field_set(original.profile.gpus[0])
+
+    stored = store.put_node(original)
+
+    assert stored == original
+    assert store.get_node("n1") == original
+    got = store.get_node("n1")
+    assert got.profile.measured_at is not None and got.profile.measured_at.tzinfo is UTC
+    assert got.last_heartbeat is not None and got.last_heartbeat.tzinfo is UTC
+
+
+def test_put_node_replaces_by_id_and_list_nodes_is_in_id_order(store: SqlStore) -> None:
+    for node_id in ("n2", "n10", "n1"):
+        store.put_node(node(node_id))
+    lost = node("n2", state=NodeState.LOST, profile=BandwidthProfile(), labels=())
+
+    assert store.put_node(lost) == lost
+
+    assert store.list_nodes() == (node("n1"), node("n10"), lost)
+
+
+def test_leases_round_trip_and_ended_ones_are_listed_on_request(store: SqlStore) -> None:
+    leases = [
+        lease("l1", LeaseState.ACTIVE),
+        lease("l2", LeaseState.RELEASED),
+        lease("l3", LeaseState.REQUESTED, for_job_id=None, acquired_at=None),
+        lease("l4", LeaseState.EXPIRED),
+        lease("l5", LeaseState.RELEASING),
+        lease("l6", LeaseState.FAILED),
+    ]
+    assert_every_field_set(leases[0])
+    for one in reversed(leases):
+        assert store.put_lease(one) == one
+
+    assert store.list_leases() == (leases[0], leases[2], leases[4])
+    assert store.list_leases(include_released=True) == tuple(leases)
+
+    released = replace(leases[0], state=LeaseState.RELEASED)
+    store.put_lease(released)
+    assert store.list_leases() == (leases[2], leases[4])
+
+
+# -- events -------------------------------------------------------------------------------------
+
+
+def test_events_are_listed_oldest_first_per_object(store: SqlStore) -> None:
+    store.add_events([event("1", "Scheduled", 2), event("1", "Submitted", 0)])
+    store.add_events([event("2", "Submitted", 1), event("1", "Started", 3)])
+    store.add_events([event("n1", "Registered", 1, object_kind="node"), event("1", "Bound", 2)])
+    store.add_events([])
+
+    listed = store.list_events("job", "1")
+
+    # By time; equal times keep the order they were added in.
+    assert [e.type for e in listed] == ["Submitted", "Scheduled", "Bound", "Started"]
+    assert listed[0] == event("1", "Submitted", 0)
+    assert store.list_events("node", "n1") == (event("n1", "Registered", 1, object_kind="node"),)
+    assert store.list_events("node", "1") == ()
+
+
+@pytest.mark.parametrize(
+    ("limit", "expected_minutes"),
+    [
+        pytest.param(2, [3, 4], id="latest-two"),
+        pytest.param(5, [0, 1, 2, 3, 4], id="exactly-all"),
+        pytest.param(100, [0, 1, 2, 3, 4], id="more-than-all"),
+        pytest.param(0, [], id="zero"),
+    ],
+)
+def test_list_events_limit_keeps_the_latest(
+    store: SqlStore, limit: int, expected_minutes: list[int]
+) -> None:
+    store.add_events([event("7", f"E{m}", m) for m in range(5)])
+
+    listed = store.list_events("job", "7", limit=limit)
+
+    assert listed == tuple(event("7", f"E{m}", m) for m in expected_minutes)
+
+
+# -- durability and opening ---------------------------------------------------------------------
+
+
+def test_data_survives_close_and_reopen(store_url: str) -> None:
+    first = open_store(store_url)
+    job, _ = first.create_job(full_spec(), request_id="keep", now=T0)
+    (job,) = first.update_jobs([replace(job, state=JobState.RUNNING, placement=placement())])
+    first.put_node(node())
+    first.put_lease(lease("l1"))
+    first.add_events([event(str(job.id), "Submitted", 0)])
+    first.close()
+
+    second = open_store(store_url)
+    try:
+        assert second.get_job(job.id) == job
+        assert second.create_job(training(), request_id="keep", now=T0) == (job, False)
+        later = submit(second)
+        assert (later.id, later.revision) > (job.id, job.revision)
+        assert second.list_nodes() == (node(),)
+        assert second.list_leases() == (lease("l1"),)
+        assert second.list_events("job", str(job.id)) == (event(str(job.id), "Submitted", 0),)
+    finally:
+        second.close()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        pytest.param("mysql://root@localhost/gpuctl", id="unknown-backend"),
+        pytest.param("sqlite://", id="sqlite-in-memory"),
+        pytest.param("not a url", id="not-a-url"),
+    ],
+)
+def test_open_store_rejects_unsupported_urls(url: str) -> None:
+    with pytest.raises(InvalidArgument) as raised:
+        open_store(url)
+
+    assert [v.field for v in raised.value.violations] == ["url"]
