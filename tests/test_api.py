@@ -14,7 +14,14 @@ from grpc_status import rpc_status
 
 from gpuctl.api import convert
 from gpuctl.api._pb.agent.v1 import agent_pb2, agent_pb2_grpc
-from gpuctl.api._pb.v1 import jobs_pb2, jobs_pb2_grpc, leases_pb2, leases_pb2_grpc, nodes_pb2, nodes_pb2_grpc
+from gpuctl.api._pb.v1 import (
+    jobs_pb2,
+    jobs_pb2_grpc,
+    leases_pb2,
+    leases_pb2_grpc,
+    nodes_pb2,
+    nodes_pb2_grpc,
+)
 from gpuctl.api.server import ApiServer
 from gpuctl.core.plugins import build_policy
 from gpuctl.runtime.clock import FakeClock
@@ -30,7 +37,10 @@ TRAINING = jobs_pb2.JOB_KIND_TRAINING
 def api(tmp_path):
     store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
     controller = Controller(
-        store, FakeClock(), build_policy("default"), LogStore(tmp_path / "logs", max_bytes_per_rank=1 << 20)
+        store,
+        FakeClock(),
+        build_policy("default"),
+        LogStore(tmp_path / "logs", max_bytes_per_rank=1 << 20),
     )
     server = ApiServer(controller, "127.0.0.1:0", max_workers=8, watch_poll_s=0.05)
     server.start()
@@ -74,9 +84,17 @@ BAD_SPECS = [
     ("absurd-nodes", spec(num_nodes=100_000), "spec.num_nodes"),
     ("no-kind", spec(kind=0), "spec.kind"),
     ("no-command", spec(command=[]), "spec.command"),
-    ("zero-replicas", spec(kind=jobs_pb2.JOB_KIND_INFERENCE, replicas=0, num_nodes=None), "spec.replicas"),
+    (
+        "zero-replicas",
+        spec(kind=jobs_pb2.JOB_KIND_INFERENCE, replicas=0, num_nodes=None),
+        "spec.replicas",
+    ),
     ("absurd-memory", spec(memory_mib=1 << 40), "spec.memory_mib"),
-    ("share-of-two", spec(kind=jobs_pb2.JOB_KIND_INFERENCE, gpu_milli=500, num_nodes=None), "spec.gpu_milli"),
+    (
+        "share-of-two",
+        spec(kind=jobs_pb2.JOB_KIND_INFERENCE, gpu_milli=500, num_nodes=None),
+        "spec.gpu_milli",
+    ),
     ("oversized-name", spec(name="x" * 300), "spec.name"),
     ("reserved-env", spec(env={"MASTER_PORT": "1"}), "spec.env.MASTER_PORT"),
     ("negative-priority-bound", spec(priority=-(10**7)), "spec.priority"),
@@ -103,10 +121,14 @@ def test_create_is_idempotent_and_validate_only_stores_nothing(api):
 
 
 def test_owner_comes_from_metadata(api):
-    job = api.jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=spec()), metadata=[("x-gpuctl-user", "alice")])
+    job = api.jobs.CreateJob(
+        jobs_pb2.CreateJobRequest(spec=spec()), metadata=[("x-gpuctl-user", "alice")]
+    )
     assert job.owner == "alice"
     with pytest.raises(grpc.RpcError) as e:
-        api.jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=spec()), metadata=[("x-gpuctl-user", "bad user!")])
+        api.jobs.CreateJob(
+            jobs_pb2.CreateJobRequest(spec=spec()), metadata=[("x-gpuctl-user", "bad user!")]
+        )
     assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -129,13 +151,20 @@ def test_list_jobs_pages_through_everything(api):
 def test_get_and_cancel_codes(api):
     for call in (api.jobs.GetJob, api.jobs.CancelJob):
         with pytest.raises(grpc.RpcError) as e:
-            call(jobs_pb2.GetJobRequest(name="jobs/99") if call is api.jobs.GetJob else jobs_pb2.CancelJobRequest(name="99"))
+            call(
+                jobs_pb2.GetJobRequest(name="jobs/99")
+                if call is api.jobs.GetJob
+                else jobs_pb2.CancelJobRequest(name="99")
+            )
         assert e.value.code() is grpc.StatusCode.NOT_FOUND
     with pytest.raises(grpc.RpcError) as e:
         api.jobs.GetJob(jobs_pb2.GetJobRequest(name="jobs/x"))
     assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     job = api.jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=spec()))
-    assert api.jobs.CancelJob(jobs_pb2.CancelJobRequest(name=job.name)).state == jobs_pb2.JOB_STATE_CANCELLED
+    assert (
+        api.jobs.CancelJob(jobs_pb2.CancelJobRequest(name=job.name)).state
+        == jobs_pb2.JOB_STATE_CANCELLED
+    )
     with pytest.raises(grpc.RpcError) as e:
         api.jobs.CancelJob(jobs_pb2.CancelJobRequest(name=job.name))
     assert e.value.code() is grpc.StatusCode.FAILED_PRECONDITION
@@ -183,7 +212,11 @@ def test_agent_registration_then_nodes_drain_and_leases(api):
         api.nodes.GetNode(nodes_pb2.GetNodeRequest(name="nope"))
     assert e.value.code() is grpc.StatusCode.NOT_FOUND
     (lease,) = api.leases.ListLeases(leases_pb2.ListLeasesRequest()).leases
-    assert (lease.node, lease.price_per_hour, lease.state) == ("gpu-a", 24.0, leases_pb2.LEASE_STATE_ACTIVE)
+    assert (lease.node, lease.price_per_hour, lease.state) == (
+        "gpu-a",
+        24.0,
+        leases_pb2.LEASE_STATE_ACTIVE,
+    )
 
 
 def test_bad_registration_is_rejected(api):
@@ -195,7 +228,9 @@ def test_bad_registration_is_rejected(api):
 
 
 def test_heartbeat_assigns_and_report_completes(api):
-    api.agent.RegisterNode(agent_pb2.RegisterNodeRequest(node=convert.node_to_pb(h100_node("gpu-a"))))
+    api.agent.RegisterNode(
+        agent_pb2.RegisterNodeRequest(node=convert.node_to_pb(h100_node("gpu-a")))
+    )
     job = api.jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=spec()))
     api.controller.run_cycle()
     hb = api.agent.Heartbeat(agent_pb2.HeartbeatRequest(node_name="gpu-a"))
@@ -215,26 +250,41 @@ def test_heartbeat_assigns_and_report_completes(api):
 
 
 def test_logs_round_trip_through_push_and_stream(api):
-    api.agent.RegisterNode(agent_pb2.RegisterNodeRequest(node=convert.node_to_pb(h100_node("gpu-a"))))
+    api.agent.RegisterNode(
+        agent_pb2.RegisterNodeRequest(node=convert.node_to_pb(h100_node("gpu-a")))
+    )
     job = api.jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=spec()))
     ref = agent_pb2.RankRef(job_id=job.id, rank=0, attempt=0)
-    r = api.agent.PushLogs(agent_pb2.PushLogsRequest(node_name="gpu-a", ref=ref, offset=0, data=b"step 1\n"))
+    r = api.agent.PushLogs(
+        agent_pb2.PushLogsRequest(node_name="gpu-a", ref=ref, offset=0, data=b"step 1\n")
+    )
     assert r.next_offset == 7
-    r = api.agent.PushLogs(agent_pb2.PushLogsRequest(node_name="gpu-a", ref=ref, offset=3, data=b"oops"))
+    r = api.agent.PushLogs(
+        agent_pb2.PushLogsRequest(node_name="gpu-a", ref=ref, offset=3, data=b"oops")
+    )
     assert r.next_offset == 7  # wrong offset: told where to resume
     chunks = api.jobs.StreamJobLogs(jobs_pb2.StreamJobLogsRequest(name=job.name))
     assert b"".join(c.data for c in chunks) == b"step 1\n"
 
 
 def test_health_and_reflection(api):
-    assert api.health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+    assert (
+        api.health.Check(health_pb2.HealthCheckRequest()).status
+        == health_pb2.HealthCheckResponse.SERVING
+    )
     assert (
         api.health.Check(health_pb2.HealthCheckRequest(service="gpuctl.v1.JobService")).status
         == health_pb2.HealthCheckResponse.SERVING
     )
-    responses = api.reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    responses = api.reflection.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+    )
     names = {s.name for r in responses for s in r.list_services_response.service}
-    assert {"gpuctl.v1.JobService", "gpuctl.agent.v1.AgentService", "grpc.health.v1.Health"} <= names
+    assert {
+        "gpuctl.v1.JobService",
+        "gpuctl.agent.v1.AgentService",
+        "grpc.health.v1.Health",
+    } <= names
     api.server.drain(0)
     # After drain the server refuses work: health is no longer reachable as SERVING.
     with pytest.raises(grpc.RpcError):

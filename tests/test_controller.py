@@ -30,7 +30,14 @@ from gpuctl.store.sql import open_store
 
 def h100_node(name: str, fabric: str = "ib-a/s1/l1") -> Node:
     gpus = tuple(
-        Gpu(index=i, uuid=f"GPU-{name}-{i}", model="H100 SXM", memory_mib=81920, hbm_gbps=3350, nvlink_gbps=900)
+        Gpu(
+            index=i,
+            uuid=f"GPU-{name}-{i}",
+            model="H100 SXM",
+            memory_mib=81920,
+            hbm_gbps=3350,
+            nvlink_gbps=900,
+        )
         for i in range(8)
     )
     return Node(
@@ -49,7 +56,13 @@ def h100_node(name: str, fabric: str = "ib-a/s1/l1") -> Node:
 
 
 def training(nodes: int = 2, gpus: int = 8, **kw) -> JobSpec:
-    return JobSpec(kind=JobKind.TRAINING, command=("python", "train.py"), num_nodes=nodes, gpus_per_node=gpus, **kw)
+    return JobSpec(
+        kind=JobKind.TRAINING,
+        command=("python", "train.py"),
+        num_nodes=nodes,
+        gpus_per_node=gpus,
+        **kw,
+    )
 
 
 @pytest.fixture
@@ -127,7 +140,15 @@ def test_gang_is_assigned_started_and_succeeds(ctl):
     assert job.state is JobState.SUCCEEDED
     assert job.exit_code == 0
     types = [e.type for e in ctl.store.list_events("job", str(job_id))]
-    assert types == ["Submitted", "Scheduled", "Started", "Started", "Exited", "Exited", "Succeeded"]
+    assert types == [
+        "Submitted",
+        "Scheduled",
+        "Started",
+        "Started",
+        "Exited",
+        "Exited",
+        "Succeeded",
+    ]
 
 
 def test_one_rank_failing_fails_the_gang_and_stops_the_rest(ctl):
@@ -150,7 +171,10 @@ def test_gang_that_does_not_fit_stays_pending_with_a_reason(ctl):
     assert job.state is JobState.PENDING
     assert "2 nodes" in job.reason
     ctl.run_cycle()  # same reason: no second event
-    assert [e.type for e in ctl.store.list_events("job", str(job.id))] == ["Submitted", "Unschedulable"]
+    assert [e.type for e in ctl.store.list_events("job", str(job.id))] == [
+        "Submitted",
+        "Unschedulable",
+    ]
 
 
 def test_cancel_pending_is_immediate_and_cancel_finished_is_refused(ctl):
@@ -230,7 +254,9 @@ def test_drain_keeps_new_work_off_the_node(ctl):
     job = ctl.submit(training(nodes=1))
     ctl.run_cycle()
     assert ctl.store.get_job(job.id).state is JobState.PENDING
-    assert ctl.register_node(h100_node("a")).state is NodeState.DRAINING  # re-register keeps the drain
+    assert (
+        ctl.register_node(h100_node("a")).state is NodeState.DRAINING
+    )  # re-register keeps the drain
 
 
 def test_registration_opens_a_lease_and_accrues_cost(ctl):

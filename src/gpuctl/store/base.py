@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol
 
 from gpuctl.core.model import Event, Job, JobSpec, JobState, Node, NodeLease

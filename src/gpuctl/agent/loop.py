@@ -1,0 +1,456 @@
+"""The agent loop: register, heartbeat, start and stop the assigned ranks, report their status
+and ship their logs. `tick()` does one round with no sleeping, so tests drive it step by step;
+`run()` repeats it until told to stop, and `shutdown()` stops the ranks and reports them.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Protocol
+
+import grpc
+
+from gpuctl.agent.logship import LogShipper
+from gpuctl.agent.probe import NodeFacts, Probe
+from gpuctl.agent.runner import DEFAULT_KILL_GRACE_S, Launch, RankExit, RankKey, Runner
+from gpuctl.api._pb.agent.v1 import agent_pb2, agent_pb2_grpc
+from gpuctl.api._pb.v1 import jobs_pb2
+from gpuctl.api.convert import node_to_pb, rank_ref, ts
+from gpuctl.core.model import Node
+
+log = logging.getLogger(__name__)
+
+RPC_TIMEOUT_S = 5.0
+DEFAULT_HEARTBEAT_S = 5.0  # used only if the daemon's answer carries no interval
+POLL_INTERVAL_S = 0.5  # how soon an exit is noticed (and reported) between heartbeats
+REGISTER_BACKOFF_S = 0.5  # first retry; doubles per failure ...
+REGISTER_BACKOFF_CAP_S = 30.0  # ... up to this, so a restarted daemon is found within 30 s
+MAX_LOG_STALLS = 3  # ticks the daemon may refuse to take a finished rank's log before we report
+SHUTDOWN_ROUNDS = 3  # tries to deliver the last logs and reports before the agent exits
+
+# A report the daemon answers with these can never succeed: dropped, so the outbox moves on.
+# Everything else (UNAVAILABLE, DEADLINE_EXCEEDED, NOT_FOUND while it re-learns this node...)
+# is retried on the next tick.
+_REJECTED = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION})
+# A log push answered with these will not get better by retrying: report the exit without it.
+_LOGS_REFUSED = _REJECTED | {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED}
+# After one of these the rest of the tick's calls are skipped: against a hung daemon every call
+# would wait out its deadline, and a tick of many such waits would starve the watchdog.
+_UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
+class Clock(Protocol):
+    def monotonic(self) -> float: ...
+
+    def now(self) -> datetime: ...
+
+    def sleep(self, seconds: float) -> None: ...
+
+
+class SystemClock:
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+class Notifier(Protocol):
+    """What the loop tells the service manager; `gpuctl.runtime.sdnotify.Notifier` is one."""
+
+    @property
+    def watchdog_interval(self) -> float | None: ...
+
+    def ready(self, status: str = "") -> bool: ...
+
+    def watchdog(self) -> bool: ...
+
+    def stopping(self) -> bool: ...
+
+
+class _NoNotifier:
+    watchdog_interval = None
+
+    def ready(self, status: str = "") -> bool:
+        return False
+
+    def watchdog(self) -> bool:
+        return False
+
+    def stopping(self) -> bool:
+        return False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeIdentity:
+    """What the operator says about the node (flags, config); the probe says what it has."""
+
+    name: str
+    address: str
+    fabric: str = ""
+    sku: str = ""
+    price_per_hour: float = 0.0
+    labels: tuple[tuple[str, str], ...] = ()
+
+
+def build_node(identity: NodeIdentity, facts: NodeFacts) -> Node:
+    return Node(
+        id=identity.name,
+        address=identity.address,
+        fabric=identity.fabric,
+        sku=identity.sku,
+        price_per_hour=identity.price_per_hour,
+        labels=identity.labels,
+        cpu_milli=facts.cpu_milli,
+        memory_mib=facts.memory_mib,
+        profile=facts.profile,
+    )
+
+
+def launch_from_pb(a: agent_pb2.Assignment) -> Launch:
+    return Launch(
+        key=key_from_pb(a.ref),
+        command=tuple(a.command),
+        env=tuple(sorted(a.env.items())),
+        working_dir=a.working_dir,
+        kill_grace_s=(
+            a.kill_grace.ToTimedelta().total_seconds()
+            if a.HasField("kill_grace")
+            else DEFAULT_KILL_GRACE_S
+        ),
+    )
+
+
+def key_from_pb(ref: agent_pb2.RankRef) -> RankKey:
+    return RankKey(job_id=ref.job_id, rank=ref.rank, attempt=ref.attempt)
+
+
+def _refs(keys: Iterable[RankKey]) -> list[agent_pb2.RankRef]:
+    return [rank_ref(k.job_id, k.rank, k.attempt) for k in sorted(keys)]
+
+
+class AgentLoop:
+    """One node's agent: its registration, its ranks, and what the daemon has yet to hear."""
+
+    def __init__(
+        self,
+        stub: agent_pb2_grpc.AgentServiceStub,
+        runner: Runner,
+        probe: Probe,
+        identity: NodeIdentity,
+        *,
+        clock: Clock | None = None,
+        notifier: Notifier | None = None,
+        rpc_timeout_s: float = RPC_TIMEOUT_S,
+        poll_interval_s: float = POLL_INTERVAL_S,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self._stub = stub
+        self._runner = runner
+        self._probe = probe
+        self._identity = identity
+        self._clock = clock or SystemClock()
+        self._notifier = notifier or _NoNotifier()
+        self._rpc_timeout = rpc_timeout_s
+        self._poll_interval = poll_interval_s
+        self._jitter = jitter
+        self._logs = LogShipper(self._push_logs)
+
+        self._node_name = identity.name
+        self._registered = False
+        self._ever_registered = False
+        self._register_failures = 0
+        self._next_register = 0.0  # monotonic
+        self._heartbeat_s = DEFAULT_HEARTBEAT_S
+        self._next_heartbeat = 0.0
+        self._last_watchdog: float | None = None
+        self._unreachable = False  # an RPC of this round found the daemon down or hung
+        self._down_since: float | None = None  # monotonic start of a run of such failures
+
+        self._seen: set[RankKey] = set()  # every rank ever started: assignments are re-sent
+        self._exited: dict[RankKey, RankExit] = {}  # exited, log not yet all shipped
+        self._logs_refused: set[RankKey] = set()  # the daemon will not take these logs
+        self._outbox: deque[agent_pb2.ReportRankStatusRequest] = deque()
+
+    # -- the view tests and main need -----------------------------------------------------
+
+    @property
+    def registered(self) -> bool:
+        return self._registered
+
+    @property
+    def node_name(self) -> str:
+        return self._node_name
+
+    def held(self) -> tuple[RankKey, ...]:
+        """Ranks the daemon must still count as running here: alive, or exited with the
+        EXITED report not yet delivered (until then the daemon has no other word on them)."""
+        held = set(self._runner.running()) | set(self._exited)
+        held.update(
+            key_from_pb(r.ref) for r in self._outbox if r.state == jobs_pb2.RANK_STATE_EXITED
+        )
+        return tuple(sorted(held))
+
+    def pending_reports(self) -> int:
+        return len(self._outbox)
+
+    # -- one round ------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Reap exits, register or heartbeat when due, ship logs, send reports, ping systemd."""
+        self._unreachable = False
+        self._collect(self._runner.poll())
+        now = self._clock.monotonic()
+        if not self._registered and now >= self._next_register:
+            self._register()
+        if self._registered and now >= self._next_heartbeat:
+            self._heartbeat()
+        self._ship_running_logs()
+        self._finish_exited()
+        self._send_outbox()
+        self._ping_watchdog()
+
+    def run(self, stop: threading.Event) -> None:
+        """Tick until `stop` is set, sleeping (interruptibly) until the next thing is due."""
+        while not stop.is_set():
+            self.tick()
+            stop.wait(self._sleep_s())
+
+    def shutdown(self, grace_s: float | None = None) -> None:
+        """Stop every rank (SIGTERM, SIGKILL after its grace), then report them and ship the
+        rest of their logs, trying a few times before giving up on an absent daemon."""
+        self._notify(self._notifier.stopping)
+        self._runner.stop_all(grace_s)
+        while self._runner.running() and self._runner.next_deadline() is not None:
+            self._collect(self._runner.poll())
+            if self._runner.running():
+                self._clock.sleep(min(0.05, self._poll_interval))
+        self._collect(self._runner.poll())
+        self._collect(self._runner.reap())
+        for _ in range(SHUTDOWN_ROUNDS):
+            self._unreachable = False
+            self._finish_exited()
+            self._send_outbox()
+            if not self._exited and not self._outbox:
+                break
+        if self._exited or self._outbox:
+            log.warning(
+                "exiting with %d rank(s) unreported: the daemon will mark them lost",
+                len(self._exited) + len(self._outbox),
+            )
+
+    # -- registration and heartbeat -------------------------------------------------------
+
+    def _register(self) -> None:
+        node = build_node(self._identity, self._probe.probe())
+        request = agent_pb2.RegisterNodeRequest(node=node_to_pb(node), running=_refs(self.held()))
+        try:
+            response = self._stub.RegisterNode(request, timeout=self._rpc_timeout)
+        except grpc.RpcError as e:
+            delay = min(REGISTER_BACKOFF_CAP_S, REGISTER_BACKOFF_S * 2**self._register_failures)
+            # Equal jitter: agents that lost the same daemon do not all come back in step.
+            delay = delay / 2 + delay / 2 * self._jitter()
+            self._register_failures += 1
+            self._next_register = self._clock.monotonic() + delay
+            self._failed(e, f"registering as {node.id} (next try in {delay:.1f}s)")
+            return
+        self._reached()
+        self._registered = True
+        self._register_failures = 0
+        self._node_name = response.node_name or node.id
+        interval = response.heartbeat_interval.ToTimedelta().total_seconds()
+        self._heartbeat_s = interval if interval > 0 else DEFAULT_HEARTBEAT_S
+        self._next_heartbeat = self._clock.monotonic()
+        log.info(
+            "registered as %s (%d GPU(s), profile %s); heartbeat every %.1fs",
+            self._node_name,
+            node.gpu_count,
+            node.profile.source,
+            self._heartbeat_s,
+        )
+        if not self._ever_registered:
+            self._ever_registered = True
+            self._notify(lambda: self._notifier.ready(f"registered as {self._node_name}"))
+
+    def _heartbeat(self) -> None:
+        self._next_heartbeat = self._clock.monotonic() + self._heartbeat_s
+        request = agent_pb2.HeartbeatRequest(node_name=self._node_name, running=_refs(self.held()))
+        try:
+            response = self._stub.Heartbeat(request, timeout=self._rpc_timeout)
+        except grpc.RpcError as e:
+            if e.code() is grpc.StatusCode.NOT_FOUND:
+                self._reregister("the daemon does not know this node")
+            else:
+                self._failed(e, "heartbeat")
+            return
+        self._reached()
+        if response.reregister:
+            self._reregister("the daemon asked")
+            return
+        stops = {key_from_pb(ref) for ref in response.stop}
+        for key in sorted(stops):
+            self._runner.stop(key)
+        for assignment in response.assignments:
+            key = key_from_pb(assignment.ref)
+            if key in self._seen or key in stops:
+                continue
+            self._start(launch_from_pb(assignment))
+
+    def _reregister(self, why: str) -> None:
+        log.info("registering again: %s", why)
+        self._registered = False
+        self._next_register = self._clock.monotonic()
+        self._register()
+
+    # -- ranks ----------------------------------------------------------------------------
+
+    def _start(self, launch: Launch) -> None:
+        self._seen.add(launch.key)
+        refused = self._runner.start(launch)
+        if refused is not None:
+            self._collect([refused])
+            return
+        self._report(launch.key, jobs_pb2.RANK_STATE_RUNNING)
+
+    def _collect(self, exits: Iterable[RankExit]) -> None:
+        for e in exits:
+            self._exited[e.key] = e
+
+    def _report(self, key: RankKey, state: int, exit: RankExit | None = None) -> None:
+        request = agent_pb2.ReportRankStatusRequest(
+            node_name=self._node_name,
+            ref=rank_ref(key.job_id, key.rank, key.attempt),
+            state=state,
+            time=ts(self._clock.now()),
+        )
+        if exit is not None:
+            request.exit_code = exit.exit_code
+            request.message = exit.message
+        self._outbox.append(request)
+
+    def _finish_exited(self) -> None:
+        # Logs first: once the daemon hears EXITED the job may finish, and `gpuctl logs`
+        # of a finished job must be complete.
+        for key, exit in list(self._exited.items()):
+            if self._unreachable:
+                return
+            if self._ship(key) or self._logs.stalls(key) >= MAX_LOG_STALLS:
+                del self._exited[key]
+                self._logs.forget(key)
+                self._logs_refused.discard(key)
+                self._report(key, jobs_pb2.RANK_STATE_EXITED, exit)
+
+    def _ship_running_logs(self) -> None:
+        for key in self._runner.running():
+            if self._unreachable:
+                return
+            self._ship(key)
+
+    def _ship(self, key: RankKey) -> bool:
+        """Ship what the daemon lacks of the rank's log; True when it has it all, or when it
+        refuses the log for good (then the exit is reported without it)."""
+        if key in self._logs_refused:
+            return True
+        try:
+            return self._logs.ship(key, self._runner.log_path(key))
+        except grpc.RpcError as e:
+            if e.code() in _LOGS_REFUSED:
+                self._logs_refused.add(key)
+                log.warning("the daemon refused the log of %s (%s): not sending it", key, _why(e))
+                return True
+            self._failed(e, f"pushing the log of {key}")
+            return False
+
+    def _push_logs(self, key: RankKey, offset: int, data: bytes) -> int:
+        request = agent_pb2.PushLogsRequest(
+            node_name=self._node_name,
+            ref=rank_ref(key.job_id, key.rank, key.attempt),
+            offset=offset,
+            data=data,
+        )
+        next_offset = self._stub.PushLogs(request, timeout=self._rpc_timeout).next_offset
+        self._reached()
+        return next_offset
+
+    def _send_outbox(self) -> None:
+        # In order, stopping at the first failure: a rank's RUNNING must not arrive after its
+        # EXITED. A report is removed only once the daemon acknowledged it.
+        while self._outbox and not self._unreachable:
+            request = self._outbox[0]
+            try:
+                self._stub.ReportRankStatus(request, timeout=self._rpc_timeout)
+                self._reached()
+            except grpc.RpcError as e:
+                if e.code() not in _REJECTED:
+                    self._failed(e, f"reporting on {_ref_str(request)}")
+                    return
+                log.error("the daemon rejected the report on %s (%s)", _ref_str(request), _why(e))
+            self._outbox.popleft()
+
+    def _failed(self, e: grpc.RpcError, what: str) -> None:
+        """Note a failed call. Only the first of a run of unreachable-daemon failures is a
+        warning, so a daemon restart does not flood the journal at every tick."""
+        if e.code() not in _UNREACHABLE:
+            log.warning("%s failed (%s); will retry", what, _why(e))
+            return
+        self._unreachable = True
+        if self._down_since is None:
+            self._down_since = self._clock.monotonic()
+            log.warning("gpuctld unreachable: %s failed (%s); will retry", what, _why(e))
+        else:
+            log.debug("%s failed (%s)", what, _why(e))
+
+    def _reached(self) -> None:
+        if self._down_since is not None:
+            down_s = self._clock.monotonic() - self._down_since
+            self._down_since = None
+            log.info("gpuctld reachable again after %.1fs", down_s)
+
+    # -- systemd and timing ---------------------------------------------------------------
+
+    def _ping_watchdog(self) -> None:
+        interval = self._notifier.watchdog_interval
+        now = self._clock.monotonic()
+        if interval is None or (
+            self._last_watchdog is not None and now - self._last_watchdog < interval
+        ):
+            return
+        self._last_watchdog = now
+        self._notify(self._notifier.watchdog)
+
+    @staticmethod
+    def _notify(send: Callable[[], bool]) -> None:
+        try:
+            send()
+        except OSError as e:  # a missing socket must not take the agent down
+            log.warning("sd_notify failed: %s", e)
+
+    def _sleep_s(self) -> float:
+        now = self._clock.monotonic()
+        due = [now + self._poll_interval]
+        due.append(self._next_heartbeat if self._registered else self._next_register)
+        if (deadline := self._runner.next_deadline()) is not None:
+            due.append(deadline)
+        if self._notifier.watchdog_interval is not None and self._last_watchdog is not None:
+            due.append(self._last_watchdog + self._notifier.watchdog_interval)
+        return max(0.0, min(due) - now)
+
+
+def _why(e: grpc.RpcError) -> str:
+    code = e.code() if hasattr(e, "code") else None
+    details = e.details() if hasattr(e, "details") else str(e)
+    return f"{code.name if code else 'error'}: {details}"
+
+
+def _ref_str(request: agent_pb2.ReportRankStatusRequest) -> str:
+    return str(key_from_pb(request.ref))

@@ -1,0 +1,283 @@
+"""`gpuctl-agent`, the agent's composition root: the only place that reads flags, the TOML
+config and the environment; it builds the probe, runner and loop and runs them until SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import grpc
+
+from gpuctl.agent.loop import AgentLoop, NodeIdentity, SystemClock
+from gpuctl.agent.probe import (
+    FakeGpus,
+    FakeProbe,
+    Probe,
+    PsutilProbe,
+    SpecError,
+    parse_cpus,
+    parse_fake_gpus,
+    parse_memory,
+    parse_network,
+)
+from gpuctl.agent.runner import Runner
+from gpuctl.api._pb.agent.v1 import agent_pb2_grpc
+from gpuctl.core.model import Network
+from gpuctl.runtime.sdnotify import Notifier
+
+log = logging.getLogger("gpuctl.agent")
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+EXIT_USAGE = 2
+
+# TOML key -> type it must have; the keys are the long flags with '_' for '-'.
+_CONFIG_KEYS: dict[str, tuple[type, ...]] = {
+    "server": (str,),
+    "name": (str,),
+    "address": (str,),
+    "fake_gpus": (str,),
+    "fabric": (str,),
+    "net": (str,),
+    "sku": (str,),
+    "price_per_hour": (int, float),
+    "labels": (dict,),
+    "cpus": (int, float, str),
+    "memory": (int, str),
+    "state_dir": (str,),
+    "log_level": (str,),
+}
+
+
+class SettingsError(ValueError):
+    """A bad flag, config key or value; the message is the one line the operator sees."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentSettings:
+    server: str
+    identity: NodeIdentity
+    fake_gpus: FakeGpus | None
+    network: Network
+    cpu_milli: int | None  # None: ask psutil
+    memory_mib: int | None
+    state_dir: Path
+    log_level: str
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise SettingsError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="gpuctl-agent",
+        allow_abbrev=False,  # --serv is not --server: flags and config keys match exactly
+        description="The gpuctl node agent: registers this node with gpuctld, heartbeats, "
+        "and runs the ranks it is assigned. Flags override the --config file.",
+    )
+    p.add_argument("--server", help=f"gpuctld's agent API, HOST:PORT (default {DEFAULT_SERVER})")
+    p.add_argument("--name", help="node name (default: the hostname)")
+    p.add_argument(
+        "--address",
+        help="where other ranks reach this node, e.g. as MASTER_ADDR "
+        "(default: 127.0.0.1 when the server is on loopback, else the hostname)",
+    )
+    p.add_argument("--fake-gpus", metavar="SKU[:N]", help="simulated GPUs, e.g. h100-sxm:8")
+    p.add_argument("--fabric", metavar="PATH", help="fabric path, e.g. ib-a/spine-1/leaf-1")
+    p.add_argument(
+        "--net", metavar="KIND:PORTSxGBPS", help="inter-node network, e.g. infiniband:8x400, none"
+    )
+    p.add_argument("--sku", help="the provider's name for this machine type")
+    p.add_argument("--price-per-hour", metavar="USD", help="what the node costs per hour")
+    p.add_argument("--label", action="append", metavar="KEY=VALUE", help="node label (repeatable)")
+    p.add_argument("--cpus", metavar="N", help="CPUs to offer (default: this process's CPUs)")
+    p.add_argument("--memory", metavar="SIZE", help="memory to offer, e.g. 512GiB (default: all)")
+    p.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="rank logs and work dirs (default: $STATE_DIRECTORY, else ~/.local/state/gpuctl-agent)",
+    )
+    p.add_argument("--config", metavar="FILE", help="agent.toml with the same keys as the flags")
+    p.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, help="default: info")
+    return p
+
+
+def _read_config(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            config = tomllib.load(f)
+    except OSError as e:
+        raise SettingsError(f"cannot read config {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise SettingsError(f"bad TOML in {path}: {e}") from None
+    for key, value in config.items():
+        if key not in _CONFIG_KEYS:
+            known = ", ".join(_CONFIG_KEYS)
+            raise SettingsError(f"unknown key {key!r} in {path}; known: {known}")
+        if not isinstance(value, _CONFIG_KEYS[key]) or isinstance(value, bool):
+            raise SettingsError(f"bad value for {key!r} in {path}: {value!r}")
+    for k, v in config.get("labels", {}).items():
+        if not isinstance(v, str):
+            raise SettingsError(f"bad value for label {k!r} in {path}: want a string")
+    return config
+
+
+def _split_server(server: str) -> tuple[str, int]:
+    host, sep, port = server.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SettingsError(f"bad --server {server!r}: want HOST:PORT, e.g. {DEFAULT_SERVER}")
+    return host.strip("[]"), int(port)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _labels(config: Mapping[str, str], flags: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    labels = dict(config)
+    for item in flags:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SettingsError(f"bad --label {item!r}: want KEY=VALUE")
+        labels[key.strip()] = value
+    return tuple(sorted(labels.items()))
+
+
+def _default_state_dir(env: Mapping[str, str]) -> Path:
+    if env.get("STATE_DIRECTORY"):  # systemd's StateDirectory=; ':'-separated when several
+        return Path(env["STATE_DIRECTORY"].split(":")[0])
+    base = env.get("XDG_STATE_HOME") or str(Path(env.get("HOME") or Path.home()) / ".local/state")
+    return Path(base) / "gpuctl-agent"
+
+
+def load_settings(argv: Sequence[str], env: Mapping[str, str]) -> AgentSettings:
+    """Flags over the config file over defaults; raises SettingsError (or SpecError) on bad
+    input. Never touches the network."""
+    args = _parser().parse_args(argv)
+    config = _read_config(args.config) if args.config else {}
+
+    def pick(key: str, default: Any = None) -> Any:
+        flag = getattr(args, key)
+        return flag if flag is not None else config.get(key, default)
+
+    server = pick("server", DEFAULT_SERVER)
+    host, _ = _split_server(server)
+    hostname = socket.gethostname()
+    name = pick("name") or hostname
+    address = pick("address") or ("127.0.0.1" if _is_loopback(host) else hostname)
+    price = pick("price_per_hour", 0.0)
+    try:
+        price = float(price)
+    except ValueError:
+        raise SettingsError(f"bad --price-per-hour {price!r}: want a number of USD") from None
+    if price < 0:
+        raise SettingsError(f"bad --price-per-hour {price!r}: must not be negative")
+    fake = pick("fake_gpus")
+    cpus, memory = pick("cpus"), pick("memory")
+    if isinstance(memory, int):  # a bare number in TOML is MiB, as on the flag
+        memory = str(memory)
+    log_level = str(pick("log_level", "info")).lower()
+    if log_level not in LOG_LEVELS:
+        raise SettingsError(f"bad log_level {log_level!r}; known: {', '.join(LOG_LEVELS)}")
+    state_dir = pick("state_dir")
+    return AgentSettings(
+        server=server,
+        identity=NodeIdentity(
+            name=name,
+            address=address,
+            fabric=pick("fabric", ""),
+            sku=pick("sku", ""),
+            price_per_hour=price,
+            labels=_labels(config.get("labels", {}), args.label or ()),
+        ),
+        fake_gpus=parse_fake_gpus(fake) if fake else None,
+        network=parse_network(pick("net", "none")),
+        cpu_milli=parse_cpus(cpus) if cpus is not None else None,
+        memory_mib=parse_memory(memory) if memory is not None else None,
+        state_dir=Path(state_dir).expanduser() if state_dir else _default_state_dir(env),
+        log_level=log_level,
+    )
+
+
+def build_probe(settings: AgentSettings) -> Probe:
+    host = PsutilProbe(
+        network=settings.network, cpu_milli=settings.cpu_milli, memory_mib=settings.memory_mib
+    )
+    if settings.fake_gpus is None:
+        # The NVML probe is a later issue: until then a node without --fake-gpus has no GPUs.
+        log.info("no --fake-gpus given: registering %s as a CPU-only node", settings.identity.name)
+        return host
+    return FakeProbe(settings.fake_gpus, node_name=settings.identity.name, host=host)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        settings = load_settings(sys.argv[1:] if argv is None else argv, os.environ)
+    except (SettingsError, SpecError) as e:
+        print(f"gpuctl-agent: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(
+            f"gpuctl-agent: cannot create --state-dir {settings.state_dir}: {e.strerror}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+
+    clock = SystemClock()
+    channel = grpc.insecure_channel(settings.server)
+    loop = AgentLoop(
+        agent_pb2_grpc.AgentServiceStub(channel),
+        Runner(settings.state_dir, base_env=os.environ, clock=clock.monotonic),
+        build_probe(settings),
+        settings.identity,
+        clock=clock,
+        notifier=Notifier(os.environ),
+    )
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("%s: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info(
+        "gpuctl-agent %s: server %s, state dir %s",
+        settings.identity.name,
+        settings.server,
+        settings.state_dir,
+    )
+    try:
+        loop.run(stop)
+        loop.shutdown()
+    finally:
+        channel.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

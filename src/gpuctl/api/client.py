@@ -1,0 +1,491 @@
+"""The Python SDK for gpuctld: `Client` and the typed errors its calls raise.
+
+Methods return the API's protobuf messages, as Google's Python clients do. Every unary call has
+a deadline, and gRPC itself retries UNAVAILABLE for the calls that are safe to repeat.
+"""
+
+from __future__ import annotations
+
+import builtins
+import getpass
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from types import TracebackType
+from typing import Any, NoReturn
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+
+from gpuctl.api import convert, jobfile
+from gpuctl.api._pb.v1 import (
+    events_pb2,
+    jobs_pb2,
+    jobs_pb2_grpc,
+    leases_pb2,
+    leases_pb2_grpc,
+    nodes_pb2,
+    nodes_pb2_grpc,
+)
+from gpuctl.core.errors import FieldViolation, GpuctlError, InvalidArgument
+from gpuctl.core.model import JobSpec, JobState
+
+__all__ = [
+    "DEFAULT_TARGET",
+    "FINISHED_STATES",
+    "USER_METADATA_KEY",
+    "AlreadyExistsError",
+    "ApiError",
+    "Client",
+    "DeadlineExceededError",
+    "FailedPreconditionError",
+    "InvalidArgumentError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "UnavailableError",
+    "events_pb2",
+    "jobs_pb2",
+    "leases_pb2",
+    "nodes_pb2",
+]
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+USER_METADATA_KEY = "x-gpuctl-user"
+FINISHED_STATES = frozenset(
+    {jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED}
+)
+
+# The calls gRPC may repeat on UNAVAILABLE: reads, CreateJob (idempotent through request_id)
+# and CancelJob (cancelling twice is the same as once). DrainNode is left out: a retry after a
+# lost reply would report "already draining" for a drain that worked. Streams are retried only
+# until their first message, which gRPC guarantees.
+_RETRYABLE = {
+    "gpuctl.v1.JobService": (
+        "CreateJob",
+        "GetJob",
+        "ListJobs",
+        "CancelJob",
+        "WatchJobs",
+        "StreamJobLogs",
+    ),
+    "gpuctl.v1.NodeService": ("ListNodes", "GetNode"),
+    "gpuctl.v1.LeaseService": ("ListLeases",),
+    "grpc.health.v1.Health": ("Check",),
+}
+# 5 attempts, 0.1s doubling to at most 2s: a daemon restarting (a few seconds) or a leader
+# change is ridden out, while a daemon that is down fails the call in about 1.5s.
+_RETRY_POLICY = {
+    "maxAttempts": 5,
+    "initialBackoff": "0.1s",
+    "maxBackoff": "2s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+SERVICE_CONFIG = {
+    "methodConfig": [
+        {
+            "name": [
+                {"service": s, "method": m} for s, methods in _RETRYABLE.items() for m in methods
+            ],
+            "retryPolicy": _RETRY_POLICY,
+        }
+    ]
+}
+
+# What gRPC core says when no connection could be made, as opposed to a server that answered
+# UNAVAILABLE itself (store down, not the leader).
+_CONNECT_FAILURES = (
+    "failed to connect to all addresses",
+    "DNS resolution failed",
+    "Connection refused",
+    "connections to all backends failing",
+    "No address added out of total",
+)
+
+_DETAIL_TYPES = (
+    error_details_pb2.BadRequest,
+    error_details_pb2.ResourceInfo,
+    error_details_pb2.RetryInfo,
+    error_details_pb2.ErrorInfo,
+    error_details_pb2.PreconditionFailure,
+    error_details_pb2.QuotaFailure,
+    error_details_pb2.Help,
+    error_details_pb2.LocalizedMessage,
+    error_details_pb2.DebugInfo,
+)
+
+
+# -- errors -------------------------------------------------------------------------------
+
+
+class ApiError(GpuctlError):
+    """A call to gpuctld failed; `code` is the gRPC status, `violations` the bad fields."""
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        *,
+        violations: Iterable[FieldViolation] = (),
+        details: Iterable[Any] = (),
+    ) -> None:
+        self.code = code
+        self.message = message
+        self.violations = tuple(violations)
+        self.details = tuple(details)
+        super().__init__(self._line())
+
+    def _line(self) -> str:
+        # The server's message usually is the violations already; add only the ones it left out.
+        text = self.message or self.code.name.lower().replace("_", " ")
+        missing = [str(v) for v in self.violations if v.field not in text]
+        return f"{text}: {'; '.join(missing)}" if missing else text
+
+    @property
+    def retry_delay(self) -> float | None:
+        """Seconds the server asked to wait before retrying (RetryInfo), if it said."""
+        for d in self.details:
+            if isinstance(d, error_details_pb2.RetryInfo):
+                return d.retry_delay.ToTimedelta().total_seconds()
+        return None
+
+
+class InvalidArgumentError(ApiError, ValueError):
+    """The request (usually the job spec) is malformed; `violations` names each bad field."""
+
+
+class NotFoundError(ApiError, LookupError):
+    pass
+
+
+class AlreadyExistsError(ApiError):
+    pass
+
+
+class FailedPreconditionError(ApiError):
+    """Well formed, but the object's state forbids it (e.g. cancelling a finished job)."""
+
+
+class PermissionDeniedError(ApiError, PermissionError):
+    """Not allowed, or not authenticated (the code says which)."""
+
+
+class UnavailableError(ApiError, ConnectionError):
+    """gpuctld cannot be reached, or cannot serve now; retrying later may help."""
+
+
+class DeadlineExceededError(ApiError, TimeoutError):
+    pass
+
+
+_ERROR_TYPES: dict[grpc.StatusCode, type[ApiError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+    grpc.StatusCode.OUT_OF_RANGE: InvalidArgumentError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExistsError,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
+    grpc.StatusCode.UNAUTHENTICATED: PermissionDeniedError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+}
+
+
+def _unpack(detail: any_pb2.Any) -> Any:
+    for cls in _DETAIL_TYPES:
+        if detail.Is(cls.DESCRIPTOR):
+            msg = cls()
+            detail.Unpack(msg)
+            return msg
+    return detail
+
+
+def error_from_rpc(
+    err: grpc.RpcError, *, target: str = "", timeout: float | None = None
+) -> ApiError:
+    """The typed error for a failed call, with the rich status details unpacked."""
+    code = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN
+    message = (err.details() if isinstance(err, grpc.Call) else str(err)) or ""
+    details: list[Any] = []
+    status = None
+    if isinstance(err, grpc.Call):
+        try:
+            status = rpc_status.from_call(err)
+        except ValueError:  # a Status whose code or message disagrees with the call's: ignore it
+            status = None
+    if status is not None:
+        details = [_unpack(d) for d in status.details]
+    violations = [
+        FieldViolation(v.field, v.description)
+        for d in details
+        if isinstance(d, error_details_pb2.BadRequest)
+        for v in d.field_violations
+    ]
+    if (
+        status is None
+        and code is grpc.StatusCode.UNAVAILABLE
+        and any(s in message for s in _CONNECT_FAILURES)
+    ):
+        message = f"cannot reach gpuctld at {target} (is it running?)"
+    elif status is None and code is grpc.StatusCode.DEADLINE_EXCEEDED and timeout is not None:
+        message = f"gpuctld at {target} did not answer within {timeout:g}s"
+    cls = _ERROR_TYPES.get(code, ApiError)
+    return cls(code, message, violations=violations, details=details)
+
+
+def _invalid(err: InvalidArgument) -> InvalidArgumentError:
+    """A local parse error, as the same type the server's INVALID_ARGUMENT raises."""
+    return InvalidArgumentError(
+        grpc.StatusCode.INVALID_ARGUMENT, str(err), violations=err.violations
+    )
+
+
+# -- the client ---------------------------------------------------------------------------
+
+JobRef = int | str | jobs_pb2.Job
+
+
+def job_name(job: JobRef) -> str:
+    """ "jobs/42" for 42, "42", "jobs/42" or a Job; `InvalidArgumentError` for anything else."""
+    if isinstance(job, jobs_pb2.Job):
+        return job.name or convert.job_name(job.id)
+    if isinstance(job, bool) or not isinstance(job, int | str):
+        raise InvalidArgumentError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"job: {job!r} is not a job id like 42 or 'jobs/42'",
+            violations=[FieldViolation("job", f"{job!r} is not a job id like 42 or 'jobs/42'")],
+        )
+    try:
+        return convert.job_name(convert.parse_job_name(str(job).strip(), field="job"))
+    except InvalidArgument as e:
+        raise _invalid(e) from None
+
+
+def _state_value(state: int | str | JobState) -> int:
+    if isinstance(state, str):  # "running", JobState.RUNNING or "JOB_STATE_RUNNING"
+        name = state.upper()
+        return jobs_pb2.JobState.Value(
+            name if name.startswith("JOB_STATE_") else f"JOB_STATE_{name}"
+        )
+    return int(state)
+
+
+class Client:
+    """A connection to gpuctld. Close it, or use it as a context manager.
+
+    >>> with Client() as c:
+    ...     job = c.submit({"kind": "training", "nodes": 2, "gpus_per_node": 8, "command": "torchrun train.py"})
+    ...     c.wait(job)
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        user: str | None = None,
+        timeout: float = 10.0,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        self.target = target
+        self.user = user or getpass.getuser()
+        self.timeout = timeout
+        options = [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(SERVICE_CONFIG))]
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=options)
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=options)
+        self._metadata = ((USER_METADATA_KEY, self.user),)
+        self._jobs = jobs_pb2_grpc.JobServiceStub(self._channel)
+        self._nodes = nodes_pb2_grpc.NodeServiceStub(self._channel)
+        self._leases = leases_pb2_grpc.LeaseServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client({self.target!r}, user={self.user!r})"
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _raise(self, err: grpc.RpcError, timeout: float | None = None) -> NoReturn:
+        raise error_from_rpc(err, target=self.target, timeout=timeout) from err
+
+    def _unary(self, method: Any, request: Any) -> Any:
+        try:
+            return method(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as e:
+            self._raise(e, self.timeout)
+
+    def _stream(self, method: Any, request: Any, timeout: float | None = None) -> Iterator[Any]:
+        call = method(request, timeout=timeout, metadata=self._metadata)
+        try:
+            yield from call
+        except grpc.RpcError as e:
+            self._raise(e)  # a stream's deadline is the caller's own, not "did not answer"
+        finally:
+            call.cancel()  # the caller stopped iterating early: end the stream on the server
+
+    # -- jobs -------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        spec: JobSpec | jobs_pb2.JobSpec | Mapping[str, Any] | str | os.PathLike[str],
+        *,
+        request_id: str | None = None,
+        validate_only: bool = False,
+    ) -> jobs_pb2.Job:
+        """Queue a job: a JobSpec, a job-file mapping, or the path of a YAML job file.
+
+        With `validate_only` the server checks the spec and stores nothing. The request id
+        (a fresh UUID when None) makes the call safe to retry: the server returns the first
+        call's job.
+        """
+        if isinstance(spec, jobs_pb2.JobSpec):
+            msg = spec
+        else:
+            try:
+                if isinstance(spec, str | os.PathLike):
+                    spec = jobfile.load_job_file(spec)
+                elif isinstance(spec, Mapping):
+                    spec = jobfile.spec_from_mapping(spec)
+            except InvalidArgument as e:
+                raise _invalid(e) from None
+            msg = convert.spec_to_pb(spec)
+        request = jobs_pb2.CreateJobRequest(
+            spec=msg, request_id=request_id or str(uuid.uuid4()), validate_only=validate_only
+        )
+        return self._unary(self._jobs.CreateJob, request)
+
+    def get(self, job: JobRef) -> jobs_pb2.Job:
+        """The job with its events; `job` is 42, "42", "jobs/42" or a Job."""
+        return self._unary(self._jobs.GetJob, jobs_pb2.GetJobRequest(name=job_name(job)))
+
+    def list(
+        self,
+        states: Iterable[int | str | JobState] = (),
+        queue: str = "",
+        owner: str = "",
+        page_size: int = 100,
+    ) -> Iterator[jobs_pb2.Job]:
+        """Every job matching the filters (all when empty), fetching page after page."""
+        request = jobs_pb2.ListJobsRequest(
+            page_size=page_size, states=[_state_value(s) for s in states], queue=queue, owner=owner
+        )
+        while True:
+            page = self._unary(self._jobs.ListJobs, request)
+            yield from page.jobs
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
+
+    def cancel(self, job: JobRef) -> jobs_pb2.Job:
+        """Cancel a job: a pending one ends at once, a running one goes through CANCELLING."""
+        return self._unary(self._jobs.CancelJob, jobs_pb2.CancelJobRequest(name=job_name(job)))
+
+    def watch(
+        self, job: JobRef | None = None, since_revision: int = 0, *, timeout: float | None = None
+    ) -> Iterator[jobs_pb2.Job]:
+        """Every change to one job (or to all), the current state first when since_revision is 0.
+
+        Runs until the server ends the stream, `timeout` passes, or the caller stops iterating.
+        """
+        request = jobs_pb2.WatchJobsRequest(
+            since_revision=since_revision, name=job_name(job) if job is not None else ""
+        )
+        for response in self._stream(self._jobs.WatchJobs, request, timeout):
+            yield response.job
+
+    def wait(self, job: JobRef, timeout: float | None = None) -> jobs_pb2.Job:
+        """Block until the job has finished (succeeded, failed or cancelled) and return it.
+
+        Rides out a restarting daemon by watching again; raises `DeadlineExceededError` when
+        `timeout` seconds pass first.
+        """
+        name = job_name(job)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        backoff = 0.1
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise DeadlineExceededError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED, f"{name} did not finish within {timeout:g}s"
+                )
+            try:
+                # since_revision 0: the current state first, so a job that finished while
+                # we were away is seen at once
+                for update in self.watch(name, 0, timeout=remaining):
+                    if update.state in FINISHED_STATES:
+                        return update
+            except DeadlineExceededError:
+                continue  # the loop head reports it with the job's name
+            except UnavailableError:
+                time.sleep(backoff if remaining is None else min(backoff, remaining))
+                backoff = min(backoff * 2, 2.0)
+                continue
+            backoff = 0.1  # the stream ended cleanly (server shutting down): watch again
+
+    def logs(
+        self, job: JobRef, rank: int = 0, follow: bool = False, *, offset: int = 0
+    ) -> Iterator[bytes]:
+        """The combined stdout/stderr of one rank, chunk by chunk; with `follow`, until it ends."""
+        request = jobs_pb2.StreamJobLogsRequest(
+            name=job_name(job), rank=rank, offset=offset, follow=follow
+        )
+        for chunk in self._stream(self._jobs.StreamJobLogs, request):
+            yield chunk.data
+
+    # -- nodes and leases ------------------------------------------------------------------
+
+    def nodes(self) -> builtins.list[nodes_pb2.Node]:
+        """Every node gpuctld knows, with its profile and GPU usage."""
+        out: builtins.list[nodes_pb2.Node] = []
+        request = nodes_pb2.ListNodesRequest()
+        while True:
+            page = self._unary(self._nodes.ListNodes, request)
+            out.extend(page.nodes)
+            if not page.next_page_token:
+                return out
+            request.page_token = page.next_page_token
+
+    def node(self, name: str) -> nodes_pb2.Node:
+        """One node with its events."""
+        return self._unary(self._nodes.GetNode, nodes_pb2.GetNodeRequest(name=name))
+
+    def drain(self, name: str, reason: str = "") -> nodes_pb2.Node:
+        """Stop new work landing on the node; what runs there finishes."""
+        return self._unary(
+            self._nodes.DrainNode, nodes_pb2.DrainNodeRequest(name=name, reason=reason)
+        )
+
+    def leases(self, include_released: bool = False) -> builtins.list[leases_pb2.Lease]:
+        """The leases gpuctl holds (with `include_released`, also the ones it gave back)."""
+        out: builtins.list[leases_pb2.Lease] = []
+        request = leases_pb2.ListLeasesRequest(include_released=include_released)
+        while True:
+            page = self._unary(self._leases.ListLeases, request)
+            out.extend(page.leases)
+            if not page.next_page_token:
+                return out
+            request.page_token = page.next_page_token
+
+    def health(self) -> str:
+        """The whole server's grpc.health.v1 status: "SERVING", "NOT_SERVING", ..."""
+        response = self._unary(self._health.Check, health_pb2.HealthCheckRequest(service=""))
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)

@@ -1,0 +1,468 @@
+"""The user-facing job spec format: YAML job files, SDK mappings and `gpuctl submit` flags.
+
+One parser for all three, so a field means the same thing everywhere. It converts shapes and
+units only; ranges and cross-field rules are `core.validation`'s (run by the server).
+
+=================  ======================================  ===============================================
+field              type                                    meaning
+=================  ======================================  ===============================================
+kind               ``training`` | ``inference``            required; a gang of whole nodes, or replicas
+name               string                                  a label for people (1-63 of ``A-Za-z0-9._-``)
+queue              string                                  the queue to wait in (default ``default``)
+priority           int                                     higher goes first; may preempt preemptible work
+command            list of strings, or one string          the program and its arguments; a string is
+                                                           split like a shell would (``shlex``)
+env                mapping                                 extra environment; values become strings
+working_dir        string                                  absolute path the ranks start in
+time_limit         int seconds, or ``90s`` ``30m`` ``2h``  stop the job after this long; ``0``: no limit
+                   ``1d`` ``1h30m`` ``1:30:00`` ``2-00:00:00``
+nodes              int                                     training: nodes in the gang (default 1)
+gpus_per_node      int                                     training: GPUs on each node; inference: whole
+                                                           GPUs per replica (tensor-parallel in one node)
+replicas           int                                     inference: independent replicas (default 1)
+gpu_share          float, 0 < x < 1                        inference: a share of one GPU per replica
+                                                           (stored as ``gpu_milli = round(x * 1000)``)
+gpu_milli          int, 1..999                             the same share in thousandths; give one of the two
+gpu_memory         ``40GiB`` ``80G`` ``512MiB`` or int MiB GPU memory each replica needs (weights + KV cache)
+gpu_model          string                                  only GPUs of this model, e.g. ``H100 SXM``
+cpus               number, or ``500m``                     CPU cores per rank/replica (``cpu_milli``)
+memory             ``64GiB`` ``64G`` or int MiB            host memory per rank/replica
+min_nvlink_gbps    number                                  training: NVLink floor per GPU, GB/s
+min_net_gbps       number                                  training: inter-node network floor, Gb/s
+on_node_lost       ``requeue`` | ``fail``                  what a lost node does to the job (default requeue)
+preemptible        bool                                    higher-priority work may stop and requeue it
+=================  ======================================  ===============================================
+
+Sizes follow Kubernetes: ``Ki Mi Gi Ti`` (optionally with ``B``) are powers of 1024, ``K M G T``
+(or ``KB MB GB TB``) powers of 1000, rounded up to whole MiB; so ``80G`` fits an "80 GB" GPU,
+whose memory is about 79.6 GiB.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+import shlex
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import yaml
+
+from gpuctl.api import convert
+from gpuctl.api._pb.v1 import jobs_pb2
+from gpuctl.core.errors import FieldViolation, InvalidArgument
+from gpuctl.core.model import MILLI_PER_GPU, JobKind, JobSpec, OnNodeLost
+
+MIB = 1024 * 1024
+_SIZE_UNITS = {
+    "": MIB,  # a bare number is MiB, like an int
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "ki": 1024,
+    "kib": 1024,
+    "mi": 1024**2,
+    "mib": 1024**2,
+    "gi": 1024**3,
+    "gib": 1024**3,
+    "ti": 1024**4,
+    "tib": 1024**4,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+_DURATION_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+_DURATION_RE = re.compile(
+    r"^(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$"
+)
+# Slurm's --time forms: M:SS, H:MM:SS, D-H, D-H:MM, D-H:MM:SS (but a bare number is seconds
+# here, as everywhere else in gpuctl, not Slurm's minutes).
+_CLOCK_RE = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+
+
+class JobFileError(InvalidArgument):
+    """A job file or mapping that cannot be read as a job spec; names the source."""
+
+    def __init__(self, violations: list[FieldViolation], *, source: str = "") -> None:
+        super().__init__(violations)
+        self.source = source
+        if source:
+            self.args = (f"{source}: {self.args[0]}",)
+
+
+class _Problem(Exception):
+    """Raised by a field parser; becomes one FieldViolation on that field."""
+
+
+def _int(value: Any) -> int:
+    # bool is an int in Python, but `nodes: true` is a mistake, not 1
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Problem(f"must be an integer, got {_show(value)}")
+    return value
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _Problem(f"must be a number, got {_show(value)}")
+    if not math.isfinite(value):
+        raise _Problem(f"must be a finite number, got {value}")
+    return float(value)
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _Problem(f"must be a string, got {_show(value)}")
+    return value
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Problem(f"must be true or false, got {_show(value)}")
+    return value
+
+
+def _scalar_text(value: Any) -> str:
+    """A YAML scalar as the string a process would see (`3` -> "3", `true` -> "true")."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | int | float):
+        return str(value)
+    raise _Problem(f"must be a string, got {_show(value)}")
+
+
+def _show(value: Any) -> str:
+    """How a value reads in an error: "a string ('2')", "a list", "nothing (null)"."""
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list | tuple):
+        return "a list"
+    for cls, kind in (
+        (bool, "a boolean"),
+        (int, "an integer"),
+        (float, "a number"),
+        (str, "a string"),
+    ):
+        if isinstance(value, cls):
+            return f"{kind} ({value!r})"
+    return type(value).__name__
+
+
+def _kind(value: Any) -> JobKind:
+    text = _str(value).strip().lower()
+    try:
+        return JobKind(text)
+    except ValueError:
+        raise _Problem(f"must be 'training' or 'inference', got {value!r}") from None
+
+
+def _on_node_lost(value: Any) -> OnNodeLost:
+    text = _str(value).strip().lower()
+    try:
+        return OnNodeLost(text)
+    except ValueError:
+        raise _Problem(f"must be 'requeue' or 'fail', got {value!r}") from None
+
+
+def _command(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        try:
+            return tuple(shlex.split(value))
+        except ValueError as e:  # an unclosed quote
+            raise _Problem(f"cannot be split like a shell command: {e}") from None
+    if not isinstance(value, list | tuple):
+        raise _Problem(f"must be a list of strings or one string, got {_show(value)}")
+    out = []
+    for i, arg in enumerate(value):
+        try:
+            out.append(_scalar_text(arg))
+        except _Problem as e:
+            raise _Problem(f"argument {i} {e}") from None
+    return tuple(out)
+
+
+def _env(value: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, Mapping):
+        raise _Problem(f"must be a mapping of NAME: value, got {_show(value)}")
+    out = {}
+    for key, item in value.items():
+        if not isinstance(key, str):
+            raise _Problem(f"names must be strings, got {_show(key)}")
+        if item is None:
+            raise _Problem(f'{key} has no value (write {key}: "" for an empty string)')
+        try:
+            out[key] = _scalar_text(item)
+        except _Problem as e:
+            raise _Problem(f"{key} {e}") from None
+    return tuple(sorted(out.items()))
+
+
+def parse_duration(value: Any) -> int:
+    """Seconds from an int, "90s", "30m", "2h", "1d", "1h30m", "1:30:00" or "2-00:00:00"."""
+    if isinstance(value, bool):
+        raise _Problem(f"must be seconds or a duration like '2h' or '1h30m', got {_show(value)}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, str):
+        raise _Problem(f"must be seconds or a duration like '2h' or '1h30m', got {_show(value)}")
+    text = value.strip().lower()
+    if text.isdigit():
+        return int(text)
+    if (":" in text or "-" in text) and (m := _CLOCK_RE.match(text)):
+        days, first, *rest = (int(g) if g else None for g in m.groups())
+        parts = [first, *(p for p in rest if p is not None)]
+        if days is None and len(parts) == 2:  # M:SS
+            parts = [0, *parts]
+        hours, minutes, seconds = (*parts, 0, 0)[:3]
+        return (days or 0) * 86400 + hours * 3600 + minutes * 60 + seconds
+    m = _DURATION_RE.match(text)
+    if not text or m is None:
+        raise _Problem(
+            f"must be seconds or a duration like '90s', '30m', '2h', '1d' or '1h30m', got {value!r}"
+        )
+    total = sum(
+        float(g) * s for g, s in zip(m.groups(), _DURATION_UNITS.values(), strict=True) if g
+    )
+    return round(total)
+
+
+def format_duration(seconds: int) -> str:
+    """The inverse of `parse_duration` for whole seconds: 5400 -> "1h30m"."""
+    if seconds <= 0:
+        return "0s"
+    out = []
+    for unit, size in _DURATION_UNITS.items():
+        count, seconds = divmod(seconds, size)
+        if count:
+            out.append(f"{count}{unit}")
+    return "".join(out)
+
+
+def parse_size_mib(value: Any) -> int:
+    """MiB from an int (MiB) or a size like "40GiB", "80G" or "512MiB", rounded up."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise _Problem(f"must be a size like '40GiB' or an integer of MiB, got {_show(value)}")
+    if isinstance(value, int):
+        return value
+    m = _SIZE_RE.match(value)
+    factor = _SIZE_UNITS.get(m.group(2).lower()) if m else None
+    if m is None or factor is None:
+        raise _Problem(f"must be a size like '40GiB', '80G' or '512MiB', got {value!r}")
+    return math.ceil(float(m.group(1)) * factor / MIB)
+
+
+def format_size_mib(mib: int) -> str:
+    """The largest binary unit that states `mib` exactly: 65536 -> "64GiB"."""
+    for unit, size in (("TiB", 1024**2), ("GiB", 1024), ("MiB", 1)):
+        if mib and mib % size == 0:
+            return f"{mib // size}{unit}"
+    return f"{mib}MiB"
+
+
+def _cpu_milli(value: Any) -> int:
+    if isinstance(value, str) and value.strip().endswith("m") and value.strip()[:-1].isdigit():
+        return int(value.strip()[:-1])  # Kubernetes millicores, "500m"
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise _Problem(
+                f"must be a number of cores or millicores like '500m', got {value!r}"
+            ) from None
+    return round(_number(value) * 1000)
+
+
+def _gpu_share(value: Any) -> int:
+    share = _number(value)
+    if not 0 < share < 1:
+        raise _Problem(f"must be between 0 and 1 (a share of one GPU), got {share:g}")
+    return max(1, round(share * MILLI_PER_GPU))
+
+
+# File field -> (JobSpec attribute, parser). The order is the order of the docs and of
+# `spec_to_mapping`.
+FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "kind": ("kind", _kind),
+    "name": ("name", _str),
+    "queue": ("queue", _str),
+    "priority": ("priority", _int),
+    "command": ("command", _command),
+    "env": ("env", _env),
+    "working_dir": ("working_dir", _str),
+    "time_limit": ("time_limit_s", parse_duration),
+    "nodes": ("num_nodes", _int),
+    "gpus_per_node": ("gpus_per_node", _int),
+    "replicas": ("replicas", _int),
+    "gpu_share": ("gpu_milli", _gpu_share),
+    "gpu_milli": ("gpu_milli", _int),
+    "gpu_memory": ("gpu_memory_mib", parse_size_mib),
+    "gpu_model": ("gpu_model", _str),
+    "cpus": ("cpu_milli", _cpu_milli),
+    "memory": ("memory_mib", parse_size_mib),
+    "min_nvlink_gbps": ("min_nvlink_gbps", _number),
+    "min_net_gbps": ("min_net_gbps", _number),
+    "on_node_lost": ("on_node_lost", _on_node_lost),
+    "preemptible": ("preemptible", _bool),
+}
+
+
+# Names people bring from Slurm, Kubernetes or the JobSpec attributes; only hints, not aliases,
+# so a file has one spelling for each field.
+_HINTS = {
+    "gpus": "gpus_per_node",
+    "gpu": "gpus_per_node",
+    "num_nodes": "nodes",
+    "workdir": "working_dir",
+    "time": "time_limit",
+    "time_limit_s": "time_limit",
+    "mem": "memory",
+    "memory_mib": "memory",
+    "gpu_memory_mib": "gpu_memory",
+    "cpu": "cpus",
+    "cpu_milli": "cpus",
+    "args": "command",
+    "environment": "env",
+    "type": "kind",
+}
+
+
+def _unknown_field(key: Any) -> FieldViolation:
+    known = ", ".join(FIELDS)
+    close = [_HINTS[key]] if key in _HINTS else difflib.get_close_matches(str(key), FIELDS, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return FieldViolation(str(key), f"unknown field; {hint}the fields are: {known}")
+
+
+def spec_from_mapping(data: Mapping[str, Any], *, source: str = "") -> JobSpec:
+    """A JobSpec from a job-file mapping; every problem at once as `JobFileError`."""
+    if not isinstance(data, Mapping):
+        raise JobFileError(
+            [FieldViolation("(document)", f"must be a mapping of field: value, got {_show(data)}")],
+            source=source,
+        )
+    violations: list[FieldViolation] = []
+    values: dict[str, Any] = {}
+    for key, raw in data.items():
+        if key not in FIELDS:
+            violations.append(_unknown_field(key))
+            continue
+        if raw is None:  # `name:` with nothing after it: the default, as if left out
+            continue
+        attr, parse = FIELDS[key]
+        try:
+            values[attr] = parse(raw)
+        except _Problem as e:
+            violations.append(FieldViolation(key, str(e)))
+    if (
+        "gpu_share" in data
+        and "gpu_milli" in data
+        and data["gpu_share"] is not None
+        and data["gpu_milli"] is not None
+    ):
+        violations.append(FieldViolation("gpu_share", "give gpu_share or gpu_milli, not both"))
+    if "kind" not in values and not any(v.field == "kind" for v in violations):
+        violations.append(FieldViolation("kind", "is required: 'training' or 'inference'"))
+    if violations:
+        raise JobFileError(violations, source=source)
+    values.setdefault("command", ())
+    return JobSpec(**values)
+
+
+def load_job_mapping(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The mapping in a YAML job file ("-": standard input), before field parsing."""
+    source = os.fspath(path)
+    if source == "-":
+        text, source = sys.stdin.read(), "<stdin>"
+    else:
+        with open(source, encoding="utf-8") as f:
+            try:
+                text = f.read()
+            except UnicodeDecodeError:
+                raise JobFileError(
+                    [FieldViolation("(document)", "is not UTF-8 text")], source=source
+                ) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = ""
+        mark = getattr(e, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise JobFileError(
+            [FieldViolation("(document)", f"is not valid YAML{where}: {problem}")], source=source
+        ) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise JobFileError(
+            [FieldViolation("(document)", f"must be a mapping of field: value, got {_show(data)}")],
+            source=source,
+        )
+    return dict(data)
+
+
+def load_job_file(path: str | os.PathLike[str]) -> JobSpec:
+    """The JobSpec in a YAML job file; `JobFileError` names the file and every bad field."""
+    source = "<stdin>" if os.fspath(path) == "-" else os.fspath(path)
+    return spec_from_mapping(load_job_mapping(path), source=source)
+
+
+def spec_to_mapping(spec: JobSpec | jobs_pb2.JobSpec) -> dict[str, Any]:
+    """The job-file mapping of `spec` (fields left at their default are left out); the
+    inverse of `spec_from_mapping`."""
+    if isinstance(spec, jobs_pb2.JobSpec):
+        spec = convert.spec_from_pb(spec)
+    default = JobSpec(kind=spec.kind, command=())
+    out: dict[str, Any] = {"kind": str(spec.kind)}
+    if spec.name:
+        out["name"] = spec.name
+    out["queue"] = spec.queue
+    if spec.priority != default.priority:
+        out["priority"] = spec.priority
+    out["command"] = list(spec.command)
+    if spec.env:
+        out["env"] = dict(spec.env)
+    if spec.working_dir:
+        out["working_dir"] = spec.working_dir
+    if spec.time_limit_s:
+        out["time_limit"] = format_duration(spec.time_limit_s)
+    if spec.num_nodes != default.num_nodes:
+        out["nodes"] = spec.num_nodes
+    if spec.gpus_per_node:
+        out["gpus_per_node"] = spec.gpus_per_node
+    if spec.replicas != default.replicas:
+        out["replicas"] = spec.replicas
+    if spec.gpu_milli:
+        if 0 < spec.gpu_milli < MILLI_PER_GPU:
+            out["gpu_share"] = spec.gpu_milli / MILLI_PER_GPU
+        else:  # not a share the file could state: keep it exact
+            out["gpu_milli"] = spec.gpu_milli
+    if spec.gpu_memory_mib:
+        out["gpu_memory"] = format_size_mib(spec.gpu_memory_mib)
+    if spec.gpu_model:
+        out["gpu_model"] = spec.gpu_model
+    if spec.cpu_milli:
+        out["cpus"] = (
+            spec.cpu_milli // 1000 if spec.cpu_milli % 1000 == 0 else spec.cpu_milli / 1000
+        )
+    if spec.memory_mib:
+        out["memory"] = format_size_mib(spec.memory_mib)
+    if spec.min_nvlink_gbps:
+        out["min_nvlink_gbps"] = spec.min_nvlink_gbps
+    if spec.min_net_gbps:
+        out["min_net_gbps"] = spec.min_net_gbps
+    if spec.on_node_lost != default.on_node_lost:
+        out["on_node_lost"] = str(spec.on_node_lost)
+    if spec.preemptible:
+        out["preemptible"] = True
+    return out

@@ -1,0 +1,361 @@
+"""The `gpuctl` commands: submit, jobs, describe, logs, cancel, nodes, drain, leases.
+
+Each command is a thin shell over `gpuctl.client.Client`; expected failures (a bad spec, an
+unknown job, an unreachable daemon) print one `error:` line on stderr and exit 1.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import click
+
+from gpuctl.cli import render
+from gpuctl.client import (
+    DEFAULT_TARGET,
+    ApiError,
+    Client,
+    UnavailableError,
+    jobs_pb2,
+    load_job_mapping,
+    spec_from_mapping,
+)
+from gpuctl.core.errors import GpuctlError
+
+_JOB_REF = re.compile(r"^(jobs/)?\d+$")
+_ACTIVE = ("pending", "running", "cancelling")
+_STATES = ("pending", "running", "cancelling", "succeeded", "failed", "cancelled")
+_OUTPUT = click.Choice(["table", "wide", "json", "yaml"])
+
+
+class _Gpuctl(click.Group):
+    """Turns the errors a user can cause or fix into one line on stderr, not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (ApiError, GpuctlError) as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(1)
+        except OSError as e:  # a job file that exists but cannot be read
+            click.echo(f"error: cannot read {e.filename or 'input'}: {e.strerror or e}", err=True)
+            ctx.exit(1)
+
+
+class _Settings:
+    def __init__(self, server: str, timeout: float, user: str | None) -> None:
+        self.server, self.timeout, self.user = server, timeout, user
+        self._client: Client | None = None
+
+    def client(self, ctx: click.Context) -> Client:
+        if self._client is None:
+            self._client = Client(self.server, user=self.user, timeout=self.timeout)
+            ctx.call_on_close(self._client.close)
+        return self._client
+
+
+def _client(ctx: click.Context) -> Client:
+    return ctx.find_object(_Settings).client(ctx.find_root())
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@click.group(cls=_Gpuctl, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--server",
+    envvar="GPUCTL_SERVER",
+    default=DEFAULT_TARGET,
+    show_default=True,
+    help="gpuctld address, host:port (env GPUCTL_SERVER).",
+)
+@click.option(
+    "--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for each call."
+)
+@click.option(
+    "--user",
+    envvar="GPUCTL_USER",
+    default=None,
+    help="Act as this user (default: your login name).",
+)
+@click.version_option(package_name="gpuctl")
+@click.pass_context
+def cli(ctx: click.Context, server: str, timeout: float, user: str | None) -> None:
+    """gpuctl: queue training gangs and inference services on leased GPU nodes."""
+    ctx.obj = _Settings(server, timeout, user)
+
+
+# -- submit -------------------------------------------------------------------------------
+
+
+def _env_pairs(values: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for item in values:
+        key, eq, value = item.partition("=")
+        if not eq:  # `--env HF_TOKEN` passes the local value through, as docker run -e does
+            if key not in os.environ:
+                raise click.BadParameter(
+                    f"{item!r}: expected NAME=VALUE, or the name of a set variable",
+                    param_hint="--env",
+                )
+            value = os.environ[key]
+        out[key] = value
+    return out
+
+
+@cli.command(context_settings={"allow_interspersed_args": False})
+@click.option(
+    "-f",
+    "--file",
+    "job_file",
+    type=click.Path(dir_okay=False, allow_dash=True, exists=True),
+    help="YAML job file ('-': stdin); flags given too override its fields.",
+)
+@click.option(
+    "--kind",
+    type=click.Choice(["training", "inference"]),
+    help="A training gang or inference replicas.",
+)
+@click.option("--name", help="A name for people to read.")
+@click.option("--queue", help="Queue to wait in (default: default).")
+@click.option("--priority", type=int, help="Higher goes first.")
+@click.option("--nodes", type=int, help="Training: nodes in the gang.")
+@click.option(
+    "--gpus-per-node", type=int, help="GPUs per node (inference: whole GPUs per replica)."
+)
+@click.option("--replicas", type=int, help="Inference: independent replicas.")
+@click.option(
+    "--gpu-share", type=float, help="Inference: a share of one GPU per replica, 0 < x < 1."
+)
+@click.option("--gpu-memory", help="GPU memory per replica, e.g. 40GiB or 80G.")
+@click.option("--gpu-model", help="Only this GPU model, e.g. 'H100 SXM'.")
+@click.option("--cpus", help="CPU cores per rank/replica (or millicores, '500m').")
+@click.option("--memory", help="Host memory per rank/replica, e.g. 64GiB.")
+@click.option(
+    "--env",
+    "env",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Set a variable (repeatable); NAME alone passes yours on.",
+)
+@click.option("--time-limit", help="Stop after this long: seconds, 30m, 2h, 1h30m, 1-00:00:00.")
+@click.option("--min-nvlink-gbps", type=float, help="Training: NVLink floor per GPU, GB/s.")
+@click.option("--min-net-gbps", type=float, help="Training: inter-node network floor, Gb/s.")
+@click.option(
+    "--on-node-lost",
+    type=click.Choice(["requeue", "fail"]),
+    help="What a lost node does to the job.",
+)
+@click.option(
+    "--preemptible/--no-preemptible",
+    default=None,
+    help="May be stopped and requeued for higher priority work.",
+)
+@click.option("--workdir", help="Directory the ranks start in (default: this one).")
+@click.option(
+    "--request-id", help="Idempotency key: submitting again with it returns the same job."
+)
+@click.option("--parsable", is_flag=True, help="Print only the job id.")
+@click.option("--dry-run", is_flag=True, help="Check the spec with the server; submit nothing.")
+@click.option("--wait", is_flag=True, help="Wait for the job to end; exit 0 only if it succeeded.")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def submit(
+    ctx: click.Context,
+    job_file: str | None,
+    env: tuple[str, ...],
+    command: tuple[str, ...],
+    workdir: str | None,
+    request_id: str | None,
+    parsable: bool,
+    dry_run: bool,
+    wait: bool,
+    **flags: Any,
+) -> None:
+    """Queue a job: gpuctl submit --kind training --nodes 2 --gpus-per-node 8 -- torchrun train.py"""
+    data: dict[str, Any] = load_job_mapping(job_file) if job_file else {}
+    for key, value in flags.items():
+        if value is not None:
+            data[key] = value
+    if env:
+        base = data.get("env")
+        data["env"] = {**(base if isinstance(base, Mapping) else {}), **_env_pairs(env)}
+    if command:
+        data["command"] = list(command)
+    if workdir is not None:
+        data["working_dir"] = os.path.abspath(workdir)
+    elif not data.get("working_dir"):
+        data["working_dir"] = os.getcwd()
+    source = "<stdin>" if job_file == "-" else job_file or ""
+    spec = spec_from_mapping(data, source=source)
+
+    client = _client(ctx)
+    if dry_run:
+        job = client.submit(spec, request_id=request_id, validate_only=True)
+        click.echo("Job spec is valid; nothing was submitted (dry run).")
+        click.echo(f"  {render.spec_summary(job.spec)}")
+        if job.reason:
+            click.echo(f"  {job.reason}")
+        return
+    job = client.submit(spec, request_id=request_id)
+    click.echo(str(job.id) if parsable else f"Submitted job {job.id}")
+    if not wait:
+        return
+    final = client.wait(job)
+    line = f"job {final.id} {render.job_state(final.state)}"
+    if final.HasField("exit_code"):
+        line += f" (exit code {final.exit_code})"
+    if final.reason:
+        line += f": {final.reason}"
+    click.echo(line, err=parsable)  # --parsable keeps stdout to the id
+    ctx.exit(0 if final.state == jobs_pb2.JOB_STATE_SUCCEEDED else 1)
+
+
+# -- jobs, describe, logs, cancel ---------------------------------------------------------
+
+
+def _split(values: tuple[str, ...]) -> list[str]:
+    return [v.strip() for item in values for v in item.split(",") if v.strip()]
+
+
+@cli.command()
+@click.option("-a", "--all", "show_all", is_flag=True, help="Finished jobs too.")
+@click.option(
+    "--state",
+    "states",
+    multiple=True,
+    metavar="STATE[,STATE]",
+    help=f"Only these states ({', '.join(_STATES)}).",
+)
+@click.option("--queue", default="", help="Only this queue.")
+@click.option("-u", "--owner", default="", help="Only this user's jobs.")
+@click.option("-o", "--output", type=_OUTPUT, default="table", show_default=True)
+@click.pass_context
+def jobs(
+    ctx: click.Context, show_all: bool, states: tuple[str, ...], queue: str, owner: str, output: str
+) -> None:
+    """List jobs, like squeue: the active ones unless --all or --state."""
+    wanted = _split(states)
+    for s in wanted:
+        if s.lower() not in _STATES:
+            raise click.BadParameter(
+                f"{s!r} is not one of {', '.join(_STATES)}", param_hint="--state"
+            )
+    if not wanted and not show_all:
+        wanted = list(_ACTIVE)
+    found = list(_client(ctx).list(states=[s.lower() for s in wanted], queue=queue, owner=owner))
+    _emit(found, output, lambda wide: render.jobs_table(found, now=_now(), wide=wide))
+
+
+def _emit(messages: list, output: str, as_table) -> None:
+    if output == "json":
+        click.echo(render.as_json(messages))
+    elif output == "yaml":
+        click.echo(render.as_yaml(messages))
+    else:
+        click.echo(as_table(output == "wide"))
+
+
+@cli.command()
+@click.argument("what")
+@click.option(
+    "-o", "--output", type=click.Choice(["text", "json", "yaml"]), default="text", show_default=True
+)
+@click.pass_context
+def describe(ctx: click.Context, what: str, output: str) -> None:
+    """Show a job (42 or jobs/42) or a node (its name) in detail."""
+    client = _client(ctx)
+    if _JOB_REF.match(what):
+        obj: Any = client.get(what)
+        text = render.describe_job(obj, now=_now()) if output == "text" else ""
+    else:
+        obj = client.node(what)
+        text = render.describe_node(obj, now=_now()) if output == "text" else ""
+    if output == "json":
+        text = render.as_json([obj])
+    elif output == "yaml":
+        text = render.as_yaml([obj])
+    click.echo(text)
+
+
+@cli.command()
+@click.argument("job")
+@click.option(
+    "--rank",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Which rank (training) or replica (inference).",
+)
+@click.option("-f", "--follow", is_flag=True, help="Keep streaming until the job ends.")
+@click.pass_context
+def logs(ctx: click.Context, job: str, rank: int, follow: bool) -> None:
+    """Print a rank's combined stdout and stderr."""
+    for chunk in _client(ctx).logs(job, rank=rank, follow=follow):
+        click.echo(chunk, nl=False)  # bytes go to the binary stdout as they are, and flush
+
+
+@cli.command()
+@click.argument("job_refs", nargs=-1, required=True, metavar="JOB...")
+@click.pass_context
+def cancel(ctx: click.Context, job_refs: tuple[str, ...]) -> None:
+    """Cancel jobs; a failure on one does not stop the others."""
+    client = _client(ctx)
+    failed = False
+    for ref in job_refs:
+        try:
+            job = client.cancel(ref)
+        except UnavailableError as e:  # the daemon, not this job: the rest would fail the same
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(1)
+        except ApiError as e:
+            click.echo(f"error: {e}", err=True)
+            failed = True
+            continue
+        click.echo(f"job {job.id} {render.job_state(job.state)}")
+    ctx.exit(1 if failed else 0)
+
+
+# -- nodes and leases ---------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("-o", "--output", type=_OUTPUT, default="table", show_default=True)
+@click.pass_context
+def nodes(ctx: click.Context, output: str) -> None:
+    """List nodes with their measured bandwidth, lease price and free GPUs."""
+    found = _client(ctx).nodes()
+    _emit(found, output, lambda wide: render.nodes_table(found, wide=wide))
+
+
+@cli.command()
+@click.argument("node")
+@click.option("--reason", default="", help="Why, for `gpuctl describe`.")
+@click.pass_context
+def drain(ctx: click.Context, node: str, reason: str) -> None:
+    """Stop new work landing on a node; what runs there finishes."""
+    drained = _client(ctx).drain(node, reason=reason)
+    click.echo(f"node {drained.name} {render.node_state(drained.state)}")
+
+
+@cli.command()
+@click.option("-a", "--all", "show_all", is_flag=True, help="Released and expired leases too.")
+@click.option("-o", "--output", type=_OUTPUT, default="table", show_default=True)
+@click.pass_context
+def leases(ctx: click.Context, show_all: bool, output: str) -> None:
+    """List the node leases gpuctl holds and what they cost."""
+    found = _client(ctx).leases(include_released=show_all)
+    _emit(found, output, lambda wide: render.leases_table(found, now=_now()))
+
+
+def main() -> None:
+    cli(prog_name="gpuctl")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,522 @@
+"""How `gpuctl` shows things: squeue-like tables, kubectl-describe-like sections, JSON and YAML.
+
+Pure functions from API messages (and the time now) to text; the commands print what they return.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+
+import yaml
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from gpuctl.client import (
+    events_pb2,
+    format_duration,
+    format_size_mib,
+    jobs_pb2,
+    leases_pb2,
+    nodes_pb2,
+    spec_to_mapping,
+)
+
+# squeue's compact state codes, which people already read at a glance
+_SHORT_STATE = {
+    jobs_pb2.JOB_STATE_PENDING: "PD",
+    jobs_pb2.JOB_STATE_RUNNING: "R",
+    jobs_pb2.JOB_STATE_CANCELLING: "CG",
+    jobs_pb2.JOB_STATE_SUCCEEDED: "CD",
+    jobs_pb2.JOB_STATE_FAILED: "F",
+    jobs_pb2.JOB_STATE_CANCELLED: "CA",
+}
+_NET = {
+    nodes_pb2.NET_KIND_INFINIBAND: "ib",
+    nodes_pb2.NET_KIND_ROCE: "roce",
+    nodes_pb2.NET_KIND_ETHERNET: "eth",
+}
+
+
+# -- small pieces -------------------------------------------------------------------------
+
+
+def enum_name(enum_type, value: int, prefix: str) -> str:
+    """JOB_STATE_RUNNING -> "running"; an unknown number shows as itself."""
+    try:
+        return enum_type.Name(value).removeprefix(prefix).lower()
+    except ValueError:
+        return str(value)
+
+
+def job_state(state: int) -> str:
+    return enum_name(jobs_pb2.JobState, state, "JOB_STATE_")
+
+
+def node_state(state: int) -> str:
+    return enum_name(nodes_pb2.NodeState, state, "NODE_STATE_")
+
+
+def _time(ts: Timestamp) -> datetime | None:
+    if ts.seconds == 0 and ts.nanos == 0:
+        return None
+    return ts.ToDatetime(tzinfo=UTC)
+
+
+def clock(seconds: float) -> str:
+    """squeue's TIME: M:SS, H:MM:SS or D-HH:MM:SS."""
+    s = max(0, int(seconds))
+    days, s = divmod(s, 86400)
+    hours, s = divmod(s, 3600)
+    minutes, s = divmod(s, 60)
+    if days:
+        return f"{days}-{hours:02d}:{minutes:02d}:{s:02d}"
+    if hours:
+        return f"{hours}:{minutes:02d}:{s:02d}"
+    return f"{minutes}:{s:02d}"
+
+
+def age(then: datetime, now: datetime) -> str:
+    """kubectl's AGE: 45s, 12m, 3h5m, 2d4h."""
+    s = max(0, int((now - then).total_seconds()))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m"
+    if s < 86400:
+        h, m = divmod(s // 60, 60)
+        return f"{h}h{m}m" if m else f"{h}h"
+    d, h = divmod(s // 3600, 24)
+    return f"{d}d{h}h" if h else f"{d}d"
+
+
+def when(ts: Timestamp, now: datetime) -> str:
+    t = _time(ts)
+    if t is None:
+        return "-"
+    return f"{t.strftime('%Y-%m-%dT%H:%M:%SZ')} ({age(t, now)} ago)"
+
+
+def number(value: float) -> str:
+    return f"{value:g}" if value else "-"
+
+
+def gib(mib: int) -> str:
+    """GPU memory as people quote it: 81559 MiB -> "79.6GiB"."""
+    return f"{mib / 1024:.1f}GiB" if mib else "-"
+
+
+def index_ranges(indices: Iterable[int]) -> str:
+    """[0, 1, 2, 3, 6] -> "0-3,6"."""
+    out: list[str] = []
+    run: list[int] = []
+    for i in sorted(indices):
+        if run and i == run[-1] + 1:
+            run.append(i)
+            continue
+        if run:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+        run = [i]
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(out) or "-"
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """Plain columns padded to their widest cell, two spaces apart; the last is not padded."""
+    cells = [list(headers)] + [
+        ["-" if c is None or c == "" else str(c) for c in row] for row in rows
+    ]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for row in cells:
+        padded = [c.ljust(w) for c, w in zip(row[:-1], widths[:-1], strict=True)] + [row[-1]]
+        lines.append("  ".join(padded).rstrip())
+    return "\n".join(lines)
+
+
+def fields(pairs: Iterable[tuple[str, object]], indent: int = 0) -> str:
+    """ "Key:  value" lines with the values lined up, like kubectl describe."""
+    pairs = [(k, "-" if v is None or v == "" else str(v)) for k, v in pairs]
+    width = max((len(k) for k, _ in pairs), default=0) + 2
+    pad = " " * indent
+    return "\n".join(f"{pad}{(k + ':').ljust(width)}{v}" for k, v in pairs)
+
+
+def _indent(text: str, by: int = 2) -> str:
+    return "\n".join((" " * by + line) if line else line for line in text.splitlines())
+
+
+def as_dicts(messages: Iterable[Message]) -> list[dict]:
+    return [MessageToDict(m, preserving_proto_field_name=True) for m in messages]
+
+
+def as_json(messages: Iterable[Message]) -> str:
+    return json.dumps(as_dicts(messages), indent=2)
+
+
+def as_yaml(messages: Iterable[Message]) -> str:
+    return yaml.safe_dump(as_dicts(messages), sort_keys=False).rstrip()
+
+
+# -- jobs ---------------------------------------------------------------------------------
+
+
+def _num_nodes(spec: jobs_pb2.JobSpec) -> int:
+    return spec.num_nodes if spec.HasField("num_nodes") else 1
+
+
+def _replicas(spec: jobs_pb2.JobSpec) -> int:
+    return spec.replicas if spec.HasField("replicas") else 1
+
+
+def total_gpus(spec: jobs_pb2.JobSpec) -> float:
+    if spec.kind == jobs_pb2.JOB_KIND_TRAINING:
+        return _num_nodes(spec) * spec.gpus_per_node
+    if spec.gpu_milli:
+        return _replicas(spec) * spec.gpu_milli / 1000
+    return _replicas(spec) * spec.gpus_per_node
+
+
+def job_nodes(job: jobs_pb2.Job) -> list[str]:
+    """The distinct nodes of the placement, in rank order."""
+    return list(dict.fromkeys(r.node for r in job.placement.ranks))
+
+
+def _nodelist_or_reason(job: jobs_pb2.Job) -> str:
+    nodes = job_nodes(job)
+    if nodes and job.state != jobs_pb2.JOB_STATE_PENDING:
+        return ",".join(nodes)
+    return f"({job.reason or 'None'})"
+
+
+def _elapsed(job: jobs_pb2.Job, now: datetime) -> str:
+    start = _time(job.start_time)
+    if start is None:
+        return clock(0)
+    return clock(((_time(job.end_time) or now) - start).total_seconds())
+
+
+def jobs_table(jobs: Iterable[jobs_pb2.Job], *, now: datetime, wide: bool = False) -> str:
+    headers = ["JOBID", "NAME", "KIND", "QUEUE", "USER", "ST", "TIME", "NODES", "GPUS"]
+    if wide:
+        headers += ["GPU_MODEL", "PRIO", "ATTEMPT", "SUBMITTED", "EXIT"]
+    headers.append("NODELIST(REASON)")
+    rows = []
+    for job in jobs:
+        spec = job.spec
+        nodes = len(job_nodes(job)) or (
+            _num_nodes(spec) if spec.kind == jobs_pb2.JOB_KIND_TRAINING else _replicas(spec)
+        )
+        row: list[object] = [
+            job.id,
+            spec.name,
+            enum_name(jobs_pb2.JobKind, spec.kind, "JOB_KIND_"),
+            spec.queue,
+            job.owner,
+            _SHORT_STATE.get(job.state, "?"),
+            _elapsed(job, now),
+            nodes,
+            f"{total_gpus(spec):g}",
+        ]
+        if wide:
+            created = _time(job.create_time)
+            row += [
+                spec.gpu_model or "any",
+                spec.priority,
+                job.attempt,
+                created.strftime("%Y-%m-%dT%H:%M:%S") if created else "-",
+                job.exit_code if job.HasField("exit_code") else "-",
+            ]
+        row.append(_nodelist_or_reason(job))
+        rows.append(row)
+    return table(headers, rows)
+
+
+def spec_summary(spec: jobs_pb2.JobSpec) -> str:
+    """What a spec asks for, in one line: "training: 2 nodes x 8 GPUs = 16 GPUs on one fabric"."""
+    model = f" {spec.gpu_model}" if spec.gpu_model else ""
+    if spec.kind == jobs_pb2.JOB_KIND_TRAINING:
+        n = _num_nodes(spec)
+        what = f"training: {n} node{'s' * (n != 1)} x {spec.gpus_per_node}{model} GPUs = {total_gpus(spec):g} GPUs"
+        if n > 1:
+            what += " on one fabric"
+        floors = []
+        if spec.min_nvlink_gbps:
+            floors.append(f"NVLink >= {spec.min_nvlink_gbps:g} GB/s")
+        if spec.min_net_gbps:
+            floors.append(f"network >= {spec.min_net_gbps:g} Gb/s")
+        if floors:
+            what += f" ({', '.join(floors)})"
+    else:
+        r = _replicas(spec)
+        each = (
+            f"{spec.gpu_milli / 1000:g} of a{model} GPU"
+            if spec.gpu_milli
+            else f"{spec.gpus_per_node}{model} GPU"
+        )
+        if not spec.gpu_milli and spec.gpus_per_node != 1:
+            each += "s"
+        what = f"inference: {r} replica{'s' * (r != 1)} x {each}"
+        if spec.gpu_memory_mib:
+            what += f", {format_size_mib(spec.gpu_memory_mib)} GPU memory each"
+    extra = [f"queue {spec.queue or 'default'}", f"priority {spec.priority}"]
+    if spec.HasField("time_limit") and spec.time_limit.seconds:
+        extra.append(f"time limit {format_duration(spec.time_limit.seconds)}")
+    if spec.preemptible:
+        extra.append("preemptible")
+    return f"{what}; {', '.join(extra)}"
+
+
+def _events(events: Sequence[events_pb2.Event], now: datetime) -> str:
+    if not events:
+        return "Events:  <none>"
+    rows = [(_age_or_dash(e.time, now), e.type, e.message) for e in events]
+    return "Events:\n" + _indent(table(["AGE", "TYPE", "MESSAGE"], rows))
+
+
+def _age_or_dash(ts: Timestamp, now: datetime) -> str:
+    t = _time(ts)
+    return age(t, now) if t else "-"
+
+
+def describe_job(job: jobs_pb2.Job, *, now: datetime) -> str:
+    spec = job.spec
+    head = [
+        ("Name", job.name),
+        ("Job name", spec.name),
+        ("Owner", job.owner),
+        ("Kind", enum_name(jobs_pb2.JobKind, spec.kind, "JOB_KIND_")),
+        ("Queue", spec.queue),
+        ("Priority", spec.priority),
+        ("State", job_state(job.state)),
+    ]
+    if job.reason:
+        head.append(("Reason", job.reason))
+    if job.HasField("exit_code"):
+        head.append(("Exit code", job.exit_code))
+    head += [
+        ("Asks for", spec_summary(spec)),
+        ("Attempt", job.attempt),
+        ("Submitted", when(job.create_time, now)),
+        ("Started", when(job.start_time, now)),
+        ("Ended", when(job.end_time, now)),
+        ("Run time", _elapsed(job, now) if _time(job.start_time) else "-"),
+        ("Request ID", job.request_id),
+    ]
+    parts = [fields(head)]
+    mapping = spec_to_mapping(spec)
+    if "command" in mapping:  # one shell-like line reads better than a YAML list
+        mapping["command"] = shlex.join(mapping["command"])
+    parts.append("Spec:\n" + _indent(yaml.safe_dump(mapping, sort_keys=False, width=1000).rstrip()))
+    if job.placement.ranks:
+        p = job.placement
+        place = [("Master", f"{p.master_addr}:{p.master_port}" if p.master_addr else "-")]
+        if p.reason:
+            place.append(("Why here", p.reason))
+        rows = []
+        for r in p.ranks:
+            share = f"{r.gpu_milli / 1000:g}" if 0 < r.gpu_milli < 1000 else "1"
+            rows.append(
+                (
+                    r.rank,
+                    r.node,
+                    index_ranges(r.gpu_indices),
+                    share,
+                    enum_name(jobs_pb2.RankState, r.state, "RANK_STATE_"),
+                    r.exit_code if r.HasField("exit_code") else "-",
+                    r.message,
+                )
+            )
+        ranks = table(["RANK", "NODE", "GPUS", "SHARE", "STATE", "EXIT", "MESSAGE"], rows)
+        parts.append("Placement:\n" + fields(place, indent=2) + "\n" + _indent(ranks))
+        envs = [r for r in p.ranks if r.env]
+        if envs:
+            lines = ["Launch environment:"]
+            for r in envs:
+                lines.append(f"  rank {r.rank} ({r.node}):")
+                lines += [f"    {k}={v}" for k, v in sorted(r.env.items())]
+            parts.append("\n".join(lines))
+    else:
+        parts.append("Placement:  <none>")
+    parts.append(_events(job.events, now))
+    return "\n".join(parts)
+
+
+# -- nodes and leases ---------------------------------------------------------------------
+
+
+def _model(node: nodes_pb2.Node) -> str:
+    models = list(dict.fromkeys(g.model for g in node.profile.gpus))
+    return models[0] if len(models) == 1 else ("mixed" if models else "-")
+
+
+def _hbm(node: nodes_pb2.Node, measured_first: bool = True) -> float:
+    gpus = node.profile.gpus
+    if not gpus:
+        return 0.0
+    if measured_first and gpus[0].HasField("measured_hbm_gbps"):
+        return gpus[0].measured_hbm_gbps
+    return gpus[0].hbm_gbps
+
+
+def _network(net: nodes_pb2.Network, long: bool = False) -> str:
+    if net.kind in (nodes_pb2.NET_KIND_UNSPECIFIED, nodes_pb2.NET_KIND_NONE) or not net.ports:
+        return "none" if long else "-"
+    if long:
+        kind = enum_name(nodes_pb2.NetKind, net.kind, "NET_KIND_")
+        total = net.ports * net.gbps_per_port
+        return f"{kind}, {net.ports} x {net.gbps_per_port:g} Gb/s ({total:g} Gb/s)"
+    return f"{_NET.get(net.kind, '?')} {net.ports}x{net.gbps_per_port:g}G"
+
+
+def free_gpus(node: nodes_pb2.Node) -> float:
+    used = sum(min(u.used_milli, 1000) for u in node.usage)
+    return (len(node.profile.gpus) * 1000 - used) / 1000
+
+
+def nodes_table(nodes: Iterable[nodes_pb2.Node], *, wide: bool = False) -> str:
+    headers = [
+        "NAME",
+        "STATE",
+        "GPUS",
+        "MODEL",
+        "HBM_GB/s",
+        "NVLINK_GB/s",
+        "NETWORK",
+        "FABRIC",
+        "LEASE",
+        "$/HR",
+    ]
+    if wide:
+        headers += ["SKU", "PROVIDER", "REGION", "ADDRESS", "PCIE", "TFLOPS", "HBM_SPEC"]
+    headers.append("FREE(GPUs)")
+    rows = []
+    for n in nodes:
+        p = n.profile
+        nvlink = min((g.nvlink_gbps for g in p.gpus), default=0.0)
+        row: list[object] = [
+            n.name,
+            enum_name(nodes_pb2.NodeState, n.state, "NODE_STATE_"),
+            len(p.gpus),
+            _model(n),
+            number(_hbm(n)),
+            number(nvlink),
+            _network(p.network),
+            n.fabric,
+            n.lease,
+            f"{n.price_per_hour:.2f}",
+        ]
+        if wide:
+            row += [
+                n.sku,
+                n.provider,
+                n.region,
+                n.address,
+                f"gen{p.pcie_gen} x{p.pcie_width}" if p.pcie_gen else "-",
+                number(p.bf16_tflops),
+                number(_hbm(n, measured_first=False)),
+            ]
+        row.append(f"{free_gpus(n):g}" if n.state == nodes_pb2.NODE_STATE_READY else "-")
+        rows.append(row)
+    return table(headers, rows)
+
+
+def describe_node(node: nodes_pb2.Node, *, now: datetime) -> str:
+    p = node.profile
+    state = enum_name(nodes_pb2.NodeState, node.state, "NODE_STATE_")
+    head = [
+        ("Name", node.name),
+        ("Address", node.address),
+        ("Fabric", node.fabric),
+        ("Provider", node.provider),
+        ("SKU", node.sku),
+        ("Region", node.region),
+        ("Labels", ",".join(f"{k}={v}" for k, v in sorted(node.labels.items()))),
+        ("State", f"{state} ({node.state_reason})" if node.state_reason else state),
+        ("Lease", node.lease),
+        ("Price", f"${node.price_per_hour:.2f}/hr"),
+        ("CPUs", f"{node.cpu_milli / 1000:g}" if node.cpu_milli else "-"),
+        ("Memory", format_size_mib(node.memory_mib) if node.memory_mib else "-"),
+        ("Registered", when(node.register_time, now)),
+        ("Last heartbeat", when(node.last_heartbeat_time, now)),
+    ]
+    measured = _time(p.measure_time)
+    profile = [
+        (
+            "Source",
+            f"{p.source or '-'}, measured {when(p.measure_time, now)}" if measured else p.source,
+        ),
+        ("GPUs", f"{len(p.gpus)} x {_model(node)}" if p.gpus else "none"),
+        ("NVLink domain", f"{p.nvlink_domain_size} GPUs" if p.nvlink_domain_size else "-"),
+        ("PCIe", f"gen{p.pcie_gen} x{p.pcie_width}" if p.pcie_gen else "-"),
+        ("Network", _network(p.network, long=True)),
+        ("BF16 TFLOPS", f"{p.bf16_tflops:g} (dense, whole node)" if p.bf16_tflops else "-"),
+    ]
+    gpu_rows = [
+        (
+            g.index,
+            g.model,
+            gib(g.memory_mib),
+            number(g.hbm_gbps),
+            f"{g.measured_hbm_gbps:g}" if g.HasField("measured_hbm_gbps") else "not measured",
+            number(g.nvlink_gbps),
+            "yes" if g.mig_enabled else "no",
+            g.uuid,
+        )
+        for g in p.gpus
+    ]
+    parts = [fields(head), "Profile:\n" + fields(profile, indent=2)]
+    if gpu_rows:
+        headers = [
+            "INDEX",
+            "MODEL",
+            "MEMORY",
+            "HBM_GB/s",
+            "MEASURED_HBM_GB/s",
+            "NVLINK_GB/s",
+            "MIG",
+            "UUID",
+        ]
+        parts.append(_indent(table(headers, gpu_rows)))
+    usage = {u.index: u for u in node.usage}
+    use_rows = []
+    for g in p.gpus:
+        u = usage.get(g.index)
+        use_rows.append(
+            (
+                g.index,
+                f"{u.used_milli / 1000:g}" if u else "0",
+                ",".join(str(j) for j in u.job_ids) if u else "-",
+            )
+        )
+    if use_rows:
+        summary = f"{free_gpus(node):g} of {len(p.gpus)} GPUs free"
+        parts.append(
+            f"GPU usage:  {summary}\n" + _indent(table(["INDEX", "USED", "JOBS"], use_rows))
+        )
+    parts.append(_events(node.events, now))
+    return "\n".join(parts)
+
+
+def leases_table(leases: Iterable[leases_pb2.Lease], *, now: datetime) -> str:
+    rows = [
+        (
+            x.name,
+            x.node,
+            x.provider,
+            x.sku,
+            enum_name(leases_pb2.LeaseState, x.state, "LEASE_STATE_"),
+            f"{x.price_per_hour:.2f}",
+            _age_or_dash(x.acquire_time, now),
+            x.for_job_id or "-",
+            f"{x.cost_usd:.2f}",
+        )
+        for x in leases
+    ]
+    return table(
+        ["NAME", "NODE", "PROVIDER", "SKU", "STATE", "$/HR", "AGE", "FOR_JOB", "COST_$"], rows
+    )

@@ -1,0 +1,174 @@
+"""A whole gpuctl cluster on one machine: gpuctld and agents with simulated GPUs as real
+processes on loopback ports. `make demo` and the end-to-end tests are built on it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+FAST_CONFIG = """\
+[nodes]
+heartbeat_interval_s = 0.3
+heartbeat_timeout_s = 10.0
+check_interval_s = 1.0
+
+[scheduler]
+interval_s = 1.0
+
+[jobs]
+kill_grace_s = 2.0
+"""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentSpec:
+    name: str
+    fake_gpus: str
+    fabric: str
+    net: str
+    sku: str = ""
+    price_per_hour: float = 0.0
+    cpus: int = 64
+    memory: str = "512GiB"
+
+    def args(self) -> list[str]:
+        return [
+            "--name", self.name,
+            "--address", "127.0.0.1",
+            "--fake-gpus", self.fake_gpus,
+            "--fabric", self.fabric,
+            "--net", self.net,
+            "--sku", self.sku or self.fake_gpus,
+            "--price-per-hour", str(self.price_per_hour),
+            "--cpus", str(self.cpus),
+            "--memory", self.memory,
+        ]  # fmt: skip
+
+
+@dataclass
+class LocalCluster:
+    """Starts and stops gpuctld and agents under `root`; every process logs to a file there."""
+
+    root: Path
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    port: int = 0
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+        log = (self.root / f"{name}.log").open("ab")
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+        }
+        proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def start_daemon(self, *, timeout: float = 20.0) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        config = self.root / "gpuctld.toml"
+        if not config.exists():
+            config.write_text(FAST_CONFIG)
+        port_file = self.root / "gpuctld.port"
+        port_file.unlink(missing_ok=True)
+        listen = f"127.0.0.1:{self.port}"  # the same port again after a restart
+        proc = self._spawn(
+            "gpuctld",
+            [
+                sys.executable, "-m", "gpuctl.runtime.daemon",
+                "--config", str(config),
+                "--listen", listen,
+                "--state-dir", str(self.root / "state"),
+                "--port-file", str(port_file),
+            ],
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while not port_file.exists():
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"gpuctld exited with {proc.returncode}; see {self.root / 'gpuctld.log'}"
+                )
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"gpuctld did not start in {timeout}s; see {self.root / 'gpuctld.log'}"
+                )
+            time.sleep(0.05)
+        self.port = int(port_file.read_text())
+        self.wait_serving(timeout)
+
+    def wait_serving(self, timeout: float) -> None:
+        with grpc.insecure_channel(self.target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            reply = stub.Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout, wait_for_ready=True
+            )
+            if reply.status != health_pb2.HealthCheckResponse.SERVING:
+                raise RuntimeError(f"gpuctld health is {reply.status}")
+
+    def start_agent(self, spec: AgentSpec) -> None:
+        state = self.root / "agents" / spec.name
+        self._spawn(
+            f"agent-{spec.name}",
+            [
+                sys.executable,
+                "-m",
+                "gpuctl.agent.main",
+                "--server",
+                self.target,
+                "--state-dir",
+                str(state),
+                *spec.args(),
+            ],
+        )
+
+    def gpuctl(
+        self, *args: str, check: bool = True, timeout: float = 60.0
+    ) -> subprocess.CompletedProcess[str]:
+        """Run the `gpuctl` CLI against this cluster."""
+        return subprocess.run(
+            [sys.executable, "-m", "gpuctl.cli.main", "--server", self.target, *args],
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=timeout,
+        )
+
+    def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
+        proc = self.procs.pop(name, None)
+        if proc is None or proc.poll() is not None:
+            return proc.returncode if proc else None
+        proc.send_signal(sig)
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            return proc.wait()
+
+    def stop_all(self) -> None:
+        # Agents first, so they stop their ranks and report while the daemon still listens.
+        for name in sorted(self.procs, key=lambda n: n == "gpuctld"):
+            self.stop(name)
+
+    def log(self, name: str) -> str:
+        path = self.root / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def remove(self) -> None:
+        self.stop_all()
+        shutil.rmtree(self.root, ignore_errors=True)

@@ -1,0 +1,225 @@
+"""gpuctl-agent's composition root: flags over config over defaults, one-line errors with exit
+code 2, and the real program against a fake daemon: READY=1, a rank run, a clean SIGTERM.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+
+from gpuctl.agent.main import load_settings, main
+from gpuctl.api._pb.agent.v1 import agent_pb2, agent_pb2_grpc
+from gpuctl.api._pb.v1 import jobs_pb2
+from gpuctl.api.convert import duration, rank_ref
+from gpuctl.core.model import NetKind, Network
+
+REPO = Path(__file__).resolve().parents[1]
+HOSTNAME = socket.gethostname()
+
+
+def test_defaults(tmp_path: Path) -> None:
+    s = load_settings([], {"HOME": str(tmp_path)})
+    assert s.server == "127.0.0.1:50051"
+    assert (s.identity.name, s.identity.address) == (HOSTNAME, "127.0.0.1")
+    assert (s.fake_gpus, s.network, s.cpu_milli, s.memory_mib) == (None, Network(), None, None)
+    assert s.state_dir == tmp_path / ".local/state/gpuctl-agent"
+    assert s.log_level == "info"
+
+
+@pytest.mark.parametrize(
+    ("server", "address"),
+    [
+        ("127.0.0.1:50051", "127.0.0.1"),
+        ("localhost:1", "127.0.0.1"),
+        ("[::1]:50051", "127.0.0.1"),
+        ("head-1.example.internal:50051", HOSTNAME),
+        ("10.0.0.5:50051", HOSTNAME),
+    ],
+)
+def test_address_follows_the_server(server: str, address: str) -> None:
+    assert load_settings(["--server", server], {}).identity.address == address
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"STATE_DIRECTORY": "/var/lib/gpuctl-agent"}, "/var/lib/gpuctl-agent"),
+        ({"STATE_DIRECTORY": "/var/lib/a:/var/lib/b"}, "/var/lib/a"),
+        ({"XDG_STATE_HOME": "/x/state", "HOME": "/home/u"}, "/x/state/gpuctl-agent"),
+        ({"HOME": "/home/u"}, "/home/u/.local/state/gpuctl-agent"),
+    ],
+    ids=["systemd", "systemd-several", "xdg", "home"],
+)
+def test_state_dir_default(env: dict[str, str], expected: str) -> None:
+    assert load_settings([], env).state_dir == Path(expected)
+
+
+def test_flags_override_the_config(tmp_path: Path) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        'server = "head:6000"\nname = "from-config"\nfake_gpus = "l4:2"\nnet = "roce:2x200"\n'
+        'cpus = 16\nmemory = 65536\nprice_per_hour = 3\nlog_level = "DEBUG"\n'
+        '[labels]\nzone = "a"\ntier = "spot"\n'
+    )
+    s = load_settings(
+        ["--config", str(config), "--name", "from-flag", "--memory", "1TiB", "--label", "zone=b"],
+        {},
+    )
+    assert s.server == "head:6000"
+    assert s.identity.name == "from-flag"
+    assert s.identity.address == HOSTNAME
+    assert s.fake_gpus is not None and (s.fake_gpus.sku.model, s.fake_gpus.count) == ("L4", 2)
+    assert s.network == Network(kind=NetKind.ROCE, ports=2, gbps_per_port=200)
+    assert (s.cpu_milli, s.memory_mib) == (16_000, 1024 * 1024)
+    assert s.identity.price_per_hour == 3.0
+    assert s.identity.labels == (("tier", "spot"), ("zone", "b"))
+    assert s.log_level == "debug"
+
+
+def test_the_shipped_config_loads() -> None:
+    s = load_settings(["--config", str(REPO / "config" / "agent.toml")], {"HOME": "/h"})
+    assert s.server == "127.0.0.1:50051" and s.fake_gpus is None and s.identity.labels == ()
+
+
+@pytest.mark.parametrize(
+    ("argv", "config", "needle"),
+    [
+        (["--bogus"], None, "unrecognized arguments: --bogus"),
+        (["--fake-gpus", "x100:8"], None, "unknown GPU 'x100'"),
+        (["--net", "infiniband"], None, "want KIND:PORTSxGBPS"),
+        (["--memory", "lots"], None, "bad memory size 'lots'"),
+        (["--cpus", "0"], None, "bad CPU count '0'"),
+        (["--server", "nohost"], None, "bad --server 'nohost'"),
+        (["--server", "h:99999"], None, "bad --server 'h:99999'"),
+        (["--label", "novalue"], None, "bad --label 'novalue'"),
+        (["--price-per-hour", "-1"], None, "must not be negative"),
+        (["--price-per-hour", "cheap"], None, "want a number of USD"),
+        (["--log-level", "loud"], None, "invalid choice: 'loud'"),
+        (["--config", "/nonexistent/agent.toml"], None, "cannot read config"),
+        ([], "fake_gpu = 'h100'\n", "unknown key 'fake_gpu'"),
+        ([], "cpus = true\n", "bad value for 'cpus'"),
+        ([], "labels = 3\n", "bad value for 'labels'"),
+        ([], "[labels]\nzone = 1\n", "bad value for label 'zone'"),
+        ([], "server = \n", "bad TOML"),
+        ([], "log_level = 'loud'\n", "bad log_level 'loud'"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    config: str | None,
+    needle: str,
+) -> None:
+    if config is not None:
+        (tmp_path / "agent.toml").write_text(config)
+        argv = [*argv, "--config", str(tmp_path / "agent.toml")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("gpuctl-agent: ")
+    assert needle in err
+
+
+def test_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    assert "--fake-gpus" in capsys.readouterr().out
+
+
+# -- the program -----------------------------------------------------------------------------
+
+
+class Daemon(agent_pb2_grpc.AgentServiceServicer):
+    """Assigns one rank to whoever registers; records the reports."""
+
+    def __init__(self) -> None:
+        self.registered = threading.Event()
+        self.reports: list[agent_pb2.ReportRankStatusRequest] = []
+        self.assignment = agent_pb2.Assignment(
+            ref=rank_ref(1, 0, 0), command=["sleep", "60"], kill_grace=duration(5)
+        )
+
+    def RegisterNode(self, request, context):
+        self.node = request.node
+        self.registered.set()
+        return agent_pb2.RegisterNodeResponse(
+            node_name=request.node.name, heartbeat_interval=duration(0.2)
+        )
+
+    def Heartbeat(self, request, context):
+        return agent_pb2.HeartbeatResponse(assignments=[self.assignment])
+
+    def ReportRankStatus(self, request, context):
+        self.reports.append(request)
+        return agent_pb2.ReportRankStatusResponse()
+
+    def PushLogs(self, request, context):
+        return agent_pb2.PushLogsResponse(next_offset=request.offset + len(request.data))
+
+
+@pytest.fixture
+def daemon() -> Iterator[tuple[Daemon, int]]:
+    fake = Daemon()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(fake, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield fake, port
+    server.stop(grace=None)
+
+
+def until(condition: Callable[[], object], proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the agent exited with {proc.returncode}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_agent_registers_runs_and_stops_cleanly_on_sigterm(
+    daemon: tuple[Daemon, int], tmp_path: Path
+) -> None:
+    fake, port = daemon
+    # sun_path is 108 bytes: pytest's tmp_path can be longer.
+    with tempfile.TemporaryDirectory(prefix="agt-") as short:
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(f"{short}/notify")
+        notify.settimeout(20)
+        env = {**os.environ, "NOTIFY_SOCKET": f"{short}/notify"}
+        argv = [
+            sys.executable, "-m", "gpuctl.agent.main",
+            "--server", f"127.0.0.1:{port}", "--name", "gpu-9", "--fake-gpus", "l40s:4",
+            "--net", "ethernet:2x100", "--state-dir", str(tmp_path / "state"),
+            "--cpus", "8", "--memory", "64GiB", "--label", "pool=test",
+        ]  # fmt: skip
+        proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
+        try:
+            assert notify.recv(4096).startswith(b"READY=1")
+            assert fake.registered.is_set()
+            assert (fake.node.name, len(fake.node.profile.gpus)) == ("gpu-9", 4)
+            assert (fake.node.cpu_milli, fake.node.memory_mib) == (8000, 65536)
+            until(lambda: fake.reports, proc)
+            assert fake.reports[0].state == jobs_pb2.RANK_STATE_RUNNING
+            proc.send_signal(signal.SIGTERM)
+            _, stderr = proc.communicate(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            notify.close()
+    assert proc.returncode == 0, stderr
+    last = fake.reports[-1]
+    assert (last.state, last.exit_code) == (jobs_pb2.RANK_STATE_EXITED, -signal.SIGTERM)

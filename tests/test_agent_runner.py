@@ -1,0 +1,244 @@
+"""The runner against real processes: exit codes, the environment contract, log files, stops
+that escalate to SIGKILL for a whole process group, and launches that cannot start.
+
+Time is a fake clock: a stop's grace runs out when the test advances it, not by sleeping. The
+only waiting is for real processes to start or die, bounded by `until`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from gpuctl.agent.runner import Launch, RankExit, RankKey, Runner, child_env
+
+KEY = RankKey(job_id=7, rank=0, attempt=1)
+BASE_ENV = {
+    "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+    "KEEP_ME": "1",
+    "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7",
+    "NOTIFY_SOCKET": "/run/systemd/notify",
+    "WATCHDOG_USEC": "30000000",
+    "WATCHDOG_PID": "1234",
+    "GPUCTL_AGENT_TOKEN": "secret",
+    "GPUCTL_JOB_ID": "stale",
+}
+
+# Ignores SIGTERM, forks a child that inherits the SIG_IGN, prints both pids, then waits.
+STUBBORN = """
+import os, signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+child = os.fork()
+if child == 0:
+    time.sleep(60)
+    os._exit(0)
+print("pids", os.getpid(), child, flush=True)
+time.sleep(60)
+"""
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+def until(condition: Callable[[], object], timeout: float = 10.0) -> None:
+    """Wait for a real process to reach a state (not for time to pass)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for a process")
+        time.sleep(0.01)
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def runner(tmp_path: Path, clock: FakeClock) -> Iterator[Runner]:
+    r = Runner(tmp_path / "state", base_env=BASE_ENV, clock=clock)
+    yield r
+    r.reap(timeout_s=5)
+
+
+def launch(*command: str, key: RankKey = KEY, **kw: object) -> Launch:
+    return Launch(key=key, command=command, **kw)  # type: ignore[arg-type]
+
+
+def wait_exit(runner: Runner) -> RankExit:
+    exits: list[RankExit] = []
+    until(lambda: exits.extend(runner.poll()) or exits)
+    assert len(exits) == 1
+    return exits[0]
+
+
+def pids_from_log(runner: Runner, key: RankKey = KEY) -> list[int]:
+    path = runner.log_path(key)
+    until(lambda: b"pids" in path.read_bytes())
+    return [int(p) for p in path.read_text().split()[1:3]]
+
+
+@pytest.mark.parametrize(
+    ("command", "code", "message"),
+    [
+        (("sh", "-c", "exit 0"), 0, "exited with code 0"),
+        (("sh", "-c", "exit 3"), 3, "exited with code 3"),
+        (("sh", "-c", "kill -SEGV $$"), -signal.SIGSEGV, "killed by SIGSEGV"),
+    ],
+    ids=["zero", "three", "segv"],
+)
+def test_exit_codes(runner: Runner, command: tuple[str, ...], code: int, message: str) -> None:
+    assert runner.start(launch(*command)) is None
+    assert runner.running() == (KEY,)
+    assert wait_exit(runner) == RankExit(key=KEY, exit_code=code, message=message)
+    assert runner.running() == ()
+
+
+def test_env_contract_passed_and_agent_variables_stripped(runner: Runner) -> None:
+    env = (("CUDA_VISIBLE_DEVICES", "2,3"), ("MASTER_ADDR", "10.0.0.1"), ("GPUCTL_JOB_ID", "7"))
+    dump = "import json, os; print(json.dumps(dict(os.environ)))"
+    runner.start(launch(sys.executable, "-c", dump, env=env))
+    assert wait_exit(runner).exit_code == 0
+    seen = json.loads(runner.log_path(KEY).read_text())
+    assert seen["CUDA_VISIBLE_DEVICES"] == "2,3"  # the assignment wins over the agent's own
+    assert seen["MASTER_ADDR"] == "10.0.0.1"
+    assert seen["GPUCTL_JOB_ID"] == "7"
+    assert seen["KEEP_ME"] == "1"
+    for stripped in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "GPUCTL_AGENT_TOKEN"):
+        assert stripped not in seen
+
+
+def test_child_env_is_pure() -> None:
+    env = child_env(BASE_ENV, launch("true", env=(("A", "b"),)))
+    assert env["A"] == "b" and "NOTIFY_SOCKET" not in env and "GPUCTL_AGENT_TOKEN" not in env
+
+
+def test_log_file_has_stdout_and_stderr_and_the_layout(runner: Runner, tmp_path: Path) -> None:
+    key = RankKey(job_id=42, rank=3, attempt=2)
+    runner.start(launch("sh", "-c", "echo out; echo err >&2; pwd", key=key))
+    wait_exit(runner)
+    path = tmp_path / "state" / "logs" / "42" / "2" / "rank-3.log"
+    assert runner.log_path(key) == path
+    lines = path.read_text().splitlines()
+    assert lines[:2] == ["out", "err"]
+    # no working_dir: a directory of the rank's own
+    assert Path(lines[2]) == (tmp_path / "state" / "work" / "42" / "2" / "rank-3").resolve()
+
+
+def test_working_dir(runner: Runner, tmp_path: Path) -> None:
+    runner.start(launch("pwd", working_dir=str(tmp_path)))
+    wait_exit(runner)
+    assert Path(runner.log_path(KEY).read_text().strip()) == tmp_path.resolve()
+
+
+def test_stop_escalates_to_sigkill_for_the_whole_group(runner: Runner, clock: FakeClock) -> None:
+    runner.start(launch(sys.executable, "-c", STUBBORN))
+    leader, child = pids_from_log(runner)
+    assert runner.stop(KEY, grace_s=0.2)
+    assert runner.next_deadline() == clock.t + 0.2
+    clock.advance(0.1)
+    assert runner.poll() == []  # both ignore SIGTERM and the grace has not run out
+    assert not gone(leader) and not gone(child)
+    clock.advance(0.1)
+    rank_exit = wait_exit(runner)
+    assert rank_exit.exit_code == -signal.SIGKILL
+    assert rank_exit.message == "killed by SIGKILL after the 0.2s stop grace"
+    until(lambda: gone(leader) and gone(child))
+
+
+def test_stop_uses_the_launch_grace_by_default(runner: Runner, clock: FakeClock) -> None:
+    runner.start(launch(sys.executable, "-c", STUBBORN, kill_grace_s=5.0))
+    pids_from_log(runner)
+    runner.stop(KEY)
+    assert runner.next_deadline() == clock.t + 5.0
+    runner.stop(KEY, grace_s=60)  # a second stop never extends the grace
+    assert runner.next_deadline() == clock.t + 5.0
+
+
+def test_stop_of_a_well_behaved_rank(runner: Runner) -> None:
+    runner.start(launch("sleep", "60"))
+    assert runner.stop(KEY, grace_s=30)
+    assert wait_exit(runner) == RankExit(
+        key=KEY, exit_code=-signal.SIGTERM, message="stopped by SIGTERM"
+    )
+
+
+def test_stop_of_an_unknown_rank(runner: Runner) -> None:
+    assert not runner.stop(RankKey(job_id=1, rank=0, attempt=0), grace_s=0)
+
+
+def test_leftovers_in_the_group_are_killed_when_the_leader_exits(runner: Runner) -> None:
+    runner.start(launch("sh", "-c", 'sleep 60 & echo "pids $$ $!"'))
+    _leader, background = pids_from_log(runner)
+    assert wait_exit(runner).exit_code == 0
+    until(lambda: gone(background))
+
+
+@pytest.mark.parametrize(
+    ("command", "working_dir", "code", "message"),
+    [
+        (("gpuctl-no-such-command-x",), "", 127, "command not found: gpuctl-no-such-command-x"),
+        (("/nonexistent/bin/train",), "", 127, "command not found: /nonexistent/bin/train"),
+        ((), "", 127, "empty command"),
+        (("",), "", 127, "empty command"),
+        (("true",), "/nonexistent-dir", 127, "working directory not found: /nonexistent-dir"),
+        (("{tmp}/data.txt",), "", 126, "permission denied: {tmp}/data.txt"),
+        (("{tmp}/garbage",), "", 126, "cannot execute {tmp}/garbage: Exec format error"),
+    ],
+    ids=["missing", "missing-path", "empty", "empty-word", "no-cwd", "no-x-bit", "not-a-program"],
+)
+def test_launches_that_cannot_start(
+    runner: Runner,
+    tmp_path: Path,
+    command: tuple[str, ...],
+    working_dir: str,
+    code: int,
+    message: str,
+) -> None:
+    (tmp_path / "data.txt").write_text("not a program\n")
+    (tmp_path / "garbage").write_bytes(b"\x00\x01\x02\x03")
+    (tmp_path / "garbage").chmod(0o755)
+    command = tuple(word.format(tmp=tmp_path) for word in command)
+    message = message.format(tmp=tmp_path)
+    refused = runner.start(launch(*command, working_dir=working_dir))
+    assert refused == RankExit(key=KEY, exit_code=code, message=message)
+    assert runner.running() == ()
+    assert runner.log_path(KEY).read_text() == f"gpuctl-agent: {message}\n"
+
+
+def test_starting_a_running_rank_twice_is_a_bug(runner: Runner) -> None:
+    runner.start(launch("sleep", "60"))
+    with pytest.raises(ValueError, match="already running"):
+        runner.start(launch("sleep", "60"))
+
+
+def test_reap_kills_everything(runner: Runner) -> None:
+    runner.start(launch(sys.executable, "-c", STUBBORN))
+    leader, child = pids_from_log(runner)
+    [rank_exit] = runner.reap(timeout_s=5)
+    assert rank_exit.exit_code == -signal.SIGKILL
+    assert runner.running() == ()
+    until(lambda: gone(leader) and gone(child))

@@ -1,0 +1,488 @@
+"""The `gpuctl` CLI through click's CliRunner, against the fake API on a real gRPC server."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from gpuctl.cli.main import cli
+from gpuctl.cli.render import clock, index_ranges, table
+from gpuctl.client import jobs_pb2, leases_pb2, nodes_pb2
+from tests.fakes_api import h100_node, running_job, serve_fake
+
+
+@pytest.fixture
+def api():
+    with serve_fake() as fake:
+        yield fake
+
+
+@pytest.fixture
+def gpuctl(api):
+    runner = CliRunner()
+
+    def run(*args: str, input: str | None = None):
+        return runner.invoke(cli, ["--server", api.target, "--user", "alice", *args], input=input)
+
+    return run
+
+
+TRAIN = ("submit", "--kind", "training", "--nodes", "2", "--gpus-per-node", "8")
+
+
+# -- submit -------------------------------------------------------------------------------
+
+
+def test_submit_prints_the_job_id_like_sbatch(api, gpuctl):
+    result = gpuctl(
+        *TRAIN,
+        "--time-limit",
+        "2h",
+        "--env",
+        "NCCL_DEBUG=INFO",
+        "--",
+        "torchrun",
+        "train.py",
+        "--lr",
+        "3e-4",
+    )
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "Submitted job 1\n"
+    spec = api.jobs.jobs[1].spec
+    assert list(spec.command) == ["torchrun", "train.py", "--lr", "3e-4"]
+    assert (spec.num_nodes, spec.gpus_per_node, spec.time_limit.seconds) == (2, 8, 7200)
+    assert dict(spec.env) == {"NCCL_DEBUG": "INFO"}
+    assert spec.working_dir == os.getcwd()  # the default workdir is where you submit from
+    assert api.jobs.jobs[1].owner == "alice"
+
+
+def test_submit_command_options_after_the_program_belong_to_it(api, gpuctl):
+    result = gpuctl(
+        "submit",
+        "--kind",
+        "inference",
+        "--replicas",
+        "2",
+        "--gpu-share",
+        "0.5",
+        "vllm",
+        "serve",
+        "--port",
+        "8000",
+    )
+
+    assert result.exit_code == 0, result.output
+    spec = api.jobs.jobs[1].spec
+    assert list(spec.command) == ["vllm", "serve", "--port", "8000"]
+    assert (spec.replicas, spec.gpu_milli) == (2, 500)
+
+
+def test_submit_parsable_prints_only_the_id(gpuctl):
+    result = gpuctl(*TRAIN, "--parsable", "--", "python", "x.py")
+    assert (result.exit_code, result.stdout) == (0, "1\n")
+
+
+def test_submit_dry_run_validates_and_stores_nothing(api, gpuctl):
+    result = gpuctl(*TRAIN, "--dry-run", "--", "python", "x.py")
+
+    assert result.exit_code == 0, result.output
+    assert "valid" in result.stdout and "nothing was submitted" in result.stdout
+    assert "training: 2 nodes x 8 GPUs = 16 GPUs on one fabric" in result.stdout
+    assert api.jobs.calls("CreateJob")[0].validate_only
+    assert api.jobs.jobs == {}
+
+
+def test_submit_from_a_file_with_flags_overriding_it(api, gpuctl, tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(
+        "kind: training\nname: from-file\nnodes: 4\ngpus_per_node: 8\nenv: {A: '1'}\n"
+        "working_dir: /data/run\ncommand: python train.py\n"
+    )
+
+    result = gpuctl("submit", "-f", str(path), "--nodes", "2", "--env", "B=2")
+
+    assert result.exit_code == 0, result.output
+    spec = api.jobs.jobs[1].spec
+    assert (spec.name, spec.num_nodes, spec.working_dir) == ("from-file", 2, "/data/run")
+    assert dict(spec.env) == {"A": "1", "B": "2"}
+    assert list(spec.command) == ["python", "train.py"]
+
+
+def test_submit_from_stdin(api, gpuctl):
+    result = gpuctl(
+        "submit", "-f", "-", input="kind: training\ngpus_per_node: 1\ncommand: [python, x.py]\n"
+    )
+    assert result.exit_code == 0, result.output
+    assert api.jobs.jobs[1].spec.gpus_per_node == 1
+
+
+def test_submit_invalid_spec_is_one_error_line(api, gpuctl):
+    result = gpuctl("submit", "--kind", "training", "--gpus-per-node", "0", "--", "python")
+
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert result.stderr == "error: spec.gpus_per_node: must be between 1 and 16, got 0\n"
+
+
+def test_submit_bad_file_names_the_file_and_field(api, gpuctl, tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("kind: training\ngpus: 8\ncommand: x\n")
+
+    result = gpuctl("submit", "-f", str(path))
+
+    assert result.exit_code == 1
+    assert result.stderr.startswith(
+        f"error: {path}: gpus: unknown field; did you mean 'gpus_per_node'?"
+    )
+    assert result.stderr.count("\n") == 1
+    assert api.jobs.requests == []
+
+
+def test_submit_without_kind_says_it_is_required(gpuctl):
+    result = gpuctl("submit", "--", "python")
+    assert (result.exit_code, result.stderr) == (
+        1,
+        "error: kind: is required: 'training' or 'inference'\n",
+    )
+
+
+def test_submit_env_name_alone_passes_the_local_value(api, gpuctl, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "secret")
+    assert gpuctl(*TRAIN, "--env", "HF_TOKEN", "--", "python").exit_code == 0
+    assert dict(api.jobs.jobs[1].spec.env) == {"HF_TOKEN": "secret"}
+
+
+def test_submit_wait_exits_by_the_final_state(api, gpuctl):
+    api.jobs.after_watch_start.append(
+        lambda: api.jobs.set_state(1, jobs_pb2.JOB_STATE_SUCCEEDED, exit_code=0, reason="")
+    )
+    ok = gpuctl(*TRAIN, "--wait", "--", "python")
+    assert (ok.exit_code, ok.stdout) == (0, "Submitted job 1\njob 1 succeeded (exit code 0)\n")
+
+    api.jobs.after_watch_start.append(
+        lambda: api.jobs.set_state(
+            2, jobs_pb2.JOB_STATE_FAILED, exit_code=3, reason="rank 1 exited with 3"
+        )
+    )
+    failed = gpuctl(*TRAIN, "--wait", "--parsable", "--", "python")
+    assert (failed.exit_code, failed.stdout) == (1, "2\n")
+    assert failed.stderr == "job 2 failed (exit code 3): rank 1 exited with 3\n"
+
+
+def test_unreachable_server_is_one_clear_line():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    result = CliRunner().invoke(cli, ["--server", f"127.0.0.1:{port}", "jobs"])
+
+    assert result.exit_code == 1
+    assert result.stderr == f"error: cannot reach gpuctld at 127.0.0.1:{port} (is it running?)\n"
+
+
+# -- jobs ---------------------------------------------------------------------------------
+
+
+def test_jobs_table_shows_active_jobs_by_default(api, gpuctl):
+    gpuctl(*TRAIN, "--name", "waiting", "--", "python")
+    running_job(api, 2)
+    gpuctl(*TRAIN, "--", "python")
+    gpuctl("cancel", "3")
+
+    result = gpuctl("jobs")
+
+    assert result.exit_code == 0, result.output
+    header, *rows = result.stdout.splitlines()
+    assert header.split() == [
+        "JOBID",
+        "NAME",
+        "KIND",
+        "QUEUE",
+        "USER",
+        "ST",
+        "TIME",
+        "NODES",
+        "GPUS",
+        "NODELIST(REASON)",
+    ]
+    assert [r.split()[0] for r in rows] == ["1", "2"]
+    assert rows[0].split()[:9] == [
+        "1",
+        "waiting",
+        "training",
+        "default",
+        "alice",
+        "PD",
+        "0:00",
+        "2",
+        "16",
+    ]
+    assert rows[0].endswith("(waiting for the next scheduling cycle)")
+    assert rows[1].split()[5] == "R" and rows[1].endswith("gpu-01,gpu-02")
+    assert api.jobs.calls("ListJobs")[-1].states == [
+        jobs_pb2.JOB_STATE_PENDING,
+        jobs_pb2.JOB_STATE_RUNNING,
+        jobs_pb2.JOB_STATE_CANCELLING,
+    ]
+
+    everything = gpuctl("jobs", "--all")
+    assert [r.split()[0] for r in everything.stdout.splitlines()[1:]] == ["1", "2", "3"]
+    assert everything.stdout.splitlines()[3].split()[5] == "CA"
+
+
+def test_jobs_filters_by_state_and_queue(api, gpuctl):
+    gpuctl(*TRAIN, "--queue", "prod", "--", "python")
+    running_job(api, 2)
+
+    assert [r.split()[0] for r in gpuctl("jobs", "--state", "running").stdout.splitlines()[1:]] == [
+        "2"
+    ]
+    assert [r.split()[0] for r in gpuctl("jobs", "--queue", "prod").stdout.splitlines()[1:]] == [
+        "1"
+    ]
+    bad = gpuctl("jobs", "--state", "sleeping")
+    assert bad.exit_code == 2 and "'sleeping' is not one of" in bad.stderr
+
+
+def test_jobs_wide_adds_columns(api, gpuctl):
+    running_job(api, 1)
+    header = gpuctl("jobs", "-o", "wide").stdout.splitlines()[0].split()
+    assert header[9:] == ["GPU_MODEL", "PRIO", "ATTEMPT", "SUBMITTED", "EXIT", "NODELIST(REASON)"]
+
+
+@pytest.mark.parametrize("fmt", ["json", "yaml"])
+def test_jobs_machine_output_parses(api, gpuctl, fmt):
+    running_job(api, 1)
+    gpuctl(*TRAIN, "--", "python")
+
+    result = gpuctl("jobs", "-o", fmt)
+
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout) if fmt == "json" else yaml.safe_load(result.stdout)
+    assert [j["name"] for j in data] == ["jobs/1", "jobs/2"]
+    assert data[0]["state"] == "JOB_STATE_RUNNING"
+    assert data[0]["placement"]["ranks"][1]["node"] == "gpu-02"
+    assert data[1]["spec"]["gpus_per_node"] == 8
+
+
+# -- describe -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ref", ["1", "jobs/1"])
+def test_describe_job(api, gpuctl, ref):
+    running_job(api, 1)
+
+    result = gpuctl("describe", ref)
+
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    for line in [
+        "Name:       jobs/1",
+        "State:      running",
+        "Asks for:   training: 2 nodes x 8 GPUs = 16 GPUs on one fabric; queue research, priority 0",
+        "  command: torchrun train.py",
+        "  Master:   10.0.0.6:29500",
+        "  rank 1 (gpu-02):",
+        "    NODE_RANK=1",
+    ]:
+        assert line in out.splitlines(), line
+    ranks = out.split("Placement:")[1].splitlines()
+    assert [r.split()[:5] for r in ranks if r.strip().startswith(("0 ", "1 "))] == [
+        ["0", "gpu-01", "0-7", "1", "running"],
+        ["1", "gpu-02", "0-7", "1", "running"],
+    ]
+
+
+def test_describe_pending_job_shows_reason_and_events(api, gpuctl):
+    gpuctl(*TRAIN, "--", "python")
+
+    out = gpuctl("describe", "1").stdout
+
+    assert "Reason:     waiting for the next scheduling cycle" in out
+    assert "Placement:  <none>" in out
+    events = out.split("Events:")[1].splitlines()
+    assert events[1].split() == ["AGE", "TYPE", "MESSAGE"]
+    assert events[2].split()[1:] == ["Submitted", "by", "alice"]
+
+
+def test_describe_node(api, gpuctl):
+    api.nodes.add(h100_node("gpu-01", used={0: (1000, [7]), 1: (250, [8])}))
+    api.nodes.add(h100_node("gpu-02", measured=False, state=nodes_pb2.NODE_STATE_DRAINING))
+    api.nodes.nodes["gpu-02"].state_reason = "bad DIMM"
+
+    out = gpuctl("describe", "gpu-01").stdout
+    lines = out.splitlines()
+
+    assert "Fabric:         fabric-a/spine-1/leaf-1" in lines
+    assert "Price:          $98.32/hr" in lines
+    assert "  Network:       infiniband, 8 x 400 Gb/s (3200 Gb/s)" in lines
+    assert "  BF16 TFLOPS:   7912 (dense, whole node)" in lines
+    gpu0 = next(line for line in lines if line.split()[:2] == ["0", "H100"])
+    assert gpu0.split()[:7] == ["0", "H100", "SXM", "79.6GiB", "3352", "2980.5", "900"]
+    assert "GPU usage:  6.75 of 8 GPUs free" in lines
+    assert "Registered  agent 0.1.0 registered" in out
+
+    drained = gpuctl("describe", "gpu-02").stdout
+    assert "State:          draining (bad DIMM)" in drained.splitlines()
+    assert "not measured" in drained
+
+
+def test_describe_missing_things_is_one_error_line(gpuctl):
+    job = gpuctl("describe", "42")
+    node = gpuctl("describe", "gpu-99")
+    assert (job.exit_code, job.stderr) == (1, "error: job jobs/42 not found\n")
+    assert (node.exit_code, node.stderr) == (1, "error: node gpu-99 not found\n")
+
+
+# -- logs, cancel -------------------------------------------------------------------------
+
+
+def test_logs_writes_the_bytes(api, gpuctl):
+    running_job(api, 1)
+    api.jobs.logs[(1, 1)] = b"rank 1: step 10\n\xff binary ok\n"
+
+    result = gpuctl("logs", "1", "--rank", "1")
+
+    assert result.exit_code == 0
+    assert result.stdout_bytes == b"rank 1: step 10\n\xff binary ok\n"
+    assert api.jobs.calls("StreamJobLogs")[0].rank == 1
+
+
+def test_cancel_several_keeps_going_after_a_failure(api, gpuctl):
+    gpuctl(*TRAIN, "--", "python")
+    running_job(api, 2)
+
+    result = gpuctl("cancel", "1", "99", "jobs/2", "nope")
+
+    assert result.exit_code == 1
+    assert result.stdout == "job 1 cancelled\njob 2 cancelling\n"
+    assert result.stderr.splitlines() == [
+        "error: job jobs/99 not found",
+        "error: job: 'nope' is not a job name like 'jobs/42' or '42'",
+    ]
+
+
+def test_cancel_all_ok_exits_zero(api, gpuctl):
+    gpuctl(*TRAIN, "--", "python")
+    assert gpuctl("cancel", "1").exit_code == 0
+
+
+# -- nodes, drain, leases -----------------------------------------------------------------
+
+
+def test_nodes_table(api, gpuctl):
+    api.nodes.add(h100_node("gpu-01", used={0: (1000, [7]), 1: (500, [8])}))
+    api.nodes.add(h100_node("gpu-02", measured=False, fabric="fabric-b/spine-1/leaf-2"))
+
+    result = gpuctl("nodes")
+
+    assert result.exit_code == 0, result.output
+    header, *rows = result.stdout.splitlines()
+    assert header.split() == [
+        "NAME", "STATE", "GPUS", "MODEL", "HBM_GB/s", "NVLINK_GB/s", "NETWORK", "FABRIC", "LEASE", "$/HR", "FREE(GPUs)",
+    ]  # fmt: skip
+    assert rows[0].split() == [
+        "gpu-01", "ready", "8", "H100", "SXM", "2980.5", "900", "ib", "8x400G",
+        "fabric-a/spine-1/leaf-1", "leases/gpu-01", "98.32", "6.5",
+    ]  # fmt: skip
+    assert rows[1].split()[5] == "3352"  # not measured: the datasheet number
+
+    data = json.loads(gpuctl("nodes", "-o", "json").stdout)
+    assert data[0]["profile"]["gpus"][0]["measured_hbm_gbps"] == 2980.5
+    assert "SKU" in gpuctl("nodes", "-o", "wide").stdout.splitlines()[0].split()
+
+
+def test_drain(api, gpuctl):
+    api.nodes.add(h100_node("gpu-01"))
+
+    result = gpuctl("drain", "gpu-01", "--reason", "bad DIMM")
+
+    assert (result.exit_code, result.stdout) == (0, "node gpu-01 draining\n")
+    assert api.nodes.nodes["gpu-01"].state_reason == "bad DIMM"
+
+
+def test_leases_table(api, gpuctl):
+    api.leases.leases.extend(
+        [
+            leases_pb2.Lease(
+                name="leases/a",
+                node="gpu-01",
+                provider="static",
+                sku="p5.48xlarge",
+                price_per_hour=98.32,
+                state=leases_pb2.LEASE_STATE_ACTIVE,
+                for_job_id=2,
+                cost_usd=12.5,
+            ),
+            leases_pb2.Lease(name="leases/b", node="gpu-02", state=leases_pb2.LEASE_STATE_RELEASED),
+        ]
+    )
+
+    rows = gpuctl("leases").stdout.splitlines()
+    assert rows[0].split() == [
+        "NAME",
+        "NODE",
+        "PROVIDER",
+        "SKU",
+        "STATE",
+        "$/HR",
+        "AGE",
+        "FOR_JOB",
+        "COST_$",
+    ]
+    assert rows[1].split() == [
+        "leases/a",
+        "gpu-01",
+        "static",
+        "p5.48xlarge",
+        "active",
+        "98.32",
+        "-",
+        "2",
+        "12.50",
+    ]
+    assert len(rows) == 2
+    assert len(gpuctl("leases", "--all").stdout.splitlines()) == 3
+
+
+# -- rendering pieces ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"), [(0, "0:00"), (65, "1:05"), (3600, "1:00:00"), (90061, "1-01:01:01")]
+)
+def test_clock(seconds, text):
+    assert clock(seconds) == text
+
+
+def test_index_ranges_and_table():
+    assert index_ranges([6, 0, 1, 2, 3]) == "0-3,6"
+    assert table(["A", "LONGER"], [["xx", ""], ["y", "z"]]) == "A   LONGER\nxx  -\ny   z"
+
+
+def test_unreadable_job_file_is_one_error_line(gpuctl, tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("kind: training\n")
+    path.chmod(0)
+    if os.access(path, os.R_OK):  # root reads everything
+        pytest.skip("running as root")
+
+    result = gpuctl("submit", "-f", str(path))
+
+    assert (result.exit_code, result.stderr) == (
+        1,
+        f"error: cannot read {path}: Permission denied\n",
+    )
+
+
+def test_help_lists_the_commands():
+    result = CliRunner().invoke(cli, ["--help"])
+    assert result.exit_code == 0
+    for command in ("submit", "jobs", "describe", "logs", "cancel", "nodes", "drain", "leases"):
+        assert f"  {command} " in result.stdout

@@ -1,0 +1,145 @@
+"""End to end: gpuctld and two agents as real processes on loopback ports, driven by the CLI.
+
+A 2-node gang runs and both ranks see one consistent torch.distributed world; the job and
+everything acknowledged survive the daemon being killed with SIGKILL and restarted.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+
+import pytest
+
+from gpuctl.testbed import AgentSpec, LocalCluster
+
+pytestmark = pytest.mark.e2e
+
+PRINT_ENV = (
+    "import json, os; keys = ['MASTER_ADDR', 'MASTER_PORT', 'WORLD_SIZE', 'NODE_RANK', 'NNODES', "
+    "'NPROC_PER_NODE', 'PET_NNODES', 'PET_NODE_RANK', 'PET_MASTER_ADDR', 'PET_MASTER_PORT', "
+    "'CUDA_VISIBLE_DEVICES', 'GPUCTL_JOB_ID', 'GPUCTL_NODE_RANK', 'GPUCTL_NUM_NODES', 'GPUCTL_NODELIST', "
+    "'NOTIFY_SOCKET']; print('ENV ' + json.dumps({k: os.environ.get(k) for k in keys}))"
+)
+
+
+def node(name: str) -> AgentSpec:
+    return AgentSpec(
+        name=name,
+        fake_gpus="h100-sxm:8",
+        fabric="ib-test/spine-1/leaf-1",
+        net="infiniband:8x400",
+        price_per_hour=20.0,
+    )
+
+
+def wait_until(check, timeout: float = 30.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = LocalCluster(tmp_path / "cluster")
+    c.start_daemon()
+    yield c
+    c.stop_all()
+    if any(c.procs.values()):
+        pass
+
+
+def nodes_ready(cluster: LocalCluster, n: int) -> bool:
+    out = cluster.gpuctl("nodes", "-o", "json", check=False)
+    return out.returncode == 0 and len(json.loads(out.stdout or "[]")) == n
+
+
+def job_json(cluster: LocalCluster, job_id: str) -> dict:
+    out = cluster.gpuctl("jobs", "--all", "-o", "json")
+    return next(j for j in json.loads(out.stdout) if str(j["id"]) == job_id)
+
+
+def test_two_node_gang_runs_with_one_consistent_world_and_survives_a_restart(cluster, tmp_path):
+    cluster.start_agent(node("gpu-1"))
+    cluster.start_agent(node("gpu-2"))
+    wait_until(lambda: nodes_ready(cluster, 2), what="two nodes to register")
+
+    out = cluster.gpuctl(
+        "submit", "--kind", "training", "--nodes", "2", "--gpus-per-node", "8", "--name", "gang",
+        "--wait", "--", sys.executable, "-c", PRINT_ENV,
+    )  # fmt: skip
+    assert out.stdout.startswith("Submitted job ")
+    job_id = out.stdout.split()[2]
+    job = job_json(cluster, job_id)
+    assert job["state"] == "JOB_STATE_SUCCEEDED", job
+
+    envs = []
+    for rank in (0, 1):
+        log = cluster.gpuctl("logs", job_id, "--rank", str(rank)).stdout
+        line = next(x for x in log.splitlines() if x.startswith("ENV "))
+        envs.append(json.loads(line[4:]))
+    assert [e["NODE_RANK"] for e in envs] == ["0", "1"]
+    assert [e["PET_NODE_RANK"] for e in envs] == ["0", "1"]
+    assert {e["MASTER_ADDR"] for e in envs} == {"127.0.0.1"}
+    assert len({e["MASTER_PORT"] for e in envs}) == 1
+    for e in envs:
+        assert e["WORLD_SIZE"] == "16"
+        assert (e["NNODES"], e["PET_NNODES"], e["NPROC_PER_NODE"]) == ("2", "2", "8")
+        assert e["MASTER_PORT"] == e["PET_MASTER_PORT"]
+        assert e["CUDA_VISIBLE_DEVICES"] == "0,1,2,3,4,5,6,7"
+        assert e["GPUCTL_JOB_ID"] == job_id
+        assert e["GPUCTL_NUM_NODES"] == "2"
+        assert e["GPUCTL_NODELIST"] == "gpu-1,gpu-2"
+        assert e["NOTIFY_SOCKET"] is None
+
+    # The daemon dies hard and comes back on the same store: the job is still there.
+    cluster.stop("gpuctld", signal.SIGKILL)
+    cluster.start_daemon()
+    assert job_json(cluster, job_id)["state"] == "JOB_STATE_SUCCEEDED"
+    described = cluster.gpuctl("describe", job_id).stdout
+    assert "gpu-1" in described and "gpu-2" in described
+
+
+def test_acknowledged_submission_survives_sigkill(cluster):
+    # No agents: the job stays pending, with a reason.
+    out = cluster.gpuctl(
+        "submit", "--parsable", "--kind", "training", "--gpus-per-node", "8", "--", "true"
+    )
+    job_id = out.stdout.strip()
+    cluster.stop("gpuctld", signal.SIGKILL)
+    cluster.start_daemon()
+    job = job_json(cluster, job_id)
+    assert job["state"] == "JOB_STATE_PENDING"
+    wait_until(lambda: job_json(cluster, job_id).get("reason"), what="a pending reason")
+
+
+def test_cancel_stops_a_running_rank_and_bad_input_is_one_line(cluster):
+    cluster.start_agent(node("gpu-1"))
+    wait_until(lambda: nodes_ready(cluster, 1), what="the node to register")
+    job_id = cluster.gpuctl(
+        "submit", "--parsable", "--kind", "inference", "--gpus-per-node", "1", "--",
+        sys.executable, "-c", "import time; print('up', flush=True); time.sleep(600)",
+    ).stdout.strip()  # fmt: skip
+    wait_until(
+        lambda: job_json(cluster, job_id)["state"] == "JOB_STATE_RUNNING", what="the job to run"
+    )
+    wait_until(lambda: "up" in cluster.gpuctl("logs", job_id).stdout, what="the replica's output")
+    cluster.gpuctl("cancel", job_id)
+    wait_until(
+        lambda: job_json(cluster, job_id)["state"] == "JOB_STATE_CANCELLED",
+        what="the job to be cancelled",
+    )
+
+    bad = cluster.gpuctl(
+        "submit", "--kind", "training", "--gpus-per-node", "0", "--", "true", check=False
+    )
+    assert bad.returncode != 0
+    assert len(bad.stderr.strip().splitlines()) == 1
+    assert "gpus_per_node" in bad.stderr
