@@ -3,6 +3,7 @@ cancel, lose a node, time limits. No network, no sleeping."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 
 import pytest
@@ -14,6 +15,7 @@ from gpuctl.core.model import (
     JobKind,
     JobSpec,
     JobState,
+    LeaseState,
     NetKind,
     Network,
     Node,
@@ -275,3 +277,20 @@ def test_logs_are_appended_by_offset_idempotently(ctl):
     assert ctl.push_logs("a", ref, 0, b"hello ") == 6  # a resend: not duplicated
     assert ctl.push_logs("a", ref, 6, b"world\n") == 12
     assert ctl.logs.read(7, 0, 0, 0) == b"hello world\n"
+
+
+def test_an_expired_lease_drains_its_node(ctl):
+    ctl.register_node(h100_node("a"))
+    (lease,) = ctl.store.list_leases()
+    ctl.store.put_lease(replace(lease, expires_at=ctl.clock.now() + timedelta(hours=1)))
+    assert ctl.keep_leases() == []
+    ctl.clock.advance(timedelta(hours=1))
+    assert ctl.keep_leases() == [lease.id]
+    (after,) = ctl.store.list_leases(include_released=True)
+    assert after.state is LeaseState.EXPIRED
+    node = ctl.store.get_node("a")
+    assert node.state is NodeState.DRAINING
+    assert "expired" in node.state_reason
+    assert ctl.lease_costs() == pytest.approx(24.0)  # 1 h x $24/h, then it stops accruing
+    ctl.clock.advance(timedelta(hours=1))
+    assert ctl.lease_costs() == pytest.approx(24.0)

@@ -436,6 +436,43 @@ class Controller:
                 self._write(changed, events)
         return hit
 
+    def keep_leases(self) -> list[str]:
+        """Lease bookkeeping: a lease past its provider's end is EXPIRED and its node drained.
+
+        Returns the expired lease ids. Renewal and release belong to the providers (later)."""
+        now = self.clock.now()
+        expired: list[str] = []
+        with self._lock:
+            for lease in self.store.list_leases():
+                if (
+                    lease.state is not LeaseState.ACTIVE
+                    or lease.expires_at is None
+                    or lease.expires_at > now
+                ):
+                    continue
+                self.store.put_lease(
+                    replace(lease, state=LeaseState.EXPIRED, released_at=lease.expires_at)
+                )
+                why = f"lease {lease.id} expired at {lease.expires_at:%Y-%m-%d %H:%M:%S}Z"
+                try:
+                    node = self.store.get_node(lease.node_id)
+                except NotFound:
+                    node = None
+                if node is not None and node.state in (NodeState.READY, NodeState.DRAINING):
+                    self.store.put_node(
+                        replace(
+                            node,
+                            state=next_node_state(node.id, node.state, NodeEvent.DRAIN),
+                            state_reason=why,
+                        )
+                    )
+                self.store.add_events([_node_event(lease.node_id, now, "LeaseExpired", why)])
+                log.warning("%s; node %s drained", why, lease.node_id)
+                expired.append(lease.id)
+        if expired:
+            log.info("leases: $%.2f accrued so far", self.lease_costs())
+        return expired
+
     def lease_costs(self) -> float:
         """Dollars accrued by every lease so far (bookkeeping; the full lease keeper is later)."""
         now = self.clock.now()

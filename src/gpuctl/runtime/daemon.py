@@ -92,6 +92,7 @@ def serve(config: DaemonConfig, env: dict[str, str], *, port_file: str | None = 
         "heartbeat-expiry", config.heartbeat_check_interval_s, controller.expire_heartbeats
     )
     periodic.every("time-limits", config.heartbeat_check_interval_s, controller.enforce_time_limits)
+    periodic.every("leases", config.lease_interval_s, controller.keep_leases)
     periodic.start()
     # Ready only now: the port is bound and the store is open.
     notifier.ready(f"serving on {host}:{server.port}")
