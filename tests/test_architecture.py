@@ -51,12 +51,29 @@ RULES = (
         gpuctl=(
             "gpuctl.cli",
             "gpuctl.api.client",
+            "gpuctl.api.jobfile",
             "gpuctl.client",
             "gpuctl.core.model",
             "gpuctl.core.errors",
             "gpuctl.core.validation",
         ),
         forbidden=("sqlmodel", "sqlalchemy"),
+    ),
+    Rule(
+        id="agent-stays-off-the-daemon",
+        scope="gpuctl.agent",
+        why="the agent speaks the agent API (generated code, conversion) and shares the core and "
+        "sd_notify; it never reaches into the daemon's store, controller or servicers",
+        gpuctl=(
+            "gpuctl.agent",
+            "gpuctl.core",
+            "gpuctl.api._pb",
+            "gpuctl.api.convert",
+            "gpuctl.api.client",
+            "gpuctl.runtime.sdnotify",
+            "gpuctl.runtime.clock",
+        ),
+        forbidden=("sqlmodel", "sqlalchemy", "apscheduler"),
     ),
     Rule(
         id="only-store-uses-the-orm",
