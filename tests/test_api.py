@@ -289,3 +289,28 @@ def test_health_and_reflection(api):
     # After drain the server refuses work: health is no longer reachable as SERVING.
     with pytest.raises(grpc.RpcError):
         api.health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+
+
+def test_sdk_against_the_real_server(api):
+    """The README's SDK example, against the daemon's own servicers."""
+    from gpuctl.client import Client, FailedPreconditionError, InvalidArgumentError, NotFoundError
+
+    target = f"127.0.0.1:{api.server.port}"
+    with Client(target, user="alice") as gpuctl:
+        job = gpuctl.submit(
+            {"kind": "inference", "replicas": 2, "gpus_per_node": 1, "command": ["python", "serve.py"]}
+        )
+        assert (job.name, job.owner, job.state) == ("jobs/1", "alice", jobs_pb2.JOB_STATE_PENDING)
+        for i in range(4):
+            gpuctl.submit({"kind": "training", "gpus_per_node": 8, "command": "true", "name": f"t{i}"})
+        assert [j.id for j in gpuctl.list(page_size=2)] == [1, 2, 3, 4, 5]
+        with pytest.raises(InvalidArgumentError) as e:
+            gpuctl.submit({"kind": "training", "gpus_per_node": 0, "command": "true"})
+        assert [v.field for v in e.value.violations] == ["spec.gpus_per_node"]
+        assert gpuctl.cancel(job.id).state == jobs_pb2.JOB_STATE_CANCELLED
+        assert gpuctl.wait(job.id, timeout=5).state == jobs_pb2.JOB_STATE_CANCELLED
+        with pytest.raises(FailedPreconditionError):
+            gpuctl.cancel(job.id)
+        with pytest.raises(NotFoundError):
+            gpuctl.get(99)
+        assert gpuctl.health() == "SERVING"
