@@ -298,11 +298,18 @@ def test_sdk_against_the_real_server(api):
     target = f"127.0.0.1:{api.server.port}"
     with Client(target, user="alice") as gpuctl:
         job = gpuctl.submit(
-            {"kind": "inference", "replicas": 2, "gpus_per_node": 1, "command": ["python", "serve.py"]}
+            {
+                "kind": "inference",
+                "replicas": 2,
+                "gpus_per_node": 1,
+                "command": ["python", "serve.py"],
+            }
         )
         assert (job.name, job.owner, job.state) == ("jobs/1", "alice", jobs_pb2.JOB_STATE_PENDING)
         for i in range(4):
-            gpuctl.submit({"kind": "training", "gpus_per_node": 8, "command": "true", "name": f"t{i}"})
+            gpuctl.submit(
+                {"kind": "training", "gpus_per_node": 8, "command": "true", "name": f"t{i}"}
+            )
         assert [j.id for j in gpuctl.list(page_size=2)] == [1, 2, 3, 4, 5]
         with pytest.raises(InvalidArgumentError) as e:
             gpuctl.submit({"kind": "training", "gpus_per_node": 0, "command": "true"})

@@ -20,6 +20,7 @@ from gpuctl.core.model import (
     BandwidthProfile,
     Event,
     Gpu,
+    IbPort,
     Job,
     JobKind,
     JobSpec,
@@ -116,6 +117,17 @@ def h100_profile() -> BandwidthProfile:
             nvlink_gbps=900.0,
             measured_hbm_gbps=2971.25 + i,
             mig_enabled=i == 0,
+            pci_bus_id=f"00000000:{0x18 + i:02X}:00.0",
+            nvlink_links_active=18 - (i == 3),
+            nvlink_links_total=18,
+            nvlink_version=4,
+            nvlink_peers=tuple(f"00000000:{0x18 + j:02X}:00.0" for j in range(8) if j != i),
+            pcie_gen=5,
+            pcie_width=16,
+            pcie_max_gen=5,
+            pcie_max_width=16,
+            numa_node=i // 4,
+            cpu_affinity="0-47,96-143" if i < 4 else "48-95,144-191",
         )
         for i in range(8)
     )
@@ -125,6 +137,18 @@ def h100_profile() -> BandwidthProfile:
         pcie_gen=5,
         pcie_width=16,
         network=Network(kind=NetKind.INFINIBAND, ports=8, gbps_per_port=400.0),
+        ib_ports=tuple(
+            IbPort(
+                device=f"mlx5_{i}",
+                port=1,
+                rate_gbps=400.0,
+                state="ACTIVE",
+                phys_state="LinkUp",
+                link_layer="InfiniBand",
+                guid=f"0xb83fd203001a{i:04x}",
+            )
+            for i in range(8)
+        ),
         bf16_tflops=7916.0,
         source="nvml",
         measured_at=datetime(2025, 3, 1, 17, 30, 0, 123456, tzinfo=IST),
@@ -146,6 +170,7 @@ def node(node_id: str = "n1", **changes: object) -> Node:
         price_per_hour=23.92,
         state=NodeState.DRAINING,
         state_reason="maintenance",
+        health_issues=("GPU 3: NVLink 17/18 links active",),
         lease_id="lease-1",
         registered_at=T0,
         last_heartbeat=T0.astimezone(IST) + timedelta(seconds=5),

@@ -14,6 +14,7 @@ from gpuctl.core.model import (
     BandwidthProfile,
     Event,
     Gpu,
+    IbPort,
     Job,
     JobKind,
     JobSpec,
@@ -284,9 +285,30 @@ def profile_to_pb(p: BandwidthProfile) -> nodes_pb2.BandwidthProfile:
             hbm_gbps=g.hbm_gbps,
             nvlink_gbps=g.nvlink_gbps,
             mig_enabled=g.mig_enabled,
+            pci_bus_id=g.pci_bus_id,
+            nvlink_links_active=g.nvlink_links_active,
+            nvlink_links_total=g.nvlink_links_total,
+            nvlink_version=g.nvlink_version,
+            nvlink_peers=list(g.nvlink_peers),
+            pcie_gen=g.pcie_gen,
+            pcie_width=g.pcie_width,
+            pcie_max_gen=g.pcie_max_gen,
+            pcie_max_width=g.pcie_max_width,
+            numa_node=g.numa_node,
+            cpu_affinity=g.cpu_affinity,
         )
         if g.measured_hbm_gbps is not None:
             gm.measured_hbm_gbps = g.measured_hbm_gbps
+    for port in p.ib_ports:
+        msg.ib_ports.add(
+            device=port.device,
+            port=port.port,
+            rate_gbps=port.rate_gbps,
+            state=port.state,
+            phys_state=port.phys_state,
+            link_layer=port.link_layer,
+            guid=port.guid,
+        )
     return msg
 
 
@@ -302,8 +324,31 @@ def profile_from_pb(msg: nodes_pb2.BandwidthProfile) -> BandwidthProfile:
                 nvlink_gbps=g.nvlink_gbps,
                 measured_hbm_gbps=g.measured_hbm_gbps if g.HasField("measured_hbm_gbps") else None,
                 mig_enabled=g.mig_enabled,
+                pci_bus_id=g.pci_bus_id,
+                nvlink_links_active=g.nvlink_links_active,
+                nvlink_links_total=g.nvlink_links_total,
+                nvlink_version=g.nvlink_version,
+                nvlink_peers=tuple(g.nvlink_peers),
+                pcie_gen=g.pcie_gen,
+                pcie_width=g.pcie_width,
+                pcie_max_gen=g.pcie_max_gen,
+                pcie_max_width=g.pcie_max_width,
+                numa_node=g.numa_node,
+                cpu_affinity=g.cpu_affinity,
             )
             for g in msg.gpus
+        ),
+        ib_ports=tuple(
+            IbPort(
+                device=p.device,
+                port=p.port,
+                rate_gbps=p.rate_gbps,
+                state=p.state,
+                phys_state=p.phys_state,
+                link_layer=p.link_layer,
+                guid=p.guid,
+            )
+            for p in msg.ib_ports
         ),
         nvlink_domain_size=msg.nvlink_domain_size,
         pcie_gen=msg.pcie_gen,
@@ -340,6 +385,7 @@ def node_to_pb(
         price_per_hour=node.price_per_hour,
         state=NODE_STATE[node.state],
         state_reason=node.state_reason,
+        health_issues=list(node.health_issues),
         lease=node.lease_id,
         register_time=ts(node.registered_at),
         last_heartbeat_time=ts(node.last_heartbeat),
@@ -365,6 +411,7 @@ def node_from_pb(msg: nodes_pb2.Node) -> Node:
         price_per_hour=msg.price_per_hour,
         state=NODE_STATE_FROM.get(msg.state, NodeState.READY),
         state_reason=msg.state_reason,
+        health_issues=tuple(msg.health_issues),
         lease_id=msg.lease,
         registered_at=from_ts(msg.register_time, msg.HasField("register_time")),
         last_heartbeat=from_ts(msg.last_heartbeat_time, msg.HasField("last_heartbeat_time")),

@@ -48,6 +48,8 @@ class NodeEvent(enum.StrEnum):
     DRAIN = "drain"
     HEARTBEAT_MISSED = "heartbeat-missed"
     RELEASE = "release"
+    DEGRADE = "degrade"  # the agent reports health issues
+    RECOVER = "recover"  # the agent reports none again
 
 
 N = NodeState
@@ -57,12 +59,25 @@ NODE_TRANSITIONS: dict[NodeState, dict[NodeEvent, NodeState]] = {
         NodeEvent.DRAIN: N.DRAINING,
         NodeEvent.HEARTBEAT_MISSED: N.LOST,
         NodeEvent.RELEASE: N.RELEASED,
+        NodeEvent.DEGRADE: N.DEGRADED,
+        NodeEvent.RECOVER: N.READY,
     },
     N.DRAINING: {
         NodeEvent.REGISTER: N.DRAINING,
         NodeEvent.DRAIN: N.DRAINING,
         NodeEvent.HEARTBEAT_MISSED: N.LOST,
         NodeEvent.RELEASE: N.RELEASED,
+        # An operator's drain outlives a hardware problem: it is lifted by hand, not by health.
+        NodeEvent.DEGRADE: N.DRAINING,
+        NodeEvent.RECOVER: N.DRAINING,
+    },
+    N.DEGRADED: {
+        NodeEvent.REGISTER: N.DEGRADED,
+        NodeEvent.DRAIN: N.DRAINING,
+        NodeEvent.HEARTBEAT_MISSED: N.LOST,
+        NodeEvent.RELEASE: N.RELEASED,
+        NodeEvent.DEGRADE: N.DEGRADED,
+        NodeEvent.RECOVER: N.READY,
     },
     N.LOST: {NodeEvent.REGISTER: N.READY, NodeEvent.DRAIN: N.LOST, NodeEvent.RELEASE: N.RELEASED},
     N.RELEASED: {NodeEvent.REGISTER: N.READY},

@@ -45,6 +45,7 @@ class RankState(enum.StrEnum):
 class NodeState(enum.StrEnum):
     READY = "ready"
     DRAINING = "draining"  # no new work; running work finishes
+    DEGRADED = "degraded"  # its agent reports a hardware problem: no new work until it clears
     LOST = "lost"  # missed heartbeats past the timeout
     RELEASED = "released"
 
@@ -80,6 +81,30 @@ class Gpu:
     nvlink_gbps: float = 0.0  # aggregate NVLink bandwidth of this GPU, 0 = none
     measured_hbm_gbps: float | None = None  # None: not measured
     mig_enabled: bool = False
+    pci_bus_id: str = ""
+    nvlink_links_active: int = 0
+    nvlink_links_total: int = 0  # links the GPU has (active or not)
+    nvlink_version: int = 0  # the NVLink generation, e.g. 4 on Hopper
+    nvlink_peers: tuple[str, ...] = ()  # PCI bus ids at the far end of active links
+    pcie_gen: int = 0  # current link
+    pcie_width: int = 0
+    pcie_max_gen: int = 0
+    pcie_max_width: int = 0
+    numa_node: int = -1  # -1: unknown
+    cpu_affinity: str = ""  # CPU list, e.g. "0-47,96-143"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IbPort:
+    """One InfiniBand or RoCE port, as /sys/class/infiniband shows it."""
+
+    device: str  # e.g. mlx5_0
+    port: int
+    rate_gbps: float
+    state: str  # ACTIVE, DOWN, ...
+    phys_state: str  # LinkUp, Disabled, ...
+    link_layer: str  # InfiniBand | Ethernet (RoCE)
+    guid: str = ""  # port GUID, to check that nodes claiming one fabric are plausible
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -102,6 +127,7 @@ class BandwidthProfile:
     pcie_gen: int = 0
     pcie_width: int = 0
     network: Network = field(default_factory=Network)
+    ib_ports: tuple[IbPort, ...] = ()
     bf16_tflops: float = 0.0  # dense, whole node
     source: str = "fake"  # "fake" | "nvml"
     measured_at: datetime | None = None
@@ -138,6 +164,9 @@ class Node:
     price_per_hour: float = 0.0
     state: NodeState = NodeState.READY
     state_reason: str = ""
+    health_issues: tuple[
+        str, ...
+    ] = ()  # what the agent found wrong, e.g. "GPU 3: NVLink 2/18 down"
     lease_id: str = ""
     registered_at: datetime | None = None
     last_heartbeat: datetime | None = None

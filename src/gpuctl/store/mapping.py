@@ -16,6 +16,7 @@ from gpuctl.core.model import (
     BandwidthProfile,
     Event,
     Gpu,
+    IbPort,
     Job,
     JobKind,
     JobSpec,
@@ -128,6 +129,7 @@ def node_values(node: Node) -> dict[str, Any]:
         "price_per_hour": node.price_per_hour,
         "state": node.state.value,
         "state_reason": node.state_reason,
+        "health_issues": _dumps(node.health_issues),
         "lease_id": node.lease_id,
         "registered_at": _utc(node.registered_at),
         "last_heartbeat": _utc(node.last_heartbeat),
@@ -149,6 +151,7 @@ def node_from_row(row: NodeRow) -> Node:
         price_per_hour=float(row.price_per_hour),  # SQLite's RETURNING can hand back 0 for 0.0
         state=NodeState(row.state),
         state_reason=row.state_reason,
+        health_issues=tuple(json.loads(row.health_issues or "[]")),
         lease_id=row.lease_id,
         registered_at=row.registered_at,
         last_heartbeat=row.last_heartbeat,
@@ -161,13 +164,19 @@ def _profile_from(data: dict[str, Any]) -> BandwidthProfile:
     return BandwidthProfile(
         **{
             **known,
-            "gpus": tuple(Gpu(**_known(Gpu, g)) for g in known.get("gpus", ())),
+            "gpus": tuple(_gpu_from(g) for g in known.get("gpus", ())),
+            "ib_ports": tuple(IbPort(**_known(IbPort, p)) for p in known.get("ib_ports", ())),
             "network": _network_from(known.get("network", {})),
             "measured_at": None
             if measured_at is None
             else _utc(datetime.fromisoformat(measured_at)),
         }
     )
+
+
+def _gpu_from(data: dict[str, Any]) -> Gpu:
+    known = _known(Gpu, data)
+    return Gpu(**{**known, "nvlink_peers": tuple(known.get("nvlink_peers", ()))})
 
 
 def _network_from(data: dict[str, Any]) -> Network:

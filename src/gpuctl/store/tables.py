@@ -81,6 +81,7 @@ class NodeRow(SQLModel, table=True):
     price_per_hour: float
     state: str
     state_reason: str = Field(sa_type=Text)
+    health_issues: str = Field(default="[]", sa_type=Text)  # JSON list of strings
     lease_id: str
     registered_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
     last_heartbeat: datetime | None = Field(default=None, sa_type=UtcDateTime)

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from gpuctl.api._pb.v1 import events_pb2 as gpuctl_dot_v1_dot_events__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15gpuctl/v1/nodes.proto\x12\tgpuctl.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16gpuctl/v1/events.proto\"\xb7\x01\n\x03Gpu\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x12\n\nmemory_mib\x18\x04 \x01(\x03\x12\x10\n\x08hbm_gbps\x18\x05 \x01(\x01\x12\x13\n\x0bnvlink_gbps\x18\x06 \x01(\x01\x12\x1e\n\x11measured_hbm_gbps\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x0bmig_enabled\x18\x08 \x01(\x08\x42\x14\n\x12_measured_hbm_gbps\"Q\n\x07Network\x12 \n\x04kind\x18\x01 \x01(\x0e\x32\x12.gpuctl.v1.NetKind\x12\r\n\x05ports\x18\x02 \x01(\x05\x12\x15\n\rgbps_per_port\x18\x03 \x01(\x01\"\xee\x01\n\x10\x42\x61ndwidthProfile\x12\x1c\n\x04gpus\x18\x01 \x03(\x0b\x32\x0e.gpuctl.v1.Gpu\x12\x1a\n\x12nvlink_domain_size\x18\x02 \x01(\x05\x12\x10\n\x08pcie_gen\x18\x03 \x01(\x05\x12\x12\n\npcie_width\x18\x04 \x01(\x05\x12#\n\x07network\x18\x05 \x01(\x0b\x32\x12.gpuctl.v1.Network\x12\x13\n\x0b\x62\x66\x31\x36_tflops\x18\x06 \x01(\x01\x12\x0e\n\x06source\x18\x07 \x01(\t\x12\x30\n\x0cmeasure_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\">\n\x08GpuUsage\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x12\n\nused_milli\x18\x02 \x01(\x05\x12\x0f\n\x07job_ids\x18\x03 \x03(\x03\"\xa9\x04\n\x04Node\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06\x66\x61\x62ric\x18\x03 \x01(\t\x12\x10\n\x08provider\x18\x04 \x01(\t\x12\x0b\n\x03sku\x18\x05 \x01(\t\x12\x0e\n\x06region\x18\x06 \x01(\t\x12+\n\x06labels\x18\x07 \x03(\x0b\x32\x1b.gpuctl.v1.Node.LabelsEntry\x12\x11\n\tcpu_milli\x18\x08 \x01(\x03\x12\x12\n\nmemory_mib\x18\t \x01(\x03\x12,\n\x07profile\x18\n \x01(\x0b\x32\x1b.gpuctl.v1.BandwidthProfile\x12\x16\n\x0eprice_per_hour\x18\x0b \x01(\x01\x12#\n\x05state\x18\x0c \x01(\x0e\x32\x14.gpuctl.v1.NodeState\x12\x14\n\x0cstate_reason\x18\r \x01(\t\x12\r\n\x05lease\x18\x0e \x01(\t\x12\x31\n\rregister_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\x13last_heartbeat_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\"\n\x05usage\x18\x11 \x03(\x0b\x32\x13.gpuctl.v1.GpuUsage\x12 \n\x06\x65vents\x18\x12 \x03(\x0b\x32\x10.gpuctl.v1.Event\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"9\n\x10ListNodesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"L\n\x11ListNodesResponse\x12\x1e\n\x05nodes\x18\x01 \x03(\x0b\x32\x0f.gpuctl.v1.Node\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1e\n\x0eGetNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"0\n\x10\x44rainNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t*\x84\x01\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10NODE_STATE_READY\x10\x01\x12\x17\n\x13NODE_STATE_DRAINING\x10\x02\x12\x13\n\x0fNODE_STATE_LOST\x10\x03\x12\x17\n\x13NODE_STATE_RELEASED\x10\x04*y\n\x07NetKind\x12\x18\n\x14NET_KIND_UNSPECIFIED\x10\x00\x12\x11\n\rNET_KIND_NONE\x10\x01\x12\x15\n\x11NET_KIND_ETHERNET\x10\x02\x12\x11\n\rNET_KIND_ROCE\x10\x03\x12\x17\n\x13NET_KIND_INFINIBAND\x10\x04\x32\xc7\x01\n\x0bNodeService\x12\x46\n\tListNodes\x12\x1b.gpuctl.v1.ListNodesRequest\x1a\x1c.gpuctl.v1.ListNodesResponse\x12\x35\n\x07GetNode\x12\x19.gpuctl.v1.GetNodeRequest\x1a\x0f.gpuctl.v1.Node\x12\x39\n\tDrainNode\x12\x1b.gpuctl.v1.DrainNodeRequest\x1a\x0f.gpuctl.v1.Nodeb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15gpuctl/v1/nodes.proto\x12\tgpuctl.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16gpuctl/v1/events.proto\"\xaf\x03\n\x03Gpu\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x12\n\nmemory_mib\x18\x04 \x01(\x03\x12\x10\n\x08hbm_gbps\x18\x05 \x01(\x01\x12\x13\n\x0bnvlink_gbps\x18\x06 \x01(\x01\x12\x1e\n\x11measured_hbm_gbps\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x0bmig_enabled\x18\x08 \x01(\x08\x12\x12\n\npci_bus_id\x18\t \x01(\t\x12\x1b\n\x13nvlink_links_active\x18\n \x01(\x05\x12\x1a\n\x12nvlink_links_total\x18\x0b \x01(\x05\x12\x16\n\x0envlink_version\x18\x0c \x01(\x05\x12\x14\n\x0cnvlink_peers\x18\r \x03(\t\x12\x10\n\x08pcie_gen\x18\x0e \x01(\x05\x12\x12\n\npcie_width\x18\x0f \x01(\x05\x12\x14\n\x0cpcie_max_gen\x18\x10 \x01(\x05\x12\x16\n\x0epcie_max_width\x18\x11 \x01(\x05\x12\x11\n\tnuma_node\x18\x12 \x01(\x05\x12\x14\n\x0c\x63pu_affinity\x18\x13 \x01(\tB\x14\n\x12_measured_hbm_gbps\"~\n\x06IbPort\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\x05\x12\x11\n\trate_gbps\x18\x03 \x01(\x01\x12\r\n\x05state\x18\x04 \x01(\t\x12\x12\n\nphys_state\x18\x05 \x01(\t\x12\x12\n\nlink_layer\x18\x06 \x01(\t\x12\x0c\n\x04guid\x18\x07 \x01(\t\"Q\n\x07Network\x12 \n\x04kind\x18\x01 \x01(\x0e\x32\x12.gpuctl.v1.NetKind\x12\r\n\x05ports\x18\x02 \x01(\x05\x12\x15\n\rgbps_per_port\x18\x03 \x01(\x01\"\x93\x02\n\x10\x42\x61ndwidthProfile\x12\x1c\n\x04gpus\x18\x01 \x03(\x0b\x32\x0e.gpuctl.v1.Gpu\x12\x1a\n\x12nvlink_domain_size\x18\x02 \x01(\x05\x12\x10\n\x08pcie_gen\x18\x03 \x01(\x05\x12\x12\n\npcie_width\x18\x04 \x01(\x05\x12#\n\x07network\x18\x05 \x01(\x0b\x32\x12.gpuctl.v1.Network\x12\x13\n\x0b\x62\x66\x31\x36_tflops\x18\x06 \x01(\x01\x12\x0e\n\x06source\x18\x07 \x01(\t\x12\x30\n\x0cmeasure_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12#\n\x08ib_ports\x18\t \x03(\x0b\x32\x11.gpuctl.v1.IbPort\">\n\x08GpuUsage\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x12\n\nused_milli\x18\x02 \x01(\x05\x12\x0f\n\x07job_ids\x18\x03 \x03(\x03\"\xc0\x04\n\x04Node\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06\x66\x61\x62ric\x18\x03 \x01(\t\x12\x10\n\x08provider\x18\x04 \x01(\t\x12\x0b\n\x03sku\x18\x05 \x01(\t\x12\x0e\n\x06region\x18\x06 \x01(\t\x12+\n\x06labels\x18\x07 \x03(\x0b\x32\x1b.gpuctl.v1.Node.LabelsEntry\x12\x11\n\tcpu_milli\x18\x08 \x01(\x03\x12\x12\n\nmemory_mib\x18\t \x01(\x03\x12,\n\x07profile\x18\n \x01(\x0b\x32\x1b.gpuctl.v1.BandwidthProfile\x12\x16\n\x0eprice_per_hour\x18\x0b \x01(\x01\x12#\n\x05state\x18\x0c \x01(\x0e\x32\x14.gpuctl.v1.NodeState\x12\x14\n\x0cstate_reason\x18\r \x01(\t\x12\r\n\x05lease\x18\x0e \x01(\t\x12\x31\n\rregister_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\x13last_heartbeat_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\"\n\x05usage\x18\x11 \x03(\x0b\x32\x13.gpuctl.v1.GpuUsage\x12 \n\x06\x65vents\x18\x12 \x03(\x0b\x32\x10.gpuctl.v1.Event\x12\x15\n\rhealth_issues\x18\x13 \x03(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"9\n\x10ListNodesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"L\n\x11ListNodesResponse\x12\x1e\n\x05nodes\x18\x01 \x03(\x0b\x32\x0f.gpuctl.v1.Node\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1e\n\x0eGetNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"0\n\x10\x44rainNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t*\x9d\x01\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10NODE_STATE_READY\x10\x01\x12\x17\n\x13NODE_STATE_DRAINING\x10\x02\x12\x13\n\x0fNODE_STATE_LOST\x10\x03\x12\x17\n\x13NODE_STATE_RELEASED\x10\x04\x12\x17\n\x13NODE_STATE_DEGRADED\x10\x05*y\n\x07NetKind\x12\x18\n\x14NET_KIND_UNSPECIFIED\x10\x00\x12\x11\n\rNET_KIND_NONE\x10\x01\x12\x15\n\x11NET_KIND_ETHERNET\x10\x02\x12\x11\n\rNET_KIND_ROCE\x10\x03\x12\x17\n\x13NET_KIND_INFINIBAND\x10\x04\x32\xc7\x01\n\x0bNodeService\x12\x46\n\tListNodes\x12\x1b.gpuctl.v1.ListNodesRequest\x1a\x1c.gpuctl.v1.ListNodesResponse\x12\x35\n\x07GetNode\x12\x19.gpuctl.v1.GetNodeRequest\x1a\x0f.gpuctl.v1.Node\x12\x39\n\tDrainNode\x12\x1b.gpuctl.v1.DrainNodeRequest\x1a\x0f.gpuctl.v1.Nodeb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,30 +35,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_NODE_LABELSENTRY']._loaded_options = None
   _globals['_NODE_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_NODESTATE']._serialized_start=1443
-  _globals['_NODESTATE']._serialized_end=1575
-  _globals['_NETKIND']._serialized_start=1577
-  _globals['_NETKIND']._serialized_end=1698
+  _globals['_NODESTATE']._serialized_start=1879
+  _globals['_NODESTATE']._serialized_end=2036
+  _globals['_NETKIND']._serialized_start=2038
+  _globals['_NETKIND']._serialized_end=2159
   _globals['_GPU']._serialized_start=94
-  _globals['_GPU']._serialized_end=277
-  _globals['_NETWORK']._serialized_start=279
-  _globals['_NETWORK']._serialized_end=360
-  _globals['_BANDWIDTHPROFILE']._serialized_start=363
-  _globals['_BANDWIDTHPROFILE']._serialized_end=601
-  _globals['_GPUUSAGE']._serialized_start=603
-  _globals['_GPUUSAGE']._serialized_end=665
-  _globals['_NODE']._serialized_start=668
-  _globals['_NODE']._serialized_end=1221
-  _globals['_NODE_LABELSENTRY']._serialized_start=1176
-  _globals['_NODE_LABELSENTRY']._serialized_end=1221
-  _globals['_LISTNODESREQUEST']._serialized_start=1223
-  _globals['_LISTNODESREQUEST']._serialized_end=1280
-  _globals['_LISTNODESRESPONSE']._serialized_start=1282
-  _globals['_LISTNODESRESPONSE']._serialized_end=1358
-  _globals['_GETNODEREQUEST']._serialized_start=1360
-  _globals['_GETNODEREQUEST']._serialized_end=1390
-  _globals['_DRAINNODEREQUEST']._serialized_start=1392
-  _globals['_DRAINNODEREQUEST']._serialized_end=1440
-  _globals['_NODESERVICE']._serialized_start=1701
-  _globals['_NODESERVICE']._serialized_end=1900
+  _globals['_GPU']._serialized_end=525
+  _globals['_IBPORT']._serialized_start=527
+  _globals['_IBPORT']._serialized_end=653
+  _globals['_NETWORK']._serialized_start=655
+  _globals['_NETWORK']._serialized_end=736
+  _globals['_BANDWIDTHPROFILE']._serialized_start=739
+  _globals['_BANDWIDTHPROFILE']._serialized_end=1014
+  _globals['_GPUUSAGE']._serialized_start=1016
+  _globals['_GPUUSAGE']._serialized_end=1078
+  _globals['_NODE']._serialized_start=1081
+  _globals['_NODE']._serialized_end=1657
+  _globals['_NODE_LABELSENTRY']._serialized_start=1612
+  _globals['_NODE_LABELSENTRY']._serialized_end=1657
+  _globals['_LISTNODESREQUEST']._serialized_start=1659
+  _globals['_LISTNODESREQUEST']._serialized_end=1716
+  _globals['_LISTNODESRESPONSE']._serialized_start=1718
+  _globals['_LISTNODESRESPONSE']._serialized_end=1794
+  _globals['_GETNODEREQUEST']._serialized_start=1796
+  _globals['_GETNODEREQUEST']._serialized_end=1826
+  _globals['_DRAINNODEREQUEST']._serialized_start=1828
+  _globals['_DRAINNODEREQUEST']._serialized_end=1876
+  _globals['_NODESERVICE']._serialized_start=2162
+  _globals['_NODESERVICE']._serialized_end=2361
 # @@protoc_insertion_point(module_scope)

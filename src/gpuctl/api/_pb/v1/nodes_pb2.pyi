@@ -32,6 +32,8 @@ class _NodeStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NodeState.V
     NODE_STATE_DRAINING: _NodeState.ValueType  # 2
     NODE_STATE_LOST: _NodeState.ValueType  # 3
     NODE_STATE_RELEASED: _NodeState.ValueType  # 4
+    NODE_STATE_DEGRADED: _NodeState.ValueType  # 5
+    """the agent reports a hardware problem: no new work"""
 
 class NodeState(_NodeState, metaclass=_NodeStateEnumTypeWrapper): ...
 
@@ -40,6 +42,8 @@ NODE_STATE_READY: NodeState.ValueType  # 1
 NODE_STATE_DRAINING: NodeState.ValueType  # 2
 NODE_STATE_LOST: NodeState.ValueType  # 3
 NODE_STATE_RELEASED: NodeState.ValueType  # 4
+NODE_STATE_DEGRADED: NodeState.ValueType  # 5
+"""the agent reports a hardware problem: no new work"""
 Global___NodeState: _TypeAlias = NodeState  # noqa: Y015
 
 class _NetKind:
@@ -75,6 +79,17 @@ class Gpu(_message.Message):
     NVLINK_GBPS_FIELD_NUMBER: _builtins.int
     MEASURED_HBM_GBPS_FIELD_NUMBER: _builtins.int
     MIG_ENABLED_FIELD_NUMBER: _builtins.int
+    PCI_BUS_ID_FIELD_NUMBER: _builtins.int
+    NVLINK_LINKS_ACTIVE_FIELD_NUMBER: _builtins.int
+    NVLINK_LINKS_TOTAL_FIELD_NUMBER: _builtins.int
+    NVLINK_VERSION_FIELD_NUMBER: _builtins.int
+    NVLINK_PEERS_FIELD_NUMBER: _builtins.int
+    PCIE_GEN_FIELD_NUMBER: _builtins.int
+    PCIE_WIDTH_FIELD_NUMBER: _builtins.int
+    PCIE_MAX_GEN_FIELD_NUMBER: _builtins.int
+    PCIE_MAX_WIDTH_FIELD_NUMBER: _builtins.int
+    NUMA_NODE_FIELD_NUMBER: _builtins.int
+    CPU_AFFINITY_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     uuid: _builtins.str
     model: _builtins.str
@@ -85,6 +100,21 @@ class Gpu(_message.Message):
     measured_hbm_gbps: _builtins.float
     """unset: not measured"""
     mig_enabled: _builtins.bool
+    pci_bus_id: _builtins.str
+    nvlink_links_active: _builtins.int
+    nvlink_links_total: _builtins.int
+    nvlink_version: _builtins.int
+    pcie_gen: _builtins.int
+    pcie_width: _builtins.int
+    pcie_max_gen: _builtins.int
+    pcie_max_width: _builtins.int
+    numa_node: _builtins.int
+    """-1: unknown"""
+    cpu_affinity: _builtins.str
+    @_builtins.property
+    def nvlink_peers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """PCI bus ids at the far end of active links"""
+
     def __init__(
         self,
         *,
@@ -96,16 +126,65 @@ class Gpu(_message.Message):
         nvlink_gbps: _builtins.float = ...,
         measured_hbm_gbps: _builtins.float | None = ...,
         mig_enabled: _builtins.bool = ...,
+        pci_bus_id: _builtins.str = ...,
+        nvlink_links_active: _builtins.int = ...,
+        nvlink_links_total: _builtins.int = ...,
+        nvlink_version: _builtins.int = ...,
+        nvlink_peers: _abc.Iterable[_builtins.str] | None = ...,
+        pcie_gen: _builtins.int = ...,
+        pcie_width: _builtins.int = ...,
+        pcie_max_gen: _builtins.int = ...,
+        pcie_max_width: _builtins.int = ...,
+        numa_node: _builtins.int = ...,
+        cpu_affinity: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_measured_hbm_gbps", b"_measured_hbm_gbps", "measured_hbm_gbps", b"measured_hbm_gbps"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_measured_hbm_gbps", b"_measured_hbm_gbps", "hbm_gbps", b"hbm_gbps", "index", b"index", "measured_hbm_gbps", b"measured_hbm_gbps", "memory_mib", b"memory_mib", "mig_enabled", b"mig_enabled", "model", b"model", "nvlink_gbps", b"nvlink_gbps", "uuid", b"uuid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_measured_hbm_gbps", b"_measured_hbm_gbps", "cpu_affinity", b"cpu_affinity", "hbm_gbps", b"hbm_gbps", "index", b"index", "measured_hbm_gbps", b"measured_hbm_gbps", "memory_mib", b"memory_mib", "mig_enabled", b"mig_enabled", "model", b"model", "numa_node", b"numa_node", "nvlink_gbps", b"nvlink_gbps", "nvlink_links_active", b"nvlink_links_active", "nvlink_links_total", b"nvlink_links_total", "nvlink_peers", b"nvlink_peers", "nvlink_version", b"nvlink_version", "pci_bus_id", b"pci_bus_id", "pcie_gen", b"pcie_gen", "pcie_max_gen", b"pcie_max_gen", "pcie_max_width", b"pcie_max_width", "pcie_width", b"pcie_width", "uuid", b"uuid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__measured_hbm_gbps: _TypeAlias = _typing.Literal["measured_hbm_gbps"]  # noqa: Y015
     _WhichOneofArgType__measured_hbm_gbps: _TypeAlias = _typing.Literal["_measured_hbm_gbps", b"_measured_hbm_gbps"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__measured_hbm_gbps) -> _WhichOneofReturnType__measured_hbm_gbps | None: ...
 
 Global___Gpu: _TypeAlias = Gpu  # noqa: Y015
+
+@_typing.final
+class IbPort(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_FIELD_NUMBER: _builtins.int
+    PORT_FIELD_NUMBER: _builtins.int
+    RATE_GBPS_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    PHYS_STATE_FIELD_NUMBER: _builtins.int
+    LINK_LAYER_FIELD_NUMBER: _builtins.int
+    GUID_FIELD_NUMBER: _builtins.int
+    device: _builtins.str
+    port: _builtins.int
+    rate_gbps: _builtins.float
+    state: _builtins.str
+    phys_state: _builtins.str
+    link_layer: _builtins.str
+    """InfiniBand | Ethernet (RoCE)"""
+    guid: _builtins.str
+    def __init__(
+        self,
+        *,
+        device: _builtins.str = ...,
+        port: _builtins.int = ...,
+        rate_gbps: _builtins.float = ...,
+        state: _builtins.str = ...,
+        phys_state: _builtins.str = ...,
+        link_layer: _builtins.str = ...,
+        guid: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "guid", b"guid", "link_layer", b"link_layer", "phys_state", b"phys_state", "port", b"port", "rate_gbps", b"rate_gbps", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IbPort: _TypeAlias = IbPort  # noqa: Y015
 
 @_typing.final
 class Network(_message.Message):
@@ -144,6 +223,7 @@ class BandwidthProfile(_message.Message):
     BF16_TFLOPS_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
     MEASURE_TIME_FIELD_NUMBER: _builtins.int
+    IB_PORTS_FIELD_NUMBER: _builtins.int
     nvlink_domain_size: _builtins.int
     pcie_gen: _builtins.int
     pcie_width: _builtins.int
@@ -156,6 +236,8 @@ class BandwidthProfile(_message.Message):
     def network(self) -> Global___Network: ...
     @_builtins.property
     def measure_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def ib_ports(self) -> _containers.RepeatedCompositeFieldContainer[Global___IbPort]: ...
     def __init__(
         self,
         *,
@@ -167,10 +249,11 @@ class BandwidthProfile(_message.Message):
         bf16_tflops: _builtins.float = ...,
         source: _builtins.str = ...,
         measure_time: _timestamp_pb2.Timestamp | None = ...,
+        ib_ports: _abc.Iterable[Global___IbPort] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["measure_time", b"measure_time", "network", b"network"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bf16_tflops", b"bf16_tflops", "gpus", b"gpus", "measure_time", b"measure_time", "network", b"network", "nvlink_domain_size", b"nvlink_domain_size", "pcie_gen", b"pcie_gen", "pcie_width", b"pcie_width", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bf16_tflops", b"bf16_tflops", "gpus", b"gpus", "ib_ports", b"ib_ports", "measure_time", b"measure_time", "network", b"network", "nvlink_domain_size", b"nvlink_domain_size", "pcie_gen", b"pcie_gen", "pcie_width", b"pcie_width", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -244,6 +327,7 @@ class Node(_message.Message):
     LAST_HEARTBEAT_TIME_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     EVENTS_FIELD_NUMBER: _builtins.int
+    HEALTH_ISSUES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     address: _builtins.str
     fabric: _builtins.str
@@ -273,6 +357,8 @@ class Node(_message.Message):
     def events(self) -> _containers.RepeatedCompositeFieldContainer[_events_pb2.Event]:
         """GetNode only"""
 
+    @_builtins.property
+    def health_issues(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -294,10 +380,11 @@ class Node(_message.Message):
         last_heartbeat_time: _timestamp_pb2.Timestamp | None = ...,
         usage: _abc.Iterable[Global___GpuUsage] | None = ...,
         events: _abc.Iterable[_events_pb2.Event] | None = ...,
+        health_issues: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_heartbeat_time", b"last_heartbeat_time", "profile", b"profile", "register_time", b"register_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "cpu_milli", b"cpu_milli", "events", b"events", "fabric", b"fabric", "labels", b"labels", "last_heartbeat_time", b"last_heartbeat_time", "lease", b"lease", "memory_mib", b"memory_mib", "name", b"name", "price_per_hour", b"price_per_hour", "profile", b"profile", "provider", b"provider", "region", b"region", "register_time", b"register_time", "sku", b"sku", "state", b"state", "state_reason", b"state_reason", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "cpu_milli", b"cpu_milli", "events", b"events", "fabric", b"fabric", "health_issues", b"health_issues", "labels", b"labels", "last_heartbeat_time", b"last_heartbeat_time", "lease", b"lease", "memory_mib", b"memory_mib", "name", b"name", "price_per_hour", b"price_per_hour", "profile", b"profile", "provider", b"provider", "region", b"region", "register_time", b"register_time", "sku", b"sku", "state", b"state", "state_reason", b"state_reason", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -109,18 +109,32 @@ class HeartbeatRequest(_message.Message):
 
     NODE_NAME_FIELD_NUMBER: _builtins.int
     RUNNING_FIELD_NUMBER: _builtins.int
+    HEALTH_ISSUES_FIELD_NUMBER: _builtins.int
+    PROFILE_FIELD_NUMBER: _builtins.int
     node_name: _builtins.str
     @_builtins.property
     def running(self) -> _containers.RepeatedCompositeFieldContainer[Global___RankRef]: ...
+    @_builtins.property
+    def health_issues(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What the agent's last health check found wrong; empty: healthy. The daemon keeps a node
+        with issues from new work (DEGRADED) and handles its jobs per their spec.
+        """
+
+    @_builtins.property
+    def profile(self) -> _nodes_pb2.BandwidthProfile:
+        """Set when the agent re-profiled the node since its last heartbeat."""
+
     def __init__(
         self,
         *,
         node_name: _builtins.str = ...,
         running: _abc.Iterable[Global___RankRef] | None = ...,
+        health_issues: _abc.Iterable[_builtins.str] | None = ...,
+        profile: _nodes_pb2.BandwidthProfile | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_name", b"node_name", "running", b"running"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["health_issues", b"health_issues", "node_name", b"node_name", "profile", b"profile", "running", b"running"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
