@@ -38,3 +38,22 @@ fmt: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
+
+# Benchmark B1 (BENCHMARKS.md): the FGD protocol on the Alibaba GPU trace 2023, four packing
+# policies side by side over seeds 42-51; bench-fgd-mixes compares gpuctl with FGD on workload
+# mixes reshaped from the same file (gpuctl.sim.mix). Figures land in bench-results/.
+TRACES ?= ../shared/traces
+FGD_TRACE := $(TRACES)/alibaba-gpu-v2023
+.PHONY: bench-fgd bench-fgd-mixes
+bench-fgd: $(STAMP)
+	@mkdir -p bench-results
+	$(VENV)/bin/gpuctl simulate fgd --nodes $(FGD_TRACE)/openb_node_list_gpu_node.csv \
+		--pods $(FGD_TRACE)/openb_pod_list_default.csv --seeds 42-51 \
+		--policy bestfit --policy random --policy fgd --policy gpuctl \
+		--json bench-results/fgd-default.json
+
+bench-fgd-mixes: $(STAMP)
+	@mkdir -p bench-results
+	$(VENV)/bin/gpuctl simulate fgd --nodes $(FGD_TRACE)/openb_node_list_gpu_node.csv \
+		--pods $(FGD_TRACE)/openb_pod_list_default.csv --seeds 42-51 \
+		--policy fgd --policy gpuctl --mixes --json bench-results/fgd-mixes.json

@@ -385,8 +385,11 @@ def h100_node(
     measured: bool = True,
     used: dict[int, tuple[int, list[int]]] | None = None,
     state: int = nodes_pb2.NODE_STATE_READY,
+    links_down: dict[int, int] | None = None,
+    health_issues: tuple[str, ...] = (),
 ) -> nodes_pb2.Node:
-    """An 8x H100 SXM node on InfiniBand; `used`: GPU index -> (used milli, job ids)."""
+    """An 8x H100 SXM node on 8x400G InfiniBand, profiled through NVML (PCIe, NVLink links,
+    NUMA); `used`: GPU index -> (used milli, job ids); `links_down`: GPU index -> links down."""
     node = nodes_pb2.Node(
         name=name,
         address=f"10.0.0.{len(name)}",
@@ -400,6 +403,7 @@ def h100_node(
         price_per_hour=98.32,
         state=state,
         lease=f"leases/{name}",
+        health_issues=health_issues,
         profile=nodes_pb2.BandwidthProfile(
             nvlink_domain_size=gpus,
             pcie_gen=5,
@@ -411,17 +415,39 @@ def h100_node(
             source="fake",
         ),
     )
+    buses = ("18", "2a", "3a", "5d", "9a", "ab", "ba", "db")
     for i in range(gpus):
+        active = 18 - (links_down or {}).get(i, 0)
         gpu = node.profile.gpus.add(
             index=i,
             uuid=f"GPU-{name}-{i}",
             model="H100 SXM",
             memory_mib=81_559,
             hbm_gbps=3352,
-            nvlink_gbps=900,
+            nvlink_gbps=50.0 * active,  # 50 GB/s per NVLink 4 link
+            pci_bus_id=f"0000:{buses[i % 8]}:00.0",
+            nvlink_links_active=active,
+            nvlink_links_total=18,
+            nvlink_version=4,
+            pcie_gen=5 if i else 1,  # GPU 0 idles at gen1, as power saving does
+            pcie_width=16,
+            pcie_max_gen=5,
+            pcie_max_width=16,
+            numa_node=0 if i < 4 else 1,
+            cpu_affinity="0-55,112-167" if i < 4 else "56-111,168-223",
         )
         if measured:
             gpu.measured_hbm_gbps = 2980.5
+    for port in range(8):
+        node.profile.ib_ports.add(
+            device=f"mlx5_{port}",
+            port=1,
+            rate_gbps=400,
+            state="ACTIVE",
+            phys_state="LinkUp",
+            link_layer="InfiniBand",
+            guid=f"0c42:a103:00f1:{port:04x}",
+        )
     for index, (milli, job_ids) in sorted((used or {}).items()):
         node.usage.add(index=index, used_milli=milli, job_ids=job_ids)
     node.events.add(type="Registered", message="agent 0.1.0 registered").time.FromDatetime(

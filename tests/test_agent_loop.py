@@ -6,6 +6,8 @@ log shipping, stops, re-registration and the retrying outbox.
 from __future__ import annotations
 
 import contextlib
+import os
+import pwd
 import signal
 import socket
 import sys
@@ -24,7 +26,7 @@ import pytest
 from gpuctl.agent.logship import LogShipper
 from gpuctl.agent.loop import AgentLoop, NodeIdentity, key_from_pb
 from gpuctl.agent.probe import FakeProbe, NodeFacts
-from gpuctl.agent.runner import RankKey, Runner
+from gpuctl.agent.runner import AccountPolicy, RankKey, Runner
 from gpuctl.api._pb.agent.v1 import agent_pb2, agent_pb2_grpc
 from gpuctl.api._pb.v1 import jobs_pb2, nodes_pb2
 from gpuctl.api.convert import duration, rank_ref
@@ -37,6 +39,8 @@ IGNORE_TERM = (
     "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
     "print('ready', flush=True); time.sleep(60)"
 )
+# Ranks run as the tests' own account, root included: their commands are this interpreter.
+AS_ME = AccountPolicy(fallback_user=pwd.getpwuid(os.geteuid()).pw_name, allow_root=True)
 
 
 class FakeClock:
@@ -208,8 +212,14 @@ class Agent:
 def make_agent(daemon: FakeDaemon, tmp_path: Path, **kw: object) -> Iterator[Agent]:
     clock = FakeClock()
     notifier = FakeNotifier(kw.pop("watchdog_interval", None))  # type: ignore[arg-type]
+    crash = kw.pop("crash", False)  # leave the ranks running, as an agent that died would
     channel = grpc.insecure_channel(f"127.0.0.1:{daemon.port}")  # type: ignore[attr-defined]
-    runner = Runner(tmp_path / "state", base_env={"PATH": "/usr/bin:/bin"}, clock=clock.monotonic)
+    runner = Runner(
+        tmp_path / "state",
+        base_env={"PATH": "/usr/bin:/bin"},
+        clock=clock.monotonic,
+        accounts=AS_ME,
+    )
     loop = AgentLoop(
         agent_pb2_grpc.AgentServiceStub(channel),
         runner,
@@ -228,7 +238,8 @@ def make_agent(daemon: FakeDaemon, tmp_path: Path, **kw: object) -> Iterator[Age
         **kw,  # type: ignore[arg-type]
     )
     yield Agent(loop, runner, clock, notifier)
-    runner.reap(timeout_s=5)
+    if not crash:
+        runner.reap(timeout_s=5)
     channel.close()
 
 
@@ -406,6 +417,69 @@ def test_assignment_and_stop_in_one_answer_is_not_started(agent: Agent, daemon: 
     agent.loop.tick()
     assert agent.runner.running() == ()
     assert daemon.reports() == []
+
+
+def test_a_restarted_agent_adopts_its_rank_and_reports_the_exit_once(
+    daemon: FakeDaemon, tmp_path: Path
+) -> None:
+    workdir = tmp_path / "wd"
+    workdir.mkdir()
+    script = (
+        "import os, time; print('ready', flush=True)\n"
+        "while not os.path.exists('go'): time.sleep(0.01)\n"
+        "print('bye'); raise SystemExit(3)"
+    )
+    a = assignment(sys.executable, "-c", script)
+    a.working_dir = str(workdir)
+    daemon.assignments = [a]
+    with make_agent(daemon, tmp_path, crash=True) as first:
+        first.wait_log(b"ready")
+    # The first agent died; the daemon still assigns the rank on every heartbeat.
+    with make_agent(daemon, tmp_path) as second:
+        second.loop.tick()
+        register = daemon.requests("RegisterNode")[-1]
+        assert [key_from_pb(r) for r in register.running] == [KEY]
+        assert second.runner.running() == (KEY,)  # adopted, not started a second time
+        assert running_refs(daemon.requests("Heartbeat")[-1]) == [KEY]
+        (workdir / "go").touch()
+        second.until(lambda: daemon.reports()[-1][0] == EXITED)
+        # RUNNING again from the adopter (the daemon ignores a repeat), EXITED once
+        assert daemon.reports() == [
+            (RUNNING, None, ""),
+            (RUNNING, None, ""),
+            (EXITED, 3, "exited with code 3"),
+        ]
+        assert bytes(daemon.logs[KEY]) == b"ready\nbye\n"
+    with make_agent(daemon, tmp_path) as third:
+        third.loop.tick()
+        third.heartbeat()
+        assert third.runner.running() == ()
+        assert len(daemon.reports()) == 3
+
+
+def test_an_exit_while_the_agent_was_down_is_reported_by_the_next(
+    daemon: FakeDaemon, tmp_path: Path
+) -> None:
+    go = tmp_path / "state" / "work" / "7" / "1" / "rank-0" / "go"
+    script = "import os, time\nwhile not os.path.exists('go'): time.sleep(0.01)\nprint('bye')"
+    daemon.assignments = [assignment(sys.executable, "-c", script)]
+    with make_agent(daemon, tmp_path, crash=True) as first:
+        first.loop.tick()
+        assert daemon.reports() == [(RUNNING, None, "")]
+    go.touch()
+    exit_file = tmp_path / "state" / "ranks" / "7.0.1" / "exit"
+    deadline = time.monotonic() + 10
+    while not exit_file.exists():
+        assert time.monotonic() < deadline, "the rank did not exit"
+        time.sleep(0.01)
+    with make_agent(daemon, tmp_path) as second:
+        second.loop.tick()
+        register = daemon.requests("RegisterNode")[-1]
+        # exited, but until the daemon heard so, it counts as running here
+        assert [key_from_pb(r) for r in register.running] == [KEY]
+        assert daemon.reports() == [(RUNNING, None, ""), (EXITED, 0, "exited with code 0")]
+        assert bytes(daemon.logs[KEY]) == b"bye\n"
+        assert second.runner.running() == ()
 
 
 # -- the daemon forgets, fails or hangs -----------------------------------------------------

@@ -36,6 +36,24 @@ def test_defaults(tmp_path: Path) -> None:
     assert (s.fake_gpus, s.network, s.cpu_milli, s.memory_mib) == (None, Network(), None, None)
     assert s.state_dir == tmp_path / ".local/state/gpuctl-agent"
     assert s.log_level == "info"
+    assert (s.run_as_fallback_user, s.allow_root_jobs, s.max_log_bytes) == ("nobody", False, 2**26)
+
+
+def test_job_safety_settings(tmp_path: Path) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        'run_as_fallback_user = "gpuctl-jobs"\nallow_root_jobs = true\nmax_log_bytes = "1GiB"\n'
+    )
+    s = load_settings(["--config", str(config)], {})
+    assert (s.run_as_fallback_user, s.allow_root_jobs, s.max_log_bytes) == (
+        "gpuctl-jobs",
+        True,
+        2**30,
+    )
+    s = load_settings(["--config", str(config), "--max-log-bytes", "4096"], {})
+    assert s.max_log_bytes == 4096
+    s = load_settings(["--allow-root-jobs", "--run-as-fallback-user", "jobs"], {})
+    assert (s.run_as_fallback_user, s.allow_root_jobs) == ("jobs", True)
 
 
 @pytest.mark.parametrize(
@@ -114,6 +132,10 @@ def test_the_shipped_config_loads() -> None:
         ([], "[labels]\nzone = 1\n", "bad value for label 'zone'"),
         ([], "server = \n", "bad TOML"),
         ([], "log_level = 'loud'\n", "bad log_level 'loud'"),
+        (["--max-log-bytes", "lots"], None, "bad --max-log-bytes 'lots'"),
+        ([], "max_log_bytes = 0\n", "bad --max-log-bytes 0"),
+        ([], "allow_root_jobs = 'yes'\n", "bad value for 'allow_root_jobs'"),
+        ([], "run_as_fallback_user = ''\n", "bad --run-as-fallback-user"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import signal
 import sys
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from gpuctl.agent.runner import Launch, RankExit, RankKey, Runner, child_env
+from gpuctl.agent.runner import AccountPolicy, Launch, RankExit, RankKey, Runner, child_env
 
 KEY = RankKey(job_id=7, rank=0, attempt=1)
 BASE_ENV = {
@@ -31,6 +32,9 @@ BASE_ENV = {
     "GPUCTL_AGENT_TOKEN": "secret",
     "GPUCTL_JOB_ID": "stale",
 }
+# The tests' own account, root included: their commands are this interpreter, which another
+# account may not be able to run. tests/test_agent_safety.py covers switching accounts.
+AS_ME = AccountPolicy(fallback_user=pwd.getpwuid(os.geteuid()).pw_name, allow_root=True)
 
 # Ignores SIGTERM, forks a child that inherits the SIG_IGN, prints both pids, then waits.
 STUBBORN = """
@@ -79,7 +83,7 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 def runner(tmp_path: Path, clock: FakeClock) -> Iterator[Runner]:
-    r = Runner(tmp_path / "state", base_env=BASE_ENV, clock=clock)
+    r = Runner(tmp_path / "state", base_env=BASE_ENV, clock=clock, accounts=AS_ME)
     yield r
     r.reap(timeout_s=5)
 

@@ -45,8 +45,24 @@ RULES = (
         third_party=("numpy",),
     ),
     Rule(
+        id="providers-stand-on-the-core",
+        scope="gpuctl.providers",
+        why="lease providers are pure of the daemon: the standard library and gpuctl.core only",
+        gpuctl=("gpuctl.providers", "gpuctl.core"),
+        third_party=(),
+    ),
+    Rule(
+        id="sim-drives-the-core",
+        scope="gpuctl.sim",
+        why="the simulator replays traces through the pure core: standard library, numpy, "
+        "gpuctl.sim and gpuctl.core only",
+        gpuctl=("gpuctl.sim", "gpuctl.core"),
+        third_party=("numpy",),
+    ),
+    Rule(
         id="cli-uses-the-sdk",
         scope="gpuctl.cli",
+        exempt=("gpuctl.cli.simulate", "gpuctl.cli.simulate_gang"),  # see the rules below
         why="the CLI reaches the daemon through the SDK and shares only core's model/errors/validation",
         gpuctl=(
             "gpuctl.cli",
@@ -57,6 +73,21 @@ RULES = (
             "gpuctl.core.errors",
             "gpuctl.core.validation",
         ),
+        forbidden=("sqlmodel", "sqlalchemy"),
+    ),
+    Rule(
+        id="cli-simulate-runs-the-core",
+        scope="gpuctl.cli.simulate",
+        why="`gpuctl simulate` runs the scheduling core on this machine, without a daemon, so it "
+        "may use gpuctl.sim and gpuctl.core (and still not the SDK's server side or the store)",
+        gpuctl=("gpuctl.cli", "gpuctl.sim", "gpuctl.core"),
+        forbidden=("sqlmodel", "sqlalchemy"),
+    ),
+    Rule(
+        id="cli-simulate-gang-runs-the-core",
+        scope="gpuctl.cli.simulate_gang",
+        why="`gpuctl simulate gang`, like the rest of `gpuctl simulate`, runs the core locally",
+        gpuctl=("gpuctl.cli", "gpuctl.sim", "gpuctl.core"),
         forbidden=("sqlmodel", "sqlalchemy"),
     ),
     Rule(

@@ -333,6 +333,48 @@ def test_describe_node(api, gpuctl):
     assert "not measured" in drained
 
 
+def test_describe_node_shows_links_pcie_locality_ports_and_health(api, gpuctl):
+    api.nodes.add(
+        h100_node(
+            "gpu-03",
+            measured=False,
+            links_down={3: 1},
+            state=nodes_pb2.NODE_STATE_DEGRADED,
+            health_issues=("GPU 3: NVLink 17/18 links active (was 18)",),
+        )
+    )
+
+    out = gpuctl("describe", "gpu-03").stdout
+    lines = out.splitlines()
+
+    assert "State:          degraded" in lines
+    issues = lines.index("Health issues:")
+    assert lines[issues + 1] == "  GPU 3: NVLink 17/18 links active (was 18)"
+    header = next(line for line in lines if line.split()[:1] == ["INDEX"]).split()
+    assert header[5:13] == [
+        "NVLINK_GB/s", "NVLINKS", "NVL_GEN", "PCIE(CUR/MAX)", "NUMA", "CPUS", "MIG", "PCI_BUS_ID",
+    ]  # fmt: skip
+    gpus = {line.split()[0]: line.split() for line in lines if line.split()[1:3] == ["H100", "SXM"]}
+    # index, model (2 words), memory, HBM, "not measured" (2 words), NVLink GB/s = 17 x 50, ...
+    assert gpus["3"][:15] == [
+        "3", "H100", "SXM", "79.6GiB", "3352", "not", "measured", "850", "17/18", "4",
+        "gen5x16/gen5x16", "0", "0-55,112-167", "no", "0000:5d:00.0",
+    ]  # fmt: skip
+    assert gpus["0"][10] == "gen1x16/gen5x16"  # an idle GPU's link shows its power-saving gen
+    assert gpus["7"][11:13] == ["1", "56-111,168-223"]
+    ports = out.split("IB/RoCE ports:")[1].splitlines()
+    assert ports[1].split() == [
+        "DEVICE", "PORT", "STATE", "PHYS_STATE", "RATE_Gb/s", "LINK_LAYER", "GUID",
+    ]  # fmt: skip
+    assert ports[2].split() == [
+        "mlx5_0", "1", "ACTIVE", "LinkUp", "400", "InfiniBand", "0c42:a103:00f1:0000",
+    ]  # fmt: skip
+    assert len([p for p in ports if p.strip().startswith("mlx5_")]) == 8
+
+    api.nodes.add(h100_node("gpu-01"))
+    assert "Health issues:" not in gpuctl("describe", "gpu-01").stdout  # none: no section
+
+
 def test_describe_missing_things_is_one_error_line(gpuctl):
     job = gpuctl("describe", "42")
     node = gpuctl("describe", "gpu-99")
@@ -395,7 +437,28 @@ def test_nodes_table(api, gpuctl):
 
     data = json.loads(gpuctl("nodes", "-o", "json").stdout)
     assert data[0]["profile"]["gpus"][0]["measured_hbm_gbps"] == 2980.5
+    assert data[0]["profile"]["gpus"][3]["nvlink_links_active"] == 18
+    assert data[0]["profile"]["ib_ports"][0]["rate_gbps"] == 400
     assert "SKU" in gpuctl("nodes", "-o", "wide").stdout.splitlines()[0].split()
+
+
+def test_nodes_table_shows_a_degraded_node_with_no_free_gpus(api, gpuctl):
+    api.nodes.add(
+        h100_node(
+            "gpu-01",
+            links_down={3: 2},
+            state=nodes_pb2.NODE_STATE_DEGRADED,
+            health_issues=("GPU 3: NVLink 16/18 links active (was 18)",),
+        )
+    )
+
+    header, row = gpuctl("nodes").stdout.splitlines()
+
+    cells = row.split()
+    assert cells[1] == "degraded"
+    assert cells[6] == "800"  # the node's NVLink is its weakest GPU's: 16 x 50 GB/s
+    assert cells[-1] == "-"  # nothing free for new work while degraded
+    assert "ISSUES" not in header.split()  # describe has them
 
 
 def test_drain(api, gpuctl):

@@ -49,5 +49,7 @@ def test_spec_round_trips_through_protobuf():
         min_net_gbps=2.0,
         on_node_lost=OnNodeLost.FAIL,
         preemptible=True,
+        target_tokens_per_s=40.0,
+        weights_gb=14.0,
     )
     assert convert.spec_from_pb(convert.spec_to_pb(spec), owner="alice") == spec

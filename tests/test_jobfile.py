@@ -18,6 +18,7 @@ from gpuctl.api.jobfile import (
 )
 from gpuctl.core.errors import InvalidArgument
 from gpuctl.core.model import JobKind, JobSpec, OnNodeLost
+from gpuctl.core.validation import spec_violations
 
 BASE = {"kind": "training", "command": ["python", "train.py"]}
 
@@ -78,6 +79,8 @@ def violations(data, source: str = "") -> list[tuple[str, str]]:
         ({"min_net_gbps": 1600.5}, "min_net_gbps", 1600.5),
         ({"on_node_lost": "fail"}, "on_node_lost", OnNodeLost.FAIL),
         ({"preemptible": True}, "preemptible", True),
+        ({"target_tokens_per_s": 40}, "target_tokens_per_s", 40.0),
+        ({"weights_gb": 14.5}, "weights_gb", 14.5),
         ({"name": None}, "name", ""),  # `name:` with nothing after it is the default
     ],
     ids=lambda v: next(iter(v)) if isinstance(v, dict) else None,
@@ -205,6 +208,8 @@ def test_unknown_fields_are_listed_with_a_hint_and_the_known_fields():
         ({"min_net_gbps": float("nan")}, "min_net_gbps", "finite"),
         ({"on_node_lost": "retry"}, "on_node_lost", "must be 'requeue' or 'fail'"),
         ({"preemptible": "yes please"}, "preemptible", "must be true or false"),
+        ({"target_tokens_per_s": "fast"}, "target_tokens_per_s", "must be a number"),
+        ({"weights_gb": "14GB"}, "weights_gb", "must be a number"),
         ({"gpu_share": 0.5, "gpu_milli": 500}, "gpu_share", "not both"),
     ],
     ids=lambda v: v if isinstance(v, str) and " " not in v else None,
@@ -329,10 +334,21 @@ ROUND_TRIPS = [
         cpu_milli=1500,
         memory_mib=512,
     ),
+    JobSpec(
+        kind=JobKind.INFERENCE,
+        command=("vllm", "serve", "llama-8b"),
+        replicas=2,
+        gpus_per_node=1,
+        gpu_memory_mib=40960,
+        target_tokens_per_s=40.0,
+        weights_gb=16.06,
+    ),
 ]
 
 
-@pytest.mark.parametrize("spec", ROUND_TRIPS, ids=["minimal", "training", "inference"])
+@pytest.mark.parametrize(
+    "spec", ROUND_TRIPS, ids=["minimal", "training", "inference", "inference-throughput"]
+)
 def test_spec_to_mapping_round_trips(spec):
     mapping = spec_to_mapping(spec)
 
@@ -359,3 +375,53 @@ def test_binary_file_is_reported_not_raised_as_unicode_error(tmp_path):
     path.write_bytes(b"\xff\xfe\x00kind")
     with pytest.raises(JobFileError, match=r"job\.yaml: \(document\): is not UTF-8 text"):
         load_job_file(path)
+
+
+# -- the throughput fields, as the server validates them ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        pytest.param({}, [], id="none"),
+        pytest.param({"target_tokens_per_s": 40, "weights_gb": 16}, [], id="target-and-weights"),
+        pytest.param({"weights_gb": 16}, [], id="weights-alone"),
+        pytest.param(
+            {"target_tokens_per_s": 40},
+            [("spec.target_tokens_per_s", "needs weights_gb")],
+            id="target-needs-weights",
+        ),
+        pytest.param(
+            {"target_tokens_per_s": -1, "weights_gb": 16},
+            [("spec.target_tokens_per_s", "must be between 0 and 1e+06")],
+            id="negative-target",
+        ),
+        pytest.param(
+            {"weights_gb": 200_000},
+            [("spec.weights_gb", "must be between 0 and 100000")],
+            id="weights-bounded",
+        ),
+        pytest.param(
+            # 40 GB = 38147 MiB > 20 GiB = 20480 MiB
+            {"weights_gb": 40, "gpu_memory": "20GiB"},
+            [("spec.weights_gb", "do not fit the replica's gpu_memory_mib of 20480")],
+            id="weights-fit-gpu-memory",
+        ),
+        pytest.param(
+            {"kind": "training", "nodes": 1, "target_tokens_per_s": 40, "weights_gb": 16},
+            [
+                ("spec.target_tokens_per_s", "is for inference replicas"),
+                ("spec.weights_gb", "is for inference replicas"),
+            ],
+            id="inference-only",
+        ),
+    ],
+)
+def test_throughput_fields_are_validated(fields, expected):
+    data = {"kind": "inference", "command": ["serve"], "gpus_per_node": 1, **fields}
+    if data["kind"] == "training":
+        data["gpus_per_node"] = 8
+    found = [(v.field, v.description) for v in spec_violations(spec_from_mapping(data))]
+    assert len(found) == len(expected), found
+    for (field, description), (want_field, words) in zip(found, expected, strict=True):
+        assert field == want_field and words in description, (field, description)

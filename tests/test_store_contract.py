@@ -81,6 +81,8 @@ def full_spec() -> JobSpec:
         memory_mib=65_536,
         on_node_lost=OnNodeLost.FAIL,
         preemptible=True,
+        target_tokens_per_s=30.5,
+        weights_gb=14.0,
     )
 
 

@@ -134,6 +134,9 @@ class LocalCluster:
                 "--state-dir",
                 str(state),
                 *spec.args(),
+                # Jobs are submitted as the user running the test bed, and the agents refuse
+                # to run root's jobs unless told: the whole cluster is that one user's.
+                *(["--allow-root-jobs"] if os.geteuid() == 0 else []),
             ],
         )
 

@@ -17,13 +17,18 @@ from typing import Protocol
 
 import grpc
 
+from gpuctl.agent.health import (
+    DEFAULT_HEALTH_INTERVAL_S,
+    DEFAULT_MIN_BANDWIDTH_FRACTION,
+    check_health,
+)
 from gpuctl.agent.logship import LogShipper
 from gpuctl.agent.probe import NodeFacts, Probe
 from gpuctl.agent.runner import DEFAULT_KILL_GRACE_S, Launch, RankExit, RankKey, Runner
 from gpuctl.api._pb.agent.v1 import agent_pb2, agent_pb2_grpc
 from gpuctl.api._pb.v1 import jobs_pb2
-from gpuctl.api.convert import node_to_pb, rank_ref, ts
-from gpuctl.core.model import Node
+from gpuctl.api.convert import node_to_pb, profile_to_pb, rank_ref, ts
+from gpuctl.core.model import BandwidthProfile, Node
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +133,7 @@ def launch_from_pb(a: agent_pb2.Assignment) -> Launch:
             if a.HasField("kill_grace")
             else DEFAULT_KILL_GRACE_S
         ),
+        owner=a.owner,
     )
 
 
@@ -154,6 +160,8 @@ class AgentLoop:
         rpc_timeout_s: float = RPC_TIMEOUT_S,
         poll_interval_s: float = POLL_INTERVAL_S,
         jitter: Callable[[], float] = random.random,
+        health_interval_s: float = DEFAULT_HEALTH_INTERVAL_S,
+        min_bandwidth_fraction: float = DEFAULT_MIN_BANDWIDTH_FRACTION,
     ) -> None:
         self._stub = stub
         self._runner = runner
@@ -181,6 +189,15 @@ class AgentLoop:
         self._exited: dict[RankKey, RankExit] = {}  # exited, log not yet all shipped
         self._logs_refused: set[RankKey] = set()  # the daemon will not take these logs
         self._outbox: deque[agent_pb2.ReportRankStatusRequest] = deque()
+        self._recovered = False  # the previous agent run's ranks were looked for
+
+        self._health_interval = health_interval_s  # 0: re-profile at job boundaries only
+        self._min_bandwidth_fraction = min_bandwidth_fraction
+        self._baseline: BandwidthProfile | None = None  # the first probe: what "healthy" means
+        self._next_health = 0.0  # monotonic
+        self._health_due = False  # a rank exited: re-profile at the next tick
+        self._health_issues: tuple[str, ...] = ()
+        self._profile_unsent: BandwidthProfile | None = None  # re-measured, not yet heartbeated
 
     # -- the view tests and main need -----------------------------------------------------
 
@@ -204,15 +221,22 @@ class AgentLoop:
     def pending_reports(self) -> int:
         return len(self._outbox)
 
+    @property
+    def health_issues(self) -> tuple[str, ...]:
+        return self._health_issues
+
     # -- one round ------------------------------------------------------------------------
 
     def tick(self) -> None:
         """Reap exits, register or heartbeat when due, ship logs, send reports, ping systemd."""
         self._unreachable = False
+        if not self._recovered:
+            self._recover()
         self._collect(self._runner.poll())
         now = self._clock.monotonic()
         if not self._registered and now >= self._next_register:
             self._register()
+        self._check_health(now)
         if self._registered and now >= self._next_heartbeat:
             self._heartbeat()
         self._ship_running_logs()
@@ -245,14 +269,18 @@ class AgentLoop:
                 break
         if self._exited or self._outbox:
             log.warning(
-                "exiting with %d rank(s) unreported: the daemon will mark them lost",
+                "exiting with %d rank(s) unreported: the agent reports them when it starts again",
                 len(self._exited) + len(self._outbox),
             )
 
     # -- registration and heartbeat -------------------------------------------------------
 
     def _register(self) -> None:
-        node = build_node(self._identity, self._probe.probe())
+        facts = self._probe.probe()
+        if self._baseline is None:
+            self._baseline = facts.profile
+            self._next_health = self._clock.monotonic() + self._health_interval
+        node = build_node(self._identity, facts)
         request = agent_pb2.RegisterNodeRequest(node=node_to_pb(node), running=_refs(self.held()))
         try:
             response = self._stub.RegisterNode(request, timeout=self._rpc_timeout)
@@ -285,6 +313,7 @@ class AgentLoop:
     def _heartbeat(self) -> None:
         self._next_heartbeat = self._clock.monotonic() + self._heartbeat_s
         request = agent_pb2.HeartbeatRequest(node_name=self._node_name, running=_refs(self.held()))
+        self._add_health(request)
         try:
             response = self._stub.Heartbeat(request, timeout=self._rpc_timeout)
         except grpc.RpcError as e:
@@ -294,6 +323,7 @@ class AgentLoop:
                 self._failed(e, "heartbeat")
             return
         self._reached()
+        self._profile_unsent = None
         if response.reregister:
             self._reregister("the daemon asked")
             return
@@ -305,6 +335,41 @@ class AgentLoop:
             if key in self._seen or key in stops:
                 continue
             self._start(launch_from_pb(assignment))
+
+    # -- health ---------------------------------------------------------------------------
+
+    def _check_health(self, now: float) -> None:
+        """Re-profile through the same probe when due (every health interval, and once after
+        ranks exited: a job boundary is when a fault a job caused or hit shows), and compare
+        the node with its baseline."""
+        periodic = self._health_interval > 0 and now >= self._next_health
+        if self._baseline is None or not (periodic or self._health_due):
+            return
+        self._health_due = False
+        if periodic:
+            self._next_health = now + self._health_interval
+        try:
+            facts = self._probe.probe()
+        except Exception:  # a probe bug or a driver hiccup must not take the agent down
+            log.exception("re-profiling failed; keeping the last health verdict")
+            return
+        issues = check_health(
+            self._baseline, facts.profile, min_bandwidth_fraction=self._min_bandwidth_fraction
+        )
+        if issues != self._health_issues:
+            if issues:
+                log.warning("health check: %s", "; ".join(issues))
+            else:
+                log.info("health check: the node is healthy again")
+            # Tell the daemon now, not at the next heartbeat: it keeps new work off a sick node.
+            self._next_heartbeat = now
+        self._health_issues = issues
+        self._profile_unsent = facts.profile
+
+    def _add_health(self, request: agent_pb2.HeartbeatRequest) -> None:
+        request.health_issues.extend(self._health_issues)
+        if self._profile_unsent is not None:
+            request.profile.CopyFrom(profile_to_pb(self._profile_unsent))
 
     def _reregister(self, why: str) -> None:
         log.info("registering again: %s", why)
@@ -322,9 +387,21 @@ class AgentLoop:
             return
         self._report(launch.key, jobs_pb2.RANK_STATE_RUNNING)
 
+    def _recover(self) -> None:
+        """Adopt the ranks the agent's previous run left running and report those that ended
+        meanwhile; remember every rank found, so a re-sent assignment starts nothing twice."""
+        self._recovered = True
+        found = self._runner.recover()
+        self._seen.update(found.adopted, found.reported, (e.key for e in found.exits))
+        for key in found.adopted:
+            # The daemon may not have heard RUNNING before the agent died; a repeat is ignored.
+            self._report(key, jobs_pb2.RANK_STATE_RUNNING)
+        self._collect(found.exits)
+
     def _collect(self, exits: Iterable[RankExit]) -> None:
         for e in exits:
             self._exited[e.key] = e
+            self._health_due = True
 
     def _report(self, key: RankKey, state: int, exit: RankExit | None = None) -> None:
         request = agent_pb2.ReportRankStatusRequest(
@@ -396,6 +473,9 @@ class AgentLoop:
                     return
                 log.error("the daemon rejected the report on %s (%s)", _ref_str(request), _why(e))
             self._outbox.popleft()
+            if request.state == jobs_pb2.RANK_STATE_EXITED:
+                # Acknowledged (or refused for good): an agent restart must not report it again.
+                self._runner.mark_reported(key_from_pb(request.ref))
 
     def _failed(self, e: grpc.RpcError, what: str) -> None:
         """Note a failed call. Only the first of a run of unreachable-daemon failures is a
@@ -439,6 +519,8 @@ class AgentLoop:
         now = self._clock.monotonic()
         due = [now + self._poll_interval]
         due.append(self._next_heartbeat if self._registered else self._next_register)
+        if self._baseline is not None and self._health_interval > 0:
+            due.append(self._next_health)
         if (deadline := self._runner.next_deadline()) is not None:
             due.append(deadline)
         if self._notifier.watchdog_interval is not None and self._last_watchdog is not None:

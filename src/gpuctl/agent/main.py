@@ -6,21 +6,27 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import logging
 import os
+import re
 import signal
 import socket
 import sys
 import threading
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 import grpc
 
+from gpuctl.agent.fakenvml import FakeNvml, fake_nvml
+from gpuctl.agent.health import DEFAULT_HEALTH_INTERVAL_S, DEFAULT_MIN_BANDWIDTH_FRACTION
 from gpuctl.agent.loop import AgentLoop, NodeIdentity, SystemClock
+from gpuctl.agent.membench import HbmResult, load_backend, measure_hbm
+from gpuctl.agent.nvml import NvmlProbe
 from gpuctl.agent.probe import (
     FakeGpus,
     FakeProbe,
@@ -31,10 +37,19 @@ from gpuctl.agent.probe import (
     parse_fake_gpus,
     parse_memory,
     parse_network,
+    profile_dict,
+    profile_table,
 )
-from gpuctl.agent.runner import Runner
+from gpuctl.agent.runner import (
+    DEFAULT_FALLBACK_USER,
+    DEFAULT_MAX_LOG_BYTES,
+    AccountPolicy,
+    Runner,
+    choose_containment,
+)
+from gpuctl.agent.shim import become_subreaper
 from gpuctl.api._pb.agent.v1 import agent_pb2_grpc
-from gpuctl.core.model import Network
+from gpuctl.core.model import Gpu, Network
 from gpuctl.runtime.sdnotify import Notifier
 
 log = logging.getLogger("gpuctl.agent")
@@ -58,6 +73,11 @@ _CONFIG_KEYS: dict[str, tuple[type, ...]] = {
     "memory": (int, str),
     "state_dir": (str,),
     "log_level": (str,),
+    "run_as_fallback_user": (str,),
+    "allow_root_jobs": (bool,),
+    "max_log_bytes": (int, str),
+    "health_interval": (int, float),
+    "min_bandwidth_fraction": (int, float),
 }
 
 
@@ -75,6 +95,12 @@ class AgentSettings:
     memory_mib: int | None
     state_dir: Path
     log_level: str
+    run_as_fallback_user: str = DEFAULT_FALLBACK_USER
+    allow_root_jobs: bool = False
+    max_log_bytes: int = DEFAULT_MAX_LOG_BYTES
+    network_set: bool = False  # --net (or net=) given: it overrides what sysfs finds
+    health_interval_s: float = DEFAULT_HEALTH_INTERVAL_S
+    min_bandwidth_fraction: float = DEFAULT_MIN_BANDWIDTH_FRACTION
 
 
 class _Parser(argparse.ArgumentParser):
@@ -87,7 +113,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="gpuctl-agent",
         allow_abbrev=False,  # --serv is not --server: flags and config keys match exactly
         description="The gpuctl node agent: registers this node with gpuctld, heartbeats, "
-        "and runs the ranks it is assigned. Flags override the --config file.",
+        "and runs the ranks it is assigned. Flags override the --config file. "
+        "`gpuctl-agent profile --help`: print the node's profile without a daemon.",
     )
     p.add_argument("--server", help=f"gpuctld's agent API, HOST:PORT (default {DEFAULT_SERVER})")
     p.add_argument("--name", help="node name (default: the hostname)")
@@ -112,7 +139,36 @@ def _parser() -> argparse.ArgumentParser:
         help="rank logs and work dirs (default: $STATE_DIRECTORY, else ~/.local/state/gpuctl-agent)",
     )
     p.add_argument("--config", metavar="FILE", help="agent.toml with the same keys as the flags")
+    p.add_argument(
+        "--run-as-fallback-user",
+        metavar="USER",
+        help="the account ranks run as when their owner has none on this node "
+        f"(default {DEFAULT_FALLBACK_USER}; only when the agent runs as root)",
+    )
+    p.add_argument(
+        "--allow-root-jobs",
+        action="store_true",
+        default=None,
+        help="let ranks run as root (refused by default)",
+    )
+    p.add_argument(
+        "--max-log-bytes",
+        metavar="SIZE",
+        help="cap on each rank's log, e.g. 64MiB (default); later output is dropped",
+    )
     p.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, help="default: info")
+    p.add_argument(
+        "--health-interval",
+        metavar="SECONDS",
+        help="re-profile the node this often to check its health, besides after every job "
+        f"(default {DEFAULT_HEALTH_INTERVAL_S:g}; 0: after jobs only)",
+    )
+    p.add_argument(
+        "--min-bandwidth-fraction",
+        metavar="F",
+        help="measured HBM bandwidth below F x the node's own baseline marks it degraded "
+        f"(default {DEFAULT_MIN_BANDWIDTH_FRACTION:g})",
+    )
     return p
 
 
@@ -128,7 +184,9 @@ def _read_config(path: str) -> dict[str, Any]:
         if key not in _CONFIG_KEYS:
             known = ", ".join(_CONFIG_KEYS)
             raise SettingsError(f"unknown key {key!r} in {path}; known: {known}")
-        if not isinstance(value, _CONFIG_KEYS[key]) or isinstance(value, bool):
+        allowed = _CONFIG_KEYS[key]
+        # bool is an int to isinstance: `cpus = true` must not read as 1.
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
             raise SettingsError(f"bad value for {key!r} in {path}: {value!r}")
     for k, v in config.get("labels", {}).items():
         if not isinstance(v, str):
@@ -199,6 +257,18 @@ def load_settings(argv: Sequence[str], env: Mapping[str, str]) -> AgentSettings:
     if log_level not in LOG_LEVELS:
         raise SettingsError(f"bad log_level {log_level!r}; known: {', '.join(LOG_LEVELS)}")
     state_dir = pick("state_dir")
+    fallback_user = str(pick("run_as_fallback_user", DEFAULT_FALLBACK_USER)).strip()
+    if not fallback_user:
+        raise SettingsError("bad --run-as-fallback-user '': want an account name")
+    health_interval = _number(
+        "--health-interval", pick("health_interval", DEFAULT_HEALTH_INTERVAL_S), 0, None
+    )
+    min_fraction = _number(
+        "--min-bandwidth-fraction",
+        pick("min_bandwidth_fraction", DEFAULT_MIN_BANDWIDTH_FRACTION),
+        0,
+        1,
+    )
     return AgentSettings(
         server=server,
         identity=NodeIdentity(
@@ -215,21 +285,127 @@ def load_settings(argv: Sequence[str], env: Mapping[str, str]) -> AgentSettings:
         memory_mib=parse_memory(memory) if memory is not None else None,
         state_dir=Path(state_dir).expanduser() if state_dir else _default_state_dir(env),
         log_level=log_level,
+        run_as_fallback_user=fallback_user,
+        allow_root_jobs=bool(pick("allow_root_jobs", False)),
+        max_log_bytes=parse_bytes(pick("max_log_bytes", DEFAULT_MAX_LOG_BYTES)),
+        network_set=pick("net") is not None,
+        health_interval_s=health_interval,
+        min_bandwidth_fraction=min_fraction,
     )
 
 
-def build_probe(settings: AgentSettings) -> Probe:
+_SIZE = re.compile(r"(\d+)\s*(?:([kmgt])i?)?b?", re.IGNORECASE)
+_SIZE_SHIFT = {None: 0, "k": 10, "m": 20, "g": 30, "t": 40}
+
+
+def parse_bytes(raw: int | str) -> int:
+    """--max-log-bytes: a number of bytes, or one with a binary unit (64MiB, 64M, 1GiB)."""
+    m = _SIZE.fullmatch(str(raw).strip())
+    if m is None or int(m[1]) <= 0:
+        raise SettingsError(f"bad --max-log-bytes {raw!r}: want a positive size, e.g. 64MiB")
+    return int(m[1]) << _SIZE_SHIFT[m[2] and m[2].lower()]
+
+
+def _number(flag: str, raw: object, low: float, high: float | None) -> float:
+    """A flag's number, checked to lie in [low, high] (no upper bound where high is None)."""
+    try:
+        value = float(raw)  # type: ignore[arg-type]
+    except ValueError:
+        raise SettingsError(f"bad {flag} {raw!r}: want a number") from None
+    if not low <= value <= (float("inf") if high is None else high):  # NaN fails too
+        bounds = f"{low:g}..{high:g}" if high is not None else f"at least {low:g}"
+        raise SettingsError(f"bad {flag} {raw!r}: want {bounds}")
+    return value
+
+
+def build_probe(
+    settings: AgentSettings, *, measure: bool = False, nvml: FakeNvml | None = None
+) -> Probe:
+    """--fake-gpus: simulated GPUs; else NVML (a CPU node where there is no driver). The HBM
+    benchmark runs only when `measure` asks for it: the agent itself re-profiles while ranks
+    may hold the GPUs, so it does not (`gpuctl-agent profile --measure` does)."""
     host = PsutilProbe(
         network=settings.network, cpu_milli=settings.cpu_milli, memory_mib=settings.memory_mib
     )
-    if settings.fake_gpus is None:
-        # The NVML probe is a later issue: until then a node without --fake-gpus has no GPUs.
-        log.info("no --fake-gpus given: registering %s as a CPU-only node", settings.identity.name)
-        return host
-    return FakeProbe(settings.fake_gpus, node_name=settings.identity.name, host=host)
+    if settings.fake_gpus is not None:
+        return FakeProbe(settings.fake_gpus, node_name=settings.identity.name, host=host)
+
+    def hbm(gpus: tuple[Gpu, ...]) -> HbmResult:
+        return measure_hbm(gpus, load_backend())
+
+    return NvmlProbe(
+        host=host,
+        nvml=nvml,
+        network=settings.network if settings.network_set else None,
+        hbm=hbm if measure else None,
+    )
+
+
+# -- `gpuctl-agent profile`: the probe's findings, printed, with no daemon involved ---------
+
+
+def _profile_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="gpuctl-agent profile",
+        allow_abbrev=False,
+        description="Print this node's bandwidth profile as the agent would register it, "
+        "without contacting gpuctld. The agent's flags (--fake-gpus, --net, --config...) apply.",
+    )
+    p.add_argument(
+        "--measure",
+        action="store_true",
+        help="also measure each GPU's HBM bandwidth with a copy benchmark (PyTorch or CuPy)",
+    )
+    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    p.add_argument(
+        "--fake-nvml",
+        metavar="PART[:N]",
+        help="probe a simulated board through the real NVML code path, e.g. h100-sxm:8",
+    )
+    return p
+
+
+def profile(argv: Sequence[str], env: Mapping[str, str]) -> int:
+    try:
+        args, rest = _profile_parser().parse_known_args(argv)
+        settings = load_settings(rest, env)
+        if args.fake_nvml and settings.fake_gpus:
+            raise SettingsError("--fake-nvml and --fake-gpus: give one or the other")
+        nvml = fake_nvml(args.fake_nvml, node=settings.identity.name) if args.fake_nvml else None
+    except (SettingsError, SpecError) as e:
+        print(f"gpuctl-agent profile: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s: %(message)s")
+    facts = build_probe(settings, measure=args.measure, nvml=nvml).probe()
+    fabric = settings.identity.fabric
+    if args.output == "json":
+        print(json.dumps(profile_dict(facts, fabric=fabric), indent=2))
+    else:
+        print(profile_table(facts, fabric=fabric))
+    return 0
+
+
+def build_runner(settings: AgentSettings, clock: Callable[[], float]) -> Runner:
+    containment = choose_containment()
+    log.info("each rank runs in a %s of its own", containment.name)
+    # Orphans of a rank whose supervisor died become the agent's, where the runner finds them.
+    if not become_subreaper():
+        log.warning("cannot become a child subreaper: orphans of a dead supervisor go to init")
+    return Runner(
+        settings.state_dir,
+        base_env=os.environ,
+        clock=clock,
+        accounts=AccountPolicy(
+            fallback_user=settings.run_as_fallback_user, allow_root=settings.allow_root_jobs
+        ),
+        max_log_bytes=settings.max_log_bytes,
+        containment=containment,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if (sys.argv[1:] if argv is None else list(argv))[:1] == ["profile"]:
+        return profile((sys.argv[1:] if argv is None else list(argv))[1:], os.environ)
     try:
         settings = load_settings(sys.argv[1:] if argv is None else argv, os.environ)
     except (SettingsError, SpecError) as e:
@@ -251,11 +427,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     channel = grpc.insecure_channel(settings.server)
     loop = AgentLoop(
         agent_pb2_grpc.AgentServiceStub(channel),
-        Runner(settings.state_dir, base_env=os.environ, clock=clock.monotonic),
+        build_runner(settings, clock.monotonic),
         build_probe(settings),
         settings.identity,
         clock=clock,
         notifier=Notifier(os.environ),
+        health_interval_s=settings.health_interval_s,
+        min_bandwidth_fraction=settings.min_bandwidth_fraction,
     )
     stop = threading.Event()
 

@@ -1,7 +1,6 @@
 """What the agent knows about its node: the `Probe` protocol, the psutil host probe and the fake
-GPU probe built from `--fake-gpus h100-sxm:8`, plus the parsers for the node's flag values.
-
-The NVML probe (a later issue) implements the same protocol; nothing else changes.
+GPU probe built from `--fake-gpus h100-sxm:8`, the parsers for the node's flag values, and how
+`gpuctl-agent profile` shows a probe's findings. The NVML probe (`nvml.py`) is another `Probe`.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 import psutil
 
@@ -36,6 +35,7 @@ class NodeFacts:
     cpu_milli: int
     memory_mib: int
     profile: BandwidthProfile = field(default_factory=BandwidthProfile)
+    notes: tuple[str, ...] = ()  # what the probe could not find out, for `gpuctl-agent profile`
 
 
 class Probe(Protocol):
@@ -103,6 +103,13 @@ def _catalog() -> dict[str, dict[str, str]]:
 
 def _float(raw: str) -> float:
     return float(raw) if raw.strip() else 0.0
+
+
+def datasheet(model: str, column: str) -> float:
+    """A figure from gpu_specs.csv, e.g. datasheet("H100 SXM", "bf16_dense_tflops") -> 989.4;
+    0.0 where the model or the figure is not in the catalog."""
+    row = _catalog().get(model)
+    return _float(row.get(column) or "") if row else 0.0
 
 
 @functools.cache
@@ -292,3 +299,170 @@ class FakeProbe:
             measured_at=facts.profile.measured_at,
         )
         return replace(facts, profile=profile)
+
+
+# -- showing a profile (`gpuctl-agent profile`) ----------------------------------------------
+
+NOT_MEASURED = "not measured"
+
+
+def profile_dict(facts: NodeFacts, *, fabric: str = "") -> dict[str, Any]:
+    """The probe's findings as plain JSON data; a measured HBM of null means not measured."""
+    p = facts.profile
+    return {
+        "hostname": facts.hostname,
+        "source": p.source,
+        "measured_at": p.measured_at.isoformat() if p.measured_at else None,
+        "cpus": facts.cpu_milli / 1000,
+        "memory_mib": facts.memory_mib,
+        "gpu_count": len(p.gpus),
+        "gpu_model": p.gpu_model,
+        "nvlink_domain_size": p.nvlink_domain_size,
+        "pcie": {"gen": p.pcie_gen, "width": p.pcie_width},
+        "bf16_tflops": p.bf16_tflops,
+        "network": {
+            "kind": p.network.kind.value,
+            "ports": p.network.ports,
+            "gbps_per_port": p.network.gbps_per_port,
+            "total_gbps": p.network.total_gbps,
+        },
+        "fabric": fabric,
+        "ib_ports": [
+            {
+                "device": x.device,
+                "port": x.port,
+                "rate_gbps": x.rate_gbps,
+                "state": x.state,
+                "phys_state": x.phys_state,
+                "link_layer": x.link_layer,
+                "guid": x.guid,
+            }
+            for x in p.ib_ports
+        ],
+        "gpus": [
+            {
+                "index": g.index,
+                "uuid": g.uuid,
+                "model": g.model,
+                "pci_bus_id": g.pci_bus_id,
+                "memory_mib": g.memory_mib,
+                "hbm_gbps_theoretical": g.hbm_gbps,
+                "hbm_gbps_measured": g.measured_hbm_gbps,
+                "nvlink": {
+                    "links_active": g.nvlink_links_active,
+                    "links_total": g.nvlink_links_total,
+                    "version": g.nvlink_version,
+                    "gbps": g.nvlink_gbps,
+                    "peers": list(g.nvlink_peers),
+                },
+                "pcie": {
+                    "gen": g.pcie_gen,
+                    "width": g.pcie_width,
+                    "max_gen": g.pcie_max_gen,
+                    "max_width": g.pcie_max_width,
+                },
+                "numa_node": g.numa_node,
+                "cpu_affinity": g.cpu_affinity,
+                "mig_enabled": g.mig_enabled,
+            }
+            for g in p.gpus
+        ],
+        "notes": list(facts.notes),
+    }
+
+
+def _columns(headers: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+    return [
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in [headers, *rows]
+    ]
+
+
+def _pcie(gen: int, width: int) -> str:
+    return f"gen{gen}x{width}" if gen else "-"
+
+
+def _num(value: float) -> str:
+    return f"{value:g}" if value else "-"
+
+
+def profile_table(facts: NodeFacts, *, fabric: str = "") -> str:
+    """The probe's findings for a person: the node, one row per GPU, the network's ports."""
+    p = facts.profile
+    net = p.network
+    when = p.measured_at.strftime("%Y-%m-%dT%H:%M:%SZ") if p.measured_at else "-"
+    models = ", ".join(dict.fromkeys(g.model for g in p.gpus))
+    head = [
+        (
+            "Node",
+            f"{facts.hostname} ({facts.cpu_milli / 1000:g} CPUs, {facts.memory_mib / 1024:.1f} GiB memory)",
+        ),
+        ("Source", f"{p.source}, probed {when}"),
+        ("GPUs", f"{len(p.gpus)} x {models}" if p.gpus else "none (CPU-only node)"),
+        ("NVLink domain", f"{p.nvlink_domain_size} GPUs" if p.nvlink_domain_size else "-"),
+        ("PCIe", _pcie(p.pcie_gen, p.pcie_width).replace("x", " x")),
+        ("BF16 TFLOPS", f"{p.bf16_tflops:g} (dense, whole node)" if p.bf16_tflops else "-"),
+        (
+            "Network",
+            f"{net.kind.value}, {net.ports} x {net.gbps_per_port:g} Gb/s ({net.total_gbps:g} Gb/s)"
+            if net.ports
+            else "none",
+        ),
+        ("Fabric", fabric or "-"),
+    ]
+    width = max(len(k) for k, _ in head) + 2
+    lines = [f"{(k + ':').ljust(width)}{v}" for k, v in head]
+    if p.gpus:
+        rows = [
+            [
+                str(g.index),
+                g.model,
+                f"{g.memory_mib / 1024:.1f}GiB",
+                _num(g.hbm_gbps),
+                f"{g.measured_hbm_gbps:g}" if g.measured_hbm_gbps is not None else NOT_MEASURED,
+                f"{g.nvlink_links_active}/{g.nvlink_links_total}" if g.nvlink_links_total else "-",
+                str(g.nvlink_version) if g.nvlink_version else "-",
+                _num(g.nvlink_gbps),
+                f"{_pcie(g.pcie_gen, g.pcie_width)}/{_pcie(g.pcie_max_gen, g.pcie_max_width)}",
+                str(g.numa_node) if g.numa_node >= 0 else "-",
+                g.cpu_affinity or "-",
+                "on" if g.mig_enabled else "off",
+                g.pci_bus_id or "-",
+            ]
+            for g in p.gpus
+        ]
+        headers = [
+            "GPU",
+            "MODEL",
+            "MEMORY",
+            "HBM_GB/s",
+            "MEASURED_GB/s",
+            "NVLINKS",
+            "NVL_GEN",
+            "NVLINK_GB/s",
+            "PCIE(CUR/MAX)",
+            "NUMA",
+            "CPUS",
+            "MIG",
+            "PCI_BUS_ID",
+        ]
+        lines += ["", *_columns(headers, rows)]
+    if p.ib_ports:
+        rows = [
+            [
+                x.device,
+                str(x.port),
+                x.state,
+                x.phys_state,
+                _num(x.rate_gbps),
+                x.link_layer,
+                x.guid or "-",
+            ]
+            for x in p.ib_ports
+        ]
+        headers = ["DEVICE", "PORT", "STATE", "PHYS_STATE", "RATE_Gb/s", "LINK_LAYER", "GUID"]
+        lines += ["", "IB/RoCE ports:", *("  " + r for r in _columns(headers, rows))]
+    if facts.notes:
+        lines += ["", "Notes:", *(f"  {n}" for n in facts.notes)]
+    return "\n".join(lines)

@@ -104,6 +104,8 @@ def spec_to_pb(spec: JobSpec) -> jobs_pb2.JobSpec:
         preemptible=spec.preemptible,
         num_nodes=spec.num_nodes,
         replicas=spec.replicas,
+        target_tokens_per_s=spec.target_tokens_per_s,
+        weights_gb=spec.weights_gb,
     )
     if spec.time_limit_s:
         msg.time_limit.CopyFrom(duration(spec.time_limit_s))
@@ -149,6 +151,8 @@ def spec_from_pb(msg: jobs_pb2.JobSpec, *, owner: str = "") -> JobSpec:
         if msg.on_node_lost == jobs_pb2.ON_NODE_LOST_FAIL
         else OnNodeLost.REQUEUE,
         preemptible=msg.preemptible,
+        target_tokens_per_s=msg.target_tokens_per_s,
+        weights_gb=msg.weights_gb,
     )
 
 

@@ -3,35 +3,40 @@
 One parser for all three, so a field means the same thing everywhere. It converts shapes and
 units only; ranges and cross-field rules are `core.validation`'s (run by the server).
 
-=================  ======================================  ===============================================
-field              type                                    meaning
-=================  ======================================  ===============================================
-kind               ``training`` | ``inference``            required; a gang of whole nodes, or replicas
-name               string                                  a label for people (1-63 of ``A-Za-z0-9._-``)
-queue              string                                  the queue to wait in (default ``default``)
-priority           int                                     higher goes first; may preempt preemptible work
-command            list of strings, or one string          the program and its arguments; a string is
-                                                           split like a shell would (``shlex``)
-env                mapping                                 extra environment; values become strings
-working_dir        string                                  absolute path the ranks start in
-time_limit         int seconds, or ``90s`` ``30m`` ``2h``  stop the job after this long; ``0``: no limit
-                   ``1d`` ``1h30m`` ``1:30:00`` ``2-00:00:00``
-nodes              int                                     training: nodes in the gang (default 1)
-gpus_per_node      int                                     training: GPUs on each node; inference: whole
-                                                           GPUs per replica (tensor-parallel in one node)
-replicas           int                                     inference: independent replicas (default 1)
-gpu_share          float, 0 < x < 1                        inference: a share of one GPU per replica
-                                                           (stored as ``gpu_milli = round(x * 1000)``)
-gpu_milli          int, 1..999                             the same share in thousandths; give one of the two
-gpu_memory         ``40GiB`` ``80G`` ``512MiB`` or int MiB GPU memory each replica needs (weights + KV cache)
-gpu_model          string                                  only GPUs of this model, e.g. ``H100 SXM``
-cpus               number, or ``500m``                     CPU cores per rank/replica (``cpu_milli``)
-memory             ``64GiB`` ``64G`` or int MiB            host memory per rank/replica
-min_nvlink_gbps    number                                  training: NVLink floor per GPU, GB/s
-min_net_gbps       number                                  training: inter-node network floor, Gb/s
-on_node_lost       ``requeue`` | ``fail``                  what a lost node does to the job (default requeue)
-preemptible        bool                                    higher-priority work may stop and requeue it
-=================  ======================================  ===============================================
+===================  ======================================  ===============================================
+field                type                                    meaning
+===================  ======================================  ===============================================
+kind                 ``training`` | ``inference``            required; a gang of whole nodes, or replicas
+name                 string                                  a label for people (1-63 of ``A-Za-z0-9._-``)
+queue                string                                  the queue to wait in (default ``default``)
+priority             int                                     higher goes first; may preempt preemptible work
+command              list of strings, or one string          the program and its arguments; a string is
+                                                             split like a shell would (``shlex``)
+env                  mapping                                 extra environment; values become strings
+working_dir          string                                  absolute path the ranks start in
+time_limit           int seconds, or ``90s`` ``30m`` ``2h``  stop the job after this long; ``0``: no limit
+                     ``1d`` ``1h30m`` ``1:30:00`` ``2-00:00:00``
+nodes                int                                     training: nodes in the gang (default 1)
+gpus_per_node        int                                     training: GPUs on each node; inference: whole
+                                                             GPUs per replica (tensor-parallel in one node)
+replicas             int                                     inference: independent replicas (default 1)
+gpu_share            float, 0 < x < 1                        inference: a share of one GPU per replica
+                                                             (stored as ``gpu_milli = round(x * 1000)``)
+gpu_milli            int, 1..999                             the same share in thousandths; give one of the two
+gpu_memory           ``40GiB`` ``80G`` ``512MiB`` or int MiB GPU memory each replica needs (weights + KV cache)
+gpu_model            string                                  only GPUs of this model, e.g. ``H100 SXM``
+cpus                 number, or ``500m``                     CPU cores per rank/replica (``cpu_milli``)
+memory               ``64GiB`` ``64G`` or int MiB            host memory per rank/replica
+min_nvlink_gbps      number                                  training: NVLink floor per GPU, GB/s
+min_net_gbps         number                                  training: inter-node network floor, Gb/s
+on_node_lost         ``requeue`` | ``fail``                  what a lost node does to the job (default requeue)
+preemptible          bool                                    higher-priority work may stop and requeue it
+target_tokens_per_s  number                                  inference: decode tokens/s each replica must
+                                                             reach; needs ``weights_gb`` (HBM floor = the two
+                                                             multiplied, GB/s)
+weights_gb           number                                  inference: GB of weights a replica streams per
+                                                             token (must fit ``gpu_memory``)
+===================  ======================================  ===============================================
 
 Sizes follow Kubernetes: ``Ki Mi Gi Ti`` (optionally with ``B``) are powers of 1024, ``K M G T``
 (or ``KB MB GB TB``) powers of 1000, rounded up to whole MiB; so ``80G`` fits an "80 GB" GPU,
@@ -312,6 +317,8 @@ FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "min_net_gbps": ("min_net_gbps", _number),
     "on_node_lost": ("on_node_lost", _on_node_lost),
     "preemptible": ("preemptible", _bool),
+    "target_tokens_per_s": ("target_tokens_per_s", _number),
+    "weights_gb": ("weights_gb", _number),
 }
 
 
@@ -465,4 +472,8 @@ def spec_to_mapping(spec: JobSpec | jobs_pb2.JobSpec) -> dict[str, Any]:
         out["on_node_lost"] = str(spec.on_node_lost)
     if spec.preemptible:
         out["preemptible"] = True
+    if spec.target_tokens_per_s:
+        out["target_tokens_per_s"] = spec.target_tokens_per_s
+    if spec.weights_gb:
+        out["weights_gb"] = spec.weights_gb
     return out

@@ -37,6 +37,8 @@ USER_METADATA = "x-gpuctl-user"
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
 MAX_LOG_PUSH = 4 << 20
+MAX_HEALTH_ISSUES = 256  # one per GPU, link and port of the largest node, with room to spare
+MAX_HEALTH_ISSUE_LEN = 1024
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -251,7 +253,27 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
     @_errors
     def Heartbeat(self, request, context):
-        result = self.c.heartbeat(request.node_name, [self._ref(r) for r in request.running])
+        issues = tuple(request.health_issues)
+        if len(issues) > MAX_HEALTH_ISSUES or any(
+            not i.strip() or len(i) > MAX_HEALTH_ISSUE_LEN for i in issues
+        ):
+            raise InvalidArgument(
+                [
+                    FieldViolation(
+                        "health_issues",
+                        f"at most {MAX_HEALTH_ISSUES} non-empty issues "
+                        f"of at most {MAX_HEALTH_ISSUE_LEN} characters",
+                    )
+                ]
+            )
+        result = self.c.heartbeat(
+            request.node_name,
+            [self._ref(r) for r in request.running],
+            health_issues=issues,
+            profile=convert.profile_from_pb(request.profile)
+            if request.HasField("profile")
+            else None,
+        )
         return agent_pb2.HeartbeatResponse(
             assignments=[
                 agent_pb2.Assignment(

@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from gpuctl.cli import render
+from gpuctl.cli.simulate import simulate
 from gpuctl.client import (
     DEFAULT_TARGET,
     ApiError,
@@ -351,6 +352,9 @@ def leases(ctx: click.Context, show_all: bool, output: str) -> None:
     """List the node leases gpuctl holds and what they cost."""
     found = _client(ctx).leases(include_released=show_all)
     _emit(found, output, lambda wide: render.leases_table(found, now=_now()))
+
+
+cli.add_command(simulate)
 
 
 def main() -> None:

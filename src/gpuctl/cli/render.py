@@ -373,6 +373,11 @@ def _network(net: nodes_pb2.Network, long: bool = False) -> str:
     return f"{_NET.get(net.kind, '?')} {net.ports}x{net.gbps_per_port:g}G"
 
 
+def _pcie(gen: int, width: int) -> str:
+    """gen 5, width 16 -> "gen5x16"; an unknown link is "-"."""
+    return f"gen{gen}x{width}" if gen else "-"
+
+
 def free_gpus(node: nodes_pb2.Node) -> float:
     used = sum(min(u.used_milli, 1000) for u in node.usage)
     return (len(node.profile.gpus) * 1000 - used) / 1000
@@ -464,12 +469,23 @@ def describe_node(node: nodes_pb2.Node, *, now: datetime) -> str:
             number(g.hbm_gbps),
             f"{g.measured_hbm_gbps:g}" if g.HasField("measured_hbm_gbps") else "not measured",
             number(g.nvlink_gbps),
+            f"{g.nvlink_links_active}/{g.nvlink_links_total}" if g.nvlink_links_total else "-",
+            g.nvlink_version or "-",
+            f"{_pcie(g.pcie_gen, g.pcie_width)}/{_pcie(g.pcie_max_gen, g.pcie_max_width)}"
+            if g.pcie_gen or g.pcie_max_gen
+            else "-",
+            g.numa_node if g.numa_node >= 0 else "-",
+            g.cpu_affinity,
             "yes" if g.mig_enabled else "no",
+            g.pci_bus_id,
             g.uuid,
         )
         for g in p.gpus
     ]
-    parts = [fields(head), "Profile:\n" + fields(profile, indent=2)]
+    parts = [fields(head)]
+    if node.health_issues:
+        parts.append("Health issues:\n" + "\n".join(f"  {i}" for i in node.health_issues))
+    parts.append("Profile:\n" + fields(profile, indent=2))
     if gpu_rows:
         headers = [
             "INDEX",
@@ -478,10 +494,23 @@ def describe_node(node: nodes_pb2.Node, *, now: datetime) -> str:
             "HBM_GB/s",
             "MEASURED_HBM_GB/s",
             "NVLINK_GB/s",
+            "NVLINKS",
+            "NVL_GEN",
+            "PCIE(CUR/MAX)",
+            "NUMA",
+            "CPUS",
             "MIG",
+            "PCI_BUS_ID",
             "UUID",
         ]
         parts.append(_indent(table(headers, gpu_rows)))
+    if p.ib_ports:
+        port_rows = [
+            (x.device, x.port, x.state, x.phys_state, number(x.rate_gbps), x.link_layer, x.guid)
+            for x in p.ib_ports
+        ]
+        headers = ["DEVICE", "PORT", "STATE", "PHYS_STATE", "RATE_Gb/s", "LINK_LAYER", "GUID"]
+        parts.append("IB/RoCE ports:\n" + _indent(table(headers, port_rows)))
     usage = {u.index: u for u in node.usage}
     use_rows = []
     for g in p.gpus:

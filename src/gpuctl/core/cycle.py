@@ -1,23 +1,66 @@
 """One scheduling cycle: pending jobs in queue order, each gang or replica set placed whole
-or not at all on a copy of the snapshot, and for every job left waiting a reason to act on.
+or not at all on a copy of the snapshot (preempting, reserving or backfilling as the policy
+says), and for every job left waiting a reason to act on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
+from typing import Any
 
-from gpuctl.core.model import MILLI_PER_GPU, Job, JobKind, Placement, RankPlacement
-from gpuctl.core.plugins import NodeReady, Policy, RankRequest, Status, pick_gpus, plural
+from gpuctl.core.backfill import Hold, Planner, Reservation, ends_if_started, ids
+from gpuctl.core.model import (
+    MILLI_PER_GPU,
+    Job,
+    JobKind,
+    JobSpec,
+    JobState,
+    OnNodeLost,
+    Placement,
+    RankPlacement,
+)
+from gpuctl.core.plugins import (
+    Code,
+    CycleContext,
+    NodeReady,
+    Policy,
+    RankRequest,
+    Status,
+    pick_gpus,
+    plural,
+)
+from gpuctl.core.preempt import Preemption, choose_victims
+from gpuctl.core.queue import QueueOrder, Usage, placement_gpus
 from gpuctl.core.snapshot import NodeView, Snapshot
+from gpuctl.core.topology import (
+    SCORE_DIGITS,
+    GangDemand,
+    Member,
+    best_gang,
+    damage,
+    describe_island,
+    gang_demands,
+    island_of,
+    protected_nodes,
+)
 
-# Scores are sums of floats; rounding keeps two equal placements equal whatever the
-# summation order, so ties fall to the readable tie-breakers (leaf, node id).
-_SCORE_DIGITS = 9
 # A reason lists at most this many groups of nodes: enough to act on, short enough to read.
 _REASON_GROUPS = 4
 _REASON_IDS = 3
+# Queued gangs whose islands the cycle keeps intact where it can: the next few to start. Each
+# costs one filter pass over the idle nodes per cycle.
+_QUEUED_GANGS = 4
+
+__all__ = [
+    "Binding",
+    "CycleResult",
+    "Preemption",
+    "Reservation",
+    "Unschedulable",
+    "schedule",
+]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -36,11 +79,8 @@ class Unschedulable:
 class CycleResult:
     bindings: tuple[Binding, ...] = ()
     unschedulable: tuple[Unschedulable, ...] = ()
-
-
-def queue_order(job: Job) -> tuple[int, bool, datetime | None, int]:
-    """Higher priority first, then older, then lower id (jobs with no creation time last)."""
-    return (-job.spec.priority, job.created_at is None, job.created_at, job.id)
+    reservations: tuple[Reservation, ...] = ()
+    preemptions: tuple[Preemption, ...] = ()  # applied before the bindings that need them
 
 
 def schedule(
@@ -48,21 +88,217 @@ def schedule(
 ) -> CycleResult:
     """Place what fits of `pending`; `snapshot` itself is left as it was.
 
-    1. order the queue; 2. place each job whole or not at all; 3. assume what was placed,
-    on a copy of the snapshot, so later jobs in the same cycle see it.
+    1. Sort: order the queue (the policy's queue sort: priority, fair share, age).
+    2. Prepare: note the islands the next queued gangs need; prepare the scores for the cycle.
+    3. For each job in order, on a copy of the snapshot:
+       a. Place it whole or not at all, on nodes no reservation ahead of it needs (backfill);
+       b. else preempt the cheapest lower-priority work that makes it fit, if the policy may;
+       c. else hold what the policy says (a reservation, or the whole queue) and say why.
+       Whatever is placed is assumed, so later jobs see it.
     """
-    del now  # reservations and backfill will need it; this version decides on free capacity only
-    work = snapshot.copy()
-    bindings: list[Binding] = []
-    waiting: list[Unschedulable] = []
-    for job in sorted(pending, key=queue_order):
-        outcome = _PLACERS[job.spec.kind](work, job, policy)
-        if isinstance(outcome, Unschedulable):
-            waiting.append(outcome)
-            continue
-        work.assume(job.id, outcome)
-        bindings.append(Binding(job_id=job.id, placement=outcome))
-    return CycleResult(bindings=tuple(bindings), unschedulable=tuple(waiting))
+    return _Cycle(snapshot.copy(), policy, now).run(pending)
+
+
+# A placer puts one job on a snapshot, never using the `blocked` nodes (id -> why not).
+_Placer = Callable[
+    [Snapshot, Job, Policy, Mapping[str, str], Sequence[GangDemand]], Placement | Unschedulable
+]
+
+
+class _Cycle:
+    """The working state of one cycle; `run` is the whole of it."""
+
+    def __init__(self, work: Snapshot, policy: Policy, now: datetime) -> None:
+        self.work = work
+        self.base_policy = policy
+        self.policy = policy
+        self.now = now
+        self.planner = Planner(work, now)
+        self.holds: list[Hold] = []
+        self.demands: tuple[GangDemand, ...] = ()
+        self.start_nodes: tuple[NodeView, ...] = work.nodes
+        self.fresh: set[int] = set()  # placed in this cycle: never a victim in it
+        # Jobs alike in everything placement looks at fail alike until something frees up.
+        self.misses: dict[tuple[Any, ...], str] = {}
+        self.no_room: dict[tuple[Any, ...], str] = {}
+        self.behind: dict[tuple[Any, ...], str] = {}
+        self.bindings: list[Binding] = []
+        self.waiting: list[Unschedulable] = []
+        self.preemptions: list[Preemption] = []
+
+    def run(self, pending: Sequence[Job]) -> CycleResult:
+        # 1. sort
+        order = QueueOrder(pending, self.base_policy.queue_sort, Usage.of(self.work.jobs()))
+        # 2. prepare
+        gangs = [j for j in order.preview() if _is_gang(j)][:_QUEUED_GANGS]
+        self.demands = gang_demands(self.work.nodes, gangs, self._static_fit)
+        self._prepare()
+        # 3. place, preempt or hold, job by job
+        for job in order:
+            self._one(job, order)
+        return CycleResult(
+            bindings=tuple(self.bindings),
+            unschedulable=tuple(self.waiting),
+            reservations=tuple(self.planner.reservations),
+            preemptions=tuple(self.preemptions),
+        )
+
+    def _static_fit(self, job: Job, view: NodeView) -> bool:
+        return _check(self.base_policy, job, RankRequest.of(job.spec), view).ok
+
+    def _prepare(self) -> None:
+        protected: dict[str, frozenset[int]] = {}
+        for d in self.demands:
+            for node_id in protected_nodes(self.start_nodes, (d,)):
+                protected[node_id] = protected.get(node_id, frozenset()) | {d.job_id}
+        context = CycleContext(nodes=self.start_nodes, protected=protected)
+        self.policy = self.base_policy.prepared(context)
+
+    def _one(self, job: Job, order: QueueOrder) -> None:
+        barrier = next((h for h in self.holds if h.blocks_all), None)
+        if barrier is not None:
+            self._wait(job, barrier.waiting(job, self.now))
+            return
+        blocked: dict[str, str] = {}
+        for hold in self.holds:
+            for node_id, why in hold.blocked(ends_if_started(job, self.now)).items():
+                blocked.setdefault(node_id, why)
+        placer = _PLACERS[job.spec.kind]
+        signature = (_shape(job.spec), tuple(sorted(blocked)))
+        # a. place
+        miss = self.misses.get(signature)
+        if miss is None:
+            outcome = placer(self.work, job, self.policy, blocked, self._queued(job))
+            if isinstance(outcome, Placement):
+                self._bind(job, outcome, order)
+                return
+            miss = self.misses[signature] = outcome.reason
+        # b. preempt
+        preempt_note = self._preempt(job, blocked, placer, signature, order)
+        if preempt_note is None:
+            return
+        # c. hold
+        request = RankRequest.of(job.spec)
+
+        def fits(view: NodeView) -> bool | None:
+            status = _check(self.policy, job, request, view)
+            return True if status.ok else (None if status.code is Code.UNRESOLVABLE else False)
+
+        if signature not in self.behind:
+            self.behind[signature] = self._behind(job, blocked, placer)
+        behind = self.behind[signature]
+        hold, note = self.base_policy.backfill.hold(job, self.planner, fits)
+        if hold is not None:
+            self.holds.append(hold)
+        if behind:
+            parts = [behind]
+        elif note.startswith("reserved"):
+            parts = [note, miss, preempt_note]
+        else:
+            parts = [miss, preempt_note, note]
+        self._wait(job, "; ".join(p for p in parts if p))
+
+    def _queued(self, job: Job) -> tuple[GangDemand, ...]:
+        return tuple(d for d in self.demands if d.job_id != job.id and d.job_id not in self.fresh)
+
+    def _behind(self, job: Job, blocked: Mapping[str, str], placer: _Placer) -> str:
+        """ "waiting behind job 7's reservation ..." when only a hold keeps `job` back."""
+        if not blocked:
+            return ""
+        free = placer(self.work, job, self.policy, {}, self._queued(job))
+        if not isinstance(free, Placement):
+            return ""
+        used = set(free.node_ids)
+        ends = ends_if_started(job, self.now)
+        for hold in self.holds:
+            if used & set(hold.blocked(ends)):
+                return hold.waiting(job, self.now)
+        return ""
+
+    def _bind(self, job: Job, placement: Placement, order: QueueOrder) -> None:
+        started = replace(job, state=JobState.RUNNING, placement=placement, started_at=self.now)
+        self.work.assume(job.id, placement, started)
+        self.bindings.append(Binding(job_id=job.id, placement=placement))
+        self.fresh.add(job.id)
+        self.behind.clear()  # what fitted but for a hold may not fit at all now
+        order.started(job, placement_gpus(placement))
+        if any(d.job_id == job.id for d in self.demands):
+            self.demands = tuple(d for d in self.demands if d.job_id != job.id)
+            self._prepare()
+
+    def _preempt(
+        self,
+        job: Job,
+        blocked: Mapping[str, str],
+        placer: _Placer,
+        signature: tuple[Any, ...],
+        order: QueueOrder,
+    ) -> str | None:
+        """Preempt for `job` if that makes it fit (None: it was placed); else a note for its
+        reason ("" when there was nobody to preempt)."""
+        candidates = self.base_policy.preemption.candidates(
+            job, self.work.jobs(), self.now, self.fresh
+        )
+        if not candidates:
+            return ""
+        key = (*signature, job.spec.priority)
+        if key in self.no_room:
+            return self.no_room[key]
+
+        def place(trial: Snapshot) -> Placement | None:
+            outcome = placer(trial, job, self.policy, blocked, self._queued(job))
+            return outcome if isinstance(outcome, Placement) else None
+
+        chosen = choose_victims(self.work, candidates, place)
+        if chosen is None:
+            note = (
+                f"preempting {plural(len(candidates), 'lower-priority preemptible job')} "
+                "would not make room"
+            )
+            self.no_room[key] = note
+            return note
+        victims, placement = chosen
+        why = f"preempted by job {job.id} (priority {job.spec.priority})"
+        for v in victims:
+            self.work.forget(v.job.id)
+            order.stopped(v.job, placement_gpus(v.job.placement))
+            self.preemptions.append(Preemption(job_id=v.job.id, for_job_id=job.id, reason=why))
+        lost = sum(v.gpu_hours for v in victims)
+        placement = replace(
+            placement,
+            reason=f"{placement.reason}; preempted {plural(len(victims), 'job')} "
+            f"({ids([v.job.id for v in victims])}), {lost:.3g} GPU-hours lost",
+        )
+        # Room was made: what failed before may fit now.
+        self.misses.clear()
+        self.no_room.clear()
+        self.behind.clear()
+        self._bind(job, placement, order)
+        return None
+
+    def _wait(self, job: Job, reason: str) -> None:
+        self.waiting.append(Unschedulable(job_id=job.id, reason=reason))
+
+
+def _is_gang(job: Job) -> bool:
+    return job.spec.kind is JobKind.TRAINING and job.spec.num_nodes > 1
+
+
+def _shape(spec: JobSpec) -> JobSpec:
+    """`spec` with what placement never looks at cleared: alike shapes fit alike."""
+    return replace(
+        spec,
+        command=(),
+        name="",
+        owner="",
+        queue="",
+        priority=0,
+        env=(),
+        working_dir="",
+        time_limit_s=0,
+        on_node_lost=OnNodeLost.REQUEUE,
+        preemptible=False,
+    )
 
 
 def _check(policy: Policy, job: Job, request: RankRequest, node: NodeView) -> Status:
@@ -73,7 +309,7 @@ def _check(policy: Policy, job: Job, request: RankRequest, node: NodeView) -> St
 
 
 def _score(policy: Policy, job: Job, request: RankRequest, node: NodeView) -> float:
-    return round(policy.score(job, request, node), _SCORE_DIGITS)
+    return round(policy.score(job, request, node), SCORE_DIGITS)
 
 
 def _rank(index: int, node: NodeView, request: RankRequest) -> RankPlacement:
@@ -96,16 +332,25 @@ def _rank(index: int, node: NodeView, request: RankRequest) -> RankPlacement:
 def _need(job: Job, request: RankRequest, count: int, unit: str) -> str:
     spec = job.spec
     text = f"needs {plural(count, unit)} \N{MULTIPLICATION SIGN} {request.describe()}"
+    extras = []
     if spec.gpu_model and request.milli:
-        text += f" ({spec.gpu_model})"
+        extras.append(spec.gpu_model)
+    if spec.min_nvlink_gbps:
+        extras.append(f"NVLink >= {spec.min_nvlink_gbps:g} GB/s")
+    if spec.min_net_gbps:
+        extras.append(f"network >= {spec.min_net_gbps:g} Gb/s")
+    if extras:
+        text += f" ({', '.join(extras)})"
     if request.gpu_memory_mib and request.milli:
         text += f" with {request.gpu_memory_mib} MiB"
+    if spec.hbm_floor_gbps:
+        text += f" with HBM >= {spec.hbm_floor_gbps:g} GB/s"
     return text
 
 
-def _ids(ids: Sequence[str]) -> str:
-    shown = ", ".join(ids[:_REASON_IDS])
-    return shown + (f" +{len(ids) - _REASON_IDS} more" if len(ids) > _REASON_IDS else "")
+def _ids(values: Sequence[str]) -> str:
+    shown = ", ".join(values[:_REASON_IDS])
+    return shown + (f" +{len(values) - _REASON_IDS} more" if len(values) > _REASON_IDS else "")
 
 
 def _explain(failures: Sequence[tuple[str, str]]) -> str:
@@ -126,79 +371,44 @@ def _explain(failures: Sequence[tuple[str, str]]) -> str:
 # -- training: gangs -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class _Gang:
-    fabric: str
-    nodes: tuple[NodeView, ...]
-    leaves: int
-    score: float
-
-
-def _leaf(node: NodeView) -> str:
-    return node.node.leaf or f"node {node.id}"
-
-
-def _best_in_island(fabric: str, members: Sequence[tuple[NodeView, float]], n: int) -> _Gang | None:
-    """The `n` nodes of one fabric spanning the fewest leaves, best total score among those."""
-    if len(members) < n:
-        return None
-    by_leaf: dict[str, list[tuple[NodeView, float]]] = {}
-    for m in members:
-        by_leaf.setdefault(_leaf(m[0]), []).append(m)
-    leaves = sorted(by_leaf.items(), key=lambda kv: (-len(kv[1]), kv[0]))
-    # Fewest leaves: the biggest leaves first is optimal for the count of leaves spanned.
-    k, covered = 0, 0
-    while covered < n:
-        covered += len(leaves[k][1])
-        k += 1
-
-    def top(candidates: Sequence[tuple[NodeView, float]]) -> list[tuple[NodeView, float]]:
-        return sorted(candidates, key=lambda m: (-m[1], m[0].node.fabric, m[0].id))[:n]
-
-    if k == 1:
-        # Any leaf that holds the whole gang: the best-scoring, then the smallest (keeping
-        # big leaves whole for bigger gangs), then by name.
-        options = [(top(ms), len(ms), leaf) for leaf, ms in leaves if len(ms) >= n]
-        chosen, _, _ = min(
-            options, key=lambda o: (-round(sum(s for _, s in o[0]), _SCORE_DIGITS), o[1], o[2])
-        )
-    else:
-        chosen = top([m for _, ms in leaves[:k] for m in ms])
-    return _Gang(
-        fabric=fabric,
-        nodes=tuple(v for v, _ in chosen),
-        leaves=len({_leaf(v) for v, _ in chosen}),
-        score=round(sum(s for _, s in chosen), _SCORE_DIGITS),
-    )
-
-
-def _place_gang(snapshot: Snapshot, job: Job, policy: Policy) -> Placement | Unschedulable:
+def _place_gang(
+    snapshot: Snapshot,
+    job: Job,
+    policy: Policy,
+    blocked: Mapping[str, str],
+    queued: Sequence[GangDemand],
+) -> Placement | Unschedulable:
     n = job.spec.num_nodes
     request = RankRequest.of(job.spec)
-    islands: dict[tuple[str, str], list[tuple[NodeView, float]]] = {}
+    islands: dict[tuple[str, str], list[Member]] = {}
     failures: list[tuple[str, str]] = []
     for view in snapshot.nodes:
         status = _check(policy, job, request, view)
         if not status.ok:
             failures.append((view.id, status.reason))
+        elif view.id in blocked:
+            failures.append((view.id, blocked[view.id]))
         elif n > 1 and not view.node.fabric_name:
             failures.append((view.id, "with no fabric path (a gang of one only)"))
         else:
-            # A node with no fabric is an island of its own.
-            key = (view.node.fabric_name, "" if view.node.fabric_name else view.id)
-            islands.setdefault(key, []).append((view, _score(policy, job, request, view)))
-    gangs = [
-        g for (fabric, _), ms in sorted(islands.items()) if (g := _best_in_island(fabric, ms, n))
-    ]
+            member = Member(
+                view=view,
+                score=_score(policy, job, request, view),
+                whole=view.idle and request.gpus == view.gpu_count,
+            )
+            islands.setdefault(island_of(view), []).append(member)
+    gangs = [g for (fabric, _), ms in sorted(islands.items()) if (g := best_gang(fabric, ms, n))]
     if not gangs:
         return Unschedulable(job_id=job.id, reason=_gang_reason(job, request, islands, failures))
-    best = min(gangs, key=lambda g: (g.leaves, -g.score, g.fabric))
-    ordered = sorted(best.nodes, key=lambda v: (v.node.fabric, v.id))
-    whole = sum(1 for v in ordered if v.idle and request.gpus == v.gpu_count)
+    # Whole nodes, then fewest leaves, then what stays intact for the queued gangs, then the
+    # scores (interconnect and TFLOPS among them), then the fabric's name.
+    best = min(gangs, key=lambda g: (g.partial, g.leaves, damage(g, queued), -g.score, g.fabric))
+    ordered = best.nodes
+    whole = n - best.partial
     where = f"fabric {best.fabric}" if best.fabric else f"node {ordered[0].id} (no fabric)"
     shape = plural(whole, "whole node") if whole else ""
-    if whole < n:
-        shape += (" + " if whole else "") + plural(n - whole, "partial node")
+    if best.partial:
+        shape += (" + " if whole else "") + plural(best.partial, "partial node")
     return Placement(
         ranks=tuple(_rank(i, v, request) for i, v in enumerate(ordered)),
         master_addr=ordered[0].node.address,
@@ -209,7 +419,7 @@ def _place_gang(snapshot: Snapshot, job: Job, policy: Policy) -> Placement | Uns
 def _gang_reason(
     job: Job,
     request: RankRequest,
-    islands: dict[tuple[str, str], list[tuple[NodeView, float]]],
+    islands: dict[tuple[str, str], list[Member]],
     failures: Sequence[tuple[str, str]],
 ) -> str:
     n = job.spec.num_nodes
@@ -217,9 +427,9 @@ def _gang_reason(
     if not islands and not failures:
         return text + "; the cluster has no nodes"
     if islands:
-        (fabric, _), members = min(islands.items(), key=lambda kv: (-len(kv[1]), kv[0]))
-        on = f" on fabric {fabric}" if fabric else ""
-        text += f"; largest fit: {plural(len(members), 'node')}{on}"
+        _, members = min(islands.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+        views = [m.view for m in members]
+        text += f"; largest free island has {plural(len(views), 'node')} ({describe_island(views)})"
         fitting = sum(len(ms) for ms in islands.values())
         if fitting >= n:
             text += f", {fitting} across {len(islands)} fabrics"
@@ -233,12 +443,25 @@ def _gang_reason(
 # -- inference: replicas -------------------------------------------------------------------
 
 
-def _place_replicas(snapshot: Snapshot, job: Job, policy: Policy) -> Placement | Unschedulable:
+def _place_replicas(
+    snapshot: Snapshot,
+    job: Job,
+    policy: Policy,
+    blocked: Mapping[str, str],
+    queued: Sequence[GangDemand],
+) -> Placement | Unschedulable:
     request = RankRequest.of(job.spec)
     # The views as they would be with the replicas placed so far; only the node that took
     # the last replica changes, so only it is filtered and scored again.
     views = {v.id: v for v in snapshot.nodes}
-    verdicts = {v.id: _verdict(policy, job, request, v) for v in views.values()}
+
+    def verdict(view: NodeView) -> tuple[Status, float]:
+        status, score = _verdict(policy, job, request, view)
+        if status.ok and view.id in blocked:  # it would fit, but a reservation holds it
+            return Status(code=Code.UNSCHEDULABLE, reason=blocked[view.id]), 0.0
+        return status, score
+
+    verdicts = {v.id: verdict(v) for v in views.values()}
     fitting_at_start = sum(1 for status, _ in verdicts.values() if status.ok)
     ranks: list[RankPlacement] = []
     for index in range(job.spec.replicas):
@@ -253,7 +476,7 @@ def _place_replicas(snapshot: Snapshot, job: Job, policy: Policy) -> Placement |
         rank = _rank(index, views[node_id], request)
         ranks.append(rank)
         views[node_id] = views[node_id].take(job.id, (rank,))
-        verdicts[node_id] = _verdict(policy, job, request, views[node_id])
+        verdicts[node_id] = verdict(views[node_id])
     first = views[ranks[0].node_id]
     return Placement(
         ranks=tuple(ranks),
@@ -309,7 +532,7 @@ def _replica_reason(
     return f"{text} {_explain(failures)}"
 
 
-_PLACERS: dict[JobKind, Callable[[Snapshot, Job, Policy], Placement | Unschedulable]] = {
+_PLACERS: dict[JobKind, _Placer] = {
     JobKind.TRAINING: _place_gang,
     JobKind.INFERENCE: _place_replicas,
 }

@@ -226,6 +226,15 @@ class JobSpec:
     memory_mib: int = 0  # per rank/replica
     on_node_lost: OnNodeLost = OnNodeLost.REQUEUE
     preemptible: bool = False
+    # inference: a decode throughput target per replica and the weights it streams per token;
+    # tokens/s ~ HBM GB/s / weights GB, so the pair sets an HBM floor (0 = none)
+    target_tokens_per_s: float = 0.0
+    weights_gb: float = 0.0
+
+    @property
+    def hbm_floor_gbps(self) -> float:
+        """The HBM bandwidth a replica needs to meet its tokens/s target; 0 without one."""
+        return self.target_tokens_per_s * self.weights_gb
 
     @property
     def rank_count(self) -> int:

@@ -1,4 +1,5 @@
-"""The per-cycle view of the cluster: free GPU milli, CPU and memory on every node.
+"""The per-cycle view of the cluster: free GPU milli, CPU and memory on every node, and the
+jobs holding them (for time limits, priorities and fair share).
 
 Built from the nodes and the jobs that hold resources; `assume` reserves a placement the
 cycle has just made so later jobs see it, and `forget` is its idempotent undo.
@@ -6,8 +7,8 @@ cycle has just made so later jobs see it, and `forget` is its idempotent undo.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from gpuctl.core.model import MILLI_PER_GPU, Gpu, Job, Node, NodeState, Placement, RankPlacement
 
@@ -21,6 +22,14 @@ class NodeView:
     cpu_free_milli: int
     memory_free_mib: int
     ranks: tuple[tuple[int, int], ...] = ()  # (job id, ranks of that job here), by job id
+    # Derived once: filters ask for it for every rank of every job they try.
+    _whole: tuple[Gpu, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        free = (
+            g for g, m in zip(self.gpus, self.gpu_free_milli, strict=True) if m == MILLI_PER_GPU
+        )
+        object.__setattr__(self, "_whole", tuple(sorted(free, key=lambda g: g.index)))
 
     @property
     def id(self) -> str:
@@ -45,10 +54,7 @@ class NodeView:
     @property
     def whole_free_gpus(self) -> tuple[Gpu, ...]:
         """GPUs with nothing on them, lowest index first."""
-        free = (
-            g for g, m in zip(self.gpus, self.gpu_free_milli, strict=True) if m == MILLI_PER_GPU
-        )
-        return tuple(sorted(free, key=lambda g: g.index))
+        return self._whole
 
     @property
     def idle(self) -> bool:
@@ -137,17 +143,19 @@ class Snapshot:
     and `forget` change it, the `NodeView`s it hands out never change.
     """
 
-    __slots__ = ("_held", "_on_node", "_order", "_views")
+    __slots__ = ("_held", "_jobs", "_on_node", "_order", "_views")
 
     def __init__(
         self,
         views: dict[str, NodeView],
         on_node: dict[str, dict[int, tuple[RankPlacement, ...]]],
         held: dict[int, Placement],
+        jobs: dict[int, Job] | None = None,
     ) -> None:
         self._views = views
         self._on_node = on_node
         self._held = held
+        self._jobs = jobs if jobs is not None else {}
         self._order = tuple(sorted(views))
 
     @classmethod
@@ -159,17 +167,19 @@ class Snapshot:
                 raise ValueError(f"node {n.id} given twice")
             on_node[n.id] = {}
         held: dict[int, Placement] = {}
+        jobs: dict[int, Job] = {}
         for job in running:
             if not job.state.holds_resources or job.placement is None:
                 continue
             if job.id in held:
                 raise ValueError(f"job {job.id} given twice")
             held[job.id] = job.placement
+            jobs[job.id] = job
             for node_id, ranks in _by_node(job.placement).items():
                 if node_id in on_node:  # ranks on a node that is gone hold nothing we place on
                     on_node[node_id][job.id] = ranks
         views = {n.id: _view(n, on_node[n.id]) for n in nodes}
-        return cls(views, on_node, held)
+        return cls(views, on_node, held, jobs)
 
     @property
     def nodes(self) -> tuple[NodeView, ...]:
@@ -186,8 +196,23 @@ class Snapshot:
     def placement_of(self, job_id: int) -> Placement | None:
         return self._held.get(job_id)
 
-    def assume(self, job_id: int, placement: Placement) -> None:
-        """Reserve `placement` for `job_id`; ValueError if it does not fit (a bug in the caller)."""
+    def job(self, job_id: int) -> Job | None:
+        """The job holding resources under `job_id` (None when only its placement is known)."""
+        return self._jobs.get(job_id)
+
+    def jobs(self) -> tuple[Job, ...]:
+        """Every job holding resources whose job is known, by id."""
+        return tuple(self._jobs[j] for j in sorted(self._jobs))
+
+    def without(self, node_id: str, job_ids: Iterable[int]) -> NodeView:
+        """Node `node_id` as it would be once `job_ids` let go of it (a what-if; nothing changes)."""
+        gone = set(job_ids)
+        held = {j: ranks for j, ranks in self._on_node[node_id].items() if j not in gone}
+        return _view(self._views[node_id].node, held)
+
+    def assume(self, job_id: int, placement: Placement, job: Job | None = None) -> None:
+        """Reserve `placement` for `job_id` (`job`: the job itself, for time limits and fair
+        share); ValueError if it does not fit (a bug in the caller)."""
         if job_id in self._held:
             raise ValueError(f"job {job_id} already holds resources; forget it first")
         taken: dict[str, NodeView] = {}
@@ -200,10 +225,13 @@ class Snapshot:
             self._on_node[node_id][job_id] = ranks
         self._views.update(taken)
         self._held[job_id] = placement
+        if job is not None:
+            self._jobs[job_id] = job
 
     def forget(self, job_id: int) -> None:
         """Undo `assume` (or a running job's hold); forgetting an unknown job does nothing."""
         placement = self._held.pop(job_id, None)
+        self._jobs.pop(job_id, None)
         if placement is None:
             return
         for node_id in _by_node(placement):
@@ -219,6 +247,7 @@ class Snapshot:
             dict(self._views),
             {node_id: dict(held) for node_id, held in self._on_node.items()},
             dict(self._held),
+            dict(self._jobs),
         )
 
     def held(self) -> tuple[tuple[int, Placement], ...]:

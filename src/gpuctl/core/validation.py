@@ -20,6 +20,9 @@ MAX_ARG_LEN = 64 * 1024
 MAX_ENV = 1024
 MAX_ENV_VALUE_LEN = 64 * 1024
 MAX_BANDWIDTH_GBPS = 1_000_000.0
+# A replica decoding a million tokens/s, or streaming 100 TB of weights, is a typo, not a model.
+MAX_TOKENS_PER_S = 1_000_000.0
+MAX_WEIGHTS_GB = 100_000.0
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
 # Set by the agent for every rank (the launch contract); a user value would silently break it.
@@ -109,7 +112,34 @@ def spec_violations(spec: JobSpec, prefix: str = "spec.") -> list[FieldViolation
     _range(out, f("min_nvlink_gbps"), spec.min_nvlink_gbps, 0, MAX_BANDWIDTH_GBPS)
     _range(out, f("min_net_gbps"), spec.min_net_gbps, 0, MAX_BANDWIDTH_GBPS)
 
+    _range(out, f("target_tokens_per_s"), spec.target_tokens_per_s, 0, MAX_TOKENS_PER_S)
+    _range(out, f("weights_gb"), spec.weights_gb, 0, MAX_WEIGHTS_GB)
+    if spec.target_tokens_per_s > 0 and not spec.weights_gb > 0:
+        out.append(
+            FieldViolation(
+                f("target_tokens_per_s"),
+                "needs weights_gb: the HBM floor is tokens/s x weight GB streamed per token",
+            )
+        )
+    weights_mib = spec.weights_gb * 1000**3 / 1024**2
+    if spec.gpu_memory_mib and weights_mib > spec.gpu_memory_mib:
+        out.append(
+            FieldViolation(
+                f("weights_gb"),
+                f"{spec.weights_gb:g} GB of weights do not fit the replica's "
+                f"gpu_memory_mib of {spec.gpu_memory_mib}",
+            )
+        )
+
     if spec.kind is JobKind.TRAINING:
+        for name, value in (
+            ("target_tokens_per_s", spec.target_tokens_per_s),
+            ("weights_gb", spec.weights_gb),
+        ):
+            if value:
+                out.append(
+                    FieldViolation(f(name), "is for inference replicas; training has no decode")
+                )
         _range(out, f("num_nodes"), spec.num_nodes, 1, MAX_NODES)
         _range(out, f("gpus_per_node"), spec.gpus_per_node, 1, MAX_GPUS_PER_NODE)
         if spec.gpu_milli:

@@ -18,6 +18,7 @@ from gpuctl.core.errors import FailedPrecondition, NotFound
 from gpuctl.core.launch import rank_env
 from gpuctl.core.lifecycle import JobEvent, NodeEvent, next_job_state, next_node_state
 from gpuctl.core.model import (
+    BandwidthProfile,
     Event,
     Job,
     JobSpec,
@@ -194,7 +195,11 @@ class Controller:
                 state, reason, registered = NodeState.READY, "", now
             else:
                 state = next_node_state(reported.id, known.state, NodeEvent.REGISTER)
-                reason = known.state_reason if state is NodeState.DRAINING else ""
+                # A drain and a degradation outlive an agent restart; the next heartbeat
+                # says whether the issues are still there.
+                kept = state in (NodeState.DRAINING, NodeState.DEGRADED)
+                reason = known.state_reason if kept else ""
+                reported = replace(reported, health_issues=known.health_issues if kept else ())
                 registered = known.registered_at or now
             lease_id = known.lease_id if known else ""
             if not self._lease_active(lease_id):
@@ -224,7 +229,16 @@ class Controller:
         self.wake()
         return node
 
-    def heartbeat(self, node_id: str, running: Sequence[RankRef]) -> HeartbeatResult:
+    def heartbeat(
+        self,
+        node_id: str,
+        running: Sequence[RankRef],
+        *,
+        health_issues: Sequence[str] = (),
+        profile: BandwidthProfile | None = None,
+    ) -> HeartbeatResult:
+        """The agent's periodic word: what it runs, what its health check found, and its
+        re-measured profile when it took one. Answers what to start and stop."""
         now = self.clock.now()
         with self._lock:
             try:
@@ -233,7 +247,19 @@ class Controller:
                 return HeartbeatResult(reregister=True)
             if node.state in (NodeState.LOST, NodeState.RELEASED):
                 return HeartbeatResult(reregister=True)
+            was = node
+            node = self._apply_health(node, tuple(health_issues), profile, now)
             self.store.put_node(replace(node, last_heartbeat=now))
+            if node.state is NodeState.DEGRADED and was.state is not NodeState.DEGRADED:
+                # Its ranks stop through the stop list below: the jobs moved to a new attempt.
+                self._fail_over(
+                    {node_id},
+                    now,
+                    why=f"degraded: {node.state_reason}",
+                    event_type="NodeDegraded",
+                    cancelling_too=False,
+                )
+            woken = node.state is not was.state or node.profile.gpus != was.profile.gpus
             running_set = set(running)
             jobs = {j.id: j for j in self.store.active_jobs()}
             stop = [
@@ -280,6 +306,8 @@ class Controller:
                     changed.append(finished)
             if changed:
                 self._write(changed, events)
+        if woken:
+            self.wake()
         return HeartbeatResult(
             assignments=tuple(assignments), stop=tuple(sorted(stop, key=_ref_key))
         )
@@ -343,7 +371,9 @@ class Controller:
     # -- periodic work -------------------------------------------------------------------
 
     def run_cycle(self) -> CycleResult:
-        """One scheduling cycle: snapshot, `core.schedule`, bind what was placed."""
+        """One scheduling cycle: snapshot, `core.schedule`, then in one write: requeue the
+        preempted, bind what was placed, and leave every waiting job its reason (a blocked
+        gang's reservation among them)."""
         with self._lock:
             now = self.clock.now()
             nodes = self.store.list_nodes()
@@ -356,6 +386,7 @@ class Controller:
             by_id = {j.id: j for j in pending}
             changed: list[Job] = []
             events: list[Event] = []
+            self._requeue_preempted(result, {j.id: j for j in active}, now, changed, events)
             for binding in result.bindings:
                 job = by_id[binding.job_id]
                 port = self.settings.master_port_base + job.id % self.settings.master_port_range
@@ -381,6 +412,36 @@ class Controller:
                 self._write(changed, events)
             return result
 
+    def _requeue_preempted(
+        self,
+        result: CycleResult,
+        active: dict[int, Job],
+        now: datetime,
+        changed: list[Job],
+        events: list[Event],
+    ) -> None:
+        """Each victim back to PENDING as a new attempt; the heartbeat then tells its agents to
+        stop the old attempt (`_should_run`), as for a job requeued off a lost node."""
+        for preemption in result.preemptions:
+            job = active[preemption.job_id]
+            # RUNNING -> PENDING: the lifecycle table's one requeue edge today is the lost
+            # node's; a PREEMPT event of its own belongs in core/lifecycle.py.
+            state = next_job_state(job.id, job.state, JobEvent.NODE_LOST_REQUEUE)
+            changed.append(
+                replace(
+                    job,
+                    state=state,
+                    attempt=job.attempt + 1,
+                    placement=None,
+                    reason=preemption.reason,
+                    started_at=None,
+                    updated_at=now,
+                )
+            )
+            why = f"{preemption.reason}; requeued as attempt {job.attempt + 1}"
+            events.append(_job_event(job, now, "Preempted", why))
+            log.info("job %d %s", job.id, why)
+
     def expire_heartbeats(self) -> list[str]:
         """Nodes silent past the timeout become LOST; their jobs are requeued or failed."""
         now = self.clock.now()
@@ -388,7 +449,7 @@ class Controller:
         lost: list[str] = []
         with self._lock:
             for node in self.store.list_nodes():
-                if node.state not in (NodeState.READY, NodeState.DRAINING):
+                if node.state not in (NodeState.READY, NodeState.DRAINING, NodeState.DEGRADED):
                     continue
                 if node.last_heartbeat is None or node.last_heartbeat >= cutoff:
                     continue
@@ -458,7 +519,11 @@ class Controller:
                     node = self.store.get_node(lease.node_id)
                 except NotFound:
                     node = None
-                if node is not None and node.state in (NodeState.READY, NodeState.DRAINING):
+                if node is not None and node.state in (
+                    NodeState.READY,
+                    NodeState.DRAINING,
+                    NodeState.DEGRADED,
+                ):
                     self.store.put_node(
                         replace(
                             node,
@@ -548,13 +613,72 @@ class Controller:
             )
         return job
 
-    def _fail_over(self, lost: set[str], now: datetime) -> None:
+    def _apply_health(
+        self,
+        node: Node,
+        issues: tuple[str, ...],
+        profile: BandwidthProfile | None,
+        now: datetime,
+    ) -> Node:
+        """`node` with what its agent's health check found: DEGRADED while a READY node has
+        issues, READY again when they clear; a DRAINING node only records them."""
+        events: list[Event] = []
+        if profile is not None:
+            if replace(profile, measured_at=None) != replace(node.profile, measured_at=None):
+                change = _profile_line(profile)
+                if change == _profile_line(node.profile):
+                    change += "; per-GPU or port details changed"
+                else:
+                    change += f" (was {_profile_line(node.profile)})"
+                events.append(_node_event(node.id, now, "Reprofiled", change))
+            node = replace(node, profile=profile)
+        if issues:
+            moved = issues != node.health_issues or node.state is NodeState.READY
+            event = NodeEvent.DEGRADE
+        else:
+            moved = bool(node.health_issues) or node.state is NodeState.DEGRADED
+            event = NodeEvent.RECOVER
+        if not moved:
+            if events:
+                self.store.add_events(events)
+            return node
+        state = next_node_state(node.id, node.state, event)
+        summary = _issues_line(issues)
+        if state is NodeState.DEGRADED:
+            reason = summary
+            events.append(_node_event(node.id, now, "Degraded", "; ".join(issues)))
+            log.warning("node %s degraded: %s", node.id, "; ".join(issues))
+        elif issues:  # draining: the operator's reason stands
+            reason = node.state_reason
+            events.append(_node_event(node.id, now, "HealthIssues", "; ".join(issues)))
+            log.warning("node %s (%s): %s", node.id, state.value, "; ".join(issues))
+        else:
+            reason = "" if state is NodeState.READY else node.state_reason
+            events.append(_node_event(node.id, now, "Recovered", "health issues cleared"))
+            log.info("node %s recovered: health issues cleared", node.id)
+        self.store.add_events(events)
+        return replace(node, state=state, state_reason=reason, health_issues=issues)
+
+    def _fail_over(
+        self,
+        nodes: set[str],
+        now: datetime,
+        *,
+        why: str = "lost",
+        event_type: str = "NodeLost",
+        cancelling_too: bool = True,
+    ) -> None:
+        """Requeue or fail, per their spec, the jobs with ranks on `nodes`; the job's reason
+        reads "node a <why>". `cancelling_too`: also settle cancelling jobs, whose ranks on a
+        lost node will never report; a live agent (degraded node) stops them as usual."""
         changed, events = [], []
         for job in self.store.active_jobs():
-            if job.placement is None or not lost.intersection(job.placement.node_ids):
+            if job.placement is None or not nodes.intersection(job.placement.node_ids):
                 continue
-            where = ", ".join(sorted(lost.intersection(job.placement.node_ids)))
+            where = ", ".join(sorted(nodes.intersection(job.placement.node_ids)))
             if job.state is JobState.CANCELLING:
+                if not cancelling_too:
+                    continue
                 event = JobEvent.NODE_LOST_FAIL
             else:
                 event = (
@@ -564,25 +688,25 @@ class Controller:
                 )
             state = next_job_state(job.id, job.state, event)
             if state is JobState.PENDING:
-                why = f"requeued: node {where} lost (attempt {job.attempt + 1})"
+                reason = f"requeued: node {where} {why} (attempt {job.attempt + 1})"
                 changed.append(
                     replace(
                         job,
                         state=state,
                         attempt=job.attempt + 1,
                         placement=None,
-                        reason=why,
+                        reason=reason,
                         started_at=None,
                         updated_at=now,
                     )
                 )
             else:
-                why = f"node {where} lost"
+                reason = f"node {where} {why}"
                 changed.append(
-                    replace(job, state=state, reason=why, finished_at=now, updated_at=now)
+                    replace(job, state=state, reason=reason, finished_at=now, updated_at=now)
                 )
-            events.append(_job_event(job, now, "NodeLost", why))
-            log.warning("job %d: %s", job.id, why)
+            events.append(_job_event(job, now, event_type, reason))
+            log.warning("job %d: %s", job.id, reason)
         if changed:
             self._write(changed, events)
 
@@ -627,6 +751,21 @@ def _describe_size(spec: JobSpec) -> str:
         return f"{spec.num_nodes} node(s) x {spec.gpus_per_node} GPU(s)"
     each = f"{spec.gpu_milli}m of a GPU" if spec.gpu_milli else f"{spec.gpus_per_node} GPU(s)"
     return f"{spec.replicas} replica(s) x {each}"
+
+
+def _issues_line(issues: Sequence[str]) -> str:
+    """The first issue, and how many more: short enough for a node's one-line reason."""
+    if len(issues) <= 1:
+        return "".join(issues)
+    return f"{issues[0]}; {len(issues) - 1} more issue{'s' if len(issues) > 2 else ''}"
+
+
+def _profile_line(p: BandwidthProfile) -> str:
+    gpus = f"{len(p.gpus)}x {p.gpu_model}" if p.gpus else "no GPUs"
+    return (
+        f"{gpus}, HBM {p.hbm_gbps:g} GB/s, NVLink {p.nvlink_gbps:g} GB/s, "
+        f"network {p.network.total_gbps:g} Gb/s"
+    )
 
 
 def _duration(seconds: int) -> str:

@@ -148,6 +148,8 @@ class JobSpec(_message.Message):
     MEMORY_MIB_FIELD_NUMBER: _builtins.int
     ON_NODE_LOST_FIELD_NUMBER: _builtins.int
     PREEMPTIBLE_FIELD_NUMBER: _builtins.int
+    TARGET_TOKENS_PER_S_FIELD_NUMBER: _builtins.int
+    WEIGHTS_GB_FIELD_NUMBER: _builtins.int
     kind: Global___JobKind.ValueType
     name: _builtins.str
     queue: _builtins.str
@@ -178,6 +180,11 @@ class JobSpec(_message.Message):
     """per rank/replica"""
     on_node_lost: Global___OnNodeLost.ValueType
     preemptible: _builtins.bool
+    target_tokens_per_s: _builtins.float
+    """Inference: decode tokens/s each replica must reach, and the weight GB it streams per
+    token; together an HBM floor (tokens/s x GB). 0: none; a target needs weights_gb.
+    """
+    weights_gb: _builtins.float
     @_builtins.property
     def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -209,10 +216,12 @@ class JobSpec(_message.Message):
         memory_mib: _builtins.int = ...,
         on_node_lost: Global___OnNodeLost.ValueType = ...,
         preemptible: _builtins.bool = ...,
+        target_tokens_per_s: _builtins.float = ...,
+        weights_gb: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_num_nodes", b"_num_nodes", "_replicas", b"_replicas", "num_nodes", b"num_nodes", "replicas", b"replicas", "time_limit", b"time_limit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_num_nodes", b"_num_nodes", "_replicas", b"_replicas", "command", b"command", "cpu_milli", b"cpu_milli", "env", b"env", "gpu_memory_mib", b"gpu_memory_mib", "gpu_milli", b"gpu_milli", "gpu_model", b"gpu_model", "gpus_per_node", b"gpus_per_node", "kind", b"kind", "memory_mib", b"memory_mib", "min_net_gbps", b"min_net_gbps", "min_nvlink_gbps", b"min_nvlink_gbps", "name", b"name", "num_nodes", b"num_nodes", "on_node_lost", b"on_node_lost", "preemptible", b"preemptible", "priority", b"priority", "queue", b"queue", "replicas", b"replicas", "time_limit", b"time_limit", "working_dir", b"working_dir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_num_nodes", b"_num_nodes", "_replicas", b"_replicas", "command", b"command", "cpu_milli", b"cpu_milli", "env", b"env", "gpu_memory_mib", b"gpu_memory_mib", "gpu_milli", b"gpu_milli", "gpu_model", b"gpu_model", "gpus_per_node", b"gpus_per_node", "kind", b"kind", "memory_mib", b"memory_mib", "min_net_gbps", b"min_net_gbps", "min_nvlink_gbps", b"min_nvlink_gbps", "name", b"name", "num_nodes", b"num_nodes", "on_node_lost", b"on_node_lost", "preemptible", b"preemptible", "priority", b"priority", "queue", b"queue", "replicas", b"replicas", "target_tokens_per_s", b"target_tokens_per_s", "time_limit", b"time_limit", "weights_gb", b"weights_gb", "working_dir", b"working_dir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__num_nodes: _TypeAlias = _typing.Literal["num_nodes"]  # noqa: Y015
     _WhichOneofArgType__num_nodes: _TypeAlias = _typing.Literal["_num_nodes", b"_num_nodes"]  # noqa: Y015

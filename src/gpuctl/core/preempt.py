@@ -1,0 +1,129 @@
+"""Preemption: which running jobs a job that does not fit may stop, and the fewest GPU-hours of
+them that make it fit. Whole jobs only (a gang loses all its ranks or none); a plugin chosen by
+name says who may be a victim, the search here is the same for every plugin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from types import MappingProxyType
+from typing import ClassVar, Protocol
+
+from gpuctl.core.model import Job, JobState, Placement
+from gpuctl.core.queue import placement_gpus
+from gpuctl.core.snapshot import Snapshot
+
+# Placement attempts one search may make: a binary search over the cheapest victims first
+# (log2 of 256 = 8 attempts) and one reprieve attempt per victim it settles on.
+MAX_CANDIDATES = 256
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Preemption:
+    """Running job `job_id` is stopped and requeued so that `for_job_id` can start."""
+
+    job_id: int
+    for_job_id: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Victim:
+    job: Job
+    gpu_hours: float  # GPUs x time run so far: what stopping it throws away
+
+
+def gpu_hours(job: Job, now: datetime) -> float:
+    if job.started_at is None:
+        return 0.0
+    hours = max(0.0, (now - job.started_at).total_seconds() / 3600)
+    return placement_gpus(job.placement) * hours
+
+
+class Preemptor(Protocol):
+    """Who `job` may preempt, cheapest first."""
+
+    name: ClassVar[str]
+
+    def candidates(
+        self, job: Job, running: Sequence[Job], now: datetime, fresh: Collection[int]
+    ) -> tuple[Victim, ...]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class NoPreemption:
+    name: ClassVar[str] = "none"
+
+    def candidates(
+        self, job: Job, running: Sequence[Job], now: datetime, fresh: Collection[int]
+    ) -> tuple[Victim, ...]:
+        return ()
+
+
+@dataclass(frozen=True, slots=True)
+class PriorityPreemption:
+    """Preemptible running jobs of lower priority, fewest GPU-hours lost first (then the
+    lowest priority, then the youngest id). Jobs placed in this same cycle are never victims."""
+
+    name: ClassVar[str] = "priority"
+
+    def candidates(
+        self, job: Job, running: Sequence[Job], now: datetime, fresh: Collection[int]
+    ) -> tuple[Victim, ...]:
+        victims = [
+            Victim(job=r, gpu_hours=gpu_hours(r, now))
+            for r in running
+            if r.state is JobState.RUNNING
+            and r.spec.preemptible
+            and r.spec.priority < job.spec.priority
+            and r.id not in fresh
+        ]
+        victims.sort(key=lambda v: (round(v.gpu_hours, 6), v.job.spec.priority, -v.job.id))
+        return tuple(victims[:MAX_CANDIDATES])
+
+
+PREEMPTORS: Mapping[str, type[Preemptor]] = MappingProxyType(
+    {cls.name: cls for cls in (NoPreemption, PriorityPreemption)}
+)
+
+
+def choose_victims(
+    snapshot: Snapshot,
+    candidates: Sequence[Victim],
+    place: Callable[[Snapshot], Placement | None],
+) -> tuple[tuple[Victim, ...], Placement] | None:
+    """The victims to stop and where the job then goes; None when stopping every candidate
+    would not make it fit.
+
+    1. all candidates gone: does it fit at all? 2. the shortest cheapest-first prefix that
+    makes it fit (binary search: freeing more never hurts); 3. reprieve, dearest first, every
+    victim the job fits without.
+    """
+    if not candidates:
+        return None
+
+    def attempt(victims: Sequence[Victim]) -> Placement | None:
+        trial = snapshot.copy()
+        for v in victims:
+            trial.forget(v.job.id)
+        return place(trial)
+
+    if attempt(candidates) is None:
+        return None
+    lo, hi = 1, len(candidates)  # the shortest prefix that fits is in [lo, hi]
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if attempt(candidates[:mid]) is not None:
+            hi = mid
+        else:
+            lo = mid + 1
+    chosen = list(candidates[:hi])
+    for v in sorted(chosen, key=lambda v: (-v.gpu_hours, v.job.id)):
+        rest = [c for c in chosen if c is not v]
+        if rest and attempt(rest) is not None:
+            chosen = rest
+    placement = attempt(chosen)
+    assert placement is not None  # the last attempt that kept `chosen` fitted
+    return tuple(sorted(chosen, key=lambda v: v.job.id)), placement

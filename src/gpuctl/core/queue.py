@@ -1,0 +1,163 @@
+"""Queue order: which pending job the cycle tries next. Sort plugins chosen by name (FIFO,
+priority, fair share); `QueueOrder` hands the jobs out one at a time, so fair share sees the
+GPUs every job placed earlier in the same cycle took.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from types import MappingProxyType
+from typing import Any, ClassVar, Protocol
+
+from gpuctl.core.model import MILLI_PER_GPU, Job, Placement
+
+
+def placement_gpus(placement: Placement | None) -> float:
+    """GPUs a placement holds, shares counted as fractions."""
+    if placement is None:
+        return 0.0
+    return sum(len(r.gpu_indices) * r.gpu_milli for r in placement.ranks) / MILLI_PER_GPU
+
+
+def _age(job: Job) -> tuple[bool, datetime | None, int]:
+    """Older first, then lower id; jobs with no creation time last."""
+    return (job.created_at is None, job.created_at, job.id)
+
+
+class QueueSort(Protocol):
+    """The order key of `job` given the GPUs its queue and its owner hold: lower goes first.
+
+    Within one (priority, queue, owner) group a key must order jobs by age, so the cycle
+    can keep one head per group (as Kueue keeps one head per ClusterQueue).
+    """
+
+    name: ClassVar[str]
+
+    def key(self, job: Job, queue_gpus: float, owner_gpus: float) -> tuple[Any, ...]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Fifo:
+    """Arrival order, nothing else: the baseline every scheduler is compared with."""
+
+    name: ClassVar[str] = "fifo"
+
+    def key(self, job: Job, queue_gpus: float, owner_gpus: float) -> tuple[Any, ...]:
+        return _age(job)
+
+
+@dataclass(frozen=True, slots=True)
+class PriorityFifo:
+    """Higher priority first, then arrival order."""
+
+    name: ClassVar[str] = "priority"
+
+    def key(self, job: Job, queue_gpus: float, owner_gpus: float) -> tuple[Any, ...]:
+        return (-job.spec.priority, *_age(job))
+
+
+@dataclass(frozen=True, slots=True)
+class FairShare:
+    """Higher priority first; at equal priority the queue, then the owner, holding fewer GPUs
+    (running, or placed earlier in this cycle); then arrival order."""
+
+    name: ClassVar[str] = "fair-share"
+
+    def key(self, job: Job, queue_gpus: float, owner_gpus: float) -> tuple[Any, ...]:
+        return (-job.spec.priority, round(queue_gpus, 3), round(owner_gpus, 3), *_age(job))
+
+
+QUEUE_SORTS: Mapping[str, type[QueueSort]] = MappingProxyType(
+    {cls.name: cls for cls in (Fifo, PriorityFifo, FairShare)}
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Usage:
+    """GPUs held per queue and per owner."""
+
+    by_queue: Mapping[str, float]
+    by_owner: Mapping[str, float]
+
+    @classmethod
+    def of(cls, held: Iterable[Job]) -> Usage:
+        by_queue: dict[str, float] = {}
+        by_owner: dict[str, float] = {}
+        for job in held:
+            gpus = placement_gpus(job.placement)
+            by_queue[job.spec.queue] = by_queue.get(job.spec.queue, 0.0) + gpus
+            by_owner[job.spec.owner] = by_owner.get(job.spec.owner, 0.0) + gpus
+        return cls(by_queue=by_queue, by_owner=by_owner)
+
+
+class QueueOrder:
+    """The pending jobs in the order `sort` gives, re-ranked as jobs start and stop.
+
+    Iterate it; after each job say whether it `started` (its GPUs count for its queue and
+    owner from now on), and `stopped` for every preempted job.
+    """
+
+    def __init__(self, pending: Sequence[Job], sort: QueueSort, usage: Usage) -> None:
+        self._sort = sort
+        self._queue = dict(usage.by_queue)
+        self._owner = dict(usage.by_owner)
+        groups: dict[tuple[int, str, str], list[Job]] = {}
+        for job in pending:
+            groups.setdefault(_group(job), []).append(job)
+        self._groups = {g: deque(sorted(jobs, key=_age)) for g, jobs in groups.items()}
+        self._heap: list[tuple[tuple[Any, ...], tuple[int, str, str]]] = []
+        self._rebuilds = 0
+        self._rebuild()
+
+    def _key(self, job: Job) -> tuple[Any, ...]:
+        spec = job.spec
+        return self._sort.key(
+            job, self._queue.get(spec.queue, 0.0), self._owner.get(spec.owner, 0.0)
+        )
+
+    def _rebuild(self) -> None:
+        self._rebuilds += 1
+        self._heap = [(self._key(q[0]), g) for g, q in self._groups.items() if q]
+        heapq.heapify(self._heap)
+
+    def preview(self) -> list[Job]:
+        """Every pending job in the order it would go if nothing started: for planning."""
+        return sorted((j for q in self._groups.values() for j in q), key=self._key)
+
+    def __iter__(self) -> Iterator[Job]:
+        # Keys only grow while jobs start (usage only rises), so a stale heap entry is at most
+        # too early: re-key it and push it back (a lazy heap). `stopped` lowers keys: rebuild.
+        while self._heap:
+            key, group = heapq.heappop(self._heap)
+            queue = self._groups[group]
+            if not queue:  # an entry left from before a rebuild
+                continue
+            fresh = self._key(queue[0])
+            if fresh != key:
+                heapq.heappush(self._heap, (fresh, group))
+                continue
+            job = queue.popleft()
+            rebuilds = self._rebuilds
+            yield job
+            if queue and rebuilds == self._rebuilds:  # a rebuild has queued the new head
+                heapq.heappush(self._heap, (self._key(queue[0]), group))
+
+    def started(self, job: Job, gpus: float) -> None:
+        self._add(job, gpus)
+
+    def stopped(self, job: Job, gpus: float) -> None:
+        self._add(job, -gpus)
+        self._rebuild()
+
+    def _add(self, job: Job, gpus: float) -> None:
+        spec = job.spec
+        self._queue[spec.queue] = self._queue.get(spec.queue, 0.0) + gpus
+        self._owner[spec.owner] = self._owner.get(spec.owner, 0.0) + gpus
+
+
+def _group(job: Job) -> tuple[int, str, str]:
+    return (-job.spec.priority, job.spec.queue, job.spec.owner)

@@ -1,0 +1,168 @@
+"""Fabrics, leaves and islands: which nodes a gang may span, the subset of one fabric that
+spans the fewest leaf switches, and what a placement leaves intact for the gangs still queued.
+
+A fabric path is `fabric/spine/leaf`: nodes sharing the first part can be ganged, nodes sharing
+the whole path hang off one leaf switch. An *island* is the free whole nodes of one fabric.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from gpuctl.core.model import Job
+from gpuctl.core.snapshot import NodeView
+
+# Scores are sums of floats; rounding keeps two equal placements equal whatever the
+# summation order, so ties fall to the readable tie-breakers (leaf, node id).
+SCORE_DIGITS = 9
+
+
+def leaf_of(node: NodeView) -> str:
+    """The leaf switch of `node`; a node with no fabric path is a leaf of its own."""
+    return node.node.leaf or f"node {node.id}"
+
+
+def island_of(node: NodeView) -> tuple[str, str]:
+    """(fabric, "") for a node on a fabric; ("", node id) for one with none: an island alone."""
+    fabric = node.node.fabric_name
+    return (fabric, "" if fabric else node.id)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Member:
+    """A node that can take one rank of the gang being placed, with its score."""
+
+    view: NodeView
+    score: float
+    whole: bool  # the rank would take every GPU of an idle node
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GangChoice:
+    fabric: str
+    nodes: tuple[NodeView, ...]  # in rank order: by fabric path, then node id
+    leaves: int
+    partial: int  # ranks that share their node or leave GPUs of it idle
+    score: float
+
+
+def _fewest_leaves(members: Sequence[Member], n: int) -> list[Member] | None:
+    """The `n` members spanning the fewest leaves, best total score among those."""
+    if len(members) < n:
+        return None
+    by_leaf: dict[str, list[Member]] = {}
+    for m in members:
+        by_leaf.setdefault(leaf_of(m.view), []).append(m)
+    leaves = sorted(by_leaf.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+    # Fewest leaves: the biggest leaves first is optimal for the count of leaves spanned.
+    k, covered = 0, 0
+    while covered < n:
+        covered += len(leaves[k][1])
+        k += 1
+
+    def top(candidates: Iterable[Member]) -> list[Member]:
+        return sorted(candidates, key=lambda m: (-m.score, m.view.node.fabric, m.view.id))[:n]
+
+    if k == 1:
+        # Any leaf that holds the whole gang: the best-scoring, then the smallest (keeping
+        # big leaves whole for bigger gangs), then by name.
+        options = [(top(ms), len(ms), leaf) for leaf, ms in leaves if len(ms) >= n]
+        chosen, _, _ = min(
+            options, key=lambda o: (-round(sum(m.score for m in o[0]), SCORE_DIGITS), o[1], o[2])
+        )
+        return chosen
+    return top(m for _, ms in leaves[:k] for m in ms)
+
+
+def best_gang(fabric: str, members: Sequence[Member], n: int) -> GangChoice | None:
+    """The best `n` nodes of one fabric: whole nodes if there are enough, then fewest leaves."""
+    whole = [m for m in members if m.whole]
+    chosen = _fewest_leaves(whole, n) if len(whole) >= n else _fewest_leaves(members, n)
+    if chosen is None:
+        return None
+    ordered = sorted(chosen, key=lambda m: (m.view.node.fabric, m.view.id))
+    return GangChoice(
+        fabric=fabric,
+        nodes=tuple(m.view for m in ordered),
+        leaves=len({leaf_of(m.view) for m in chosen}),
+        partial=sum(1 for m in chosen if not m.whole),
+        score=round(sum(m.score for m in chosen), SCORE_DIGITS),
+    )
+
+
+# -- islands the queued gangs need ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GangDemand:
+    """A queued multi-node gang: how many whole free nodes it needs and which could serve it."""
+
+    job_id: int
+    nodes: int
+    eligible: frozenset[str]  # idle nodes on a fabric that pass its filters now
+    by_fabric: tuple[tuple[str, int], ...]  # eligible nodes per fabric, largest first
+
+    @property
+    def best_fabric(self) -> str:
+        return self.by_fabric[0][0] if self.by_fabric else ""
+
+    def largest_after(self, taken: Iterable[NodeView]) -> int:
+        """Its largest island once `taken` is no longer free."""
+        lost: dict[str, int] = {}
+        for v in taken:
+            if v.id in self.eligible:
+                lost[v.node.fabric_name] = lost.get(v.node.fabric_name, 0) + 1
+        return max((count - lost.get(f, 0) for f, count in self.by_fabric), default=0)
+
+
+def gang_demands(
+    nodes: Sequence[NodeView], gangs: Sequence[Job], fits: Callable[[Job, NodeView], bool]
+) -> tuple[GangDemand, ...]:
+    """What each queued gang needs of the nodes that are idle now."""
+    idle = [v for v in nodes if v.idle and v.schedulable and v.node.fabric_name]
+    out = []
+    for job in gangs:
+        eligible = [v for v in idle if fits(job, v)]
+        counts: dict[str, int] = {}
+        for v in eligible:
+            counts[v.node.fabric_name] = counts.get(v.node.fabric_name, 0) + 1
+        out.append(
+            GangDemand(
+                job_id=job.id,
+                nodes=job.spec.num_nodes,
+                eligible=frozenset(v.id for v in eligible),
+                by_fabric=tuple(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))),
+            )
+        )
+    return tuple(out)
+
+
+def protected_nodes(nodes: Sequence[NodeView], demands: Sequence[GangDemand]) -> frozenset[str]:
+    """The idle nodes of each queued gang's largest island: what replicas should leave alone."""
+    out: set[str] = set()
+    for d in demands:
+        fabric = d.best_fabric
+        out.update(v.id for v in nodes if v.id in d.eligible and v.node.fabric_name == fabric)
+    return frozenset(out)
+
+
+def damage(choice: GangChoice, demands: Sequence[GangDemand]) -> tuple[int, int]:
+    """How much `choice` hurts the queued gangs: (-gangs that still fit, -their islands' sum);
+    smaller is better, and (0, 0) when no gang is queued."""
+    still = after = 0
+    for d in demands:
+        largest = d.largest_after(choice.nodes)
+        after += largest
+        still += largest >= d.nodes
+    return (-still, -after)
+
+
+def describe_island(members: Sequence[NodeView]) -> str:
+    """ "fabric ib-a, leaf ib-a/s1/l3" or "fabric ib-a, 3 leaves" for nodes of one fabric."""
+    fabric = members[0].node.fabric_name if members else ""
+    leaves = sorted({leaf_of(v) for v in members})
+    if not fabric:
+        return f"node {members[0].id}, no fabric" if members else "no fabric"
+    where = f"leaf {leaves[0]}" if len(leaves) == 1 else f"{len(leaves)} leaves"
+    return f"fabric {fabric}, {where}"
