@@ -6,7 +6,6 @@ and lets work back on when the issues clear; the API shows it.
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
