@@ -50,9 +50,7 @@ def _gpu_issues(was: Gpu, gpu: Gpu, min_fraction: float) -> list[str]:
             f"(was {was.nvlink_links_active})"
         )
     if _pcie_degraded(gpu) and not _pcie_degraded(was):
-        issues.append(
-            f"{name}: PCIe link x{gpu.pcie_width} (max x{gpu.pcie_max_width})"
-        )
+        issues.append(f"{name}: PCIe link x{gpu.pcie_width} (max x{gpu.pcie_max_width})")
     base, now = was.measured_hbm_gbps, gpu.measured_hbm_gbps
     # Only a measured figure against a measured one: the node is compared with itself, and a
     # datasheet number says nothing about this GPU's HBM.
