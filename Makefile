@@ -57,3 +57,11 @@ bench-fgd-mixes: $(STAMP)
 	$(VENV)/bin/gpuctl simulate fgd --nodes $(FGD_TRACE)/openb_node_list_gpu_node.csv \
 		--pods $(FGD_TRACE)/openb_pod_list_default.csv --seeds 42-51 \
 		--policy fgd --policy gpuctl --mixes --json bench-results/fgd-mixes.json
+
+# Benchmark B1 (gangs): one Gavel/Philly-derived trace replayed through core.schedule under
+# FIFO, FIFO+backfill and the default policy; average JCT, queueing delay, GPU utilisation.
+GANG_TRACE ?= $(TRACES)/gavel/msr/seed=0/ee9e8c.trace
+.PHONY: bench-gang
+bench-gang: $(STAMP)
+	@mkdir -p bench-results
+	$(VENV)/bin/gpuctl simulate gang --trace $(GANG_TRACE) --json bench-results/gang-ee9e8c.json

@@ -186,3 +186,9 @@ def fgd(
         several = len(results) > 1
         for r in results:
             b1.write_placements(r, _per_run_path(placements, r.policy, r.mix, several=several))
+
+
+# Registered here, not imported at the top: the gang replay lives in its own module.
+from gpuctl.cli.simulate_gang import gang  # noqa: E402
+
+simulate.add_command(gang)
