@@ -13,6 +13,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, NoReturn
 
@@ -74,7 +75,7 @@ _RETRYABLE = {
         "StreamJobLogs",
     ),
     "gpuctl.v1.NodeService": ("ListNodes", "GetNode"),
-    "gpuctl.v1.LeaseService": ("ListLeases",),
+    "gpuctl.v1.LeaseService": ("ListLeases", "GetCost"),
     "grpc.health.v1.Health": ("Check",),
 }
 # 5 attempts, 0.1s doubling to at most 2s: a daemon restarting (a few seconds) or a leader
@@ -484,6 +485,24 @@ class Client:
             if not page.next_page_token:
                 return out
             request.page_token = page.next_page_token
+
+    def cost(
+        self, *, since: datetime | timedelta | None = None, by: str = "job"
+    ) -> leases_pb2.GetCostResponse:
+        """What each job (`by` "job", "queue" or "user") was charged since `since` (a time, or
+        how long ago; None: since the beginning), with what the leases cost and what was idle."""
+        try:
+            group = leases_pb2.CostGroupBy.Value(f"COST_GROUP_BY_{by.upper()}")
+        except ValueError:
+            raise ValueError(f"by must be job, queue or user, not {by!r}") from None
+        request = leases_pb2.GetCostRequest(group_by=group)
+        if isinstance(since, timedelta):
+            since = datetime.now(UTC) - since
+        if since is not None:
+            if since.tzinfo is None:
+                raise ValueError("since must be a timezone-aware datetime")
+            request.since.FromDatetime(since.astimezone(UTC))
+        return self._unary(self._leases.GetCost, request)
 
     def health(self) -> str:
         """The whole server's grpc.health.v1 status: "SERVING", "NOT_SERVING", ..."""

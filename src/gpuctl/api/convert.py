@@ -9,6 +9,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from gpuctl.api._pb.agent.v1 import agent_pb2
 from gpuctl.api._pb.v1 import events_pb2, jobs_pb2, leases_pb2, nodes_pb2
+from gpuctl.core.cost import CostBy, CostReport
 from gpuctl.core.errors import FieldViolation, InvalidArgument
 from gpuctl.core.model import (
     BandwidthProfile,
@@ -40,6 +41,7 @@ RANK_STATE = {s: jobs_pb2.RankState.Value(f"RANK_STATE_{s.name}") for s in RankS
 NODE_STATE = {s: nodes_pb2.NodeState.Value(f"NODE_STATE_{s.name}") for s in NodeState}
 NET_KIND = {k: nodes_pb2.NetKind.Value(f"NET_KIND_{k.name}") for k in NetKind}
 LEASE_STATE = {s: leases_pb2.LeaseState.Value(f"LEASE_STATE_{s.name}") for s in LeaseState}
+COST_BY = {b: leases_pb2.CostGroupBy.Value(f"COST_GROUP_BY_{b.name}") for b in CostBy}
 ON_NODE_LOST = {
     OnNodeLost.REQUEUE: jobs_pb2.ON_NODE_LOST_REQUEUE,
     OnNodeLost.FAIL: jobs_pb2.ON_NODE_LOST_FAIL,
@@ -55,6 +57,7 @@ RANK_STATE_FROM = _inverse(RANK_STATE)
 NODE_STATE_FROM = _inverse(NODE_STATE)
 NET_KIND_FROM = _inverse(NET_KIND)
 LEASE_STATE_FROM = _inverse(LEASE_STATE)
+COST_BY_FROM = {**_inverse(COST_BY), leases_pb2.COST_GROUP_BY_UNSPECIFIED: CostBy.JOB}
 
 
 # -- time ---------------------------------------------------------------------------------
@@ -441,6 +444,34 @@ def lease_to_pb(lease: NodeLease, *, now: datetime) -> leases_pb2.Lease:
         for_job_id=lease.for_job_id or 0,
         state=LEASE_STATE[lease.state],
         cost_usd=round(hours * lease.price_per_hour, 4),
+    )
+
+
+def cost_by_from_pb(value: int) -> CostBy:
+    try:
+        return COST_BY_FROM[value]
+    except KeyError:
+        raise InvalidArgument(
+            [FieldViolation("group_by", f"unknown grouping {value}; job, queue or user")]
+        ) from None
+
+
+def cost_to_pb(
+    report: CostReport, *, by: CostBy, since: datetime | None, now: datetime
+) -> leases_pb2.GetCostResponse:
+    return leases_pb2.GetCostResponse(
+        rows=[
+            leases_pb2.CostRow(
+                key=r.key, dollars=round(r.dollars, 6), gpu_hours=round(r.gpu_hours, 6), jobs=r.jobs
+            )
+            for r in report.rows
+        ],
+        charged_dollars=round(report.charged_dollars, 6),
+        leased_dollars=round(report.leased_dollars, 6),
+        idle_dollars=round(report.idle_dollars, 6),
+        since=ts(since),
+        as_of=ts(now),
+        group_by=COST_BY[by],
     )
 
 

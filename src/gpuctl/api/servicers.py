@@ -223,6 +223,15 @@ class LeaseServicer(leases_pb2_grpc.LeaseServiceServicer):
             next_page_token=_token(offset + size, len(leases)),
         )
 
+    @_errors
+    def GetCost(self, request, context):
+        by = convert.cost_by_from_pb(request.group_by)
+        since = convert.from_ts(request.since, request.HasField("since"))
+        # A `since` ahead of the daemon's clock (a client's clock skewed) just finds nothing.
+        now = self.c.clock.now()
+        report = self.c.cost(since=since, by=by)
+        return convert.cost_to_pb(report, by=by, since=since, now=now)
+
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     def __init__(self, controller: Controller) -> None:

@@ -1,4 +1,4 @@
-"""The `gpuctl` commands: submit, jobs, describe, logs, cancel, nodes, drain, leases.
+"""The `gpuctl` commands: submit, jobs, describe, logs, cancel, nodes, drain, leases, cost.
 
 Each command is a thin shell over `gpuctl.client.Client`; expected failures (a bad spec, an
 unknown job, an unreachable daemon) print one `error:` line on stderr and exit 1.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import click
@@ -352,6 +352,38 @@ def leases(ctx: click.Context, show_all: bool, output: str) -> None:
     """List the node leases gpuctl holds and what they cost."""
     found = _client(ctx).leases(include_released=show_all)
     _emit(found, output, lambda wide: render.leases_table(found, now=_now()))
+
+
+def _since(value: str | None) -> datetime | timedelta | None:
+    """`--since`: a duration back from now (90m, 24h, 7d, 1h30m) or a time (ISO 8601, UTC
+    unless it says otherwise)."""
+    if not value:
+        return None
+    text = value.strip()
+    match = re.fullmatch(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", text.lower())
+    if text and match and any(match.groups()):
+        days, hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
+        return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r}: expected a duration such as 24h, 7d or 1h30m, or a time such as "
+            "2026-01-01T00:00:00Z",
+            param_hint="--since",
+        ) from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+@cli.command()
+@click.option("--since", "since", help="A duration back from now (24h, 7d) or a time (ISO 8601).")
+@click.option("--by", type=click.Choice(["job", "queue", "user"]), default="job", show_default=True)
+@click.option("-o", "--output", type=_OUTPUT, default="table", show_default=True)
+@click.pass_context
+def cost(ctx: click.Context, since: str | None, by: str, output: str) -> None:
+    """What each job, queue or user was charged for the GPUs it held, and what leases cost."""
+    report = _client(ctx).cost(since=_since(since), by=by)
+    _emit([report], output, lambda wide: render.cost_table(report, now=_now()))
 
 
 cli.add_command(simulate)

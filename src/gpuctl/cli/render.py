@@ -549,3 +549,18 @@ def leases_table(leases: Iterable[leases_pb2.Lease], *, now: datetime) -> str:
     return table(
         ["NAME", "NODE", "PROVIDER", "SKU", "STATE", "$/HR", "AGE", "FOR_JOB", "COST_$"], rows
     )
+
+
+def cost_table(cost: leases_pb2.GetCostResponse, *, now: datetime) -> str:
+    """The cost rows, then what the leases cost over the same window and how much was idle."""
+    by = enum_name(leases_pb2.CostGroupBy, cost.group_by, "COST_GROUP_BY_")
+    by = "job" if by == "unspecified" else by
+    rows = [(r.key, r.jobs, f"{r.gpu_hours:.2f}", f"{r.dollars:.2f}") for r in cost.rows]
+    head = table([by.upper(), "JOBS", "GPU_HOURS", "COST_$"], rows)
+    since = _time(cost.since)
+    window = f"since {since:%Y-%m-%dT%H:%M:%SZ} ({age(since, now)} ago)" if since else "all time"
+    return (
+        f"{head}\n"
+        f"charged ${cost.charged_dollars:.2f} of ${cost.leased_dollars:.2f} leased, "
+        f"${cost.idle_dollars:.2f} idle ({window})"
+    )

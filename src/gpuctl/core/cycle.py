@@ -11,6 +11,14 @@ from datetime import datetime
 from typing import Any
 
 from gpuctl.core.backfill import Hold, Planner, Reservation, ends_if_started, ids
+from gpuctl.core.leasing import (
+    LeaseBlocks,
+    LeasePlan,
+    LeaseRelease,
+    LeaseRequest,
+    Leasing,
+    plan_leases,
+)
 from gpuctl.core.model import (
     MILLI_PER_GPU,
     Job,
@@ -56,6 +64,9 @@ _QUEUED_GANGS = 4
 __all__ = [
     "Binding",
     "CycleResult",
+    "LeaseRelease",
+    "LeaseRequest",
+    "Leasing",
     "Preemption",
     "Reservation",
     "Unschedulable",
@@ -81,10 +92,17 @@ class CycleResult:
     unschedulable: tuple[Unschedulable, ...] = ()
     reservations: tuple[Reservation, ...] = ()
     preemptions: tuple[Preemption, ...] = ()  # applied before the bindings that need them
+    lease_requests: tuple[LeaseRequest, ...] = ()  # scale up: for jobs left waiting
+    lease_releases: tuple[LeaseRelease, ...] = ()  # scale down: leases nothing will use
 
 
 def schedule(
-    snapshot: Snapshot, pending: Sequence[Job], policy: Policy, *, now: datetime
+    snapshot: Snapshot,
+    pending: Sequence[Job],
+    policy: Policy,
+    *,
+    now: datetime,
+    leasing: Leasing | None = None,
 ) -> CycleResult:
     """Place what fits of `pending`; `snapshot` itself is left as it was.
 
@@ -94,9 +112,13 @@ def schedule(
        a. Place it whole or not at all, on nodes no reservation ahead of it needs (backfill);
        b. else preempt the cheapest lower-priority work that makes it fit, if the policy may;
        c. else hold what the policy says (a reservation, or the whole queue) and say why.
-       Whatever is placed is assumed, so later jobs see it.
+       Whatever is placed is assumed, so later jobs see it. A node whose lease ends before
+       the job's time limit (and cannot be renewed), is being released, or was leased for
+       another waiting job is not used.
+    4. Lease (with `leasing`): for each job left waiting that new nodes would start, the offer
+       to lease (within its queue's budget); and the leases nothing will use, to give back.
     """
-    return _Cycle(snapshot.copy(), policy, now).run(pending)
+    return _Cycle(snapshot.copy(), policy, now, leasing).run(pending)
 
 
 # A placer puts one job on a snapshot, never using the `blocked` nodes (id -> why not).
@@ -108,8 +130,13 @@ _Placer = Callable[
 class _Cycle:
     """The working state of one cycle; `run` is the whole of it."""
 
-    def __init__(self, work: Snapshot, policy: Policy, now: datetime) -> None:
+    def __init__(
+        self, work: Snapshot, policy: Policy, now: datetime, leasing: Leasing | None = None
+    ) -> None:
         self.work = work
+        self.leasing = leasing
+        self.lease_blocks: LeaseBlocks | None = None
+        self.barred: set[int] = set()  # waiting on the queue itself: new nodes would not help
         self.base_policy = policy
         self.policy = policy
         self.now = now
@@ -129,6 +156,9 @@ class _Cycle:
     def run(self, pending: Sequence[Job]) -> CycleResult:
         # 1. sort
         order = QueueOrder(pending, self.base_policy.queue_sort, Usage.of(self.work.jobs()))
+        if self.leasing is not None:
+            blocks = LeaseBlocks(self.leasing, frozenset(j.id for j in pending), self.now)
+            self.lease_blocks = blocks if blocks else None
         # 2. prepare
         gangs = [j for j in order.preview() if _is_gang(j)][:_QUEUED_GANGS]
         self.demands = gang_demands(self.work.nodes, gangs, self._static_fit)
@@ -136,12 +166,59 @@ class _Cycle:
         # 3. place, preempt or hold, job by job
         for job in order:
             self._one(job, order)
+        # 4. lease
+        leases = self._lease({j.id: j for j in pending})
         return CycleResult(
             bindings=tuple(self.bindings),
             unschedulable=tuple(self.waiting),
             reservations=tuple(self.planner.reservations),
             preemptions=tuple(self.preemptions),
+            lease_requests=leases.requests,
+            lease_releases=leases.releases,
         )
+
+    def _lease(self, jobs: Mapping[int, Job]) -> LeasePlan:
+        if self.leasing is None:
+            return LeasePlan()
+        waiting = [jobs[w.job_id] for w in self.waiting]
+
+        def fits(job: Job, view: NodeView) -> bool:
+            return _check(self.base_policy, job, RankRequest.of(job.spec), view).ok
+
+        def replicas_short(job: Job) -> int:
+            blocked = self._blocked(job)
+            views = [v for v in self.work.nodes if v.id not in blocked]
+            return job.spec.replicas - _replicas_fitting(views, job, self.base_policy)
+
+        plan = plan_leases(
+            self.leasing,
+            waiting,
+            nodes=self.work.nodes,
+            barred=frozenset(self.barred),
+            replicas_short=replicas_short,
+            fits=fits,
+            now=self.now,
+        )
+        if plan.notes:
+            self.waiting = [
+                replace(w, reason=f"{w.reason}; {plan.notes[w.job_id]}")
+                if w.job_id in plan.notes
+                else w
+                for w in self.waiting
+            ]
+        return plan
+
+    def _blocked(self, job: Job) -> dict[str, str]:
+        """Nodes `job` may not use, and why: held for a reservation ahead of it, or ruled out
+        by their lease."""
+        blocked: dict[str, str] = {}
+        for hold in self.holds:
+            for node_id, why in hold.blocked(ends_if_started(job, self.now)).items():
+                blocked.setdefault(node_id, why)
+        if self.lease_blocks is not None:
+            for node_id, why in self.lease_blocks.for_job(job).items():
+                blocked.setdefault(node_id, why)
+        return blocked
 
     def _static_fit(self, job: Job, view: NodeView) -> bool:
         return _check(self.base_policy, job, RankRequest.of(job.spec), view).ok
@@ -157,12 +234,10 @@ class _Cycle:
     def _one(self, job: Job, order: QueueOrder) -> None:
         barrier = next((h for h in self.holds if h.blocks_all), None)
         if barrier is not None:
+            self.barred.add(job.id)
             self._wait(job, barrier.waiting(job, self.now))
             return
-        blocked: dict[str, str] = {}
-        for hold in self.holds:
-            for node_id, why in hold.blocked(ends_if_started(job, self.now)).items():
-                blocked.setdefault(node_id, why)
+        blocked = self._blocked(job)
         placer = _PLACERS[job.spec.kind]
         signature = (_shape(job.spec), tuple(sorted(blocked)))
         # a. place
@@ -179,8 +254,12 @@ class _Cycle:
             return
         # c. hold
         request = RankRequest.of(job.spec)
+        # A node its lease rules out is no node to reserve either.
+        leased_out = self.lease_blocks.for_job(job) if self.lease_blocks is not None else {}
 
         def fits(view: NodeView) -> bool | None:
+            if view.id in leased_out:
+                return None
             status = _check(self.policy, job, request, view)
             return True if status.ok else (None if status.code is Code.UNRESOLVABLE else False)
 
@@ -441,6 +520,17 @@ def _gang_reason(
 
 
 # -- inference: replicas -------------------------------------------------------------------
+
+
+def _replicas_fitting(views: Sequence[NodeView], job: Job, policy: Policy) -> int:
+    """How many replicas of `job` fit on `views`, first fit: what leasing must add is the rest."""
+    request = RankRequest.of(job.spec)
+    fitted = 0
+    for view in views:
+        while fitted < job.spec.replicas and _check(policy, job, request, view).ok:
+            view = view.take(job.id, (_rank(fitted, view, request),))
+            fitted += 1
+    return fitted
 
 
 def _place_replicas(

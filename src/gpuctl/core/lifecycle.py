@@ -1,11 +1,12 @@
-"""Job and node state machines as transition tables: a missing entry is an illegal transition."""
+"""Job, node and lease state machines as transition tables: a missing entry is an illegal
+transition."""
 
 from __future__ import annotations
 
 import enum
 
 from gpuctl.core.errors import IllegalTransition
-from gpuctl.core.model import JobState, NodeState
+from gpuctl.core.model import JobState, LeaseState, NodeState
 
 
 class JobEvent(enum.StrEnum):
@@ -96,3 +97,50 @@ def next_node_state(node_id: str, state: NodeState, event: NodeEvent) -> NodeSta
         return NODE_TRANSITIONS[state][event]
     except KeyError:
         raise IllegalTransition("node", node_id, state.value, event.value) from None
+
+
+class LeaseEvent(enum.StrEnum):
+    GRANTED = "granted"  # the provider answered the acquire: a lease id, maybe a node name
+    REGISTERED = "registered"  # the node's agent registered
+    RENEWED = "renewed"
+    RELEASE = "release"  # the job it served is done (or gone), or nothing uses its node
+    RELEASED = "released"  # the provider confirmed the release
+    EXPIRED = "expired"  # past the provider's time limit, or the provider no longer holds it
+    # The acquire was refused or failed, or the node never registered (and was given back):
+    # the provider holds nothing; the cycle tries the next-best offer.
+    FAILED = "failed"
+
+
+LS = LeaseState
+LEASE_TRANSITIONS: dict[LeaseState, dict[LeaseEvent, LeaseState]] = {
+    LS.REQUESTED: {
+        LeaseEvent.GRANTED: LS.REQUESTED,
+        LeaseEvent.REGISTERED: LS.ACTIVE,
+        LeaseEvent.RELEASE: LS.RELEASING,
+        LeaseEvent.EXPIRED: LS.EXPIRED,
+        LeaseEvent.FAILED: LS.FAILED,
+    },
+    LS.ACTIVE: {
+        LeaseEvent.REGISTERED: LS.ACTIVE,
+        LeaseEvent.RENEWED: LS.ACTIVE,
+        LeaseEvent.RELEASE: LS.RELEASING,
+        LeaseEvent.EXPIRED: LS.EXPIRED,
+    },
+    LS.RELEASING: {
+        LeaseEvent.RELEASE: LS.RELEASING,
+        LeaseEvent.RELEASED: LS.RELEASED,
+        # The provider let go of it first: nothing is left to release.
+        LeaseEvent.EXPIRED: LS.RELEASED,
+    },
+    # Ended: nothing moves a lease out of these, so nothing is released twice.
+    LS.RELEASED: {},
+    LS.EXPIRED: {},
+    LS.FAILED: {},
+}
+
+
+def next_lease_state(lease_id: str, state: LeaseState, event: LeaseEvent) -> LeaseState:
+    try:
+        return LEASE_TRANSITIONS[state][event]
+    except KeyError:
+        raise IllegalTransition("lease", lease_id, state.value, event.value) from None

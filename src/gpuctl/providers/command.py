@@ -165,6 +165,11 @@ class CommandProvider:
     def skus(self) -> tuple[Sku, ...]:
         return self._skus
 
+    @property
+    def can_renew(self) -> bool:
+        """Whether a renew command is configured: without one, a lease ends when it expires."""
+        return bool(self._commands.renew)
+
     # -- the four actions ----------------------------------------------------------------------
 
     def acquire(

@@ -120,6 +120,11 @@ class StaticProvider:
     def skus(self) -> tuple[Sku, ...]:
         return self._skus
 
+    @property
+    def nodes(self) -> tuple[StaticNode, ...]:
+        """The inventory: what the daemon refuses to take in unless it is leased."""
+        return self._nodes
+
     def acquire(
         self, sku: str, count: int, *, fabric: str | None = None, now: datetime
     ) -> tuple[Acquired, ...]:

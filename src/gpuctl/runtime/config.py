@@ -29,6 +29,13 @@ class DaemonConfig:
     heartbeat_timeout_s: float = 30.0
     heartbeat_check_interval_s: float = 5.0
     lease_interval_s: float = 60.0
+    providers_file: str = ""  # "": no providers; nodes only register by themselves
+    lease_idle_grace_s: float = 300.0
+    lease_boot_timeout_s: float = 600.0
+    lease_renew_before_s: float = 600.0
+    lease_retry_after_s: float = 900.0
+    lease_unknown: str = "release"
+    lease_budgets: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     kill_grace_s: float = 10.0
     master_port_base: int = 29500
     master_port_range: int = 1000
@@ -60,6 +67,13 @@ _KEYS: dict[str, str] = {
     "nodes.heartbeat_timeout_s": "heartbeat_timeout_s",
     "nodes.check_interval_s": "heartbeat_check_interval_s",
     "leases.interval_s": "lease_interval_s",
+    "leases.providers_file": "providers_file",
+    "leases.idle_grace_s": "lease_idle_grace_s",
+    "leases.boot_timeout_s": "lease_boot_timeout_s",
+    "leases.renew_before_s": "lease_renew_before_s",
+    "leases.retry_after_s": "lease_retry_after_s",
+    "leases.unknown": "lease_unknown",
+    "leases.budgets": "lease_budgets",
     "jobs.kill_grace_s": "kill_grace_s",
     "jobs.master_port_base": "master_port_base",
     "jobs.master_port_range": "master_port_range",
@@ -107,6 +121,11 @@ def load_config(
             values[f.name] = value = float(value)
         if f.name == "policy_weights":
             ok = isinstance(value, dict) and all(isinstance(v, int | float) for v in value.values())
+        elif f.name == "lease_budgets":
+            ok = isinstance(value, dict)
+            if ok:
+                violations.extend(_budget_violations(value))
+                continue
         else:
             ok = isinstance(value, want) and not (want is not bool and isinstance(value, bool))
         if not ok:
@@ -115,6 +134,59 @@ def load_config(
             )
         elif want in (int, float) and f.name != "policy_weights" and value < 0:
             violations.append(FieldViolation(key_of.get(f.name, f.name), "must not be negative"))
+    if values.get("lease_unknown", "release") not in ("release", "adopt"):
+        violations.append(FieldViolation("leases.unknown", 'must be "release" or "adopt"'))
     if violations:
         raise InvalidArgument(violations)
+    providers_file = values.get("providers_file", "")
+    if providers_file and path is not None:
+        # Relative to the config file that names it, not to wherever gpuctld was started.
+        values["providers_file"] = str(Path(path).parent / Path(providers_file).expanduser())
     return DaemonConfig(**values)
+
+
+_BUDGET_KEYS = ("dollars_per_hour", "dollars")
+
+
+def _budget_violations(budgets: Mapping[str, Any]) -> list[FieldViolation]:
+    out = []
+    for queue, budget in budgets.items():
+        where = f"leases.budgets.{queue}"
+        if not isinstance(budget, dict):
+            out.append(FieldViolation(where, "must be a table like { dollars_per_hour = 100.0 }"))
+            continue
+        for key, value in budget.items():
+            if key not in _BUDGET_KEYS:
+                out.append(
+                    FieldViolation(f"{where}.{key}", f"unknown; known: {', '.join(_BUDGET_KEYS)}")
+                )
+            elif isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                out.append(FieldViolation(f"{where}.{key}", "must be a number >= 0 (0: no cap)"))
+    return out
+
+
+def load_providers(config: DaemonConfig) -> tuple[tuple[Mapping[str, Any], ...], Path]:
+    """The `[[provider]]` tables of `config.providers_file` (none without one), and the
+    directory their relative paths (a catalog's) are taken from."""
+    if not config.providers_file:
+        return (), Path(".")
+    path = Path(config.providers_file).expanduser()
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise InvalidArgument(
+            [FieldViolation("leases.providers_file", f"{path} not found")]
+        ) from None
+    except tomllib.TOMLDecodeError as e:
+        raise InvalidArgument(
+            [FieldViolation("leases.providers_file", f"{path} is not valid TOML: {e}")]
+        ) from None
+    unknown = sorted(set(data) - {"provider"})
+    if unknown:
+        raise InvalidArgument(
+            [FieldViolation(f"{path}: {k}", "unknown; only [[provider]] tables") for k in unknown]
+        )
+    tables = data.get("provider", [])
+    if not isinstance(tables, list):
+        raise InvalidArgument([FieldViolation(f"{path}: provider", "must be [[provider]] tables")])
+    return tuple(tables), path.parent

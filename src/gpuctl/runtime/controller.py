@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
+from gpuctl.core.cost import CostBy, CostReport, NodePrice, charges, report
 from gpuctl.core.cycle import CycleResult, schedule
 from gpuctl.core.errors import FailedPrecondition, NotFound
 from gpuctl.core.launch import rank_env
+from gpuctl.core.leasing import managed
 from gpuctl.core.lifecycle import JobEvent, NodeEvent, next_job_state, next_node_state
 from gpuctl.core.model import (
     BandwidthProfile,
@@ -37,6 +40,9 @@ from gpuctl.core.validation import validate_spec
 from gpuctl.runtime.clock import Clock
 from gpuctl.runtime.logstore import LogStore
 from gpuctl.store.base import Store
+
+if TYPE_CHECKING:
+    from gpuctl.runtime.leases import LeaseKeeper
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +116,15 @@ class Controller:
         self.wake = wake  # asks the scheduling loop to run a cycle soon
         self.feed = JobFeed()
         self._lock = threading.RLock()
+        self.leases: LeaseKeeper | None = None  # set by LeaseKeeper: leases from providers
+
+    @property
+    def lock(self) -> threading.RLock:
+        """The one writer's lock (the lease keeper takes it for its store writes)."""
+        return self._lock
+
+    def attach_leases(self, keeper: LeaseKeeper) -> None:
+        self.leases = keeper
 
     # -- user API ------------------------------------------------------------------------
 
@@ -202,7 +217,20 @@ class Controller:
                 reported = replace(reported, health_issues=known.health_issues if kept else ())
                 registered = known.registered_at or now
             lease_id = known.lease_id if known else ""
-            if not self._lease_active(lease_id):
+            lease = self.leases.match(reported, known, now) if self.leases is not None else None
+            if lease is not None:
+                # A leased node is what its provider lent: its price, SKU and (when the agent
+                # does not say) fabric come from the lease.
+                assert self.leases is not None
+                lease_id = lease.id
+                reported = replace(
+                    reported,
+                    provider=lease.provider,
+                    sku=lease.sku or reported.sku,
+                    price_per_hour=lease.price_per_hour,
+                    fabric=reported.fabric or self.leases.fabric_of(lease),
+                )
+            elif not self._lease_active(lease_id):
                 lease_id = self._open_static_lease(reported, now)
             node = self.store.put_node(
                 replace(
@@ -379,10 +407,12 @@ class Controller:
             nodes = self.store.list_nodes()
             active = self.store.active_jobs()
             pending = [j for j in active if j.state is JobState.PENDING]
-            if not pending:
+            leasing = self.leases.context(nodes, active, now) if self.leases is not None else None
+            # With nothing pending, only leases to give back can come of a cycle.
+            if not pending and (leasing is None or not any(map(managed, leasing.leases))):
                 return CycleResult(bindings=(), unschedulable=())
             snapshot = Snapshot.build(nodes, [j for j in active if j.state.holds_resources])
-            result = schedule(snapshot, pending, self.policy, now=now)
+            result = schedule(snapshot, pending, self.policy, now=now, leasing=leasing)
             by_id = {j.id: j for j in pending}
             changed: list[Job] = []
             events: list[Event] = []
@@ -408,8 +438,12 @@ class Controller:
                 if job.reason != miss.reason:
                     changed.append(replace(job, reason=miss.reason, updated_at=now))
                     events.append(_job_event(job, now, "Unschedulable", miss.reason))
+            if self.leases is not None:
+                events.extend(self.leases.apply(result, now))
             if changed:
                 self._write(changed, events)
+            elif events:
+                self.store.add_events(events)
             return result
 
     def _requeue_preempted(
@@ -498,9 +532,9 @@ class Controller:
         return hit
 
     def keep_leases(self) -> list[str]:
-        """Lease bookkeeping: a lease past its provider's end is EXPIRED and its node drained.
+        """A lease past its provider's end is EXPIRED and its node drained; returns their ids.
 
-        Returns the expired lease ids. Renewal and release belong to the providers (later)."""
+        The lease keeper (`runtime.leases`) runs this in its tick, after renewing what it can."""
         now = self.clock.now()
         expired: list[str] = []
         with self._lock:
@@ -539,7 +573,7 @@ class Controller:
         return expired
 
     def lease_costs(self) -> float:
-        """Dollars accrued by every lease so far (bookkeeping; the full lease keeper is later)."""
+        """Dollars accrued by every lease so far (`cost` splits them among the jobs)."""
         now = self.clock.now()
         total = 0.0
         for lease in self.store.list_leases(include_released=True):
@@ -551,6 +585,35 @@ class Controller:
                     * lease.price_per_hour
                 )
         return total
+
+    def cost(self, *, since: datetime | None = None, by: CostBy = CostBy.JOB) -> CostReport:
+        """What each job (grouped `by` job, queue or user) was charged since `since`, and what
+        every lease accrued over the same window."""
+        now = self.clock.now()
+        charged = charges(self.jobs(), self.node_prices(), now=now, since=since)
+        leases = self.store.list_leases(include_released=True)
+        return report(charged, leases, by, now=now, since=since)
+
+    def jobs(self, *, queue: str = "") -> Iterator[Job]:
+        """Every job (of `queue`), page by page."""
+        token = ""
+        while True:
+            page = self.store.list_jobs(queue=queue, page_size=1000, page_token=token)
+            yield from page.jobs
+            if not page.next_page_token:
+                return
+            token = page.next_page_token
+
+    def node_prices(self) -> dict[str, NodePrice]:
+        """Every node's GPU count and price per hour (a leased node's is its lease's)."""
+        return {
+            n.id: NodePrice(gpu_count=n.gpu_count, price_per_hour=n.price_per_hour)
+            for n in self.store.list_nodes()
+        }
+
+    def write_jobs(self, jobs: Sequence[Job], events: Sequence[Event]) -> tuple[Job, ...]:
+        """Write changed jobs and their events, and tell the watchers (call under `lock`)."""
+        return self._write(jobs, events)
 
     # -- internals -----------------------------------------------------------------------
 

@@ -13,10 +13,12 @@ from pathlib import Path
 
 from gpuctl.api.server import ApiServer
 from gpuctl.core.errors import GpuctlError
+from gpuctl.core.leasing import Budget
 from gpuctl.core.plugins import build_policy
 from gpuctl.runtime.clock import SystemClock
-from gpuctl.runtime.config import DaemonConfig, load_config
+from gpuctl.runtime.config import DaemonConfig, load_config, load_providers
 from gpuctl.runtime.controller import Controller, ControllerSettings
+from gpuctl.runtime.leases import LeaseKeeper, LeaseSettings, build_providers
 from gpuctl.runtime.logstore import LogStore
 from gpuctl.runtime.periodic import Periodic
 from gpuctl.runtime.sdnotify import Notifier
@@ -60,7 +62,12 @@ def serve(config: DaemonConfig, env: dict[str, str], *, port_file: str | None = 
 
     state_dir = config.resolved_state_dir(env)
     state_dir.mkdir(parents=True, exist_ok=True)
+    tables, base_dir = load_providers(config)
     store = open_store(config.resolved_store_url(env))
+    # The static and catalog providers keep their grants in memory: the store hands them back.
+    providers = build_providers(
+        tables, base_dir=base_dir, leases=store.list_leases(include_released=True)
+    )
     periodic = Periodic()
     controller = Controller(
         store,
@@ -76,6 +83,23 @@ def serve(config: DaemonConfig, env: dict[str, str], *, port_file: str | None = 
         ),
         wake=lambda: periodic.wake("cycle"),
     )
+    keep_leases = controller.keep_leases
+    if providers:
+        keeper = LeaseKeeper(
+            controller,
+            providers,
+            LeaseSettings(
+                idle_grace_s=config.lease_idle_grace_s,
+                boot_timeout_s=config.lease_boot_timeout_s,
+                renew_before_s=config.lease_renew_before_s,
+                retry_after_s=config.lease_retry_after_s,
+                unknown=config.lease_unknown,
+                budgets={q: Budget(**b) for q, b in config.lease_budgets.items()},
+            ),
+            wake=lambda: periodic.wake("leases"),
+        )
+        keep_leases = keeper.tick
+        log.info("leasing from %s", ", ".join(p.name for p in providers))
     server = ApiServer(controller, config.listen, max_workers=config.max_workers)
     server.start()
     host = config.listen.rsplit(":", 1)[0]
@@ -92,7 +116,7 @@ def serve(config: DaemonConfig, env: dict[str, str], *, port_file: str | None = 
         "heartbeat-expiry", config.heartbeat_check_interval_s, controller.expire_heartbeats
     )
     periodic.every("time-limits", config.heartbeat_check_interval_s, controller.enforce_time_limits)
-    periodic.every("leases", config.lease_interval_s, controller.keep_leases)
+    periodic.every("leases", config.lease_interval_s, keep_leases)
     periodic.start()
     # Ready only now: the port is bound and the store is open.
     notifier.ready(f"serving on {host}:{server.port}")
@@ -124,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     try:
         config = load_config(args.config, _overrides(args))
+        tables, base_dir = load_providers(config)
+        build_providers(tables, base_dir=base_dir)  # a bad provider is a bad config
     except GpuctlError as e:
         print(f"gpuctld: bad config: {e}", file=sys.stderr)
         return 2

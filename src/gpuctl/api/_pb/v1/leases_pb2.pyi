@@ -45,6 +45,27 @@ LEASE_STATE_EXPIRED: LeaseState.ValueType  # 5
 LEASE_STATE_FAILED: LeaseState.ValueType  # 6
 Global___LeaseState: _TypeAlias = LeaseState  # noqa: Y015
 
+class _CostGroupBy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CostGroupByEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CostGroupBy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    COST_GROUP_BY_UNSPECIFIED: _CostGroupBy.ValueType  # 0
+    """by job"""
+    COST_GROUP_BY_JOB: _CostGroupBy.ValueType  # 1
+    COST_GROUP_BY_QUEUE: _CostGroupBy.ValueType  # 2
+    COST_GROUP_BY_USER: _CostGroupBy.ValueType  # 3
+
+class CostGroupBy(_CostGroupBy, metaclass=_CostGroupByEnumTypeWrapper): ...
+
+COST_GROUP_BY_UNSPECIFIED: CostGroupBy.ValueType  # 0
+"""by job"""
+COST_GROUP_BY_JOB: CostGroupBy.ValueType  # 1
+COST_GROUP_BY_QUEUE: CostGroupBy.ValueType  # 2
+COST_GROUP_BY_USER: CostGroupBy.ValueType  # 3
+Global___CostGroupBy: _TypeAlias = CostGroupBy  # noqa: Y015
+
 @_typing.final
 class Lease(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -150,3 +171,104 @@ class ListLeasesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListLeasesResponse: _TypeAlias = ListLeasesResponse  # noqa: Y015
+
+@_typing.final
+class GetCostRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SINCE_FIELD_NUMBER: _builtins.int
+    GROUP_BY_FIELD_NUMBER: _builtins.int
+    group_by: Global___CostGroupBy.ValueType
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """unset: since the beginning"""
+
+    def __init__(
+        self,
+        *,
+        since: _timestamp_pb2.Timestamp | None = ...,
+        group_by: Global___CostGroupBy.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group_by", b"group_by", "since", b"since"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCostRequest: _TypeAlias = GetCostRequest  # noqa: Y015
+
+@_typing.final
+class CostRow(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    DOLLARS_FIELD_NUMBER: _builtins.int
+    GPU_HOURS_FIELD_NUMBER: _builtins.int
+    JOBS_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """the job id, queue or user"""
+    dollars: _builtins.float
+    gpu_hours: _builtins.float
+    jobs: _builtins.int
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        dollars: _builtins.float = ...,
+        gpu_hours: _builtins.float = ...,
+        jobs: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dollars", b"dollars", "gpu_hours", b"gpu_hours", "jobs", b"jobs", "key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CostRow: _TypeAlias = CostRow  # noqa: Y015
+
+@_typing.final
+class GetCostResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROWS_FIELD_NUMBER: _builtins.int
+    CHARGED_DOLLARS_FIELD_NUMBER: _builtins.int
+    LEASED_DOLLARS_FIELD_NUMBER: _builtins.int
+    IDLE_DOLLARS_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    AS_OF_FIELD_NUMBER: _builtins.int
+    GROUP_BY_FIELD_NUMBER: _builtins.int
+    charged_dollars: _builtins.float
+    """the rows' sum"""
+    leased_dollars: _builtins.float
+    """every lease, by the second, over the same window"""
+    idle_dollars: _builtins.float
+    """leased and charged to no job"""
+    group_by: Global___CostGroupBy.ValueType
+    @_builtins.property
+    def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___CostRow]:
+        """most dollars first"""
+
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """unset: since the beginning"""
+
+    @_builtins.property
+    def as_of(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        rows: _abc.Iterable[Global___CostRow] | None = ...,
+        charged_dollars: _builtins.float = ...,
+        leased_dollars: _builtins.float = ...,
+        idle_dollars: _builtins.float = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
+        as_of: _timestamp_pb2.Timestamp | None = ...,
+        group_by: Global___CostGroupBy.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of", "since", b"since"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of", "charged_dollars", b"charged_dollars", "group_by", b"group_by", "idle_dollars", b"idle_dollars", "leased_dollars", b"leased_dollars", "rows", b"rows", "since", b"since"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCostResponse: _TypeAlias = GetCostResponse  # noqa: Y015

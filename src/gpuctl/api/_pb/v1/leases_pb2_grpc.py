@@ -39,6 +39,11 @@ class LeaseServiceStub:
                 request_serializer=gpuctl_dot_v1_dot_leases__pb2.ListLeasesRequest.SerializeToString,
                 response_deserializer=gpuctl_dot_v1_dot_leases__pb2.ListLeasesResponse.FromString,
                 _registered_method=True)
+        self.GetCost = channel.unary_unary(
+                '/gpuctl.v1.LeaseService/GetCost',
+                request_serializer=gpuctl_dot_v1_dot_leases__pb2.GetCostRequest.SerializeToString,
+                response_deserializer=gpuctl_dot_v1_dot_leases__pb2.GetCostResponse.FromString,
+                _registered_method=True)
 
 
 class LeaseServiceServicer:
@@ -50,6 +55,15 @@ class LeaseServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetCost(self, request, context):
+        """What each job (or queue, or user) was charged for the GPUs it held, and what the leases
+        cost over the same window: a job pays GPUs held / GPUs on the node x the node's price per
+        hour x the time it held them; what no job was charged is idle.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LeaseServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -57,6 +71,11 @@ def add_LeaseServiceServicer_to_server(servicer, server):
                     servicer.ListLeases,
                     request_deserializer=gpuctl_dot_v1_dot_leases__pb2.ListLeasesRequest.FromString,
                     response_serializer=gpuctl_dot_v1_dot_leases__pb2.ListLeasesResponse.SerializeToString,
+            ),
+            'GetCost': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCost,
+                    request_deserializer=gpuctl_dot_v1_dot_leases__pb2.GetCostRequest.FromString,
+                    response_serializer=gpuctl_dot_v1_dot_leases__pb2.GetCostResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -86,6 +105,33 @@ class LeaseService:
             '/gpuctl.v1.LeaseService/ListLeases',
             gpuctl_dot_v1_dot_leases__pb2.ListLeasesRequest.SerializeToString,
             gpuctl_dot_v1_dot_leases__pb2.ListLeasesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCost(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpuctl.v1.LeaseService/GetCost',
+            gpuctl_dot_v1_dot_leases__pb2.GetCostRequest.SerializeToString,
+            gpuctl_dot_v1_dot_leases__pb2.GetCostResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -32,11 +32,21 @@ class LeaseServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> LeaseServiceAsyncStub: ...
     ListLeases: _grpc.UnaryUnaryMultiCallable[_leases_pb2.ListLeasesRequest, _leases_pb2.ListLeasesResponse]
+    GetCost: _grpc.UnaryUnaryMultiCallable[_leases_pb2.GetCostRequest, _leases_pb2.GetCostResponse]
+    """What each job (or queue, or user) was charged for the GPUs it held, and what the leases
+    cost over the same window: a job pays GPUs held / GPUs on the node x the node's price per
+    hour x the time it held them; what no job was charged is idle.
+    """
 
 @_typing.type_check_only
 class LeaseServiceAsyncStub(LeaseServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListLeases: _aio.UnaryUnaryMultiCallable[_leases_pb2.ListLeasesRequest, _leases_pb2.ListLeasesResponse]  # type: ignore[assignment]
+    GetCost: _aio.UnaryUnaryMultiCallable[_leases_pb2.GetCostRequest, _leases_pb2.GetCostResponse]  # type: ignore[assignment]
+    """What each job (or queue, or user) was charged for the GPUs it held, and what the leases
+    cost over the same window: a job pays GPUs held / GPUs on the node x the node's price per
+    hour x the time it held them; what no job was charged is idle.
+    """
 
 class LeaseServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -45,5 +55,16 @@ class LeaseServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _leases_pb2.ListLeasesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_leases_pb2.ListLeasesResponse, _abc.Awaitable[_leases_pb2.ListLeasesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetCost(
+        self,
+        request: _leases_pb2.GetCostRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_leases_pb2.GetCostResponse, _abc.Awaitable[_leases_pb2.GetCostResponse]]:
+        """What each job (or queue, or user) was charged for the GPUs it held, and what the leases
+        cost over the same window: a job pays GPUs held / GPUs on the node x the node's price per
+        hour x the time it held them; what no job was charged is idle.
+        """
 
 def add_LeaseServiceServicer_to_server(servicer: LeaseServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

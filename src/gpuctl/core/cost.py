@@ -1,0 +1,147 @@
+"""Cost accounting, pure: every lease accrues its price by the second, and each job is charged
+its share of each node it held GPUs on (GPUs held / GPUs on the node x the node's price x the
+time held). What the leases cost beyond the jobs' charges is idle capacity.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from gpuctl.core.model import MILLI_PER_GPU, Job, NodeLease
+
+
+class CostBy(enum.StrEnum):
+    JOB = "job"
+    QUEUE = "queue"
+    USER = "user"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodePrice:
+    gpu_count: int
+    price_per_hour: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Charge:
+    """What one job is charged over a window."""
+
+    job_id: int
+    queue: str
+    owner: str
+    dollars: float
+    gpu_hours: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CostRow:
+    key: str  # the job id, queue or user
+    dollars: float
+    gpu_hours: float
+    jobs: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CostReport:
+    rows: tuple[CostRow, ...]
+    charged_dollars: float  # what the rows add up to
+    leased_dollars: float  # what every lease accrued over the same window
+
+    @property
+    def idle_dollars(self) -> float:
+        """Paid for, charged to no job: leased nodes (or parts of them) nothing held."""
+        return max(0.0, self.leased_dollars - self.charged_dollars)
+
+
+def _window(start: datetime, end: datetime, since: datetime | None) -> float:
+    """Seconds of [start, end) at or after `since`."""
+    if since is not None and since > start:
+        start = since
+    return max(0.0, (end - start).total_seconds())
+
+
+def lease_dollars(lease: NodeLease, *, now: datetime, since: datetime | None = None) -> float:
+    """What `lease` accrued (since `since`): by the second from acquisition to its end."""
+    if lease.acquired_at is None:
+        return 0.0
+    end = lease.released_at or now
+    return _window(lease.acquired_at, end, since) / 3600 * lease.price_per_hour
+
+
+def job_charge(
+    job: Job, prices: Mapping[str, NodePrice], *, now: datetime, since: datetime | None = None
+) -> Charge | None:
+    """`job`'s charge from its start to its end (or `now`); None when it never held anything.
+
+    A rank holding 2 whole GPUs of an 8-GPU node at $24/h for 30 minutes is charged
+    2 / 8 x $24 x 0.5 = $3 and 2 x 0.5 = 1 GPU-hour; a 250-milli share counts as 0.25 GPU.
+    """
+    if job.placement is None or job.started_at is None:
+        return None
+    seconds = _window(job.started_at, job.finished_at or now, since)
+    if seconds <= 0:
+        return None
+    hours = seconds / 3600
+    held: dict[str, float] = {}
+    for r in job.placement.ranks:
+        held[r.node_id] = (
+            held.get(r.node_id, 0.0) + len(r.gpu_indices) * r.gpu_milli / MILLI_PER_GPU
+        )
+    dollars = gpu_hours = 0.0
+    for node_id, gpus in held.items():
+        price = prices.get(node_id)
+        gpu_hours += gpus * hours
+        if price is not None and price.gpu_count > 0:
+            dollars += gpus / price.gpu_count * price.price_per_hour * hours
+    return Charge(
+        job_id=job.id,
+        queue=job.spec.queue,
+        owner=job.spec.owner,
+        dollars=dollars,
+        gpu_hours=gpu_hours,
+    )
+
+
+def charges(
+    jobs: Iterable[Job],
+    prices: Mapping[str, NodePrice],
+    *,
+    now: datetime,
+    since: datetime | None = None,
+) -> tuple[Charge, ...]:
+    return tuple(
+        c for job in jobs if (c := job_charge(job, prices, now=now, since=since)) is not None
+    )
+
+
+def report(
+    charged: Sequence[Charge],
+    leases: Iterable[NodeLease],
+    by: CostBy,
+    *,
+    now: datetime,
+    since: datetime | None = None,
+) -> CostReport:
+    """Charges grouped `by` job, queue or user, most dollars first."""
+    groups: dict[str, list[Charge]] = {}
+    for c in charged:
+        key = {CostBy.JOB: str(c.job_id), CostBy.QUEUE: c.queue, CostBy.USER: c.owner}[by]
+        groups.setdefault(key or "-", []).append(c)
+    rows = [
+        CostRow(
+            key=key,
+            dollars=sum(c.dollars for c in cs),
+            gpu_hours=sum(c.gpu_hours for c in cs),
+            jobs=len(cs),
+        )
+        for key, cs in groups.items()
+    ]
+    rows.sort(key=lambda r: (-r.dollars, -r.gpu_hours, r.key))
+    return CostReport(
+        rows=tuple(rows),
+        charged_dollars=sum(c.dollars for c in charged),
+        leased_dollars=sum(lease_dollars(x, now=now, since=since) for x in leases),
+    )
