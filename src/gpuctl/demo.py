@@ -182,6 +182,8 @@ def main() -> int:
         with Client(cluster.target) as client:
             client.wait(serve_id, timeout=30)
         run(cluster, "leases")
+        say("What each job cost: its share of each node's price for the time it held GPUs")
+        run(cluster, "cost", "--by", "job")
         run(cluster, "jobs", "--all")
         ok = job.state == jobs_pb2.JOB_STATE_SUCCEEDED
         say("Shutting down agents and gpuctld (SIGTERM: graceful drain)")
