@@ -16,6 +16,7 @@ class JobEvent(enum.StrEnum):
     RANK_FAILED = "rank-failed"
     STOPPED = "stopped"  # every rank of a cancelling job has exited
     NODE_LOST_REQUEUE = "node-lost-requeue"
+    PREEMPT = "preempt"  # higher-priority work takes its GPUs: requeued as a new attempt
     NODE_LOST_FAIL = "node-lost-fail"
     TIME_LIMIT = "time-limit"
 
@@ -28,6 +29,7 @@ JOB_TRANSITIONS: dict[JobState, dict[JobEvent, JobState]] = {
         JobEvent.ALL_EXITED_OK: J.SUCCEEDED,
         JobEvent.RANK_FAILED: J.FAILED,
         JobEvent.NODE_LOST_REQUEUE: J.PENDING,
+        JobEvent.PREEMPT: J.PENDING,
         JobEvent.NODE_LOST_FAIL: J.FAILED,
         JobEvent.TIME_LIMIT: J.CANCELLING,
     },

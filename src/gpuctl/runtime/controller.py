@@ -458,9 +458,7 @@ class Controller:
         stop the old attempt (`_should_run`), as for a job requeued off a lost node."""
         for preemption in result.preemptions:
             job = active[preemption.job_id]
-            # RUNNING -> PENDING: the lifecycle table's one requeue edge today is the lost
-            # node's; a PREEMPT event of its own belongs in core/lifecycle.py.
-            state = next_job_state(job.id, job.state, JobEvent.NODE_LOST_REQUEUE)
+            state = next_job_state(job.id, job.state, JobEvent.PREEMPT)
             changed.append(
                 replace(
                     job,
