@@ -12,14 +12,14 @@ import os
 import pwd
 import signal
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 
 from gpuctl.agent.runner import AccountPolicy, Launch, RankExit, RankKey, Runner, child_env
+from tests.agent_rig import FakeClock, until
 
 KEY = RankKey(job_id=7, rank=0, attempt=1)
 BASE_ENV = {
@@ -47,26 +47,6 @@ if child == 0:
 print("pids", os.getpid(), child, flush=True)
 time.sleep(60)
 """
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
-
-
-def until(condition: Callable[[], object], timeout: float = 10.0) -> None:
-    """Wait for a real process to reach a state (not for time to pass)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for a process")
-        time.sleep(0.01)
 
 
 def gone(pid: int) -> bool:

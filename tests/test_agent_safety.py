@@ -43,6 +43,7 @@ from gpuctl.agent.runner import (
     resolve_account,
 )
 from gpuctl.agent.shim import SHIM_FILE, read_json, truncation_marker
+from tests.agent_rig import FakeClock, until
 
 KEY = RankKey(job_id=9, rank=1, attempt=2)
 BASE_ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
@@ -95,26 +96,6 @@ while not os.path.exists("go") and time.monotonic() < deadline:
 print("bye", flush=True)
 sys.exit(7)
 """
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
-
-
-def until(condition: Callable[[], object], timeout: float = 20.0) -> None:
-    """Wait for a real process to reach a state (not for time to pass)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for a process")
-        time.sleep(0.01)
 
 
 def marked(rank_id: str) -> list[psutil.Process]:
