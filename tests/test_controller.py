@@ -294,3 +294,23 @@ def test_an_expired_lease_drains_its_node(ctl):
     assert ctl.lease_costs() == pytest.approx(24.0)  # 1 h x $24/h, then it stops accruing
     ctl.clock.advance(timedelta(hours=1))
     assert ctl.lease_costs() == pytest.approx(24.0)
+
+
+def test_an_implausible_fabric_claim_is_an_event_on_the_node(ctl):
+    from gpuctl.core.model import IbPort
+
+    ib = IbPort(
+        device="mlx5_0",
+        port=1,
+        rate_gbps=400,
+        state="ACTIVE",
+        phys_state="LinkUp",
+        link_layer="InfiniBand",
+        guid="0xabc",
+    )
+    for name in ("a", "b"):  # b's config was cloned from a's, GUIDs and all
+        n = h100_node(name)
+        ctl.register_node(replace(n, profile=replace(n.profile, ib_ports=(ib,))))
+    (event,) = [e for e in ctl.store.list_events("node", "b") if e.type == "FabricImplausible"]
+    assert event.message == "port mlx5_0/1 GUID 0xabc is also reported by node a"
+    assert not [e for e in ctl.store.list_events("node", "a") if e.type == "FabricImplausible"]

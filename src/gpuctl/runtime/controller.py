@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from gpuctl.core.cost import CostBy, CostReport, NodePrice, charges, report
 from gpuctl.core.cycle import CycleResult, schedule
 from gpuctl.core.errors import FailedPrecondition, NotFound
+from gpuctl.core.fabric import fabric_issues
 from gpuctl.core.launch import rank_env
 from gpuctl.core.leasing import managed
 from gpuctl.core.lifecycle import JobEvent, NodeEvent, next_job_state, next_node_state
@@ -253,6 +254,14 @@ class Controller:
                     )
                 ]
             )
+            implausible = fabric_issues(node, self.store.list_nodes())
+            if implausible:
+                self.store.add_events(
+                    [_node_event(node.id, now, "FabricImplausible", "; ".join(implausible))]
+                )
+                log.warning(
+                    "node %s: fabric claim implausible: %s", node.id, "; ".join(implausible)
+                )
         log.info("node %s registered (%s)", node.id, gpus)
         self.wake()
         return node
