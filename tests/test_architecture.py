@@ -62,7 +62,11 @@ RULES = (
     Rule(
         id="cli-uses-the-sdk",
         scope="gpuctl.cli",
-        exempt=("gpuctl.cli.simulate", "gpuctl.cli.simulate_gang"),  # see the rules below
+        exempt=(
+            "gpuctl.cli.simulate",
+            "gpuctl.cli.simulate_gang",
+            "gpuctl.cli.simulate_cost",
+        ),  # see the rules below
         why="the CLI reaches the daemon through the SDK and shares only core's model/errors/validation",
         gpuctl=(
             "gpuctl.cli",
@@ -88,6 +92,20 @@ RULES = (
         scope="gpuctl.cli.simulate_gang",
         why="`gpuctl simulate gang`, like the rest of `gpuctl simulate`, runs the core locally",
         gpuctl=("gpuctl.cli", "gpuctl.sim", "gpuctl.core"),
+        forbidden=("sqlmodel", "sqlalchemy"),
+    ),
+    Rule(
+        id="cli-simulate-cost-runs-the-core",
+        scope="gpuctl.cli.simulate_cost",
+        why="`gpuctl simulate cost` runs the core locally, like the rest of `gpuctl simulate`, "
+        "and reads the provider catalog (SKUs and prices) with the catalog provider's parser",
+        gpuctl=(
+            "gpuctl.cli",
+            "gpuctl.sim",
+            "gpuctl.core",
+            "gpuctl.providers.base",
+            "gpuctl.providers.catalog",
+        ),
         forbidden=("sqlmodel", "sqlalchemy"),
     ),
     Rule(

@@ -192,3 +192,8 @@ def fgd(
 from gpuctl.cli.simulate_gang import gang  # noqa: E402
 
 simulate.add_command(gang)
+
+# Benchmark B4, the cost of a fleet, likewise in its own module.
+from gpuctl.cli.simulate_cost import cost_command  # noqa: E402
+
+simulate.add_command(cost_command)

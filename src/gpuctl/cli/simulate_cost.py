@@ -1,0 +1,354 @@
+"""`gpuctl simulate cost`: benchmark B4. Replay one mixed workload (training gangs from a Gavel
+trace, inference services on a diurnal curve) against the provider catalog on three fleets —
+one training-shaped fleet, the cheapest instance per job with an idle timer, gpuctl leasing
+through the core — and print dollars, GPU-hours paid and used, JCT and SLO attainment.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import click
+
+from gpuctl.core.errors import InvalidArgument
+from gpuctl.core.leasing import Offer
+from gpuctl.core.plugins import DEFAULT_POLICY, POLICIES, build_policy
+from gpuctl.providers.base import Sku
+from gpuctl.providers.catalog import load_catalog
+from gpuctl.sim import cost, gavel, workload
+from gpuctl.sim.cost import Comparison
+
+_ROOT = Path(__file__).resolve().parents[3]  # the checkout: config/ and ../shared beside it
+DEFAULT_CATALOG = _ROOT / "config" / "catalog.csv"
+DEFAULT_TRACE = _ROOT.parent / "shared" / "traces" / "gavel" / "msr" / "seed=0" / "ee9e8c.trace"
+# The trace's VC starts slowly (12 jobs in its first 10 days): the window starts on day 10.
+DEFAULT_START_H = 240.0
+DEFAULT_HOURS = 168.0
+PROVIDER = "catalog"  # the one configured provider every catalog SKU is leased from
+_HOUR = 3600.0
+
+
+def offer_of(sku: Sku) -> Offer:
+    """A catalog SKU as the core ranks it (runtime.leases.offer_of, for the catalog provider:
+    renewable, no lease limit). Vendor "80 GB" of HBM is 80 GiB."""
+    return Offer(
+        provider=PROVIDER,
+        sku=sku.name,
+        gpu_model=sku.gpu_model,
+        gpu_count=sku.gpu_count,
+        gpu_memory_mib=int(sku.gpu_memory_gb * 1024),
+        hbm_gbps=sku.hbm_gbps,
+        nvlink_gbps=sku.nvlink_gbps,
+        network_gbps=sku.network.total_gbps,
+        bf16_tflops=sku.bf16_tflops,
+        cpu_milli=int(sku.vcpus * 1000),
+        memory_mib=int(sku.memory_gib * 1024),
+        region=sku.region,
+        price_per_hour=sku.price_per_hour,
+    )
+
+
+@click.command("cost")
+@click.option(
+    "--trace",
+    "trace_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=DEFAULT_TRACE,
+    show_default="../shared/traces/gavel/msr/seed=0/ee9e8c.trace",
+    help="A Gavel msr trace: the training gangs.",
+)
+@click.option(
+    "--throughputs",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Gavel's simulation_throughputs.json [default: the one beside the trace's msr folder].",
+)
+@click.option(
+    "--catalog",
+    "catalog_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=DEFAULT_CATALOG,
+    show_default="config/catalog.csv",
+    help="The provider catalog: SKUs and on-demand prices.",
+)
+@click.option(
+    "--seller",
+    "sellers",
+    multiple=True,
+    help="Lease only from these catalog sellers (repeat; default: all of them).",
+)
+@click.option(
+    "--start-h",
+    type=click.FloatRange(0),
+    default=DEFAULT_START_H,
+    show_default=True,
+    help="Where the window starts in the trace, hours.",
+)
+@click.option(
+    "--hours",
+    type=click.FloatRange(0, min_open=True),
+    default=DEFAULT_HOURS,
+    show_default=True,
+    help="The window: training arriving in it, services running through it, dollars in it.",
+)
+@click.option(
+    "--limit", type=click.IntRange(0), default=0, help="Only the first N training jobs (0: all)."
+)
+@click.option(
+    "--step-min",
+    type=click.FloatRange(0, min_open=True),
+    default=workload.DEFAULT_STEP_S / 60,
+    show_default=True,
+    help="How often the services' autoscaler reads the diurnal curve, minutes.",
+)
+@click.option(
+    "--no-services", is_flag=True, help="Training only: leave the inference services out."
+)
+@click.option(
+    "--boot-s",
+    type=click.FloatRange(0),
+    default=cost.DEFAULT_BOOT_S,
+    show_default=True,
+    help="Seconds from lease to node registered, for (b) and (c) alike; billed.",
+)
+@click.option(
+    "--idle-timer-s",
+    type=click.FloatRange(0),
+    default=cost.DEFAULT_IDLE_TIMER_S,
+    show_default=True,
+    help="(b): idle seconds before a node is released (SkyPilot autostop).",
+)
+@click.option(
+    "--idle-grace-s",
+    type=click.FloatRange(0),
+    default=cost.DEFAULT_IDLE_GRACE_S,
+    show_default=True,
+    help="(c): gpuctl's idle grace for a node a queued job fits (leases.idle_grace_s).",
+)
+@click.option(
+    "--fleet-sku", default="", help="(a)'s node [default: the cheapest 8-GPU training SKU]."
+)
+@click.option(
+    "--fleet-nodes",
+    type=click.IntRange(0),
+    default=0,
+    help="(a)'s size [default: the peak of GPUs held at once, in nodes].",
+)
+@click.option(
+    "--policy",
+    default=DEFAULT_POLICY,
+    show_default=True,
+    help=f"The core's policy preset for (a) and (c); one of {', '.join(sorted(POLICIES))}.",
+)
+@click.option(
+    "--json",
+    "json_out",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    default=None,
+    help="Write the figures here as JSON.",
+)
+def cost_command(
+    trace_path: Path,
+    throughputs: Path | None,
+    catalog_path: Path,
+    sellers: tuple[str, ...],
+    start_h: float,
+    hours: float,
+    limit: int,
+    step_min: float,
+    no_services: bool,
+    boot_s: float,
+    idle_timer_s: float,
+    idle_grace_s: float,
+    fleet_sku: str,
+    fleet_nodes: int,
+    policy: str,
+    json_out: Path | None,
+) -> None:
+    """Compare what one mixed workload costs on three fleets (benchmark B4)."""
+    started = time.perf_counter()
+    try:
+        chosen = build_policy(policy)
+    except InvalidArgument as e:
+        raise click.BadParameter(e.violations[0].description, param_hint="--policy") from None
+    if not trace_path.is_file():
+        raise click.BadParameter(f"{trace_path} not found", param_hint="--trace")
+    if not catalog_path.is_file():
+        raise click.BadParameter(f"{catalog_path} not found", param_hint="--catalog")
+    table = throughputs or gavel.default_throughputs(trace_path)
+    if not table.is_file():
+        raise click.BadParameter(f"{table} not found", param_hint="--throughputs")
+    try:
+        skus = load_catalog(catalog_path)
+    except InvalidArgument as e:
+        raise click.ClickException(f"{catalog_path}: {e.violations[0].description}") from None
+    if sellers:
+        unknown = sorted(set(sellers) - {s.provider for s in skus})
+        if unknown:
+            raise click.BadParameter(
+                f"not in the catalog: {', '.join(unknown)}", param_hint="--seller"
+            )
+        skus = tuple(s for s in skus if s.provider in sellers)
+    offers = tuple(offer_of(s) for s in skus)
+    shape = None
+    if fleet_sku:
+        shape = next((o for o in offers if o.sku == fleet_sku), None)
+        if shape is None:
+            raise click.BadParameter(f"{fleet_sku} is not a catalog SKU", param_hint="--fleet-sku")
+    try:
+        jobs = gavel.workload(gavel.read_trace(trace_path), gavel.read_throughputs(table))
+    except gavel.TraceError as e:
+        raise click.ClickException(str(e)) from None
+    window_s = hours * _HOUR
+    training = workload.training_window(
+        jobs, start_s=start_h * _HOUR, window_s=window_s, limit=limit
+    )
+    services = () if no_services else workload.DEFAULT_SERVICES
+    work = workload.build(
+        training, services, window_s=window_s, step_s=step_min * 60, source=str(trace_path)
+    )
+    click.echo(_describe(work, trace_path, start_h, len(offers), sellers))
+    try:
+        result = cost.compare(
+            work,
+            offers,
+            chosen,
+            boot_s=boot_s,
+            idle_timer_s=idle_timer_s,
+            idle_grace_s=idle_grace_s,
+            fleet_offer=shape,
+            fleet_nodes=fleet_nodes,
+        )
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(
+        f"(a) {result.fleet_nodes} x {result.fleet_sku}; (b) idle timer {idle_timer_s:g} s; "
+        f"(c) idle grace {idle_grace_s:g} s; boot {boot_s:g} s for (b) and (c)"
+    )
+    click.echo(_table(result))
+    click.echo(
+        f"floor: ${result.floor_dollars:,.0f} (every demand at the lowest $/GPU-hour meeting its "
+        "floors, no boot, no idle GPU)"
+    )
+    for t in result.targets:
+        click.echo(f"{t.name}: {t.value:.3f} (limit {t.limit:g}) {'met' if t.met else 'MISSED'}")
+    wall = time.perf_counter() - started
+    click.echo(f"wall {wall:.1f} s")
+    if json_out is not None:
+        figures = {
+            **result.as_dict(),
+            "workload": _workload_dict(work, trace_path, table, start_h, limit, step_min),
+            "catalog": {
+                "path": str(catalog_path),
+                "sellers": list(sellers) or "all",
+                "offers": len(offers),
+            },
+            "boot_s": boot_s,
+            "idle_timer_s": idle_timer_s,
+            "idle_grace_s": idle_grace_s,
+            "policy": policy,
+            "machine": platform.node(),
+            "python": platform.python_version(),
+            "wall_s": round(wall, 3),
+        }
+        json_out.write_text(json.dumps(figures, indent=2) + "\n")
+        click.echo(f"figures written to {json_out}")
+
+
+def _describe(
+    work: workload.Workload, trace: Path, start_h: float, offers: int, sellers: tuple[str, ...]
+) -> str:
+    training = work.training
+    gpu_hours = sum(d.gpus * d.duration_s for d in training) / _HOUR
+    services = ", ".join(
+        f"{s.name} ({s.weights_gb:g} GB on {s.gpus_per_replica} GPU, {s.tokens_per_s:g} tok/s, "
+        f"{s.min_replicas}-{s.max_replicas} replicas peaking {s.peak_hour:g}h)"
+        for s in work.services
+    )
+    return (
+        f"{trace.name} from hour {start_h:g}: {len(training)} training jobs "
+        f"({gpu_hours:.0f} GPU-hours) over {work.window_s / _HOUR:g} h; "
+        f"{len(work.replicas)} replica stretches of {services or 'no services'}; "
+        f"{offers} catalog offers ({', '.join(sellers) or 'all sellers'})"
+    )
+
+
+def _workload_dict(
+    work: workload.Workload,
+    trace: Path,
+    throughputs: Path,
+    start_h: float,
+    limit: int,
+    step_min: float,
+) -> dict[str, object]:
+    return {
+        "trace": str(trace),
+        "throughputs": str(throughputs),
+        "start_h": start_h,
+        "hours": work.window_s / _HOUR,
+        "limit": limit,
+        "training_jobs": len(work.training),
+        "training_floors": {
+            "gpu_model": workload.TRAINING_GPU,
+            "min_nvlink_gbps": workload.TRAINING_NVLINK_GBPS,
+            "min_net_gbps": workload.TRAINING_NET_GBPS,
+        },
+        "replica_stretches": len(work.replicas),
+        "step_min": step_min,
+        "services": [
+            {
+                "name": s.name,
+                "weights_gb": s.weights_gb,
+                "gpus_per_replica": s.gpus_per_replica,
+                "tokens_per_s": s.tokens_per_s,
+                "min_replicas": s.min_replicas,
+                "max_replicas": s.max_replicas,
+                "peak_hour": s.peak_hour,
+            }
+            for s in work.services
+        ],
+    }
+
+
+def _table(result: Comparison) -> str:
+    header = (
+        "fleet",
+        "dollars",
+        "GPU-h paid",
+        "GPU-h used",
+        "used %",
+        "avg JCT h",
+        "done",
+        "SLO %",
+        "nodes",
+        "peak",
+        "wall s",
+    )
+    rows = [
+        (
+            r.fleet,
+            f"{r.dollars:,.0f}",
+            f"{r.gpu_hours_paid:,.0f}",
+            f"{r.gpu_hours_used:,.0f}",
+            f"{100 * r.used_share:.1f}",
+            f"{r.avg_jct_s / _HOUR:.2f}",
+            f"{r.completed}/{r.training_jobs}",
+            f"{100 * r.slo_attainment:.2f}",
+            str(r.nodes_paid),
+            str(r.peak_nodes),
+            f"{result.wall_s[r.fleet]:.1f}",
+        )
+        for r in result.reports
+    ]
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    lines = [
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in (header, *rows)
+    ]
+    return "\n".join(line.rstrip() for line in lines)
