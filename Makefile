@@ -66,6 +66,15 @@ bench-gang: $(STAMP)
 	@mkdir -p bench-results
 	$(VENV)/bin/gpuctl simulate gang --trace $(GANG_TRACE) --json bench-results/gang-ee9e8c.json
 
+# Benchmark B2: the scheduling core at scale. Synthetic clusters of 1,000 and 10,000 8-GPU
+# nodes (mixed SKUs, several fabrics and leaves, 60 % used) with 10,000 and 100,000 pending
+# training gangs and inference replica sets: inference placements/s, one 512-GPU gang, the
+# burst cycle and the steady cycles after it, peak RSS; each size in its own process.
+.PHONY: bench-scale
+bench-scale: $(STAMP)
+	@mkdir -p bench-results
+	$(VENV)/bin/gpuctl simulate scale --json bench-results/scale.json
+
 # Benchmark B4: the cost of a fleet. One mixed workload (a week of the Gavel trace's training
 # gangs from day 10, plus three inference services on a diurnal curve) against
 # config/catalog.csv on three fleets: a training-shaped fleet sized for the peak, the cheapest

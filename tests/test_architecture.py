@@ -66,6 +66,7 @@ RULES = (
             "gpuctl.cli.simulate",
             "gpuctl.cli.simulate_gang",
             "gpuctl.cli.simulate_cost",
+            "gpuctl.cli.simulate_scale",
         ),  # see the rules below
         why="the CLI reaches the daemon through the SDK and shares only core's model/errors/validation",
         gpuctl=(
@@ -91,6 +92,14 @@ RULES = (
         id="cli-simulate-gang-runs-the-core",
         scope="gpuctl.cli.simulate_gang",
         why="`gpuctl simulate gang`, like the rest of `gpuctl simulate`, runs the core locally",
+        gpuctl=("gpuctl.cli", "gpuctl.sim", "gpuctl.core"),
+        forbidden=("sqlmodel", "sqlalchemy"),
+    ),
+    Rule(
+        id="cli-simulate-scale-runs-the-core",
+        scope="gpuctl.cli.simulate_scale",
+        why="`gpuctl simulate scale` (benchmark B2) times the core locally, like the rest of "
+        "`gpuctl simulate`",
         gpuctl=("gpuctl.cli", "gpuctl.sim", "gpuctl.core"),
         forbidden=("sqlmodel", "sqlalchemy"),
     ),

@@ -193,6 +193,11 @@ from gpuctl.cli.simulate_gang import gang  # noqa: E402
 
 simulate.add_command(gang)
 
+# Benchmark B2, the core at scale, likewise in its own module.
+from gpuctl.cli.simulate_scale import scale_command  # noqa: E402
+
+simulate.add_command(scale_command)
+
 # Benchmark B4, the cost of a fleet, likewise in its own module.
 from gpuctl.cli.simulate_cost import cost_command  # noqa: E402
 

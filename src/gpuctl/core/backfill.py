@@ -10,7 +10,7 @@ so backfilling never delays a reservation.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import ClassVar, Protocol
@@ -22,6 +22,7 @@ from gpuctl.core.topology import Member, best_gang, island_of
 # Fits(node) for the job being planned: True fits now, False fits once work there ends,
 # None never (wrong model, too small, floors not met, not ready).
 Fits = Callable[[NodeView], bool | None]
+_NOTHING: Mapping[str, str] = MappingProxyType({})
 
 _REASON_IDS = 3
 
@@ -105,7 +106,7 @@ class Barrier:
         return True
 
     def blocked(self, ends: datetime | None) -> Mapping[str, str]:
-        return {}
+        return _NOTHING
 
     def waiting(self, job: Job, now: datetime) -> str:
         return f"waiting behind job {self.job_id} (strict FIFO: nothing starts before it)"
@@ -115,6 +116,13 @@ class Barrier:
 class ReservationHold:
     reservation: Reservation
     now: datetime
+    # The nodes held and why, worded once: every job behind the reservation asks.
+    _held: Mapping[str, str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        r = self.reservation
+        why = f"reserved for job {r.job_id} from {clock(r.start, self.now)}"
+        object.__setattr__(self, "_held", MappingProxyType(dict.fromkeys(r.node_ids, why)))
 
     @property
     def job_id(self) -> int:
@@ -127,9 +135,8 @@ class ReservationHold:
     def blocked(self, ends: datetime | None) -> Mapping[str, str]:
         r = self.reservation
         if ends is not None and ends <= r.start:
-            return {}  # it is gone before the reservation starts
-        why = f"reserved for job {r.job_id} from {clock(r.start, self.now)}"
-        return dict.fromkeys(r.node_ids, why)
+            return _NOTHING  # it is gone before the reservation starts
+        return self._held
 
     def waiting(self, job: Job, now: datetime) -> str:
         r = self.reservation

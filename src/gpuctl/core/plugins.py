@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
 
 from gpuctl.core.backfill import BACKFILLS, Backfill, FirstFit
 from gpuctl.core.errors import FieldViolation, InvalidArgument
 from gpuctl.core.model import MILLI_PER_GPU, Job, JobKind, JobSpec
-from gpuctl.core.packing import NodeCapacity, PodRequest, node_loss
+from gpuctl.core.nodetable import NodeTable
+from gpuctl.core.packing import ClusterState, NodeCapacity, PodRequest, node_loss, node_losses
 from gpuctl.core.preempt import PREEMPTORS, NoPreemption, Preemptor
 from gpuctl.core.queue import QUEUE_SORTS, PriorityFifo, QueueSort
 from gpuctl.core.snapshot import NodeView
@@ -131,6 +134,61 @@ class Score(Protocol):
     def score(self, job: Job, request: RankRequest, node: NodeView) -> float: ...
 
 
+# Every plugin here also answers for many nodes at once, from the columns of a `NodeTable`
+# (`rows`: which rows), with exactly the figures its per-node method gives; the cycle uses
+# these forms when every plugin of its policy has one (`core.verdicts`). Such a plugin reads
+# a node only through the table's columns and the job only through what placement looks at
+# (the job's shape: `core.verdicts.shape`), plus `facet(job)` where it defines one; a node
+# holding ranks of the job itself is always asked node by node. `reads_free = False` says
+# the plugin reads only what a node is, never what it has free, so its answer for a node
+# holds all cycle (a plugin that does not say so is asked again whenever the node changes).
+
+
+class FilterColumns(Protocol):
+    def codes(
+        self, job: Job, request: RankRequest, table: NodeTable, rows: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(Code per row as int8, a key per row): rows ruled out with equal codes and keys
+        get the same reason, so the reason is worded once per key."""
+        ...
+
+
+class ScoreColumns(Protocol):
+    def scores(
+        self, job: Job, request: RankRequest, table: NodeTable, rows: np.ndarray
+    ) -> np.ndarray:
+        """The score of each row, as float64."""
+        ...
+
+
+# Below this many rows a plugin may answer node by node: numpy's fixed cost per call (a few
+# microseconds an operation) outweighs the per-node work.
+_FEW_ROWS = 16
+_OK = np.int8(Code.SUCCESS)
+_NOT_NOW = np.int8(Code.UNSCHEDULABLE)
+_NEVER = np.int8(Code.UNRESOLVABLE)
+
+
+def _all_ok(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros(len(rows), dtype=np.int8), np.zeros(len(rows), dtype=np.int64)
+
+
+def _by_kind(table: NodeTable, rows: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Codes and keys of a filter that reads only what a node is: rows ruled out (`out`)
+    are keyed by their kind, which settles the reason."""
+    key = np.zeros(len(rows), dtype=np.int64)
+    if out.any():
+        key[out] = table.kind[rows[out]]
+    return np.where(out, _NEVER, _OK), key
+
+
+def _largest_sum(table: NodeTable, rows: np.ndarray, count: int) -> np.ndarray:
+    """Per row: the sum of its `count` largest GPU memories (all of them if it has fewer)."""
+    if count <= 0:
+        return np.zeros(len(rows), dtype=np.int64)
+    return table.mem_desc_cum[rows, min(count, table.width) - 1]
+
+
 # -- filters -------------------------------------------------------------------------------
 
 
@@ -138,6 +196,7 @@ class Score(Protocol):
 class NodeReady:
     name: ClassVar[str] = "node-ready"
     kinds: ClassVar[frozenset[JobKind]] = BOTH
+    reads_free: ClassVar[bool] = False
 
     def filter(self, job: Job, request: RankRequest, node: NodeView) -> Status:
         if node.schedulable:
@@ -147,11 +206,17 @@ class NodeReady:
             code=Code.UNRESOLVABLE, reason=f"{node.node.state.value}{why}", plugin=self.name
         )
 
+    def codes(
+        self, job: Job, request: RankRequest, table: NodeTable, rows: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return _by_kind(table, rows, ~table.ready[rows])
+
 
 @dataclass(frozen=True, slots=True)
 class GpuModel:
     name: ClassVar[str] = "gpu-model"
     kinds: ClassVar[frozenset[JobKind]] = BOTH
+    reads_free: ClassVar[bool] = False
 
     def filter(self, job: Job, request: RankRequest, node: NodeView) -> Status:
         want = job.spec.gpu_model
@@ -160,6 +225,16 @@ class GpuModel:
             return SUCCESS
         return Status(code=Code.UNRESOLVABLE, reason=f"with {have or 'no'} GPUs", plugin=self.name)
 
+    def codes(
+        self, job: Job, request: RankRequest, table: NodeTable, rows: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        want = job.spec.gpu_model
+        if not want or not request.milli:
+            return _all_ok(rows)
+        match = np.array([m.casefold() == want.casefold() for m in table.models], dtype=bool)
+        model = table.model[rows]
+        return np.where(match[model], _OK, _NEVER), model
+
 
 @dataclass(frozen=True, slots=True)
 class GpuMemory:
@@ -167,6 +242,7 @@ class GpuMemory:
 
     name: ClassVar[str] = "gpu-memory"
     kinds: ClassVar[frozenset[JobKind]] = BOTH
+    reads_free: ClassVar[bool] = False
 
     def filter(self, job: Job, request: RankRequest, node: NodeView) -> Status:
         need = request.gpu_memory_mib
@@ -182,6 +258,16 @@ class GpuMemory:
             reason=f"with {per_gpu} MiB per GPU (needs {need} MiB on {plural(count, 'GPU')})",
             plugin=self.name,
         )
+
+    def codes(
+        self, job: Job, request: RankRequest, table: NodeTable, rows: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        need = request.gpu_memory_mib
+        if not need or not request.milli:
+            return _all_ok(rows)
+        count = 1 if request.gpu_milli else request.gpus
+        ok = (table.gpu_count[rows] >= count) & (_largest_sum(table, rows, count) >= need)
+        return _by_kind(table, rows, ~ok)
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +289,32 @@ class GpuFit:
         else:
             reason = f"with {len(node.whole_free_gpus)} of {plural(node.gpu_count, 'GPU')} free"
         return Status(code=Code.UNSCHEDULABLE, reason=reason, plugin=self.name)
+
+    def codes(
+        self, job: Job, request: RankRequest, table: NodeTable, rows: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if not request.milli:
+            return _all_ok(rows)
+        count = table.gpu_count[rows]
+        if request.gpu_milli:  # as pick_gpus: one GPU with the share free and the memory
+            room = (table.gpu_free[rows] >= request.gpu_milli) & (
+                table.gpu_mem[rows] >= request.gpu_memory_mib
+            )
+            ok = room.any(axis=1)
+            key = table.most[rows]
+        else:  # as pick_gpus: enough whole GPUs, whose largest hold the memory asked
+            whole = table.whole[rows]
+            ok = whole >= request.gpus
+            if request.gpu_memory_mib and request.gpus <= table.width:
+                free_memory = np.where(table.whole_free(rows), table.gpu_mem[rows], 0)
+                top = np.cumsum(-np.sort(-free_memory, axis=1), axis=1)[:, request.gpus - 1]
+                ok &= top >= request.gpu_memory_mib
+            elif request.gpus > table.width:
+                ok[:] = False
+            key = whole * (table.width + 1) + count
+        never = (count < request.gpus) | (count == 0)
+        code = np.where(ok, _OK, np.where(never, _NEVER, _NOT_NOW))
+        return code, np.where(never, count, key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +338,26 @@ class CpuMemoryFit:
             return Status(code=Code.UNSCHEDULABLE, reason=reason, plugin=self.name)
         return SUCCESS
 
+    def codes(
+        self, job: Job, request: RankRequest, table: NodeTable, rows: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        code = np.zeros(len(rows), dtype=np.int8)
+        key = np.zeros(len(rows), dtype=np.int64)
+        # The checks in the per-node order; a row keeps the first that rules it out. The
+        # key is the figure its reason quotes, tagged with which check it was.
+        checks = (
+            (request.cpu_milli, table.cpu_cap, _NEVER),
+            (request.memory_mib, table.mem_cap, _NEVER),
+            (request.cpu_milli, table.cpu_free, _NOT_NOW),
+            (request.memory_mib, table.mem_free, _NOT_NOW),
+        )
+        for tag, (need, have, why) in enumerate(checks):
+            figure = have[rows]
+            out = (code == _OK) & (need > figure)
+            code[out] = why
+            key[out] = figure[out] * 4 + tag
+        return code, key
+
 
 @dataclass(frozen=True, slots=True)
 class Interconnect:
@@ -233,6 +365,7 @@ class Interconnect:
 
     name: ClassVar[str] = "interconnect"
     kinds: ClassVar[frozenset[JobKind]] = BOTH
+    reads_free: ClassVar[bool] = False
 
     def filter(self, job: Job, request: RankRequest, node: NodeView) -> Status:
         profile = node.node.profile
@@ -246,6 +379,13 @@ class Interconnect:
             )
             return Status(code=Code.UNRESOLVABLE, reason=reason, plugin=self.name)
         return SUCCESS
+
+    def codes(
+        self, job: Job, request: RankRequest, table: NodeTable, rows: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        spec = job.spec
+        out = (spec.min_nvlink_gbps > table.nvlink[rows]) | (spec.min_net_gbps > table.net[rows])
+        return _by_kind(table, rows, out)
 
 
 # -- scores --------------------------------------------------------------------------------
@@ -273,6 +413,22 @@ class BestFit:
             return 0.0
         return min(1.0, max(0.0, 1.0 - sum(parts) / len(parts)))
 
+    def scores(
+        self, job: Job, request: RankRequest, table: NodeTable, rows: np.ndarray
+    ) -> np.ndarray:
+        count = table.gpu_count[rows]
+        cpu_cap = table.cpu_cap[rows]
+        gpu_capacity = count * MILLI_PER_GPU
+        has_gpu, has_cpu = count > 0, cpu_cap > 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            gpu_left = (table.gpu_free[rows].sum(axis=1) - request.milli) / gpu_capacity
+            cpu_left = (table.cpu_free[rows] - request.cpu_milli) / cpu_cap
+        # sum(parts) / len(parts), in the same order as the per-node form
+        both = (gpu_left + cpu_left) / 2
+        mean = np.where(has_gpu & has_cpu, both, np.where(has_gpu, gpu_left, cpu_left))
+        out = np.minimum(1.0, np.maximum(0.0, 1.0 - mean))
+        return np.where(has_gpu | has_cpu, out, 0.0)
+
 
 @dataclass(frozen=True, slots=True)
 class Spread:
@@ -280,9 +436,15 @@ class Spread:
 
     name: ClassVar[str] = "spread"
     kinds: ClassVar[frozenset[JobKind]] = frozenset({JobKind.INFERENCE})
+    reads_free: ClassVar[bool] = False
 
     def score(self, job: Job, request: RankRequest, node: NodeView) -> float:
         return 1.0 / (1 + node.ranks_of(job.id))
+
+    def scores(
+        self, job: Job, request: RankRequest, table: NodeTable, rows: np.ndarray
+    ) -> np.ndarray:
+        return np.ones(len(rows))  # a node with ranks of the job itself is asked by itself
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,6 +458,14 @@ class WholeNode:
         free = len(node.whole_free_gpus)
         fills = min(1.0, request.gpus / free) if free else 0.0
         return 0.5 * float(node.idle) + 0.5 * fills
+
+    def scores(
+        self, job: Job, request: RankRequest, table: NodeTable, rows: np.ndarray
+    ) -> np.ndarray:
+        free = table.whole[rows]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            fills = np.where(free > 0, np.minimum(1.0, request.gpus / free), 0.0)
+        return 0.5 * table.idle[rows].astype(np.float64) + 0.5 * fills
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,12 +506,7 @@ class FragAware:
             if len(self._memo) > 100_000:  # an instance kept across cycles stays bounded
                 self._memo.clear()
             self._memo[key] = node_loss(
-                PodRequest(
-                    cpu_milli=request.cpu_milli,
-                    memory_mib=request.memory_mib,
-                    num_gpu=1 if request.gpu_milli else request.gpus,
-                    gpu_milli=request.gpu_milli or (MILLI_PER_GPU if request.gpus else 0),
-                ),
+                _pod_request(request),
                 NodeCapacity(
                     name=n.id,
                     cpu_milli=n.cpu_milli,
@@ -359,6 +524,54 @@ class FragAware:
             return 0.0
         return 1.0 / (1.0 + max(0, loss + request.milli) / MILLI_PER_GPU)
 
+    def scores(
+        self, job: Job, request: RankRequest, table: NodeTable, rows: np.ndarray
+    ) -> np.ndarray:
+        if len(rows) <= _FEW_ROWS:  # the memo answers a few nodes faster than numpy's setup
+            return np.array([self.score(job, request, table.views[r]) for r in rows.tolist()])
+        out = np.zeros(len(rows))
+        free = table.gpu_free[rows]
+        gpu = None
+        if request.gpu_milli:  # the GPU pick_gpus takes: tightest fit, lowest index on ties
+            room = (free >= request.gpu_milli) & (table.gpu_mem[rows] >= request.gpu_memory_mib)
+            order = np.where(room, free * (1 << 32) + table.gpu_index[rows], np.iinfo(np.int64).max)
+            gpu = np.argmin(order, axis=1)
+            picked = room.any(axis=1)
+        elif request.gpus:
+            picked = table.whole[rows] >= request.gpus  # pick_gpus found whole GPUs
+            if request.gpu_memory_mib:
+                picked &= GpuFit().codes(job, request, table, rows)[0] == _OK
+        else:
+            picked = np.ones(len(rows), dtype=bool)
+        if not picked.any():
+            return out
+        rows, free = rows[picked], free[picked]
+        state = ClusterState.of_columns(
+            names=[table.ids[r] for r in rows],
+            models=[table.models[m] for m in table.model[rows]],
+            gpu_free=free,
+            gpu_count=table.gpu_count[rows],
+            cpu_cap=table.cpu_cap[rows],
+            mem_cap=table.mem_cap[rows],
+            cpu_free=table.cpu_free[rows],
+            mem_free=table.mem_free[rows],
+        )
+        fits, loss = node_losses(
+            _pod_request(request), state, gpu=gpu[picked] if gpu is not None else None
+        )
+        score = 1.0 / (1.0 + np.maximum(0, loss + request.milli) / MILLI_PER_GPU)
+        out[picked] = np.where(fits, score, 0.0)
+        return out
+
+
+def _pod_request(request: RankRequest) -> PodRequest:
+    return PodRequest(
+        cpu_milli=request.cpu_milli,
+        memory_mib=request.memory_mib,
+        num_gpu=1 if request.gpu_milli else request.gpus,
+        gpu_milli=request.gpu_milli or (MILLI_PER_GPU if request.gpus else 0),
+    )
+
 
 # -- workload-aware node choice: the measured profile decides ------------------------------
 
@@ -370,6 +583,9 @@ class CycleContext:
     nodes: tuple[NodeView, ...] = ()  # every node as the cycle starts
     # idle node -> the queued gangs whose largest island it is part of
     protected: Mapping[str, frozenset[int]] = field(default_factory=dict)
+    # The same nodes as columns (None: not built); what a score takes from every node's
+    # fixed figures it can read from here in one pass.
+    table: NodeTable | None = None
 
 
 class PreScore(Protocol):
@@ -395,6 +611,7 @@ class HbmFloor:
 
     name: ClassVar[str] = "hbm-floor"
     kinds: ClassVar[frozenset[JobKind]] = frozenset({JobKind.INFERENCE})
+    reads_free: ClassVar[bool] = False
 
     def filter(self, job: Job, request: RankRequest, node: NodeView) -> Status:
         spec = job.spec
@@ -416,6 +633,19 @@ class HbmFloor:
                 return Status(code=Code.UNRESOLVABLE, reason=reason, plugin=self.name)
         return SUCCESS
 
+    def codes(
+        self, job: Job, request: RankRequest, table: NodeTable, rows: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        spec = job.spec
+        out = np.zeros(len(rows), dtype=bool)
+        if spec.weights_gb > 0:
+            need = spec.weights_gb * 1000**3 / 1024**2
+            out |= _largest_sum(table, rows, max(1, request.gpus)) < need
+        floor = spec.hbm_floor_gbps
+        if floor > 0:
+            out |= table.hbm[rows] * replica_share(request) < floor
+        return _by_kind(table, rows, out)
+
 
 @dataclass(frozen=True, slots=True)
 class TrainingFit:
@@ -424,6 +654,7 @@ class TrainingFit:
 
     name: ClassVar[str] = "training-fit"
     kinds: ClassVar[frozenset[JobKind]] = frozenset({JobKind.TRAINING})
+    reads_free: ClassVar[bool] = False
     best_net: float = 0.0
     best_nvlink: float = 0.0
     best_tflops: float = 0.0
@@ -435,8 +666,13 @@ class TrainingFit:
         return p.network.total_gbps, p.nvlink_gbps, tflops
 
     def prepare(self, context: CycleContext) -> Score | None:
-        figures = [self._figures(v) for v in context.nodes]
-        best = [max((f[i] for f in figures), default=0.0) for i in range(3)]
+        t = context.table
+        if t is not None:
+            columns = (t.net, t.nvlink, t.tflops_per_gpu)
+            best = [float(c.max()) if len(c) else 0.0 for c in columns]
+        else:
+            figures = [self._figures(v) for v in context.nodes]
+            best = [max((f[i] for f in figures), default=0.0) for i in range(3)]
         if not any(best):
             return None  # nothing measured tells the nodes apart
         return TrainingFit(*best)
@@ -447,6 +683,16 @@ class TrainingFit:
         parts = [have / best for have, best in pairs if best > 0]
         return sum(parts) / len(parts) if parts else 0.0
 
+    def scores(
+        self, job: Job, request: RankRequest, table: NodeTable, rows: np.ndarray
+    ) -> np.ndarray:
+        columns = (table.net, table.nvlink, table.tflops_per_gpu)
+        pairs = [(c[rows], b) for c, b in zip(columns, self._best(), strict=True) if b > 0]
+        return _mean([have / best for have, best in pairs], len(rows), 0.0)
+
+    def _best(self) -> tuple[float, float, float]:
+        return (self.best_net, self.best_nvlink, self.best_tflops)
+
 
 @dataclass(frozen=True, slots=True)
 class HbmPerDollar:
@@ -456,11 +702,14 @@ class HbmPerDollar:
 
     name: ClassVar[str] = "hbm-per-dollar"
     kinds: ClassVar[frozenset[JobKind]] = frozenset({JobKind.INFERENCE})
+    reads_free: ClassVar[bool] = False
     nodes: tuple[NodeView, ...] = ()
     _best: dict[tuple[float, float], float] = field(default_factory=dict, compare=False)
 
+    table: NodeTable | None = field(default=None, compare=False)  # of `nodes`, when built
+
     def prepare(self, context: CycleContext) -> Score | None:
-        return HbmPerDollar(context.nodes)
+        return HbmPerDollar(context.nodes, table=context.table)
 
     @staticmethod
     def _value(node: NodeView, share: float, floor: float) -> float | None:
@@ -471,6 +720,32 @@ class HbmPerDollar:
         useful = min(bandwidth, floor) if floor > 0 else bandwidth
         return useful / (price * share)
 
+    @staticmethod
+    def _values(
+        table: NodeTable, rows: np.ndarray | slice, share: float, floor: float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(value, has a value) per row: `_value` over columns, in the same operations."""
+        count = table.gpu_count[rows]
+        price = table.price[rows]
+        has = (count > 0) & (price > 0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            per_gpu = np.where(has, price / np.where(has, count, 1), 0.0)
+            bandwidth = table.hbm[rows] * share
+            useful = np.minimum(bandwidth, floor) if floor > 0 else bandwidth
+            value = useful / (per_gpu * share)
+        return np.where(has, value, 0.0), has
+
+    def _best_for(self, share: float, floor: float) -> float:
+        key = (share, floor)
+        if key not in self._best:
+            if self.table is not None:
+                values, has = self._values(self.table, slice(None), share, floor)
+                self._best[key] = float(values[has].max()) if has.any() else 0.0
+            else:
+                found = (self._value(v, share, floor) for v in self.nodes)
+                self._best[key] = max((v for v in found if v is not None), default=0.0)
+        return self._best[key]
+
     def score(self, job: Job, request: RankRequest, node: NodeView) -> float:
         share = replica_share(request)
         if not share:
@@ -479,12 +754,21 @@ class HbmPerDollar:
         value = self._value(node, share, floor)
         if value is None:
             return 0.5
-        key = (share, floor)
-        if key not in self._best:
-            values = (self._value(v, share, floor) for v in self.nodes)
-            self._best[key] = max((v for v in values if v is not None), default=0.0)
-        best = self._best[key]
+        best = self._best_for(share, floor)
         return min(1.0, value / best) if best > 0 else 0.5
+
+    def scores(
+        self, job: Job, request: RankRequest, table: NodeTable, rows: np.ndarray
+    ) -> np.ndarray:
+        share = replica_share(request)
+        if not share:
+            return np.full(len(rows), 0.5)
+        floor = job.spec.hbm_floor_gbps
+        value, has = self._values(table, rows, share, floor)
+        best = self._best_for(share, floor)
+        if not best > 0:
+            return np.full(len(rows), 0.5)
+        return np.where(has, np.minimum(1.0, value / best), 0.5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -494,12 +778,18 @@ class InterconnectThrift:
 
     name: ClassVar[str] = "interconnect-thrift"
     kinds: ClassVar[frozenset[JobKind]] = frozenset({JobKind.INFERENCE})
+    reads_free: ClassVar[bool] = False
     best_net: float = 0.0
     best_nvlink: float = 0.0
 
     def prepare(self, context: CycleContext) -> Score | None:
-        net = max((v.node.profile.network.total_gbps for v in context.nodes), default=0.0)
-        nvlink = max((v.node.profile.nvlink_gbps for v in context.nodes), default=0.0)
+        t = context.table
+        if t is not None:
+            net = float(t.net.max()) if len(t) else 0.0
+            nvlink = float(t.nvlink.max()) if len(t) else 0.0
+        else:
+            net = max((v.node.profile.network.total_gbps for v in context.nodes), default=0.0)
+            nvlink = max((v.node.profile.nvlink_gbps for v in context.nodes), default=0.0)
         return InterconnectThrift(net, nvlink) if net or nvlink else None
 
     def score(self, job: Job, request: RankRequest, node: NodeView) -> float:
@@ -509,6 +799,14 @@ class InterconnectThrift:
             unused.append((p.nvlink_gbps, self.best_nvlink))
         parts = [1.0 - have / best for have, best in unused if best > 0]
         return sum(parts) / len(parts) if parts else 1.0
+
+    def scores(
+        self, job: Job, request: RankRequest, table: NodeTable, rows: np.ndarray
+    ) -> np.ndarray:
+        unused = [(table.net[rows], self.best_net)]
+        if request.gpus <= 1 and not job.spec.min_nvlink_gbps:
+            unused.append((table.nvlink[rows], self.best_nvlink))
+        return _mean([1.0 - have / best for have, best in unused if best > 0], len(rows), 1.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -520,12 +818,61 @@ class IslandGuard:
     kinds: ClassVar[frozenset[JobKind]] = BOTH
     protected: Mapping[str, frozenset[int]] = field(default_factory=dict)
 
+    _columns: dict[int, tuple[NodeTable, np.ndarray, np.ndarray]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+    _guarded: frozenset[int] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        gangs = frozenset(j for ids in self.protected.values() for j in ids)
+        object.__setattr__(self, "_guarded", gangs)
+
     def prepare(self, context: CycleContext) -> Score | None:
         return IslandGuard(context.protected) if context.protected else None
 
     def score(self, job: Job, request: RankRequest, node: NodeView) -> float:
         gangs = self.protected.get(node.id)
         return 0.0 if gangs and node.idle and gangs - {job.id} else 1.0
+
+    def facet(self, job: Job) -> Any:
+        """What of the job, beyond its shape, the score reads: whether it is a guarded gang."""
+        return job.id if job.id in self._guarded else None
+
+    def scores(
+        self, job: Job, request: RankRequest, table: NodeTable, rows: np.ndarray
+    ) -> np.ndarray:
+        guarded, alone = self._columns_of(table)
+        # 0 where guarded for some gang other than this job: any gang when several guard it
+        spared = guarded[rows] & table.idle[rows] & (alone[rows] != job.id)
+        return np.where(spared, 0.0, 1.0)
+
+    def _columns_of(self, table: NodeTable) -> tuple[np.ndarray, np.ndarray]:
+        """Per row of `table` (its static part): guarded at all, and the one gang guarding it
+        (-1 when several do)."""
+        cached = self._columns.get(id(table.ids))
+        if cached is not None and cached[0].ids is table.ids:
+            return cached[1], cached[2]
+        guarded = np.zeros(len(table), dtype=bool)
+        alone = np.full(len(table), -1, dtype=np.int64)
+        for node_id, gangs in self.protected.items():
+            row = table.pos.get(node_id)
+            if row is None or not gangs:
+                continue
+            guarded[row] = True
+            if len(gangs) == 1:
+                alone[row] = next(iter(gangs))
+        self._columns[id(table.ids)] = (table, guarded, alone)
+        return guarded, alone
+
+
+def _mean(parts: Sequence[np.ndarray], rows: int, empty: float) -> np.ndarray:
+    """sum(parts) / len(parts) per row, summed left to right as Python's sum does."""
+    if not parts:
+        return np.full(rows, empty)
+    total = parts[0]
+    for p in parts[1:]:
+        total = total + p
+    return total / len(parts)
 
 
 # -- registry and policies -----------------------------------------------------------------

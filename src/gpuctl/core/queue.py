@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from types import MappingProxyType
@@ -20,7 +20,7 @@ def placement_gpus(placement: Placement | None) -> float:
     """GPUs a placement holds, shares counted as fractions."""
     if placement is None:
         return 0.0
-    return sum(len(r.gpu_indices) * r.gpu_milli for r in placement.ranks) / MILLI_PER_GPU
+    return sum([len(r.gpu_indices) * r.gpu_milli for r in placement.ranks]) / MILLI_PER_GPU
 
 
 def _age(job: Job) -> tuple[bool, datetime | None, int]:
@@ -101,19 +101,27 @@ class QueueOrder:
     owner from now on), and `stopped` for every preempted job.
     """
 
-    def __init__(self, pending: Sequence[Job], sort: QueueSort, usage: Usage) -> None:
+    def __init__(
+        self, pending: Sequence[Job], sort: QueueSort, usage: Usage | Callable[[], Usage]
+    ) -> None:
+        """`usage`: the GPUs held now, or how to count them (counted only when the queue
+        has more than one group: one group goes in age order whatever its key)."""
         self._sort = sort
-        self._queue = dict(usage.by_queue)
-        self._owner = dict(usage.by_owner)
         groups: dict[tuple[int, str, str], list[Job]] = {}
         for job in pending:
             groups.setdefault(_group(job), []).append(job)
         self._groups = {g: deque(sorted(jobs, key=_age)) for g, jobs in groups.items()}
+        self._keyed = len(self._groups) > 1
+        held = (usage() if callable(usage) else usage) if self._keyed else Usage.of(())
+        self._queue = dict(held.by_queue)
+        self._owner = dict(held.by_owner)
         self._heap: list[tuple[tuple[Any, ...], tuple[int, str, str]]] = []
         self._rebuilds = 0
         self._rebuild()
 
     def _key(self, job: Job) -> tuple[Any, ...]:
+        if not self._keyed:
+            return ()
         spec = job.spec
         return self._sort.key(
             job, self._queue.get(spec.queue, 0.0), self._owner.get(spec.owner, 0.0)
@@ -124,9 +132,12 @@ class QueueOrder:
         self._heap = [(self._key(q[0]), g) for g, q in self._groups.items() if q]
         heapq.heapify(self._heap)
 
-    def preview(self) -> list[Job]:
-        """Every pending job in the order it would go if nothing started: for planning."""
-        return sorted((j for q in self._groups.values() for j in q), key=self._key)
+    def preview(self) -> Iterator[Job]:
+        """Every pending job in the order it would go if nothing started: for planning.
+
+        Lazy: each group is already in key order, so merging them costs only the jobs read.
+        """
+        return heapq.merge(*self._groups.values(), key=self._key)
 
     def __iter__(self) -> Iterator[Job]:
         # Keys only grow while jobs start (usage only rises), so a stale heap entry is at most

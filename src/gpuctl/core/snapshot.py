@@ -7,10 +7,14 @@ cycle has just made so later jobs see it, and `forget` is its idempotent undo.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from gpuctl.core.model import MILLI_PER_GPU, Gpu, Job, Node, NodeState, Placement, RankPlacement
+from gpuctl.core.nodetable import NodeTable
+
+_INDEX = operator.attrgetter("index")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -26,10 +30,10 @@ class NodeView:
     _whole: tuple[Gpu, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        free = (
+        free = [
             g for g, m in zip(self.gpus, self.gpu_free_milli, strict=True) if m == MILLI_PER_GPU
-        )
-        object.__setattr__(self, "_whole", tuple(sorted(free, key=lambda g: g.index)))
+        ]
+        object.__setattr__(self, "_whole", tuple(sorted(free, key=_INDEX)))
 
     @property
     def id(self) -> str:
@@ -110,8 +114,16 @@ class NodeView:
 
 def _view(node: Node, held: Mapping[int, Sequence[RankPlacement]]) -> NodeView:
     """`node` with the ranks in `held` subtracted, never below zero."""
-    free = [MILLI_PER_GPU] * len(node.profile.gpus)
-    position = {g.index: i for i, g in enumerate(node.profile.gpus)}
+    gpus = node.profile.gpus
+    if not held:
+        return NodeView(
+            node=node,
+            gpu_free_milli=(MILLI_PER_GPU,) * len(gpus),
+            cpu_free_milli=max(0, node.cpu_milli),
+            memory_free_mib=max(0, node.memory_mib),
+        )
+    free = [MILLI_PER_GPU] * len(gpus)
+    position = {g.index: i for i, g in enumerate(gpus)}
     cpu, memory = node.cpu_milli, node.memory_mib
     for ranks in held.values():
         for r in ranks:
@@ -122,10 +134,10 @@ def _view(node: Node, held: Mapping[int, Sequence[RankPlacement]]) -> NodeView:
             memory -= r.memory_mib
     return NodeView(
         node=node,
-        gpu_free_milli=tuple(max(0, m) for m in free),
+        gpu_free_milli=tuple([m if m > 0 else 0 for m in free]),
         cpu_free_milli=max(0, cpu),
         memory_free_mib=max(0, memory),
-        ranks=tuple(sorted((j, len(rs)) for j, rs in held.items())),
+        ranks=tuple(sorted([(j, len(rs)) for j, rs in held.items()])),
     )
 
 
@@ -143,7 +155,7 @@ class Snapshot:
     and `forget` change it, the `NodeView`s it hands out never change.
     """
 
-    __slots__ = ("_held", "_jobs", "_on_node", "_order", "_views")
+    __slots__ = ("_held", "_jobs", "_on_node", "_order", "_table", "_views")
 
     def __init__(
         self,
@@ -151,12 +163,24 @@ class Snapshot:
         on_node: dict[str, dict[int, tuple[RankPlacement, ...]]],
         held: dict[int, Placement],
         jobs: dict[int, Job] | None = None,
+        *,
+        order: tuple[str, ...] | None = None,
+        table: NodeTable | None = None,
     ) -> None:
         self._views = views
+        # Each node's dict is replaced, never changed in place, so copies can share them.
         self._on_node = on_node
         self._held = held
         self._jobs = jobs if jobs is not None else {}
-        self._order = tuple(sorted(views))
+        self._order = order if order is not None else tuple(sorted(views))
+        self._table = table
+
+    @property
+    def table(self) -> NodeTable:
+        """The nodes as columns (built on first use, then kept in step by assume and forget)."""
+        if self._table is None:
+            self._table = NodeTable.of(self.nodes)
+        return self._table
 
     @classmethod
     def build(cls, nodes: Sequence[Node], running: Sequence[Job]) -> Snapshot:
@@ -222,32 +246,66 @@ class Snapshot:
             taken[node_id] = self._views[node_id].take(job_id, ranks)
         # Checked in full above before anything changes, so a failed assume leaves no trace.
         for node_id, ranks in _by_node(placement).items():
-            self._on_node[node_id][job_id] = ranks
+            self._on_node[node_id] = {**self._on_node[node_id], job_id: ranks}
         self._views.update(taken)
+        if self._table is not None:
+            for node_id, view in taken.items():
+                self._table.set(self._table.pos[node_id], view)
         self._held[job_id] = placement
         if job is not None:
             self._jobs[job_id] = job
 
     def forget(self, job_id: int) -> None:
         """Undo `assume` (or a running job's hold); forgetting an unknown job does nothing."""
-        placement = self._held.pop(job_id, None)
-        self._jobs.pop(job_id, None)
-        if placement is None:
-            return
-        for node_id in _by_node(placement):
-            if node_id in self._on_node:
-                self._on_node[node_id].pop(job_id, None)
-                # Recomputed from what is still held rather than added back, so a node that
-                # running jobs oversubscribe (clamped at zero) comes back exactly.
-                self._views[node_id] = _view(self._views[node_id].node, self._on_node[node_id])
+        self.forget_all((job_id,))
+
+    def forget_all(self, job_ids: Iterable[int]) -> None:
+        """`forget` each of `job_ids`; a node several of them share is recomputed once."""
+        touched: set[str] = set()
+        for job_id in job_ids:
+            placement = self._held.pop(job_id, None)
+            self._jobs.pop(job_id, None)
+            if placement is None:
+                continue
+            for node_id in _by_node(placement):
+                if node_id in self._on_node:
+                    held = {j: r for j, r in self._on_node[node_id].items() if j != job_id}
+                    self._on_node[node_id] = held
+                    touched.add(node_id)
+        # Recomputed from what is still held rather than added back, so a node that running
+        # jobs oversubscribe (clamped at zero) comes back exactly.
+        self._recompute(touched)
+
+    def hold(self, job_id: int, placement: Placement, job: Job | None = None) -> None:
+        """Undo `forget`: `job_id` holds `placement` again, every node it is on as `build`
+        makes it (no fit check: it held all this before it was forgotten)."""
+        if job_id in self._held:
+            raise ValueError(f"job {job_id} already holds resources; forget it first")
+        self._held[job_id] = placement
+        if job is not None:
+            self._jobs[job_id] = job
+        touched = set()
+        for node_id, ranks in _by_node(placement).items():
+            if node_id in self._on_node:  # ranks on a node that is gone hold nothing
+                self._on_node[node_id] = {**self._on_node[node_id], job_id: ranks}
+                touched.add(node_id)
+        self._recompute(touched)
+
+    def _recompute(self, node_ids: Iterable[str]) -> None:
+        for node_id in sorted(node_ids):
+            view = self._views[node_id] = _view(self._views[node_id].node, self._on_node[node_id])
+            if self._table is not None:
+                self._table.set(self._table.pos[node_id], view)
 
     def copy(self) -> Snapshot:
         """An independent snapshot to assume into; views are shared, they never change."""
         return Snapshot(
             dict(self._views),
-            {node_id: dict(held) for node_id, held in self._on_node.items()},
+            dict(self._on_node),
             dict(self._held),
             dict(self._jobs),
+            order=self._order,
+            table=self._table.copy() if self._table is not None else None,
         )
 
     def held(self) -> tuple[tuple[int, Placement], ...]:

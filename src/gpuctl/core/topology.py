@@ -7,10 +7,9 @@ the whole path hang off one leaf switch. An *island* is the free whole nodes of 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from gpuctl.core.model import Job
 from gpuctl.core.snapshot import NodeView
 
 # Scores are sums of floats; rounding keeps two equal placements equal whatever the
@@ -116,37 +115,6 @@ class GangDemand:
         return max((count - lost.get(f, 0) for f, count in self.by_fabric), default=0)
 
 
-def gang_demands(
-    nodes: Sequence[NodeView], gangs: Sequence[Job], fits: Callable[[Job, NodeView], bool]
-) -> tuple[GangDemand, ...]:
-    """What each queued gang needs of the nodes that are idle now."""
-    idle = [v for v in nodes if v.idle and v.schedulable and v.node.fabric_name]
-    out = []
-    for job in gangs:
-        eligible = [v for v in idle if fits(job, v)]
-        counts: dict[str, int] = {}
-        for v in eligible:
-            counts[v.node.fabric_name] = counts.get(v.node.fabric_name, 0) + 1
-        out.append(
-            GangDemand(
-                job_id=job.id,
-                nodes=job.spec.num_nodes,
-                eligible=frozenset(v.id for v in eligible),
-                by_fabric=tuple(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))),
-            )
-        )
-    return tuple(out)
-
-
-def protected_nodes(nodes: Sequence[NodeView], demands: Sequence[GangDemand]) -> frozenset[str]:
-    """The idle nodes of each queued gang's largest island: what replicas should leave alone."""
-    out: set[str] = set()
-    for d in demands:
-        fabric = d.best_fabric
-        out.update(v.id for v in nodes if v.id in d.eligible and v.node.fabric_name == fabric)
-    return frozenset(out)
-
-
 def damage(choice: GangChoice, demands: Sequence[GangDemand]) -> tuple[int, int]:
     """How much `choice` hurts the queued gangs: (-gangs that still fit, -their islands' sum);
     smaller is better, and (0, 0) when no gang is queued."""
@@ -156,13 +124,3 @@ def damage(choice: GangChoice, demands: Sequence[GangDemand]) -> tuple[int, int]
         after += largest
         still += largest >= d.nodes
     return (-still, -after)
-
-
-def describe_island(members: Sequence[NodeView]) -> str:
-    """ "fabric ib-a, leaf ib-a/s1/l3" or "fabric ib-a, 3 leaves" for nodes of one fabric."""
-    fabric = members[0].node.fabric_name if members else ""
-    leaves = sorted({leaf_of(v) for v in members})
-    if not fabric:
-        return f"node {members[0].id}, no fabric" if members else "no fabric"
-    where = f"leaf {leaves[0]}" if len(leaves) == 1 else f"{len(leaves)} leaves"
-    return f"fabric {fabric}, {where}"
