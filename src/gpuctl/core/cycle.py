@@ -14,7 +14,7 @@ nodes of 8 GPUs, 60 % used, the default policy), each with how it is spent:
   looked up in `misses`, `no_room` and `behind` (jobs alike in everything placement reads fail
   alike until a preemption frees something; candidates and the snapshot without them are
   kept per priority), a reason joined: ~0.2 s for 10,000. Fixed costs: the node table
-  (~3 us a node, 30 ms), the queue order (~0.1 s), one reservation plan (~0.1 s). That leaves
+  (~3 us a node, 30 ms), the queue order (~50 ms), one reservation plan (~0.1 s). That leaves
   ~0.5 s for the few hundred jobs a steady cycle places, at ~1 ms each (below). A burst cycle
   that places thousands costs what those placements cost; that is the next budget's figure;
 - >= 1,000 inference replicas placed a second, so <= 1 ms a replica: bring the verdicts of
@@ -423,26 +423,31 @@ class _Cycle:
             self.demands = tuple(d for d in self.demands if d.job_id != job.id)
             self._prepare()
 
-    def _candidates(self, job: Job) -> tuple[tuple[Victim, ...], Snapshot | None]:
-        """Who `job` may preempt, and the working snapshot without them all (when the
-        preemptor says what its candidates depend on, so both can be kept)."""
+    def _candidates(self, job: Job) -> tuple[Victim, ...]:
+        """Who `job` may preempt."""
         preemption = self.base_policy.preemption
         key_of = getattr(preemption, "key", None)
         if key_of is None:
-            return preemption.candidates(job, self.work.jobs(), self.now, self.fresh), None
+            return preemption.candidates(job, self.work.jobs(), self.now, self.fresh)
         key = key_of(job)
         if key not in self.candidates:
             self.candidates[key] = preemption.candidates(
                 job, self.work.jobs(), self.now, self.fresh
             )
-        candidates = self.candidates[key]
-        if not candidates:
-            return candidates, None
+        return self.candidates[key]
+
+    def _without(self, job: Job, candidates: Sequence[Victim]) -> Snapshot | None:
+        """The working snapshot without all of `candidates` (kept when the preemptor says
+        what its candidates depend on)."""
+        key_of = getattr(self.base_policy.preemption, "key", None)
+        if key_of is None:
+            return None
+        key = key_of(job)
         freed = self.freed.get(key)
         if freed is None:
             freed = self.freed[key] = _Freed(self.work.copy(), len(self.changes))
         freed.update(self.work, self.changes, {v.job.id for v in candidates})
-        return candidates, freed.snapshot
+        return freed.snapshot
 
     def _preempt(
         self,
@@ -454,12 +459,13 @@ class _Cycle:
     ) -> str | None:
         """Preempt for `job` if that makes it fit (None: it was placed); else a note for its
         reason ("" when there was nobody to preempt)."""
-        candidates, freed = self._candidates(job)
+        candidates = self._candidates(job)
         if not candidates:
             return ""
         key = (*signature, job.spec.priority)
         if key in self.no_room:
             return self.no_room[key]
+        freed = self._without(job, candidates)
         job_shape = signature[0]
 
         def place(trial: Snapshot) -> Placement | None:

@@ -134,22 +134,28 @@ class Score(Protocol):
     def score(self, job: Job, request: RankRequest, node: NodeView) -> float: ...
 
 
-# Every plugin here also answers for many nodes at once, from the columns of a `NodeTable`
-# (`rows`: which rows), with exactly the figures its per-node method gives; the cycle uses
-# these forms when every plugin of its policy has one (`core.verdicts`). Such a plugin reads
-# a node only through the table's columns and the job only through what placement looks at
-# (the job's shape: `core.verdicts.shape`), plus `facet(job)` where it defines one; a node
-# holding ranks of the job itself is always asked node by node. `reads_free = False` says
-# the plugin reads only what a node is, never what it has free, so its answer for a node
-# holds all cycle (a plugin that does not say so is asked again whenever the node changes).
+# Column forms. Every plugin here also answers for many nodes at once, from the columns of
+# a `NodeTable` (`rows`: which rows), with exactly the figures its per-node method gives
+# (the same float operations in the same order: the cycle compares scores exactly). The
+# cycle uses them when every plugin of its policy has one (`core.verdicts`); a policy with
+# one plugin without is asked node by node, as before. The contract, which lets the cycle
+# cache answers per job shape and per node state:
+# - a node is read only through the table's columns; a node holding ranks of the job itself
+#   is always asked node by node (that is how `spread` sees the job's own replicas);
+# - a job is read only through its shape (`core.verdicts.shape`: the spec without what
+#   placement ignores), plus what `facet(job)` returns where a plugin defines one;
+# - `reads_free = False`: the plugin reads only what a node is, never what it has free, so
+#   its answer for a node holds all cycle (without it, the node is asked again whenever it
+#   changes).
 
 
 class FilterColumns(Protocol):
     def codes(
         self, job: Job, request: RankRequest, table: NodeTable, rows: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(Code per row as int8, a key per row): rows ruled out with equal codes and keys
-        get the same reason, so the reason is worded once per key."""
+        """(Code per row as int8, a key per row): rows this filter rules out with equal codes
+        and keys get the same reason, so the reason is worded once per key (by `filter` on
+        one of them)."""
         ...
 
 
@@ -157,7 +163,7 @@ class ScoreColumns(Protocol):
     def scores(
         self, job: Job, request: RankRequest, table: NodeTable, rows: np.ndarray
     ) -> np.ndarray:
-        """The score of each row, as float64."""
+        """The score of each row, as float64 (rows the filters pass; others may be asked)."""
         ...
 
 

@@ -2,7 +2,9 @@
 jobs holding them (for time limits, priorities and fair share).
 
 Built from the nodes and the jobs that hold resources; `assume` reserves a placement the
-cycle has just made so later jobs see it, and `forget` is its idempotent undo.
+cycle has just made so later jobs see it, and `forget` is its idempotent undo (`hold` undoes
+a forget). The same nodes as numpy columns (`table`, a `NodeTable`) are built on first use
+and kept in step by all three.
 """
 
 from __future__ import annotations
