@@ -32,23 +32,8 @@ _HOUR = 3600.0
 
 
 def offer_of(sku: Sku) -> Offer:
-    """A catalog SKU as the core ranks it (runtime.leases.offer_of, for the catalog provider:
-    renewable, no lease limit). Vendor "80 GB" of HBM is 80 GiB."""
-    return Offer(
-        provider=PROVIDER,
-        sku=sku.name,
-        gpu_model=sku.gpu_model,
-        gpu_count=sku.gpu_count,
-        gpu_memory_mib=int(sku.gpu_memory_gb * 1024),
-        hbm_gbps=sku.hbm_gbps,
-        nvlink_gbps=sku.nvlink_gbps,
-        network_gbps=sku.network.total_gbps,
-        bf16_tflops=sku.bf16_tflops,
-        cpu_milli=int(sku.vcpus * 1000),
-        memory_mib=int(sku.memory_gib * 1024),
-        region=sku.region,
-        price_per_hour=sku.price_per_hour,
-    )
+    """A catalog SKU as the core ranks it, leased from the catalog provider (renewable)."""
+    return sku.offer(provider=PROVIDER, renewable=True)
 
 
 @click.command("cost")

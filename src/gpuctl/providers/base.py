@@ -19,6 +19,7 @@ from gpuctl.core.errors import (
     NotFound,
     Unavailable,
 )
+from gpuctl.core.leasing import Offer
 from gpuctl.core.model import Network
 
 
@@ -44,6 +45,28 @@ class Sku:
     form_factor: str = ""  # "sxm" | "pcie" | "unknown" | "" (not recorded)
     interconnect_source: str = ""  # the catalog rule that inferred NVLink and network
     inferred: tuple[str, ...] = ()  # every figure above that was assumed rather than read
+
+    def offer(self, *, provider: str, renewable: bool) -> Offer:
+        """This SKU as the scheduling core ranks it, leased through `provider`.
+
+        Vendor "80 GB" of HBM is taken as 80 GiB."""
+        return Offer(
+            provider=provider,
+            sku=self.name,
+            gpu_model=self.gpu_model,
+            gpu_count=self.gpu_count,
+            gpu_memory_mib=int(self.gpu_memory_gb * 1024),
+            hbm_gbps=self.hbm_gbps,
+            nvlink_gbps=self.nvlink_gbps,
+            network_gbps=self.network.total_gbps,
+            bf16_tflops=self.bf16_tflops,
+            cpu_milli=int(self.vcpus * 1000),
+            memory_mib=int(self.memory_gib * 1024),
+            region=self.region,
+            price_per_hour=self.price_per_hour,
+            max_lease_s=self.max_lease.total_seconds() if self.max_lease else 0.0,
+            renewable=renewable,
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -122,24 +122,8 @@ def can_renew(provider: Provider) -> bool:
 
 
 def offer_of(provider: Provider, sku: Sku) -> Offer:
-    """A provider's SKU as the core ranks it. Vendor "80 GB" of HBM is 80 GiB."""
-    return Offer(
-        provider=provider.name,
-        sku=sku.name,
-        gpu_model=sku.gpu_model,
-        gpu_count=sku.gpu_count,
-        gpu_memory_mib=int(sku.gpu_memory_gb * 1024),
-        hbm_gbps=sku.hbm_gbps,
-        nvlink_gbps=sku.nvlink_gbps,
-        network_gbps=sku.network.total_gbps,
-        bf16_tflops=sku.bf16_tflops,
-        cpu_milli=int(sku.vcpus * 1000),
-        memory_mib=int(sku.memory_gib * 1024),
-        region=sku.region,
-        price_per_hour=sku.price_per_hour,
-        max_lease_s=sku.max_lease.total_seconds() if sku.max_lease else 0.0,
-        renewable=can_renew(provider),
-    )
+    """A provider's SKU as the core ranks it."""
+    return sku.offer(provider=provider.name, renewable=can_renew(provider))
 
 
 # -- the keeper ----------------------------------------------------------------------------
