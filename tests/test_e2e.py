@@ -52,8 +52,6 @@ def cluster(tmp_path):
     c.start_daemon()
     yield c
     c.stop_all()
-    if any(c.procs.values()):
-        pass
 
 
 def nodes_ready(cluster: LocalCluster, n: int) -> bool:

@@ -27,8 +27,6 @@ from gpuctl.core.model import (
     NodeLease,
     NodeState,
     OnNodeLost,
-    Placement,
-    RankPlacement,
     RankState,
 )
 
@@ -225,45 +223,6 @@ def job_to_pb(
             if r.exit_code is not None:
                 rs.exit_code = r.exit_code
     return msg
-
-
-def job_from_pb(msg: jobs_pb2.Job) -> Job:
-    """For the SDK: the model view of a job read from the server."""
-    placement = None
-    if msg.HasField("placement"):
-        p = msg.placement
-        placement = Placement(
-            ranks=tuple(
-                RankPlacement(
-                    rank=r.rank,
-                    node_id=r.node,
-                    gpu_indices=tuple(r.gpu_indices),
-                    gpu_milli=r.gpu_milli,
-                    state=RANK_STATE_FROM.get(r.state, RankState.ASSIGNED),
-                    exit_code=r.exit_code if r.HasField("exit_code") else None,
-                    message=r.message,
-                )
-                for r in p.ranks
-            ),
-            master_addr=p.master_addr,
-            master_port=p.master_port,
-            reason=p.reason,
-        )
-    return Job(
-        id=msg.id,
-        spec=spec_from_pb(msg.spec, owner=msg.owner),
-        state=JOB_STATE_FROM.get(msg.state, JobState.PENDING),
-        request_id=msg.request_id,
-        attempt=msg.attempt,
-        placement=placement,
-        reason=msg.reason,
-        exit_code=msg.exit_code if msg.HasField("exit_code") else None,
-        created_at=from_ts(msg.create_time, msg.HasField("create_time")),
-        started_at=from_ts(msg.start_time, msg.HasField("start_time")),
-        finished_at=from_ts(msg.end_time, msg.HasField("end_time")),
-        updated_at=from_ts(msg.update_time, msg.HasField("update_time")),
-        revision=msg.revision,
-    )
 
 
 # -- nodes --------------------------------------------------------------------------------

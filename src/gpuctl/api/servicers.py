@@ -76,7 +76,7 @@ def _user(context: grpc.ServicerContext) -> str:
     return ""
 
 
-def _page(request, total: int) -> tuple[int, int]:
+def _page(request) -> tuple[int, int]:
     """(offset, size) from a page token that encodes an offset."""
     size = request.page_size or DEFAULT_PAGE_SIZE
     if not 0 < size <= MAX_PAGE_SIZE:
@@ -184,7 +184,7 @@ class NodeServicer(nodes_pb2_grpc.NodeServiceServicer):
     @_errors
     def ListNodes(self, request, context):
         nodes = self.c.store.list_nodes()
-        offset, size = _page(request, len(nodes))
+        offset, size = _page(request)
         usage = self.c.node_usage()
         page = nodes[offset : offset + size]
         return nodes_pb2.ListNodesResponse(
@@ -214,7 +214,7 @@ class LeaseServicer(leases_pb2_grpc.LeaseServiceServicer):
     @_errors
     def ListLeases(self, request, context):
         leases = self.c.store.list_leases(include_released=request.include_released)
-        offset, size = _page(request, len(leases))
+        offset, size = _page(request)
         now = self.c.clock.now()
         return leases_pb2.ListLeasesResponse(
             leases=[
