@@ -379,6 +379,75 @@ def test_a_node_leased_for_a_waiting_job_is_kept_for_it():
     assert "leased for job 3" in reason(result, 2)
 
 
+# -- thrift: keeping a leased node for a job costs no more than leasing its own ---------------
+
+
+def small(job_id: int, hours: float) -> Job:
+    """One H100 for `hours`: its own lease would be h100-x4 at $8/h (the cheapest that fits)."""
+    return gang(job_id, nodes=1, gpus=1, gpu_model="H100 SXM", time_limit_s=int(hours * 3600))
+
+
+def holding(job: Job, node_id: str, gpus: int) -> Job:
+    placement = Placement(
+        ranks=(RankPlacement(rank=0, node_id=node_id, gpu_indices=tuple(range(gpus))),)
+    )
+    return replace(job, state=JobState.RUNNING, placement=placement, started_at=NOW)
+
+
+def test_a_small_job_leases_its_own_node_rather_than_keep_an_idle_dear_one():
+    # Node a ($30/h) is idle; keeping it 2 h for one GPU costs $60, an h100-x4 $16: job 2 leases
+    # that, and node a, which no queued job will take, is given back at once.
+    result = cycle(
+        [small(2, hours=2)],
+        nodes=[h100_node("a", lease_id="l1")],
+        leases=(lease("l1", "a", for_job=1),),
+        idle_grace_s=300,
+    )
+    assert result.bindings == ()
+    assert (
+        "kept 2:00:00 longer at $30.00/h costs more than its own h100-x4 from cloud at "
+        "$8.00/h" in reason(result, 2)
+    )
+    assert [(r.job_id, r.sku) for r in result.lease_requests] == [(2, "h100-x4")]
+    assert [r.node_id for r in result.lease_releases] == ["a"]
+
+
+@pytest.mark.parametrize(
+    ("others_h", "job_h", "placed"),
+    [(10, 2, True), (1, 1.2, True), (1, 2, False), (0, 2, False)],
+    ids=["others-outlast-it", "a-little-longer", "much-longer", "idle"],
+)
+def test_a_job_goes_on_a_dear_leased_node_only_where_its_extra_time_costs_less(
+    others_h, job_h, placed
+):
+    # Node a ($30/h) holds job 5 (4 GPUs) for `others_h` more hours. Job 2 would keep it
+    # job_h - others_h longer: 1.2 h -> 0.2 h x $30 = $6 <= 1.2 h x $8 = $9.60 of its own lease.
+    busy = [holding(small(5, others_h), "a", 4)] if others_h else []
+    result = cycle(
+        [small(2, hours=job_h)],
+        nodes=[h100_node("a", lease_id="l1")],
+        busy=busy,
+        leases=(lease("l1", "a", for_job=5 if others_h else 1),),
+    )
+    assert [b.job_id for b in result.bindings] == ([2] if placed else [])
+
+
+def test_thrift_spares_a_jobs_own_lease_jobs_with_no_offer_and_jobs_with_no_limit_say_why():
+    node = h100_node("a", lease_id="l1")
+    # Its own lease: used whatever it costs.
+    own = cycle([small(2, hours=5)], nodes=[node], leases=(lease("l1", "a", for_job=2),))
+    assert [b.job_id for b in own.bindings] == [2]
+    # No offer fits: the dear node is all there is.
+    none = cycle(
+        [small(2, hours=5)], nodes=[node], leases=(lease("l1", "a", for_job=1),), offers=()
+    )
+    assert [b.job_id for b in none.bindings] == [2]
+    # No time limit: it would keep the node for as long as it runs, at more per hour.
+    endless = cycle([small(2, hours=0)], nodes=[node], leases=(lease("l1", "a", for_job=1),))
+    assert endless.bindings == ()
+    assert "kept for as long as it runs at $30.00/h" in reason(endless, 2)
+
+
 # -- releases -----------------------------------------------------------------------------------
 
 

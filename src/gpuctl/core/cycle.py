@@ -48,6 +48,7 @@ from gpuctl.core.leasing import (
     LeaseRelease,
     LeaseRequest,
     Leasing,
+    busy_seconds,
     plan_leases,
 )
 from gpuctl.core.model import (
@@ -229,7 +230,12 @@ class _Cycle:
         # 1. sort
         order = QueueOrder(pending, self.base_policy.queue_sort, lambda: Usage.of(self.work.jobs()))
         if self.leasing is not None:
-            blocks = LeaseBlocks(self.leasing, frozenset(j.id for j in pending), self.now)
+            blocks = LeaseBlocks(
+                self.leasing,
+                frozenset(j.id for j in pending),
+                self.now,
+                busy_s=busy_seconds(self.work.jobs(), self.now),
+            )
             self.lease_blocks = blocks if blocks else None
         # 2. prepare
         gangs = list(itertools.islice((j for j in order.preview() if _is_gang(j)), _QUEUED_GANGS))
@@ -253,8 +259,14 @@ class _Cycle:
         if self.leasing is None:
             return LeasePlan()
         waiting = [jobs[w.job_id] for w in self.waiting]
+        leased_out: dict[int, Mapping[str, str]] = {}
 
         def fits(job: Job, view: NodeView) -> bool:
+            if self.lease_blocks is not None:
+                if job.id not in leased_out:
+                    leased_out[job.id] = self.lease_blocks.for_job(job)
+                if view.id in leased_out[job.id]:
+                    return False
             return check(self.base_policy, job, RankRequest.of(job.spec), view).ok
 
         def replicas_short(job: Job) -> int:

@@ -116,13 +116,28 @@ def _hours(seconds: float) -> str:
 
 class LeaseBlocks:
     """Nodes a job may not use because of their lease: it ends before the job's time limit
-    and cannot be renewed, it is being released, or it was leased for another waiting job."""
+    and cannot be renewed, it is being released, it was leased for another waiting job, or
+    keeping it for the job costs more than leasing the job a node of its own (thrift)."""
 
-    def __init__(self, leasing: Leasing, waiting: frozenset[int], now: datetime) -> None:
+    def __init__(
+        self,
+        leasing: Leasing,
+        waiting: frozenset[int],
+        now: datetime,
+        *,
+        busy_s: Mapping[str, float] | None = None,
+    ) -> None:
+        """`busy_s`: per node, the seconds from `now` until the last job on it reaches its time
+        limit (inf: a job there has none); a node not in it is idle."""
         self.now = now
         self.ending: dict[str, tuple[datetime, str]] = {}  # node -> (end, provider)
         self.releasing: set[str] = set()
         self.reserved: dict[str, int] = {}
+        self.priced: dict[str, tuple[float, float, int | None]] = {}  # node -> ($/h, busy, for)
+        self.offers = leasing.offers
+        self.failed = leasing.failed
+        self.own: dict[tuple[object, ...], _Option | None] = {}
+        busy_s = busy_s or {}
         for lease in leasing.leases:
             if not lease.node_id:
                 continue
@@ -134,9 +149,15 @@ class LeaseBlocks:
                 self.ending[lease.node_id] = (lease.expires_at, lease.provider)
             if managed(lease) and lease.for_job_id in waiting:
                 self.reserved[lease.node_id] = lease.for_job_id
+            if managed(lease) and lease.state is LeaseState.ACTIVE and lease.price_per_hour > 0:
+                self.priced[lease.node_id] = (
+                    lease.price_per_hour,
+                    busy_s.get(lease.node_id, 0.0),
+                    lease.for_job_id,
+                )
 
     def __bool__(self) -> bool:
-        return bool(self.ending or self.releasing or self.reserved)
+        return bool(self.ending or self.releasing or self.reserved or self.priced)
 
     def for_job(self, job: Job) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -156,7 +177,63 @@ class LeaseBlocks:
         for node_id, owner in self.reserved.items():
             if owner != job.id:
                 out.setdefault(node_id, f"leased for job {owner}")
+        if self.priced and not _is_gang(job):
+            self._thrift(job, out)
         return out
+
+    def _own(self, job: Job) -> _Option | None:
+        """The node `job` would lease for itself (one replica, or its one node)."""
+        excluded = self.failed.get(job.id, frozenset())
+        key = (_shape(job.spec), excluded)
+        if key not in self.own:
+            offers = [o for o in self.offers if (o.provider, o.sku) not in excluded]
+            if job.spec.kind is JobKind.TRAINING:
+                options, _ = gang_options(job, offers)
+            else:
+                options, _ = replica_options(job, 1, offers)
+            self.own[key] = options[0] if options else None
+        return self.own[key]
+
+    def _thrift(self, job: Job, out: dict[str, str]) -> None:
+        """Rule out the leased nodes that placing `job` would keep longer than their other work
+        does, at more than the job's own lease would cost for its time limit (or, with no time
+        limit, at a higher price per hour). A node its own lease was made for is never ruled
+        out; nor is any node when no offer fits the job (it could lease nothing instead)."""
+        own = self._own(job)
+        if own is None:
+            return
+        rate = own.dollars_per_hour
+        limit = float(job.spec.time_limit_s) or math.inf
+        for node_id, (price, busy, owner) in self.priced.items():
+            if owner == job.id or node_id in out or price <= rate:
+                continue
+            extra = 0.0 if math.isinf(busy) else limit - busy
+            if extra <= 0:
+                continue  # its other work keeps the node at least as long
+            if math.isinf(limit) or price * extra > rate * limit:
+                kept = "for as long as it runs" if math.isinf(extra) else f"{_hours(extra)} longer"
+                out[node_id] = (
+                    f"kept {kept} at ${price:.2f}/h costs more than its own "
+                    f"{own.offer.sku} from {own.offer.provider} at ${rate:.2f}/h"
+                )
+
+
+def busy_seconds(jobs: Sequence[Job], now: datetime) -> dict[str, float]:
+    """Per node holding work: seconds from `now` until the last job there reaches its time
+    limit (inf when one has none); what `LeaseBlocks` weighs the cost of keeping a node by."""
+    out: dict[str, float] = {}
+    for job in jobs:
+        if job.placement is None:
+            continue
+        limit = job.spec.time_limit_s
+        if not limit:
+            left = math.inf
+        else:
+            started = job.started_at or now
+            left = max(0.0, limit - (now - started).total_seconds())
+        for node_id in job.placement.node_ids:
+            out[node_id] = max(out.get(node_id, 0.0), left)
+    return out
 
 
 # -- which offer ---------------------------------------------------------------------------
