@@ -3,11 +3,26 @@ constraints, FGD's fragmentation, gpuctl's stranding term, and the daemon's scor
 
 from __future__ import annotations
 
+from dataclasses import replace
+from datetime import UTC, datetime
+
 import numpy as np
 import pytest
 
-from gpuctl.core import packing
-from gpuctl.core.model import BandwidthProfile, Gpu, Job, JobKind, JobSpec, Node
+from gpuctl.core import packing, schedule
+from gpuctl.core.model import (
+    BandwidthProfile,
+    Gpu,
+    Job,
+    JobKind,
+    JobSpec,
+    JobState,
+    Node,
+    NodeState,
+    Placement,
+    RankPlacement,
+)
+from gpuctl.core.nodetable import NodeTable
 from gpuctl.core.packing import (
     DEFAULT_PACKING_POLICY,
     PACKING_POLICIES,
@@ -20,8 +35,15 @@ from gpuctl.core.packing import (
     bestfit_scores,
     make_policy,
 )
-from gpuctl.core.plugins import DEFAULT_POLICY, FragAware, RankRequest, build_policy
-from gpuctl.core.snapshot import NodeView
+from gpuctl.core.plugins import (
+    DEFAULT_POLICY,
+    MIX_TYPES,
+    CycleContext,
+    FragAware,
+    RankRequest,
+    build_policy,
+)
+from gpuctl.core.snapshot import NodeView, Snapshot
 
 
 def cap(name: str, *, gpus: int = 8, cpu: int = 96_000, mem: int = 393_216, model: str = "G2"):
@@ -364,3 +386,64 @@ def test_frag_aware_keeps_whole_gpus_whole() -> None:
 def test_frag_aware_scores_zero_where_the_replica_does_not_fit() -> None:
     job, request = replica(gpus=2)
     assert FragAware().score(job, request, view("a", (1000, 300))) == 0.0
+
+
+# -- the mix the daemon packs for: the work it sees -------------------------------------------
+
+
+def test_the_cycles_mix_counts_ranks_by_shape_most_common_first() -> None:
+    def job(job_id: int, **kw) -> Job:
+        return Job(id=job_id, spec=JobSpec(command=("x",), **kw))
+
+    jobs = [
+        job(1, kind=JobKind.INFERENCE, gpu_milli=600, replicas=3),
+        job(2, kind=JobKind.TRAINING, gpus_per_node=8, num_nodes=4),
+        job(3, kind=JobKind.INFERENCE, gpu_milli=600, replicas=2),
+    ]
+    assert CycleContext.mix_of(jobs) == (
+        (RankRequest(gpu_milli=600), 5),
+        (RankRequest(gpus=8), 4),
+    )
+
+
+def test_frag_aware_packs_for_the_mix_it_is_given_and_keeps_its_most_common_types() -> None:
+    mix = tuple((RankRequest(gpu_milli=m), 100 - m // 10) for m in range(100, 1000, 100))
+    prepared = FragAware().prepare(CycleContext(mix=mix))
+    assert prepared.mix == mix[:MIX_TYPES]
+    # A 250 share on a fresh GPU (750 left) or on one with 800 free (550 left). Against
+    # whole-GPU work (no mix: the default guess) it goes where no whole GPU is broken; against
+    # work of 600-milli shares, where 600 still fits afterwards.
+    job, request = replica(milli=250)
+    fresh, used = view("a", (1000,)), view("b", (800,))
+    guess = FragAware()
+    shares = FragAware(mix=((RankRequest(gpu_milli=600), 8), (RankRequest(gpu_milli=250), 1)))
+    assert guess.score(job, request, used) > guess.score(job, request, fresh)
+    assert shares.score(job, request, fresh) > shares.score(job, request, used)
+    # the column form (over more nodes than the per-node shortcut takes) agrees
+    views = [view(f"n{i:02d}", (1000,) if i % 2 else (800,)) for i in range(2 * 16)]
+    table = NodeTable.of(views)
+    for score in (guess, shares):
+        columns = score.scores(job, request, table, np.arange(len(views))).tolist()
+        assert columns == [score.score(job, request, v) for v in views]
+
+
+def test_the_cycle_packs_replicas_for_the_work_queued_and_running() -> None:
+    # Node a: a fresh GPU; node b: 800 milli free. Node c (draining: it takes nothing) runs
+    # eight 600-milli replicas, so the mix the cycle sees is mostly 600-milli work, and the
+    # 250 share goes to a, where 750 stays free for one more of them (b would keep 550).
+    def node(node_id: str, gpus: int, state: NodeState = NodeState.READY) -> Node:
+        return replace(view(node_id, (1000,) * gpus).node, state=state)
+
+    def running(job_id: int, node_id: str, gpu: int, milli: int) -> Job:
+        spec = JobSpec(kind=JobKind.INFERENCE, command=("serve",), gpu_milli=milli)
+        rank = RankPlacement(rank=0, node_id=node_id, gpu_indices=(gpu,), gpu_milli=milli)
+        return Job(id=job_id, spec=spec, state=JobState.RUNNING,
+                   placement=Placement(ranks=(rank,)))  # fmt: skip
+
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    nodes = [node("a", 1), node("b", 1), node("c", 8, NodeState.DRAINING)]
+    busy = [running(10, "b", 0, 200)] + [running(11 + g, "c", g, 600) for g in range(8)]
+    job, _ = replica(milli=250)
+    result = schedule(Snapshot.build(nodes, busy), [job], build_policy(DEFAULT_POLICY), now=now)
+    (binding,) = result.bindings
+    assert binding.placement.node_ids == ("a",)

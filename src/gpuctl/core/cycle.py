@@ -202,6 +202,7 @@ class _Cycle:
             tuple[int, ...], tuple[list[Any], dict[str, str], tuple[str, ...]]
         ] = {}
         self.demands: tuple[GangDemand, ...] = ()
+        self.mix: tuple[tuple[RankRequest, int], ...] = ()  # what frag-aware packs for
         self.eligible_rows: dict[int, np.ndarray] = {}  # queued gang -> its eligible rows
         self.start_nodes: tuple[NodeView, ...] = work.nodes
         self.fresh: set[int] = set()  # placed in this cycle: never a victim in it
@@ -238,6 +239,7 @@ class _Cycle:
             )
             self.lease_blocks = blocks if blocks else None
         # 2. prepare
+        self.mix = CycleContext.mix_of(itertools.chain(pending, self.work.jobs()))
         gangs = list(itertools.islice((j for j in order.preview() if _is_gang(j)), _QUEUED_GANGS))
         self.demands = self._demands(gangs)
         self._prepare()
@@ -351,7 +353,7 @@ class _Cycle:
             for row in rows[t.fabric[rows] == best].tolist():
                 node_id = t.ids[row]
                 protected[node_id] = protected.get(node_id, frozenset()) | {d.job_id}
-        context = CycleContext(nodes=self.start_nodes, protected=protected, table=t)
+        context = CycleContext(nodes=self.start_nodes, protected=protected, table=t, mix=self.mix)
         policy = self.base_policy.prepared(context)
         if self.prepared:
             # Keep the instances that came out the same, and with them the score columns

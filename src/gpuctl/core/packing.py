@@ -295,12 +295,17 @@ class Workload:
 
     @classmethod
     def of(cls, requests: Iterable[PodRequest]) -> Workload:
+        return cls.counted((r, 1) for r in requests)
+
+    @classmethod
+    def counted(cls, requests: Iterable[tuple[PodRequest, int]]) -> Workload:
+        """`of` for requests given with how many pods make each."""
         counts: Counter[tuple[int, int, int, tuple[str, ...]]] = Counter()
         memory: Counter[tuple[int, int, int, tuple[str, ...]]] = Counter()
-        for r in requests:
+        for r, n in requests:
             key = (r.num_gpu, r.gpu_milli, r.cpu_milli, r.gpu_models)
-            counts[key] += 1
-            memory[key] += r.memory_mib
+            counts[key] += n
+            memory[key] += r.memory_mib * n
         types = []
         for (gpus, milli, cpu, models), n in counts.items():
             mean_memory = round(memory[(gpus, milli, cpu, models)] / n)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, ClassVar, Protocol
@@ -19,7 +19,14 @@ from gpuctl.core.backfill import BACKFILLS, Backfill, FirstFit
 from gpuctl.core.errors import FieldViolation, InvalidArgument
 from gpuctl.core.model import MILLI_PER_GPU, Job, JobKind, JobSpec
 from gpuctl.core.nodetable import NodeTable
-from gpuctl.core.packing import ClusterState, NodeCapacity, PodRequest, node_loss, node_losses
+from gpuctl.core.packing import (
+    ClusterState,
+    NodeCapacity,
+    PodRequest,
+    Workload,
+    node_loss,
+    node_losses,
+)
 from gpuctl.core.preempt import PREEMPTORS, NoPreemption, Preemptor
 from gpuctl.core.queue import QUEUE_SORTS, PriorityFifo, QueueSort
 from gpuctl.core.snapshot import NodeView
@@ -170,6 +177,9 @@ class ScoreColumns(Protocol):
 # Below this many rows a plugin may answer node by node: numpy's fixed cost per call (a few
 # microseconds an operation) outweighs the per-node work.
 _FEW_ROWS = 16
+# Rank shapes of the cycle's mix that frag-aware packs for: FGD's "typical pods". The cost of
+# each score grows with it; a mix rarely has more that matter.
+MIX_TYPES = 8
 _OK = np.int8(Code.SUCCESS)
 _NOT_NOW = np.int8(Code.UNSCHEDULABLE)
 _NEVER = np.int8(Code.UNRESOLVABLE)
@@ -481,16 +491,28 @@ class FragAware:
     stranded behind CPU or memory, for the GPU the replica would take. 1 when the placement
     loses nothing beyond what the replica itself takes, falling as the loss grows.
 
+    The fragmentation is measured against the mix of work the cycle sees (`CycleContext.mix`:
+    the rank shapes of the jobs queued and running, the `MIX_TYPES` most common, weighted by
+    their ranks), as benchmark B1 measures it against the trace's; with no mix, against more
+    replicas like the one placed and requests of 1, 2, 4 and 8 whole GPUs.
+
     The loss depends only on the node's shape and what it has free, and many nodes look
     alike (every idle node of one SKU), so it is memoised for the cycle (`prepare`).
     """
 
     name: ClassVar[str] = "frag-aware"
     kinds: ClassVar[frozenset[JobKind]] = frozenset({JobKind.INFERENCE})
+    mix: tuple[tuple[RankRequest, int], ...] = ()
     _memo: dict[tuple, int | None] = field(default_factory=dict, compare=False)
+    _workload: Workload | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.mix:
+            workload = Workload.counted((_pod_request(r), n) for r, n in self.mix)
+            object.__setattr__(self, "_workload", workload)
 
     def prepare(self, context: CycleContext) -> Score | None:
-        return FragAware()
+        return FragAware(mix=context.mix[:MIX_TYPES])
 
     def score(self, job: Job, request: RankRequest, node: NodeView) -> float:
         gpus = pick_gpus(node, request) if request.milli else ()
@@ -524,6 +546,7 @@ class FragAware:
                 cpu_free=node.cpu_free_milli,
                 memory_free=node.memory_free_mib,
                 gpu=gpu,
+                workload=self._workload,
             )
         loss = self._memo[key]
         if loss is None:
@@ -563,7 +586,10 @@ class FragAware:
             mem_free=table.mem_free[rows],
         )
         fits, loss = node_losses(
-            _pod_request(request), state, gpu=gpu[picked] if gpu is not None else None
+            _pod_request(request),
+            state,
+            gpu=gpu[picked] if gpu is not None else None,
+            workload=self._workload,
         )
         score = 1.0 / (1.0 + np.maximum(0, loss + request.milli) / MILLI_PER_GPU)
         out[picked] = np.where(fits, score, 0.0)
@@ -592,6 +618,31 @@ class CycleContext:
     # The same nodes as columns (None: not built); what a score takes from every node's
     # fixed figures it can read from here in one pass.
     table: NodeTable | None = None
+    # The mix of work: each rank shape of the jobs queued and running, with how many ranks
+    # (or replicas) have it, the most common first.
+    mix: tuple[tuple[RankRequest, int], ...] = ()
+
+    @staticmethod
+    def mix_of(jobs: Iterable[Job]) -> tuple[tuple[RankRequest, int], ...]:
+        """`mix` for `jobs`: ranks counted by shape, the most common first (ties: by shape)."""
+        counts: dict[RankRequest, int] = {}
+        for job in jobs:
+            request = RankRequest.of(job.spec)
+            ranks = job.spec.replicas if job.spec.kind is JobKind.INFERENCE else job.spec.num_nodes
+            counts[request] = counts.get(request, 0) + ranks
+        return tuple(
+            sorted(
+                counts.items(),
+                key=lambda kv: (
+                    -kv[1],
+                    kv[0].gpus,
+                    kv[0].gpu_milli,
+                    kv[0].gpu_memory_mib,
+                    kv[0].cpu_milli,
+                    kv[0].memory_mib,
+                ),
+            )
+        )
 
 
 class PreScore(Protocol):
