@@ -119,6 +119,24 @@ def test_placement_log_replays_through_the_checker(tmp_path: Path, policy: str) 
         assert report.unallocated(column) == pytest.approx(result.unallocated(column))
 
 
+def test_the_daemons_core_places_the_pods_and_its_log_passes_the_checker(tmp_path: Path) -> None:
+    # Policy "daemon": every pod through core.schedule with the default policy. A job names
+    # one GPU model at most, so the pods allowing two are left out.
+    pods = tuple(p for p in tiny_pods() if len(p.gpu_spec) < 2)
+    (result,) = fgd.run(NODES, pods, ["daemon"], seeds=(1, 2), keep_placements=True)
+    path = tmp_path / "placements.csv"
+    fgd.write_placements(result, path)
+    report = fgd.check_placements(path, NODES, pods)
+    assert report.placed > 0
+    assert report.unallocated(100) == pytest.approx(result.unallocated(100))
+
+
+def test_the_daemons_core_refuses_a_pod_allowing_two_models() -> None:
+    two = pod("p", 1, 1000, spec=("A", "B"))
+    with pytest.raises(ValueError, match=r"allows 2 GPU models \(A\|B\); a job names at most one"):
+        fgd.run(NODES, (two,), ["daemon"], seeds=(1,))
+
+
 def _rows(path: Path) -> list[dict[str, str]]:
     with path.open(newline="") as f:
         return list(csv.DictReader(f))

@@ -93,7 +93,8 @@ def simulate() -> None:
     "--policy",
     "policies",
     multiple=True,
-    help="Packing policy; repeat to compare side by side (default: the daemon's default).",
+    help="Packing policy; repeat to compare side by side (default: the daemon's default). "
+    "'daemon': every pod through the daemon's scheduling core (slower).",
 )
 @click.option("--seeds", default="42-51", show_default=True, help="Seeds, e.g. 42-51 or 42,45.")
 @click.option(
@@ -139,12 +140,13 @@ def fgd(
     from gpuctl.core.packing import DEFAULT_PACKING_POLICY, PACKING_POLICIES
     from gpuctl.sim import fgd as b1
     from gpuctl.sim.alibaba import TraceError, read_nodes, read_pods
+    from gpuctl.sim.fgd_core import DAEMON, UnsupportedPod
     from gpuctl.sim.mix import STANDARD_MIXES, MixError, apply_mix, parse_mix
 
     chosen = policies or (DEFAULT_PACKING_POLICY,)
-    unknown = [p for p in chosen if p not in PACKING_POLICIES]
+    unknown = [p for p in chosen if p not in PACKING_POLICIES and p != DAEMON]
     if unknown:
-        known = ", ".join(sorted(PACKING_POLICIES))
+        known = ", ".join(sorted([*PACKING_POLICIES, DAEMON]))
         raise click.BadParameter(
             f"unknown policy {unknown[0]!r}; known: {known}", param_hint="--policy"
         )
@@ -163,8 +165,8 @@ def fgd(
     results = []
     for mix in parsed or [None]:
         workload = apply_mix(pods, nodes, mix) if mix is not None else pods
-        results.extend(
-            b1.run(
+        try:
+            runs = b1.run(
                 nodes,
                 workload,
                 chosen,
@@ -173,7 +175,10 @@ def fgd(
                 keep_placements=placements is not None,
                 mix=mix.text if mix is not None else "",
             )
-        )
+        except UnsupportedPod as e:
+            _fail(ctx, str(e))
+            return
+        results.extend(runs)
     click.echo(
         f"unallocated GPU % at arrived workload (median of {len(seed_list)} seeds; "
         f"{len(nodes)} nodes, {b1.cluster_gpus(nodes)} GPUs, {len(pods)} pods)"

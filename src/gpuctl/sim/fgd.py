@@ -28,6 +28,7 @@ from gpuctl.core.packing import (
     make_policy,
 )
 from gpuctl.sim.alibaba import TraceNode, TracePod
+from gpuctl.sim.fgd_core import DAEMON, DaemonPacking
 
 TUNE = 1.3  # the workload is inflated to 130 % of the cluster's GPU capacity
 DEFAULT_SEEDS = tuple(range(42, 52))
@@ -183,7 +184,11 @@ def run_seed(
     started = time.perf_counter()
     total_gpus = cluster_gpus(nodes)
     state = ClusterState([n.capacity() for n in nodes])
-    chooser = make_policy(policy, PolicyContext(workload=workload_of(pods), seed=seed))
+    chooser = (
+        DaemonPacking(nodes)
+        if policy == DAEMON
+        else make_policy(policy, PolicyContext(workload=workload_of(pods), seed=seed))
+    )
     arrived = used = 0
     events: list[tuple[int, float]] = []
     placed: list[Placed] = []
@@ -224,7 +229,8 @@ def run(
 ) -> tuple[PolicyResult, ...]:
     """Every policy on every seed, on the same arrivals; `jobs` processes across seeds."""
     for name in policies:
-        make_policy(name)  # an unknown name fails before any work starts
+        if name != DAEMON:
+            make_policy(name)  # an unknown name fails before any work starts
     tasks = [(tuple(nodes), tuple(pods), p, s, keep_placements) for p in policies for s in seeds]
     if jobs > 1 and len(tasks) > 1:
         with ProcessPoolExecutor(max_workers=min(jobs, len(tasks))) as pool:
