@@ -213,7 +213,7 @@ class _Cycle:
         # these stay unplaceable until a preemption frees something.
         self.hopeless: set[Shape] = set()
         self.no_room: dict[tuple[Any, ...], str] = {}
-        self.behind: dict[tuple[Any, ...], str] = {}
+        self.behind: dict[tuple[Any, ...], tuple[str, frozenset[str]]] = {}
         # Preemption candidates by the preemptor's key (its candidates depend on the job only
         # through it): placing a job never changes them (a job placed in this cycle is never a
         # victim), preempting does.
@@ -392,7 +392,7 @@ class _Cycle:
         # c. hold
         if signature not in self.behind:
             self.behind[signature] = self._behind(job, blocked, placer, job_shape)
-        behind = self.behind[signature]
+        behind = self.behind[signature][0]
         fits = _Fits(self.work, self.policy, job, job_shape, self.lease_blocks)
         hold, note = self.base_policy.backfill.hold(job, self.planner, fits)
         if hold is not None:
@@ -410,20 +410,21 @@ class _Cycle:
 
     def _behind(
         self, job: Job, blocked: Mapping[str, str], placer: _Placer, job_shape: Shape
-    ) -> str:
-        """ "waiting behind job 7's reservation ..." when only a hold keeps `job` back."""
+    ) -> tuple[str, frozenset[str]]:
+        """ "waiting behind job 7's reservation ..." when only a hold keeps `job` back, and
+        the nodes of the placement that says so (none: the answer holds whatever is bound)."""
         if not blocked or job_shape in self.hopeless or (job_shape, ()) in self.misses:
-            return ""
+            return "", frozenset()
         free = placer(self.work, job, self.policy, {}, self._queued(job), job_shape)
         if not isinstance(free, Placement):
             self.hopeless.add(job_shape)
-            return ""
-        used = set(free.node_ids)
+            return "", frozenset()
+        used = frozenset(free.node_ids)
         ends = ends_if_started(job, self.now)
         for hold in self.holds:
             if used & set(hold.blocked(ends)):
-                return hold.waiting(job, self.now)
-        return ""
+                return hold.waiting(job, self.now), used
+        return "", used
 
     def _bind(self, job: Job, placement: Placement, order: QueueOrder) -> None:
         started = replace(job, state=JobState.RUNNING, placement=placement, started_at=self.now)
@@ -431,7 +432,14 @@ class _Cycle:
         self.changes.append((started, True))
         self.bindings.append(Binding(job_id=job.id, placement=placement))
         self.fresh.add(job.id)
-        self.behind.clear()  # what fitted but for a hold may not fit at all now
+        # What fitted but for a hold may not fit at all now, if the placement that showed it
+        # lost a node. One that kept its nodes still fits, so only a hold keeps it back: with
+        # one hold, that hold (with several, which one depends on where it would go).
+        if len(self.holds) > 1:
+            self.behind.clear()
+        else:
+            taken = set(placement.node_ids)
+            self.behind = {k: v for k, v in self.behind.items() if not v[1] & taken}
         order.started(job, placement_gpus(placement))
         if any(d.job_id == job.id for d in self.demands):
             self.demands = tuple(d for d in self.demands if d.job_id != job.id)
