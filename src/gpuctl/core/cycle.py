@@ -943,6 +943,8 @@ def _place_replicas(
         rank = _rank(index, view, request)
         ranks.append(rank)
         view = views[row] = view.take(job.id, (rank,))
+        if index == job.spec.replicas - 1:
+            break  # the last: nothing is placed after it, so its node is not asked again
         status = check(policy, job, request, view)
         if status.ok and view.id in blocked:
             status = Status(code=Code.UNSCHEDULABLE, reason=blocked[view.id])
