@@ -239,7 +239,8 @@ class _Cycle:
             )
             self.lease_blocks = blocks if blocks else None
         # 2. prepare
-        self.mix = CycleContext.mix_of(itertools.chain(pending, self.work.jobs()))
+        if any(j.spec.kind is JobKind.INFERENCE for j in pending):  # only replicas use it
+            self.mix = CycleContext.mix_of(itertools.chain(pending, self.work.jobs()))
         gangs = list(itertools.islice((j for j in order.preview() if _is_gang(j)), _QUEUED_GANGS))
         self.demands = self._demands(gangs)
         self._prepare()
