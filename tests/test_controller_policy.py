@@ -69,6 +69,10 @@ def test_preemption_requeues_the_victim_and_stops_its_old_attempt(ctl):
     assert winner.placement.node_ids == ("a",)
     # 8 GPUs x 1h run so far
     assert winner.placement.reason.endswith(f"preempted 1 job ({low}), 8 GPU-hours lost")
+    # ... and still charged to the victim, though it no longer holds them.
+    (kept,) = ctl.store.list_charges()
+    assert (kept.job_id, kept.attempt, kept.gpu_hours) == (low, 0, 8.0)
+    assert {r.key: r.gpu_hours for r in ctl.cost().rows} == {str(low): 8.0}
 
     # The agent still runs the old attempt: it is told to stop it and to start the winner.
     beat = ctl.heartbeat("a", [RankRef(low, 0, 0)])

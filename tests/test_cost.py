@@ -14,7 +14,15 @@ from click.testing import CliRunner
 from gpuctl.api.server import ApiServer
 from gpuctl.cli.main import cli
 from gpuctl.client import Client
-from gpuctl.core.cost import CostBy, NodePrice, charges, job_charge, lease_dollars, report
+from gpuctl.core.cost import (
+    CostBy,
+    NodePrice,
+    attempt_charge,
+    charges,
+    job_charge,
+    lease_dollars,
+    report,
+)
 from gpuctl.core.model import (
     Job,
     JobKind,
@@ -122,6 +130,52 @@ def test_rows_by_queue_and_user_and_what_is_idle():
     # The lease: $24 for its hour; $19 of it charged, $5 idle.
     assert by_user.leased_dollars == pytest.approx(24.0)
     assert by_user.idle_dollars == pytest.approx(5.0)
+
+
+def test_an_attempt_that_ended_in_a_requeue_stays_charged():
+    hour = timedelta(hours=1)
+    first = job(1, [("h100", (0, 1), 1000)], hours=None)  # 2 of 8 GPUs at $24/h since T0
+    # Requeued after 2 h: 2/8 x $24 x 2 h = $12, 4 GPU-hours, kept as attempt 0.
+    ended = attempt_charge(first, PRICES, ended_at=T0 + 2 * hour)
+    assert ended is not None
+    assert (ended.attempt, ended.dollars, ended.gpu_hours) == (0, 12.0, 4.0)
+    # Attempt 1 runs 1 h more: $6, 2 GPU-hours. The job is one row, one job, $18.
+    again = replace(first, attempt=1, started_at=T0 + 3 * hour, finished_at=T0 + 4 * hour)
+    charged = charges([again], PRICES, now=T0 + 5 * hour, ended=[ended])
+    (row,) = report(charged, [], CostBy.JOB, now=T0 + 5 * hour).rows
+    assert (row.key, row.dollars, row.gpu_hours, row.jobs) == ("1", 18.0, 6.0, 1)
+    # Since T0 + 1 h: the second half of attempt 0 ($6) and all of attempt 1 ($6).
+    since = charges([again], PRICES, now=T0 + 5 * hour, since=T0 + hour, ended=[ended])
+    assert sum(c.dollars for c in since) == pytest.approx(12.0)
+    # A record of the attempt a job is still on (its requeue not written yet) counts once.
+    assert [c.dollars for c in charges([first], PRICES, now=T0 + 2 * hour, ended=[ended])] == [12.0]
+    # An attempt that never started is no record.
+    assert attempt_charge(replace(first, started_at=None), PRICES, ended_at=T0) is None
+
+
+def test_the_controller_charges_the_attempt_a_lost_node_ended(tmp_path):
+    rig = Rig(tmp_path, [])  # heartbeats time out after 1 h
+    rig.ctl.register_node(replace(agent_node("a"), price_per_hour=16.0))
+    job_id = rig.ctl.submit(training(nodes=1, gpus=4)).id
+    rig.ctl.run_cycle()
+    rig.ctl.report_rank("a", RankRef(job_id, 0, 0), RankState.RUNNING)
+    rig.clock.advance(timedelta(hours=2))
+    assert rig.ctl.expire_heartbeats() == ["a"]  # requeued as attempt 1 after 2 h on a
+    rig.ctl.register_node(replace(agent_node("b"), price_per_hour=16.0))
+    rig.ctl.run_cycle()
+    rig.ctl.report_rank("b", RankRef(job_id, 0, 1), RankState.RUNNING)
+    rig.clock.advance(timedelta(hours=1))
+    rig.ctl.report_rank("b", RankRef(job_id, 0, 1), RankState.EXITED, 0)
+    # 4/8 x $16 x 2 h on a, then x 1 h on b: $16 + $8.
+    (row,) = rig.ctl.cost(by=CostBy.JOB).rows
+    assert (row.key, row.dollars, row.gpu_hours, row.jobs) == (
+        str(job_id),
+        pytest.approx(24.0),
+        pytest.approx(12.0),
+        1,
+    )
+    (kept,) = rig.store.list_charges()
+    assert (kept.job_id, kept.attempt) == (job_id, 0)
 
 
 def test_a_lease_accrues_by_the_second_until_it_ends():

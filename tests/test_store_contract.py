@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
+from gpuctl.core.cost import AttemptCharge
 from gpuctl.core.errors import InvalidArgument, NotFound
 from gpuctl.core.model import (
     BandwidthProfile,
@@ -580,6 +581,33 @@ def test_list_events_limit_keeps_the_latest(
     listed = store.list_events("job", "7", limit=limit)
 
     assert listed == tuple(event("7", f"E{m}", m) for m in expected_minutes)
+
+
+def test_ended_attempts_charges_are_kept_once_each_and_listed_by_end(store: SqlStore) -> None:
+    def ended(job_id: int, attempt: int, hours: int, dollars: float) -> AttemptCharge:
+        return AttemptCharge(
+            job_id=job_id,
+            attempt=attempt,
+            queue="train",
+            owner="ada",
+            started_at=T0,
+            ended_at=T0 + timedelta(hours=hours),
+            dollars=dollars,
+            gpu_hours=8.0 * hours,
+        )
+
+    store.add_charges([ended(2, 0, 1, 24.0), ended(1, 1, 3, 72.0)])
+    store.add_charges([ended(1, 0, 2, 48.0), ended(2, 0, 1, 24.0)])  # (2, 0) again: once
+    store.add_charges([])
+
+    assert store.list_charges() == (
+        ended(1, 0, 2, 48.0),
+        ended(1, 1, 3, 72.0),
+        ended(2, 0, 1, 24.0),
+    )
+    # Those ending after `since` (a charge that ended before it holds nothing after it).
+    since = T0 + timedelta(hours=1)
+    assert [(c.job_id, c.attempt) for c in store.list_charges(since=since)] == [(1, 0), (1, 1)]
 
 
 # -- durability and opening ---------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """Cost accounting, pure: every lease accrues its price by the second, and each job is charged
 its share of each node it held GPUs on (GPUs held / GPUs on the node x the node's price x the
-time held). What the leases cost beyond the jobs' charges is idle capacity.
+time held), for every attempt: an attempt that ended in a requeue (preempted, node lost) is
+charged when it ends (`attempt_charge`) and kept, since the job itself then forgets where it
+ran. What the leases cost beyond the jobs' charges is idle capacity.
 """
 
 from __future__ import annotations
@@ -32,6 +34,21 @@ class Charge:
     job_id: int
     queue: str
     owner: str
+    dollars: float
+    gpu_hours: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AttemptCharge:
+    """An attempt of a job that ended without the job ending (it was requeued), as charged
+    when it ended: the whole attempt, from its start to its end."""
+
+    job_id: int
+    attempt: int
+    queue: str
+    owner: str
+    started_at: datetime
+    ended_at: datetime
     dollars: float
     gpu_hours: float
 
@@ -105,16 +122,57 @@ def job_charge(
     )
 
 
+def attempt_charge(
+    job: Job, prices: Mapping[str, NodePrice], *, ended_at: datetime
+) -> AttemptCharge | None:
+    """`job`'s current attempt, ending at `ended_at`, as a record to keep (None: it never
+    started or held nothing)."""
+    charge = job_charge(job, prices, now=ended_at)
+    if charge is None or job.started_at is None:
+        return None
+    return AttemptCharge(
+        job_id=job.id,
+        attempt=job.attempt,
+        queue=job.spec.queue,
+        owner=job.spec.owner,
+        started_at=job.started_at,
+        ended_at=ended_at,
+        dollars=charge.dollars,
+        gpu_hours=charge.gpu_hours,
+    )
+
+
+def ended_charge(ended: AttemptCharge, *, since: datetime | None = None) -> Charge | None:
+    """The part of an ended attempt's charge at or after `since` (by the second)."""
+    whole = (ended.ended_at - ended.started_at).total_seconds()
+    seconds = _window(ended.started_at, ended.ended_at, since)
+    if whole <= 0 or seconds <= 0:
+        return None
+    share = seconds / whole
+    return Charge(
+        job_id=ended.job_id,
+        queue=ended.queue,
+        owner=ended.owner,
+        dollars=ended.dollars * share,
+        gpu_hours=ended.gpu_hours * share,
+    )
+
+
 def charges(
     jobs: Iterable[Job],
     prices: Mapping[str, NodePrice],
     *,
     now: datetime,
     since: datetime | None = None,
+    ended: Iterable[AttemptCharge] = (),
 ) -> tuple[Charge, ...]:
-    return tuple(
-        c for job in jobs if (c := job_charge(job, prices, now=now, since=since)) is not None
-    )
+    """What each job was charged (since `since`): its current attempt, and its `ended` ones
+    (an ended record of the attempt a job is still on is not counted twice)."""
+    jobs = list(jobs)
+    live = {(job.id, job.attempt) for job in jobs}
+    current = [job_charge(job, prices, now=now, since=since) for job in jobs]
+    before = [ended_charge(e, since=since) for e in ended if (e.job_id, e.attempt) not in live]
+    return tuple(c for c in (*current, *before) if c is not None)
 
 
 def report(
@@ -135,7 +193,7 @@ def report(
             key=key,
             dollars=sum(c.dollars for c in cs),
             gpu_hours=sum(c.gpu_hours for c in cs),
-            jobs=len(cs),
+            jobs=len({c.job_id for c in cs}),
         )
         for key, cs in groups.items()
     ]

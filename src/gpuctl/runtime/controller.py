@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-from gpuctl.core.cost import CostBy, CostReport, NodePrice, charges, report
+from gpuctl.core.cost import CostBy, CostReport, NodePrice, attempt_charge, charges, report
 from gpuctl.core.cycle import CycleResult, schedule
 from gpuctl.core.errors import FailedPrecondition, NotFound
 from gpuctl.core.fabric import fabric_issues
@@ -465,8 +465,11 @@ class Controller:
     ) -> None:
         """Each victim back to PENDING as a new attempt; the heartbeat then tells its agents to
         stop the old attempt (`_should_run`), as for a job requeued off a lost node."""
+        prices = self.node_prices() if result.preemptions else {}
+        ended = []
         for preemption in result.preemptions:
             job = active[preemption.job_id]
+            ended.append(attempt_charge(job, prices, ended_at=now))
             state = next_job_state(job.id, job.state, JobEvent.PREEMPT)
             changed.append(
                 replace(
@@ -482,6 +485,7 @@ class Controller:
             why = f"{preemption.reason}; requeued as attempt {job.attempt + 1}"
             events.append(_job_event(job, now, "Preempted", why))
             log.info("job %d %s", job.id, why)
+        self.store.add_charges([c for c in ended if c is not None])
 
     def expire_heartbeats(self) -> list[str]:
         """Nodes silent past the timeout become LOST; their jobs are requeued or failed."""
@@ -597,7 +601,8 @@ class Controller:
         """What each job (grouped `by` job, queue or user) was charged since `since`, and what
         every lease accrued over the same window."""
         now = self.clock.now()
-        charged = charges(self.jobs(), self.node_prices(), now=now, since=since)
+        ended = self.store.list_charges(since=since)
+        charged = charges(self.jobs(), self.node_prices(), now=now, since=since, ended=ended)
         leases = self.store.list_leases(include_released=True)
         return report(charged, leases, by, now=now, since=since)
 
@@ -741,7 +746,8 @@ class Controller:
         """Requeue or fail, per their spec, the jobs with ranks on `nodes`; the job's reason
         reads "node a <why>". `cancelling_too`: also settle cancelling jobs, whose ranks on a
         lost node will never report; a live agent (degraded node) stops them as usual."""
-        changed, events = [], []
+        changed, events, ended = [], [], []
+        prices: dict[str, NodePrice] | None = None
         for job in self.store.active_jobs():
             if job.placement is None or not nodes.intersection(job.placement.node_ids):
                 continue
@@ -758,6 +764,8 @@ class Controller:
                 )
             state = next_job_state(job.id, job.state, event)
             if state is JobState.PENDING:
+                prices = self.node_prices() if prices is None else prices
+                ended.append(attempt_charge(job, prices, ended_at=now))
                 reason = f"requeued: node {where} {why} (attempt {job.attempt + 1})"
                 changed.append(
                     replace(
@@ -778,6 +786,7 @@ class Controller:
             events.append(_job_event(job, now, event_type, reason))
             log.warning("job %d: %s", job.id, reason)
         if changed:
+            self.store.add_charges([c for c in ended if c is not None])
             self._write(changed, events)
 
     def _lease_active(self, lease_id: str) -> bool:

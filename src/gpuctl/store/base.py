@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
+from gpuctl.core.cost import AttemptCharge
 from gpuctl.core.model import Event, Job, JobSpec, JobState, Node, NodeLease
 
 
@@ -80,6 +81,15 @@ class Store(Protocol):
         self, object_kind: str, object_id: str, *, limit: int = 100
     ) -> tuple[Event, ...]:
         """The latest `limit` events of one object, oldest first."""
+        ...
+
+    def add_charges(self, charges: Sequence[AttemptCharge]) -> None:
+        """Keep what ended attempts were charged; one per (job, attempt): the same attempt
+        written again replaces it, so nothing is charged twice."""
+        ...
+
+    def list_charges(self, *, since: datetime | None = None) -> tuple[AttemptCharge, ...]:
+        """Ended attempts' charges (those ending after `since`), by job and attempt."""
         ...
 
     def close(self) -> None: ...

@@ -12,6 +12,7 @@ from dataclasses import fields, is_dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+from gpuctl.core.cost import AttemptCharge
 from gpuctl.core.model import (
     BandwidthProfile,
     Event,
@@ -32,7 +33,7 @@ from gpuctl.core.model import (
     RankPlacement,
     RankState,
 )
-from gpuctl.store.tables import EventRow, JobRow, LeaseRow, NodeRow
+from gpuctl.store.tables import ChargeRow, EventRow, JobRow, LeaseRow, NodeRow
 
 _MaybeTime = TypeVar("_MaybeTime", datetime, None)
 
@@ -236,6 +237,32 @@ def event_from_row(row: EventRow) -> Event:
         time=row.time,
         type=row.type,
         message=row.message,
+    )
+
+
+def charge_row(charge: AttemptCharge) -> ChargeRow:
+    return ChargeRow(
+        job_id=charge.job_id,
+        attempt=charge.attempt,
+        queue=charge.queue,
+        owner=charge.owner,
+        started_at=_utc(charge.started_at),
+        ended_at=_utc(charge.ended_at),
+        dollars=charge.dollars,
+        gpu_hours=charge.gpu_hours,
+    )
+
+
+def charge_from_row(row: ChargeRow) -> AttemptCharge:
+    return AttemptCharge(
+        job_id=row.job_id,
+        attempt=row.attempt,
+        queue=row.queue,
+        owner=row.owner,
+        started_at=row.started_at,
+        ended_at=row.ended_at,
+        dollars=row.dollars,
+        gpu_hours=row.gpu_hours,
     )
 
 

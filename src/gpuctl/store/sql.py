@@ -22,10 +22,13 @@ from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, SQLModel, col, select
 
+from gpuctl.core.cost import AttemptCharge
 from gpuctl.core.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
 from gpuctl.core.model import Event, Job, JobSpec, JobState, LeaseState, Node, NodeLease
 from gpuctl.store.base import JobPage
 from gpuctl.store.mapping import (
+    charge_from_row,
+    charge_row,
     event_from_row,
     event_row,
     job_from_row,
@@ -35,7 +38,7 @@ from gpuctl.store.mapping import (
     node_from_row,
     node_values,
 )
-from gpuctl.store.tables import EventRow, JobRow, LeaseRow, NodeRow, RevisionCounter
+from gpuctl.store.tables import ChargeRow, EventRow, JobRow, LeaseRow, NodeRow, RevisionCounter
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000  # larger requests are cut to this, as AIP-158 asks
@@ -239,6 +242,20 @@ class SqlStore:
         with self._transaction(self._reads) as session:
             latest = [event_from_row(r) for r in session.exec(query)]
         return tuple(reversed(latest))
+
+    def add_charges(self, charges: Sequence[AttemptCharge]) -> None:
+        if not charges:
+            return
+        with self._transaction(self._writes) as session:
+            for charge in charges:
+                session.merge(charge_row(charge))
+
+    def list_charges(self, *, since: datetime | None = None) -> tuple[AttemptCharge, ...]:
+        query = select(ChargeRow).order_by(col(ChargeRow.job_id), col(ChargeRow.attempt))
+        if since is not None:
+            query = query.where(ChargeRow.ended_at > since)
+        with self._transaction(self._reads) as session:
+            return tuple(charge_from_row(r) for r in session.exec(query))
 
     def close(self) -> None:
         self._engine.dispose()

@@ -119,6 +119,21 @@ class EventRow(SQLModel, table=True):
     message: str = Field(sa_type=Text)
 
 
+class ChargeRow(SQLModel, table=True):
+    """An attempt of a job that ended in a requeue, as charged then (`AttemptCharge`)."""
+
+    __tablename__ = "charges"
+
+    job_id: int = Field(primary_key=True, sa_type=BigInteger)
+    attempt: int = Field(primary_key=True)
+    queue: str
+    owner: str
+    started_at: datetime = Field(sa_type=UtcDateTime)
+    ended_at: datetime = Field(sa_type=UtcDateTime, index=True)
+    dollars: float
+    gpu_hours: float
+
+
 class RevisionCounter(SQLModel, table=True):
     """One row (id 1) holding the last store-wide revision handed out.
 
