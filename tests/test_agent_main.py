@@ -5,6 +5,7 @@ code 2, and the real program against a fake daemon: READY=1, a rank run, a clean
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -54,6 +55,11 @@ def test_job_safety_settings(tmp_path: Path) -> None:
     assert s.max_log_bytes == 4096
     s = load_settings(["--allow-root-jobs", "--run-as-fallback-user", "jobs"], {})
     assert (s.run_as_fallback_user, s.allow_root_jobs) == ("jobs", True)
+    # SIGTERM leaves the ranks to adopt unless told otherwise (file or flag)
+    assert load_settings([], {}).stop_ranks_on_exit is False
+    config.write_text("stop_ranks_on_exit = true\n")
+    assert load_settings(["--config", str(config)], {}).stop_ranks_on_exit is True
+    assert load_settings(["--stop-ranks-on-exit"], {}).stop_ranks_on_exit is True
 
 
 @pytest.mark.parametrize(
@@ -176,6 +182,7 @@ class Daemon(agent_pb2_grpc.AgentServiceServicer):
 
     def RegisterNode(self, request, context):
         self.node = request.node
+        self.running = tuple(request.running)
         self.registered.set()
         return agent_pb2.RegisterNodeResponse(
             node_name=request.node.name, heartbeat_interval=duration(0.2)
@@ -211,7 +218,7 @@ def until(condition: Callable[[], object], proc: subprocess.Popen, timeout: floa
         time.sleep(0.02)
 
 
-def test_agent_registers_runs_and_stops_cleanly_on_sigterm(
+def test_agent_registers_runs_and_stops_its_ranks_on_sigterm_when_told(
     daemon: tuple[Daemon, int], tmp_path: Path
 ) -> None:
     fake, port = daemon
@@ -225,7 +232,7 @@ def test_agent_registers_runs_and_stops_cleanly_on_sigterm(
             sys.executable, "-m", "gpuctl.agent.main",
             "--server", f"127.0.0.1:{port}", "--name", "gpu-9", "--fake-gpus", "l40s:4",
             "--net", "ethernet:2x100", "--state-dir", str(tmp_path / "state"),
-            "--cpus", "8", "--memory", "64GiB", "--label", "pool=test",
+            "--cpus", "8", "--memory", "64GiB", "--label", "pool=test", "--stop-ranks-on-exit",
         ]  # fmt: skip
         proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
         try:
@@ -245,3 +252,50 @@ def test_agent_registers_runs_and_stops_cleanly_on_sigterm(
     assert proc.returncode == 0, stderr
     last = fake.reports[-1]
     assert (last.state, last.exit_code) == (jobs_pb2.RANK_STATE_EXITED, -signal.SIGTERM)
+
+
+def test_a_restarted_agent_keeps_its_ranks_running_and_adopts_them(
+    daemon: tuple[Daemon, int], tmp_path: Path
+) -> None:
+    # The default: SIGTERM (systemctl restart) leaves the rank to its supervisor; the next agent
+    # on the same state dir registers it as running, and reports its exit when it ends.
+    fake, port = daemon
+    # The rank may run as another account (nobody, under a root agent): a place it can see.
+    shared = Path(tempfile.mkdtemp(prefix="agt-"))
+    shared.chmod(0o755)
+    done = shared / "done"
+    fake.assignment = agent_pb2.Assignment(
+        ref=rank_ref(1, 0, 0),
+        command=["sh", "-c", f"until [ -e {done} ]; do sleep 0.05; done"],
+        kill_grace=duration(5),
+    )
+    argv = [
+        sys.executable, "-m", "gpuctl.agent.main", "--server", f"127.0.0.1:{port}",
+        "--name", "gpu-9", "--fake-gpus", "l40s:1", "--state-dir", str(tmp_path / "state"),
+    ]  # fmt: skip
+    first = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    try:
+        until(lambda: fake.reports, first)
+        first.send_signal(signal.SIGTERM)
+        _, stderr = first.communicate(timeout=20)
+        assert first.returncode == 0, stderr
+        assert "leaving 1 rank(s) running" in stderr
+        assert [r.state for r in fake.reports] == [jobs_pb2.RANK_STATE_RUNNING]
+
+        fake.registered.clear()
+        second = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+        try:
+            until(fake.registered.is_set, second)
+            assert [(r.job_id, r.rank, r.attempt) for r in fake.running] == [(1, 0, 0)]
+            done.touch()
+            until(lambda: fake.reports[-1].state == jobs_pb2.RANK_STATE_EXITED, second)
+            assert fake.reports[-1].exit_code == 0
+        finally:
+            second.send_signal(signal.SIGTERM)
+            second.communicate(timeout=20)
+    finally:
+        done.touch()  # whatever happened above, the rank ends
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+        shutil.rmtree(shared, ignore_errors=True)

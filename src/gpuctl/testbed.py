@@ -137,6 +137,8 @@ class LocalCluster:
                 # Jobs are submitted as the user running the test bed, and the agents refuse
                 # to run root's jobs unless told: the whole cluster is that one user's.
                 *(["--allow-root-jobs"] if os.geteuid() == 0 else []),
+                # A test bed's agents take their ranks down with them: nothing outlives it.
+                "--stop-ranks-on-exit",
             ],
         )
 

@@ -1,6 +1,7 @@
 """The agent loop: register, heartbeat, start and stop the assigned ranks, report their status
 and ship their logs. `tick()` does one round with no sleeping, so tests drive it step by step;
-`run()` repeats it until told to stop, and `shutdown()` stops the ranks and reports them.
+`run()` repeats it until told to stop; then `shutdown()` stops the ranks and reports them, or
+`detach()` leaves them running for the next agent to adopt.
 """
 
 from __future__ import annotations
@@ -271,6 +272,26 @@ class AgentLoop:
             log.warning(
                 "exiting with %d rank(s) unreported: the agent reports them when it starts again",
                 len(self._exited) + len(self._outbox),
+            )
+
+    def detach(self) -> None:
+        """Exit leaving every running rank to its supervisor (a restart, an upgrade): report
+        what has exited and ship what is pending, a few tries at most. The agent that starts
+        next adopts the ranks still running and reports them when they exit."""
+        self._notify(self._notifier.stopping)
+        self._collect(self._runner.poll())
+        for _ in range(SHUTDOWN_ROUNDS):
+            self._unreachable = False
+            self._finish_exited()
+            self._send_outbox()
+            if not self._exited and not self._outbox:
+                break
+        running = len(self._runner.running())
+        if running:
+            log.info(
+                "leaving %d rank(s) running under their supervisors: the agent adopts them "
+                "when it starts again",
+                running,
             )
 
     # -- registration and heartbeat -------------------------------------------------------

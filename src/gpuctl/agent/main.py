@@ -76,6 +76,7 @@ _CONFIG_KEYS: dict[str, tuple[type, ...]] = {
     "run_as_fallback_user": (str,),
     "allow_root_jobs": (bool,),
     "max_log_bytes": (int, str),
+    "stop_ranks_on_exit": (bool,),
     "health_interval": (int, float),
     "min_bandwidth_fraction": (int, float),
 }
@@ -98,6 +99,7 @@ class AgentSettings:
     run_as_fallback_user: str = DEFAULT_FALLBACK_USER
     allow_root_jobs: bool = False
     max_log_bytes: int = DEFAULT_MAX_LOG_BYTES
+    stop_ranks_on_exit: bool = False  # False: a stopped agent leaves its ranks to adopt
     network_set: bool = False  # --net (or net=) given: it overrides what sysfs finds
     health_interval_s: float = DEFAULT_HEALTH_INTERVAL_S
     min_bandwidth_fraction: float = DEFAULT_MIN_BANDWIDTH_FRACTION
@@ -150,6 +152,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         default=None,
         help="let ranks run as root (refused by default)",
+    )
+    p.add_argument(
+        "--stop-ranks-on-exit",
+        action="store_true",
+        default=None,
+        help="on SIGTERM stop every rank before exiting (default: leave them running; the "
+        "agent adopts them when it starts again)",
     )
     p.add_argument(
         "--max-log-bytes",
@@ -288,6 +297,7 @@ def load_settings(argv: Sequence[str], env: Mapping[str, str]) -> AgentSettings:
         run_as_fallback_user=fallback_user,
         allow_root_jobs=bool(pick("allow_root_jobs", False)),
         max_log_bytes=parse_bytes(pick("max_log_bytes", DEFAULT_MAX_LOG_BYTES)),
+        stop_ranks_on_exit=bool(pick("stop_ranks_on_exit", False)),
         network_set=pick("net") is not None,
         health_interval_s=health_interval,
         min_bandwidth_fraction=min_fraction,
@@ -451,7 +461,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         loop.run(stop)
-        loop.shutdown()
+        if settings.stop_ranks_on_exit:
+            loop.shutdown()
+        else:
+            loop.detach()
     finally:
         channel.close()
     return 0
