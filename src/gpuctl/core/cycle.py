@@ -300,21 +300,19 @@ class _Cycle:
         by their lease; and their ids, sorted."""
         ends = ends_if_started(job, self.now)
         parts = [hold.blocked(ends) for hold in self.holds]
-        if self.lease_blocks is None:
-            # Holds hand every job behind them the same mapping: merge each mix once.
-            key = tuple(id(p) for p in parts)
-            hit = self.blocked_by.get(key)
-            if hit is not None and all(a is b for a, b in zip(hit[0], parts, strict=True)):
-                return hit[1], hit[2]
-        else:
+        if self.lease_blocks is not None:
             parts.append(self.lease_blocks.for_job(job))
+        # Holds (and lease blocks) hand alike jobs the same mapping: merge each mix once.
+        key = tuple(id(p) for p in parts)
+        hit = self.blocked_by.get(key)
+        if hit is not None and all(a is b for a, b in zip(hit[0], parts, strict=True)):
+            return hit[1], hit[2]
         blocked: dict[str, str] = {}
         for part in parts:
             for node_id, why in part.items():
                 blocked.setdefault(node_id, why)
         ids = tuple(sorted(blocked))
-        if self.lease_blocks is None:
-            self.blocked_by[key] = (parts, blocked, ids)
+        self.blocked_by[key] = (parts, blocked, ids)
         return blocked, ids
 
     def _demands(self, gangs: Sequence[Job]) -> tuple[GangDemand, ...]:

@@ -137,6 +137,8 @@ class LeaseBlocks:
         self.offers = leasing.offers
         self.failed = leasing.failed
         self.own: dict[tuple[object, ...], _Option | None] = {}
+        # Jobs alike in what the blocks read get the same ones, unless a lease is theirs.
+        self.alike: dict[tuple[object, ...], dict[str, str]] = {}
         busy_s = busy_s or {}
         for lease in leasing.leases:
             if not lease.node_id:
@@ -156,10 +158,21 @@ class LeaseBlocks:
                     lease.for_job_id,
                 )
 
+        self.owners = {owner for *_, owner in self.priced.values()} | set(self.reserved.values())
+
     def __bool__(self) -> bool:
         return bool(self.ending or self.releasing or self.reserved or self.priced)
 
-    def for_job(self, job: Job) -> dict[str, str]:
+    def for_job(self, job: Job) -> Mapping[str, str]:
+        """Node -> why `job` may not use it (the mapping is shared: do not change it)."""
+        if job.id in self.owners:
+            return self._for_job(job)
+        key = (_shape(job.spec), job.spec.time_limit_s, self.failed.get(job.id, frozenset()))
+        if key not in self.alike:
+            self.alike[key] = self._for_job(job)
+        return self.alike[key]
+
+    def _for_job(self, job: Job) -> dict[str, str]:
         out: dict[str, str] = {}
         for node_id in self.releasing:
             out[node_id] = "with its lease being released"
