@@ -405,8 +405,8 @@ def test_a_small_job_leases_its_own_node_rather_than_keep_an_idle_dear_one():
     )
     assert result.bindings == ()
     assert (
-        "kept 2:00:00 longer at $30.00/h costs more than its own h100-x4 from cloud at "
-        "$8.00/h" in reason(result, 2)
+        "node a kept up for it at $30.00/h: dearer than its own h100-x4 from cloud at $8.00/h"
+        in reason(result, 2)
     )
     assert [(r.job_id, r.sku) for r in result.lease_requests] == [(2, "h100-x4")]
     assert [r.node_id for r in result.lease_releases] == ["a"]
@@ -445,7 +445,7 @@ def test_thrift_spares_a_jobs_own_lease_jobs_with_no_offer_and_jobs_with_no_limi
     # No time limit: it would keep the node for as long as it runs, at more per hour.
     endless = cycle([small(2, hours=0)], nodes=[node], leases=(lease("l1", "a", for_job=1),))
     assert endless.bindings == ()
-    assert "kept for as long as it runs at $30.00/h" in reason(endless, 2)
+    assert "kept up for it at $30.00/h: dearer than its own h100-x4" in reason(endless, 2)
 
 
 # -- releases -----------------------------------------------------------------------------------

@@ -274,7 +274,16 @@ class _Cycle:
 
         def replicas_short(job: Job) -> int:
             blocked, _ = self._blocked(job)
-            views = [v for v in self.work.nodes if v.id not in blocked]
+            # A node that takes no replica as it is takes none after one more: ask only those
+            # that pass the filters now.
+            request = RankRequest.of(job.spec)
+            codes = filter_codes(self.work, self.base_policy, job, request, shape(job.spec))
+            t = self.work.table
+            views = [
+                t.views[row]
+                for row in np.flatnonzero(codes == Code.SUCCESS).tolist()
+                if t.ids[row] not in blocked
+            ]
             return job.spec.replicas - _replicas_fitting(views, job, self.base_policy)
 
         plan = plan_leases(

@@ -6,6 +6,7 @@ leases to give back. Offers are plain values: the core never sees a provider.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -117,7 +118,12 @@ def _hours(seconds: float) -> str:
 class LeaseBlocks:
     """Nodes a job may not use because of their lease: it ends before the job's time limit
     and cannot be renewed, it is being released, it was leased for another waiting job, or
-    keeping it for the job costs more than leasing the job a node of its own (thrift)."""
+    keeping it for the job costs more than leasing the job a node of its own (thrift).
+
+    What a job is refused depends on it only through its time limit, the node it would lease
+    for itself and whether it is a gang (unless a lease is its own): each rule is a prefix of
+    the nodes sorted by the limit at which they start to be refused, so jobs alike share one
+    mapping and a cycle over thousands of jobs and leases does not look at every pair."""
 
     def __init__(
         self,
@@ -130,15 +136,13 @@ class LeaseBlocks:
         """`busy_s`: per node, the seconds from `now` until the last job on it reaches its time
         limit (inf: a job there has none); a node not in it is idle."""
         self.now = now
-        self.ending: dict[str, tuple[datetime, str]] = {}  # node -> (end, provider)
         self.releasing: set[str] = set()
         self.reserved: dict[str, int] = {}
+        ending: list[tuple[float, str, str]] = []  # (seconds left, node, why)
         self.priced: dict[str, tuple[float, float, int | None]] = {}  # node -> ($/h, busy, for)
         self.offers = leasing.offers
+        self.limits = _grant_limits(leasing.offers)
         self.failed = leasing.failed
-        self.own: dict[tuple[object, ...], _Option | None] = {}
-        # Jobs alike in what the blocks read get the same ones, unless a lease is theirs.
-        self.alike: dict[tuple[object, ...], dict[str, str]] = {}
         busy_s = busy_s or {}
         for lease in leasing.leases:
             if not lease.node_id:
@@ -148,7 +152,12 @@ class LeaseBlocks:
             elif lease.state is not LeaseState.ACTIVE:
                 continue
             if lease.expires_at is not None and lease.provider not in leasing.renewable:
-                self.ending[lease.node_id] = (lease.expires_at, lease.provider)
+                left = max(0.0, (lease.expires_at - now).total_seconds())
+                why = (
+                    f"with {_hours(left)} of lease left and no renewal from {lease.provider} "
+                    "(its time limit is longer, or it has none)"
+                )
+                ending.append((left, lease.node_id, why))
             if managed(lease) and lease.for_job_id in waiting:
                 self.reserved[lease.node_id] = lease.for_job_id
             if managed(lease) and lease.state is LeaseState.ACTIVE and lease.price_per_hour > 0:
@@ -157,47 +166,45 @@ class LeaseBlocks:
                     busy_s.get(lease.node_id, 0.0),
                     lease.for_job_id,
                 )
-
+        self.ending = _Prefixes(ending)
         self.owners = {owner for *_, owner in self.priced.values()} | set(self.reserved.values())
+        self.own: dict[tuple[object, ...], _Option | None] = {}
+        self.thrift: dict[int, _Prefixes] = {}  # id(own option) -> its prefixes
+        self.alike: dict[tuple[object, ...], dict[str, str]] = {}
 
     def __bool__(self) -> bool:
         return bool(self.ending or self.releasing or self.reserved or self.priced)
 
     def for_job(self, job: Job) -> Mapping[str, str]:
         """Node -> why `job` may not use it (the mapping is shared: do not change it)."""
-        if job.id in self.owners:
-            return self._for_job(job)
-        key = (_shape(job.spec), job.spec.time_limit_s, self.failed.get(job.id, frozenset()))
+        limit = float(job.spec.time_limit_s) or math.inf
+        own = self._own(job) if self.priced and not _is_gang(job) else None
+        thrift = self._thrift(own) if own is not None else None
+        key = (
+            self.ending.count(limit),
+            id(own),
+            thrift.count(limit) if thrift is not None else 0,
+            job.id if job.id in self.owners else None,  # its own leases: a mapping of its own
+        )
         if key not in self.alike:
-            self.alike[key] = self._for_job(job)
+            self.alike[key] = self._for_job(job, limit, thrift)
         return self.alike[key]
 
-    def _for_job(self, job: Job) -> dict[str, str]:
+    def _for_job(self, job: Job, limit: float, thrift: _Prefixes | None) -> dict[str, str]:
+        mine = job.id  # a lease made for the job is the job's to use
         out: dict[str, str] = {}
-        for node_id in self.releasing:
-            out[node_id] = "with its lease being released"
-        limit = job.spec.time_limit_s
-        for node_id, (end, provider) in self.ending.items():
-            left = (end - self.now).total_seconds()
-            if limit and limit <= left:
-                continue
-            wants = f"time limit {_hours(limit)}" if limit else "no time limit"
-            out.setdefault(
-                node_id,
-                f"with {_hours(max(0.0, left))} of lease left and no renewal from {provider} "
-                f"({wants})",
-            )
-        for node_id, owner in self.reserved.items():
-            if owner != job.id:
-                out.setdefault(node_id, f"leased for job {owner}")
-        if self.priced and not _is_gang(job):
-            self._thrift(job, out)
+        if thrift is not None:
+            first = thrift.first(limit)
+            out.update((n, why) for n, why in first.items() if self.priced[n][2] != mine)
+        out.update((n, f"leased for job {o}") for n, o in self.reserved.items() if o != mine)
+        out.update(self.ending.first(limit))
+        out.update((n, "with its lease being released") for n in self.releasing)
         return out
 
     def _own(self, job: Job) -> _Option | None:
         """The node `job` would lease for itself (one replica, or its one node)."""
         excluded = self.failed.get(job.id, frozenset())
-        key = (_shape(job.spec), excluded)
+        key = (_shape(job.spec, self.limits), excluded)
         if key not in self.own:
             offers = [o for o in self.offers if (o.provider, o.sku) not in excluded]
             if job.spec.kind is JobKind.TRAINING:
@@ -207,28 +214,44 @@ class LeaseBlocks:
             self.own[key] = options[0] if options else None
         return self.own[key]
 
-    def _thrift(self, job: Job, out: dict[str, str]) -> None:
-        """Rule out the leased nodes that placing `job` would keep longer than their other work
-        does, at more than the job's own lease would cost for its time limit (or, with no time
-        limit, at a higher price per hour). A node its own lease was made for is never ruled
-        out; nor is any node when no offer fits the job (it could lease nothing instead)."""
-        own = self._own(job)
-        if own is None:
-            return
-        rate = own.dollars_per_hour
-        limit = float(job.spec.time_limit_s) or math.inf
-        for node_id, (price, busy, owner) in self.priced.items():
-            if owner == job.id or node_id in out or price <= rate:
-                continue
-            extra = 0.0 if math.isinf(busy) else limit - busy
-            if extra <= 0:
-                continue  # its other work keeps the node at least as long
-            if math.isinf(limit) or price * extra > rate * limit:
-                kept = "for as long as it runs" if math.isinf(extra) else f"{_hours(extra)} longer"
-                out[node_id] = (
-                    f"kept {kept} at ${price:.2f}/h costs more than its own "
-                    f"{own.offer.sku} from {own.offer.provider} at ${rate:.2f}/h"
+    def _thrift(self, own: _Option) -> _Prefixes:
+        """Thrift for a job whose own lease would be `own`: the leased nodes it would keep up
+        past their other work at more than `own` costs for its time limit T, i.e. price x
+        (T - busy) > own's $/h x T, which holds from T > price x busy / (price - own's $/h) on
+        (with no time limit: always). A node whose work has no time limit is never refused."""
+        found = self.thrift.get(id(own))
+        if found is None:
+            rate = own.dollars_per_hour
+            entries = []
+            for node_id, (price, busy, _) in self.priced.items():
+                if price <= rate or math.isinf(busy):
+                    continue
+                why = (
+                    f"kept up for it at ${price:.2f}/h: dearer than its own {own.offer.sku} "
+                    f"from {own.offer.provider} at ${rate:.2f}/h"
                 )
+                entries.append((price * busy / (price - rate), node_id, why))
+            found = self.thrift[id(own)] = _Prefixes(entries)
+        return found
+
+
+class _Prefixes:
+    """Nodes each refused from a threshold on: a job with time limit T (inf: none) is refused
+    those whose threshold is below T, a prefix of them sorted by threshold."""
+
+    def __init__(self, entries: Sequence[tuple[float, str, str]]) -> None:
+        ordered = sorted(entries)
+        self.thresholds = [t for t, _, _ in ordered]
+        self.items = [(node_id, why) for _, node_id, why in ordered]
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def count(self, limit: float) -> int:
+        return bisect.bisect_left(self.thresholds, limit)
+
+    def first(self, limit: float) -> dict[str, str]:
+        return dict(self.items[: self.count(limit)])
 
 
 def busy_seconds(jobs: Sequence[Job], now: datetime) -> dict[str, float]:
@@ -488,8 +511,14 @@ class LeasePlan:
     notes: Mapping[int, str] = field(default_factory=dict)  # job -> what leasing does for it
 
 
-def _shape(spec: JobSpec) -> JobSpec:
-    """`spec` with what offers never look at cleared."""
+def _shape(spec: JobSpec, limits: Sequence[float] = ()) -> JobSpec:
+    """`spec` with what offers never look at cleared. `limits`: the grant lengths (sorted) of
+    the offers that cannot renew, the only ones its time limit matters to: the limit is kept
+    as the least that exceeds the same of them."""
+    limit = spec.time_limit_s
+    if limit:
+        below = bisect.bisect_left(limits, limit)
+        limit = int(limits[below - 1]) + 1 if below else 1
     return replace(
         spec,
         command=(),
@@ -500,7 +529,13 @@ def _shape(spec: JobSpec) -> JobSpec:
         env=(),
         working_dir="",
         preemptible=False,
+        time_limit_s=limit,
     )
+
+
+def _grant_limits(offers: Sequence[Offer]) -> tuple[float, ...]:
+    """The grant lengths of the offers that cannot renew, sorted (see `_shape`)."""
+    return tuple(sorted({o.max_lease_s for o in offers if o.max_lease_s and not o.renewable}))
 
 
 def _is_gang(job: Job) -> bool:
@@ -532,6 +567,7 @@ def plan_leases(
     releases = _releases(leasing, waiting, by_node, requested, fits, now)
     gone = {r.lease_id for r in releases}
     book = BudgetBook(leasing)
+    limits = _grant_limits(leasing.offers)
     memo: dict[tuple[object, ...], tuple[tuple[_Option, ...], str]] = {}
     requests: list[LeaseRequest] = []
     notes: dict[int, str] = {}
@@ -555,7 +591,7 @@ def plan_leases(
             if short <= 0:
                 continue
         # Jobs alike in what offers look at get the same options: rank the catalog once.
-        key = (_shape(job.spec), excluded, short)
+        key = (_shape(job.spec, limits), excluded, short)
         if key not in memo:
             offers = [o for o in leasing.offers if (o.provider, o.sku) not in excluded]
             if job.spec.kind is JobKind.TRAINING:
