@@ -48,6 +48,7 @@ from gpuctl.core.leasing import (
     LeaseRelease,
     LeaseRequest,
     Leasing,
+    Refused,
     busy_seconds,
     plan_leases,
 )
@@ -175,9 +176,9 @@ class _Miss:
 
 
 # A placer puts one job (of shape `shape(job.spec)`) on a snapshot, never using the `blocked`
-# nodes (id -> why not).
+# nodes (id -> why not) nor the `refused` rows of its table.
 _Placer = Callable[
-    [Snapshot, Job, Policy, Mapping[str, str], Sequence[GangDemand], Shape],
+    [Snapshot, Job, Policy, Mapping[str, str], Sequence[GangDemand], Shape, Refused | None],
     Placement | _Miss,
 ]
 
@@ -263,12 +264,17 @@ class _Cycle:
             return LeasePlan()
         waiting = [jobs[w.job_id] for w in self.waiting]
         leased_out: dict[int, Mapping[str, str]] = {}
+        refusals: dict[int, Refused | None] = {}
 
         def fits(job: Job, view: NodeView) -> bool:
             if self.lease_blocks is not None:
                 if job.id not in leased_out:
                     leased_out[job.id] = self.lease_blocks.for_job(job)
-                if view.id in leased_out[job.id]:
+                    refusals[job.id] = self._refused(job)
+                refused = refusals[job.id]
+                if view.id in leased_out[job.id] or (
+                    refused is not None and refused.rows[self.work.table.pos[view.id]]
+                ):
                     return False
             return check(self.base_policy, job, RankRequest.of(job.spec), view).ok
 
@@ -279,10 +285,12 @@ class _Cycle:
             request = RankRequest.of(job.spec)
             codes = filter_codes(self.work, self.base_policy, job, request, shape(job.spec))
             t = self.work.table
+            open_ = codes == Code.SUCCESS
+            refused = self._refused(job)
+            if refused is not None:
+                open_ &= ~refused.rows
             views = [
-                t.views[row]
-                for row in np.flatnonzero(codes == Code.SUCCESS).tolist()
-                if t.ids[row] not in blocked
+                t.views[row] for row in np.flatnonzero(open_).tolist() if t.ids[row] not in blocked
             ]
             return job.spec.replicas - _replicas_fitting(views, job, self.base_policy)
 
@@ -323,6 +331,12 @@ class _Cycle:
         ids = tuple(sorted(blocked))
         self.blocked_by[key] = (parts, blocked, ids)
         return blocked, ids
+
+    def _refused(self, job: Job) -> Refused | None:
+        """Rows `job` may not use for what keeping their leased node would cost (thrift)."""
+        if self.lease_blocks is None:
+            return None
+        return self.lease_blocks.refused(job, self.work.table)
 
     def _demands(self, gangs: Sequence[Job]) -> tuple[GangDemand, ...]:
         """What each of `gangs` needs of the nodes idle now: the idle, READY nodes on a fabric
@@ -382,19 +396,22 @@ class _Cycle:
             self._wait(job, barrier.waiting(job, self.now))
             return
         blocked, blocked_ids = self._blocked(job)
+        refused = self._refused(job)
         placer = _PLACERS[job.spec.kind]
         job_shape = shape(job.spec)
-        signature = (job_shape, blocked_ids)
+        signature = (job_shape, blocked_ids, refused.key if refused is not None else None)
         # a. place
         miss = self.misses.get(signature)
         if miss is None:
-            outcome = placer(self.work, job, self.policy, blocked, self._queued(job), job_shape)
+            outcome = placer(
+                self.work, job, self.policy, blocked, self._queued(job), job_shape, refused
+            )
             if isinstance(outcome, Placement):
                 self._bind(job, outcome, order)
                 return
             miss = self.misses[signature] = outcome.reason
         # b. preempt
-        preempt_note = self._preempt(job, blocked, placer, signature, order)
+        preempt_note = self._preempt(job, blocked, refused, placer, signature, order)
         if preempt_note is None:
             return
         # c. hold
@@ -421,9 +438,9 @@ class _Cycle:
     ) -> tuple[str, frozenset[str]]:
         """ "waiting behind job 7's reservation ..." when only a hold keeps `job` back, and
         the nodes of the placement that says so (none: the answer holds whatever is bound)."""
-        if not blocked or job_shape in self.hopeless or (job_shape, ()) in self.misses:
+        if not blocked or job_shape in self.hopeless or (job_shape, (), None) in self.misses:
             return "", frozenset()
-        free = placer(self.work, job, self.policy, {}, self._queued(job), job_shape)
+        free = placer(self.work, job, self.policy, {}, self._queued(job), job_shape, None)
         if not isinstance(free, Placement):
             self.hopeless.add(job_shape)
             return "", frozenset()
@@ -483,6 +500,7 @@ class _Cycle:
         self,
         job: Job,
         blocked: Mapping[str, str],
+        refused: Refused | None,
         placer: _Placer,
         signature: tuple[Any, ...],
         order: QueueOrder,
@@ -499,7 +517,9 @@ class _Cycle:
         job_shape = signature[0]
 
         def place(trial: Snapshot) -> Placement | None:
-            outcome = placer(trial, job, self.policy, blocked, self._queued(job), job_shape)
+            outcome = placer(
+                trial, job, self.policy, blocked, self._queued(job), job_shape, refused
+            )
             return outcome if isinstance(outcome, Placement) else None
 
         chosen = choose_victims(self.work, candidates, place, without=freed)
@@ -594,6 +614,8 @@ class _Fits:
         # A node its lease rules out is no node to reserve either.
         blocks = self.lease_blocks
         self.leased_out = blocks.for_job(self.job) if blocks is not None else {}
+        refused = blocks.refused(self.job, self.work.table) if blocks is not None else None
+        self.refused = refused.rows if refused is not None else None
         self.columnar = columnar(self.policy)
         self.ready = True
 
@@ -604,6 +626,8 @@ class _Fits:
             return None
         t = self.work.table
         row = t.pos[view.id]
+        if self.refused is not None and self.refused[row]:
+            return None
         if self.columnar and t.views[row] is view:
             if self.codes is None:
                 self.codes = filter_codes(
@@ -713,6 +737,7 @@ def _place_gang(
     blocked: Mapping[str, str],
     queued: Sequence[GangDemand],
     job_shape: Shape,
+    refused: Refused | None = None,
 ) -> Placement | _Miss:
     n = job.spec.num_nodes
     request = RankRequest.of(job.spec)
@@ -722,6 +747,8 @@ def _place_gang(
     usable = ok.copy()
     blocked_rows = t.rows(blocked) if blocked else np.zeros(0, dtype=np.int64)
     usable[blocked_rows] = False
+    if refused is not None:
+        usable &= ~refused.rows
     nofab = np.zeros(len(t), dtype=bool)
     if n > 1:
         nofab = usable & ~np.array([bool(f) for f in t.fabrics], dtype=bool)[t.fabric]
@@ -737,7 +764,9 @@ def _place_gang(
     )
     if not gangs:
         return _Miss(
-            lambda: _gang_reason(job, request, t, v, members, islands, blocked, blocked_rows, nofab)
+            lambda: _gang_reason(
+                job, request, t, v, members, islands, blocked, blocked_rows, nofab, refused
+            )
         )
     # Whole nodes, then fewest leaves, then what stays intact for the queued gangs, then the
     # scores (interconnect and TFLOPS among them), then the fabric's name.
@@ -866,6 +895,7 @@ def _gang_reason(
     blocked: Mapping[str, str],
     blocked_rows: np.ndarray,
     nofab: np.ndarray,
+    refused: Refused | None,
 ) -> str:
     n = job.spec.num_nodes
     text = _need(job, request, n, "node") + (" on one fabric" if n > 1 else "")
@@ -874,6 +904,10 @@ def _gang_reason(
     failures.add(ruled_out, v.reason_ids(ruled_out, failures.book))
     held = blocked_rows[v.ok[blocked_rows]]
     failures.add_text(held, [blocked[t.ids[r]] for r in held.tolist()])
+    if refused is not None:
+        kept = np.flatnonzero(refused.rows & v.ok)
+        kept = kept[~np.isin(kept, blocked_rows)]
+        failures.add_text(kept, [refused.why] * len(kept))
     failures.add_text(np.flatnonzero(nofab), [_NO_FABRIC] * int(nofab.sum()))
     if not len(members) and not failures:
         return text + "; the cluster has no nodes"
@@ -922,15 +956,19 @@ def _place_replicas(
     blocked: Mapping[str, str],
     queued: Sequence[GangDemand],
     job_shape: Shape,
+    refused: Refused | None = None,
 ) -> Placement | _Miss:
     request = RankRequest.of(job.spec)
     t = snapshot.table
     v = verdicts(snapshot, policy, job, request, job_shape)
     ok = v.ok
-    # Would fit, but a reservation holds it.
+    # Would fit, but a reservation holds it, or its lease refuses it.
     held = np.zeros(len(t), dtype=bool)
     if blocked:
         held[t.rows(blocked)] = True
+    if refused is not None:
+        held |= refused.rows
+    if blocked or refused is not None:
         held &= ok
         ok &= ~held
     best = np.where(ok, v.score, -np.inf)
@@ -944,7 +982,7 @@ def _place_replicas(
         row = int(np.argmax(best)) if len(best) else 0  # the best, then the smallest id
         if not len(best) or best[row] == -np.inf:
             why = functools.partial(
-                _replica_reason, job, request, ranks, t, v, held, blocked, local
+                _replica_reason, job, request, ranks, t, v, held, blocked, refused, local
             )
             return _Miss(why)
         view = views.get(row, t.views[row])
@@ -996,6 +1034,7 @@ def _replica_reason(
     v: Verdicts,
     held: np.ndarray,
     blocked: Mapping[str, str],
+    refused: Refused | None,
     local: Mapping[int, Status],
 ) -> str:
     text = _need(job, request, job.spec.replicas, "replica")
@@ -1012,7 +1051,10 @@ def _replica_reason(
     ruled_out = np.flatnonzero(~v.ok & ~changed)
     failures.add(ruled_out, v.reason_ids(ruled_out, failures.book))
     held_rows = np.flatnonzero(held & ~changed)
-    failures.add_text(held_rows, [blocked[t.ids[r]] for r in held_rows.tolist()])
+    failures.add_text(
+        held_rows,
+        [blocked.get(t.ids[r]) or (refused.why if refused else "") for r in held_rows.tolist()],
+    )
     rows = sorted(local)
     failures.add_text(np.array(rows, dtype=np.int64), [local[r].reason for r in rows])
     return f"{text} {failures.explain()}"

@@ -12,7 +12,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
+import numpy as np
+
 from gpuctl.core.model import MILLI_PER_GPU, Job, JobKind, JobSpec, LeaseState, NodeLease
+from gpuctl.core.nodetable import NodeTable
 from gpuctl.core.plugins import RankRequest, plural, replica_share
 from gpuctl.core.snapshot import NodeView
 
@@ -117,13 +120,13 @@ def _hours(seconds: float) -> str:
 
 class LeaseBlocks:
     """Nodes a job may not use because of their lease: it ends before the job's time limit
-    and cannot be renewed, it is being released, it was leased for another waiting job, or
-    keeping it for the job costs more than leasing the job a node of its own (thrift).
+    and cannot be renewed, it is being released, or it was leased for another waiting job
+    (`for_job`: few nodes, by id); or keeping it for the job costs more than leasing the job a
+    node of its own (`refused`, thrift: possibly most of a leased fleet, as a row mask).
 
-    What a job is refused depends on it only through its time limit, the node it would lease
-    for itself and whether it is a gang (unless a lease is its own): each rule is a prefix of
-    the nodes sorted by the limit at which they start to be refused, so jobs alike share one
-    mapping and a cycle over thousands of jobs and leases does not look at every pair."""
+    Each rule refuses a node from some time limit on, so jobs share the mapping (the same
+    rows) of their time limit's place among those thresholds: a cycle over thousands of jobs
+    and leases does not look at every pair."""
 
     def __init__(
         self,
@@ -167,10 +170,12 @@ class LeaseBlocks:
                     lease.for_job_id,
                 )
         self.ending = _Prefixes(ending)
-        self.owners = {owner for *_, owner in self.priced.values()} | set(self.reserved.values())
+        self.owners = {owner for *_, owner in self.priced.values()}
+        self.reserved_for = set(self.reserved.values())
         self.own: dict[tuple[object, ...], _Option | None] = {}
-        self.thrift: dict[int, _Prefixes] = {}  # id(own option) -> its prefixes
         self.alike: dict[tuple[object, ...], dict[str, str]] = {}
+        self.columns: tuple[object, np.ndarray, np.ndarray, np.ndarray] | None = None
+        self.thresholds: dict[int, tuple[_Option, np.ndarray]] = {}  # id(own) -> per row
 
     def __bool__(self) -> bool:
         return bool(self.ending or self.releasing or self.reserved or self.priced)
@@ -178,28 +183,67 @@ class LeaseBlocks:
     def for_job(self, job: Job) -> Mapping[str, str]:
         """Node -> why `job` may not use it (the mapping is shared: do not change it)."""
         limit = float(job.spec.time_limit_s) or math.inf
-        own = self._own(job) if self.priced and not _is_gang(job) else None
-        thrift = self._thrift(own) if own is not None else None
-        key = (
-            self.ending.count(limit),
-            id(own),
-            thrift.count(limit) if thrift is not None else 0,
-            job.id if job.id in self.owners else None,  # its own leases: a mapping of its own
-        )
+        key = (self.ending.count(limit), job.id if job.id in self.reserved_for else None)
         if key not in self.alike:
-            self.alike[key] = self._for_job(job, limit, thrift)
+            out = {n: f"leased for job {o}" for n, o in self.reserved.items() if o != job.id}
+            out.update(self.ending.first(limit))
+            out.update((n, "with its lease being released") for n in self.releasing)
+            self.alike[key] = out
         return self.alike[key]
 
-    def _for_job(self, job: Job, limit: float, thrift: _Prefixes | None) -> dict[str, str]:
-        mine = job.id  # a lease made for the job is the job's to use
-        out: dict[str, str] = {}
-        if thrift is not None:
-            first = thrift.first(limit)
-            out.update((n, why) for n, why in first.items() if self.priced[n][2] != mine)
-        out.update((n, f"leased for job {o}") for n, o in self.reserved.items() if o != mine)
-        out.update(self.ending.first(limit))
-        out.update((n, "with its lease being released") for n in self.releasing)
-        return out
+    def refused(self, job: Job, table: NodeTable) -> Refused | None:
+        """Thrift: the rows of `table` (leased nodes) that placing `job` would keep up past
+        their other work at more than its own lease would cost for its time limit T: price x
+        (T - busy) > own $/h x T, which holds from T > price x busy / (price - own $/h) on
+        (no time limit: always). Never a node leased for the job itself, nor one whose work has
+        no time limit; nothing when the job is a gang or no offer fits it. None: none refused."""
+        if not self.priced or _is_gang(job):
+            return None
+        own = self._own(job)
+        if own is None:
+            return None
+        owner = self._columns(table)[3]
+        threshold = self._thresholds(own, table)
+        mask = threshold < (float(job.spec.time_limit_s) or math.inf)
+        if job.id in self.owners:
+            mask &= owner != job.id
+        count = int(mask.sum())
+        if not count:
+            return None
+        why = (
+            f"kept up for it: dearer than its own {own.offer.sku} from {own.offer.provider} "
+            f"at ${own.dollars_per_hour:.2f}/h"
+        )
+        key = (id(own), count, job.id if job.id in self.owners else None)
+        return Refused(rows=mask, why=why, key=key)
+
+    def _columns(self, table: NodeTable) -> tuple[object, np.ndarray, np.ndarray, np.ndarray]:
+        """Per row of `table`: lease price ($/h, 0: none), busy seconds, owner job (-1: none).
+        Tables of one cycle share their rows (copies keep them), so this is worked out once."""
+        if self.columns is None or self.columns[0] is not table.ids:
+            price = np.zeros(len(table))
+            busy = np.zeros(len(table))
+            owner = np.full(len(table), -1, dtype=np.int64)
+            for node_id, (p, b, o) in self.priced.items():
+                row = table.pos.get(node_id)
+                if row is not None:
+                    price[row], busy[row], owner[row] = p, b, -1 if o is None else o
+            self.columns = (table.ids, price, busy, owner)
+            self.thresholds = {}
+        return self.columns
+
+    def _thresholds(self, own: _Option, table: NodeTable) -> np.ndarray:
+        """Per row: the time limit past which a job whose own lease is `own` is refused there
+        (inf: never)."""
+        _, price, busy, _ = self._columns(table)
+        hit = self.thresholds.get(id(own))
+        if hit is None or hit[0] is not own:
+            rate = own.dollars_per_hour
+            dearer = (price > rate) & np.isfinite(busy)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                at = np.where(dearer, price * busy / (price - rate), math.inf)
+            hit = self.thresholds[id(own)] = (own, at)
+        return hit[1]
 
     def _own(self, job: Job) -> _Option | None:
         """The node `job` would lease for itself (one replica, or its one node)."""
@@ -214,25 +258,15 @@ class LeaseBlocks:
             self.own[key] = options[0] if options else None
         return self.own[key]
 
-    def _thrift(self, own: _Option) -> _Prefixes:
-        """Thrift for a job whose own lease would be `own`: the leased nodes it would keep up
-        past their other work at more than `own` costs for its time limit T, i.e. price x
-        (T - busy) > own's $/h x T, which holds from T > price x busy / (price - own's $/h) on
-        (with no time limit: always). A node whose work has no time limit is never refused."""
-        found = self.thrift.get(id(own))
-        if found is None:
-            rate = own.dollars_per_hour
-            entries = []
-            for node_id, (price, busy, _) in self.priced.items():
-                if price <= rate or math.isinf(busy):
-                    continue
-                why = (
-                    f"kept up for it at ${price:.2f}/h: dearer than its own {own.offer.sku} "
-                    f"from {own.offer.provider} at ${rate:.2f}/h"
-                )
-                entries.append((price * busy / (price - rate), node_id, why))
-            found = self.thrift[id(own)] = _Prefixes(entries)
-        return found
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """Rows of a node table a job may not use (`LeaseBlocks.refused`), all for one reason;
+    `key` tells refusals apart (the same key: the same rows)."""
+
+    rows: np.ndarray  # bool per row
+    why: str
+    key: tuple[object, ...]
 
 
 class _Prefixes:

@@ -20,13 +20,16 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
 from gpuctl.core import CycleResult, schedule
+from gpuctl.core.leasing import Leasing, Offer
 from gpuctl.core.model import (
     MILLI_PER_GPU,
     Job,
     JobKind,
     JobSpec,
     JobState,
+    LeaseState,
     Node,
+    NodeLease,
     Placement,
     RankPlacement,
 )
@@ -385,9 +388,12 @@ def time_cycle(
     *,
     repeats: int,
     now: datetime = NOW,
+    leasing: Leasing | None = None,
 ) -> tuple[Timing, CycleResult]:
     """`schedule` on the same input `repeats` times (it leaves `snapshot` as it was)."""
-    seconds, result = time_call(lambda: schedule(snapshot, pending, policy, now=now), repeats)
+    seconds, result = time_call(
+        lambda: schedule(snapshot, pending, policy, now=now, leasing=leasing), repeats
+    )
     assert isinstance(result, CycleResult)
     timing = Timing(
         seconds=seconds,
@@ -397,6 +403,43 @@ def time_cycle(
         preempted=len(result.preemptions),
     )
     return timing, result
+
+
+def leased(cluster: Sequence[Node]) -> Leasing:
+    """The cluster as gpuctl's own leases, each node at its price (leased an hour ago, no time
+    limit), and every SKU of it on offer to lease more: a cycle with leasing has every
+    lease block and lease decision to make for the whole queue."""
+    offers = tuple(
+        Offer(
+            provider="sim",
+            sku=sku.name,
+            gpu_model=sku.model,
+            gpu_count=sku.gpus,
+            gpu_memory_mib=sku.gpu_memory_mib,
+            hbm_gbps=sku.hbm_gbps,
+            nvlink_gbps=sku.nvlink_gbps,
+            network_gbps=sku.net_ports * sku.net_gbps_per_port,
+            bf16_tflops=sku.tflops_per_gpu,
+            cpu_milli=sku.cpu_milli,
+            memory_mib=sku.memory_mib,
+            price_per_hour=sku.price_per_hour,
+        )
+        for sku in SKUS.values()
+    )
+    leases = tuple(
+        NodeLease(
+            id=f"lease-{n.id}",
+            provider="sim",
+            provider_lease_id=f"sim/{n.id}",
+            node_id=n.id,
+            sku=n.sku,
+            price_per_hour=n.price_per_hour,
+            acquired_at=NOW - timedelta(hours=1),
+            state=LeaseState.ACTIVE,
+        )
+        for n in cluster
+    )
+    return Leasing(offers=offers, leases=leases, renewable=frozenset({"sim"}))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -414,6 +457,8 @@ class SizeReport:
     inference: Timing  # inference replica sets only
     inference_jobs: int
     burst: Timing  # the mixed queue on the cluster 60 % used: the cycle that places the most
+    leased_burst: Timing  # the same with every node leased and SKUs on offer (`leased`)
+    lease_requests: int  # what that cycle asked to lease
     steady: Timing  # the cycles after it, one sample each (the median of its repeats)
     steady_bound: tuple[int, ...]  # jobs each steady cycle placed
     peak_rss_mib: float
@@ -440,6 +485,10 @@ class SizeReport:
             "inference_replicas_per_s": round(self.replicas_per_s, 1),
             "burst_cycle": self.burst.as_dict(),
             "burst_ranks_per_s": round(self.burst_ranks_per_s, 1),
+            "leased_burst_cycle": {
+                **self.leased_burst.as_dict(),
+                "lease_requests": self.lease_requests,
+            },
             "steady_cycle": {**self.steady.as_dict(), "bound_per_cycle": list(self.steady_bound)},
             "peak_rss_mib": round(self.peak_rss_mib, 1),
             **self.extra,
@@ -475,6 +524,7 @@ def measure(
     1. gang: one `gang_gpus`-GPU gang alone in the queue, the cluster 60 % used;
     2. inference: `inference_count` inference replica sets alone in the queue;
     3. burst: `pending` mixed jobs on the same cluster, which has room for thousands of them;
+       then the same cycle with every node a lease of gpuctl's and more on offer (`leased`);
     4. steady: the cycles after the burst: its decisions applied, 1 % of the running jobs
        done and the queue topped up to `pending` between cycles; `steady_cycles` of them,
        each timed `repeats` times (its median is its sample).
@@ -497,6 +547,10 @@ def measure(
     say(f"{pending} mixed pending jobs: burst cycle")
     queue = list(pending_jobs(pending, seed=seed + 2))
     burst, result = time_cycle(snapshot, queue, policy, repeats=repeats)
+    say(f"{pending} mixed pending jobs on leased nodes: burst cycle with leasing")
+    leased_burst, with_leases = time_cycle(
+        snapshot, queue, policy, repeats=repeats, leasing=leased(cluster)
+    )
     now = NOW
     next_id = pending + 1
     samples, bound = [], []
@@ -529,6 +583,8 @@ def measure(
         inference=inference,
         inference_jobs=inference_count,
         burst=burst,
+        leased_burst=leased_burst,
+        lease_requests=len(with_leases.lease_requests),
         steady=steady,
         steady_bound=tuple(bound),
         peak_rss_mib=peak_rss_mib(),
