@@ -517,6 +517,18 @@ def test_a_node_its_job_cannot_use_is_released_as_unusable():
     assert "job 1 could not use node a" in release.reason
 
 
+def test_a_job_whose_queue_cannot_afford_its_own_lease_may_use_a_dear_leased_node():
+    # Its own h100-x4 would add $8/h to a queue capped at $5/h: the idle $30/h node it is.
+    job = replace(small(2, hours=2), spec=replace(small(2, hours=2).spec, queue="lab"))
+    result = cycle(
+        [job],
+        nodes=[h100_node("a", lease_id="l1")],
+        leases=(lease("l1", "a", for_job=1),),
+        budgets={"lab": Budget(dollars_per_hour=5)},
+    )
+    assert [b.job_id for b in result.bindings] == [2]
+
+
 def test_thrift_refuses_exactly_the_nodes_the_cost_rule_names():
     # Many leased nodes at random prices and busy times, jobs with random time limits: the
     # rows refused are those where price x (T - busy) > own $/h x T (no limit: dearer per hour

@@ -146,6 +146,7 @@ class LeaseBlocks:
         self.offers = leasing.offers
         self.limits = _grant_limits(leasing.offers)
         self.failed = leasing.failed
+        self.budgets = BudgetBook(leasing)  # what the queues may lease (this cycle's asks aside)
         busy_s = busy_s or {}
         for lease in leasing.leases:
             if not lease.node_id:
@@ -196,7 +197,8 @@ class LeaseBlocks:
         their other work at more than its own lease would cost for its time limit T: price x
         (T - busy) > own $/h x T, which holds from T > price x busy / (price - own $/h) on
         (no time limit: always). Never a node leased for the job itself, nor one whose work has
-        no time limit; nothing when the job is a gang or no offer fits it. None: none refused."""
+        no time limit; nothing when the job is a gang or it could lease nothing instead (no
+        offer fits it, or its queue's budget allows none). None: none refused."""
         if not self.priced or _is_gang(job):
             return None
         own = self._own(job)
@@ -246,16 +248,19 @@ class LeaseBlocks:
         return hit[1]
 
     def _own(self, job: Job) -> _Option | None:
-        """The node `job` would lease for itself (one replica, or its one node)."""
+        """The node `job` would lease for itself (one replica, or its one node); None when no
+        offer fits it or its queue's budget allows none."""
         excluded = self.failed.get(job.id, frozenset())
-        key = (_shape(job.spec, self.limits), excluded)
+        queue = job.spec.queue if job.spec.queue in self.budgets.budgets else ""
+        key = (_shape(job.spec, self.limits), excluded, queue)
         if key not in self.own:
             offers = [o for o in self.offers if (o.provider, o.sku) not in excluded]
             if job.spec.kind is JobKind.TRAINING:
                 options, _ = gang_options(job, offers)
             else:
                 options, _ = replica_options(job, 1, offers)
-            self.own[key] = options[0] if options else None
+            affordable = (o for o in options if not self.budgets.over(job, o))
+            self.own[key] = next(affordable, None)
         return self.own[key]
 
 
