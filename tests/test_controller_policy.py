@@ -74,12 +74,15 @@ def test_preemption_requeues_the_victim_and_stops_its_old_attempt(ctl):
     assert (kept.job_id, kept.attempt, kept.gpu_hours) == (low, 0, 8.0)
     assert {r.key: r.gpu_hours for r in ctl.cost().rows} == {str(low): 8.0}
 
-    # The agent still runs the old attempt: it is told to stop it and to start the winner.
+    # The agent still runs the old attempt: it is told to stop it, and the winner starts only
+    # once it is gone (they would share GPUs through the victim's kill grace).
     beat = ctl.heartbeat("a", [RankRef(low, 0, 0)])
-    assert beat.stop == (RankRef(low, 0, 0),)
-    assert [a.ref for a in beat.assignments] == [RankRef(high, 0, 0)]
+    assert (beat.stop, beat.assignments) == ((RankRef(low, 0, 0),), ())
     # The old attempt's exit is acknowledged and ignored; the victim waits to run again.
     ctl.report_rank("a", RankRef(low, 0, 0), RankState.EXITED, -15)
+    beat = ctl.heartbeat("a", [])
+    assert beat.stop == ()
+    assert [a.ref for a in beat.assignments] == [RankRef(high, 0, 0)]
     assert ctl.store.get_job(low).state is JobState.PENDING
     ctl.run_cycle()
     assert ctl.store.get_job(low).reason.startswith("needs 1 node")

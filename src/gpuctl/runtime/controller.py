@@ -304,6 +304,10 @@ class Controller:
                 for ref in running_set
                 if not self._should_run(jobs.get(ref.job_id), ref, node_id)
             ]
+            # Ranks still to stop here hold GPUs (a preemption's victims, a cancelled or
+            # requeued attempt): nothing new starts on the node until they are gone, or a new
+            # rank would share their GPUs (memory) through the stop's kill grace.
+            deferred = bool(stop)
             assignments: list[Assignment] = []
             changed: list[Job] = []
             events: list[Event] = []
@@ -327,6 +331,8 @@ class Controller:
                             r, state=RankState.EXITED, message="cancelled before start"
                         )
                         updated = replace(updated, placement=updated.placement.with_rank(stopped))
+                        continue
+                    if deferred:
                         continue
                     nodes = nodes or self._nodes_by_id()
                     assignments.append(
