@@ -262,12 +262,7 @@ class AgentLoop:
                 self._clock.sleep(min(0.05, self._poll_interval))
         self._collect(self._runner.poll())
         self._collect(self._runner.reap())
-        for _ in range(SHUTDOWN_ROUNDS):
-            self._unreachable = False
-            self._finish_exited()
-            self._send_outbox()
-            if not self._exited and not self._outbox:
-                break
+        self._report_before_exit()
         if self._exited or self._outbox:
             log.warning(
                 "exiting with %d rank(s) unreported: the agent reports them when it starts again",
@@ -280,12 +275,7 @@ class AgentLoop:
         next adopts the ranks still running and reports them when they exit."""
         self._notify(self._notifier.stopping)
         self._collect(self._runner.poll())
-        for _ in range(SHUTDOWN_ROUNDS):
-            self._unreachable = False
-            self._finish_exited()
-            self._send_outbox()
-            if not self._exited and not self._outbox:
-                break
+        self._report_before_exit()
         running = len(self._runner.running())
         if running:
             log.info(
@@ -293,6 +283,16 @@ class AgentLoop:
                 "when it starts again",
                 running,
             )
+
+    def _report_before_exit(self) -> None:
+        """Report the exits and ship the logs pending, a few tries at most: the daemon may be
+        gone, and what is left is reported by the agent that starts next."""
+        for _ in range(SHUTDOWN_ROUNDS):
+            self._unreachable = False
+            self._finish_exited()
+            self._send_outbox()
+            if not self._exited and not self._outbox:
+                break
 
     # -- registration and heartbeat -------------------------------------------------------
 

@@ -138,7 +138,6 @@ class LeaseBlocks:
     ) -> None:
         """`busy_s`: per node, the seconds from `now` until the last job on it reaches its time
         limit (inf: a job there has none); a node not in it is idle."""
-        self.now = now
         self.releasing: set[str] = set()
         self.reserved: dict[str, int] = {}
         ending: list[tuple[float, str, str]] = []  # (seconds left, node, why)

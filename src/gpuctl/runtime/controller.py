@@ -14,7 +14,15 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-from gpuctl.core.cost import CostBy, CostReport, NodePrice, attempt_charge, charges, report
+from gpuctl.core.cost import (
+    AttemptCharge,
+    CostBy,
+    CostReport,
+    NodePrice,
+    attempt_charge,
+    charges,
+    report,
+)
 from gpuctl.core.cycle import CycleResult, schedule
 from gpuctl.core.errors import FailedPrecondition, NotFound
 from gpuctl.core.fabric import fabric_issues
@@ -471,27 +479,15 @@ class Controller:
     ) -> None:
         """Each victim back to PENDING as a new attempt; the heartbeat then tells its agents to
         stop the old attempt (`_should_run`), as for a job requeued off a lost node."""
-        prices = self.node_prices() if result.preemptions else {}
-        ended = []
+        attempts = _NewAttempts(self, now)
         for preemption in result.preemptions:
             job = active[preemption.job_id]
-            ended.append(attempt_charge(job, prices, ended_at=now))
             state = next_job_state(job.id, job.state, JobEvent.PREEMPT)
-            changed.append(
-                replace(
-                    job,
-                    state=state,
-                    attempt=job.attempt + 1,
-                    placement=None,
-                    reason=preemption.reason,
-                    started_at=None,
-                    updated_at=now,
-                )
-            )
+            changed.append(attempts.next(job, state, preemption.reason))
             why = f"{preemption.reason}; requeued as attempt {job.attempt + 1}"
             events.append(_job_event(job, now, "Preempted", why))
             log.info("job %d %s", job.id, why)
-        self.store.add_charges([c for c in ended if c is not None])
+        attempts.charge()
 
     def expire_heartbeats(self) -> list[str]:
         """Nodes silent past the timeout become LOST; their jobs are requeued or failed."""
@@ -752,8 +748,8 @@ class Controller:
         """Requeue or fail, per their spec, the jobs with ranks on `nodes`; the job's reason
         reads "node a <why>". `cancelling_too`: also settle cancelling jobs, whose ranks on a
         lost node will never report; a live agent (degraded node) stops them as usual."""
-        changed, events, ended = [], [], []
-        prices: dict[str, NodePrice] | None = None
+        changed, events = [], []
+        attempts = _NewAttempts(self, now)
         for job in self.store.active_jobs():
             if job.placement is None or not nodes.intersection(job.placement.node_ids):
                 continue
@@ -770,20 +766,8 @@ class Controller:
                 )
             state = next_job_state(job.id, job.state, event)
             if state is JobState.PENDING:
-                prices = self.node_prices() if prices is None else prices
-                ended.append(attempt_charge(job, prices, ended_at=now))
                 reason = f"requeued: node {where} {why} (attempt {job.attempt + 1})"
-                changed.append(
-                    replace(
-                        job,
-                        state=state,
-                        attempt=job.attempt + 1,
-                        placement=None,
-                        reason=reason,
-                        started_at=None,
-                        updated_at=now,
-                    )
-                )
+                changed.append(attempts.next(job, state, reason))
             else:
                 reason = f"node {where} {why}"
                 changed.append(
@@ -792,7 +776,7 @@ class Controller:
             events.append(_job_event(job, now, event_type, reason))
             log.warning("job %d: %s", job.id, reason)
         if changed:
-            self.store.add_charges([c for c in ended if c is not None])
+            attempts.charge()
             self._write(changed, events)
 
     def _lease_active(self, lease_id: str) -> bool:
@@ -873,3 +857,36 @@ __all__ = [
     "JobFeed",
     "RankRef",
 ]
+
+
+class _NewAttempts:
+    """Jobs moved to a new attempt (preempted, requeued off a lost node): each forgets where its
+    last attempt ran, so that attempt is charged as it ends and kept (`charge`)."""
+
+    def __init__(self, controller: Controller, now: datetime) -> None:
+        self._controller = controller
+        self._now = now
+        self._prices: dict[str, NodePrice] | None = None
+        self._ended: list[AttemptCharge] = []
+
+    def next(self, job: Job, state: JobState, reason: str) -> Job:
+        """`job` as its next attempt, in `state` (pending), its last one charged."""
+        if self._prices is None:
+            self._prices = self._controller.node_prices()
+        ended = attempt_charge(job, self._prices, ended_at=self._now)
+        if ended is not None:
+            self._ended.append(ended)
+        return replace(
+            job,
+            state=state,
+            attempt=job.attempt + 1,
+            placement=None,
+            reason=reason,
+            started_at=None,
+            updated_at=self._now,
+        )
+
+    def charge(self) -> None:
+        """Keep what the ended attempts were charged (before the jobs are written: a retry
+        writes the same records again, once each)."""
+        self._controller.store.add_charges(self._ended)

@@ -241,29 +241,13 @@ def event_from_row(row: EventRow) -> Event:
 
 
 def charge_row(charge: AttemptCharge) -> ChargeRow:
-    return ChargeRow(
-        job_id=charge.job_id,
-        attempt=charge.attempt,
-        queue=charge.queue,
-        owner=charge.owner,
-        started_at=_utc(charge.started_at),
-        ended_at=_utc(charge.ended_at),
-        dollars=charge.dollars,
-        gpu_hours=charge.gpu_hours,
-    )
+    values = {f.name: getattr(charge, f.name) for f in fields(charge)}
+    values.update(started_at=_utc(charge.started_at), ended_at=_utc(charge.ended_at))
+    return ChargeRow(**values)
 
 
 def charge_from_row(row: ChargeRow) -> AttemptCharge:
-    return AttemptCharge(
-        job_id=row.job_id,
-        attempt=row.attempt,
-        queue=row.queue,
-        owner=row.owner,
-        started_at=row.started_at,
-        ended_at=row.ended_at,
-        dollars=row.dollars,
-        gpu_hours=row.gpu_hours,
-    )
+    return AttemptCharge(**_known(AttemptCharge, row.model_dump()))
 
 
 # -- JSON ---------------------------------------------------------------------------------------
