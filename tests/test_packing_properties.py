@@ -12,10 +12,12 @@ from gpuctl.core.packing import (
     PACKING_POLICIES,
     ClusterState,
     Fragmentation,
+    GpuctlPacking,
     Kind,
     NodeCapacity,
     PodRequest,
     PolicyContext,
+    ReplicaLoss,
     Workload,
     make_policy,
 )
@@ -158,3 +160,49 @@ def test_vectorised_fragmentation_matches_the_definition(
                 f = sum(free)
             expected += weight * f
         assert got[i] == expected
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    nodes=nodes_st,
+    workload=st.lists(requests_st(), min_size=1, max_size=8),
+    taken=st.lists(requests_st(), max_size=12),
+    request=requests_st(),
+)
+def test_replica_loss_on_columns_is_the_packing_policys_node_by_node(
+    nodes: list, workload: list[PodRequest], taken: list[PodRequest], request: PodRequest
+) -> None:
+    """The frag-aware score's loss from plain columns, every node at once, is what
+    GpuctlPacking's `loss_on` gives for that node and GPU in a ClusterState."""
+    request = PodRequest(  # the score asks no model: its filters have matched it already
+        cpu_milli=request.cpu_milli,
+        memory_mib=request.memory_mib,
+        num_gpu=request.num_gpu,
+        gpu_milli=request.gpu_milli,
+    )
+    state = build(nodes)
+    bestfit = make_policy("bestfit")
+    for r in taken:
+        c = bestfit.place(state, r)
+        if c is not None:
+            state.bind(r, c)
+    w = Workload.of(workload)
+    policy = GpuctlPacking(PolicyContext(workload=w))
+    loss = ReplicaLoss(request, w)
+    # every GPU of the widest node as the one a share takes, in range or not
+    for g in range(-1, state.width + 1):
+        gpu = np.full(len(state), g) if request.kind is Kind.SHARE else None
+        fits, lost = loss.losses(
+            state.gpu_free,
+            state.cpu_free,
+            state.mem_free,
+            loss.model_ok(state.models)[state.model_of],
+            gpu,
+        )
+        for i in range(len(state)):
+            want = policy.loss_on(state, i, request, g if gpu is not None else None)
+            assert bool(fits[i]) == (want is not None), (i, g)
+            if want is not None:
+                assert int(lost[i]) == want, (i, g)
+        if gpu is None:
+            break

@@ -6,6 +6,7 @@ arrays instead of walking the nodes rank by rank.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -92,7 +93,7 @@ class NodeTable:
     which rows changed since it last looked).
     """
 
-    __slots__ = (*_STATIC, *_DYNAMIC, "_clock", "cache", "views")
+    __slots__ = (*_STATIC, *_DYNAMIC, "_clock", "_changes", "_changed_rows", "cache", "views")
 
     ids: tuple[str, ...]
     pos: dict[str, int]
@@ -196,6 +197,8 @@ class NodeTable:
         t.idle = np.array(idle, dtype=bool)
         t._clock = itertools.count(1)
         t.version = np.zeros(n, dtype=np.int64)
+        t._changes = []  # the version of every change, ascending ...
+        t._changed_rows = []  # ... and the row it changed
         t.cache = {}
         return t
 
@@ -245,6 +248,8 @@ class NodeTable:
         for name in _DYNAMIC:
             setattr(other, name, getattr(self, name).copy())
         other._clock = self._clock  # one clock: a version never means two states
+        other._changes = list(self._changes)
+        other._changed_rows = list(self._changed_rows)
         other.cache = dict(self.cache)
         other.views = list(self.views)
         return other
@@ -264,7 +269,17 @@ class NodeTable:
         self.cpu_free[row] = view.cpu_free_milli
         self.mem_free[row] = view.memory_free_mib
         self.idle[row] = view.idle
-        self.version[row] = next(self._clock)
+        self.version[row] = version = next(self._clock)
+        self._changes.append(version)
+        self._changed_rows.append(row)
+
+    def changed_since(self, seen: int) -> np.ndarray:
+        """The rows changed after clock reading `seen`, ascending: from the log of changes
+        while few changed (a cycle changes a row or two at a time), else by version."""
+        rows = self._changed_rows[bisect.bisect_right(self._changes, seen) :]
+        if len(rows) * 8 > len(self.ids):
+            return np.flatnonzero(self.version > seen)
+        return np.array(sorted(set(rows)), dtype=np.int64)
 
     def rows(self, node_ids: Iterable[str]) -> np.ndarray:
         """The rows of `node_ids` (ids not in the table are left out), ascending."""

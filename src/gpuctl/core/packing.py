@@ -448,7 +448,9 @@ class Fragmentation:
     many constrained types cannot use, which starves the types that can only use them.)
     """
 
-    def __init__(self, workload: Workload, state: ClusterState, *, foreign: bool = True) -> None:
+    def __init__(
+        self, workload: Workload, state: ClusterState | None, *, foreign: bool = True
+    ) -> None:
         self.foreign = foreign
         gpu_types = [(t, w) for t, w in workload.types if t.num_gpu]
         cpu_weight = sum(w for t, w in workload.types if not t.num_gpu)
@@ -461,15 +463,30 @@ class Fragmentation:
         self.type_cpu = np.array([t.cpu_milli for t, _ in gpu_types], dtype=np.int64)
         self.weights = np.array([w for _, w in gpu_types], dtype=np.int64)
         self.total_weight = int(self.weights.sum()) + cpu_weight
-        # (N, M): the node's GPU model suits the type; fixed for the state's life.
+        self._type_models = [t.gpu_models for t, _ in gpu_types]
+        # (N, M): the node's GPU model suits the type; fixed for the state's life. Without a
+        # state, figures are asked of explicit rows (`expected_on`).
         self.model_ok = (
-            np.stack([state.model_allowed(t.gpu_models) for t, _ in gpu_types], axis=1)
-            if gpu_types
-            else np.zeros((len(state), 0), dtype=bool)
+            self.models_ok(state.models)[state.model_of]
+            if state is not None
+            else np.zeros((0, len(gpu_types)), dtype=bool)
         )
+
+    def models_ok(self, models: Sequence[str]) -> np.ndarray:
+        """(len(models), M): GPU model i suits type m."""
+        return np.array(
+            [[not allowed or m in allowed for allowed in self._type_models] for m in models],
+            dtype=bool,
+        ).reshape(len(models), len(self._type_models))
 
     def expected(self, gpu_free: np.ndarray, cpu_free: np.ndarray, nodes: np.ndarray) -> np.ndarray:
         """Expected fragmentation of states (R, W) with CPU (R,) on `nodes` (R,) -> (R,)."""
+        return self.expected_on(gpu_free, cpu_free, self.model_ok[nodes])
+
+    def expected_on(
+        self, gpu_free: np.ndarray, cpu_free: np.ndarray, model_ok: np.ndarray
+    ) -> np.ndarray:
+        """`expected` of states on nodes whose GPU model suits the types as `model_ok` (R, M)."""
         total = gpu_free.sum(axis=1)
         out = total * self.cpu_weight
         if not len(self.weights):
@@ -480,11 +497,11 @@ class Fragmentation:
         runs = (
             (room[:, self.type_threshold] >= self.type_gpus[None, :])
             & (cpu_free[:, None] >= self.type_cpu[None, :])
-            & self.model_ok[nodes]
+            & model_ok
         )  # (R, M)
         frag = np.where(runs, stuck[:, self.type_threshold], total[:, None])
         if not self.foreign:
-            frag = np.where(self.model_ok[nodes], frag, 0)
+            frag = np.where(model_ok, frag, 0)
         return out + frag @ self.weights
 
     def after(self, state: ClusterState, nodes: np.ndarray, request: PodRequest) -> np.ndarray:
@@ -753,47 +770,60 @@ def replica_workload(request: PodRequest) -> Workload:
     return Workload.of([request, request, *whole])
 
 
-def node_loss(
-    request: PodRequest,
-    node: NodeCapacity,
-    *,
-    gpu_free: Sequence[int],
-    cpu_free: int,
-    memory_free: int,
-    gpu: int | None = None,
-    workload: Workload | None = None,
-) -> int | None:
-    """gpuctl's packing loss (milli-GPU of capacity lost, lower is better) for `request` on
-    one node as it is now; None when it does not fit. For scoring one node at a time."""
-    state = ClusterState([node])
-    state.set_free(0, gpu_free=gpu_free, cpu_free=cpu_free, memory_free=memory_free)
-    policy = GpuctlPacking(PolicyContext(workload=workload or replica_workload(request)))
-    return policy.loss_on(state, 0, request, gpu)
+class ReplicaLoss:
+    """gpuctl's packing loss (milli-GPU of capacity lost, lower is better) for one request on
+    node states given as plain columns: what the daemon's frag-aware score asks of thousands
+    of node states a cycle, without building a `ClusterState` for each question. The figures
+    are `GpuctlPacking`'s, node by node (a property test compares them)."""
 
+    def __init__(self, request: PodRequest, workload: Workload | None = None) -> None:
+        self.request = request
+        self._packing = GpuctlPacking(PolicyContext(workload=workload or replica_workload(request)))
+        self._frag = Fragmentation(self._packing._workload, None, foreign=False)
+        self._models: dict[tuple[str, ...], np.ndarray] = {}
 
-def node_losses(
-    request: PodRequest,
-    state: ClusterState,
-    *,
-    gpu: np.ndarray | None = None,
-    workload: Workload | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """`node_loss` for every node of `state` at once: (fits, loss) per node, the loss
-    meaningful where it fits. `gpu`: per node, the GPU a share takes (as `node_loss`'s `gpu`).
+    def model_ok(self, models: tuple[str, ...]) -> np.ndarray:
+        """(len(models), M): which of the workload's types GPU model i suits."""
+        found = self._models.get(models)
+        if found is None:
+            found = self._models[models] = self._frag.models_ok(models)
+        return found
 
-    Each node's loss depends on that node alone, so the figures are the ones `node_loss`
-    gives node by node; the score plugin uses this over thousands of nodes per cycle.
-    """
-    policy = GpuctlPacking(PolicyContext(workload=workload or replica_workload(request)))
-    nodes = np.arange(len(state))
-    fits = state.feasible(request)
-    frag = policy._sync(state)
-    growth = frag.after(state, nodes, request) - policy.fragmentation(state)[:, None]
-    lost = policy.lost(state, nodes, request, growth)
-    if request.kind is not Kind.SHARE:
-        return fits, lost[:, 0]
-    if gpu is None:
-        gpu = policy.keys(state, request)[1]
-    g = np.clip(gpu, 0, state.width - 1)
-    valid = (gpu >= 0) & (gpu < state.gpu_count) & (state.gpu_free[nodes, g] >= request.gpu_milli)
-    return fits & valid, lost[nodes, g]
+    def losses(
+        self,
+        gpu_free: np.ndarray,
+        cpu_free: np.ndarray,
+        mem_free: np.ndarray,
+        model_ok: np.ndarray,
+        gpu: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(fits, loss) per node state: free milli per GPU (R, W), free CPU and memory (R,),
+        the types its model suits (R, M); for a share, the GPU it takes there (R,)."""
+        r = self.request
+        fits = (cpu_free >= r.cpu_milli) & (mem_free >= r.memory_mib)
+        after = gpu_free
+        if r.kind is Kind.SHARE:
+            if gpu is None:
+                raise ValueError("a share's loss needs the GPU it takes on each node")
+            width = gpu_free.shape[1]
+            g = np.clip(gpu, 0, max(0, width - 1))
+            rows = np.arange(len(gpu_free))
+            fits &= (gpu >= 0) & (gpu < width)
+            if width:
+                fits &= gpu_free[rows, g] >= r.gpu_milli
+                after = gpu_free.copy()
+                after[rows, g] -= r.gpu_milli
+        elif r.kind is Kind.WHOLE:
+            whole = gpu_free == MILLI_PER_GPU
+            fits &= whole.sum(axis=1) >= r.num_gpu
+            after = np.where(whole & (np.cumsum(whole, axis=1) <= r.num_gpu), 0, gpu_free)
+        frag = self._frag
+        growth = frag.expected_on(after, cpu_free - r.cpu_milli, model_ok) - frag.expected_on(
+            gpu_free, cpu_free, model_ok
+        )
+        gpu_total = gpu_free.sum(axis=1)
+        stranded = self._packing.stranded
+        stranding = stranded(
+            gpu_total - r.milli, cpu_free - r.cpu_milli, mem_free - r.memory_mib
+        ) - stranded(gpu_total, cpu_free, mem_free)
+        return fits, np.rint(growth / self._packing._pods + stranding).astype(np.int64)

@@ -20,12 +20,9 @@ from gpuctl.core.errors import FieldViolation, InvalidArgument
 from gpuctl.core.model import MILLI_PER_GPU, Job, JobKind, JobSpec
 from gpuctl.core.nodetable import NodeTable
 from gpuctl.core.packing import (
-    ClusterState,
-    NodeCapacity,
     PodRequest,
+    ReplicaLoss,
     Workload,
-    node_loss,
-    node_losses,
 )
 from gpuctl.core.preempt import PREEMPTORS, NoPreemption, Preemptor
 from gpuctl.core.queue import QUEUE_SORTS, PriorityFifo, QueueSort
@@ -503,7 +500,8 @@ class FragAware:
     name: ClassVar[str] = "frag-aware"
     kinds: ClassVar[frozenset[JobKind]] = frozenset({JobKind.INFERENCE})
     mix: tuple[tuple[RankRequest, int], ...] = ()
-    _memo: dict[tuple, int | None] = field(default_factory=dict, compare=False)
+    _memo: dict[tuple, float] = field(default_factory=dict, compare=False)
+    _losses: dict[RankRequest, ReplicaLoss] = field(default_factory=dict, compare=False)
     _workload: Workload | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -513,6 +511,12 @@ class FragAware:
 
     def prepare(self, context: CycleContext) -> Score | None:
         return FragAware(mix=context.mix[:MIX_TYPES])
+
+    def _loss(self, request: RankRequest) -> ReplicaLoss:
+        found = self._losses.get(request)
+        if found is None:
+            found = self._losses[request] = ReplicaLoss(_pod_request(request), self._workload)
+        return found
 
     def score(self, job: Job, request: RankRequest, node: NodeView) -> float:
         gpus = pick_gpus(node, request) if request.milli else ()
@@ -530,34 +534,66 @@ class FragAware:
             node.memory_free_mib,
             gpu,
         )
-        if key not in self._memo:
+        found = self._memo.get(key)
+        if found is None:
             if len(self._memo) > 100_000:  # an instance kept across cycles stays bounded
                 self._memo.clear()
-            self._memo[key] = node_loss(
-                _pod_request(request),
-                NodeCapacity(
-                    name=n.id,
-                    cpu_milli=n.cpu_milli,
-                    memory_mib=n.memory_mib,
-                    gpus=node.gpu_count,
-                    model=n.profile.gpu_model,
-                ),
-                gpu_free=node.gpu_free_milli,
-                cpu_free=node.cpu_free_milli,
-                memory_free=node.memory_free_mib,
-                gpu=gpu,
-                workload=self._workload,
+            loss = self._loss(request)
+            fits, lost = loss.losses(
+                np.array([node.gpu_free_milli], dtype=np.int64).reshape(1, -1),
+                np.array([node.cpu_free_milli]),
+                np.array([node.memory_free_mib]),
+                loss.model_ok((n.profile.gpu_model,)),
+                np.array([gpu]) if gpu is not None else None,
             )
-        loss = self._memo[key]
-        if loss is None:
-            return 0.0
-        return 1.0 / (1.0 + max(0, loss + request.milli) / MILLI_PER_GPU)
+            found = self._memo[key] = self._value(request, fits, lost)[0]
+        return found
+
+    @staticmethod
+    def _value(request: RankRequest, fits: np.ndarray, loss: np.ndarray) -> np.ndarray:
+        return np.where(
+            fits, 1.0 / (1.0 + np.maximum(0, loss + request.milli) / MILLI_PER_GPU), 0.0
+        )
 
     def scores(
         self, job: Job, request: RankRequest, table: NodeTable, rows: np.ndarray
     ) -> np.ndarray:
-        if len(rows) <= _FEW_ROWS:  # the memo answers a few nodes faster than numpy's setup
-            return np.array([self.score(job, request, table.views[r]) for r in rows.tolist()])
+        if len(rows) > _FEW_ROWS:
+            return self._scores(job, request, table, rows)
+        # A few rows, most of them in states seen before (by this job shape or another with
+        # the same request): remembered per node kind and what it has free.
+        key = ("frag-aware", id(self))
+        entry = table.cache.get(key)
+        if entry is None or entry[0] is not self:
+            entry = table.cache[key] = (self, {})
+        memo: dict[tuple[Any, ...], float] = entry[1]
+        keys = [
+            (request, k, tuple(f), c, m)
+            for k, f, c, m in zip(
+                table.kind[rows].tolist(),
+                table.gpu_free[rows].tolist(),
+                table.cpu_free[rows].tolist(),
+                table.mem_free[rows].tolist(),
+                strict=True,
+            )
+        ]
+        out = np.empty(len(rows))
+        missed = []
+        for i, k in enumerate(keys):
+            found = memo.get(k)
+            if found is None:
+                missed.append(i)
+            else:
+                out[i] = found
+        if missed:
+            out[missed] = values = self._scores(job, request, table, rows[missed])
+            for i, value in zip(missed, values.tolist(), strict=True):
+                memo[keys[i]] = value
+        return out
+
+    def _scores(
+        self, job: Job, request: RankRequest, table: NodeTable, rows: np.ndarray
+    ) -> np.ndarray:
         out = np.zeros(len(rows))
         free = table.gpu_free[rows]
         gpu = None
@@ -575,24 +611,15 @@ class FragAware:
         if not picked.any():
             return out
         rows, free = rows[picked], free[picked]
-        state = ClusterState.of_columns(
-            names=[table.ids[r] for r in rows],
-            models=[table.models[m] for m in table.model[rows]],
-            gpu_free=free,
-            gpu_count=table.gpu_count[rows],
-            cpu_cap=table.cpu_cap[rows],
-            mem_cap=table.mem_cap[rows],
-            cpu_free=table.cpu_free[rows],
-            mem_free=table.mem_free[rows],
+        loss = self._loss(request)
+        fits, lost = loss.losses(
+            free,
+            table.cpu_free[rows],
+            table.mem_free[rows],
+            loss.model_ok(table.models)[table.model[rows]],
+            gpu[picked] if gpu is not None else None,
         )
-        fits, loss = node_losses(
-            _pod_request(request),
-            state,
-            gpu=gpu[picked] if gpu is not None else None,
-            workload=self._workload,
-        )
-        score = 1.0 / (1.0 + np.maximum(0, loss + request.milli) / MILLI_PER_GPU)
-        out[picked] = np.where(fits, score, 0.0)
+        out[picked] = self._value(request, fits, lost)
         return out
 
 

@@ -46,9 +46,15 @@ _UNREAD = frozenset(
         "preemptible",
     }
 )
-_shape_of = operator.attrgetter(*(f.name for f in fields(JobSpec) if f.name not in _UNREAD))
+_SHAPE_FIELDS = tuple(f.name for f in fields(JobSpec) if f.name not in _UNREAD)
+_shape_of = operator.attrgetter(*_SHAPE_FIELDS)
 # A job's shape: the fields of its spec placement reads, as a tuple (a key for caches).
 Shape = tuple[Any, ...]
+# Filters and scores judge one rank on one node: how many ranks the job has is not theirs to
+# read, so jobs differing only in it share every cached column.
+_rank_of = operator.itemgetter(
+    *(i for i, name in enumerate(_SHAPE_FIELDS) if name not in {"replicas", "num_nodes"})
+)
 
 
 def shape(spec: JobSpec) -> Shape:
@@ -192,6 +198,7 @@ def verdicts(
     """Every node's status and score for one rank of `job` (`job_shape`: `shape(job.spec)`)."""
     t = snapshot.table
     if _columnar(t, policy):
+        job_shape = _rank_of(job_shape)
         filtered = _filtered(t, policy, job, request, job_shape)
         scored = _scored(t, policy, job, request, job_shape, filtered)
         code, first, key, value = filtered.code, filtered.first, filtered.key, scored.value
@@ -235,11 +242,11 @@ def filter_codes(
     if not _columnar(snapshot.table, policy):
         views = snapshot.table.views
         return np.array([check(policy, job, request, v).code for v in views], dtype=np.int8)
-    return _filtered(snapshot.table, policy, job, request, job_shape).code
+    return _filtered(snapshot.table, policy, job, request, _rank_of(job_shape)).code
 
 
 def _dirty(t: NodeTable, seen: int) -> np.ndarray:
-    return np.flatnonzero(t.version > seen)
+    return t.changed_since(seen)
 
 
 def _reads_free(plugin: Any) -> bool:
