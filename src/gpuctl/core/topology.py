@@ -7,7 +7,7 @@ the whole path hang off one leaf switch. An *island* is the free whole nodes of 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from gpuctl.core.snapshot import NodeView
@@ -106,21 +106,27 @@ class GangDemand:
     def best_fabric(self) -> str:
         return self.by_fabric[0][0] if self.by_fabric else ""
 
-    def largest_after(self, taken: Iterable[NodeView]) -> int:
-        """Its largest island once `taken` is no longer free."""
+    def largest_after(self, taken: Mapping[str, str]) -> int:
+        """Its largest island once the nodes `taken` (id -> fabric) are no longer free."""
+        gone = self.eligible.intersection(taken)
+        if not gone:
+            return self.by_fabric[0][1] if self.by_fabric else 0
         lost: dict[str, int] = {}
-        for v in taken:
-            if v.id in self.eligible:
-                lost[v.node.fabric_name] = lost.get(v.node.fabric_name, 0) + 1
+        for node_id in gone:
+            fabric = taken[node_id]
+            lost[fabric] = lost.get(fabric, 0) + 1
         return max((count - lost.get(f, 0) for f, count in self.by_fabric), default=0)
 
 
 def damage(choice: GangChoice, demands: Sequence[GangDemand]) -> tuple[int, int]:
     """How much `choice` hurts the queued gangs: (-gangs that still fit, -their islands' sum);
     smaller is better, and (0, 0) when no gang is queued."""
+    if not demands:
+        return (0, 0)
+    taken = {v.id: v.node.fabric_name for v in choice.nodes}
     still = after = 0
     for d in demands:
-        largest = d.largest_after(choice.nodes)
+        largest = d.largest_after(taken)
         after += largest
         still += largest >= d.nodes
     return (-still, -after)
