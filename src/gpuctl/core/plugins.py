@@ -174,6 +174,9 @@ class ScoreColumns(Protocol):
 # Below this many rows a plugin may answer node by node: numpy's fixed cost per call (a few
 # microseconds an operation) outweighs the per-node work.
 _FEW_ROWS = 16
+# Up to this many rows, frag-aware looks each node's state up in what it has worked out
+# before (about a microsecond a row) instead of working out every row again.
+_MEMO_ROWS = 512
 # Rank shapes of the cycle's mix that frag-aware packs for: FGD's "typical pods". The cost of
 # each score grows with it; a mix rarely has more that matter.
 MIX_TYPES = 8
@@ -558,10 +561,11 @@ class FragAware:
     def scores(
         self, job: Job, request: RankRequest, table: NodeTable, rows: np.ndarray
     ) -> np.ndarray:
-        if len(rows) > _FEW_ROWS:
+        if len(rows) > _MEMO_ROWS:
             return self._scores(job, request, table, rows)
-        # A few rows, most of them in states seen before (by this job shape or another with
-        # the same request): remembered per node kind and what it has free.
+        # The rows that changed since the job shape last looked, most of them in states seen
+        # before (by this shape or another with the same request): remembered per node kind
+        # and what it has free.
         key = ("frag-aware", id(self))
         entry = table.cache.get(key)
         if entry is None or entry[0] is not self:
