@@ -997,18 +997,16 @@ def _place_replicas(
     request = RankRequest.of(job.spec)
     t = snapshot.table
     v = verdicts(snapshot, policy, job, request, job_shape)
-    ok = v.ok
-    # Would fit, but a reservation holds it, or its lease refuses it.
-    held = np.zeros(len(t), dtype=bool)
-    if blocked:
-        held[t.rows(blocked)] = True
-    if refused is not None:
-        held |= refused.rows
-    if blocked or refused is not None:
-        held &= ok
-        ok &= ~held
-    best = np.where(ok, v.score, -np.inf)
-    fitting_at_start = np.count_nonzero(ok)
+    best = v.score  # -inf where ruled out; copied before it changes
+    if blocked or refused is not None:  # would fit, but a reservation or its lease holds it
+        best = best.copy()
+        if blocked:
+            best[_rows_of(t, blocked)] = -np.inf
+        if refused is not None:
+            best[refused.rows] = -np.inf
+    elif job.spec.replicas > 1:
+        best = best.copy()
+    fitting_at_start = len(best) - np.count_nonzero(np.isneginf(best))
     # The nodes as they would be with the replicas placed so far; only the node that took
     # the last replica changes, so only it is filtered and scored again.
     views: dict[int, NodeView] = {}
@@ -1018,7 +1016,7 @@ def _place_replicas(
         row = int(np.argmax(best)) if len(best) else 0  # the best, then the smallest id
         if not len(best) or best[row] == -np.inf:
             why = functools.partial(
-                _replica_reason, job, request, ranks, t, v, held, blocked, refused, local
+                _replica_reason, job, request, ranks, t, v, blocked, refused, local
             )
             return _Miss(why)
         view = views.get(row, t.views[row])
@@ -1038,6 +1036,15 @@ def _place_replicas(
         master_addr=first.node.address,
         reason=_replica_where(ranks, {w.id: w for w in views.values()}, request, fitting_at_start),
     )
+
+
+def _rows_of(t: NodeTable, node_ids: Mapping[str, str]) -> np.ndarray:
+    """`t.rows(node_ids)`, kept on the table for the mapping: alike jobs share one."""
+    key = ("rows of", id(node_ids))
+    hit = t.cache.get(key)
+    if hit is None or hit[0] is not node_ids:
+        hit = t.cache[key] = (node_ids, t.rows(node_ids))
+    return hit[1]
 
 
 def _replica_where(
@@ -1068,12 +1075,17 @@ def _replica_reason(
     ranks: Sequence[RankPlacement],
     t: NodeTable,
     v: Verdicts,
-    held: np.ndarray,
     blocked: Mapping[str, str],
     refused: Refused | None,
     local: Mapping[int, Status],
 ) -> str:
     text = _need(job, request, job.spec.replicas, "replica")
+    held = np.zeros(len(t), dtype=bool)  # would fit, but a reservation or its lease holds it
+    if blocked:
+        held[_rows_of(t, blocked)] = True
+    if refused is not None:
+        held |= refused.rows
+    held &= v.ok
     if not len(t):
         return text + "; the cluster has no nodes"
     if ranks:

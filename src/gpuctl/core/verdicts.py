@@ -10,6 +10,7 @@ cluster. Reasons are worded once per (filter, key) and shared by every node alik
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from gpuctl.core.model import Job, JobSpec
+from gpuctl.core.model import Job, JobKind, JobSpec
 from gpuctl.core.nodetable import NodeTable
 from gpuctl.core.plugins import Code, NodeReady, Policy, RankRequest, Status, plural
 from gpuctl.core.snapshot import Snapshot
@@ -25,6 +26,8 @@ from gpuctl.core.topology import SCORE_DIGITS
 
 # `first` of a node ruled out before any filter of the policy: it is not READY.
 NOT_READY = -2
+# Up to this many elements a figure is worked out in plain Python rather than numpy.
+_FEW = 32
 # A reason names at most this many groups of nodes, and this many nodes per group: enough to
 # act on, short enough to read.
 REASON_GROUPS = 4
@@ -97,6 +100,8 @@ def rounded(raw: np.ndarray) -> np.ndarray:
     numpy rounds x * 10^d, which can land on the other side of .5 than x's exact decimal
     value; those (within 1e-6 of a half) are rounded by Python instead.
     """
+    if len(raw) <= _FEW:  # numpy's fixed cost a call outweighs Python's per element
+        return np.array([round(x, SCORE_DIGITS) for x in raw.tolist()])
     scaled = raw * 10.0**SCORE_DIGITS
     near = np.abs(scaled - np.floor(scaled) - 0.5) < 1e-6
     out = np.rint(scaled) / 10.0**SCORE_DIGITS
@@ -120,7 +125,7 @@ class _Scored:
     filters: tuple[Any, ...]
     scores: tuple[Any, ...]
     seen: int
-    value: np.ndarray  # float64, rounded; NaN where the filters rule the row out
+    value: np.ndarray  # float64, rounded; -inf where the filters rule the row out
 
 
 class ReasonBook:
@@ -149,7 +154,7 @@ class Verdicts:
     code: np.ndarray
     first: np.ndarray
     key: np.ndarray
-    score: np.ndarray  # NaN where not ok
+    score: np.ndarray  # -inf where not ok: the best row is its argmax
     reasons: dict[tuple[int, int, int], str]
     own: Mapping[int, Status]  # rows holding ranks of the job itself, asked node by node
 
@@ -209,7 +214,7 @@ def verdicts(
         code = np.zeros(len(t), dtype=np.int8)
         first = np.full(len(t), -1, dtype=np.int16)
         key = np.zeros(len(t), dtype=np.int64)
-        value = np.full(len(t), np.nan)
+        value = np.full(len(t), -np.inf)
         reasons = {}
         own_rows = range(len(t))
     own: dict[int, Status] = {}
@@ -220,7 +225,7 @@ def verdicts(
             status = check(policy, job, request, view)
             own[int(row)] = status
             code[row] = status.code
-            value[row] = score(policy, job, request, view) if status.ok else np.nan
+            value[row] = score(policy, job, request, view) if status.ok else -np.inf
     return Verdicts(
         table=t,
         policy=policy,
@@ -267,14 +272,7 @@ def _filtered(
         # A changed row that a filter reading only what the node is ruled out, with only
         # such filters before it, is ruled out the same; one that passed them passes them
         # again, so only the filters from the first that reads what is free are asked.
-        start = next(
-            (
-                i
-                for i, f in enumerate(policy.filters)
-                if job.spec.kind in f.kinds and _reads_free(f)
-            ),
-            len(policy.filters),
-        )
+        start = _first_reading_free(policy.filters, job.spec.kind)
         was = first[rows]
         rows = rows[(was == -1) | (was >= start)]
         if not len(rows):
@@ -292,6 +290,14 @@ def _filtered(
     entry = _Filtered(policy.filters, t.now, code, first, key, reasons)
     t.cache[cache_key] = entry
     return entry
+
+
+@functools.cache
+def _first_reading_free(filters: tuple[Any, ...], kind: JobKind) -> int:
+    """The first of `filters` that applies to `kind` and reads what nodes have free."""
+    return next(
+        (i for i, f in enumerate(filters) if kind in f.kinds and _reads_free(f)), len(filters)
+    )
 
 
 def _check_rows(
@@ -341,7 +347,7 @@ def _scored(
         if not len(rows):
             return entry
         value = entry.value.copy()
-        value[rows] = np.nan
+        value[rows] = -np.inf
         fit = rows[filtered.code[rows] == 0]
         if len(fit):
             value[fit] = _score_rows(policy, job, request, job_shape, t, fit)
@@ -360,7 +366,7 @@ def _scored(
                     column = _fixed(t, s, job, request, job_shape)
                 total = total + weight * column[fit]
                 weights += weight
-        value = np.full(len(t), np.nan)
+        value = np.full(len(t), -np.inf)
         value[fit] = rounded(total / weights) if weights else 0.0
     entry = _Scored(policy.filters, policy.scores, t.now, value)
     t.cache[cache_key] = entry
