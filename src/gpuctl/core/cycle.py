@@ -1030,12 +1030,14 @@ def _place_replicas(
             status = Status(code=Code.UNSCHEDULABLE, reason=blocked[view.id])
         local[row] = status
         best[row] = score(policy, job, request, view) if status.ok else -np.inf
-    first = views[t.pos[ranks[0].node_id]]
-    return Placement(
+    taken = {w.id: w for w in views.values()}
+    placement = Placement(
         ranks=tuple(ranks),
-        master_addr=first.node.address,
-        reason=_replica_where(ranks, {w.id: w for w in views.values()}, request, fitting_at_start),
+        master_addr=taken[ranks[0].node_id].node.address,
+        reason=_replica_where(ranks, taken, request, fitting_at_start),
     )
+    snapshot.stage(placement, taken)
+    return placement
 
 
 def _rows_of(t: NodeTable, node_ids: Mapping[str, str]) -> np.ndarray:

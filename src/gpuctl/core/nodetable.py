@@ -140,7 +140,7 @@ class NodeTable:
                     node.memory_mib,
                     fabric.split("/", 1)[0] if fabric else "",
                     fabric or f"node {node.id}",
-                    len(v.whole_free_gpus),
+                    v.gpu_free_milli.count(MILLI_PER_GPU),
                     v.cpu_free_milli,
                     v.memory_free_mib,
                     not v.ranks,
@@ -264,7 +264,7 @@ class NodeTable:
         self.views[row] = view
         free = view.gpu_free_milli
         self.gpu_free[row, : len(free)] = free
-        self.whole[row] = len(view.whole_free_gpus)
+        self.whole[row] = free.count(MILLI_PER_GPU)
         self.most[row] = max(free, default=0)
         self.cpu_free[row] = view.cpu_free_milli
         self.mem_free[row] = view.memory_free_mib

@@ -28,14 +28,16 @@ class NodeView:
     cpu_free_milli: int
     memory_free_mib: int
     ranks: tuple[tuple[int, int], ...] = ()  # (job id, ranks of that job here), by job id
-    # Derived once: filters ask for it for every rank of every job they try.
-    _whole: tuple[Gpu, ...] = field(init=False, repr=False, compare=False)
+    # Derived on first use, then kept: filters ask for it for every rank of every job they
+    # try, while most views a cycle makes are never asked.
+    _whole: tuple[Gpu, ...] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        free = [
-            g for g, m in zip(self.gpus, self.gpu_free_milli, strict=True) if m == MILLI_PER_GPU
-        ]
-        object.__setattr__(self, "_whole", tuple(sorted(free, key=_INDEX)))
+        if len(self.gpu_free_milli) != len(self.node.profile.gpus):
+            raise ValueError(
+                f"node {self.node.id}: {len(self.gpu_free_milli)} free figures for "
+                f"{len(self.node.profile.gpus)} GPUs"
+            )
 
     @property
     def id(self) -> str:
@@ -60,7 +62,12 @@ class NodeView:
     @property
     def whole_free_gpus(self) -> tuple[Gpu, ...]:
         """GPUs with nothing on them, lowest index first."""
-        return self._whole
+        whole = self._whole
+        if whole is None:
+            free = [g for g, m in zip(self.gpus, self.gpu_free_milli) if m == MILLI_PER_GPU]  # noqa: B905 (lengths checked)
+            whole = tuple(sorted(free, key=_INDEX))
+            object.__setattr__(self, "_whole", whole)
+        return whole
 
     @property
     def idle(self) -> bool:
@@ -157,7 +164,7 @@ class Snapshot:
     and `forget` change it, the `NodeView`s it hands out never change.
     """
 
-    __slots__ = ("_held", "_jobs", "_on_node", "_order", "_table", "_views")
+    __slots__ = ("_held", "_jobs", "_on_node", "_order", "_staged", "_table", "_views")
 
     def __init__(
         self,
@@ -176,6 +183,7 @@ class Snapshot:
         self._jobs = jobs if jobs is not None else {}
         self._order = order if order is not None else tuple(sorted(views))
         self._table = table
+        self._staged: tuple[Placement, Mapping[str, NodeView]] | None = None
 
     @property
     def table(self) -> NodeTable:
@@ -241,13 +249,18 @@ class Snapshot:
         share); ValueError if it does not fit (a bug in the caller)."""
         if job_id in self._held:
             raise ValueError(f"job {job_id} already holds resources; forget it first")
-        taken: dict[str, NodeView] = {}
-        for node_id, ranks in _by_node(placement).items():
-            if node_id not in self._views:
-                raise ValueError(f"job {job_id}: node {node_id} is not in the snapshot")
-            taken[node_id] = self._views[node_id].take(job_id, ranks)
+        staged, self._staged = self._staged, None
+        by_node = _by_node(placement)
+        if staged is not None and staged[0] is placement:
+            taken = dict(staged[1])
+        else:
+            taken = {}
+            for node_id, ranks in by_node.items():
+                if node_id not in self._views:
+                    raise ValueError(f"job {job_id}: node {node_id} is not in the snapshot")
+                taken[node_id] = self._views[node_id].take(job_id, ranks)
         # Checked in full above before anything changes, so a failed assume leaves no trace.
-        for node_id, ranks in _by_node(placement).items():
+        for node_id, ranks in by_node.items():
             self._on_node[node_id] = {**self._on_node[node_id], job_id: ranks}
         self._views.update(taken)
         if self._table is not None:
@@ -256,6 +269,12 @@ class Snapshot:
         self._held[job_id] = placement
         if job is not None:
             self._jobs[job_id] = job
+
+    def stage(self, placement: Placement, taken: Mapping[str, NodeView]) -> None:
+        """What `placement` leaves of each of its nodes, as the caller has worked it out
+        (the node here taking exactly its ranks there, by `NodeView.take`): the next `assume`,
+        if it is of this very placement, uses it rather than taking every rank again."""
+        self._staged = (placement, taken)
 
     def forget(self, job_id: int) -> None:
         """Undo `assume` (or a running job's hold); forgetting an unknown job does nothing."""
