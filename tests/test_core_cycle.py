@@ -1122,6 +1122,29 @@ def test_assume_refuses_to_oversubscribe_and_forget_undoes() -> None:
     snapshot.assume(2, half)
 
 
+def test_assume_uses_what_was_staged_for_that_placement_only() -> None:
+    nodes = [h100("n1", 2).cpu(8000, 1024).build(), h100("n2", 2).cpu(8000, 1024).build()]
+    one = Placement(ranks=(RankPlacement(rank=0, node_id="n1", gpu_indices=(0,), cpu_milli=10),))
+    other = Placement(ranks=(RankPlacement(rank=0, node_id="n2", gpu_indices=(1,)),))
+    plain, staged = Snapshot.build(nodes, ()), Snapshot.build(nodes, ())
+    assert len(plain.table) == len(staged.table) == 2  # built first: assume keeps them in step
+    after = staged.node("n1").take(1, one.ranks)
+    staged.stage(one, {"n1": after})
+    staged.assume(1, one)
+    plain.assume(1, one)
+    assert staged.node("n1") is after
+    assert staged.nodes == plain.nodes
+    assert (staged.table.gpu_free == plain.table.gpu_free).all()
+    assert (staged.table.cpu_free == plain.table.cpu_free).all()
+    # staged for one placement, another is worked out (and checked) as usual
+    staged.stage(one, {"n1": after})
+    staged.assume(2, other)
+    plain.assume(2, other)
+    assert staged.nodes == plain.nodes
+    with pytest.raises(ValueError, match="already holds"):
+        staged.assume(1, one)
+
+
 @pytest.mark.parametrize(
     ("ranks", "error"),
     [
