@@ -160,6 +160,8 @@ def test_vectorised_fragmentation_matches_the_definition(
                 f = sum(free)
             expected += weight * f
         assert got[i] == expected
+        ok = frag.models_ok((model,))[0].tolist()
+        assert frag.expected_one(free, int(state.cpu_free[i]), ok) == expected
 
 
 @settings(max_examples=60, deadline=None)
@@ -172,8 +174,9 @@ def test_vectorised_fragmentation_matches_the_definition(
 def test_replica_loss_on_columns_is_the_packing_policys_node_by_node(
     nodes: list, workload: list[PodRequest], taken: list[PodRequest], request: PodRequest
 ) -> None:
-    """The frag-aware score's loss from plain columns, every node at once, is what
-    GpuctlPacking's `loss_on` gives for that node and GPU in a ClusterState."""
+    """The frag-aware score's loss from plain columns, every node at once (and one node in
+    plain Python), is what GpuctlPacking's `loss_on` gives for that node and GPU in a
+    ClusterState."""
     request = PodRequest(  # the score asks no model: its filters have matched it already
         cpu_milli=request.cpu_milli,
         memory_mib=request.memory_mib,
@@ -204,5 +207,13 @@ def test_replica_loss_on_columns_is_the_packing_policys_node_by_node(
             assert bool(fits[i]) == (want is not None), (i, g)
             if want is not None:
                 assert int(lost[i]) == want, (i, g)
+            one = loss.loss(  # the same node alone, in plain Python
+                state.gpu_free[i, : state.gpu_count[i]].tolist(),
+                int(state.cpu_free[i]),
+                int(state.mem_free[i]),
+                state.models[state.model_of[i]],
+                g if gpu is not None else None,
+            )
+            assert one == want, (i, g)
         if gpu is None:
             break

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import math
 import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -463,6 +464,18 @@ class Fragmentation:
         self.type_cpu = np.array([t.cpu_milli for t, _ in gpu_types], dtype=np.int64)
         self.weights = np.array([w for _, w in gpu_types], dtype=np.int64)
         self.total_weight = int(self.weights.sum()) + cpu_weight
+        # The same as plain Python numbers, for one state at a time (`expected_one`).
+        self._cpu_weight = cpu_weight
+        self._thresholds = thresholds
+        self._types = list(
+            zip(
+                self.type_threshold.tolist(),
+                self.type_gpus.tolist(),
+                self.type_cpu.tolist(),
+                self.weights.tolist(),
+                strict=True,
+            )
+        )
         self._type_models = [t.gpu_models for t, _ in gpu_types]
         # (N, M): the node's GPU model suits the type; fixed for the state's life. Without a
         # state, figures are asked of explicit rows (`expected_on`).
@@ -482,6 +495,21 @@ class Fragmentation:
     def expected(self, gpu_free: np.ndarray, cpu_free: np.ndarray, nodes: np.ndarray) -> np.ndarray:
         """Expected fragmentation of states (R, W) with CPU (R,) on `nodes` (R,) -> (R,)."""
         return self.expected_on(gpu_free, cpu_free, self.model_ok[nodes])
+
+    def expected_one(self, gpu_free: Sequence[int], cpu_free: int, model_ok: Sequence[bool]) -> int:
+        """`expected_on` of one state in plain Python."""
+        total = sum(gpu_free)
+        out = total * self._cpu_weight
+        if not self._types:
+            return out
+        stuck = [sum([f for f in gpu_free if f < t]) for t in self._thresholds]
+        room = [sum([1 for f in gpu_free if f >= t]) for t in self._thresholds]
+        for (k, gpus, cpu, weight), ok in zip(self._types, model_ok, strict=True):
+            if ok:
+                out += weight * (stuck[k] if room[k] >= gpus and cpu_free >= cpu else total)
+            elif self.foreign:
+                out += weight * total
+        return out
 
     def expected_on(
         self, gpu_free: np.ndarray, cpu_free: np.ndarray, model_ok: np.ndarray
@@ -717,6 +745,15 @@ class GpuctlPacking(_KeyedPolicy):
             usable = np.minimum(usable, np.maximum(mem_free, 0) / self._mem_per_milli)
         return np.maximum(0.0, gpu_free - usable)
 
+    def stranded_one(self, gpu_free: int, cpu_free: int, mem_free: int) -> float:
+        """`stranded` of one node in plain Python."""
+        usable = math.inf
+        if self._cpu_per_milli > 0:
+            usable = min(usable, max(cpu_free, 0) / self._cpu_per_milli)
+        if self._mem_per_milli > 0:
+            usable = min(usable, max(mem_free, 0) / self._mem_per_milli)
+        return max(0.0, gpu_free - usable)
+
     def lost(
         self, state: ClusterState, nodes: np.ndarray, request: PodRequest, growth: np.ndarray
     ) -> np.ndarray:
@@ -781,6 +818,51 @@ class ReplicaLoss:
         self._packing = GpuctlPacking(PolicyContext(workload=workload or replica_workload(request)))
         self._frag = Fragmentation(self._packing._workload, None, foreign=False)
         self._models: dict[tuple[str, ...], np.ndarray] = {}
+        self._rows: dict[str, tuple[bool, ...]] = {}
+
+    def loss(
+        self,
+        gpu_free: Sequence[int],
+        cpu_free: int,
+        mem_free: int,
+        model: str,
+        gpu: int | None = None,
+    ) -> int | None:
+        """`losses` of one node state in plain Python (no numpy call's fixed cost): None
+        when the request does not fit there."""
+        r = self.request
+        if cpu_free < r.cpu_milli or mem_free < r.memory_mib:
+            return None
+        after = list(gpu_free)
+        if r.kind is Kind.SHARE:
+            if gpu is None:
+                raise ValueError("a share's loss needs the GPU it takes on the node")
+            if not 0 <= gpu < len(after) or after[gpu] < r.gpu_milli:
+                return None
+            after[gpu] -= r.gpu_milli
+        elif r.kind is Kind.WHOLE:
+            whole = [i for i, m in enumerate(after) if m == MILLI_PER_GPU][: r.num_gpu]
+            if len(whole) < r.num_gpu:
+                return None
+            for i in whole:
+                after[i] = 0
+        ok = self._model_row(model)
+        frag = self._frag
+        growth = frag.expected_one(after, cpu_free - r.cpu_milli, ok) - frag.expected_one(
+            gpu_free, cpu_free, ok
+        )
+        total = sum(gpu_free)
+        stranded = self._packing.stranded_one
+        stranding = stranded(
+            total - r.milli, cpu_free - r.cpu_milli, mem_free - r.memory_mib
+        ) - stranded(total, cpu_free, mem_free)
+        return round(growth / self._packing._pods + stranding)
+
+    def _model_row(self, model: str) -> tuple[bool, ...]:
+        found = self._rows.get(model)
+        if found is None:
+            found = self._rows[model] = tuple(self._frag.models_ok((model,))[0].tolist())
+        return found
 
     def model_ok(self, models: tuple[str, ...]) -> np.ndarray:
         """(len(models), M): which of the workload's types GPU model i suits."""

@@ -177,6 +177,8 @@ _FEW_ROWS = 16
 # Up to this many rows, frag-aware looks each node's state up in what it has worked out
 # before (about a microsecond a row) instead of working out every row again.
 _MEMO_ROWS = 512
+# Up to this many states not seen before, frag-aware works them out node by node.
+_FEW_MISSED = 4
 # Rank shapes of the cycle's mix that frag-aware packs for: FGD's "typical pods". The cost of
 # each score grows with it; a mix rarely has more that matter.
 MIX_TYPES = 8
@@ -541,15 +543,16 @@ class FragAware:
         if found is None:
             if len(self._memo) > 100_000:  # an instance kept across cycles stays bounded
                 self._memo.clear()
-            loss = self._loss(request)
-            fits, lost = loss.losses(
-                np.array([node.gpu_free_milli], dtype=np.int64).reshape(1, -1),
-                np.array([node.cpu_free_milli]),
-                np.array([node.memory_free_mib]),
-                loss.model_ok((n.profile.gpu_model,)),
-                np.array([gpu]) if gpu is not None else None,
+            lost = self._loss(request).loss(
+                node.gpu_free_milli,
+                node.cpu_free_milli,
+                node.memory_free_mib,
+                n.profile.gpu_model,
+                gpu,
             )
-            found = self._memo[key] = self._value(request, fits, lost)[0]
+            found = self._memo[key] = (
+                0.0 if lost is None else 1.0 / (1.0 + max(0, lost + request.milli) / MILLI_PER_GPU)
+            )
         return found
 
     @staticmethod
@@ -589,10 +592,14 @@ class FragAware:
                 missed.append(i)
             else:
                 out[i] = found
-        if missed:
+        if len(missed) > _FEW_MISSED:
             out[missed] = values = self._scores(job, request, table, rows[missed])
             for i, value in zip(missed, values.tolist(), strict=True):
                 memo[keys[i]] = value
+        else:  # node by node, in plain Python
+            views = table.views
+            for i in missed:
+                out[i] = memo[keys[i]] = self.score(job, request, views[int(rows[i])])
         return out
 
     def _scores(
