@@ -800,7 +800,10 @@ def _place_gang(
         )
     # Whole nodes, then fewest leaves, then what stays intact for the queued gangs, then the
     # scores (interconnect and TFLOPS among them), then the fabric's name.
-    best = min(gangs, key=lambda g: (g.partial, g.leaves, damage(g, queued), -g.score, g.fabric))
+    # (damage is worked out only for the choices that tie on the first two)
+    lead = min((g.partial, g.leaves) for g in gangs)
+    tied = [g for g in gangs if (g.partial, g.leaves) == lead]
+    best = min(tied, key=lambda g: (damage(g, queued), -g.score, g.fabric))
     ordered = best.nodes
     whole_nodes = n - best.partial
     where = f"fabric {best.fabric}" if best.fabric else f"node {ordered[0].id} (no fabric)"

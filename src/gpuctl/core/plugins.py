@@ -388,10 +388,10 @@ class Interconnect:
     def filter(self, job: Job, request: RankRequest, node: NodeView) -> Status:
         profile = node.node.profile
         spec = job.spec
-        if spec.min_nvlink_gbps > profile.nvlink_gbps:
+        if spec.min_nvlink_gbps > 0 and spec.min_nvlink_gbps > profile.nvlink_gbps:
             reason = f"with NVLink {profile.nvlink_gbps:g} gbps (floor {spec.min_nvlink_gbps:g})"
             return Status(code=Code.UNRESOLVABLE, reason=reason, plugin=self.name)
-        if spec.min_net_gbps > profile.network.total_gbps:
+        if spec.min_net_gbps > 0 and spec.min_net_gbps > profile.network.total_gbps:
             reason = (
                 f"with network {profile.network.total_gbps:g} gbps (floor {spec.min_net_gbps:g})"
             )

@@ -5,6 +5,7 @@ name says who may be a victim, the search here is the same for every plugin.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -83,16 +84,20 @@ class PriorityPreemption:
     def candidates(
         self, job: Job, running: Sequence[Job], now: datetime, fresh: Collection[int]
     ) -> tuple[Victim, ...]:
-        victims = [
-            Victim(job=r, gpu_hours=gpu_hours(r, now))
-            for r in running
-            if r.state is JobState.RUNNING
-            and r.spec.preemptible
-            and r.spec.priority < job.spec.priority
-            and r.id not in fresh
-        ]
-        victims.sort(key=lambda v: (round(v.gpu_hours, 6), v.job.spec.priority, -v.job.id))
-        return tuple(victims[:MAX_CANDIDATES])
+        ranked = []
+        for r in running:
+            if (
+                r.state is JobState.RUNNING
+                and r.spec.preemptible
+                and r.spec.priority < job.spec.priority
+                and r.id not in fresh
+            ):
+                lost = gpu_hours(r, now)
+                ranked.append((round(lost, 6), r.spec.priority, -r.id, lost, r))
+        # ids are unique: the order never compares further than the id
+        return tuple(
+            Victim(job=r, gpu_hours=lost) for *_, lost, r in heapq.nsmallest(MAX_CANDIDATES, ranked)
+        )
 
 
 PREEMPTORS: Mapping[str, type[Preemptor]] = MappingProxyType(

@@ -7,7 +7,7 @@ the whole path hang off one leaf switch. An *island* is the free whole nodes of 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from gpuctl.core.snapshot import NodeView
@@ -106,16 +106,12 @@ class GangDemand:
     def best_fabric(self) -> str:
         return self.by_fabric[0][0] if self.by_fabric else ""
 
-    def largest_after(self, taken: Mapping[str, str]) -> int:
-        """Its largest island once the nodes `taken` (id -> fabric) are no longer free."""
-        gone = self.eligible.intersection(taken)
+    def largest_after(self, fabric: str, taken: Iterable[str]) -> int:
+        """Its largest island once the nodes `taken`, all on `fabric`, are no longer free."""
+        gone = len(self.eligible.intersection(taken))
         if not gone:
             return self.by_fabric[0][1] if self.by_fabric else 0
-        lost: dict[str, int] = {}
-        for node_id in gone:
-            fabric = taken[node_id]
-            lost[fabric] = lost.get(fabric, 0) + 1
-        return max((count - lost.get(f, 0) for f, count in self.by_fabric), default=0)
+        return max(count - gone if f == fabric else count for f, count in self.by_fabric)
 
 
 def damage(choice: GangChoice, demands: Sequence[GangDemand]) -> tuple[int, int]:
@@ -123,10 +119,10 @@ def damage(choice: GangChoice, demands: Sequence[GangDemand]) -> tuple[int, int]
     smaller is better, and (0, 0) when no gang is queued."""
     if not demands:
         return (0, 0)
-    taken = {v.id: v.node.fabric_name for v in choice.nodes}
+    taken = [v.id for v in choice.nodes]  # all on choice.fabric: a gang is one island
     still = after = 0
     for d in demands:
-        largest = d.largest_after(taken)
+        largest = d.largest_after(choice.fabric, taken)
         after += largest
         still += largest >= d.nodes
     return (-still, -after)
