@@ -1009,7 +1009,7 @@ def _place_replicas(
             best[refused.rows] = -np.inf
     elif job.spec.replicas > 1:
         best = best.copy()
-    fitting_at_start = len(best) - np.count_nonzero(np.isneginf(best))
+    fitting_at_start = np.count_nonzero(best != -np.inf)
     # The nodes as they would be with the replicas placed so far; only the node that took
     # the last replica changes, so only it is filtered and scored again.
     views: dict[int, NodeView] = {}

@@ -80,26 +80,37 @@ class NodeView:
     def take(self, job_id: int, ranks: Sequence[RankPlacement]) -> NodeView:
         """This node with `ranks` of `job_id` added; ValueError when they do not fit."""
         free = list(self.gpu_free_milli)
-        position = {g.index: i for i, g in enumerate(self.gpus)}
+        gpus = self.gpus
+        position: dict[int, int] | None = None
         cpu, memory = self.cpu_free_milli, self.memory_free_mib
         for r in ranks:
             if r.node_id != self.id:
                 raise ValueError(
                     f"job {job_id}: rank {r.rank} is for node {r.node_id}, not {self.id}"
                 )
-            if len(set(r.gpu_indices)) != len(r.gpu_indices):
-                raise ValueError(f"job {job_id}: rank {r.rank} names a GPU twice: {r.gpu_indices}")
-            if r.gpu_indices and not 0 < r.gpu_milli <= MILLI_PER_GPU:
-                raise ValueError(f"job {job_id}: rank {r.rank} takes {r.gpu_milli} milli per GPU")
-            for index in r.gpu_indices:
-                if index not in position:
-                    raise ValueError(f"job {job_id}: node {self.id} has no GPU {index}")
-                if free[position[index]] < r.gpu_milli:
+            indices = r.gpu_indices
+            if indices:
+                if len(indices) > 1 and len(set(indices)) != len(indices):
+                    raise ValueError(f"job {job_id}: rank {r.rank} names a GPU twice: {indices}")
+                if not 0 < r.gpu_milli <= MILLI_PER_GPU:
+                    raise ValueError(
+                        f"job {job_id}: rank {r.rank} takes {r.gpu_milli} milli per GPU"
+                    )
+            for index in indices:
+                if 0 <= index < len(gpus) and gpus[index].index == index:
+                    at = index  # GPUs listed in index order, as agents report them
+                else:
+                    if position is None:
+                        position = {g.index: i for i, g in enumerate(gpus)}
+                    if index not in position:
+                        raise ValueError(f"job {job_id}: node {self.id} has no GPU {index}")
+                    at = position[index]
+                if free[at] < r.gpu_milli:
                     raise ValueError(
                         f"job {job_id}: GPU {index} of node {self.id} has "
-                        f"{free[position[index]]} milli free, rank {r.rank} needs {r.gpu_milli}"
+                        f"{free[at]} milli free, rank {r.rank} needs {r.gpu_milli}"
                     )
-                free[position[index]] -= r.gpu_milli
+                free[at] -= r.gpu_milli
             # A dimension the rank does not ask for is not checked: a node a running job
             # already oversubscribes (it re-registered smaller) can still take a rank that
             # needs none of that resource.
@@ -110,14 +121,19 @@ class NodeView:
                 )
             cpu -= r.cpu_milli
             memory -= r.memory_mib
-        held = dict(self.ranks)
-        held[job_id] = held.get(job_id, 0) + len(ranks)
+        held = self.ranks
+        if not held or held[-1][0] < job_id:  # ids ascending: the new job goes last
+            held = (*held, (job_id, len(ranks)))
+        else:
+            counts = dict(held)
+            counts[job_id] = counts.get(job_id, 0) + len(ranks)
+            held = tuple(sorted(counts.items()))
         return NodeView(
             node=self.node,
             gpu_free_milli=tuple(free),
             cpu_free_milli=cpu,
             memory_free_mib=memory,
-            ranks=tuple(sorted(held.items())),
+            ranks=held,
         )
 
 
