@@ -26,6 +26,9 @@ from gpuctl.core.topology import SCORE_DIGITS
 
 # `first` of a node ruled out before any filter of the policy: it is not READY.
 NOT_READY = -2
+# Up to this many changed rows, cached filter results are brought up to date by asking the
+# per-node filters.
+_NODE_BY_NODE = 4
 # Up to this many elements a figure is worked out in plain Python rather than numpy.
 _FEW = 32
 # A reason names at most this many groups of nodes, and this many nodes per group: enough to
@@ -267,26 +270,37 @@ def _filtered(
         rows = _dirty(t, entry.seen)
         if not len(rows):
             return entry
-        code, first, key = entry.code.copy(), entry.first.copy(), entry.key.copy()
-        reasons = entry.reasons
+        code, first, key, reasons = entry.code, entry.first, entry.key, entry.reasons
         # A changed row that a filter reading only what the node is ruled out, with only
         # such filters before it, is ruled out the same; one that passed them passes them
         # again, so only the filters from the first that reads what is free are asked.
         start = _first_reading_free(policy.filters, job.spec.kind)
         was = first[rows]
         rows = rows[(was == -1) | (was >= start)]
-        if not len(rows):
-            entry = _Filtered(policy.filters, t.now, code, first, key, reasons)
-            t.cache[cache_key] = entry
-            return entry
+        if len(rows) <= _NODE_BY_NODE:
+            # A few rows: asked node by node (numpy's fixed cost a call outweighs the per-node
+            # plugins' microseconds), and only those ruled out asked again by columns, for
+            # the filter and key their reason is grouped by.
+            views = t.views
+            out = [not check(policy, job, request, views[r]).ok for r in rows.tolist()]
+            if not any(out) and (first[rows] == -1).all():  # passed, and still passes
+                rows = rows[:0]
+            elif any(out):
+                passing = rows[[not o for o in out]]
+                rows = rows[out]
+                code, first, key = code.copy(), first.copy(), key.copy()
+                code[passing], first[passing], key[passing] = 0, -1, 0
+        if len(rows):
+            if code is entry.code:
+                code, first, key = code.copy(), first.copy(), key.copy()
+            code[rows], first[rows], key[rows] = _check_rows(policy, job, request, t, rows, start)
     else:
         rows = np.arange(len(t))
         code = np.zeros(len(t), dtype=np.int8)
         first = np.full(len(t), -1, dtype=np.int16)
         key = np.zeros(len(t), dtype=np.int64)
         reasons = {}
-        start = 0
-    code[rows], first[rows], key[rows] = _check_rows(policy, job, request, t, rows, start)
+        code[rows], first[rows], key[rows] = _check_rows(policy, job, request, t, rows)
     entry = _Filtered(policy.filters, t.now, code, first, key, reasons)
     t.cache[cache_key] = entry
     return entry
