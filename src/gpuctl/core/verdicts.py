@@ -26,8 +26,8 @@ from gpuctl.core.topology import SCORE_DIGITS
 
 # `first` of a node ruled out before any filter of the policy: it is not READY.
 NOT_READY = -2
-# Up to this many changed rows, cached filter results are brought up to date by asking the
-# per-node filters.
+# Up to this many changed rows, cached filter results and scores are brought up to date by
+# asking the per-node plugins.
 _NODE_BY_NODE = 4
 # Up to this many elements a figure is worked out in plain Python rather than numpy.
 _FEW = 32
@@ -207,11 +207,11 @@ def verdicts(
     t = snapshot.table
     if _columnar(t, policy):
         job_shape = _rank_of(job_shape)
+        held = snapshot.placement_of(job.id)
         filtered = _filtered(t, policy, job, request, job_shape)
-        scored = _scored(t, policy, job, request, job_shape, filtered)
+        scored = _scored(t, policy, job, request, job_shape, filtered, held is None)
         code, first, key, value = filtered.code, filtered.first, filtered.key, scored.value
         reasons = filtered.reasons
-        held = snapshot.placement_of(job.id)
         own_rows = t.rows(r.node_id for r in held.ranks) if held is not None else ()
     else:  # a plugin without a column form: every node asked by itself
         code = np.zeros(len(t), dtype=np.int8)
@@ -352,7 +352,11 @@ def _scored(
     request: RankRequest,
     job_shape: Shape,
     filtered: _Filtered,
+    node_by_node: bool = False,
 ) -> _Scored:
+    """The scores of the rows `filtered` passes; with `node_by_node` (the job holds nothing
+    anywhere, so a node's per-node score is its column's), a few changed rows are scored by
+    the per-node plugins."""
     facets = tuple(s.facet(job) for s, _ in policy.scores if hasattr(s, "facet"))
     cache_key = ("scores", id(policy.filters), id(policy.scores), job_shape, facets)
     entry = t.cache.get(cache_key)
@@ -363,7 +367,10 @@ def _scored(
         value = entry.value.copy()
         value[rows] = -np.inf
         fit = rows[filtered.code[rows] == 0]
-        if len(fit):
+        if node_by_node and len(fit) <= _NODE_BY_NODE:
+            views = t.views
+            value[fit] = [score(policy, job, request, views[r]) for r in fit.tolist()]
+        elif len(fit):
             value[fit] = _score_rows(policy, job, request, job_shape, t, fit)
     else:
         # Scores new to this table (a first look, or re-prepared for the queued gangs): the
