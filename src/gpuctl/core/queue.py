@@ -115,7 +115,10 @@ class QueueOrder:
         held = (usage() if callable(usage) else usage) if self._keyed else Usage.of(())
         self._queue = dict(held.by_queue)
         self._owner = dict(held.by_owner)
-        self._heap: list[tuple[tuple[Any, ...], tuple[int, str, str]]] = []
+        # Bumped whenever a queue's or owner's GPUs change: a heap entry keyed when both were
+        # as they are now is still fresh, without keying it again.
+        self._version: dict[str, int] = {}
+        self._heap: list[tuple[tuple[Any, ...], tuple[int, str, str], int]] = []
         self._rebuilds = 0
         self._rebuild()
 
@@ -127,9 +130,18 @@ class QueueOrder:
             job, self._queue.get(spec.queue, 0.0), self._owner.get(spec.owner, 0.0)
         )
 
+    def _stamp(self, group: tuple[int, str, str]) -> int:
+        """How often the GPUs of the group's queue and owner have changed."""
+        return self._version.get("q" + group[1], 0) + self._version.get("o" + group[2], 0)
+
+    def _entry(
+        self, group: tuple[int, str, str], head: Job
+    ) -> tuple[tuple[Any, ...], tuple[int, str, str], int]:
+        return (self._key(head), group, self._stamp(group))
+
     def _rebuild(self) -> None:
         self._rebuilds += 1
-        self._heap = [(self._key(q[0]), g) for g, q in self._groups.items() if q]
+        self._heap = [self._entry(g, q[0]) for g, q in self._groups.items() if q]
         heapq.heapify(self._heap)
 
     def preview(self) -> Iterator[Job]:
@@ -143,19 +155,20 @@ class QueueOrder:
         # Keys only grow while jobs start (usage only rises), so a stale heap entry is at most
         # too early: re-key it and push it back (a lazy heap). `stopped` lowers keys: rebuild.
         while self._heap:
-            key, group = heapq.heappop(self._heap)
+            key, group, stamp = heapq.heappop(self._heap)
             queue = self._groups[group]
             if not queue:  # an entry left from before a rebuild
                 continue
-            fresh = self._key(queue[0])
-            if fresh != key:
-                heapq.heappush(self._heap, (fresh, group))
-                continue
+            if stamp != self._stamp(group):
+                fresh = self._entry(group, queue[0])
+                if fresh[0] != key:
+                    heapq.heappush(self._heap, fresh)
+                    continue
             job = queue.popleft()
             rebuilds = self._rebuilds
             yield job
             if queue and rebuilds == self._rebuilds:  # a rebuild has queued the new head
-                heapq.heappush(self._heap, (self._key(queue[0]), group))
+                heapq.heappush(self._heap, self._entry(group, queue[0]))
 
     def started(self, job: Job, gpus: float) -> None:
         self._add(job, gpus)
@@ -168,6 +181,8 @@ class QueueOrder:
         spec = job.spec
         self._queue[spec.queue] = self._queue.get(spec.queue, 0.0) + gpus
         self._owner[spec.owner] = self._owner.get(spec.owner, 0.0) + gpus
+        for name in ("q" + spec.queue, "o" + spec.owner):
+            self._version[name] = self._version.get(name, 0) + 1
 
 
 def _group(job: Job) -> tuple[int, str, str]:
