@@ -787,11 +787,11 @@ def _place_gang(
     scores = v.score[members]
     whole = t.idle[members] & (t.gpu_count[members] == request.gpus)
     islands = _island_keys(t, members)
-    gangs = (
-        _single_node_gangs(t, members, scores, whole, islands)
-        if n == 1
-        else _gangs(t, members, scores, whole, islands, n)
-    )
+    if n == 1:
+        gangs = _single_node_gangs(t, members, scores, whole, islands)
+    else:
+        memo = _IslandMemo.of(t, policy, job, job_shape, blocked, refused)
+        gangs = _gangs(t, members, scores, whole, islands, n, memo)
     if not gangs:
         return _Miss(
             lambda: _gang_reason(
@@ -851,6 +851,50 @@ def _single_node_gangs(
     return out
 
 
+class _IslandMemo:
+    """Each island's best gang for one kind of job (shape, size, what it may not use), kept on
+    the table: an island none of whose nodes changed since has the same best gang, and a burst
+    cycle changes an island or two between two gangs alike."""
+
+    __slots__ = ("choices", "known", "seen")
+
+    def __init__(self, table: NodeTable, known: dict[int, GangChoice | None]) -> None:
+        self.known = known  # island key -> its best gang (None: none), still valid
+        self.choices: dict[int, GangChoice | None] = {}
+        self.seen = table.now
+
+    @classmethod
+    def of(
+        cls,
+        t: NodeTable,
+        policy: Policy,
+        job: Job,
+        job_shape: Shape,
+        blocked: Mapping[str, str],
+        refused: Refused | None,
+    ) -> _IslandMemo:
+        facets = tuple(s.facet(job) for s, _ in policy.scores if hasattr(s, "facet"))
+        key = (
+            "islands",
+            id(policy.filters),
+            id(policy.scores),
+            job_shape,
+            facets,
+            id(blocked),
+            refused.key if refused is not None else None,
+        )
+        hit = t.cache.get(key)
+        known: dict[int, GangChoice | None] = {}
+        # (the entry holds what its key names by id, so no id is reused while it is kept)
+        if hit is not None and hit[0] is policy.filters and hit[1] is policy.scores:
+            memo = hit[3]
+            touched = set(_island_keys(t, t.changed_since(memo.seen)).tolist())
+            known = {k: c for k, c in memo.choices.items() if k not in touched}
+        out = cls(t, known)
+        t.cache[key] = (policy.filters, policy.scores, blocked, out)
+        return out
+
+
 def _gangs(
     t: NodeTable,
     rows: np.ndarray,
@@ -858,20 +902,27 @@ def _gangs(
     whole: np.ndarray,
     islands: np.ndarray,
     n: int,
+    memo: _IslandMemo | None = None,
 ) -> list[GangChoice]:
-    """`topology.best_gang` of each island (in island order) with at least `n` members."""
-    out = []
+    """`topology.best_gang` of each island (in island order) with at least `n` members; those
+    `memo` knows are not worked out again, and what is worked out is recorded there."""
+    out: list[GangChoice] = []
     if not len(rows):
         return out
-    _, sizes = np.unique(islands, return_counts=True)
+    keys, sizes = np.unique(islands, return_counts=True)
     by_island = np.argsort(islands, kind="stable")
     offset = 0
-    for size in sizes.tolist():
+    for island, size in zip(keys.tolist(), sizes.tolist(), strict=True):
         members = by_island[offset : offset + size]
         offset += size
         if size < n:
             continue
-        choice = _best_gang(t, rows[members], scores[members], whole[members], n)
+        if memo is not None and island in memo.known:
+            choice = memo.known[island]
+        else:
+            choice = _best_gang(t, rows[members], scores[members], whole[members], n)
+        if memo is not None:
+            memo.choices[island] = choice
         if choice is not None:
             out.append(choice)
     return out
