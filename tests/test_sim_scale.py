@@ -174,6 +174,42 @@ def test_columns_decide_as_node_by_node_over_two_cycles(
         )
 
 
+@pytest.mark.parametrize(("nodes", "pending"), [(1000, 300), (600, 200)])
+def test_gang_choices_kept_per_island_decide_as_worked_out_afresh(
+    nodes: int, pending: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Islands whose nodes did not change keep their best gang between gangs alike: the
+    decisions are the ones that working every island out again gives."""
+    from gpuctl.core import cycle
+
+    cluster = scale.scale_cluster(nodes)
+    running = list(scale.background(cluster, seed=1, utilisation=0.4))
+    queue = list(scale.pending_jobs(pending, seed=8))
+    snapshot = Snapshot.build(cluster, running)
+    policy = build_policy(DEFAULT_POLICY)
+    reused = 0
+    real_of = cycle._IslandMemo.of
+
+    def counting(*args: Any) -> cycle._IslandMemo:
+        nonlocal reused
+        memo = real_of(*args)
+        reused += len(memo.known)
+        return memo
+
+    monkeypatch.setattr(cycle._IslandMemo, "of", counting)
+    kept = schedule(snapshot, queue, policy, now=scale.NOW)
+    assert reused > 5  # islands were kept, or there is nothing to compare
+    assert sum(1 for b in kept.bindings if len(b.placement.ranks) > 1) > 5  # gangs placed
+
+    def afresh(*args: Any) -> cycle._IslandMemo:
+        memo = real_of(*args)
+        memo.known.clear()
+        return memo
+
+    monkeypatch.setattr(cycle._IslandMemo, "of", afresh)
+    assert schedule(snapshot, queue, policy, now=scale.NOW) == kept
+
+
 def odd_cluster(rng: random.Random) -> list[Node]:
     """A few nodes of every oddity the filters look at: no GPUs, GPUs of mixed memory or
     out-of-order indices, no fabric, no price, draining or lost, no CPU or memory stated."""
