@@ -5,6 +5,7 @@ bookkeeping; and `gpuctl simulate scale` end to end. Behaviour only: nothing her
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 from collections import Counter, defaultdict
@@ -208,6 +209,48 @@ def test_gang_choices_kept_per_island_decide_as_worked_out_afresh(
 
     monkeypatch.setattr(cycle._IslandMemo, "of", afresh)
     assert schedule(snapshot, queue, policy, now=scale.NOW) == kept
+
+
+@pytest.mark.parametrize("leasing", [False, True], ids=["owned", "leased"])
+def test_a_cycle_leaves_no_reference_cycles(leasing: bool) -> None:
+    """All a cycle allocates is freed by reference counting, which is why `schedule` may keep
+    the garbage collector off while it runs: with it off, a full collection afterwards finds
+    nothing to collect."""
+    cluster = scale.scale_cluster(600)
+    running = list(scale.background(cluster, seed=2, utilisation=0.85))
+    queue = list(scale.pending_jobs(300, seed=9))
+    snapshot = Snapshot.build(cluster, running)
+    lease = scale.leased(cluster) if leasing else None
+    policy = build_policy(DEFAULT_POLICY)
+    # once before, for what libraries set up on first use (some of it cyclic, once)
+    schedule(snapshot, queue, policy, now=scale.NOW, leasing=lease)
+    gc.collect()
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        result = schedule(snapshot, queue, policy, now=scale.NOW, leasing=lease)
+        assert result.bindings and result.unschedulable and result.preemptions
+        del result
+        assert gc.collect() == 0
+    finally:
+        if was:
+            gc.enable()
+
+
+def test_schedule_turns_the_collector_back_on() -> None:
+    cluster = scale.scale_cluster(40)
+    snapshot = Snapshot.build(cluster, ())
+    assert gc.isenabled()
+    schedule(snapshot, scale.pending_jobs(5, seed=1), build_policy(DEFAULT_POLICY), now=scale.NOW)
+    assert gc.isenabled()
+    gc.disable()
+    try:  # and leaves it off when it was off
+        schedule(
+            snapshot, scale.pending_jobs(5, seed=1), build_policy(DEFAULT_POLICY), now=scale.NOW
+        )
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 def odd_cluster(rng: random.Random) -> list[Node]:

@@ -801,10 +801,15 @@ class HbmPerDollar:
     nodes: tuple[NodeView, ...] = ()
     _best: dict[tuple[float, float], float] = field(default_factory=dict, compare=False)
 
-    table: NodeTable | None = field(default=None, compare=False)  # of `nodes`, when built
+    # GPU count, price and HBM of every node as columns, when the cycle has them (the columns
+    # only: a table caches its scores, and a score holding its table would keep the two
+    # alive in a loop that only the garbage collector can break)
+    columns: tuple[np.ndarray, np.ndarray, np.ndarray] | None = field(default=None, compare=False)
 
     def prepare(self, context: CycleContext) -> Score | None:
-        return HbmPerDollar(context.nodes, table=context.table)
+        t = context.table
+        columns = (t.gpu_count, t.price, t.hbm) if t is not None else None
+        return HbmPerDollar(context.nodes, columns=columns)
 
     @staticmethod
     def _value(node: NodeView, share: float, floor: float) -> float | None:
@@ -820,12 +825,18 @@ class HbmPerDollar:
         table: NodeTable, rows: np.ndarray | slice, share: float, floor: float
     ) -> tuple[np.ndarray, np.ndarray]:
         """(value, has a value) per row: `_value` over columns, in the same operations."""
-        count = table.gpu_count[rows]
-        price = table.price[rows]
+        return HbmPerDollar._of_columns(
+            table.gpu_count[rows], table.price[rows], table.hbm[rows], share, floor
+        )
+
+    @staticmethod
+    def _of_columns(
+        count: np.ndarray, price: np.ndarray, hbm: np.ndarray, share: float, floor: float
+    ) -> tuple[np.ndarray, np.ndarray]:
         has = (count > 0) & (price > 0)
         with np.errstate(divide="ignore", invalid="ignore"):
             per_gpu = np.where(has, price / np.where(has, count, 1), 0.0)
-            bandwidth = table.hbm[rows] * share
+            bandwidth = hbm * share
             useful = np.minimum(bandwidth, floor) if floor > 0 else bandwidth
             value = useful / (per_gpu * share)
         return np.where(has, value, 0.0), has
@@ -833,8 +844,8 @@ class HbmPerDollar:
     def _best_for(self, share: float, floor: float) -> float:
         key = (share, floor)
         if key not in self._best:
-            if self.table is not None:
-                values, has = self._values(self.table, slice(None), share, floor)
+            if self.columns is not None:
+                values, has = self._of_columns(*self.columns, share, floor)
                 self._best[key] = float(values[has].max()) if has.any() else 0.0
             else:
                 found = (self._value(v, share, floor) for v in self.nodes)
@@ -913,7 +924,9 @@ class IslandGuard:
     kinds: ClassVar[frozenset[JobKind]] = BOTH
     protected: Mapping[str, frozenset[int]] = field(default_factory=dict)
 
-    _columns: dict[int, tuple[NodeTable, np.ndarray, np.ndarray]] = field(
+    # by the table's ids (held, so their id is not reused): holding the table itself would
+    # tie it and its cache of scores into a loop only the garbage collector breaks
+    _columns: dict[int, tuple[tuple[str, ...], np.ndarray, np.ndarray]] = field(
         default_factory=dict, compare=False, repr=False
     )
     _guarded: frozenset[int] = field(init=False, compare=False, repr=False)
@@ -945,7 +958,7 @@ class IslandGuard:
         """Per row of `table` (its static part): guarded at all, and the one gang guarding it
         (-1 when several do)."""
         cached = self._columns.get(id(table.ids))
-        if cached is not None and cached[0].ids is table.ids:
+        if cached is not None and cached[0] is table.ids:
             return cached[1], cached[2]
         guarded = np.zeros(len(table), dtype=bool)
         alone = np.full(len(table), -1, dtype=np.int64)
@@ -956,7 +969,7 @@ class IslandGuard:
             guarded[row] = True
             if len(gangs) == 1:
                 alone[row] = next(iter(gangs))
-        self._columns[id(table.ids)] = (table, guarded, alone)
+        self._columns[id(table.ids)] = (table.ids, guarded, alone)
         return guarded, alone
 
 
