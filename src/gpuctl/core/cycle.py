@@ -72,7 +72,7 @@ from gpuctl.core.plugins import (
     pick_gpus,
     plural,
 )
-from gpuctl.core.preempt import Preemption, Victim, choose_victims
+from gpuctl.core.preempt import MAX_CANDIDATES, Preemption, Victim, choose_victims
 from gpuctl.core.queue import QueueOrder, Usage, placement_gpus
 from gpuctl.core.snapshot import NodeView, Snapshot
 from gpuctl.core.topology import (
@@ -501,7 +501,7 @@ class _Cycle:
         self.behind_on.clear()
 
     def _candidates(self, job: Job) -> tuple[Victim, ...]:
-        """Who `job` may preempt."""
+        """Who `job` may preempt, cheapest first: all of them."""
         preemption = self.base_policy.preemption
         key_of = getattr(preemption, "key", None)
         if key_of is None:
@@ -537,7 +537,7 @@ class _Cycle:
     ) -> str | None:
         """Preempt for `job` if that makes it fit (None: it was placed); else a note for its
         reason ("" when there was nobody to preempt)."""
-        candidates = self._candidates(job)
+        candidates = self._candidates(job)[:MAX_CANDIDATES]
         if not candidates:
             return ""
         key = (*signature, job.spec.priority)
@@ -578,7 +578,13 @@ class _Cycle:
         self.hopeless.clear()
         self.no_room.clear()
         self._forget_behind()
-        self.candidates.clear()
+        # The victims run no more; nobody else stops or starts being a candidate (a job
+        # placed in this cycle never is one), so the lists lose them and keep their order.
+        gone = {v.job.id for v in victims}
+        self.candidates = {
+            k: tuple(c for c in listed if c.job.id not in gone)
+            for k, listed in self.candidates.items()
+        }
         self._bind(job, placement, order)
         return None
 

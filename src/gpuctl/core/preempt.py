@@ -5,7 +5,6 @@ name says who may be a victim, the search here is the same for every plugin.
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -44,7 +43,8 @@ def gpu_hours(job: Job, now: datetime) -> float:
 
 
 class Preemptor(Protocol):
-    """Who `job` may preempt, cheapest first.
+    """Who `job` may preempt, cheapest first (all of them: a search tries the cheapest
+    MAX_CANDIDATES).
 
     A preemptor may also define `key(job)`: what of `job` its candidates depend on. The
     cycle then lists candidates once per key (until a preemption changes who runs) rather
@@ -94,10 +94,8 @@ class PriorityPreemption:
             ):
                 lost = gpu_hours(r, now)
                 ranked.append((round(lost, 6), r.spec.priority, -r.id, lost, r))
-        # ids are unique: the order never compares further than the id
-        return tuple(
-            Victim(job=r, gpu_hours=lost) for *_, lost, r in heapq.nsmallest(MAX_CANDIDATES, ranked)
-        )
+        ranked.sort(key=lambda v: v[:3])  # ids are unique: no two keys are equal
+        return tuple(Victim(job=r, gpu_hours=lost) for *_, lost, r in ranked)
 
 
 PREEMPTORS: Mapping[str, type[Preemptor]] = MappingProxyType(
