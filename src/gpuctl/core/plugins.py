@@ -171,9 +171,6 @@ class ScoreColumns(Protocol):
         ...
 
 
-# Below this many rows a plugin may answer node by node: numpy's fixed cost per call (a few
-# microseconds an operation) outweighs the per-node work.
-_FEW_ROWS = 16
 # Up to this many rows, frag-aware looks each node's state up in what it has worked out
 # before (about a microsecond a row) instead of working out every row again.
 _MEMO_ROWS = 512
