@@ -253,6 +253,35 @@ def test_schedule_turns_the_collector_back_on() -> None:
         gc.enable()
 
 
+@pytest.mark.parametrize(("nodes", "seed"), [(600, 2), (1000, 1)])
+def test_victims_off_the_placement_are_reprieved_as_if_asked(
+    nodes: int, seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A victim on none of the nodes of the last placement found is reprieved without a
+    placement attempt; the victims and placements are the ones asking would give."""
+    from gpuctl.core import preempt
+
+    cluster = scale.scale_cluster(nodes)
+    running = list(scale.background(cluster, seed=seed, utilisation=0.85))
+    queue = list(scale.pending_jobs(400, seed=seed + 7))
+    snapshot = Snapshot.build(cluster, running)
+    policy = build_policy(DEFAULT_POLICY)
+    skipped = 0
+    real = preempt._untouched
+
+    def counting(used: set[str], placement: Any) -> bool:
+        nonlocal skipped
+        untouched = real(used, placement)
+        skipped += untouched
+        return untouched
+
+    monkeypatch.setattr(preempt, "_untouched", counting)
+    quick = schedule(snapshot, queue, policy, now=scale.NOW)
+    assert quick.preemptions and skipped > 10
+    monkeypatch.setattr(preempt, "_untouched", lambda used, placement: False)
+    assert schedule(snapshot, queue, policy, now=scale.NOW) == quick
+
+
 def odd_cluster(rng: random.Random) -> list[Node]:
     """A few nodes of every oddity the filters look at: no GPUs, GPUs of mixed memory or
     out-of-order indices, no fabric, no price, draining or lost, no CPU or memory stated."""

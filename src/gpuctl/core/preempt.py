@@ -117,6 +117,10 @@ def choose_victims(
     1. all candidates gone: does it fit at all? 2. the shortest cheapest-first prefix that
     makes it fit (binary search: freeing more never hurts); 3. reprieve, dearest first, every
     victim the job fits without.
+
+    `place` must find a placement whenever the nodes of one it found before are as they were
+    then (a gang needs n usable nodes of one island, replicas a slot each: both placers do),
+    so a victim on none of the nodes of the last placement found is reprieved without asking.
     """
     if not candidates or (without is not None and place(without) is None):
         return None
@@ -142,20 +146,35 @@ def choose_victims(
         gone = list(victims)
         return place(trial)
 
-    if attempt(candidates) is None:
+    found = attempt(candidates)
+    if found is None:
         return None
     lo, hi = 1, len(candidates)  # the shortest prefix that fits is in [lo, hi]
     while lo < hi:
         mid = (lo + hi) // 2
-        if attempt(candidates[:mid]) is not None:
-            hi = mid
+        fits = attempt(candidates[:mid])
+        if fits is not None:
+            hi, found = mid, fits
         else:
             lo = mid + 1
     chosen = list(candidates[:hi])
+    used = set(found.node_ids)  # of the last placement found: every victim reprieved since
+    # is on none of them, so it still fits as long as the next one is on none either
     for v in sorted(chosen, key=lambda v: (-v.gpu_hours, v.job.id)):
         rest = [c for c in chosen if c is not v]
-        if rest and attempt(rest) is not None:
+        if not rest:
+            continue
+        if _untouched(used, held[v.job.id]):
             chosen = rest
+            continue
+        fits = attempt(rest)
+        if fits is not None:
+            chosen, used = rest, set(fits.node_ids)
     placement = attempt(chosen)
     assert placement is not None  # the last attempt that kept `chosen` fitted
     return tuple(sorted(chosen, key=lambda v: v.job.id)), placement
+
+
+def _untouched(used: set[str], placement: Placement | None) -> bool:
+    """`placement` (of a victim) is on none of the nodes `used`."""
+    return placement is None or used.isdisjoint(placement.node_ids)
