@@ -175,7 +175,7 @@ def test_columns_decide_as_node_by_node_over_two_cycles(
         )
 
 
-@pytest.mark.parametrize(("nodes", "pending"), [(1000, 300), (600, 200)])
+@pytest.mark.parametrize(("nodes", "pending"), [(2000, 300), (3000, 400)])
 def test_gang_choices_kept_per_island_decide_as_worked_out_afresh(
     nodes: int, pending: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
