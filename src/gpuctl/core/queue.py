@@ -117,7 +117,8 @@ class QueueOrder:
         self._owner = dict(held.by_owner)
         # Bumped whenever a queue's or owner's GPUs change: a heap entry keyed when both were
         # as they are now is still fresh, without keying it again.
-        self._version: dict[str, int] = {}
+        self._queue_version: dict[str, int] = {}
+        self._owner_version: dict[str, int] = {}
         self._heap: list[tuple[tuple[Any, ...], tuple[int, str, str], int]] = []
         self._rebuilds = 0
         self._rebuild()
@@ -132,7 +133,7 @@ class QueueOrder:
 
     def _stamp(self, group: tuple[int, str, str]) -> int:
         """How often the GPUs of the group's queue and owner have changed."""
-        return self._version.get("q" + group[1], 0) + self._version.get("o" + group[2], 0)
+        return self._queue_version.get(group[1], 0) + self._owner_version.get(group[2], 0)
 
     def _entry(
         self, group: tuple[int, str, str], head: Job
@@ -181,8 +182,8 @@ class QueueOrder:
         spec = job.spec
         self._queue[spec.queue] = self._queue.get(spec.queue, 0.0) + gpus
         self._owner[spec.owner] = self._owner.get(spec.owner, 0.0) + gpus
-        for name in ("q" + spec.queue, "o" + spec.owner):
-            self._version[name] = self._version.get(name, 0) + 1
+        self._queue_version[spec.queue] = self._queue_version.get(spec.queue, 0) + 1
+        self._owner_version[spec.owner] = self._owner_version.get(spec.owner, 0) + 1
 
 
 def _group(job: Job) -> tuple[int, str, str]:
