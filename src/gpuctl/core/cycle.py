@@ -89,6 +89,7 @@ from gpuctl.core.verdicts import (
     columnar,
     explain,
     filter_codes,
+    recheck,
     score,
     shape,
     verdicts,
@@ -1085,7 +1086,7 @@ def _place_replicas(
         view = views[row] = view.take(job.id, (rank,))
         if index == job.spec.replicas - 1:
             break  # the last: nothing is placed after it, so its node is not asked again
-        status = check(policy, job, request, view)
+        status = recheck(policy, job, request, view)  # it passed them all before this replica
         if status.ok and view.id in blocked:
             status = Status(code=Code.UNSCHEDULABLE, reason=blocked[view.id])
         local[row] = status

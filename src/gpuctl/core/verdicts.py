@@ -20,7 +20,7 @@ import numpy as np
 
 from gpuctl.core.model import Job, JobKind, JobSpec
 from gpuctl.core.nodetable import NodeTable
-from gpuctl.core.plugins import Code, NodeReady, Policy, RankRequest, Status, plural
+from gpuctl.core.plugins import SUCCESS, Code, NodeReady, Policy, RankRequest, Status, plural
 from gpuctl.core.snapshot import Snapshot
 from gpuctl.core.topology import SCORE_DIGITS
 
@@ -90,6 +90,18 @@ def check(policy: Policy, job: Job, request: RankRequest, node: Any) -> Status:
     if not node.schedulable:
         return NodeReady().filter(job, request, node)
     return policy.check(job, request, node)
+
+
+def recheck(policy: Policy, job: Job, request: RankRequest, node: Any) -> Status:
+    """`check` of a node that passed every filter before it took more work: only the filters
+    that read what is free can rule it out now."""
+    kind = job.spec.kind
+    for f in policy.filters[_first_reading_free(policy.filters, kind) :]:
+        if kind in f.kinds:
+            status = f.filter(job, request, node)
+            if not status.ok:
+                return status
+    return SUCCESS
 
 
 def score(policy: Policy, job: Job, request: RankRequest, node: Any) -> float:
