@@ -807,10 +807,8 @@ def _place_gang(
         )
     # Whole nodes, then fewest leaves, then what stays intact for the queued gangs, then the
     # scores (interconnect and TFLOPS among them), then the fabric's name.
-    # (damage is worked out only for the choices that tie on the first two)
     lead = min((g.partial, g.leaves) for g in gangs)
-    tied = [g for g in gangs if (g.partial, g.leaves) == lead]
-    best = min(tied, key=lambda g: (damage(g, queued), -g.score, g.fabric))
+    best = _least_damage([g for g in gangs if (g.partial, g.leaves) == lead], queued)
     ordered = best.nodes
     whole_nodes = n - best.partial
     where = f"fabric {best.fabric}" if best.fabric else f"node {ordered[0].id} (no fabric)"
@@ -822,6 +820,20 @@ def _place_gang(
         master_addr=ordered[0].node.address,
         reason=f"{where}, {plural(best.leaves, 'leaf', 'leaves')}, {shape_text}",
     )
+
+
+def _least_damage(choices: Sequence[GangChoice], queued: Sequence[GangDemand]) -> GangChoice:
+    """min(choices, key=(damage, -score, fabric)), working damage out for few of them: no
+    choice can do better than leaving every queued gang its largest island, so the best
+    scoring choice that does so wins."""
+    if len(choices) == 1 or not queued:
+        return min(choices, key=lambda g: (-g.score, g.fabric))
+    untouched = damage(None, queued)
+    by_score = sorted(choices, key=lambda g: (-g.score, g.fabric))  # stable: ties keep order
+    for g in by_score:
+        if damage(g, queued) == untouched:
+            return g
+    return min(by_score, key=lambda g: (damage(g, queued), -g.score, g.fabric))
 
 
 def _single_node_gangs(

@@ -114,15 +114,17 @@ class GangDemand:
         return max(count - gone if f == fabric else count for f, count in self.by_fabric)
 
 
-def damage(choice: GangChoice, demands: Sequence[GangDemand]) -> tuple[int, int]:
+def damage(choice: GangChoice | None, demands: Sequence[GangDemand]) -> tuple[int, int]:
     """How much `choice` hurts the queued gangs: (-gangs that still fit, -their islands' sum);
-    smaller is better, and (0, 0) when no gang is queued."""
+    smaller is better, and (0, 0) when no gang is queued. None: taking nothing (the least any
+    choice can do)."""
     if not demands:
         return (0, 0)
-    taken = [v.id for v in choice.nodes]  # all on choice.fabric: a gang is one island
+    fabric = choice.fabric if choice is not None else ""
+    taken = [v.id for v in choice.nodes] if choice is not None else []  # all on one island
     still = after = 0
     for d in demands:
-        largest = d.largest_after(choice.fabric, taken)
+        largest = d.largest_after(fabric, taken)
         after += largest
         still += largest >= d.nodes
     return (-still, -after)
