@@ -660,10 +660,26 @@ class CycleContext:
     @staticmethod
     def mix_of(jobs: Iterable[Job]) -> tuple[tuple[RankRequest, int], ...]:
         """`mix` for `jobs`: ranks counted by shape, the most common first (ties: by shape)."""
-        counts: dict[RankRequest, int] = {}
+        # counted by what RankRequest.of reads first (one request built per kind of spec, not
+        # per job: thousands queue at scale), then by request
+        by_spec: dict[tuple[Any, ...], tuple[JobSpec, int]] = {}
         for job in jobs:
-            request = RankRequest.of(job.spec)
-            ranks = job.spec.replicas if job.spec.kind is JobKind.INFERENCE else job.spec.num_nodes
+            spec = job.spec
+            inference = spec.kind is JobKind.INFERENCE
+            key = (
+                inference,
+                spec.gpu_milli,
+                spec.gpus_per_node,
+                spec.gpu_memory_mib,
+                spec.cpu_milli,
+                spec.memory_mib,
+            )
+            ranks = spec.replicas if inference else spec.num_nodes
+            seen = by_spec.get(key)
+            by_spec[key] = (spec, ranks + (seen[1] if seen is not None else 0))
+        counts: dict[RankRequest, int] = {}
+        for spec, ranks in by_spec.values():
+            request = RankRequest.of(spec)
             counts[request] = counts.get(request, 0) + ranks
         return tuple(
             sorted(
