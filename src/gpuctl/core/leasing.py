@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import bisect
 import math
+import operator
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 
 import numpy as np
@@ -549,26 +550,35 @@ class LeasePlan:
     notes: Mapping[int, str] = field(default_factory=dict)  # job -> what leasing does for it
 
 
-def _shape(spec: JobSpec, limits: Sequence[float] = ()) -> JobSpec:
-    """`spec` with what offers never look at cleared. `limits`: the grant lengths (sorted) of
-    the offers that cannot renew, the only ones its time limit matters to: the limit is kept
-    as the least that exceeds the same of them."""
+# What offers never look at in a spec: jobs alike in the rest (and in their time limit, as
+# `_shape` reduces it) lease alike.
+_NOT_FOR_OFFERS = frozenset(
+    {
+        "command",
+        "name",
+        "owner",
+        "queue",
+        "priority",
+        "env",
+        "working_dir",
+        "preemptible",
+        "time_limit_s",
+    }
+)
+_for_offers = operator.attrgetter(
+    *(f.name for f in fields(JobSpec) if f.name not in _NOT_FOR_OFFERS)
+)
+
+
+def _shape(spec: JobSpec, limits: Sequence[float] = ()) -> tuple[object, ...]:
+    """What offers read of `spec`, as a key. `limits`: the grant lengths (sorted) of the
+    offers that cannot renew, the only ones its time limit matters to: the limit is kept as
+    the least that exceeds the same of them."""
     limit = spec.time_limit_s
     if limit:
         below = bisect.bisect_left(limits, limit)
         limit = int(limits[below - 1]) + 1 if below else 1
-    return replace(
-        spec,
-        command=(),
-        name="",
-        owner="",
-        queue="",
-        priority=0,
-        env=(),
-        working_dir="",
-        preemptible=False,
-        time_limit_s=limit,
-    )
+    return (*_for_offers(spec), limit)
 
 
 def _grant_limits(offers: Sequence[Offer]) -> tuple[float, ...]:
