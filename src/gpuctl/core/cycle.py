@@ -16,12 +16,15 @@ nodes of 8 GPUs, 60 % used, the default policy), each with how it is spent:
   kept per priority), a reason joined: ~0.2 s for 10,000. Fixed costs: the node table
   (~3 us a node, 30 ms), the queue order (~50 ms), one reservation plan (~0.1 s). That leaves
   ~0.5 s for the few hundred jobs a steady cycle places, at ~1 ms each (below). A burst cycle
-  that places thousands costs what those placements cost; that is the next budget's figure;
-- >= 1,000 inference replicas placed a second, so <= 1 ms a replica: bring the verdicts of
-  the job's shape up to date for the rows changed since that shape was last placed (the
-  nodes that took jobs in between: ~0.1-0.3 ms), one argmax over 10,000 scores (~10 us),
-  the node that took the replica asked again by the per-node plugins (~0.1 ms; the packing
-  score memoises node states), the assume (~50 us). No Python loop over the nodes;
+  that places thousands must place a job in ~0.2 ms: the next budget. The garbage collector
+  is kept off for the cycle (it makes no reference cycles; its passes cost ~0.1 s);
+- >= 1,000 inference replicas placed a second, so <= 1 ms a replica, and ~0.2 ms a job in a
+  burst: bring the verdicts of the job's rank shape up to date for the rows changed since
+  that shape last looked (the nodes that took jobs in between: ~20-80 us, a few rows node by
+  node, more by columns; the packing score remembers node states per node kind), the best
+  row read off the cached scores (one argmax, ~5 us), the node that took a replica asked
+  again by the filters that read what is free and the per-node scores (~10 us), the bind
+  reusing the nodes the placement worked out (~20 us). No Python loop over the nodes;
 - a 512-GPU gang placed in <= 50 ms: the node table (30 ms), one filter and score pass in
   numpy over 10,000 rows (~5 ms), the best gang of each fabric from the arrays (~0.1 ms a
   fabric, 40 fabrics), the cycle's other fixed costs (~5 ms);
