@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import bisect
 import math
-import operator
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import numpy as np
@@ -19,6 +18,7 @@ from gpuctl.core.model import MILLI_PER_GPU, Job, JobKind, JobSpec, LeaseState, 
 from gpuctl.core.nodetable import NodeTable
 from gpuctl.core.plugins import RankRequest, plural, replica_share
 from gpuctl.core.snapshot import NodeView
+from gpuctl.core.verdicts import shape
 
 # Queued jobs looked at when deciding whether an idle leased node is worth its idle grace:
 # the next few to start, which is who would take it.
@@ -550,35 +550,16 @@ class LeasePlan:
     notes: Mapping[int, str] = field(default_factory=dict)  # job -> what leasing does for it
 
 
-# What offers never look at in a spec: jobs alike in the rest (and in their time limit, as
-# `_shape` reduces it) lease alike.
-_NOT_FOR_OFFERS = frozenset(
-    {
-        "command",
-        "name",
-        "owner",
-        "queue",
-        "priority",
-        "env",
-        "working_dir",
-        "preemptible",
-        "time_limit_s",
-    }
-)
-_for_offers = operator.attrgetter(
-    *(f.name for f in fields(JobSpec) if f.name not in _NOT_FOR_OFFERS)
-)
-
-
 def _shape(spec: JobSpec, limits: Sequence[float] = ()) -> tuple[object, ...]:
-    """What offers read of `spec`, as a key. `limits`: the grant lengths (sorted) of the
-    offers that cannot renew, the only ones its time limit matters to: the limit is kept as
-    the least that exceeds the same of them."""
+    """What offers read of `spec`, as a key: its placement shape (`core.verdicts.shape`) and
+    its time limit. `limits`: the grant lengths (sorted) of the offers that cannot renew, the
+    only ones a time limit matters to: the limit is kept as the least that exceeds the same
+    of them."""
     limit = spec.time_limit_s
     if limit:
         below = bisect.bisect_left(limits, limit)
         limit = int(limits[below - 1]) + 1 if below else 1
-    return (*_for_offers(spec), limit)
+    return (shape(spec), limit)
 
 
 def _grant_limits(offers: Sequence[Offer]) -> tuple[float, ...]:
