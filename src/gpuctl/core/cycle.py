@@ -747,6 +747,10 @@ class _Failures:
     def add_text(self, rows: np.ndarray, texts: Sequence[str]) -> None:
         self.add(rows, np.array([self.book.id_of(x) for x in texts], dtype=np.int64))
 
+    def add_same(self, rows: np.ndarray, text: str) -> None:
+        """`add_text` with one text for all of `rows`."""
+        self.add(rows, np.full(len(rows), self.book.id_of(text) if len(rows) else 0))
+
     def __bool__(self) -> bool:
         return any(len(r) for r in self.rows)
 
@@ -1019,8 +1023,8 @@ def _gang_reason(
     if refused is not None:
         kept = np.flatnonzero(refused.rows & v.ok)
         kept = kept[~np.isin(kept, blocked_rows)]
-        failures.add_text(kept, [refused.why] * len(kept))
-    failures.add_text(np.flatnonzero(nofab), [_NO_FABRIC] * int(nofab.sum()))
+        failures.add_same(kept, refused.why)
+    failures.add_same(np.flatnonzero(nofab), _NO_FABRIC)
     if not len(members) and not failures:
         return text + "; the cluster has no nodes"
     if len(members):
