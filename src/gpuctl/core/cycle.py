@@ -1093,7 +1093,7 @@ def _place_replicas(
     local: dict[int, Status] = {}
     ranks: list[RankPlacement] = []
     for index in range(job.spec.replicas):
-        row = int(np.argmax(best)) if len(best) else 0  # the best, then the smallest id
+        row = int(best.argmax()) if len(best) else 0  # the best, then the smallest id
         if not len(best) or best[row] == -np.inf:
             why = functools.partial(
                 _replica_reason, job, request, ranks, t, v, blocked, refused, local
