@@ -6,13 +6,13 @@ through the core — and print dollars, GPU-hours paid and used, JCT and SLO att
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from pathlib import Path
 
 import click
 
+from gpuctl.cli.figures import json_option, write_figures
 from gpuctl.core.errors import InvalidArgument
 from gpuctl.core.leasing import Offer
 from gpuctl.core.plugins import DEFAULT_POLICY, POLICIES, build_policy
@@ -128,13 +128,7 @@ def offer_of(sku: Sku) -> Offer:
     show_default=True,
     help=f"The core's policy preset for (a) and (c); one of {', '.join(sorted(POLICIES))}.",
 )
-@click.option(
-    "--json",
-    "json_out",
-    type=click.Path(dir_okay=False, writable=True, path_type=Path),
-    default=None,
-    help="Write the figures here as JSON.",
-)
+@json_option
 def cost_command(
     trace_path: Path,
     throughputs: Path | None,
@@ -239,8 +233,7 @@ def cost_command(
             "python": platform.python_version(),
             "wall_s": round(wall, 3),
         }
-        json_out.write_text(json.dumps(figures, indent=2) + "\n")
-        click.echo(f"figures written to {json_out}")
+        write_figures(json_out, figures)
 
 
 def _describe(

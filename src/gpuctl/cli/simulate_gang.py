@@ -5,13 +5,13 @@ synthetic multi-fabric cluster under several policies, in one run, through the s
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from pathlib import Path
 
 import click
 
+from gpuctl.cli.figures import json_option, write_figures
 from gpuctl.core.errors import InvalidArgument
 from gpuctl.core.plugins import POLICIES, build_policy
 from gpuctl.sim import gavel
@@ -56,13 +56,7 @@ _HOUR = 3600
     help="Time limit = run time x this (what backfilling plans with).",
 )
 @click.option("--limit", type=click.IntRange(0), default=0, help="Replay the first N jobs only.")
-@click.option(
-    "--json",
-    "json_out",
-    type=click.Path(dir_okay=False, writable=True, path_type=Path),
-    default=None,
-    help="Write the figures here as JSON.",
-)
+@json_option
 def gang(
     trace_path: Path,
     policies: tuple[str, ...],
@@ -122,8 +116,7 @@ def gang(
             "python": platform.python_version(),
             "policies": [{**r.as_dict(), "wall_s": round(w, 3)} for r, w in results],
         }
-        json_out.write_text(json.dumps(figures, indent=2) + "\n")
-        click.echo(f"figures written to {json_out}")
+        write_figures(json_out, figures)
 
 
 def _table(results: list[tuple[ReplayReport, float]]) -> str:

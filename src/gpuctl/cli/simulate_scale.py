@@ -5,7 +5,6 @@ memory is its own. Prints a table and optionally writes the figures as JSON.
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import platform
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from gpuctl.cli.figures import json_option, write_figures
 from gpuctl.core.plugins import DEFAULT_POLICY, POLICIES
 
 DEFAULT_NODES = (1_000, 10_000)
@@ -67,13 +67,7 @@ DEFAULT_PENDING = (10_000, 100_000)
     default=DEFAULT_POLICY,
     show_default=True,
 )
-@click.option(
-    "--json",
-    "json_out",
-    type=click.Path(dir_okay=False, writable=True, path_type=Path),
-    default=None,
-    help="Write the figures here as JSON.",
-)
+@json_option
 def scale_command(
     node_counts: tuple[int, ...],
     pending_counts: tuple[int, ...],
@@ -113,9 +107,7 @@ def scale_command(
     click.echo(f"wall {time.perf_counter() - started:.0f} s")
     if json_out is not None:
         figures = {"benchmark": "B2", "machine": machine, "options": options, "sizes": reports}
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(figures, indent=2) + "\n")
-        click.echo(f"figures written to {json_out}")
+        write_figures(json_out, figures)
 
 
 def describe_machine() -> dict[str, object]:

@@ -155,37 +155,6 @@ class ClusterState:
         self.step = 0
         self.epoch = object()  # identifies this state's history for caches
 
-    @classmethod
-    def of_columns(
-        cls,
-        *,
-        names: Sequence[str],
-        models: Sequence[str],
-        gpu_free: np.ndarray,
-        gpu_count: np.ndarray,
-        cpu_cap: np.ndarray,
-        mem_cap: np.ndarray,
-        cpu_free: np.ndarray,
-        mem_free: np.ndarray,
-    ) -> ClusterState:
-        """A state of nodes given as columns, kept in the order given (rows need not be
-        sorted by name); `gpu_free` is (nodes, width), 0 past a node's GPUs."""
-        state = object.__new__(cls)
-        state.names = tuple(names)
-        state.models = tuple(sorted(set(models)))
-        index = {m: i for i, m in enumerate(state.models)}
-        state.model_of = np.array([index[m] for m in models], dtype=np.int64)
-        state.gpu_count = np.asarray(gpu_count, dtype=np.int64)
-        state.gpu_free = np.asarray(gpu_free, dtype=np.int64)
-        state.cpu_cap = np.asarray(cpu_cap, dtype=np.int64)
-        state.mem_cap = np.asarray(mem_cap, dtype=np.int64)
-        state.cpu_free = np.asarray(cpu_free, dtype=np.int64)
-        state.mem_free = np.asarray(mem_free, dtype=np.int64)
-        state.version = np.zeros(len(state.names), dtype=np.int64)
-        state.step = 0
-        state.epoch = object()
-        return state
-
     def __len__(self) -> int:
         return len(self.names)
 

@@ -265,10 +265,6 @@ def filter_codes(
     return _filtered(snapshot.table, policy, job, request, _rank_of(job_shape)).code
 
 
-def _dirty(t: NodeTable, seen: int) -> np.ndarray:
-    return t.changed_since(seen)
-
-
 def _reads_free(plugin: Any) -> bool:
     return getattr(plugin, "reads_free", True)
 
@@ -279,7 +275,7 @@ def _filtered(
     cache_key = ("filters", id(policy.filters), job_shape)
     entry = t.cache.get(cache_key)
     if entry is not None and entry.filters is policy.filters:
-        rows = _dirty(t, entry.seen)
+        rows = t.changed_since(entry.seen)
         if not len(rows):
             return entry
         code, first, key, reasons = entry.code, entry.first, entry.key, entry.reasons
@@ -373,7 +369,7 @@ def _scored(
     cache_key = ("scores", id(policy.filters), id(policy.scores), job_shape, facets)
     entry = t.cache.get(cache_key)
     if entry is not None and entry.filters is policy.filters and entry.scores is policy.scores:
-        rows = _dirty(t, entry.seen)
+        rows = t.changed_since(entry.seen)
         if not len(rows):
             return entry
         value = entry.value.copy()
@@ -427,7 +423,7 @@ def _column(
     cache_key = ("column", id(s), id(filters), job_shape, facet)
     entry = t.cache.get(cache_key)
     if entry is not None and entry.score is s:
-        rows = _dirty(t, entry.seen)
+        rows = t.changed_since(entry.seen)
         if not len(rows):
             return entry.value
         value = entry.value.copy()
