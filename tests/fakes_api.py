@@ -84,7 +84,9 @@ class Faults:
 
 
 def _user(context: grpc.ServicerContext) -> str:
-    return dict(context.invocation_metadata()).get("x-gpuctl-user", "")
+    """The fake takes a bearer token "token-of-NAME" for user NAME."""
+    bearer = dict(context.invocation_metadata()).get("authorization", "")
+    return bearer.removeprefix("Bearer ").removeprefix("token-of-")
 
 
 def _page(items: list, request, default_size: int) -> tuple[list, str]:

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -21,6 +22,7 @@ import grpc
 import pytest
 
 from gpuctl.agent.main import load_settings, main
+from gpuctl.agent.runner import DEFAULT_RANK_ENV_ALLOW
 from gpuctl.api._pb.agent.v1 import agent_pb2, agent_pb2_grpc
 from gpuctl.api._pb.v1 import jobs_pb2
 from gpuctl.api.convert import duration, rank_ref
@@ -60,6 +62,12 @@ def test_job_safety_settings(tmp_path: Path) -> None:
     config.write_text("stop_ranks_on_exit = true\n")
     assert load_settings(["--config", str(config)], {}).stop_ranks_on_exit is True
     assert load_settings(["--stop-ranks-on-exit"], {}).stop_ranks_on_exit is True
+    # What ranks keep of the agent's environment: the file's list, else the default.
+    assert load_settings([], {}).rank_env_allow == ("PATH", "LANG", "LC_*", "TZ")
+    config.write_text('rank_env_allow = ["PATH", "NCCL_*"]\n')
+    assert load_settings(["--config", str(config)], {}).rank_env_allow == ("PATH", "NCCL_*")
+    config.write_text("rank_env_allow = []\n")
+    assert load_settings(["--config", str(config)], {}).rank_env_allow == ()
 
 
 @pytest.mark.parametrize(
@@ -115,6 +123,7 @@ def test_flags_override_the_config(tmp_path: Path) -> None:
 def test_the_shipped_config_loads() -> None:
     s = load_settings(["--config", str(REPO / "config" / "agent.toml")], {"HOME": "/h"})
     assert s.server == "127.0.0.1:50051" and s.fake_gpus is None and s.identity.labels == ()
+    assert s.rank_env_allow == DEFAULT_RANK_ENV_ALLOW  # the file documents the default
 
 
 @pytest.mark.parametrize(
@@ -142,6 +151,10 @@ def test_the_shipped_config_loads() -> None:
         ([], "max_log_bytes = 0\n", "bad --max-log-bytes 0"),
         ([], "allow_root_jobs = 'yes'\n", "bad value for 'allow_root_jobs'"),
         ([], "run_as_fallback_user = ''\n", "bad --run-as-fallback-user"),
+        ([], "rank_env_allow = 'PATH'\n", "bad value for 'rank_env_allow'"),
+        ([], "rank_env_allow = ['PATH', 3]\n", "bad value in 'rank_env_allow'"),
+        ([], "rank_env_allow = ['']\n", "bad value in 'rank_env_allow'"),
+        ([], "rank_env_allow = ['AWS_KEY=x']\n", "bad value in 'rank_env_allow'"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(
@@ -181,6 +194,7 @@ class Daemon(agent_pb2_grpc.AgentServiceServicer):
         )
 
     def RegisterNode(self, request, context):
+        self.authorization = dict(context.invocation_metadata()).get("authorization")
         self.node = request.node
         self.running = tuple(request.running)
         self.registered.set()
@@ -210,6 +224,13 @@ def daemon() -> Iterator[tuple[Daemon, int]]:
     server.stop(grace=None)
 
 
+def token_file(tmp_path: Path) -> Path:
+    path = tmp_path / "node.token"
+    path.write_text("gpuctl.node9.secret\n")
+    path.chmod(0o600)
+    return path
+
+
 def until(condition: Callable[[], object], proc: subprocess.Popen, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -233,11 +254,13 @@ def test_agent_registers_runs_and_stops_its_ranks_on_sigterm_when_told(
             "--server", f"127.0.0.1:{port}", "--name", "gpu-9", "--fake-gpus", "l40s:4",
             "--net", "ethernet:2x100", "--state-dir", str(tmp_path / "state"),
             "--cpus", "8", "--memory", "64GiB", "--label", "pool=test", "--stop-ranks-on-exit",
+            "--token-file", str(token_file(tmp_path)),
         ]  # fmt: skip
         proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
         try:
             assert notify.recv(4096).startswith(b"READY=1")
             assert fake.registered.is_set()
+            assert fake.authorization == "Bearer gpuctl.node9.secret"  # on every call
             assert (fake.node.name, len(fake.node.profile.gpus)) == ("gpu-9", 4)
             assert (fake.node.cpu_milli, fake.node.memory_mib) == (8000, 65536)
             until(lambda: fake.reports, proc)
@@ -272,6 +295,7 @@ def test_a_restarted_agent_keeps_its_ranks_running_and_adopts_them(
     argv = [
         sys.executable, "-m", "gpuctl.agent.main", "--server", f"127.0.0.1:{port}",
         "--name", "gpu-9", "--fake-gpus", "l40s:1", "--state-dir", str(tmp_path / "state"),
+        "--token-file", str(token_file(tmp_path)),
     ]  # fmt: skip
     first = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
     try:
@@ -299,3 +323,64 @@ def test_a_restarted_agent_keeps_its_ranks_running_and_adopts_them(
             first.kill()
             first.wait()
         shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_the_agents_secrets_stay_out_of_its_ranks(
+    daemon: tuple[Daemon, int], tmp_path: Path
+) -> None:
+    """The program as deployed: its environment holds a credential, agent.toml allows a glob;
+    the rank sees what is allowed and its launch contract, not the credential."""
+    fake, port = daemon
+    fake.assignment = agent_pb2.Assignment(
+        ref=rank_ref(1, 0, 0), command=["env"], env={"JOB_VAR": "mine"}, kill_grace=duration(5)
+    )
+    config = tmp_path / "agent.toml"
+    config.write_text('rank_env_allow = ["PATH", "KEEP_*"]\n')
+    token = tmp_path / "node.token"
+    token.write_text("node-token\n")  # the fake daemon takes any
+    token.chmod(0o600)
+    state = tmp_path / "state"
+    env = {**os.environ, "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG", "KEEP_ME": "1"}
+    argv = [
+        sys.executable, "-m", "gpuctl.agent.main", "--config", str(config),
+        "--server", f"127.0.0.1:{port}", "--fake-gpus", "l40s:1", "--state-dir", str(state),
+        "--token-file", str(token), "--stop-ranks-on-exit",
+    ]  # fmt: skip
+    proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        until(lambda: any(r.state == jobs_pb2.RANK_STATE_EXITED for r in fake.reports), proc)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+    seen = dict(
+        line.split("=", 1)
+        for line in (state / "logs" / "1" / "0" / "rank-0.log").read_text().splitlines()
+        if "=" in line
+    )
+    assert (seen.get("KEEP_ME"), seen.get("JOB_VAR")) == ("1", "mine")
+    assert "AWS_SECRET_ACCESS_KEY" not in seen
+    assert stat.S_IMODE(state.stat().st_mode) == 0o711
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        pytest.param([], "no credential: --token-file", id="no-token"),
+        pytest.param(["--token-file", "/nonexistent/t"], "cannot read", id="unreadable-token"),
+        pytest.param(
+            ["--token-file", "TOKEN", "--server", "10.1.2.3:50051"],
+            "is not on loopback: give --ca-file",
+            id="plain-tcp-off-loopback",
+        ),
+    ],
+)
+def test_the_agent_refuses_to_start_without_a_safe_credential(tmp_path, extra, message):
+    argv = [a if a != "TOKEN" else str(token_file(tmp_path)) for a in extra]
+    proc = subprocess.run(
+        [sys.executable, "-m", "gpuctl.agent.main", "--name", "gpu-9", "--fake-gpus", "l40s:1",
+         "--state-dir", str(tmp_path / "state"), *argv],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -11,6 +11,7 @@ import json
 import os
 import pwd
 import signal
+import stat
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,13 +19,25 @@ from pathlib import Path
 import psutil
 import pytest
 
-from gpuctl.agent.runner import AccountPolicy, Launch, RankExit, RankKey, Runner, child_env
+from gpuctl.agent.runner import (
+    DEFAULT_RANK_PATH,
+    Account,
+    AccountPolicy,
+    Launch,
+    RankExit,
+    RankKey,
+    Runner,
+    child_env,
+)
+from gpuctl.agent.shim import LAUNCH_FILE
 from tests.agent_rig import FakeClock, until
 
 KEY = RankKey(job_id=7, rank=0, attempt=1)
 BASE_ENV = {
     "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+    "LANG": "C.UTF-8",
     "KEEP_ME": "1",
+    "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
     "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7",
     "NOTIFY_SOCKET": "/run/systemd/notify",
     "WATCHDOG_USEC": "30000000",
@@ -101,23 +114,144 @@ def test_exit_codes(runner: Runner, command: tuple[str, ...], code: int, message
     assert runner.running() == ()
 
 
-def test_env_contract_passed_and_agent_variables_stripped(runner: Runner) -> None:
-    env = (("CUDA_VISIBLE_DEVICES", "2,3"), ("MASTER_ADDR", "10.0.0.1"), ("GPUCTL_JOB_ID", "7"))
+def dump_env(runner: Runner, env: tuple[tuple[str, str], ...] = ()) -> dict[str, str]:
+    """The environment a real rank started by `runner` sees."""
     dump = "import json, os; print(json.dumps(dict(os.environ)))"
     runner.start(launch(sys.executable, "-c", dump, env=env))
     assert wait_exit(runner).exit_code == 0
-    seen = json.loads(runner.log_path(KEY).read_text())
+    return json.loads(runner.log_path(KEY).read_text())
+
+
+def test_env_contract_passed_and_agent_variables_stripped(runner: Runner) -> None:
+    env = (("CUDA_VISIBLE_DEVICES", "2,3"), ("MASTER_ADDR", "10.0.0.1"), ("GPUCTL_JOB_ID", "7"))
+    seen = dump_env(runner, env)
     assert seen["CUDA_VISIBLE_DEVICES"] == "2,3"  # the assignment wins over the agent's own
     assert seen["MASTER_ADDR"] == "10.0.0.1"
     assert seen["GPUCTL_JOB_ID"] == "7"
-    assert seen["KEEP_ME"] == "1"
-    for stripped in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "GPUCTL_AGENT_TOKEN"):
+    assert (seen["PATH"], seen["LANG"]) == (BASE_ENV["PATH"], "C.UTF-8")  # allow-listed
+    for stripped in (
+        "AWS_SECRET_ACCESS_KEY",  # not allow-listed: the agent's credentials stay the agent's
+        "KEEP_ME",
+        "NOTIFY_SOCKET",
+        "WATCHDOG_USEC",
+        "WATCHDOG_PID",
+        "GPUCTL_AGENT_TOKEN",
+    ):
         assert stripped not in seen
 
 
-def test_child_env_is_pure() -> None:
-    env = child_env(BASE_ENV, launch("true", env=(("A", "b"),)))
-    assert env["A"] == "b" and "NOTIFY_SOCKET" not in env and "GPUCTL_AGENT_TOKEN" not in env
+@pytest.mark.parametrize(
+    ("allow", "passed", "kept_out"),
+    [
+        (("PATH", "KEEP_*"), {"KEEP_ME": "1"}, ("AWS_SECRET_ACCESS_KEY", "LANG")),
+        # Even "everything" keeps the agent's systemd and gpuctl variables to itself.
+        (("*",), {"KEEP_ME": "1", "AWS_SECRET_ACCESS_KEY": BASE_ENV["AWS_SECRET_ACCESS_KEY"]},
+         ("NOTIFY_SOCKET", "GPUCTL_AGENT_TOKEN")),
+    ],
+    ids=["glob", "everything"],
+)  # fmt: skip
+def test_the_allow_list_is_the_runners(
+    tmp_path: Path,
+    clock: FakeClock,
+    allow: tuple[str, ...],
+    passed: dict[str, str],
+    kept_out: tuple[str, ...],
+) -> None:
+    r = Runner(tmp_path / "state", base_env=BASE_ENV, clock=clock, accounts=AS_ME, env_allow=allow)
+    try:
+        seen = dump_env(r)
+    finally:
+        r.reap(timeout_s=5)
+    assert {k: seen.get(k) for k in passed} == passed
+    assert not set(kept_out) & set(seen)
+
+
+SECRET = "AWS_SECRET_ACCESS_KEY"
+ALICE = Account(
+    user="alice", uid=1001, gid=1001, groups=(1001,), home="/home/alice", shell="/bin/zsh",
+    switch=True,
+)  # fmt: skip
+ALICE_ENV = {"HOME": "/home/alice", "USER": "alice", "LOGNAME": "alice", "SHELL": "/bin/zsh"}
+
+# fmt: off
+CHILD_ENV_CASES = [
+    # id,                  agent's env,                                           allow,                  job's env,                      expected rank env (plus the account's)
+    ("defaults",           {"PATH": "/a", "LANG": "C", "LC_ALL": "C", "LC_TIME": "x",
+                            "TZ": "UTC", SECRET: "k", "TERM": "xterm", "LD_PRELOAD": "x"},
+                                                                                  None,                   {},                             {"PATH": "/a", "LANG": "C", "LC_ALL": "C", "LC_TIME": "x", "TZ": "UTC"}),
+    ("no-path-default",    {"LANG": "C"},                                         None,                   {},                             {"PATH": DEFAULT_RANK_PATH, "LANG": "C"}),
+    ("path-not-allowed",   {"PATH": "/opt/agent/bin"},                            ("LANG",),              {},                             {"PATH": DEFAULT_RANK_PATH}),
+    ("glob",               {"NCCL_IB_HCA": "mlx5", "NCCL_DEBUG": "WARN", "NCCLX": "1"},
+                                                                                  ("NCCL_*",),            {},                             {"PATH": DEFAULT_RANK_PATH, "NCCL_IB_HCA": "mlx5", "NCCL_DEBUG": "WARN"}),
+    ("glob-class",         {"LC_ALL": "C", "LANG": "C", "LANGUAGE": "en"},        ("LAN[G]",),            {},                             {"PATH": DEFAULT_RANK_PATH, "LANG": "C"}),
+    ("case-sensitive",     {"LC_ALL": "C", "path": "/x"},                         ("lc_*", "PATH"),       {},                             {"PATH": DEFAULT_RANK_PATH}),
+    ("nothing-allowed",    {"PATH": "/a", SECRET: "k"},                           (),                     {},                             {"PATH": DEFAULT_RANK_PATH}),
+    ("star-keeps-agent's", {"NOTIFY_SOCKET": "/n", "WATCHDOG_USEC": "1", "LISTEN_FDS": "3",
+                            "GPUCTL_TOKEN": "t", "GPUCTL_AGENT_X": "x", "GPUCTL_JOB_ID": "stale", "A": "b"},
+                                                                                  ("*",),                 {},                             {"PATH": DEFAULT_RANK_PATH, "A": "b"}),
+    ("account-over-agent", {"HOME": "/root", "USER": "root"},                     ("*",),                 {},                             {"PATH": DEFAULT_RANK_PATH}),
+    ("job-over-all",       {"PATH": "/a", "LANG": "C"},                           None,                   {"PATH": "/job", "HOME": "/j", SECRET: "mine"},
+                                                                                                                                          {"PATH": "/job", "LANG": "C", "HOME": "/j", SECRET: "mine"}),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(
+    ("base", "allow", "job", "expected"),
+    [c[1:] for c in CHILD_ENV_CASES],
+    ids=[c[0] for c in CHILD_ENV_CASES],
+)
+def test_child_env(
+    base: dict[str, str],
+    allow: tuple[str, ...] | None,
+    job: dict[str, str],
+    expected: dict[str, str],
+) -> None:
+    kw = {} if allow is None else {"allow": allow}
+    env = child_env(base, launch("true", env=tuple(job.items())), ALICE, **kw)
+    assert env == {**ALICE_ENV, **expected}
+
+
+@pytest.fixture
+def open_umask() -> Iterator[None]:
+    """The loosest umask: the modes below must come from the code, not from the umask."""
+    old = os.umask(0)
+    yield
+    os.umask(old)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.usefixtures("open_umask")
+def test_rank_files_are_private(runner: Runner, tmp_path: Path) -> None:
+    """Logs and launch files hold what the job prints and its environment: owner only."""
+    runner.start(launch("sh", "-c", "echo hi", env=(("WANDB_API_KEY", "secret"),)))
+    wait_exit(runner)
+    state = tmp_path / "state"
+    files = (runner.log_path(KEY), runner.rank_dir(KEY) / LAUNCH_FILE)
+    assert "WANDB_API_KEY" in files[1].read_text()
+    assert {f.name: mode(f) for f in files} == {"rank-0.log": 0o600, LAUNCH_FILE: 0o600}
+    dirs = {
+        str(d.relative_to(state)): mode(d)
+        for top in ("logs", "ranks", "work")
+        for d in (state / top, *(state / top).rglob("*"))
+        if d.is_dir()
+    }
+    assert dirs == {
+        "logs": 0o700,
+        "logs/7": 0o700,
+        "logs/7/1": 0o700,
+        "ranks": 0o700,
+        "ranks/7.0.1": 0o700,
+        # Passed through, never listed, on the way to the rank's own (STATE_DIR_MODE).
+        "work": 0o711,
+        "work/7": 0o711,
+        "work/7/1": 0o711,
+        "work/7/1/rank-0": 0o700,
+    }
+    assert all(mode(f) == 0o600 for f in runner.rank_dir(KEY).iterdir())
 
 
 def test_log_file_has_stdout_and_stderr_and_the_layout(runner: Runner, tmp_path: Path) -> None:

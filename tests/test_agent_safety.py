@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,6 +30,7 @@ from gpuctl.agent.runner import (
     LOST_AFTER_RESTART,
     RANK_ID_ENV,
     ROOT_REFUSED,
+    STATE_DIR_MODE,
     Account,
     AccountPolicy,
     Launch,
@@ -42,7 +44,9 @@ from gpuctl.agent.runner import (
     choose_containment,
     resolve_account,
 )
-from gpuctl.agent.shim import SHIM_FILE, read_json, truncation_marker
+from gpuctl.agent.shim import LAUNCH_FILE, SHIM_FILE, read_json, truncation_marker
+from gpuctl.core.trust import RunAsPolicy
+from gpuctl.runtime.private import private_state_dir
 from tests.agent_rig import FakeClock, until
 
 KEY = RankKey(job_id=9, rank=1, attempt=2)
@@ -160,7 +164,7 @@ def runners(tmp_path: Path, clock: FakeClock) -> Iterator[Callable[..., Runner]]
 
 @pytest.fixture(scope="module")
 def test_user() -> Iterator[pwd.struct_passwd]:
-    """A real unprivileged account, removed afterwards."""
+    """A real unprivileged account (a person's: uid above min_uid), removed afterwards."""
     if os.geteuid() != 0:
         pytest.skip("creating an account needs root")
     useradd, userdel = shutil.which("useradd"), shutil.which("userdel")
@@ -168,9 +172,7 @@ def test_user() -> Iterator[pwd.struct_passwd]:
         pytest.skip("useradd/userdel are not installed")
     name = f"gpuctl-test-{secrets.token_hex(4)}"
     for _ in range(20):  # another test worker may hold the passwd lock for a moment
-        done = subprocess.run(
-            [useradd, "--system", "--no-create-home", name], capture_output=True, check=False
-        )
+        done = subprocess.run([useradd, "--no-create-home", name], capture_output=True, check=False)
         if done.returncode == 0:
             break
         time.sleep(0.1)
@@ -265,6 +267,53 @@ def test_a_working_dir_the_user_cannot_reach_is_refused(
     )
 
 
+# Run as the rank's account: what it can reach of the agent's state dir, one line per check.
+REACH_SCRIPT = """
+touch "$(pwd -P)/made-by-path" && echo cwd-by-absolute-path
+ls {state} >/dev/null 2>&1 || echo state-unlisted
+ls {state}/work >/dev/null 2>&1 || echo work-unlisted
+cat {launch} >/dev/null 2>&1 || echo launch-unreadable
+ls {logs} >/dev/null 2>&1 || echo logs-unlisted
+"""
+
+
+@pytest.fixture
+def passable_tmp() -> Iterator[Path]:
+    """A directory every account may pass through (pytest's tmp_path is root's alone)."""
+    path = Path(tempfile.mkdtemp(prefix="gpuctl-agent-state-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@needs_root
+def test_a_rank_reaches_its_work_dir_by_path_and_nothing_else(
+    passable_tmp: Path, clock: FakeClock, test_user
+) -> None:
+    """The state dir as the agent makes it (0711): a rank's account walks to its own working
+    directory by absolute path, and can list nothing and read no log or launch file."""
+    state = private_state_dir(passable_tmp / "state", STATE_DIR_MODE)
+    runner = Runner(state, base_env=BASE_ENV, clock=clock, accounts=AccountPolicy())
+    script = REACH_SCRIPT.format(
+        state=state, launch=runner.rank_dir(KEY) / LAUNCH_FILE, logs=state / "logs"
+    )
+    try:
+        runner.start(launch("sh", "-c", script, owner=test_user.pw_name))
+        assert wait_exit(runner).exit_code == 0
+    finally:
+        runner.reap(timeout_s=5)
+    assert runner.log_path(KEY).read_text().split() == [
+        "cwd-by-absolute-path",
+        "state-unlisted",
+        "work-unlisted",
+        "launch-unreadable",
+        "logs-unlisted",
+    ]
+    work = runner.work_dir(KEY)
+    assert (work / "made-by-path").stat().st_uid == test_user.pw_uid
+    assert (work.stat().st_uid, work.stat().st_mode & 0o777) == (test_user.pw_uid, 0o700)
+
+
 class FakePasswd:
     """Two accounts and root; groups: the primary one plus 'video' (44) for alice."""
 
@@ -272,6 +321,8 @@ class FakePasswd:
         "root": pwd.struct_passwd(("root", "x", 0, 0, "", "/root", "/bin/bash")),
         "alice": pwd.struct_passwd(("alice", "x", 1001, 1001, "", "/home/alice", "/bin/zsh")),
         "nobody": pwd.struct_passwd(("nobody", "x", 65534, 65534, "", "/nonexistent", "")),
+        "postgres": pwd.struct_passwd(("postgres", "x", 101, 101, "", "/var/lib/pg", "")),
+        "svc": pwd.struct_passwd(("svc", "x", 999, 999, "", "/srv", "")),
     }
 
     def getpwnam(self, name: str) -> pwd.struct_passwd:
@@ -327,6 +378,22 @@ NOBODY = Account(
             ),
         ),
         ("bob", AccountPolicy(fallback_user="carol"), 0, "no account to run as"),
+        ("postgres", AccountPolicy(), 0, "refusing to run as account 'postgres' is a system"),
+        ("svc", AccountPolicy(), 0, "refusing to run as account 'svc' has uid 999, below"),
+        (
+            "svc",
+            AccountPolicy(rules=RunAsPolicy(allow=frozenset({"svc"}))),
+            0,
+            Account(
+                user="svc",
+                uid=999,
+                gid=999,
+                groups=(999,),
+                home="/srv",
+                shell="/bin/sh",
+                switch=True,
+            ),
+        ),
         # not root: the agent's own account, whoever the owner, and no switching
         ("root", AccountPolicy(), 1001, dataclasses.replace(ALICE, switch=False)),
     ],
@@ -338,6 +405,9 @@ NOBODY = Account(
         "fallback-root",
         "root-allowed",
         "no-fallback",
+        "service-account",
+        "low-uid",
+        "allowed-by-name",
         "agent-not-root",
     ],
 )

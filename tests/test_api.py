@@ -22,12 +22,12 @@ from gpuctl.api._pb.v1 import (
     nodes_pb2,
     nodes_pb2_grpc,
 )
-from gpuctl.api.server import ApiServer
 from gpuctl.core.plugins import build_policy
 from gpuctl.runtime.clock import FakeClock
 from gpuctl.runtime.controller import Controller
 from gpuctl.runtime.logstore import LogStore
 from gpuctl.store.sql import open_store
+from tests.auth_rig import AsCaller, Tokens, serve
 from tests.test_controller import h100_node
 
 TRAINING = jobs_pb2.JOB_KIND_TRAINING
@@ -42,18 +42,21 @@ def api(tmp_path):
         build_policy("default"),
         LogStore(tmp_path / "logs", max_bytes_per_rank=1 << 20),
     )
-    server = ApiServer(controller, "127.0.0.1:0", max_workers=8, watch_poll_s=0.05)
-    server.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    server = serve(controller)
+    tokens = Tokens(controller)
+    plain = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    channel = grpc.intercept_channel(plain, AsCaller(tokens, "alice"))
 
     class Api:
         jobs = jobs_pb2_grpc.JobServiceStub(channel)
         nodes = nodes_pb2_grpc.NodeServiceStub(channel)
         leases = leases_pb2_grpc.LeaseServiceStub(channel)
         agent = agent_pb2_grpc.AgentServiceStub(channel)
-        health = health_pb2_grpc.HealthStub(channel)
+        health = health_pb2_grpc.HealthStub(plain)
         reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        anonymous = jobs_pb2_grpc.JobServiceStub(plain)
 
+    Api.tokens = tokens
     Api.controller = controller
     Api.server = server
     yield Api
@@ -120,16 +123,17 @@ def test_create_is_idempotent_and_validate_only_stores_nothing(api):
     assert a.state == jobs_pb2.JOB_STATE_PENDING
 
 
-def test_owner_comes_from_metadata(api):
+def test_owner_comes_from_the_credential_never_from_a_header(api):
     job = api.jobs.CreateJob(
-        jobs_pb2.CreateJobRequest(spec=spec()), metadata=[("x-gpuctl-user", "alice")]
+        jobs_pb2.CreateJobRequest(spec=spec()), metadata=[("x-gpuctl-user", "postgres")]
     )
     assert job.owner == "alice"
     with pytest.raises(grpc.RpcError) as e:
-        api.jobs.CreateJob(
-            jobs_pb2.CreateJobRequest(spec=spec()), metadata=[("x-gpuctl-user", "bad user!")]
+        api.anonymous.CreateJob(
+            jobs_pb2.CreateJobRequest(spec=spec()), metadata=[("x-gpuctl-user", "alice")]
         )
-    assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert [j.id for j in api.controller.store.list_jobs().jobs] == [job.id]
 
 
 def test_list_jobs_pages_through_everything(api):
@@ -202,7 +206,10 @@ def test_agent_registration_then_nodes_drain_and_leases(api):
     assert listed.state == nodes_pb2.NODE_STATE_READY
     assert listed.profile.gpus[0].hbm_gbps == 3350
     assert len(listed.profile.gpus) == 8
-    drained = api.nodes.DrainNode(nodes_pb2.DrainNodeRequest(name="gpu-a", reason="fan"))
+    olga = api.tokens.metadata(api.tokens.user("olga"))
+    drained = api.nodes.DrainNode(
+        nodes_pb2.DrainNodeRequest(name="gpu-a", reason="fan"), metadata=olga
+    )
     assert (drained.state, drained.state_reason) == (nodes_pb2.NODE_STATE_DRAINING, "fan")
     assert [e.type for e in api.nodes.GetNode(nodes_pb2.GetNodeRequest(name="gpu-a")).events] == [
         "Registered",
@@ -211,7 +218,7 @@ def test_agent_registration_then_nodes_drain_and_leases(api):
     with pytest.raises(grpc.RpcError) as e:
         api.nodes.GetNode(nodes_pb2.GetNodeRequest(name="nope"))
     assert e.value.code() is grpc.StatusCode.NOT_FOUND
-    (lease,) = api.leases.ListLeases(leases_pb2.ListLeasesRequest()).leases
+    (lease,) = api.leases.ListLeases(leases_pb2.ListLeasesRequest(), metadata=olga).leases
     assert (lease.node, lease.price_per_hour, lease.state) == (
         "gpu-a",
         24.0,
@@ -254,6 +261,7 @@ def test_logs_round_trip_through_push_and_stream(api):
         agent_pb2.RegisterNodeRequest(node=convert.node_to_pb(h100_node("gpu-a")))
     )
     job = api.jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=spec()))
+    api.controller.run_cycle()  # placed on gpu-a: only gpu-a may push its logs
     ref = agent_pb2.RankRef(job_id=job.id, rank=0, attempt=0)
     r = api.agent.PushLogs(
         agent_pb2.PushLogsRequest(node_name="gpu-a", ref=ref, offset=0, data=b"step 1\n")
@@ -280,6 +288,12 @@ def test_health_and_reflection(api):
         iter([reflection_pb2.ServerReflectionRequest(list_services="")])
     )
     names = {s.name for r in responses for s in r.list_services_response.service}
+    anonymous = reflection_pb2_grpc.ServerReflectionStub(
+        grpc.insecure_channel(f"127.0.0.1:{api.server.port}")
+    ).ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    with pytest.raises(grpc.RpcError) as e:
+        list(anonymous)
+    assert e.value.code() is grpc.StatusCode.UNAUTHENTICATED
     assert {
         "gpuctl.v1.JobService",
         "gpuctl.agent.v1.AgentService",
@@ -296,7 +310,7 @@ def test_sdk_against_the_real_server(api):
     from gpuctl.client import Client, FailedPreconditionError, InvalidArgumentError, NotFoundError
 
     target = f"127.0.0.1:{api.server.port}"
-    with Client(target, user="alice") as gpuctl:
+    with Client(target, token=api.tokens.user("alice")) as gpuctl:
         job = gpuctl.submit(
             {
                 "kind": "inference",
@@ -321,3 +335,17 @@ def test_sdk_against_the_real_server(api):
         with pytest.raises(NotFoundError):
             gpuctl.get(99)
         assert gpuctl.health() == "SERVING"
+
+
+def test_a_request_that_is_not_a_message_of_its_type_is_invalid_argument(api):
+    token = api.tokens.metadata(api.tokens.user("alice"))
+    with grpc.insecure_channel(f"127.0.0.1:{api.server.port}") as channel:
+        for method in ("/gpuctl.v1.JobService/GetJob", "/gpuctl.v1.JobService/WatchJobs"):
+            call = (channel.unary_stream if "Watch" in method else channel.unary_unary)(
+                method, lambda b: b, lambda b: b
+            )
+            with pytest.raises(grpc.RpcError) as e:
+                reply = call(b"\xff\xff\xff\xff", metadata=token, timeout=5)
+                list(reply) if "Watch" in method else None
+            assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert "not a valid message" in e.value.details()

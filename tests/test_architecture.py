@@ -120,16 +120,19 @@ RULES = (
     Rule(
         id="agent-stays-off-the-daemon",
         scope="gpuctl.agent",
-        why="the agent speaks the agent API (generated code, conversion) and shares the core and "
-        "sd_notify; it never reaches into the daemon's store, controller or servicers",
+        why="the agent speaks the agent API (generated code, conversion) and shares the core, "
+        "sd_notify and the private-file modes; it never reaches into the daemon's store, "
+        "controller or servicers",
         gpuctl=(
             "gpuctl.agent",
             "gpuctl.core",
             "gpuctl.api._pb",
             "gpuctl.api.convert",
             "gpuctl.api.client",
+            "gpuctl.api.auth",
             "gpuctl.runtime.sdnotify",
             "gpuctl.runtime.clock",
+            "gpuctl.runtime.private",
         ),
         forbidden=("sqlmodel", "sqlalchemy", "apscheduler"),
     ),

@@ -27,7 +27,12 @@ def gpuctl(api):
     runner = CliRunner()
 
     def run(*args: str, input: str | None = None):
-        return runner.invoke(cli, ["--server", api.target, "--user", "alice", *args], input=input)
+        return runner.invoke(
+            cli,
+            ["--server", api.target, *args],
+            input=input,
+            env={"GPUCTL_TOKEN": "token-of-alice"},
+        )
 
     return run
 

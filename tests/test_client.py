@@ -47,7 +47,7 @@ def api():
 
 @pytest.fixture
 def client(api):
-    with Client(api.target, user="alice", timeout=5) as c:
+    with Client(api.target, token="token-of-alice", timeout=5) as c:
         yield c
 
 
@@ -157,7 +157,10 @@ def test_connection_refused_raises_unavailable_quickly():
     target = f"127.0.0.1:{free_port()}"
     start = time.monotonic()
 
-    with Client(target, user="alice", timeout=10) as c, pytest.raises(UnavailableError) as caught:
+    with (
+        Client(target, token="token-of-alice", timeout=10) as c,
+        pytest.raises(UnavailableError) as caught,
+    ):
         c.get(1)
 
     # gRPC retries 5 times, backing off 0.1s doubling (with jitter): about 1.5s at most
@@ -187,7 +190,7 @@ def test_retries_ride_out_a_server_that_starts_late():
     starter = threading.Thread(target=start_late)
     starter.start()
     try:
-        with Client(f"127.0.0.1:{port}", user="alice", timeout=10) as c:
+        with Client(f"127.0.0.1:{port}", token="token-of-alice", timeout=10) as c:
             assert c.get(7).id == 7
     finally:
         starter.join()

@@ -24,6 +24,7 @@ from gpuctl.core.model import (
     RankState,
 )
 from gpuctl.core.plugins import build_policy
+from gpuctl.core.trust import PermissionDenied
 from gpuctl.runtime.clock import FakeClock
 from gpuctl.runtime.controller import Controller, ControllerSettings, RankRef
 from gpuctl.runtime.logstore import LogStore
@@ -272,11 +273,45 @@ def test_registration_opens_a_lease_and_accrues_cost(ctl):
 
 
 def test_logs_are_appended_by_offset_idempotently(ctl):
-    ref = RankRef(7, 0, 0)
-    assert ctl.push_logs("a", ref, 0, b"hello ") == 6
-    assert ctl.push_logs("a", ref, 0, b"hello ") == 6  # a resend: not duplicated
-    assert ctl.push_logs("a", ref, 6, b"world\n") == 12
-    assert ctl.logs.read(7, 0, 0, 0) == b"hello world\n"
+    job_id = run_gang(ctl)
+    node = ctl.store.get_job(job_id).placement.ranks[0].node_id
+    ref = RankRef(job_id, 0, 0)
+    assert ctl.push_logs(node, ref, 0, b"hello ") == 6
+    assert ctl.push_logs(node, ref, 0, b"hello ") == 6  # a resend: not duplicated
+    assert ctl.push_logs(node, ref, 6, b"world\n") == 12
+    assert ctl.logs.read(job_id, 0, 0, 0) == b"hello world\n"
+
+
+@pytest.mark.parametrize(
+    "ref, node, error",
+    [
+        pytest.param((0, 0), "other", PermissionDenied, id="rank-on-another-node"),
+        pytest.param((0, 1), "own", PermissionDenied, id="a-newer-attempt"),
+        pytest.param((9, 0), "own", NotFound, id="unknown-rank"),
+    ],
+)
+def test_a_node_pushes_logs_only_for_its_own_ranks(ctl, ref, node, error):
+    job_id = run_gang(ctl)
+    ranks = ctl.store.get_job(job_id).placement.ranks
+    own = ranks[0].node_id
+    other = next(r.node_id for r in ranks if r.node_id != own)
+    rank, attempt = ref
+    job = job_id if rank != 9 else 999
+    with pytest.raises(error):
+        ctl.push_logs(own if node == "own" else other, RankRef(job, rank, attempt), 0, b"x")
+    assert ctl.logs.read(job_id, 0, 0, 0) == b""
+
+
+def test_undrain_lets_work_land_again_and_a_ready_node_cannot_be_undrained(ctl):
+    ctl.register_node(h100_node("a"))
+    with pytest.raises(FailedPrecondition):
+        ctl.undrain("a")
+    ctl.drain("a", "bad fan")
+    assert ctl.undrain("a", by="olga").state is NodeState.READY
+    job = ctl.submit(training(nodes=1))
+    ctl.run_cycle()
+    assert ctl.store.get_job(job.id).state is JobState.RUNNING
+    assert [e.type for e in ctl.store.list_events("node", "a")][-1] == "Undrain"
 
 
 def test_an_expired_lease_drains_its_node(ctl):

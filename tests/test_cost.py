@@ -11,7 +11,6 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from click.testing import CliRunner
 
-from gpuctl.api.server import ApiServer
 from gpuctl.cli.main import cli
 from gpuctl.client import Client
 from gpuctl.core.cost import (
@@ -35,6 +34,7 @@ from gpuctl.core.model import (
     RankState,
 )
 from gpuctl.runtime.controller import RankRef
+from tests.auth_rig import Tokens, serve
 from tests.lease_rig import Rig, agent_node, training
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -221,8 +221,7 @@ def test_the_controller_reports_cost_by_job_queue_and_user(tmp_path):
 @pytest.fixture
 def served(tmp_path):
     rig = Rig(tmp_path, [])
-    server = ApiServer(rig.ctl, "127.0.0.1:0", max_workers=4)
-    server.start()
+    server = serve(rig.ctl)
     yield rig, f"127.0.0.1:{server.port}"
     server.drain(0)
     rig.store.close()
@@ -242,7 +241,7 @@ def run_two_jobs(rig: Rig) -> tuple[int, int]:
 def test_the_sdk_gets_cost_rows_and_totals(served):
     rig, target = served
     a, b = run_two_jobs(rig)  # a: 4/8 x $16 = $8, b: 2/8 x $16 = $4; the lease $16
-    with Client(target, timeout=5) as client:
+    with Client(target, token=Tokens(rig.ctl).user("olga"), timeout=5) as client:
         cost = client.cost(by="job")
         assert [(r.key, r.dollars, r.gpu_hours, r.jobs) for r in cost.rows] == [
             (str(a), 8.0, 4.0, 1),
@@ -258,10 +257,11 @@ def test_the_sdk_gets_cost_rows_and_totals(served):
             client.cost(since=datetime(2026, 1, 1))
 
 
-def test_gpuctl_cost_shows_the_table(served):
+def test_gpuctl_cost_shows_the_table(served, monkeypatch):
     rig, target = served
     run_two_jobs(rig)
     runner = CliRunner()
+    monkeypatch.setenv("GPUCTL_TOKEN", Tokens(rig.ctl).user("olga"))
     result = runner.invoke(cli, ["--server", target, "cost", "--by", "queue"])
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()

@@ -70,6 +70,34 @@ def test_ready_only_when_serving_then_watchdog_then_graceful_stop(tmp_path, noti
         proc.wait()
 
 
+def test_a_state_dir_open_to_others_is_tightened_once_with_a_warning(tmp_path, notify_socket):
+    """Outside systemd too: the store and rank logs hold jobs' secrets, so the directory is the
+    daemon's alone, and the database files are 0600 whatever the umask it was started with."""
+    path, sock = notify_socket
+    state = tmp_path / "state"
+    state.mkdir(mode=0o755)
+    state.chmod(0o755)
+    old_umask = os.umask(0)  # inherited by the daemon: the modes must not come from it
+    try:
+        proc = start(tmp_path, {"NOTIFY_SOCKET": path})
+    finally:
+        os.umask(old_umask)
+    try:
+        assert sock.recv(4096).startswith(b"READY=1")
+        assert oct(state.stat().st_mode & 0o777) == oct(0o700)
+        db_files = {p.name: oct(p.stat().st_mode & 0o777) for p in state.glob("gpuctld.db*")}
+        assert db_files == dict.fromkeys(
+            ("gpuctld.db", "gpuctld.db-wal", "gpuctld.db-shm"), oct(0o600)
+        )
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        warnings = [line for line in proc.stdout.read().splitlines() if "tightened" in line]
+        assert len(warnings) == 1 and f"state directory {state} was mode 0755" in warnings[0]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.mark.parametrize(
     ("config", "expect"),
     [

@@ -7,6 +7,8 @@ leases are RELEASED and the agents are stopped. `gpuctl leases` and `gpuctl cost
 from __future__ import annotations
 
 import json
+import os
+import pwd
 import sys
 
 import pytest
@@ -48,7 +50,8 @@ def cluster(tmp_path):
     (c.root / "providers.toml").write_text(
         PROVIDERS + "".join(NODE.format(name=n) for n in ("lab-1", "lab-2"))
     )
-    (c.root / "gpuctld.toml").write_text(FAST_CONFIG + LEASES)
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    (c.root / "gpuctld.toml").write_text(FAST_CONFIG.replace("{user}", me) + LEASES)
     c.start_daemon()
     yield c
     c.stop_all()

@@ -23,7 +23,6 @@ from gpuctl.agent.runner import Runner
 from gpuctl.api import convert
 from gpuctl.api._pb.agent.v1 import agent_pb2, agent_pb2_grpc
 from gpuctl.api._pb.v1 import nodes_pb2, nodes_pb2_grpc
-from gpuctl.api.server import ApiServer
 from gpuctl.core.model import (
     BandwidthProfile,
     JobState,
@@ -37,6 +36,7 @@ from gpuctl.runtime.clock import FakeClock
 from gpuctl.runtime.controller import Controller, ControllerSettings, RankRef
 from gpuctl.runtime.logstore import LogStore
 from gpuctl.store.sql import open_store
+from tests.auth_rig import AsCaller, Tokens, serve
 from tests.test_agent_loop import HEARTBEAT_S, FakeDaemon, assignment
 from tests.test_agent_loop import FakeClock as AgentClock
 from tests.test_controller import h100_node, training
@@ -378,9 +378,10 @@ def test_get_node_shows_degraded_with_the_reason_and_the_issues(tmp_path: Path) 
         build_policy("default"),
         LogStore(tmp_path / "logs", max_bytes_per_rank=1 << 20),
     )
-    server = ApiServer(controller, "127.0.0.1:0", max_workers=4, watch_poll_s=0.05)
-    server.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    server = serve(controller)
+    channel = grpc.intercept_channel(
+        grpc.insecure_channel(f"127.0.0.1:{server.port}"), AsCaller(Tokens(controller), "alice")
+    )
     try:
         agent = agent_pb2_grpc.AgentServiceStub(channel)
         node: Node = h100_node("a")

@@ -68,6 +68,7 @@ def full_spec() -> JobSpec:
         queue="prod",
         priority=7,
         env=(("HF_HOME", "/cache"), ("A", "b=c")),
+        secret_env=("A",),
         working_dir="/srv",
         time_limit_s=3600,
         num_nodes=3,

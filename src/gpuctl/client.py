@@ -4,6 +4,7 @@ Re-exports `gpuctl.api.client`, where the SDK lives next to the rest of the gRPC
 """
 
 from gpuctl.api.client import (
+    DEFAULT_SOCKET,
     DEFAULT_TARGET,
     FINISHED_STATES,
     AlreadyExistsError,
@@ -14,7 +15,11 @@ from gpuctl.api.client import (
     InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
     UnavailableError,
+    auth_pb2,
+    default_target,
     events_pb2,
     jobs_pb2,
     leases_pb2,
@@ -26,12 +31,14 @@ from gpuctl.api.jobfile import (
     format_size_mib,
     load_job_file,
     load_job_mapping,
+    parse_duration,
     spec_from_mapping,
     spec_to_mapping,
 )
 from gpuctl.core.model import JobKind, JobSpec
 
 __all__ = [
+    "DEFAULT_SOCKET",
     "DEFAULT_TARGET",
     "FINISHED_STATES",
     "AlreadyExistsError",
@@ -45,7 +52,11 @@ __all__ = [
     "JobSpec",
     "NotFoundError",
     "PermissionDeniedError",
+    "ResourceExhaustedError",
+    "UnauthenticatedError",
     "UnavailableError",
+    "auth_pb2",
+    "default_target",
     "events_pb2",
     "format_duration",
     "format_size_mib",
@@ -54,6 +65,7 @@ __all__ = [
     "load_job_file",
     "load_job_mapping",
     "nodes_pb2",
+    "parse_duration",
     "spec_from_mapping",
     "spec_to_mapping",
 ]

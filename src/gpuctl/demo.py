@@ -120,16 +120,25 @@ def main() -> int:
     try:
         say("Starting gpuctld on a temporary SQLite store")
         cluster.start_daemon()
-        print(f"gpuctld is serving on {cluster.target} (state in {root / 'state'})")
+        print(
+            f"gpuctld is serving on {cluster.socket} for people on this host (the kernel says who "
+            f"they are) and on {cluster.target} for agents (each with its own node token); state "
+            f"in {root / 'state'}"
+        )
+        run(cluster, "whoami")
 
         say("Starting four agents with simulated GPUs (profiles from the GPU datasheets)")
         explain(
             "Two training-class nodes: 8x H100 SXM each, NVLink, 8x400G InfiniBand, one fabric. "
             "Two inference-class nodes: 4x L40S each, 100G Ethernet, cheaper per hour."
         )
+        explain(
+            "Each agent gets a credential bound to its node name (`gpuctl node token NAME`): it "
+            "can register, heartbeat and report only for its own node."
+        )
         for spec in TRAINING_NODES + INFERENCE_NODES:
             cluster.start_agent(spec)
-        with Client(cluster.target) as client:
+        with cluster.client() as client:
             wait_for("4 nodes", lambda: len(client.nodes()) == 4)
         run(cluster, "nodes")
 
@@ -149,7 +158,7 @@ def main() -> int:
             "--workdir", str(root), "--", sys.executable, "serve.py",
         ).strip()  # fmt: skip
 
-        with Client(cluster.target) as client:
+        with cluster.client() as client:
             wait_for(
                 "both jobs to start",
                 lambda: all(
@@ -163,12 +172,12 @@ def main() -> int:
             "are bin-packed onto the L40S nodes."
         )
         run(cluster, "jobs", "-o", "wide")
-        with Client(cluster.target) as client:
+        with cluster.client() as client:
             print_placements(client, (train_id, serve_id))
         run(cluster, "describe", train_id)
 
         say("Waiting for the training job to finish")
-        with Client(cluster.target) as client:
+        with cluster.client() as client:
             job = client.wait(train_id, timeout=60)
         run(cluster, "jobs", "--all")
         for rank in (0, 1):
@@ -179,7 +188,7 @@ def main() -> int:
 
         say("Cancelling the inference service; its replicas get SIGTERM")
         run(cluster, "cancel", serve_id)
-        with Client(cluster.target) as client:
+        with cluster.client() as client:
             client.wait(serve_id, timeout=30)
         run(cluster, "leases")
         say("What each job cost: its share of each node's price for the time it held GPUs")

@@ -4,18 +4,27 @@ processes on loopback ports. `make demo` and the end-to-end tests are built on i
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gpuctl.api.client import Client
+
 FAST_CONFIG = """\
+[run_as]
+# A test bed is one person's: their own account runs the jobs, whatever its uid (root in CI).
+allow = ["{user}"]
+
 [nodes]
 heartbeat_interval_s = 0.3
 heartbeat_timeout_s = 10.0
@@ -61,10 +70,25 @@ class LocalCluster:
     root: Path
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     port: int = 0
+    # Unix socket paths hold 107 bytes: the socket lives in a short directory of its own.
+    run_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="gpuctl-")))
 
     @property
     def target(self) -> str:
+        """The TCP listener (loopback, plain): agents use it, with their node tokens."""
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def socket(self) -> Path:
+        return self.run_dir / "gpuctld.sock"
+
+    @property
+    def local(self) -> str:
+        """The head node's socket: the CLI and SDK use it, as whoever runs them."""
+        return f"unix:{self.socket}"
+
+    def client(self, **kwargs) -> Client:
+        return Client(self.local, **kwargs)
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
         log = (self.root / f"{name}.log").open("ab")
@@ -84,7 +108,7 @@ class LocalCluster:
         self.root.mkdir(parents=True, exist_ok=True)
         config = self.root / "gpuctld.toml"
         if not config.exists():
-            config.write_text(FAST_CONFIG)
+            config.write_text(FAST_CONFIG.replace("{user}", pwd.getpwuid(os.geteuid()).pw_name))
         port_file = self.root / "gpuctld.port"
         port_file.unlink(missing_ok=True)
         listen = f"127.0.0.1:{self.port}"  # the same port again after a restart
@@ -95,6 +119,7 @@ class LocalCluster:
                 "--config", str(config),
                 "--listen", listen,
                 "--state-dir", str(self.root / "state"),
+                "--socket", str(self.socket),
                 "--port-file", str(port_file),
             ],
         )  # fmt: skip
@@ -113,7 +138,7 @@ class LocalCluster:
         self.wait_serving(timeout)
 
     def wait_serving(self, timeout: float) -> None:
-        with grpc.insecure_channel(self.target) as channel:
+        with grpc.insecure_channel(self.local) as channel:  # health is open to all
             stub = health_pb2_grpc.HealthStub(channel)
             reply = stub.Check(
                 health_pb2.HealthCheckRequest(), timeout=timeout, wait_for_ready=True
@@ -121,8 +146,22 @@ class LocalCluster:
             if reply.status != health_pb2.HealthCheckResponse.SERVING:
                 raise RuntimeError(f"gpuctld health is {reply.status}")
 
-    def start_agent(self, spec: AgentSpec) -> None:
+    def node_token(self, name: str) -> Path:
+        """A credential for node `name`'s agent, made as an operator would (`gpuctl node
+        token`), in a 0600 file."""
+        path = self.root / "agents" / f"{name}.token"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        secret = self.gpuctl("node", "token", name).stdout.strip()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secret + "\n")
+        return path
+
+    def start_agent(
+        self, spec: AgentSpec, *, token_file: Path | None = None, extra: Sequence[str] = ()
+    ) -> None:
         state = self.root / "agents" / spec.name
+        token_file = token_file or self.node_token(spec.name)
         self._spawn(
             f"agent-{spec.name}",
             [
@@ -133,7 +172,10 @@ class LocalCluster:
                 self.target,
                 "--state-dir",
                 str(state),
+                "--token-file",
+                str(token_file),
                 *spec.args(),
+                *extra,
                 # Jobs are submitted as the user running the test bed, and the agents refuse
                 # to run root's jobs unless told: the whole cluster is that one user's.
                 *(["--allow-root-jobs"] if os.geteuid() == 0 else []),
@@ -147,7 +189,7 @@ class LocalCluster:
     ) -> subprocess.CompletedProcess[str]:
         """Run the `gpuctl` CLI against this cluster."""
         return subprocess.run(
-            [sys.executable, "-m", "gpuctl.cli.main", "--server", self.target, *args],
+            [sys.executable, "-m", "gpuctl.cli.main", "--server", self.local, *args],
             capture_output=True,
             text=True,
             check=check,
@@ -177,3 +219,4 @@ class LocalCluster:
     def remove(self) -> None:
         self.stop_all()
         shutil.rmtree(self.root, ignore_errors=True)
+        shutil.rmtree(self.run_dir, ignore_errors=True)

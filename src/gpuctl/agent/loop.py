@@ -44,7 +44,13 @@ SHUTDOWN_ROUNDS = 3  # tries to deliver the last logs and reports before the age
 # A report the daemon answers with these can never succeed: dropped, so the outbox moves on.
 # Everything else (UNAVAILABLE, DEADLINE_EXCEEDED, NOT_FOUND while it re-learns this node...)
 # is retried on the next tick.
-_REJECTED = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION})
+_REJECTED = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.PERMISSION_DENIED,  # a rank that is not this node's (any more)
+    }
+)
 # A log push answered with these will not get better by retrying: report the exit without it.
 _LOGS_REFUSED = _REJECTED | {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED}
 # After one of these the rest of the tick's calls are skipped: against a hung daemon every call

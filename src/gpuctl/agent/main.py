@@ -15,8 +15,9 @@ import socket
 import sys
 import threading
 import tomllib
+from collections import namedtuple
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -43,13 +44,18 @@ from gpuctl.agent.probe import (
 from gpuctl.agent.runner import (
     DEFAULT_FALLBACK_USER,
     DEFAULT_MAX_LOG_BYTES,
+    DEFAULT_RANK_ENV_ALLOW,
+    STATE_DIR_MODE,
     AccountPolicy,
     Runner,
     choose_containment,
 )
 from gpuctl.agent.shim import become_subreaper
 from gpuctl.api._pb.agent.v1 import agent_pb2_grpc
+from gpuctl.api.auth import AUTH_METADATA
 from gpuctl.core.model import Gpu, Network
+from gpuctl.core.trust import DEFAULT_DENIED_ACCOUNTS, DEFAULT_MIN_UID, RunAsPolicy
+from gpuctl.runtime.private import private_state_dir
 from gpuctl.runtime.sdnotify import Notifier
 
 log = logging.getLogger("gpuctl.agent")
@@ -76,9 +82,15 @@ _CONFIG_KEYS: dict[str, tuple[type, ...]] = {
     "run_as_fallback_user": (str,),
     "allow_root_jobs": (bool,),
     "max_log_bytes": (int, str),
+    "rank_env_allow": (list,),  # config only: a list belongs in the file
     "stop_ranks_on_exit": (bool,),
     "health_interval": (int, float),
     "min_bandwidth_fraction": (int, float),
+    "token_file": (str,),
+    "ca_file": (str,),
+    "run_as_min_uid": (int,),
+    "run_as_deny": (list,),
+    "run_as_allow": (list,),
 }
 
 
@@ -99,10 +111,14 @@ class AgentSettings:
     run_as_fallback_user: str = DEFAULT_FALLBACK_USER
     allow_root_jobs: bool = False
     max_log_bytes: int = DEFAULT_MAX_LOG_BYTES
+    rank_env_allow: tuple[str, ...] = DEFAULT_RANK_ENV_ALLOW
     stop_ranks_on_exit: bool = False  # False: a stopped agent leaves its ranks to adopt
     network_set: bool = False  # --net (or net=) given: it overrides what sysfs finds
     health_interval_s: float = DEFAULT_HEALTH_INTERVAL_S
     min_bandwidth_fraction: float = DEFAULT_MIN_BANDWIDTH_FRACTION
+    run_as: RunAsPolicy = field(default_factory=RunAsPolicy)
+    token_file: Path | None = None  # this node's credential (`gpuctl node token NAME`)
+    ca_file: Path | None = None  # speak TLS to gpuctld, trusting only this CA
 
 
 class _Parser(argparse.ArgumentParser):
@@ -141,6 +157,17 @@ def _parser() -> argparse.ArgumentParser:
         help="rank logs and work dirs (default: $STATE_DIRECTORY, else ~/.local/state/gpuctl-agent)",
     )
     p.add_argument("--config", metavar="FILE", help="agent.toml with the same keys as the flags")
+    p.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="this node's credential, from `gpuctl node token NAME` (keep it mode 0600)",
+    )
+    p.add_argument(
+        "--ca-file",
+        metavar="FILE",
+        help="speak TLS to gpuctld and trust only this CA (pinned: a daemon with another "
+        "certificate is refused); without it the agent speaks plain TCP, loopback only",
+    )
     p.add_argument(
         "--run-as-fallback-user",
         metavar="USER",
@@ -200,6 +227,15 @@ def _read_config(path: str) -> dict[str, Any]:
     for k, v in config.get("labels", {}).items():
         if not isinstance(v, str):
             raise SettingsError(f"bad value for label {k!r} in {path}: want a string")
+    for key in ("run_as_deny", "run_as_allow"):
+        if not all(isinstance(v, str) for v in config.get(key, ())):
+            raise SettingsError(f"bad value for {key!r} in {path}: want a list of account names")
+    for pattern in config.get("rank_env_allow", ()):
+        if not isinstance(pattern, str) or not pattern or "=" in pattern or "\0" in pattern:
+            raise SettingsError(
+                f"bad value in 'rank_env_allow' in {path}: {pattern!r}; want variable names "
+                'or glob patterns, e.g. ["PATH", "LC_*"]'
+            )
     return config
 
 
@@ -297,10 +333,18 @@ def load_settings(argv: Sequence[str], env: Mapping[str, str]) -> AgentSettings:
         run_as_fallback_user=fallback_user,
         allow_root_jobs=bool(pick("allow_root_jobs", False)),
         max_log_bytes=parse_bytes(pick("max_log_bytes", DEFAULT_MAX_LOG_BYTES)),
+        rank_env_allow=tuple(config.get("rank_env_allow", DEFAULT_RANK_ENV_ALLOW)),
         stop_ranks_on_exit=bool(pick("stop_ranks_on_exit", False)),
         network_set=pick("net") is not None,
         health_interval_s=health_interval,
         min_bandwidth_fraction=min_fraction,
+        run_as=RunAsPolicy(
+            min_uid=config.get("run_as_min_uid", DEFAULT_MIN_UID),
+            deny=frozenset(config.get("run_as_deny", DEFAULT_DENIED_ACCOUNTS)),
+            allow=frozenset(config.get("run_as_allow", ())),
+        ),
+        token_file=Path(pick("token_file")).expanduser() if pick("token_file") else None,
+        ca_file=Path(pick("ca_file")).expanduser() if pick("ca_file") else None,
     )
 
 
@@ -406,11 +450,76 @@ def build_runner(settings: AgentSettings, clock: Callable[[], float]) -> Runner:
         base_env=os.environ,
         clock=clock,
         accounts=AccountPolicy(
-            fallback_user=settings.run_as_fallback_user, allow_root=settings.allow_root_jobs
+            fallback_user=settings.run_as_fallback_user,
+            allow_root=settings.allow_root_jobs,
+            rules=settings.run_as,
         ),
         max_log_bytes=settings.max_log_bytes,
         containment=containment,
+        env_allow=settings.rank_env_allow,
     )
+
+
+class _Bearer(grpc.UnaryUnaryClientInterceptor):
+    """Adds this node's credential to every call."""
+
+    def __init__(self, token: str) -> None:
+        self._metadata = ((AUTH_METADATA, f"Bearer {token}"),)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(
+            _CallDetails(
+                details.method,
+                details.timeout,
+                (*(details.metadata or ()), *self._metadata),
+                details.credentials,
+                details.wait_for_ready,
+                details.compression,
+            ),
+            request,
+        )
+
+
+class _CallDetails(
+    namedtuple(
+        "_CallDetails",
+        ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression"),
+    ),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+def open_channel(settings: AgentSettings) -> grpc.Channel:
+    """The channel to gpuctld: TLS pinned to `ca_file` where given (else plain TCP, which is
+    refused off loopback), every call carrying the node's credential."""
+    if settings.token_file is None:
+        raise SettingsError(
+            "no credential: --token-file FILE (create it on the head node with "
+            "`gpuctl node token NAME > FILE`)"
+        )
+    try:
+        token = settings.token_file.read_text().strip()
+        if settings.token_file.stat().st_mode & 0o077:
+            log.warning("%s is readable by others: chmod 600 it", settings.token_file)
+        roots = settings.ca_file.read_bytes() if settings.ca_file is not None else None
+    except OSError as e:
+        raise SettingsError(f"cannot read {e.filename}: {e.strerror}") from None
+    if not token:
+        raise SettingsError(f"{settings.token_file} is empty")
+    host, _ = _split_server(settings.server)
+    if roots is not None:
+        channel = grpc.secure_channel(
+            settings.server, grpc.ssl_channel_credentials(root_certificates=roots)
+        )
+    elif _is_loopback(host):
+        channel = grpc.insecure_channel(settings.server)
+    else:
+        raise SettingsError(
+            f"--server {settings.server} is not on loopback: give --ca-file so that the node's "
+            "credential and its jobs' secrets cross the network encrypted, to the real gpuctld"
+        )
+    return grpc.intercept_channel(channel, _Bearer(token))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -425,7 +534,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        # Listable by no one else: it holds rank logs and every job's environment.
+        private_state_dir(settings.state_dir, STATE_DIR_MODE)
     except OSError as e:
         print(
             f"gpuctl-agent: cannot create --state-dir {settings.state_dir}: {e.strerror}",
@@ -433,8 +543,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return EXIT_USAGE
 
+    try:
+        channel = open_channel(settings)
+    except SettingsError as e:
+        print(f"gpuctl-agent: {e}", file=sys.stderr)
+        return EXIT_USAGE
     clock = SystemClock()
-    channel = grpc.insecure_channel(settings.server)
     loop = AgentLoop(
         agent_pb2_grpc.AgentServiceStub(channel),
         build_runner(settings, clock.monotonic),

@@ -6,6 +6,7 @@ grace) and, after an agent restart, adopts or reports the ranks its previous run
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -36,6 +37,8 @@ from gpuctl.agent.shim import (
     read_json,
     write_json,
 )
+from gpuctl.core.trust import RunAsPolicy
+from gpuctl.runtime.private import TRAVERSE_ONLY_DIR_MODE, make_private_dirs, private_opener
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,10 @@ DEFAULT_KILL_GRACE_S = 30.0  # Slurm's KillWait and Kubernetes' termination grac
 # "nobody" exists on every node, so an owner without an account here still runs, unprivileged.
 DEFAULT_FALLBACK_USER = "nobody"
 DEFAULT_MAX_LOG_BYTES = 64 << 20  # 64 MiB: days of a training loop's progress lines
+# The state dir, and the work/ directories down to each rank's own: a rank's account reaches
+# its working directory by absolute path (os.path.abspath, Path.cwd() / "ckpt") but can list
+# none of them. logs/ and ranks/ (the job's output and environment) are 0700 below it.
+STATE_DIR_MODE = TRAVERSE_ONLY_DIR_MODE
 # Outside 0..255, so no status a process can exit with reads as "lost"; positive, so it is not
 # taken for a signal.
 EXIT_LOST = 256
@@ -52,12 +59,21 @@ ROOT_REFUSED = "refusing to run as root: set allow_root_jobs in agent.toml"
 SHIM_START_TIMEOUT_S = 10.0  # a Python start on a loaded node; well inside the 30 s watchdog
 SHIM_KILL_GRACE_S = 10.0  # after the kill signal, before the supervisor itself gets SIGKILL
 
-# The agent's own systemd and config variables: a rank that inherited NOTIFY_SOCKET could tell
-# systemd the agent is ready or alive, and WATCHDOG_* would make it think it owes pings.
+# What a rank keeps of the agent's own environment (agent.toml rank_env_allow): names or
+# fnmatch patterns. The rest (cloud credentials, tokens, proxies the agent was started with)
+# stays with the agent; a rank gets the job's env and the launch contract besides.
+DEFAULT_RANK_ENV_ALLOW = ("PATH", "LANG", "LC_*", "TZ")
+# A rank always has a PATH, so `sh` or `python3` resolve as in a login shell; a job's own
+# PATH, or the agent's where allowed, replaces it.
+DEFAULT_RANK_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Never passed on, whatever the allow-list says: a rank that inherited NOTIFY_SOCKET could tell
+# systemd the agent is ready or alive, WATCHDOG_* would make it think it owes pings, and
+# GPUCTL_* names are the launch contract's to set (core.validation reserves them), not stale
+# ones or the agent's own (GPUCTL_AGENT_*, GPUCTL_TOKEN) to leak.
 _STRIPPED_ENV = frozenset(
     {"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"}
 )
-_STRIPPED_ENV_PREFIX = "GPUCTL_AGENT_"
+_STRIPPED_ENV_PREFIX = "GPUCTL_"
 # Where `gpuctl` is imported from, so the supervisor finds it whatever the install.
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
@@ -122,6 +138,9 @@ class AccountPolicy:
 
     fallback_user: str = DEFAULT_FALLBACK_USER  # for owners with no account on this node
     allow_root: bool = False  # allow_root_jobs
+    # gpuctld checks these at submission; the agent checks again against its own accounts,
+    # so a daemon that is wrong, or not gpuctld, cannot make it run a service account's job
+    rules: RunAsPolicy = field(default_factory=RunAsPolicy)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -193,6 +212,11 @@ def resolve_account(
         )
     if entry.pw_uid == 0 and not policy.allow_root:
         return Refusal(code=EXIT_CANNOT_EXECUTE, message=ROOT_REFUSED)
+    is_owner = entry.pw_name == owner and owner != policy.fallback_user
+    if is_owner and not (entry.pw_uid == 0 and policy.allow_root):
+        why = policy.rules.refusal(entry.pw_name, entry.pw_uid)
+        if why:
+            return Refusal(code=EXIT_CANNOT_EXECUTE, message=f"refusing to run as {why}")
     return _account(entry, passwd, switch=True)
 
 
@@ -209,11 +233,21 @@ def _account(entry: pwd.struct_passwd, passwd: Passwd, *, switch: bool) -> Accou
 
 
 def child_env(
-    base: Mapping[str, str], launch: Launch, account: Account | None = None
+    base: Mapping[str, str],
+    launch: Launch,
+    account: Account | None = None,
+    *,
+    allow: Iterable[str] = DEFAULT_RANK_ENV_ALLOW,
 ) -> dict[str, str]:
-    """The agent's environment minus its own systemd/config variables, then the account's
-    HOME, USER, LOGNAME and SHELL, then the assignment's variables."""
-    env = _without_agent_vars(base)
+    """The allow-listed part of the agent's environment (with a default PATH where it has
+    none), then the account's HOME, USER, LOGNAME and SHELL, then the assignment's variables."""
+    patterns = tuple(allow)
+    env = {
+        k: v
+        for k, v in _without_agent_vars(base).items()
+        if any(fnmatch.fnmatchcase(k, p) for p in patterns)
+    }
+    env.setdefault("PATH", DEFAULT_RANK_PATH)
     if account is not None:
         env.update(account.env())
     env.update(launch.env)
@@ -350,9 +384,11 @@ class Runner:
         max_log_bytes: int = DEFAULT_MAX_LOG_BYTES,
         containment: Containment | None = None,
         passwd: Passwd | None = None,
+        env_allow: Iterable[str] = DEFAULT_RANK_ENV_ALLOW,
     ) -> None:
         self._state_dir = Path(state_dir)
         self._base_env = dict(base_env)
+        self._env_allow = tuple(env_allow)
         self._clock = clock
         self._accounts = accounts or AccountPolicy()
         self._max_log_bytes = max_log_bytes
@@ -408,7 +444,8 @@ class Runner:
         if key in self._running:
             raise ValueError(f"{key} is already running")
         log_path = self.log_path(key)
-        log_path.parent.mkdir(parents=True, exist_ok=True)
+        # 0700 directories, 0600 files: ranks print their secrets, and the log holds them.
+        make_private_dirs(log_path.parent)
         if not launch.command or not launch.command[0]:
             return self._refused(key, EXIT_NOT_FOUND, "empty command")
         account = resolve_account(
@@ -419,19 +456,21 @@ class Runner:
         cwd = launch.working_dir
         if not cwd:
             cwd = str(self.work_dir(key))
-            os.makedirs(cwd, exist_ok=True)
+            make_private_dirs(Path(cwd).parent, TRAVERSE_ONLY_DIR_MODE)
+            make_private_dirs(Path(cwd))  # 0700, and the rank's account's
             if account.switch:
-                # Entered by the supervisor as root: the user needs to own it, not to reach it.
+                # Entered by the supervisor as root; owned by the user, who also reaches it by
+                # absolute path through the 0711 directories above (STATE_DIR_MODE).
                 os.chown(cwd, account.uid, account.gid)
         elif not os.path.isdir(cwd):
             return self._refused(key, EXIT_NOT_FOUND, f"working directory not found: {cwd}")
         rank_dir = self.rank_dir(key)
-        rank_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_private_dirs(rank_dir)  # launch.json in it holds the job's environment
         for stale in (EXIT_FILE, SHIM_FILE, REPORTED_FILE):
             (rank_dir / stale).unlink(missing_ok=True)
         # Unique per launch: agents and tests sharing a host never match each other's ranks.
         rank_id = f"{key.dirname}@{secrets.token_hex(4)}"
-        env = child_env(self._base_env, launch, account)
+        env = child_env(self._base_env, launch, account, allow=self._env_allow)
         env[RANK_ID_ENV] = rank_id
         write_json(
             rank_dir / LAUNCH_FILE,
@@ -461,7 +500,7 @@ class Runner:
         )
         try:
             # The agent opens the log: the rank's account needs no access to the state dir.
-            with open(self.log_path(key), "ab") as log_file:
+            with open(self.log_path(key), "ab", opener=private_opener) as log_file:
                 proc = subprocess.Popen(
                     argv,
                     env=self._shim_env,
@@ -508,7 +547,7 @@ class Runner:
 
     def _refused(self, key: RankKey, code: int, message: str) -> RankExit:
         log.warning("%s not started: %s", key, message)
-        with open(self.log_path(key), "ab") as f:
+        with open(self.log_path(key), "ab", opener=private_opener) as f:
             f.write(f"gpuctl-agent: {message}\n".encode())
         return RankExit(key=key, exit_code=code, message=message)
 

@@ -19,9 +19,11 @@ from typing import Any
 
 import psutil
 
+from gpuctl.runtime.private import private_opener
+
 # `python -m gpuctl.agent.shim RANK_DIR STATUS_FD`. The files in RANK_DIR, each written whole
 # (tmp + rename), are the protocol with the runner:
-#   launch.json  runner -> shim: argv, env, cwd, account, log cap
+#   launch.json  runner -> shim: argv, env (the job's secrets too: 0600), cwd, account, log cap
 #   shim.json    shim: its pid and start time, by which a restarted agent knows it is the same
 #   exit         shim: {"code", "terminated", "killed"}, plus "message" when the rank never ran
 #   reported     runner: the daemon acknowledged the rank's EXITED report
@@ -55,9 +57,10 @@ def become_subreaper() -> bool:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write `path` whole or not at all: a reader never sees half of it, even after a crash."""
+    """Write `path` whole or not at all: a reader never sees half of it, even after a crash.
+    The file is 0600: launch.json holds the job's environment, its secrets included."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    with open(tmp, "wb", opener=private_opener) as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())

@@ -7,13 +7,13 @@ a deadline, and gRPC itself retries UNAVAILABLE for the calls that are safe to r
 from __future__ import annotations
 
 import builtins
-import getpass
 import json
 import os
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from types import TracebackType
 from typing import Any, NoReturn
 
@@ -25,6 +25,8 @@ from grpc_status import rpc_status
 
 from gpuctl.api import convert, jobfile
 from gpuctl.api._pb.v1 import (
+    auth_pb2,
+    auth_pb2_grpc,
     events_pb2,
     jobs_pb2,
     jobs_pb2_grpc,
@@ -33,13 +35,14 @@ from gpuctl.api._pb.v1 import (
     nodes_pb2,
     nodes_pb2_grpc,
 )
+from gpuctl.api.auth import AUTH_METADATA, auth_socket_path, fetch_session
 from gpuctl.core.errors import FieldViolation, GpuctlError, InvalidArgument
 from gpuctl.core.model import JobSpec, JobState
 
 __all__ = [
+    "DEFAULT_SOCKET",
     "DEFAULT_TARGET",
     "FINISHED_STATES",
-    "USER_METADATA_KEY",
     "AlreadyExistsError",
     "ApiError",
     "Client",
@@ -48,7 +51,11 @@ __all__ = [
     "InvalidArgumentError",
     "NotFoundError",
     "PermissionDeniedError",
+    "ResourceExhaustedError",
+    "UnauthenticatedError",
     "UnavailableError",
+    "auth_pb2",
+    "default_target",
     "events_pb2",
     "jobs_pb2",
     "leases_pb2",
@@ -56,7 +63,7 @@ __all__ = [
 ]
 
 DEFAULT_TARGET = "127.0.0.1:50051"
-USER_METADATA_KEY = "x-gpuctl-user"
+DEFAULT_SOCKET = "/run/gpuctl/gpuctld.sock"  # where the systemd unit puts gpuctld's socket
 FINISHED_STATES = frozenset(
     {jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED}
 )
@@ -76,6 +83,7 @@ _RETRYABLE = {
     ),
     "gpuctl.v1.NodeService": ("ListNodes", "GetNode"),
     "gpuctl.v1.LeaseService": ("ListLeases", "GetCost"),
+    "gpuctl.v1.AuthService": ("WhoAmI", "ListTokens", "ListAudit"),
     "grpc.health.v1.Health": ("Check",),
 }
 # 5 attempts, 0.1s doubling to at most 2s: a daemon restarting (a few seconds) or a leader
@@ -175,6 +183,22 @@ class FailedPreconditionError(ApiError):
 class PermissionDeniedError(ApiError, PermissionError):
     """Not allowed, or not authenticated (the code says which)."""
 
+    @property
+    def permission(self) -> str:
+        """The permission the caller lacks, where the server named it."""
+        for d in self.details:
+            if isinstance(d, error_details_pb2.ErrorInfo):
+                return d.metadata.get("permission", "")
+        return ""
+
+
+class UnauthenticatedError(PermissionDeniedError):
+    """No credentials, or ones the server does not accept (unknown, expired, revoked)."""
+
+
+class ResourceExhaustedError(ApiError):
+    """A limit was reached; `retry_delay` says when to try again."""
+
 
 class UnavailableError(ApiError, ConnectionError):
     """gpuctld cannot be reached, or cannot serve now; retrying later may help."""
@@ -191,7 +215,8 @@ _ERROR_TYPES: dict[grpc.StatusCode, type[ApiError]] = {
     grpc.StatusCode.ALREADY_EXISTS: AlreadyExistsError,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
-    grpc.StatusCode.UNAUTHENTICATED: PermissionDeniedError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
 }
@@ -276,8 +301,58 @@ def _state_value(state: int | str | JobState) -> int:
     return int(state)
 
 
+def default_target() -> str:
+    """$GPUCTL_SERVER, else gpuctld's Unix socket where this host has one, else loopback TCP."""
+    target = os.environ.get("GPUCTL_SERVER")
+    if target:
+        return target
+    if os.path.exists(DEFAULT_SOCKET):
+        return f"unix:{DEFAULT_SOCKET}"
+    return DEFAULT_TARGET
+
+
+class _Credential:
+    """The bearer token calls carry: a fixed one (an API token), or a session the daemon's
+    auth socket hands out for whoever we are to the kernel, fetched again when it lapses."""
+
+    def __init__(self, token: str | None, auth_socket: str | None) -> None:
+        self._fixed = token
+        self._socket = auth_socket
+        self._session: str | None = None
+        self._expires = 0.0
+
+    @property
+    def renewable(self) -> bool:
+        return self._fixed is None and self._socket is not None
+
+    def metadata(self, target: str) -> tuple[tuple[str, str], ...]:
+        token = self._fixed
+        if token is None and self._socket is not None:
+            if self._session is None or time.monotonic() >= self._expires:
+                try:
+                    answer = fetch_session(self._socket)
+                except (OSError, ValueError) as e:
+                    reason = getattr(e, "strerror", None) or str(e)
+                    raise UnavailableError(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"cannot reach gpuctld at {target}: its auth socket {self._socket}: "
+                        f"{reason} (is it running?)",
+                    ) from None
+                self._session = str(answer["token"])
+                # Renewed a minute early, so a call never carries one that lapses on the way.
+                self._expires = time.monotonic() + max(0.0, float(answer["expires_in"]) - 60)
+            token = self._session
+        return ((AUTH_METADATA, f"Bearer {token}"),) if token else ()
+
+    def forget(self) -> None:
+        self._session = None
+
+
 class Client:
     """A connection to gpuctld. Close it, or use it as a context manager.
+
+    On the head node it talks to gpuctld's Unix socket and the kernel vouches for who you are;
+    elsewhere give a `token` (or set GPUCTL_TOKEN) and, for TLS, a `ca_file` or `tls=True`.
 
     >>> with Client() as c:
     ...     job = c.submit({"kind": "training", "nodes": 2, "gpus_per_node": 8, "command": "torchrun train.py"})
@@ -286,24 +361,35 @@ class Client:
 
     def __init__(
         self,
-        target: str = DEFAULT_TARGET,
+        target: str | None = None,
         *,
-        user: str | None = None,
+        token: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
+        tls: bool = False,
         timeout: float = 10.0,
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
-        self.target = target
-        self.user = user or getpass.getuser()
+        self.target = target or default_target()
         self.timeout = timeout
         options = [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(SERVICE_CONFIG))]
-        if credentials is None:
-            self._channel = grpc.insecure_channel(target, options=options)
+        auth_socket = None
+        if self.target.startswith("unix:"):
+            path = self.target.removeprefix("unix:").removeprefix("//")
+            auth_socket = str(auth_socket_path(path))
+            self._channel = grpc.insecure_channel(f"unix:{path}", options=options)
+        elif credentials is not None or ca_file is not None or tls:
+            if credentials is None:
+                roots = Path(ca_file).read_bytes() if ca_file is not None else None
+                credentials = grpc.ssl_channel_credentials(root_certificates=roots)
+            self._channel = grpc.secure_channel(self.target, credentials, options=options)
         else:
-            self._channel = grpc.secure_channel(target, credentials, options=options)
-        self._metadata = ((USER_METADATA_KEY, self.user),)
+            self._channel = grpc.insecure_channel(self.target, options=options)
+        token = token if token is not None else os.environ.get("GPUCTL_TOKEN") or None
+        self._credential = _Credential(token, None if token else auth_socket)
         self._jobs = jobs_pb2_grpc.JobServiceStub(self._channel)
         self._nodes = nodes_pb2_grpc.NodeServiceStub(self._channel)
         self._leases = leases_pb2_grpc.LeaseServiceStub(self._channel)
+        self._auth = auth_pb2_grpc.AuthServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def close(self) -> None:
@@ -321,7 +407,7 @@ class Client:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Client({self.target!r}, user={self.user!r})"
+        return f"Client({self.target!r})"
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -329,16 +415,34 @@ class Client:
         raise error_from_rpc(err, target=self.target, timeout=timeout) from err
 
     def _unary(self, method: Any, request: Any) -> Any:
-        try:
-            return method(request, timeout=self.timeout, metadata=self._metadata)
-        except grpc.RpcError as e:
-            self._raise(e, self.timeout)
+        for attempt in range(2):
+            try:
+                return method(
+                    request,
+                    timeout=self.timeout,
+                    metadata=self._credential.metadata(self.target),
+                )
+            except grpc.RpcError as e:
+                error = error_from_rpc(e, target=self.target, timeout=self.timeout)
+                renew = isinstance(error, UnauthenticatedError) and self._credential.renewable
+                if renew and attempt == 0:  # the daemon restarted and forgot our session
+                    self._credential.forget()
+                    continue
+                if isinstance(error, ResourceExhaustedError) and attempt == 0:
+                    delay = error.retry_delay
+                    if delay is not None and delay <= self.timeout / 2:
+                        time.sleep(delay)  # the server said when: once, within our deadline
+                        continue
+                raise error from e
+        raise AssertionError("unreachable")
 
     def _stream(self, method: Any, request: Any, timeout: float | None = None) -> Iterator[Any]:
-        call = method(request, timeout=timeout, metadata=self._metadata)
+        call = method(request, timeout=timeout, metadata=self._credential.metadata(self.target))
         try:
             yield from call
         except grpc.RpcError as e:
+            if e.code() is grpc.StatusCode.UNAUTHENTICATED:
+                self._credential.forget()  # a daemon that restarted: the next call asks anew
             self._raise(e)  # a stream's deadline is the caller's own, not "did not answer"
         finally:
             call.cancel()  # the caller stopped iterating early: end the stream on the server
@@ -366,9 +470,9 @@ class Client:
                     spec = jobfile.load_job_file(spec)
                 elif isinstance(spec, Mapping):
                     spec = jobfile.spec_from_mapping(spec)
+                msg = convert.spec_to_pb(spec)
             except InvalidArgument as e:
                 raise _invalid(e) from None
-            msg = convert.spec_to_pb(spec)
         request = jobs_pb2.CreateJobRequest(
             spec=msg, request_id=request_id or str(uuid.uuid4()), validate_only=validate_only
         )
@@ -474,6 +578,54 @@ class Client:
         return self._unary(
             self._nodes.DrainNode, nodes_pb2.DrainNodeRequest(name=name, reason=reason)
         )
+
+    def undrain(self, name: str) -> nodes_pb2.Node:
+        """Let new work land on a drained node again."""
+        return self._unary(self._nodes.UndrainNode, nodes_pb2.UndrainNodeRequest(name=name))
+
+    # -- identity and access ---------------------------------------------------------------
+
+    def whoami(self) -> auth_pb2.WhoAmIResponse:
+        """Who gpuctld takes this client for, with the role and its permissions."""
+        return self._unary(self._auth.WhoAmI, auth_pb2.WhoAmIRequest())
+
+    def create_token(
+        self, *, user: str = "", description: str = "", ttl: timedelta | None = None
+    ) -> auth_pb2.CreateTokenResponse:
+        """A new API token (for yourself; admins may name a `user`); its `secret` is in this
+        reply only."""
+        request = auth_pb2.CreateTokenRequest(user=user, description=description)
+        if ttl is not None:
+            request.ttl.FromTimedelta(ttl)
+        return self._unary(self._auth.CreateToken, request)
+
+    def tokens(self, user: str = "") -> builtins.list[auth_pb2.Token]:
+        """Your tokens (admins: a `user`'s, or "*" for everyone's), revoked ones too."""
+        return list(
+            self._unary(self._auth.ListTokens, auth_pb2.ListTokensRequest(user=user)).tokens
+        )
+
+    def revoke_token(self, token_id: str) -> auth_pb2.Token:
+        """Revoke a token by id: it stops working at once."""
+        return self._unary(self._auth.RevokeToken, auth_pb2.RevokeTokenRequest(id=token_id))
+
+    def create_node_token(
+        self, node: str, *, ttl: timedelta | None = None
+    ) -> auth_pb2.CreateTokenResponse:
+        """The credential of one node's agent (operators); earlier ones of the node stop working."""
+        request = auth_pb2.CreateNodeTokenRequest(node=node)
+        if ttl is not None:
+            request.ttl.FromTimedelta(ttl)
+        return self._unary(self._auth.CreateNodeToken, request)
+
+    def audit(
+        self, *, since: datetime | None = None, principal: str = "", limit: int = 100
+    ) -> builtins.list[auth_pb2.AuditEntry]:
+        """The latest mutating calls, oldest first (operators)."""
+        request = auth_pb2.ListAuditRequest(principal=principal, limit=limit)
+        if since is not None:
+            request.since.FromDatetime(since.astimezone(UTC))
+        return list(self._unary(self._auth.ListAudit, request).entries)
 
     def leases(self, include_released: bool = False) -> builtins.list[leases_pb2.Lease]:
         """The leases gpuctl holds (with `include_released`, also the ones it gave back)."""

@@ -29,6 +29,7 @@ from gpuctl.core.model import (
     OnNodeLost,
     RankState,
 )
+from gpuctl.core.validation import spec_violations
 
 JOB_KIND = {
     JobKind.TRAINING: jobs_pb2.JOB_KIND_TRAINING,
@@ -69,9 +70,29 @@ def ts(value: datetime | None) -> Timestamp | None:
     return t
 
 
-def from_ts(msg: Timestamp, present: bool = True) -> datetime | None:
+# Times gpuctl accepts from the wire. Protobuf's own range (years 1-9999) makes
+# `ToDatetime` raise, and the far ends of it overflow the datetime arithmetic done with them.
+EARLIEST_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST_TIME = datetime(2201, 1, 1, tzinfo=UTC)  # exclusive: the year 2200 is the last allowed
+_EARLIEST_S = int(EARLIEST_TIME.timestamp())
+_LATEST_S = int(LATEST_TIME.timestamp())
+
+
+def from_ts(msg: Timestamp, present: bool = True, field: str = "time") -> datetime | None:
+    """The aware UTC time in `msg`; None when absent or zero. A time outside 1970..2200 raises
+    `InvalidArgument` naming `field`."""
     if not present or (msg.seconds == 0 and msg.nanos == 0):
         return None
+    if not _EARLIEST_S <= msg.seconds < _LATEST_S or not 0 <= msg.nanos < 1_000_000_000:
+        raise InvalidArgument(
+            [
+                FieldViolation(
+                    field,
+                    f"must be a time between {EARLIEST_TIME.year} and {LATEST_TIME.year - 1}, "
+                    f"got {msg.seconds} seconds and {msg.nanos} nanoseconds since 1970",
+                )
+            ]
+        )
     return msg.ToDatetime(tzinfo=UTC)
 
 
@@ -84,7 +105,60 @@ def duration(seconds: float) -> Duration:
 # -- jobs ---------------------------------------------------------------------------------
 
 
+# The JobSpec integers and the wire type each travels as; protobuf raises ValueError on a
+# value its type cannot hold, and TypeError on a float or a bool.
+_INT32 = 2**31 - 1
+_INT64 = 2**63 - 1
+_SPEC_INTS = {
+    "priority": _INT32,
+    "num_nodes": _INT32,
+    "gpus_per_node": _INT32,
+    "replicas": _INT32,
+    "gpu_milli": _INT32,
+    "gpu_memory_mib": _INT64,
+    "cpu_milli": _INT64,
+    "memory_mib": _INT64,
+    "time_limit_s": 315_576_000_000,  # google.protobuf.Duration's range, 10,000 years
+}
+_SPEC_FLOATS = ("min_nvlink_gbps", "min_net_gbps", "target_tokens_per_s", "weights_gb")
+
+
+def _wire_violations(spec: JobSpec) -> list[FieldViolation]:
+    """The fields of `spec` the wire cannot carry, named and described as the server would."""
+    wrong_type = [
+        FieldViolation(f"spec.{name}", f"must be an integer, got {getattr(spec, name)!r:.64}")
+        for name in _SPEC_INTS
+        if isinstance(getattr(spec, name), bool) or not isinstance(getattr(spec, name), int)
+    ] + [
+        FieldViolation(f"spec.{name}", f"must be a number, got {getattr(spec, name)!r:.64}")
+        for name in _SPEC_FLOATS
+        if isinstance(getattr(spec, name), bool) or not isinstance(getattr(spec, name), int | float)
+    ]
+    if wrong_type:  # spec_violations compares numbers and cannot run on these
+        return wrong_type
+    too_large = {
+        f"spec.{name}" for name, most in _SPEC_INTS.items() if abs(getattr(spec, name)) > most
+    } | {
+        f"spec.{name}"
+        for name in _SPEC_FLOATS
+        if isinstance(getattr(spec, name), int) and abs(getattr(spec, name)) > 2**1023
+    }
+    if not too_large:
+        return []
+    found = [v for v in spec_violations(spec) if v.field in too_large]
+    return found + [
+        FieldViolation(field, "is beyond the range the API carries")
+        for field in sorted(too_large - {v.field for v in found})
+    ]
+
+
 def spec_to_pb(spec: JobSpec) -> jobs_pb2.JobSpec:
+    """The wire form of `spec`. A value no message can carry (an int past int32, a string
+    where a number goes) raises `InvalidArgument` naming the field, as the server's checks
+    would; the rest of validation is the server's."""
+    violations = _wire_violations(spec)
+    if violations:
+        raise InvalidArgument(violations)
     msg = jobs_pb2.JobSpec(
         kind=JOB_KIND[spec.kind],
         name=spec.name,
@@ -92,6 +166,7 @@ def spec_to_pb(spec: JobSpec) -> jobs_pb2.JobSpec:
         priority=spec.priority,
         command=list(spec.command),
         env=dict(spec.env),
+        secret_env=list(spec.secret_env),
         working_dir=spec.working_dir,
         gpus_per_node=spec.gpus_per_node,
         min_nvlink_gbps=spec.min_nvlink_gbps,
@@ -136,6 +211,7 @@ def spec_from_pb(msg: jobs_pb2.JobSpec, *, owner: str = "") -> JobSpec:
         queue=msg.queue or "default",
         priority=msg.priority,
         env=tuple(sorted(msg.env.items())),
+        secret_env=tuple(sorted(set(msg.secret_env))),
         working_dir=msg.working_dir,
         time_limit_s=time_limit,
         num_nodes=msg.num_nodes if msg.HasField("num_nodes") else 1,
@@ -164,7 +240,8 @@ def job_name(job_id: int) -> str:
 def parse_job_name(name: str, field: str = "name") -> int:
     """'jobs/42' or '42' -> 42; anything else is `InvalidArgument` on `field`."""
     raw = name.removeprefix("jobs/")
-    if not raw.isdigit() or len(raw) > 18 or int(raw) <= 0:
+    # isascii: isdigit() is true for '²', which int() refuses.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18 or int(raw) <= 0:
         raise InvalidArgument(
             [FieldViolation(field, f"{name!r} is not a job name like 'jobs/42' or '42'")]
         )
@@ -278,7 +355,9 @@ def profile_to_pb(p: BandwidthProfile) -> nodes_pb2.BandwidthProfile:
     return msg
 
 
-def profile_from_pb(msg: nodes_pb2.BandwidthProfile) -> BandwidthProfile:
+def profile_from_pb(msg: nodes_pb2.BandwidthProfile, prefix: str = "profile.") -> BandwidthProfile:
+    """The model profile; only its time is checked here, the rest is
+    `core.validation.profile_violations`'s."""
     return BandwidthProfile(
         gpus=tuple(
             Gpu(
@@ -326,7 +405,9 @@ def profile_from_pb(msg: nodes_pb2.BandwidthProfile) -> BandwidthProfile:
         ),
         bf16_tflops=msg.bf16_tflops,
         source=msg.source,
-        measured_at=from_ts(msg.measure_time, msg.HasField("measure_time")),
+        measured_at=from_ts(
+            msg.measure_time, msg.HasField("measure_time"), field=prefix + "measure_time"
+        ),
     )
 
 
@@ -362,7 +443,9 @@ def node_to_pb(
     return msg
 
 
-def node_from_pb(msg: nodes_pb2.Node) -> Node:
+def node_from_pb(msg: nodes_pb2.Node, prefix: str = "node.") -> Node:
+    """The model node; only its times are checked here, the rest is
+    `core.validation.node_violations`'s."""
     return Node(
         id=msg.name,
         address=msg.address,
@@ -373,14 +456,20 @@ def node_from_pb(msg: nodes_pb2.Node) -> Node:
         labels=tuple(sorted(msg.labels.items())),
         cpu_milli=msg.cpu_milli,
         memory_mib=msg.memory_mib,
-        profile=profile_from_pb(msg.profile),
+        profile=profile_from_pb(msg.profile, prefix + "profile."),
         price_per_hour=msg.price_per_hour,
         state=NODE_STATE_FROM.get(msg.state, NodeState.READY),
         state_reason=msg.state_reason,
         health_issues=tuple(msg.health_issues),
         lease_id=msg.lease,
-        registered_at=from_ts(msg.register_time, msg.HasField("register_time")),
-        last_heartbeat=from_ts(msg.last_heartbeat_time, msg.HasField("last_heartbeat_time")),
+        registered_at=from_ts(
+            msg.register_time, msg.HasField("register_time"), field=prefix + "register_time"
+        ),
+        last_heartbeat=from_ts(
+            msg.last_heartbeat_time,
+            msg.HasField("last_heartbeat_time"),
+            field=prefix + "last_heartbeat_time",
+        ),
     )
 
 

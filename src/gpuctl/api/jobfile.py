@@ -13,6 +13,8 @@ priority             int                                     higher goes first; 
 command              list of strings, or one string          the program and its arguments; a string is
                                                              split like a shell would (``shlex``)
 env                  mapping                                 extra environment; values become strings
+secret_env           mapping                                 environment whose values are secret: they
+                                                             reach the ranks and are shown to no one
 working_dir          string                                  absolute path the ranks start in
 time_limit           int seconds, or ``90s`` ``30m`` ``2h``  stop the job after this long; ``0``: no limit
                      ``1d`` ``1h30m`` ``1:30:00`` ``2-00:00:00``
@@ -101,7 +103,7 @@ class JobFileError(InvalidArgument):
             self.args = (f"{source}: {self.args[0]}",)
 
 
-class _Problem(Exception):
+class _Problem(ValueError):
     """Raised by a field parser; becomes one FieldViolation on that field."""
 
 
@@ -115,9 +117,29 @@ def _int(value: Any) -> int:
 def _number(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise _Problem(f"must be a number, got {_show(value)}")
-    if not math.isfinite(value):
+    try:
+        number = float(value)  # an int past 1e308 has no float: OverflowError
+    except OverflowError:
+        raise _Problem(
+            f"must be a finite number, got an integer of {value.bit_length()} bits"
+        ) from None
+    if not math.isfinite(number):
         raise _Problem(f"must be a finite number, got {value}")
-    return float(value)
+    return number
+
+
+def _digits(text: str) -> int:
+    """An ASCII decimal: isdigit() is true for '²', which int() refuses, and int() refuses
+    more than 4300 digits; no count of anything needs 30."""
+    if not (text.isascii() and text.isdigit()) or len(text) > 30:
+        raise _Problem(f"must be a whole number of at most 30 digits, got {text[:40]!r}")
+    return int(text)
+
+
+def _finite(value: float, what: str) -> float:
+    if not math.isfinite(value):
+        raise _Problem(f"is too large a {what}")
+    return value
 
 
 def _str(value: Any) -> str:
@@ -221,9 +243,9 @@ def parse_duration(value: Any) -> int:
         raise _Problem(f"must be seconds or a duration like '2h' or '1h30m', got {_show(value)}")
     text = value.strip().lower()
     if text.isdigit():
-        return int(text)
+        return _digits(text)
     if (":" in text or "-" in text) and (m := _CLOCK_RE.match(text)):
-        days, first, *rest = (int(g) if g else None for g in m.groups())
+        days, first, *rest = (_digits(g) if g else None for g in m.groups())
         parts = [first, *(p for p in rest if p is not None)]
         if days is None and len(parts) == 2:  # M:SS
             parts = [0, *parts]
@@ -237,7 +259,7 @@ def parse_duration(value: Any) -> int:
     total = sum(
         float(g) * s for g, s in zip(m.groups(), _DURATION_UNITS.values(), strict=True) if g
     )
-    return round(total)
+    return round(_finite(total, "duration"))
 
 
 def format_duration(seconds: int) -> str:
@@ -262,7 +284,7 @@ def parse_size_mib(value: Any) -> int:
     factor = _SIZE_UNITS.get(m.group(2).lower()) if m else None
     if m is None or factor is None:
         raise _Problem(f"must be a size like '40GiB', '80G' or '512MiB', got {value!r}")
-    return math.ceil(float(m.group(1)) * factor / MIB)
+    return math.ceil(_finite(float(m.group(1)) * factor / MIB, "size"))
 
 
 def format_size_mib(mib: int) -> str:
@@ -275,7 +297,7 @@ def format_size_mib(mib: int) -> str:
 
 def _cpu_milli(value: Any) -> int:
     if isinstance(value, str) and value.strip().endswith("m") and value.strip()[:-1].isdigit():
-        return int(value.strip()[:-1])  # Kubernetes millicores, "500m"
+        return _digits(value.strip()[:-1])  # Kubernetes millicores, "500m"
     if isinstance(value, str):
         try:
             value = float(value)
@@ -283,7 +305,7 @@ def _cpu_milli(value: Any) -> int:
             raise _Problem(
                 f"must be a number of cores or millicores like '500m', got {value!r}"
             ) from None
-    return round(_number(value) * 1000)
+    return round(_finite(_number(value) * 1000, "number of cores"))
 
 
 def _gpu_share(value: Any) -> int:
@@ -302,6 +324,7 @@ FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "priority": ("priority", _int),
     "command": ("command", _command),
     "env": ("env", _env),
+    "secret_env": ("secret_env", _env),
     "working_dir": ("working_dir", _str),
     "time_limit": ("time_limit_s", parse_duration),
     "nodes": ("num_nodes", _int),
@@ -381,6 +404,11 @@ def spec_from_mapping(data: Mapping[str, Any], *, source: str = "") -> JobSpec:
     if violations:
         raise JobFileError(violations, source=source)
     values.setdefault("command", ())
+    secret = values.pop("secret_env", ())
+    if secret:
+        # Secret values travel in env like any other; only their keys are marked.
+        values["env"] = tuple(sorted({**dict(values.get("env", ())), **dict(secret)}.items()))
+        values["secret_env"] = tuple(sorted(k for k, _ in secret))
     return JobSpec(**values)
 
 
@@ -399,6 +427,14 @@ def load_job_mapping(path: str | os.PathLike[str]) -> dict[str, Any]:
                 ) from None
     try:
         data = yaml.safe_load(text)
+    except ValueError as e:
+        # PyYAML's int() of a literal past Python's 4300-digit limit, or its datetime() of a
+        # date such as 2024-13-45: a value, not the syntax, is wrong.
+        problem = str(e).split(";")[0]
+        raise JobFileError(
+            [FieldViolation("(document)", f"holds a value that cannot be read: {problem}")],
+            source=source,
+        ) from None
     except yaml.YAMLError as e:
         where = ""
         mark = getattr(e, "problem_mark", None)

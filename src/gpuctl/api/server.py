@@ -1,8 +1,12 @@
-"""Builds the gRPC server: the gpuctl services, standard health checking and reflection."""
+"""Builds the gRPC server: the gpuctl services, standard health checking and reflection, on a
+Unix socket for the head node and on TCP (TLS where configured)."""
 
 from __future__ import annotations
 
+import os
 from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
@@ -11,6 +15,8 @@ from grpc_reflection.v1alpha import reflection
 
 from gpuctl.api._pb.agent.v1 import agent_pb2, agent_pb2_grpc
 from gpuctl.api._pb.v1 import (
+    auth_pb2,
+    auth_pb2_grpc,
     jobs_pb2,
     jobs_pb2_grpc,
     leases_pb2,
@@ -18,17 +24,97 @@ from gpuctl.api._pb.v1 import (
     nodes_pb2,
     nodes_pb2_grpc,
 )
-from gpuctl.api.servicers import AgentServicer, JobServicer, LeaseServicer, NodeServicer
+from gpuctl.api.auth import Authenticator, PeerCredIssuer, SessionBook, auth_socket_path
+from gpuctl.api.servicers import (
+    AgentServicer,
+    AuthServicer,
+    Guard,
+    JobServicer,
+    LeaseServicer,
+    NodeServicer,
+)
+from gpuctl.core.errors import GpuctlError
 
 if TYPE_CHECKING:
     from gpuctl.runtime.controller import Controller
 
+MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the terminating NUL
 SERVICE_NAMES = (
+    auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name,
     jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
     nodes_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name,
     leases_pb2.DESCRIPTOR.services_by_name["LeaseService"].full_name,
     agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
 )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Listeners:
+    """Where the API is served: a Unix socket on the head node (identity from the kernel) and
+    TCP, with TLS where a certificate is given (plain TCP only on loopback, or by choice)."""
+
+    tcp: str = ""  # HOST:PORT; "": none
+    socket: Path | None = None
+    tls_cert: bytes = b""  # PEM; empty: plain TCP
+    tls_key: bytes = b""
+    client_ca: bytes = b""  # PEM: accept client certificates from this CA (optional)
+
+
+class _Edge(grpc.ServerInterceptor):
+    """What every call meets before a servicer: a request that is not a valid message of its
+    type gets INVALID_ARGUMENT (gRPC itself would answer INTERNAL), and reflection, which
+    lists every method and message, needs credentials. Health stays open: load balancers and
+    systemd checks carry none."""
+
+    def __init__(self, auth: Authenticator) -> None:
+        self.auth = auth
+
+    def intercept_service(self, continuation, details):
+        if details.method.startswith("/grpc.reflection."):
+            try:
+                self.auth.from_metadata(details.invocation_metadata)
+            except GpuctlError as e:
+                message = str(e)
+
+                def refuse(_requests, context):
+                    context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+                return grpc.stream_stream_rpc_method_handler(refuse)
+        handler = continuation(details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        kind = "unary_stream" if handler.response_streaming else "unary_unary"
+        return handler._replace(
+            request_deserializer=_tolerant(handler.request_deserializer),
+            **{kind: _refusing_malformed(getattr(handler, kind))},
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Malformed:
+    error: str
+
+
+def _tolerant(parse):
+    def tolerant(data: bytes):
+        try:
+            return parse(data)
+        except Exception as e:  # protobuf's DecodeError, and whatever a bad varint raises
+            return _Malformed(str(e) or type(e).__name__)
+
+    return tolerant
+
+
+def _refusing_malformed(behavior):
+    def refusing(request, context):
+        if isinstance(request, _Malformed):
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the request is not a valid message of its type: {request.error}",
+            )
+        return behavior(request, context)
+
+    return refusing
 
 
 class ApiServer:
@@ -37,39 +123,89 @@ class ApiServer:
     def __init__(
         self,
         controller: Controller,
-        listen: str,
+        guard: Guard,
+        listeners: Listeners,
         *,
-        max_workers: int = 32,
+        sessions: SessionBook | None = None,
         watch_poll_s: float = 0.5,
+        max_message_bytes: int = 4 << 20,
     ) -> None:
-        # Streams (WatchJobs, logs -f) hold a worker each: size the pool for them.
+        workers = guard.limits.settings.workers
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
-            options=[("grpc.so_reuseport", 0)],
+            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_receive_message_length", max_message_bytes + (64 << 10)),
+                ("grpc.max_send_message_length", max_message_bytes + (64 << 10)),
+            ],
+            # Past this many calls queued or running, gRPC refuses at once (RESOURCE_EXHAUSTED)
+            # instead of queueing without end; the guard's own limits answer first.
+            maximum_concurrent_rpcs=workers * 4,
+            interceptors=[_Edge(guard.auth)],
         )
         jobs_pb2_grpc.add_JobServiceServicer_to_server(
-            JobServicer(controller, poll_s=watch_poll_s), self.server
+            JobServicer(controller, guard, poll_s=watch_poll_s), self.server
         )
-        nodes_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(controller), self.server)
-        leases_pb2_grpc.add_LeaseServiceServicer_to_server(LeaseServicer(controller), self.server)
-        agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(controller), self.server)
+        nodes_pb2_grpc.add_NodeServiceServicer_to_server(
+            NodeServicer(controller, guard), self.server
+        )
+        leases_pb2_grpc.add_LeaseServiceServicer_to_server(
+            LeaseServicer(controller, guard), self.server
+        )
+        auth_pb2_grpc.add_AuthServiceServicer_to_server(
+            AuthServicer(controller, guard), self.server
+        )
+        agent_pb2_grpc.add_AgentServiceServicer_to_server(
+            AgentServicer(controller, guard), self.server
+        )
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
-        self.port = self.server.add_insecure_port(listen)
-        if self.port == 0:
-            raise OSError(f"cannot listen on {listen}: address in use or not valid")
+        self.port = 0
+        self.socket = listeners.socket
+        self.issuer: PeerCredIssuer | None = None
+        if listeners.tcp:
+            if listeners.tls_cert:
+                creds = grpc.ssl_server_credentials(
+                    [(listeners.tls_key, listeners.tls_cert)],
+                    root_certificates=listeners.client_ca or None,
+                    require_client_auth=False,
+                )
+                self.port = self.server.add_secure_port(listeners.tcp, creds)
+            else:
+                self.port = self.server.add_insecure_port(listeners.tcp)
+            if self.port == 0:
+                raise OSError(f"cannot listen on {listeners.tcp}: address in use or not valid")
+        if listeners.socket is not None:
+            path = listeners.socket
+            for p in (path, auth_socket_path(path)):
+                if len(str(p).encode()) > MAX_SOCKET_PATH:
+                    raise OSError(f"socket path {p} is longer than {MAX_SOCKET_PATH} bytes")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.unlink(missing_ok=True)
+            if self.server.add_insecure_port(f"unix:{path}") == 0:
+                raise OSError(f"cannot listen on the Unix socket {path}")
+            if sessions is not None:
+                self.issuer = PeerCredIssuer(auth_socket_path(path), sessions, guard.auth.roles)
 
     def start(self) -> None:
         self.server.start()
+        if self.socket is not None:
+            os.chmod(self.socket, 0o666)  # anyone on the head node; the kernel says who
+        if self.issuer is not None:
+            self.issuer.start()
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
     def drain(self, grace_s: float) -> None:
         """Stop taking new RPCs, let in-flight ones finish within `grace_s`, then stop."""
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.issuer is not None:
+            self.issuer.stop()
         self.server.stop(grace_s).wait(grace_s + 1)
+        if self.socket is not None:
+            self.socket.unlink(missing_ok=True)
 
     def _set_health(self, status: int) -> None:
         self.health.set("", status)

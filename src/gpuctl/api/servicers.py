@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import base64
 import functools
+import inspect
 import logging
+import pwd
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
@@ -17,6 +21,8 @@ import grpc
 from gpuctl.api import convert
 from gpuctl.api._pb.agent.v1 import agent_pb2, agent_pb2_grpc
 from gpuctl.api._pb.v1 import (
+    auth_pb2,
+    auth_pb2_grpc,
     jobs_pb2,
     jobs_pb2_grpc,
     leases_pb2,
@@ -24,56 +30,205 @@ from gpuctl.api._pb.v1 import (
     nodes_pb2,
     nodes_pb2_grpc,
 )
-from gpuctl.api.status import abort
-from gpuctl.core.errors import FieldViolation, GpuctlError, InvalidArgument, NotFound
-from gpuctl.core.model import RankState
-from gpuctl.core.validation import NAME_RE
+from gpuctl.api.auth import Authenticator, mint_token
+from gpuctl.api.limits import Limits
+from gpuctl.api.status import abort, to_status
+from gpuctl.core.errors import (
+    AlreadyExists,
+    FieldViolation,
+    GpuctlError,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
+from gpuctl.core.model import Job, JobState, RankState
+from gpuctl.core.trust import (
+    ROLE_PERMISSIONS,
+    ApiToken,
+    AuditEntry,
+    Permission,
+    PermissionDenied,
+    Principal,
+    RunAsPolicy,
+    TokenKind,
+    visible_env,
+)
+from gpuctl.core.validation import (
+    NAME_RE,
+    health_issue_violations,
+    validate_node,
+    validate_profile,
+)
 
 if TYPE_CHECKING:
     from gpuctl.runtime.controller import Controller
 
 log = logging.getLogger(__name__)
-USER_METADATA = "x-gpuctl-user"
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
 MAX_LOG_PUSH = 4 << 20
-MAX_HEALTH_ISSUES = 256  # one per GPU, link and port of the largest node, with room to spare
-MAX_HEALTH_ISSUE_LEN = 1024
+MAX_RUNNING_REFS = 4096  # ranks one node reports: far above GPUs x shares of any machine
+# Replies stay under gRPC's 4 MiB default whatever the jobs hold: a page or a heartbeat stops
+# short of this, and the rest comes with the next page or heartbeat.
+MAX_REPLY_BYTES = 3 << 20
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _errors(method: F) -> F:
-    """Map gpuctl's errors to their status; anything else is a bug, logged with its traceback."""
+@dataclass(slots=True)
+class Call:
+    """One authenticated call: who makes it, from where, and what to audit it as."""
 
-    @functools.wraps(method)
-    def wrapper(self, request, context):
-        try:
-            return method(self, request, context)
-        except GpuctlError as e:
-            abort(context, e)
-        except grpc.RpcError:
-            raise
-        except Exception:
-            if context.code() is not None:  # context.abort() already ended the call
-                raise
-            log.exception("internal error in %s", method.__name__)
+    who: Principal
+    peer: str
+    action: str
+    target: str = ""
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Guard:
+    """What every servicer checks a call against: identity, limits, the audit trail, and the
+    rules for specs and run-as accounts."""
+
+    auth: Authenticator
+    limits: Limits
+    runas: RunAsPolicy = field(default_factory=RunAsPolicy)
+    max_spec_bytes: int = 256 * 1024
+    max_pending_per_user: int = 10_000
+    default_token_ttl_s: float = 90 * 24 * 3600.0
+    max_token_ttl_s: float = 365 * 24 * 3600.0
+
+
+def rpc(permission: Permission | None, *, audited: bool = False) -> Callable[[F], F]:
+    """Authenticate the call, check `permission` (None: any authenticated caller), hold a
+    slot of the limits while it runs, record it when `audited`, and map errors to statuses.
+
+    The method gets the `Call` as a third argument. Streams are wrapped as generators, so an
+    error raised while streaming gets its status too.
+    """
+
+    def deco(method: F) -> F:
+        action = method.__name__
+        stream = inspect.isgeneratorfunction(method)
+
+        def begin(self, context) -> Call:
+            who = self.guard.auth.authenticate(context)
+            call = Call(who=who, peer=context.peer() or "", action=action)
+            if permission is not None:
+                try:
+                    who.require(permission)
+                except PermissionDenied as e:
+                    _audit(self, call, audited, e)
+                    raise
+            self.guard.limits.acquire(who, stream=stream)
+            return call
+
+        def fail(self, context, call: Call | None, e: BaseException) -> None:
+            if isinstance(e, GpuctlError):
+                if call is not None:
+                    _audit(self, call, audited, e)
+                log.debug("%s refused: %s", action, e)
+                abort(context, e)
+            if isinstance(e, grpc.RpcError) or context.code() is not None:
+                raise e  # context.abort() already ended the call
+            log.exception("internal error in %s", action)
             context.abort(
-                grpc.StatusCode.INTERNAL,
-                f"internal error in {method.__name__}; see the gpuctld log",
+                grpc.StatusCode.INTERNAL, f"internal error in {action}; see the gpuctld log"
             )
 
-    return wrapper  # type: ignore[return-value]
+        if stream:
+
+            @functools.wraps(method)
+            def streaming(self, request, context):
+                call = None
+                try:
+                    call = begin(self, context)
+                except Exception as e:
+                    fail(self, context, None, e)
+                try:
+                    yield from method(self, request, context, call)
+                except Exception as e:
+                    fail(self, context, call, e)
+                finally:
+                    self.guard.limits.release(call.who, stream=True)
+
+            streaming.permission = permission  # type: ignore[attr-defined]
+            return streaming  # type: ignore[return-value]
+
+        @functools.wraps(method)
+        def unary(self, request, context):
+            call = None
+            try:
+                call = begin(self, context)
+            except Exception as e:
+                fail(self, context, None, e)
+            try:
+                reply = method(self, request, context, call)
+                _audit(self, call, audited, None)
+                return reply
+            except Exception as e:
+                fail(self, context, call, e)
+            finally:
+                self.guard.limits.release(call.who, stream=False)
+
+        unary.permission = permission  # type: ignore[attr-defined]
+        return unary  # type: ignore[return-value]
+
+    return deco
 
 
-def _user(context: grpc.ServicerContext) -> str:
-    for key, value in context.invocation_metadata():
-        if key == USER_METADATA:
-            if not NAME_RE.match(value):
-                raise InvalidArgument(
-                    [FieldViolation(USER_METADATA, f"{value!r} is not a valid user name")]
-                )
-            return value
-    return ""
+def _audit(servicer, call: Call, audited: bool, error: BaseException | None) -> None:
+    if not audited and not isinstance(error, PermissionDenied):
+        return
+    outcome = "ok" if error is None else to_status(error).code.name
+    entry = AuditEntry(
+        time=servicer.c.clock.now(),
+        principal=call.who.name,
+        role=call.who.role.value,
+        via=call.who.via,
+        peer=call.peer[:256],
+        action=call.action,
+        target=call.target[:256],
+        outcome=outcome,
+        detail=(call.detail or (str(error) if error is not None else ""))[:1024],
+    )
+    try:
+        servicer.c.store.add_audit(entry)
+    except GpuctlError as e:  # the store is down: the call's own error says so, or will
+        log.warning("audit of %s by %s not written: %s", call.action, call.who.name, e)
+
+
+def _job_view(job: Job, who: Principal, rank_env: dict[int, dict[str, str]] | None = None):
+    """The job as `who` may see it: secret env values for no one, others' values hidden."""
+    owner = job.spec.owner == who.name
+    user_keys = frozenset(k for k, _ in job.spec.env)
+    secret = frozenset(job.spec.secret_env)
+    if owner and not secret:
+        return convert.job_to_pb(job, rank_env=rank_env)
+    env = visible_env(dict(job.spec.env), user_keys, secret, owner=owner)
+    shown = replace(job, spec=replace(job.spec, env=tuple(env.items())))
+    ranks = {r: visible_env(e, user_keys, secret, owner=owner) for r, e in (rank_env or {}).items()}
+    return convert.job_to_pb(shown, rank_env=ranks)
+
+
+def _own_job(c: Controller, call: Call, job_id: int) -> Job:
+    """The job, if the caller may act on it."""
+    job = c.store.get_job(job_id)
+    if not call.who.owns(job.spec.owner):
+        raise PermissionDenied(
+            f"job {job_id} is not yours; acting on others' jobs needs {Permission.JOBS_ALL.value}",
+            permission=Permission.JOBS_ALL.value,
+        )
+    return job
+
+
+def _own_node(call: Call, node_name: str, field_name: str) -> None:
+    """An agent acts for its own node only (as Kubernetes' node authorizer has it)."""
+    if node_name != call.who.name:
+        raise PermissionDenied(
+            f"{field_name} {node_name!r}: this agent's credential is for node {call.who.name!r}",
+            permission=Permission.AGENT.value,
+        )
 
 
 def _page(request) -> tuple[int, int]:
@@ -99,27 +254,72 @@ def _token(offset: int, total: int) -> str:
 
 
 class JobServicer(jobs_pb2_grpc.JobServiceServicer):
-    def __init__(self, controller: Controller, *, poll_s: float = 0.5) -> None:
+    def __init__(self, controller: Controller, guard: Guard, *, poll_s: float = 0.5) -> None:
         self.c = controller
+        self.guard = guard
         self.poll_s = poll_s
 
-    @_errors
-    def CreateJob(self, request, context):
+    @rpc(Permission.JOBS_SUBMIT, audited=True)
+    def CreateJob(self, request, context, call: Call):
         if len(request.request_id) > 128:
             raise InvalidArgument([FieldViolation("request_id", "longer than 128 characters")])
-        spec = convert.spec_from_pb(request.spec, owner=_user(context))
+        size = request.spec.ByteSize()
+        if size > self.guard.max_spec_bytes:
+            raise InvalidArgument(
+                [
+                    FieldViolation(
+                        "spec",
+                        f"is {size} bytes, at most {self.guard.max_spec_bytes}: keep data in "
+                        "files the job reads, not in its command or env",
+                    )
+                ]
+            )
+        spec = convert.spec_from_pb(request.spec, owner=call.who.name)
+        self._check_run_as(call.who)
+        if not request.validate_only:
+            self._check_pending_cap(call.who.name)
         job = self.c.submit(
             spec, request_id=request.request_id, validate_only=request.validate_only
         )
-        return convert.job_to_pb(job)
+        call.target = convert.job_name(job.id) if job.id else "jobs/-"
+        call.detail = "validate only" if request.validate_only else ""
+        if job.spec.owner != call.who.name:  # a request_id another user chose first
+            raise AlreadyExists("request_id", request.request_id)
+        return _job_view(job, call.who)
 
-    @_errors
-    def GetJob(self, request, context):
-        job, events, env = self.c.get(convert.parse_job_name(request.name))
-        return convert.job_to_pb(job, events=events, rank_env=env)
+    def _check_run_as(self, who: Principal) -> None:
+        account = self.guard.runas.account_for(who.name)
+        uid = who.uid if account == who.name else None
+        if uid is None:
+            try:
+                uid = pwd.getpwnam(account).pw_uid
+            except KeyError:
+                uid = None  # no account on the head node: the agents check theirs
+        why = self.guard.runas.refusal(account, uid)
+        if why:
+            raise PermissionDenied(f"jobs of {who.name!r} cannot run: {why}", permission="run-as")
 
-    @_errors
-    def ListJobs(self, request, context):
+    def _check_pending_cap(self, owner: str) -> None:
+        cap = self.guard.max_pending_per_user
+        page = self.c.store.list_jobs(states=(JobState.PENDING,), owner=owner, page_size=cap)
+        if len(page.jobs) >= cap:
+            raise ResourceExhausted(
+                f"{owner} has {cap} pending jobs, the most one user may queue; "
+                "wait for some to start or cancel some",
+                retry_after_s=30.0,
+            )
+
+    @rpc(Permission.JOBS_OWN)
+    def GetJob(self, request, context, call: Call):
+        job_id = convert.parse_job_name(request.name)
+        _own_job(self.c, call, job_id)
+        job, events, env = self.c.get(job_id)
+        msg = _job_view(job, call.who, env)
+        msg.events.extend(convert.event_to_pb(e) for e in events)
+        return msg
+
+    @rpc(Permission.JOBS_OWN)
+    def ListJobs(self, request, context, call: Call):
         states = []
         for s in request.states:
             if s not in convert.JOB_STATE_FROM:
@@ -130,38 +330,59 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             raise InvalidArgument(
                 [FieldViolation("page_size", f"must be between 1 and {MAX_PAGE_SIZE}")]
             )
+        owner = request.owner
+        if not call.who.can(Permission.JOBS_ALL):
+            if owner not in ("", call.who.name):
+                raise PermissionDenied(
+                    f"listing {owner}'s jobs needs {Permission.JOBS_ALL.value}",
+                    permission=Permission.JOBS_ALL.value,
+                )
+            owner = call.who.name
         page = self.c.store.list_jobs(
             states=states,
             queue=request.queue,
-            owner=request.owner,
+            owner=owner,
             page_size=size,
             page_token=request.page_token,
         )
-        return jobs_pb2.ListJobsResponse(
-            jobs=[convert.job_to_pb(j) for j in page.jobs], next_page_token=page.next_page_token
-        )
+        reply = jobs_pb2.ListJobsResponse(next_page_token=page.next_page_token)
+        used = 0
+        for job in page.jobs:
+            msg = _job_view(job, call.who)
+            used += msg.ByteSize() + 8
+            if used > MAX_REPLY_BYTES and reply.jobs:
+                reply.next_page_token = self.c.store.page_token_after(reply.jobs[-1].id)
+                break
+            reply.jobs.append(msg)
+        return reply
 
-    @_errors
-    def CancelJob(self, request, context):
-        return convert.job_to_pb(self.c.cancel(convert.parse_job_name(request.name)))
+    @rpc(Permission.JOBS_OWN, audited=True)
+    def CancelJob(self, request, context, call: Call):
+        job_id = convert.parse_job_name(request.name)
+        call.target = convert.job_name(job_id)
+        _own_job(self.c, call, job_id)
+        return _job_view(self.c.cancel(job_id), call.who)
 
-    @_errors
-    def WatchJobs(self, request, context) -> Iterator[jobs_pb2.WatchJobsResponse]:
+    @rpc(Permission.JOBS_OWN)
+    def WatchJobs(self, request, context, call: Call) -> Iterator[jobs_pb2.WatchJobsResponse]:
         only = convert.parse_job_name(request.name) if request.name else None
         if only is not None:
-            self.c.store.get_job(only)  # NOT_FOUND now rather than silence forever
+            _own_job(self.c, call, only)  # NOT_FOUND now rather than silence forever
+        everyone = call.who.can(Permission.JOBS_ALL)
         seen = request.since_revision
         while context.is_active():
             for job in self.c.store.jobs_since(seen):
                 seen = max(seen, job.revision)
-                if only is None or job.id == only:
-                    yield jobs_pb2.WatchJobsResponse(job=convert.job_to_pb(job))
+                if only is not None and job.id != only:
+                    continue
+                if everyone or job.spec.owner == call.who.name:
+                    yield jobs_pb2.WatchJobsResponse(job=_job_view(job, call.who))
             self.c.feed.wait(seen, timeout=self.poll_s)
 
-    @_errors
-    def StreamJobLogs(self, request, context) -> Iterator[jobs_pb2.LogChunk]:
+    @rpc(Permission.JOBS_OWN)
+    def StreamJobLogs(self, request, context, call: Call) -> Iterator[jobs_pb2.LogChunk]:
         job_id = convert.parse_job_name(request.name)
-        job = self.c.store.get_job(job_id)
+        job = _own_job(self.c, call, job_id)
         if job.placement is not None and request.rank not in {r.rank for r in job.placement.ranks}:
             raise NotFound("rank", f"{request.rank} of job {job_id}")
         offset = max(0, request.offset)
@@ -178,11 +399,12 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
 
 
 class NodeServicer(nodes_pb2_grpc.NodeServiceServicer):
-    def __init__(self, controller: Controller) -> None:
+    def __init__(self, controller: Controller, guard: Guard) -> None:
         self.c = controller
+        self.guard = guard
 
-    @_errors
-    def ListNodes(self, request, context):
+    @rpc(Permission.NODES_READ)
+    def ListNodes(self, request, context, call: Call):
         nodes = self.c.store.list_nodes()
         offset, size = _page(request)
         usage = self.c.node_usage()
@@ -192,27 +414,36 @@ class NodeServicer(nodes_pb2_grpc.NodeServiceServicer):
             next_page_token=_token(offset + size, len(nodes)),
         )
 
-    @_errors
-    def GetNode(self, request, context):
+    @rpc(Permission.NODES_READ)
+    def GetNode(self, request, context, call: Call):
         name = request.name.removeprefix("nodes/")
         node = self.c.store.get_node(name)
         events = self.c.store.list_events("node", name)
         return convert.node_to_pb(node, usage=self.c.node_usage().get(name, {}), events=events)
 
-    @_errors
-    def DrainNode(self, request, context):
+    @rpc(Permission.NODES_MANAGE, audited=True)
+    def DrainNode(self, request, context, call: Call):
+        call.target = request.name[:256]
         if len(request.reason) > 1024:
             raise InvalidArgument([FieldViolation("reason", "longer than 1024 characters")])
-        node = self.c.drain(request.name.removeprefix("nodes/"), request.reason)
+        why = request.reason or f"drained by {call.who.name}"
+        node = self.c.drain(request.name.removeprefix("nodes/"), why)
+        return convert.node_to_pb(node, usage=self.c.node_usage().get(node.id, {}))
+
+    @rpc(Permission.NODES_MANAGE, audited=True)
+    def UndrainNode(self, request, context, call: Call):
+        call.target = request.name[:256]
+        node = self.c.undrain(request.name.removeprefix("nodes/"), by=call.who.name)
         return convert.node_to_pb(node, usage=self.c.node_usage().get(node.id, {}))
 
 
 class LeaseServicer(leases_pb2_grpc.LeaseServiceServicer):
-    def __init__(self, controller: Controller) -> None:
+    def __init__(self, controller: Controller, guard: Guard) -> None:
         self.c = controller
+        self.guard = guard
 
-    @_errors
-    def ListLeases(self, request, context):
+    @rpc(Permission.LEASES_READ)
+    def ListLeases(self, request, context, call: Call):
         leases = self.c.store.list_leases(include_released=request.include_released)
         offset, size = _page(request)
         now = self.c.clock.now()
@@ -223,19 +454,159 @@ class LeaseServicer(leases_pb2_grpc.LeaseServiceServicer):
             next_page_token=_token(offset + size, len(leases)),
         )
 
-    @_errors
-    def GetCost(self, request, context):
+    @rpc(Permission.COST_ALL)
+    def GetCost(self, request, context, call: Call):
         by = convert.cost_by_from_pb(request.group_by)
-        since = convert.from_ts(request.since, request.HasField("since"))
+        since = convert.from_ts(request.since, request.HasField("since"), field="since")
         # A `since` ahead of the daemon's clock (a client's clock skewed) just finds nothing.
         now = self.c.clock.now()
         report = self.c.cost(since=since, by=by)
         return convert.cost_to_pb(report, by=by, since=since, now=now)
 
 
-class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
-    def __init__(self, controller: Controller) -> None:
+class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
+    def __init__(self, controller: Controller, guard: Guard) -> None:
         self.c = controller
+        self.guard = guard
+
+    @rpc(None)
+    def WhoAmI(self, request, context, call: Call):
+        who = call.who
+        reply = auth_pb2.WhoAmIResponse(
+            user=who.name,
+            role=who.role.value,
+            via=who.via,
+            permissions=sorted(p.value for p in ROLE_PERMISSIONS[who.role]),
+        )
+        if who.uid is not None:
+            reply.uid = who.uid
+        return reply
+
+    def _ttl(self, msg, present: bool, default: float | None) -> timedelta | None:
+        if not present:
+            return timedelta(seconds=default) if default else None
+        seconds = msg.seconds + msg.nanos / 1e9
+        if not 0 < seconds <= self.guard.max_token_ttl_s:
+            raise InvalidArgument(
+                [
+                    FieldViolation(
+                        "ttl",
+                        f"must be more than 0 and at most {self.guard.max_token_ttl_s:g} seconds",
+                    )
+                ]
+            )
+        return timedelta(seconds=seconds)
+
+    @rpc(Permission.TOKENS_OWN, audited=True)
+    def CreateToken(self, request, context, call: Call):
+        user = request.user or call.who.name
+        call.target = f"users/{user}"[:256]
+        if user != call.who.name:
+            call.who.require(Permission.TOKENS_ALL)
+        if not NAME_RE.match(user):
+            raise InvalidArgument([FieldViolation("user", f"{user!r} is not a valid user name")])
+        if len(request.description) > 256:
+            raise InvalidArgument([FieldViolation("description", "longer than 256 characters")])
+        ttl = self._ttl(request.ttl, request.HasField("ttl"), self.guard.default_token_ttl_s)
+        secret, token = mint_token(
+            TokenKind.USER,
+            user,
+            now=self.c.clock.now(),
+            created_by=call.who.name,
+            description=request.description,
+            ttl=ttl,
+        )
+        self.c.store.put_token(token)
+        call.detail = f"token {token.id}"
+        return auth_pb2.CreateTokenResponse(token=_token_pb(token), secret=secret)
+
+    @rpc(Permission.TOKENS_OWN)
+    def ListTokens(self, request, context, call: Call):
+        user = request.user or call.who.name
+        if user != call.who.name:
+            call.who.require(Permission.TOKENS_ALL)
+        tokens = self.c.store.list_tokens(principal="" if user == "*" else user)
+        return auth_pb2.ListTokensResponse(tokens=[_token_pb(t) for t in tokens[-1000:]])
+
+    @rpc(Permission.TOKENS_OWN, audited=True)
+    def RevokeToken(self, request, context, call: Call):
+        call.target = f"tokens/{request.id}"[:256]
+        if not request.id or len(request.id) > 64:
+            raise InvalidArgument([FieldViolation("id", "is required: a token id")])
+        token = self.c.store.get_token(request.id)
+        mine = token.kind is TokenKind.USER and token.principal == call.who.name
+        if not mine:
+            call.who.require(
+                Permission.TOKENS_ALL if token.kind is TokenKind.USER else Permission.NODES_MANAGE
+            )
+        if token.revoked_at is None:
+            token = self.c.store.put_token(replace(token, revoked_at=self.c.clock.now()))
+        return _token_pb(token)
+
+    @rpc(Permission.NODES_MANAGE, audited=True)
+    def CreateNodeToken(self, request, context, call: Call):
+        node = request.node.removeprefix("nodes/")
+        call.target = f"nodes/{node}"[:256]
+        if not NAME_RE.match(node):
+            raise InvalidArgument([FieldViolation("node", f"{node!r} is not a valid node name")])
+        now = self.c.clock.now()
+        ttl = self._ttl(request.ttl, request.HasField("ttl"), None)
+        for old in self.c.store.list_tokens(principal=node):
+            if old.kind is TokenKind.NODE and old.revoked_at is None:
+                self.c.store.put_token(replace(old, revoked_at=now))
+        secret, token = mint_token(TokenKind.NODE, node, now=now, created_by=call.who.name, ttl=ttl)
+        self.c.store.put_token(token)
+        call.detail = f"token {token.id}"
+        return auth_pb2.CreateTokenResponse(token=_token_pb(token), secret=secret)
+
+    @rpc(Permission.AUDIT_READ)
+    def ListAudit(self, request, context, call: Call):
+        limit = request.limit or 100
+        if not 0 < limit <= 1000:
+            raise InvalidArgument([FieldViolation("limit", "must be between 1 and 1000")])
+        since = convert.from_ts(request.since, request.HasField("since"), field="since")
+        entries = self.c.store.list_audit(since=since, principal=request.principal, limit=limit)
+        return auth_pb2.ListAuditResponse(entries=[_audit_pb(e) for e in entries])
+
+
+def _token_pb(token: ApiToken) -> auth_pb2.Token:
+    msg = auth_pb2.Token(
+        id=token.id,
+        kind=token.kind.value,
+        principal=token.principal,
+        description=token.description,
+        created_by=token.created_by,
+    )
+    for name, value in (
+        ("create_time", token.created_at),
+        ("expire_time", token.expires_at),
+        ("revoke_time", token.revoked_at),
+    ):
+        if value is not None:
+            getattr(msg, name).CopyFrom(convert.ts(value))
+    return msg
+
+
+def _audit_pb(entry: AuditEntry) -> auth_pb2.AuditEntry:
+    msg = auth_pb2.AuditEntry(
+        id=entry.id,
+        principal=entry.principal,
+        role=entry.role,
+        via=entry.via,
+        peer=entry.peer,
+        action=entry.action,
+        target=entry.target,
+        outcome=entry.outcome,
+        detail=entry.detail,
+    )
+    msg.time.CopyFrom(convert.ts(entry.time))
+    return msg
+
+
+class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
+    def __init__(self, controller: Controller, guard: Guard) -> None:
+        self.c = controller
+        self.guard = guard
 
     @staticmethod
     def _ref(msg: agent_pb2.RankRef):
@@ -243,66 +614,58 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
         return RankRef(msg.job_id, msg.rank, msg.attempt)
 
-    @_errors
-    def RegisterNode(self, request, context):
-        node = convert.node_from_pb(request.node)
-        if not node.id or not NAME_RE.match(node.id):
-            raise InvalidArgument(
-                [FieldViolation("node.name", f"{node.id!r} is not a valid node name")]
-            )
-        if not node.address:
-            raise InvalidArgument(
-                [FieldViolation("node.address", "is required: where other ranks reach this node")]
-            )
-        node = self.c.register_node(node)
+    @rpc(Permission.AGENT, audited=True)
+    def RegisterNode(self, request, context, call: Call):
+        call.target = f"nodes/{request.node.name}"[:256]
+        _own_node(call, request.node.name, "node.name")
+        node = self.c.register_node(validate_node(convert.node_from_pb(request.node)))
         return agent_pb2.RegisterNodeResponse(
             node_name=node.id,
             heartbeat_interval=convert.duration(self.c.settings.heartbeat_interval_s),
         )
 
-    @_errors
-    def Heartbeat(self, request, context):
+    @rpc(Permission.AGENT)
+    def Heartbeat(self, request, context, call: Call):
+        _own_node(call, request.node_name, "node_name")
         issues = tuple(request.health_issues)
-        if len(issues) > MAX_HEALTH_ISSUES or any(
-            not i.strip() or len(i) > MAX_HEALTH_ISSUE_LEN for i in issues
-        ):
-            raise InvalidArgument(
-                [
-                    FieldViolation(
-                        "health_issues",
-                        f"at most {MAX_HEALTH_ISSUES} non-empty issues "
-                        f"of at most {MAX_HEALTH_ISSUE_LEN} characters",
-                    )
-                ]
-            )
+        violations = health_issue_violations(issues)
+        if violations:
+            raise InvalidArgument(violations)
+        if len(request.running) > MAX_RUNNING_REFS:
+            raise InvalidArgument([FieldViolation("running", f"at most {MAX_RUNNING_REFS} ranks")])
         result = self.c.heartbeat(
             request.node_name,
             [self._ref(r) for r in request.running],
             health_issues=issues,
-            profile=convert.profile_from_pb(request.profile)
+            profile=validate_profile(convert.profile_from_pb(request.profile))
             if request.HasField("profile")
             else None,
         )
-        return agent_pb2.HeartbeatResponse(
-            assignments=[
-                agent_pb2.Assignment(
-                    ref=convert.rank_ref(a.ref.job_id, a.ref.rank, a.ref.attempt),
-                    job_name=a.job.spec.name or f"job-{a.job.id}",
-                    command=list(a.job.spec.command),
-                    env=a.env,
-                    working_dir=a.job.spec.working_dir,
-                    gpu_indices=list(a.rank.gpu_indices),
-                    kill_grace=convert.duration(a.kill_grace_s),
-                    owner=a.job.spec.owner,
-                )
-                for a in result.assignments
-            ],
+        reply = agent_pb2.HeartbeatResponse(
             stop=[convert.rank_ref(r.job_id, r.rank, r.attempt) for r in result.stop],
             reregister=result.reregister,
         )
+        used = reply.ByteSize()
+        for a in result.assignments:
+            msg = agent_pb2.Assignment(
+                ref=convert.rank_ref(a.ref.job_id, a.ref.rank, a.ref.attempt),
+                job_name=a.job.spec.name or f"job-{a.job.id}",
+                command=list(a.job.spec.command),
+                env=a.env,
+                working_dir=a.job.spec.working_dir,
+                gpu_indices=list(a.rank.gpu_indices),
+                kill_grace=convert.duration(a.kill_grace_s),
+                owner=self.guard.runas.account_for(a.job.spec.owner),
+            )
+            used += msg.ByteSize() + 8
+            if used > MAX_REPLY_BYTES and reply.assignments:
+                break  # the rest come with the next heartbeat: the protocol is level-triggered
+            reply.assignments.append(msg)
+        return reply
 
-    @_errors
-    def ReportRankStatus(self, request, context):
+    @rpc(Permission.AGENT)
+    def ReportRankStatus(self, request, context, call: Call):
+        _own_node(call, request.node_name, "node_name")
         state = convert.RANK_STATE_FROM.get(request.state)
         if state not in (RankState.RUNNING, RankState.EXITED):
             raise InvalidArgument([FieldViolation("state", "must be RUNNING or EXITED")])
@@ -317,8 +680,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         )
         return agent_pb2.ReportRankStatusResponse()
 
-    @_errors
-    def PushLogs(self, request, context):
+    @rpc(Permission.AGENT)
+    def PushLogs(self, request, context, call: Call):
+        _own_node(call, request.node_name, "node_name")
         if len(request.data) > MAX_LOG_PUSH or request.offset < 0:
             raise InvalidArgument(
                 [FieldViolation("data", f"at most {MAX_LOG_PUSH} bytes at a non-negative offset")]

@@ -13,8 +13,10 @@ from gpuctl.core.errors import (
     GpuctlError,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
     Unavailable,
 )
+from gpuctl.core.trust import PermissionDenied, Unauthenticated
 
 _CODES: tuple[tuple[type[GpuctlError], grpc.StatusCode], ...] = (
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
@@ -22,6 +24,9 @@ _CODES: tuple[tuple[type[GpuctlError], grpc.StatusCode], ...] = (
     (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
 )
 
 
@@ -55,6 +60,20 @@ def to_status(error: GpuctlError) -> grpc.Status:
         )
     elif isinstance(error, Unavailable):
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay={"seconds": 1})))
+    elif isinstance(error, ResourceExhausted):
+        delay = error_details_pb2.RetryInfo()
+        delay.retry_delay.FromNanoseconds(int(error.retry_after_s * 1e9))
+        details.append(_pack(delay))
+    elif isinstance(error, PermissionDenied) and error.permission:
+        details.append(
+            _pack(
+                error_details_pb2.ErrorInfo(
+                    reason="MISSING_PERMISSION",
+                    domain="gpuctl",
+                    metadata={"permission": error.permission},
+                )
+            )
+        )
     return rpc_status.to_status(
         status_pb2.Status(code=getattr(code_pb2, code.name), message=str(error), details=details)
     )

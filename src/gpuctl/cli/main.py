@@ -17,12 +17,14 @@ import click
 from gpuctl.cli import render
 from gpuctl.cli.simulate import simulate
 from gpuctl.client import (
+    DEFAULT_SOCKET,
     DEFAULT_TARGET,
     ApiError,
     Client,
     UnavailableError,
     jobs_pb2,
     load_job_mapping,
+    parse_duration,
     spec_from_mapping,
 )
 from gpuctl.core.errors import GpuctlError
@@ -48,13 +50,31 @@ class _Gpuctl(click.Group):
 
 
 class _Settings:
-    def __init__(self, server: str, timeout: float, user: str | None) -> None:
-        self.server, self.timeout, self.user = server, timeout, user
+    def __init__(
+        self, server: str | None, timeout: float, ca_file: str | None, token_file: str | None
+    ) -> None:
+        self.server, self.timeout, self.ca_file, self.token_file = (
+            server,
+            timeout,
+            ca_file,
+            token_file,
+        )
         self._client: Client | None = None
 
     def client(self, ctx: click.Context) -> Client:
         if self._client is None:
-            self._client = Client(self.server, user=self.user, timeout=self.timeout)
+            token = None
+            if self.token_file:
+                try:
+                    with open(self.token_file, encoding="utf-8") as f:
+                        token = f.read().strip()
+                except OSError as e:
+                    raise click.BadParameter(
+                        f"cannot read {self.token_file}: {e.strerror}", param_hint="--token-file"
+                    ) from None
+            self._client = Client(
+                self.server, token=token, ca_file=self.ca_file, timeout=self.timeout
+            )
             ctx.call_on_close(self._client.close)
         return self._client
 
@@ -71,30 +91,43 @@ def _now() -> datetime:
 @click.option(
     "--server",
     envvar="GPUCTL_SERVER",
-    default=DEFAULT_TARGET,
-    show_default=True,
-    help="gpuctld address, host:port (env GPUCTL_SERVER).",
+    default=None,
+    help=f"gpuctld: unix:/PATH or HOST:PORT (env GPUCTL_SERVER; default unix:{DEFAULT_SOCKET} "
+    f"where it exists, else {DEFAULT_TARGET}).",
 )
 @click.option(
     "--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for each call."
 )
 @click.option(
-    "--user",
-    envvar="GPUCTL_USER",
-    default=None,
-    help="Act as this user (default: your login name).",
+    "--ca-file",
+    envvar="GPUCTL_CA_FILE",
+    type=click.Path(dir_okay=False),
+    help="Speak TLS to HOST:PORT, trusting this CA (env GPUCTL_CA_FILE).",
+)
+@click.option(
+    "--token-file",
+    envvar="GPUCTL_TOKEN_FILE",
+    type=click.Path(dir_okay=False),
+    help="Read the API token from this file (or set GPUCTL_TOKEN); not needed on the "
+    "head node's socket.",
 )
 @click.version_option(package_name="gpuctl")
 @click.pass_context
-def cli(ctx: click.Context, server: str, timeout: float, user: str | None) -> None:
+def cli(
+    ctx: click.Context,
+    server: str | None,
+    timeout: float,
+    ca_file: str | None,
+    token_file: str | None,
+) -> None:
     """gpuctl: queue training gangs and inference services on leased GPU nodes."""
-    ctx.obj = _Settings(server, timeout, user)
+    ctx.obj = _Settings(server, timeout, ca_file, token_file)
 
 
 # -- submit -------------------------------------------------------------------------------
 
 
-def _env_pairs(values: tuple[str, ...]) -> dict[str, str]:
+def _env_pairs(values: tuple[str, ...], flag: str = "--env") -> dict[str, str]:
     out = {}
     for item in values:
         key, eq, value = item.partition("=")
@@ -102,7 +135,7 @@ def _env_pairs(values: tuple[str, ...]) -> dict[str, str]:
             if key not in os.environ:
                 raise click.BadParameter(
                     f"{item!r}: expected NAME=VALUE, or the name of a set variable",
-                    param_hint="--env",
+                    param_hint=flag,
                 )
             value = os.environ[key]
         out[key] = value
@@ -144,6 +177,14 @@ def _env_pairs(values: tuple[str, ...]) -> dict[str, str]:
     metavar="NAME=VALUE",
     help="Set a variable (repeatable); NAME alone passes yours on.",
 )
+@click.option(
+    "--secret-env",
+    "secret_env",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Set a secret variable: the ranks get it, nobody sees it after submission. "
+    "NAME alone passes yours on (keeps the value off the command line).",
+)
 @click.option("--time-limit", help="Stop after this long: seconds, 30m, 2h, 1h30m, 1-00:00:00.")
 @click.option("--min-nvlink-gbps", type=float, help="Training: NVLink floor per GPU, GB/s.")
 @click.option("--min-net-gbps", type=float, help="Training: inter-node network floor, Gb/s.")
@@ -170,6 +211,7 @@ def submit(
     ctx: click.Context,
     job_file: str | None,
     env: tuple[str, ...],
+    secret_env: tuple[str, ...],
     command: tuple[str, ...],
     workdir: str | None,
     request_id: str | None,
@@ -186,6 +228,12 @@ def submit(
     if env:
         base = data.get("env")
         data["env"] = {**(base if isinstance(base, Mapping) else {}), **_env_pairs(env)}
+    if secret_env:
+        base = data.get("secret_env")
+        data["secret_env"] = {
+            **(base if isinstance(base, Mapping) else {}),
+            **_env_pairs(secret_env, "--secret-env"),
+        }
     if command:
         data["command"] = list(command)
     if workdir is not None:
@@ -288,7 +336,7 @@ def describe(ctx: click.Context, what: str, output: str) -> None:
 @click.argument("job")
 @click.option(
     "--rank",
-    type=int,
+    type=click.IntRange(0, 2**31 - 1),  # an int32 on the wire
     default=0,
     show_default=True,
     help="Which rank (training) or replica (inference).",
@@ -345,6 +393,15 @@ def drain(ctx: click.Context, node: str, reason: str) -> None:
 
 
 @cli.command()
+@click.argument("node")
+@click.pass_context
+def undrain(ctx: click.Context, node: str) -> None:
+    """Let new work land on a drained node again."""
+    back = _client(ctx).undrain(node)
+    click.echo(f"node {back.name} {render.node_state(back.state)}")
+
+
+@cli.command()
 @click.option("-a", "--all", "show_all", is_flag=True, help="Released and expired leases too.")
 @click.option("-o", "--output", type=_OUTPUT, default="table", show_default=True)
 @click.pass_context
@@ -354,16 +411,30 @@ def leases(ctx: click.Context, show_all: bool, output: str) -> None:
     _emit(found, output, lambda wide: render.leases_table(found, now=_now()))
 
 
+_MAX_SINCE = timedelta(days=100 * 365)  # gpuctl is younger; the server refuses times before 1970
+# The times the server accepts (api.convert.from_ts); the CLI may import only the SDK and core.
+_EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+_LATEST = datetime(2201, 1, 1, tzinfo=UTC)
+
+
 def _since(value: str | None) -> datetime | timedelta | None:
     """`--since`: a duration back from now (90m, 24h, 7d, 1h30m) or a time (ISO 8601, UTC
     unless it says otherwise)."""
     if not value:
         return None
     text = value.strip()
-    match = re.fullmatch(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", text.lower())
+    match = re.fullmatch(r"(?:([0-9]+)d)?(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9]+)s)?", text.lower())
     if text and match and any(match.groups()):
-        days, hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
-        return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+        # Summed as ints and checked before timedelta() sees them: a typo such as 99999999999d
+        # would overflow it, or the subtraction from now, into a traceback.
+        digits = max(len(g or "") for g in match.groups())
+        days, hours, minutes, seconds = (int(g[:12]) if g else 0 for g in match.groups())
+        back_s = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+        if digits > 12 or back_s > _MAX_SINCE.total_seconds():
+            raise click.BadParameter(
+                f"{value!r}: at most {_MAX_SINCE.days} days back", param_hint="--since"
+            )
+        return timedelta(seconds=back_s)
     try:
         when = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
@@ -372,7 +443,13 @@ def _since(value: str | None) -> datetime | timedelta | None:
             "2026-01-01T00:00:00Z",
             param_hint="--since",
         ) from None
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
+    when = when if when.tzinfo else when.replace(tzinfo=UTC)
+    if not _EARLIEST <= when < _LATEST:
+        raise click.BadParameter(
+            f"{value!r}: expected a time between {_EARLIEST.year} and {_LATEST.year - 1}",
+            param_hint="--since",
+        )
+    return when
 
 
 @cli.command()
@@ -384,6 +461,98 @@ def cost(ctx: click.Context, since: str | None, by: str, output: str) -> None:
     """What each job, queue or user was charged for the GPUs it held, and what leases cost."""
     report = _client(ctx).cost(since=_since(since), by=by)
     _emit([report], output, lambda wide: render.cost_table(report, now=_now()))
+
+
+# -- identity and access -------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("-o", "--output", type=_OUTPUT, default="table", show_default=True)
+@click.pass_context
+def whoami(ctx: click.Context, output: str) -> None:
+    """Who gpuctld takes you for, your role and what it permits."""
+    me = _client(ctx).whoami()
+    _emit([me], output, lambda wide: render.whoami(me))
+
+
+def _ttl(value: str | None) -> timedelta | None:
+    if value is None:
+        return None
+    try:
+        seconds = parse_duration(value)
+    except ValueError as e:
+        raise click.BadParameter(f"{value!r}: {e}", param_hint="--ttl") from None
+    if seconds <= 0:
+        raise click.BadParameter(f"{value!r}: must be longer than 0", param_hint="--ttl")
+    return timedelta(seconds=seconds)
+
+
+@cli.group()
+def token() -> None:
+    """API tokens, for calling gpuctld from other hosts (GPUCTL_TOKEN)."""
+
+
+@token.command("create")
+@click.option("--user", default="", help="For this user (admins only; default: yourself).")
+@click.option("--description", default="", help="What it is for, for `gpuctl token list`.")
+@click.option("--ttl", help="How long it works, e.g. 30d or 12h (default: the server's, 90d).")
+@click.pass_context
+def token_create(ctx: click.Context, user: str, description: str, ttl: str | None) -> None:
+    """Create a token; it is printed once, keep it like a password."""
+    made = _client(ctx).create_token(user=user, description=description, ttl=_ttl(ttl))
+    click.echo(made.secret)
+    click.echo(f"token {made.token.id} for {made.token.principal}; shown only now", err=True)
+
+
+@token.command("list")
+@click.option("--user", default="", help="This user's tokens (admins; '*': everyone's).")
+@click.option("-o", "--output", type=_OUTPUT, default="table", show_default=True)
+@click.pass_context
+def token_list(ctx: click.Context, user: str, output: str) -> None:
+    """Your tokens (ids only: the secrets are never shown again)."""
+    found = _client(ctx).tokens(user)
+    _emit(found, output, lambda wide: render.tokens_table(found, now=_now()))
+
+
+@token.command("revoke")
+@click.argument("token_id")
+@click.pass_context
+def token_revoke(ctx: click.Context, token_id: str) -> None:
+    """Revoke a token by id; it stops working at once."""
+    gone = _client(ctx).revoke_token(token_id)
+    click.echo(f"token {gone.id} revoked")
+
+
+@cli.group()
+def node() -> None:
+    """Node credentials (operators)."""
+
+
+@node.command("token")
+@click.argument("name")
+@click.option("--ttl", help="How long it works (default: until revoked or replaced).")
+@click.pass_context
+def node_token(ctx: click.Context, name: str, ttl: str | None) -> None:
+    """Create the credential of NAME's agent (gpuctl-agent --token-file); the node's earlier
+    credentials stop working."""
+    made = _client(ctx).create_node_token(name, ttl=_ttl(ttl))
+    click.echo(made.secret)
+    click.echo(f"node token {made.token.id} for {name}; shown only now", err=True)
+
+
+@cli.command()
+@click.option("--since", "since", help="A duration back from now (24h, 7d) or a time (ISO 8601).")
+@click.option("-u", "--user", default="", help="Only this user's (or node's) calls.")
+@click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True)
+@click.option("-o", "--output", type=_OUTPUT, default="table", show_default=True)
+@click.pass_context
+def audit(ctx: click.Context, since: str | None, user: str, limit: int, output: str) -> None:
+    """Who changed what, when and from where (operators)."""
+    when = _since(since)
+    if isinstance(when, timedelta):
+        when = _now() - when
+    found = _client(ctx).audit(since=when, principal=user, limit=limit)
+    _emit(found, output, lambda wide: render.audit_table(found))
 
 
 cli.add_command(simulate)

@@ -16,6 +16,7 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from gpuctl.client import (
+    auth_pb2,
     events_pb2,
     format_duration,
     format_size_mib,
@@ -563,4 +564,66 @@ def cost_table(cost: leases_pb2.GetCostResponse, *, now: datetime) -> str:
         f"{head}\n"
         f"charged ${cost.charged_dollars:.2f} of ${cost.leased_dollars:.2f} leased, "
         f"${cost.idle_dollars:.2f} idle ({window})"
+    )
+
+
+# -- identity and access -------------------------------------------------------------------
+
+
+def whoami(me: auth_pb2.WhoAmIResponse) -> str:
+    pairs = [("User", me.user), ("Role", me.role), ("Via", me.via)]
+    if me.HasField("uid"):
+        pairs.append(("Uid", me.uid))
+    pairs.append(("Permissions", ", ".join(me.permissions)))
+    return fields(pairs)
+
+
+def tokens_table(tokens: Iterable[auth_pb2.Token], *, now: datetime) -> str:
+    def state(t: auth_pb2.Token) -> str:
+        if t.HasField("revoke_time"):
+            return "revoked"
+        expires = _time(t.expire_time) if t.HasField("expire_time") else None
+        return "expired" if expires is not None and expires <= now else "active"
+
+    def expiry(t: auth_pb2.Token) -> str:
+        if not t.HasField("expire_time"):
+            return "never"
+        expires = _time(t.expire_time)
+        return expires.strftime("%Y-%m-%d %H:%M") if expires else "-"
+
+    rows = [
+        (
+            t.id,
+            t.kind,
+            t.principal,
+            state(t),
+            _age_or_dash(t.create_time, now),
+            expiry(t),
+            t.created_by,
+            t.description,
+        )
+        for t in tokens
+    ]
+    return table(
+        ["ID", "KIND", "FOR", "STATE", "AGE", "EXPIRES", "CREATED_BY", "DESCRIPTION"], rows
+    )
+
+
+def audit_table(entries: Iterable[auth_pb2.AuditEntry]) -> str:
+    rows = [
+        (
+            (_time(e.time) or datetime.min).strftime("%Y-%m-%d %H:%M:%S"),
+            e.principal,
+            e.role,
+            e.via,
+            e.action,
+            e.target or "-",
+            e.outcome,
+            e.peer,
+            e.detail,
+        )
+        for e in entries
+    ]
+    return table(
+        ["TIME", "WHO", "ROLE", "VIA", "ACTION", "TARGET", "OUTCOME", "FROM", "DETAIL"], rows
     )

@@ -50,3 +50,11 @@ class IllegalTransition(FailedPrecondition):
 
 class Unavailable(GpuctlError):
     """A dependency (store, provider) cannot be reached now; retrying may help."""
+
+
+class ResourceExhausted(GpuctlError):
+    """A limit was reached (calls in flight, pending jobs, a quota); retrying later may help."""
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(message)

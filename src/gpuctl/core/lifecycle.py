@@ -53,6 +53,7 @@ class NodeEvent(enum.StrEnum):
     RELEASE = "release"
     DEGRADE = "degrade"  # the agent reports health issues
     RECOVER = "recover"  # the agent reports none again
+    UNDRAIN = "undrain"  # an operator lifts a drain
 
 
 N = NodeState
@@ -73,6 +74,7 @@ NODE_TRANSITIONS: dict[NodeState, dict[NodeEvent, NodeState]] = {
         # An operator's drain outlives a hardware problem: it is lifted by hand, not by health.
         NodeEvent.DEGRADE: N.DRAINING,
         NodeEvent.RECOVER: N.DRAINING,
+        NodeEvent.UNDRAIN: N.READY,
     },
     N.DEGRADED: {
         NodeEvent.REGISTER: N.DEGRADED,

@@ -230,6 +230,8 @@ class JobSpec:
     # tokens/s ~ HBM GB/s / weights GB, so the pair sets an HBM floor (0 = none)
     target_tokens_per_s: float = 0.0
     weights_gb: float = 0.0
+    # keys of `env` whose values are shown to no one after submission (they reach the ranks)
+    secret_env: tuple[str, ...] = ()
 
     @property
     def hbm_floor_gbps(self) -> float:

@@ -13,12 +13,18 @@ from pathlib import Path
 from typing import Any
 
 from gpuctl.core.errors import FieldViolation, InvalidArgument
+from gpuctl.core.trust import DEFAULT_DENIED_ACCOUNTS, DEFAULT_MIN_UID
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DaemonConfig:
-    listen: str = "127.0.0.1:50051"
-    max_workers: int = 32
+    listen: str = "127.0.0.1:50051"  # "": no TCP listener (the Unix socket only)
+    socket: str = ""  # "": $RUNTIME_DIRECTORY/gpuctld.sock (systemd), else <state_dir>/gpuctld.sock
+    insecure: bool = False  # serve a non-loopback TCP address without TLS
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+    max_workers: int = 64
     drain_grace_s: float = 10.0
     state_dir: str = ""  # "": $STATE_DIRECTORY (systemd) or ~/.local/state/gpuctld
     store_url: str = ""  # "": SQLite at <state_dir>/gpuctld.db
@@ -41,6 +47,27 @@ class DaemonConfig:
     master_port_range: int = 1000
     max_log_bytes_per_rank: int = 64 * 1024 * 1024
     log_level: str = "INFO"
+    admins: tuple[str, ...] = ()
+    operators: tuple[str, ...] = ()
+    admin_groups: tuple[str, ...] = ()
+    operator_groups: tuple[str, ...] = ()
+    session_ttl_s: float = 3600.0
+    token_ttl_s: float = 90 * 24 * 3600.0
+    oidc_issuer: str = ""
+    oidc_audience: str = ""
+    oidc_jwks_url: str = ""
+    oidc_username_claim: str = "preferred_username"
+    oidc_groups_claim: str = "groups"
+    run_as_min_uid: int = DEFAULT_MIN_UID
+    run_as_deny: tuple[str, ...] = tuple(sorted(DEFAULT_DENIED_ACCOUNTS))
+    run_as_allow: tuple[str, ...] = ()
+    run_as_map: Mapping[str, str] = field(default_factory=dict)
+    max_spec_bytes: int = 256 * 1024
+    max_pending_per_user: int = 10_000
+    max_streams: int = 16
+    streams_per_caller: int = 4
+    calls_per_caller: int = 16
+    agent_reserve: int = 8
 
     def resolved_state_dir(self, env: Mapping[str, str]) -> Path:
         if self.state_dir:
@@ -49,6 +76,13 @@ class DaemonConfig:
             return Path(env["STATE_DIRECTORY"].split(":")[0])
         return Path("~/.local/state/gpuctld").expanduser()
 
+    def resolved_socket(self, env: Mapping[str, str]) -> Path:
+        if self.socket:
+            return Path(self.socket).expanduser()
+        if env.get("RUNTIME_DIRECTORY"):  # systemd's RuntimeDirectory=; first entry
+            return Path(env["RUNTIME_DIRECTORY"].split(":")[0]) / "gpuctld.sock"
+        return self.resolved_state_dir(env) / "gpuctld.sock"
+
     def resolved_store_url(self, env: Mapping[str, str]) -> str:
         return self.store_url or f"sqlite:///{self.resolved_state_dir(env) / 'gpuctld.db'}"
 
@@ -56,7 +90,33 @@ class DaemonConfig:
 # TOML table.key -> DaemonConfig field
 _KEYS: dict[str, str] = {
     "server.listen": "listen",
+    "server.socket": "socket",
+    "server.insecure": "insecure",
     "server.max_workers": "max_workers",
+    "tls.cert_file": "tls_cert_file",
+    "tls.key_file": "tls_key_file",
+    "tls.client_ca_file": "tls_client_ca_file",
+    "auth.admins": "admins",
+    "auth.operators": "operators",
+    "auth.admin_groups": "admin_groups",
+    "auth.operator_groups": "operator_groups",
+    "auth.session_ttl_s": "session_ttl_s",
+    "auth.token_ttl_s": "token_ttl_s",
+    "auth.oidc_issuer": "oidc_issuer",
+    "auth.oidc_audience": "oidc_audience",
+    "auth.oidc_jwks_url": "oidc_jwks_url",
+    "auth.oidc_username_claim": "oidc_username_claim",
+    "auth.oidc_groups_claim": "oidc_groups_claim",
+    "run_as.min_uid": "run_as_min_uid",
+    "run_as.deny": "run_as_deny",
+    "run_as.allow": "run_as_allow",
+    "run_as.map": "run_as_map",
+    "limits.max_spec_bytes": "max_spec_bytes",
+    "limits.max_pending_per_user": "max_pending_per_user",
+    "limits.max_streams": "max_streams",
+    "limits.streams_per_caller": "streams_per_caller",
+    "limits.calls_per_caller": "calls_per_caller",
+    "limits.agent_reserve": "agent_reserve",
     "server.drain_grace_s": "drain_grace_s",
     "store.state_dir": "state_dir",
     "store.url": "store_url",
@@ -119,7 +179,13 @@ def load_config(
         value = values[f.name]
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             values[f.name] = value = float(value)
-        if f.name == "policy_weights":
+        if want is tuple and isinstance(value, list | tuple):
+            values[f.name] = value = tuple(value)
+            ok = all(isinstance(v, str) for v in value)
+            want = list  # for the message: a TOML array of strings
+        elif f.name == "run_as_map":
+            ok = isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+        elif f.name == "policy_weights":
             ok = isinstance(value, dict) and all(isinstance(v, int | float) for v in value.values())
         elif f.name == "lease_budgets":
             ok = isinstance(value, dict)

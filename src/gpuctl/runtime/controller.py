@@ -45,6 +45,7 @@ from gpuctl.core.model import (
 )
 from gpuctl.core.plugins import Policy
 from gpuctl.core.snapshot import Snapshot
+from gpuctl.core.trust import PermissionDenied
 from gpuctl.core.validation import validate_spec
 from gpuctl.runtime.clock import Clock
 from gpuctl.runtime.logstore import LogStore
@@ -191,6 +192,22 @@ class Controller:
             node = self.store.put_node(replace(node, state=state, state_reason=why))
             self.store.add_events([_node_event(node_id, self.clock.now(), "Drain", why)])
         log.info("node %s draining: %s", node_id, why)
+        return node
+
+    def undrain(self, node_id: str, *, by: str = "") -> Node:
+        """Lift a drain: new work may land again (unless the node's health check still finds
+        problems: then it is DEGRADED, as it would have been without the drain)."""
+        with self._lock:
+            node = self.store.get_node(node_id)
+            state = next_node_state(node_id, node.state, NodeEvent.UNDRAIN)
+            reason = ""
+            if node.health_issues:
+                state, reason = NodeState.DEGRADED, _issues_line(node.health_issues)
+            node = self.store.put_node(replace(node, state=state, state_reason=reason))
+            why = f"undrained by {by}" if by else "undrained"
+            self.store.add_events([_node_event(node_id, self.clock.now(), "Undrain", why)])
+        log.info("node %s %s: %s", node_id, why, state.value)
+        self.wake()
         return node
 
     def node_usage(self) -> dict[str, dict[int, tuple[int, list[int]]]]:
@@ -417,6 +434,22 @@ class Controller:
             self.wake()
 
     def push_logs(self, node_id: str, ref: RankRef, offset: int, data: bytes) -> int:
+        """Append a rank's output where that rank of the job's attempt is placed on `node_id`,
+        so no node writes into the logs of others' ranks. Older attempts are taken as they come
+        (their placements are not kept), a newer one never."""
+        try:
+            job = self.store.get_job(ref.job_id)
+        except NotFound:
+            raise NotFound("rank", f"{ref.rank} of job {ref.job_id}") from None
+        placed = job.placement is not None and any(
+            r.rank == ref.rank and r.node_id == node_id for r in job.placement.ranks
+        )
+        if ref.attempt > job.attempt or (ref.attempt == job.attempt and not placed):
+            raise PermissionDenied(
+                f"job {ref.job_id} rank {ref.rank} attempt {ref.attempt} is not placed on "
+                f"node {node_id}",
+                permission="agent",
+            )
         return self.logs.append(ref.job_id, ref.attempt, ref.rank, offset, data)
 
     # -- periodic work -------------------------------------------------------------------

@@ -4,23 +4,30 @@ the gRPC server, starts the periodic work, tells systemd it is ready, and drains
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import signal
 import sys
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
-from gpuctl.api.server import ApiServer
-from gpuctl.core.errors import GpuctlError
+from gpuctl.api.auth import Authenticator, JwtVerifier, SessionBook
+from gpuctl.api.limits import Limits, LimitSettings
+from gpuctl.api.server import ApiServer, Listeners
+from gpuctl.api.servicers import Guard
+from gpuctl.core.errors import FieldViolation, GpuctlError, InvalidArgument
 from gpuctl.core.leasing import Budget
 from gpuctl.core.plugins import build_policy
+from gpuctl.core.trust import RolePolicy, RunAsPolicy
 from gpuctl.runtime.clock import SystemClock
 from gpuctl.runtime.config import DaemonConfig, load_config, load_providers
 from gpuctl.runtime.controller import Controller, ControllerSettings
 from gpuctl.runtime.leases import LeaseKeeper, LeaseSettings, build_providers
 from gpuctl.runtime.logstore import LogStore
 from gpuctl.runtime.periodic import Periodic
+from gpuctl.runtime.private import private_state_dir
 from gpuctl.runtime.sdnotify import Notifier
 from gpuctl.store.sql import open_store
 
@@ -36,6 +43,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         "--listen", help="address to serve on, e.g. 127.0.0.1:50051 (port 0: any free port)"
     )
     p.add_argument("--state-dir", help="where the SQLite store and rank logs live")
+    p.add_argument(
+        "--socket", help="the Unix socket for users on this host (default: see server.socket)"
+    )
     p.add_argument("--store-url", help="sqlite:///PATH or postgresql://USER@HOST/DB")
     p.add_argument(
         "--port-file", help="write the bound port here once serving (for tests and scripts)"
@@ -48,6 +58,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
     pairs = {
         "listen": args.listen,
         "state_dir": args.state_dir,
+        "socket": args.socket,
         "store_url": args.store_url,
         "log_level": args.log_level,
     }
@@ -61,7 +72,7 @@ def serve(config: DaemonConfig, env: dict[str, str], *, port_file: str | None = 
     notifier = Notifier(env)
 
     state_dir = config.resolved_state_dir(env)
-    state_dir.mkdir(parents=True, exist_ok=True)
+    private_state_dir(state_dir)
     tables, base_dir = load_providers(config)
     store = open_store(config.resolved_store_url(env))
     # The static and catalog providers keep their grants in memory: the store hands them back.
@@ -100,11 +111,48 @@ def serve(config: DaemonConfig, env: dict[str, str], *, port_file: str | None = 
         )
         keep_leases = keeper.tick
         log.info("leasing from %s", ", ".join(p.name for p in providers))
-    server = ApiServer(controller, config.listen, max_workers=config.max_workers)
+    sessions = SessionBook(config.session_ttl_s)
+    guard = Guard(
+        auth=Authenticator(
+            store,
+            roles=RolePolicy(
+                admins=frozenset(config.admins),
+                operators=frozenset(config.operators),
+                admin_groups=frozenset(config.admin_groups),
+                operator_groups=frozenset(config.operator_groups),
+            ),
+            sessions=sessions,
+            now=controller.clock.now,
+            jwt=_jwt_verifier(config),
+        ),
+        limits=Limits(
+            LimitSettings(
+                workers=config.max_workers,
+                agent_reserve=config.agent_reserve,
+                max_streams=config.max_streams,
+                streams_per_caller=config.streams_per_caller,
+                calls_per_caller=config.calls_per_caller,
+            )
+        ),
+        runas=RunAsPolicy(
+            min_uid=config.run_as_min_uid,
+            deny=frozenset(config.run_as_deny),
+            allow=frozenset(config.run_as_allow),
+            map=dict(config.run_as_map),
+        ),
+        max_spec_bytes=config.max_spec_bytes,
+        max_pending_per_user=config.max_pending_per_user,
+        default_token_ttl_s=config.token_ttl_s,
+    )
+    server = ApiServer(controller, guard, _listeners(config, env), sessions=sessions)
     server.start()
     host = config.listen.rsplit(":", 1)[0]
+    tls = "TLS" if config.tls_cert_file else "plain TCP"
     log.info(
-        "serving on %s:%d, store %s", host, server.port, _redact(config.resolved_store_url(env))
+        "serving on %s (Unix socket)%s, store %s",
+        server.socket,
+        f" and {host}:{server.port} ({tls})" if config.listen else "",
+        _redact(config.resolved_store_url(env)),
     )
     if port_file:
         tmp = Path(port_file + ".tmp")
@@ -132,6 +180,76 @@ def serve(config: DaemonConfig, env: dict[str, str], *, port_file: str | None = 
     store.close()
     log.info("stopped")
     return 0
+
+
+def _listeners(config: DaemonConfig, env: Mapping[str, str]) -> Listeners:
+    """The Unix socket and TCP listener; refuses TCP that strangers could reach without TLS
+    unless the config says `insecure = true`, and then says so at every start."""
+    tls_cert = tls_key = client_ca = b""
+    if bool(config.tls_cert_file) != bool(config.tls_key_file):
+        raise InvalidArgument(
+            [FieldViolation("tls", "give both cert_file and key_file, or neither")]
+        )
+    try:
+        if config.tls_cert_file:
+            tls_cert = Path(config.tls_cert_file).read_bytes()
+            tls_key = Path(config.tls_key_file).read_bytes()
+        if config.tls_client_ca_file:
+            client_ca = Path(config.tls_client_ca_file).read_bytes()
+    except OSError as e:
+        raise InvalidArgument(
+            [FieldViolation("tls", f"cannot read {e.filename}: {e.strerror}")]
+        ) from None
+    if config.listen and not tls_cert and not _is_loopback(config.listen):
+        if not config.insecure:
+            raise InvalidArgument(
+                [
+                    FieldViolation(
+                        "server.listen",
+                        f"{config.listen} is reachable from other hosts: give [tls] cert_file "
+                        "and key_file, or set insecure = true to serve it without TLS",
+                    )
+                ]
+            )
+        log.warning(
+            "INSECURE: serving %s without TLS (insecure = true): tokens cross the network in "
+            "clear text; anyone on the path can act as any user who sends one",
+            config.listen,
+        )
+    return Listeners(
+        tcp=config.listen,
+        socket=config.resolved_socket(env),
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        client_ca=client_ca,
+    )
+
+
+def _is_loopback(listen: str) -> bool:
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name, 0.0.0.0 and :: are reachable from elsewhere
+
+
+def _jwt_verifier(config: DaemonConfig) -> JwtVerifier | None:
+    oidc = (config.oidc_issuer, config.oidc_audience, config.oidc_jwks_url)
+    if not any(oidc):
+        return None
+    if not all(oidc):
+        raise InvalidArgument(
+            [FieldViolation("auth", "oidc_issuer, oidc_audience and oidc_jwks_url go together")]
+        )
+    return JwtVerifier(
+        issuer=config.oidc_issuer,
+        audience=config.oidc_audience,
+        jwks_url=config.oidc_jwks_url,
+        username_claim=config.oidc_username_claim,
+        groups_claim=config.oidc_groups_claim,
+    )
 
 
 def _redact(url: str) -> str:

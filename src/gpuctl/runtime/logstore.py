@@ -2,12 +2,15 @@
 
 One file per rank and attempt under `<state_dir>/logs/<job>/<attempt>/rank-<n>.log`. Appends
 are idempotent by offset, so an agent that resends after a lost answer never duplicates bytes.
+Jobs print their secrets too: the files are 0600 and the directories 0700, the daemon's alone.
 """
 
 from __future__ import annotations
 
 import threading
 from pathlib import Path
+
+from gpuctl.runtime.private import make_private_dirs, private_opener
 
 TRUNCATED = b"\n[gpuctl: log limit reached; further output dropped]\n"
 
@@ -34,10 +37,10 @@ class LogStore:
             if offset != accepted:
                 self._accepted[path] = accepted
                 return accepted
-            path.parent.mkdir(parents=True, exist_ok=True)
+            make_private_dirs(path.parent)
             size = path.stat().st_size if path.exists() else 0
             room = self.max_bytes - size
-            with path.open("ab") as f:
+            with open(path, "ab", opener=private_opener) as f:
                 if len(data) <= room:
                     f.write(data)
                 elif room > 0:

@@ -9,6 +9,7 @@ from typing import Protocol
 
 from gpuctl.core.cost import AttemptCharge
 from gpuctl.core.model import Event, Job, JobSpec, JobState, Node, NodeLease
+from gpuctl.core.trust import ApiToken, AuditEntry
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +46,10 @@ class Store(Protocol):
         page_token: str = "",
     ) -> JobPage:
         """Jobs in id order; `page_token` is opaque (raises `InvalidArgument` when malformed)."""
+        ...
+
+    def page_token_after(self, job_id: int) -> str:
+        """The `list_jobs` page token of a page that ends with job `job_id` (a page cut short)."""
         ...
 
     def active_jobs(self) -> tuple[Job, ...]:
@@ -90,6 +95,26 @@ class Store(Protocol):
 
     def list_charges(self, *, since: datetime | None = None) -> tuple[AttemptCharge, ...]:
         """Ended attempts' charges (those ending after `since`), by job and attempt."""
+        ...
+
+    def put_token(self, token: ApiToken) -> ApiToken:
+        """Insert or replace a token by id."""
+        ...
+
+    def get_token(self, token_id: str) -> ApiToken:
+        """Raises `core.errors.NotFound`."""
+        ...
+
+    def list_tokens(self, *, principal: str = "") -> tuple[ApiToken, ...]:
+        """Every token (of `principal` when given), revoked ones too, oldest first."""
+        ...
+
+    def add_audit(self, entry: AuditEntry) -> None: ...
+
+    def list_audit(
+        self, *, since: datetime | None = None, principal: str = "", limit: int = 100
+    ) -> tuple[AuditEntry, ...]:
+        """The latest `limit` entries (after `since`, by `principal`), oldest first."""
         ...
 
     def close(self) -> None: ...

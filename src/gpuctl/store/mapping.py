@@ -33,7 +33,16 @@ from gpuctl.core.model import (
     RankPlacement,
     RankState,
 )
-from gpuctl.store.tables import ChargeRow, EventRow, JobRow, LeaseRow, NodeRow
+from gpuctl.core.trust import ApiToken, AuditEntry, TokenKind
+from gpuctl.store.tables import (
+    AuditRow,
+    ChargeRow,
+    EventRow,
+    JobRow,
+    LeaseRow,
+    NodeRow,
+    TokenRow,
+)
 
 _MaybeTime = TypeVar("_MaybeTime", datetime, None)
 
@@ -91,6 +100,7 @@ def _spec_from(data: dict[str, Any]) -> JobSpec:
             "kind": JobKind(known["kind"]),
             "command": tuple(known.get("command", ())),
             "env": _pairs(known.get("env", ())),
+            "secret_env": tuple(known.get("secret_env", ())),
             "on_node_lost": OnNodeLost(known.get("on_node_lost", OnNodeLost.REQUEUE)),
         }
     )
@@ -248,6 +258,30 @@ def charge_row(charge: AttemptCharge) -> ChargeRow:
 
 def charge_from_row(row: ChargeRow) -> AttemptCharge:
     return AttemptCharge(**_known(AttemptCharge, row.model_dump()))
+
+
+def token_row(token: ApiToken) -> TokenRow:
+    values = {f.name: getattr(token, f.name) for f in fields(token)}
+    for name in ("created_at", "expires_at", "revoked_at"):
+        values[name] = _utc(values[name])
+    values["kind"] = token.kind.value
+    return TokenRow(**values)
+
+
+def token_from_row(row: TokenRow) -> ApiToken:
+    values = _known(ApiToken, row.model_dump())
+    values["kind"] = TokenKind(values["kind"])
+    return ApiToken(**values)
+
+
+def audit_row(entry: AuditEntry) -> AuditRow:
+    values = {f.name: getattr(entry, f.name) for f in fields(entry) if f.name != "id"}
+    values["time"] = _utc(entry.time)
+    return AuditRow(**values)
+
+
+def audit_from_row(row: AuditRow) -> AuditEntry:
+    return AuditEntry(**_known(AuditEntry, row.model_dump()))
 
 
 # -- JSON ---------------------------------------------------------------------------------------

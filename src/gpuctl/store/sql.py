@@ -7,7 +7,9 @@ and its scheduler thread at once.
 from __future__ import annotations
 
 import base64
+import os
 import re
+import stat
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
@@ -25,8 +27,11 @@ from sqlmodel import Session, SQLModel, col, select
 from gpuctl.core.cost import AttemptCharge
 from gpuctl.core.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
 from gpuctl.core.model import Event, Job, JobSpec, JobState, LeaseState, Node, NodeLease
+from gpuctl.core.trust import ApiToken, AuditEntry
 from gpuctl.store.base import JobPage
 from gpuctl.store.mapping import (
+    audit_from_row,
+    audit_row,
     charge_from_row,
     charge_row,
     event_from_row,
@@ -37,8 +42,19 @@ from gpuctl.store.mapping import (
     lease_values,
     node_from_row,
     node_values,
+    token_from_row,
+    token_row,
 )
-from gpuctl.store.tables import ChargeRow, EventRow, JobRow, LeaseRow, NodeRow, RevisionCounter
+from gpuctl.store.tables import (
+    AuditRow,
+    ChargeRow,
+    EventRow,
+    JobRow,
+    LeaseRow,
+    NodeRow,
+    RevisionCounter,
+    TokenRow,
+)
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000  # larger requests are cut to this, as AIP-158 asks
@@ -147,6 +163,9 @@ class SqlStore:
         jobs = tuple(job_from_row(r) for r in rows[:size])
         token = _encode_page_token(jobs[-1].id) if len(rows) > size else ""
         return JobPage(jobs=jobs, next_page_token=token)
+
+    def page_token_after(self, job_id: int) -> str:
+        return _encode_page_token(job_id)
 
     def active_jobs(self) -> tuple[Job, ...]:
         active = [s.value for s in JobState if not s.finished]
@@ -257,6 +276,42 @@ class SqlStore:
         with self._transaction(self._reads) as session:
             return tuple(charge_from_row(r) for r in session.exec(query))
 
+    def put_token(self, token: ApiToken) -> ApiToken:
+        with self._transaction(self._writes) as session:
+            session.merge(token_row(token))
+        return token
+
+    def get_token(self, token_id: str) -> ApiToken:
+        with self._transaction(self._reads) as session:
+            row = session.get(TokenRow, token_id)
+            if row is None:
+                raise NotFound("token", token_id)
+            return token_from_row(row)
+
+    def list_tokens(self, *, principal: str = "") -> tuple[ApiToken, ...]:
+        query = select(TokenRow).order_by(col(TokenRow.created_at), col(TokenRow.id))
+        if principal:
+            query = query.where(TokenRow.principal == principal)
+        with self._transaction(self._reads) as session:
+            return tuple(token_from_row(r) for r in session.exec(query))
+
+    def add_audit(self, entry: AuditEntry) -> None:
+        with self._transaction(self._writes) as session:
+            session.add(audit_row(entry))
+
+    def list_audit(
+        self, *, since: datetime | None = None, principal: str = "", limit: int = 100
+    ) -> tuple[AuditEntry, ...]:
+        """The latest `limit` entries (after `since`, by `principal`), oldest first."""
+        query = select(AuditRow).order_by(col(AuditRow.id).desc()).limit(max(0, limit))
+        if since is not None:
+            query = query.where(AuditRow.time > since)
+        if principal:
+            query = query.where(AuditRow.principal == principal)
+        with self._transaction(self._reads) as session:
+            latest = [audit_from_row(r) for r in session.exec(query)]
+        return tuple(reversed(latest))
+
     def close(self) -> None:
         self._engine.dispose()
 
@@ -326,7 +381,7 @@ def _create_engine(url: str) -> Engine:
     backend = parsed.get_backend_name() if parsed is not None else ""
     if parsed is not None and backend == "sqlite" and parsed.database not in (None, "", ":memory:"):
         # A file only: each pooled connection would get its own empty in-memory database.
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        _private_sqlite_files(Path(parsed.database))
         engine = create_engine(
             parsed.set(drivername="sqlite+pysqlite"), connect_args={"check_same_thread": False}
         )
@@ -339,6 +394,25 @@ def _create_engine(url: str) -> Engine:
     raise InvalidArgument(
         [FieldViolation("url", "want sqlite:///path/to/file.db or postgresql://...")]
     )
+
+
+def _private_sqlite_files(db: Path) -> None:
+    """The database file exists, 0600, before SQLite opens it: SQLite would create it 0644 less
+    the umask, and gives the -wal, -shm and -journal files it creates the database file's mode,
+    so they follow. Files an older version left open to other accounts are tightened.
+
+    Explicit modes rather than a process umask: the umask is process-wide (the daemon's socket
+    and port file have modes of their own), and the store is opened by tests and tools too."""
+    db.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not db.exists():
+        os.close(os.open(db, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    for path in (db, *(db.with_name(db.name + suffix) for suffix in ("-wal", "-shm", "-journal"))):
+        try:
+            loose = stat.S_IMODE(path.stat().st_mode) & 0o077
+        except FileNotFoundError:
+            continue
+        if loose:
+            path.chmod(0o600)
 
 
 def _sqlite_connect(dbapi_connection: Any, _record: object) -> None:

@@ -146,3 +146,37 @@ class RevisionCounter(SQLModel, table=True):
 
     id: int = Field(primary_key=True)
     value: int = Field(sa_type=BigInteger)
+
+
+class TokenRow(SQLModel, table=True):
+    """A token the daemon issued (`core.trust.ApiToken`): its secret only as a hash."""
+
+    __tablename__ = "tokens"
+
+    id: str = Field(primary_key=True)
+    kind: str
+    principal: str = Field(index=True)
+    secret_hash: str
+    description: str = Field(sa_type=Text)
+    created_by: str
+    created_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    expires_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    revoked_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+
+
+class AuditRow(SQLModel, table=True):
+    """One mutating call (`core.trust.AuditEntry`)."""
+
+    __tablename__ = "audit"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: int | None = Field(default=None, primary_key=True, sa_type=BigId)
+    time: datetime = Field(sa_type=UtcDateTime, index=True)
+    principal: str = Field(index=True)
+    role: str
+    via: str
+    peer: str
+    action: str
+    target: str
+    outcome: str
+    detail: str = Field(sa_type=Text)

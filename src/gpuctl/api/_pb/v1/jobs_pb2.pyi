@@ -150,6 +150,7 @@ class JobSpec(_message.Message):
     PREEMPTIBLE_FIELD_NUMBER: _builtins.int
     TARGET_TOKENS_PER_S_FIELD_NUMBER: _builtins.int
     WEIGHTS_GB_FIELD_NUMBER: _builtins.int
+    SECRET_ENV_FIELD_NUMBER: _builtins.int
     kind: Global___JobKind.ValueType
     name: _builtins.str
     queue: _builtins.str
@@ -193,6 +194,12 @@ class JobSpec(_message.Message):
     def time_limit(self) -> _duration_pb2.Duration:
         """unset or zero: no limit"""
 
+    @_builtins.property
+    def secret_env(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Keys of `env` whose values are secret: they reach the ranks and are shown to no one after
+        submission (describe, json, logs and the daemon's log show them as "<secret>").
+        """
+
     def __init__(
         self,
         *,
@@ -218,10 +225,11 @@ class JobSpec(_message.Message):
         preemptible: _builtins.bool = ...,
         target_tokens_per_s: _builtins.float = ...,
         weights_gb: _builtins.float = ...,
+        secret_env: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_num_nodes", b"_num_nodes", "_replicas", b"_replicas", "num_nodes", b"num_nodes", "replicas", b"replicas", "time_limit", b"time_limit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_num_nodes", b"_num_nodes", "_replicas", b"_replicas", "command", b"command", "cpu_milli", b"cpu_milli", "env", b"env", "gpu_memory_mib", b"gpu_memory_mib", "gpu_milli", b"gpu_milli", "gpu_model", b"gpu_model", "gpus_per_node", b"gpus_per_node", "kind", b"kind", "memory_mib", b"memory_mib", "min_net_gbps", b"min_net_gbps", "min_nvlink_gbps", b"min_nvlink_gbps", "name", b"name", "num_nodes", b"num_nodes", "on_node_lost", b"on_node_lost", "preemptible", b"preemptible", "priority", b"priority", "queue", b"queue", "replicas", b"replicas", "target_tokens_per_s", b"target_tokens_per_s", "time_limit", b"time_limit", "weights_gb", b"weights_gb", "working_dir", b"working_dir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_num_nodes", b"_num_nodes", "_replicas", b"_replicas", "command", b"command", "cpu_milli", b"cpu_milli", "env", b"env", "gpu_memory_mib", b"gpu_memory_mib", "gpu_milli", b"gpu_milli", "gpu_model", b"gpu_model", "gpus_per_node", b"gpus_per_node", "kind", b"kind", "memory_mib", b"memory_mib", "min_net_gbps", b"min_net_gbps", "min_nvlink_gbps", b"min_nvlink_gbps", "name", b"name", "num_nodes", b"num_nodes", "on_node_lost", b"on_node_lost", "preemptible", b"preemptible", "priority", b"priority", "queue", b"queue", "replicas", b"replicas", "secret_env", b"secret_env", "target_tokens_per_s", b"target_tokens_per_s", "time_limit", b"time_limit", "weights_gb", b"weights_gb", "working_dir", b"working_dir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__num_nodes: _TypeAlias = _typing.Literal["num_nodes"]  # noqa: Y015
     _WhichOneofArgType__num_nodes: _TypeAlias = _typing.Literal["_num_nodes", b"_num_nodes"]  # noqa: Y015

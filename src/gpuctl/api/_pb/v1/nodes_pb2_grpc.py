@@ -49,6 +49,11 @@ class NodeServiceStub:
                 request_serializer=gpuctl_dot_v1_dot_nodes__pb2.DrainNodeRequest.SerializeToString,
                 response_deserializer=gpuctl_dot_v1_dot_nodes__pb2.Node.FromString,
                 _registered_method=True)
+        self.UndrainNode = channel.unary_unary(
+                '/gpuctl.v1.NodeService/UndrainNode',
+                request_serializer=gpuctl_dot_v1_dot_nodes__pb2.UndrainNodeRequest.SerializeToString,
+                response_deserializer=gpuctl_dot_v1_dot_nodes__pb2.Node.FromString,
+                _registered_method=True)
 
 
 class NodeServiceServicer:
@@ -73,6 +78,13 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UndrainNode(self, request, context):
+        """Lets new work land on a drained node again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +101,11 @@ def add_NodeServiceServicer_to_server(servicer, server):
             'DrainNode': grpc.unary_unary_rpc_method_handler(
                     servicer.DrainNode,
                     request_deserializer=gpuctl_dot_v1_dot_nodes__pb2.DrainNodeRequest.FromString,
+                    response_serializer=gpuctl_dot_v1_dot_nodes__pb2.Node.SerializeToString,
+            ),
+            'UndrainNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.UndrainNode,
+                    request_deserializer=gpuctl_dot_v1_dot_nodes__pb2.UndrainNodeRequest.FromString,
                     response_serializer=gpuctl_dot_v1_dot_nodes__pb2.Node.SerializeToString,
             ),
     }
@@ -172,6 +189,33 @@ class NodeService:
             target,
             '/gpuctl.v1.NodeService/DrainNode',
             gpuctl_dot_v1_dot_nodes__pb2.DrainNodeRequest.SerializeToString,
+            gpuctl_dot_v1_dot_nodes__pb2.Node.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UndrainNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpuctl.v1.NodeService/UndrainNode',
+            gpuctl_dot_v1_dot_nodes__pb2.UndrainNodeRequest.SerializeToString,
             gpuctl_dot_v1_dot_nodes__pb2.Node.FromString,
             options,
             channel_credentials,

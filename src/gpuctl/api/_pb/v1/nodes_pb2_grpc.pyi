@@ -35,6 +35,8 @@ class NodeServiceStub:
     GetNode: _grpc.UnaryUnaryMultiCallable[_nodes_pb2.GetNodeRequest, _nodes_pb2.Node]
     DrainNode: _grpc.UnaryUnaryMultiCallable[_nodes_pb2.DrainNodeRequest, _nodes_pb2.Node]
     """Stops new work landing on the node; running work finishes."""
+    UndrainNode: _grpc.UnaryUnaryMultiCallable[_nodes_pb2.UndrainNodeRequest, _nodes_pb2.Node]
+    """Lets new work land on a drained node again."""
 
 @_typing.type_check_only
 class NodeServiceAsyncStub(NodeServiceStub):
@@ -43,6 +45,8 @@ class NodeServiceAsyncStub(NodeServiceStub):
     GetNode: _aio.UnaryUnaryMultiCallable[_nodes_pb2.GetNodeRequest, _nodes_pb2.Node]  # type: ignore[assignment]
     DrainNode: _aio.UnaryUnaryMultiCallable[_nodes_pb2.DrainNodeRequest, _nodes_pb2.Node]  # type: ignore[assignment]
     """Stops new work landing on the node; running work finishes."""
+    UndrainNode: _aio.UnaryUnaryMultiCallable[_nodes_pb2.UndrainNodeRequest, _nodes_pb2.Node]  # type: ignore[assignment]
+    """Lets new work land on a drained node again."""
 
 class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -66,5 +70,13 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_nodes_pb2.Node, _abc.Awaitable[_nodes_pb2.Node]]:
         """Stops new work landing on the node; running work finishes."""
+
+    @_abc_1.abstractmethod
+    def UndrainNode(
+        self,
+        request: _nodes_pb2.UndrainNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_nodes_pb2.Node, _abc.Awaitable[_nodes_pb2.Node]]:
+        """Lets new work land on a drained node again."""
 
 def add_NodeServiceServicer_to_server(servicer: NodeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
