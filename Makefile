@@ -84,3 +84,11 @@ COST_TRACE ?= $(TRACES)/gavel/msr/seed=0/ee9e8c.trace
 bench-cost: $(STAMP)
 	@mkdir -p bench-results
 	$(VENV)/bin/gpuctl simulate cost --trace $(COST_TRACE) --json bench-results/cost.json
+
+# RPC fuzzing: 10,000 random, mutated and undecodable requests, with every kind of credential,
+# against a gpuctld of its own on loopback (gpuctl.fuzz); fails on a crash, INTERNAL, UNKNOWN,
+# a hang, a permission breach or stored data that no longer reads back.
+.PHONY: fuzz
+fuzz: $(STAMP)
+	@mkdir -p bench-results
+	$(PY) -m gpuctl.fuzz --messages 10000 --json bench-results/fuzz.json

@@ -365,7 +365,7 @@ def test_the_agents_secrets_stay_out_of_its_ranks(
 @pytest.mark.parametrize(
     "extra, message",
     [
-        pytest.param([], "no credential: --token-file", id="no-token"),
+        pytest.param([], "no credential: --join TOKEN", id="no-credential"),
         pytest.param(["--token-file", "/nonexistent/t"], "cannot read", id="unreadable-token"),
         pytest.param(
             ["--token-file", "TOKEN", "--server", "10.1.2.3:50051"],

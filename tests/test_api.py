@@ -349,3 +349,22 @@ def test_a_request_that_is_not_a_message_of_its_type_is_invalid_argument(api):
                 list(reply) if "Watch" in method else None
             assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT
             assert "not a valid message" in e.value.details()
+
+
+def test_errors_echoing_huge_input_stay_under_the_clients_header_limit(api):
+    with pytest.raises(grpc.RpcError) as e:
+        api.jobs.GetJob(jobs_pb2.GetJobRequest(name="x" * 100_000))
+    assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT  # not a transport error
+    assert len(e.value.details()) <= 2048
+
+
+def test_a_log_offset_past_any_file_reads_nothing(api):
+    api.agent.RegisterNode(
+        agent_pb2.RegisterNodeRequest(node=convert.node_to_pb(h100_node("gpu-a")))
+    )
+    job = api.jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=spec()))
+    api.controller.run_cycle()
+    ref = agent_pb2.RankRef(job_id=job.id, rank=0, attempt=0)
+    api.agent.PushLogs(agent_pb2.PushLogsRequest(node_name="gpu-a", ref=ref, data=b"hi\n"))
+    far = jobs_pb2.StreamJobLogsRequest(name=job.name, offset=2**63 - 1)
+    assert list(api.jobs.StreamJobLogs(far)) == []

@@ -130,6 +130,7 @@ RULES = (
             "gpuctl.api.convert",
             "gpuctl.api.client",
             "gpuctl.api.auth",
+            "gpuctl.api.pki",
             "gpuctl.runtime.sdnotify",
             "gpuctl.runtime.clock",
             "gpuctl.runtime.private",

@@ -116,14 +116,15 @@ def wait_for(what: str, check, timeout: float = 30.0) -> None:
 
 def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="gpuctl-demo-"))
-    cluster = LocalCluster(root)
+    cluster = LocalCluster(root, pki=True)
     try:
         say("Starting gpuctld on a temporary SQLite store")
         cluster.start_daemon()
-        print(
-            f"gpuctld is serving on {cluster.socket} for people on this host (the kernel says who "
-            f"they are) and on {cluster.target} for agents (each with its own node token); state "
-            f"in {root / 'state'}"
+        explain(
+            f"gpuctld serves people on this host on {cluster.socket} (the kernel tells it who "
+            f"they are: no token needed), TLS on {cluster.target} with a certificate from its "
+            f"own CA (made on first start), and agents on 127.0.0.1:{cluster.agent_port}, where "
+            f"each must show a certificate from that CA naming its node. State in {root / 'state'}."
         )
         run(cluster, "whoami")
 
@@ -133,8 +134,9 @@ def main() -> int:
             "Two inference-class nodes: 4x L40S each, 100G Ethernet, cheaper per hour."
         )
         explain(
-            "Each agent gets a credential bound to its node name (`gpuctl node token NAME`): it "
-            "can register, heartbeat and report only for its own node."
+            "Each agent joins with a one-time token (`gpuctl node join-token NAME`): it makes "
+            "its own key, gpuctld's CA signs a certificate naming the node, and from then on it "
+            "can register, heartbeat and report only for that node."
         )
         for spec in TRAINING_NODES + INFERENCE_NODES:
             cluster.start_agent(spec)

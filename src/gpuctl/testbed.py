@@ -70,6 +70,11 @@ class LocalCluster:
     root: Path
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     port: int = 0
+    # pki: gpuctld makes its own CA; its TCP listener speaks TLS, and agents join with a
+    # one-time token for a certificate and use the agents' mTLS listener, as in production.
+    # Otherwise agents use node tokens over plain loopback TCP.
+    pki: bool = False
+    agent_port: int = 0
     # Unix socket paths hold 107 bytes: the socket lives in a short directory of its own.
     run_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="gpuctl-")))
 
@@ -108,7 +113,8 @@ class LocalCluster:
         self.root.mkdir(parents=True, exist_ok=True)
         config = self.root / "gpuctld.toml"
         if not config.exists():
-            config.write_text(FAST_CONFIG.replace("{user}", pwd.getpwuid(os.geteuid()).pw_name))
+            text = FAST_CONFIG.replace("{user}", pwd.getpwuid(os.geteuid()).pw_name)
+            config.write_text(text + ("\n[tls]\nself_signed = true\n" if self.pki else ""))
         port_file = self.root / "gpuctld.port"
         port_file.unlink(missing_ok=True)
         listen = f"127.0.0.1:{self.port}"  # the same port again after a restart
@@ -120,6 +126,7 @@ class LocalCluster:
                 "--listen", listen,
                 "--state-dir", str(self.root / "state"),
                 "--socket", str(self.socket),
+                *(["--agent-listen", f"127.0.0.1:{self.agent_port}"] if self.pki else []),
                 "--port-file", str(port_file),
             ],
         )  # fmt: skip
@@ -134,7 +141,9 @@ class LocalCluster:
                     f"gpuctld did not start in {timeout}s; see {self.root / 'gpuctld.log'}"
                 )
             time.sleep(0.05)
-        self.port = int(port_file.read_text())
+        ports = port_file.read_text().split()
+        self.port = int(ports[0])
+        self.agent_port = int(ports[1]) if self.pki else 0
         self.wait_serving(timeout)
 
     def wait_serving(self, timeout: float) -> None:
@@ -157,11 +166,33 @@ class LocalCluster:
             f.write(secret + "\n")
         return path
 
+    @property
+    def ca_file(self) -> Path:
+        """gpuctld's own CA certificate (pki clusters)."""
+        return self.root / "state" / "pki" / "ca.crt"
+
     def start_agent(
         self, spec: AgentSpec, *, token_file: Path | None = None, extra: Sequence[str] = ()
     ) -> None:
         state = self.root / "agents" / spec.name
-        token_file = token_file or self.node_token(spec.name)
+        if self.pki and token_file is None and not (state / "credentials").exists():
+            # As an operator would: a one-time join token, and the CA for the agent to pin.
+            ca = self.root / "agents" / "ca.crt"
+            ca.parent.mkdir(parents=True, exist_ok=True)
+            join = self.gpuctl("node", "join-token", spec.name, "--ca-out", str(ca)).stdout
+            credential = [
+                "--join",
+                join.strip(),
+                "--join-server",
+                self.target,
+                "--ca-file",
+                str(ca),
+            ]
+        elif self.pki and token_file is None:
+            credential = []  # joined before: its certificate is under its state dir
+        else:
+            credential = ["--token-file", str(token_file or self.node_token(spec.name))]
+        server = f"127.0.0.1:{self.agent_port}" if self.pki and token_file is None else self.target
         self._spawn(
             f"agent-{spec.name}",
             [
@@ -169,11 +200,10 @@ class LocalCluster:
                 "-m",
                 "gpuctl.agent.main",
                 "--server",
-                self.target,
+                server,
                 "--state-dir",
                 str(state),
-                "--token-file",
-                str(token_file),
+                *credential,
                 *spec.args(),
                 *extra,
                 # Jobs are submitted as the user running the test bed, and the agents refuse

@@ -51,8 +51,9 @@ from gpuctl.agent.runner import (
     choose_containment,
 )
 from gpuctl.agent.shim import become_subreaper
-from gpuctl.api._pb.agent.v1 import agent_pb2_grpc
+from gpuctl.api._pb.agent.v1 import agent_pb2, agent_pb2_grpc
 from gpuctl.api.auth import AUTH_METADATA
+from gpuctl.api.pki import node_key_and_csr, write_private
 from gpuctl.core.model import Gpu, Network
 from gpuctl.core.trust import DEFAULT_DENIED_ACCOUNTS, DEFAULT_MIN_UID, RunAsPolicy
 from gpuctl.runtime.private import private_state_dir
@@ -88,6 +89,7 @@ _CONFIG_KEYS: dict[str, tuple[type, ...]] = {
     "min_bandwidth_fraction": (int, float),
     "token_file": (str,),
     "ca_file": (str,),
+    "join_server": (str,),
     "run_as_min_uid": (int,),
     "run_as_deny": (list,),
     "run_as_allow": (list,),
@@ -118,6 +120,8 @@ class AgentSettings:
     min_bandwidth_fraction: float = DEFAULT_MIN_BANDWIDTH_FRACTION
     run_as: RunAsPolicy = field(default_factory=RunAsPolicy)
     token_file: Path | None = None  # this node's credential (`gpuctl node token NAME`)
+    join_token: str = ""  # --join: trade it for a certificate before starting
+    join_server: str = ""  # where to join (gpuctld's main listener); "": --server
     ca_file: Path | None = None  # speak TLS to gpuctld, trusting only this CA
 
 
@@ -161,6 +165,17 @@ def _parser() -> argparse.ArgumentParser:
         "--token-file",
         metavar="FILE",
         help="this node's credential, from `gpuctl node token NAME` (keep it mode 0600)",
+    )
+    p.add_argument(
+        "--join",
+        metavar="TOKEN",
+        help="a one-time token from `gpuctl node join-token NAME`: get this node's certificate "
+        "from gpuctld's CA (kept under the state dir) and use it from then on",
+    )
+    p.add_argument(
+        "--join-server",
+        metavar="HOST:PORT",
+        help="gpuctld's main listener, where --join goes (default: --server)",
     )
     p.add_argument(
         "--ca-file",
@@ -344,6 +359,8 @@ def load_settings(argv: Sequence[str], env: Mapping[str, str]) -> AgentSettings:
             allow=frozenset(config.get("run_as_allow", ())),
         ),
         token_file=Path(pick("token_file")).expanduser() if pick("token_file") else None,
+        join_token=args.join or "",
+        join_server=pick("join_server", ""),
         ca_file=Path(pick("ca_file")).expanduser() if pick("ca_file") else None,
     )
 
@@ -490,13 +507,69 @@ class _CallDetails(
     pass
 
 
+CREDENTIALS = "credentials"  # under the state dir: node.key (0600), node.crt, ca.crt
+
+
+def join(settings: AgentSettings, token: str) -> Path:
+    """Trade a one-time join token for this node's certificate from gpuctld's CA (the key
+    never leaves the node) and keep key, certificate and the pinned CA under the state dir."""
+    if settings.ca_file is None:
+        raise SettingsError(
+            "--join needs --ca-file: gpuctld's CA certificate (`gpuctl node join-token "
+            "--ca-out FILE` writes it), so that the token goes to the real gpuctld"
+        )
+    try:
+        roots = settings.ca_file.read_bytes()
+    except OSError as e:
+        raise SettingsError(f"cannot read {e.filename}: {e.strerror}") from None
+    key_pem, csr_pem = node_key_and_csr(settings.identity.name)
+    target = settings.join_server or settings.server
+    channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=roots))
+    try:
+        reply = agent_pb2_grpc.AgentServiceStub(channel).JoinNode(
+            agent_pb2.JoinNodeRequest(csr_pem=csr_pem),
+            metadata=((AUTH_METADATA, f"Bearer {token}"),),
+            timeout=10,
+            wait_for_ready=True,  # a gpuctld that is starting: wait for it, a little
+        )
+    except grpc.RpcError as e:
+        raise SettingsError(
+            f"joining through {target} failed: {e.code().name}: {e.details()}"
+        ) from None
+    finally:
+        channel.close()
+    if reply.node_name != settings.identity.name:
+        raise SettingsError(
+            f"the join token is for node {reply.node_name!r}, not {settings.identity.name!r}"
+        )
+    where = settings.state_dir / CREDENTIALS
+    where.mkdir(mode=0o700, exist_ok=True)
+    write_private(where / "node.key", key_pem)
+    (where / "node.crt").write_bytes(reply.certificate_pem)
+    (where / "ca.crt").write_bytes(reply.ca_pem)
+    log.info("joined as %s: certificate in %s", reply.node_name, where)
+    return where
+
+
 def open_channel(settings: AgentSettings) -> grpc.Channel:
-    """The channel to gpuctld: TLS pinned to `ca_file` where given (else plain TCP, which is
-    refused off loopback), every call carrying the node's credential."""
+    """The channel to gpuctld: with this node's certificate where it joined (TLS both ways,
+    gpuctld's CA pinned), else with its token over TLS pinned to `ca_file`, or plain TCP on
+    loopback only."""
+    where = settings.state_dir / CREDENTIALS
+    if (where / "node.crt").exists():
+        try:
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=(where / "ca.crt").read_bytes(),
+                private_key=(where / "node.key").read_bytes(),
+                certificate_chain=(where / "node.crt").read_bytes(),
+            )
+        except OSError as e:
+            raise SettingsError(f"cannot read {e.filename}: {e.strerror}") from None
+        return grpc.secure_channel(settings.server, creds)
     if settings.token_file is None:
         raise SettingsError(
-            "no credential: --token-file FILE (create it on the head node with "
-            "`gpuctl node token NAME > FILE`)"
+            "no credential: --join TOKEN (from `gpuctl node join-token NAME`) or --token-file "
+            "FILE (from `gpuctl node token NAME > FILE`)"
         )
     try:
         token = settings.token_file.read_text().strip()
@@ -544,6 +617,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
 
     try:
+        if settings.join_token:
+            join(settings, settings.join_token)
         channel = open_channel(settings)
     except SettingsError as e:
         print(f"gpuctl-agent: {e}", file=sys.stderr)

@@ -163,7 +163,30 @@ class Authenticator:
         self.jwt = jwt
 
     def authenticate(self, context: grpc.ServicerContext) -> Principal:
-        return self.from_metadata(context.invocation_metadata())
+        metadata = context.invocation_metadata()
+        if not any(k == AUTH_METADATA for k, _ in metadata or ()):
+            pem = (context.auth_context() or {}).get("x509_pem_cert")
+            if pem:  # the agents' listener verified it against gpuctld's CA
+                return self.from_certificate(pem[0])
+        return self.from_metadata(metadata)
+
+    def from_certificate(self, pem: bytes) -> Principal:
+        """An agent's certificate: valid only while gpuctld's record of it is."""
+        from gpuctl.api.pki import node_of_certificate
+
+        found = node_of_certificate(pem)
+        if found is None:
+            raise Unauthenticated("the client certificate names no node")
+        node, serial = found
+        try:
+            record = self.store.get_token(serial)
+        except NotFound:
+            raise Unauthenticated(f"certificate {serial} is not one gpuctld issued") from None
+        if record.kind is not TokenKind.CERT or record.principal != node:
+            raise Unauthenticated(f"certificate {serial} is not one gpuctld issued")
+        if not record.usable(self.now()):
+            raise Unauthenticated(f"certificate {serial} of node {node} is revoked or expired")
+        return Principal(name=node, role=Role.NODE, via="cert", credential=serial)
 
     def from_metadata(self, metadata: Iterable[tuple[str, Any]] | None) -> Principal:
         bearer = None
@@ -205,10 +228,21 @@ class Authenticator:
         ):
             raise Unauthenticated("token not valid: unknown, expired or revoked")
         if token.kind is TokenKind.NODE:
-            return Principal(name=token.principal, role=Role.NODE, via="node-token")
+            return Principal(
+                name=token.principal, role=Role.NODE, via="node-token", credential=token.id
+            )
+        if token.kind is TokenKind.JOIN:
+            return Principal(
+                name=token.principal, role=Role.JOINING, via="join-token", credential=token.id
+            )
+        if token.kind is not TokenKind.USER:
+            raise Unauthenticated("token not valid: unknown, expired or revoked")
         name = token.principal
         return Principal(
-            name=name, role=self.roles.role_of(name, account_groups(name)), via="token"
+            name=name,
+            role=self.roles.role_of(name, account_groups(name)),
+            via="token",
+            credential=token.id,
         )
 
 

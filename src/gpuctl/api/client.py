@@ -618,6 +618,16 @@ class Client:
             request.ttl.FromTimedelta(ttl)
         return self._unary(self._auth.CreateNodeToken, request)
 
+    def create_join_token(
+        self, node: str, *, ttl: timedelta | None = None
+    ) -> auth_pb2.CreateTokenResponse:
+        """A one-time token for `node`'s agent to get its certificate (`--join`), with
+        gpuctld's CA (`ca_pem`) for it to pin (operators)."""
+        request = auth_pb2.CreateNodeTokenRequest(node=node)
+        if ttl is not None:
+            request.ttl.FromTimedelta(ttl)
+        return self._unary(self._auth.CreateJoinToken, request)
+
     def audit(
         self, *, since: datetime | None = None, principal: str = "", limit: int = 100
     ) -> builtins.list[auth_pb2.AuditEntry]:

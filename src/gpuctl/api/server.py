@@ -58,6 +58,10 @@ class Listeners:
     tls_cert: bytes = b""  # PEM; empty: plain TCP
     tls_key: bytes = b""
     client_ca: bytes = b""  # PEM: accept client certificates from this CA (optional)
+    # Agents with certificates from gpuctld's CA: TLS that requires one (gRPC cannot ask for
+    # a client certificate without requiring it, so this is a listener of its own).
+    agent_tcp: str = ""
+    agent_ca: bytes = b""
 
 
 class _Edge(grpc.ServerInterceptor):
@@ -178,6 +182,18 @@ class ApiServer:
                 self.port = self.server.add_insecure_port(listeners.tcp)
             if self.port == 0:
                 raise OSError(f"cannot listen on {listeners.tcp}: address in use or not valid")
+        self.agent_port = 0
+        if listeners.agent_tcp:
+            creds = grpc.ssl_server_credentials(
+                [(listeners.tls_key, listeners.tls_cert)],
+                root_certificates=listeners.agent_ca,
+                require_client_auth=True,
+            )
+            self.agent_port = self.server.add_secure_port(listeners.agent_tcp, creds)
+            if self.agent_port == 0:
+                raise OSError(
+                    f"cannot listen on {listeners.agent_tcp}: address in use or not valid"
+                )
         if listeners.socket is not None:
             path = listeners.socket
             for p in (path, auth_socket_path(path)):

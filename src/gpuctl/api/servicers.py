@@ -13,7 +13,7 @@ import pwd
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
@@ -32,9 +32,11 @@ from gpuctl.api._pb.v1 import (
 )
 from gpuctl.api.auth import Authenticator, mint_token
 from gpuctl.api.limits import Limits
+from gpuctl.api.pki import NODE_DAYS, Authority
 from gpuctl.api.status import abort, to_status
 from gpuctl.core.errors import (
     AlreadyExists,
+    FailedPrecondition,
     FieldViolation,
     GpuctlError,
     InvalidArgument,
@@ -51,6 +53,7 @@ from gpuctl.core.trust import (
     Principal,
     RunAsPolicy,
     TokenKind,
+    Unauthenticated,
     visible_env,
 )
 from gpuctl.core.validation import (
@@ -97,6 +100,8 @@ class Guard:
     max_pending_per_user: int = 10_000
     default_token_ttl_s: float = 90 * 24 * 3600.0
     max_token_ttl_s: float = 365 * 24 * 3600.0
+    join_token_ttl_s: float = 3600.0
+    authority: Authority | None = None  # gpuctld's own CA: node certificates for joins
 
 
 def rpc(permission: Permission | None, *, audited: bool = False) -> Callable[[F], F]:
@@ -551,13 +556,32 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
             raise InvalidArgument([FieldViolation("node", f"{node!r} is not a valid node name")])
         now = self.c.clock.now()
         ttl = self._ttl(request.ttl, request.HasField("ttl"), None)
-        for old in self.c.store.list_tokens(principal=node):
-            if old.kind is TokenKind.NODE and old.revoked_at is None:
-                self.c.store.put_token(replace(old, revoked_at=now))
+        _retire_node_credentials(self.c, node, now)
         secret, token = mint_token(TokenKind.NODE, node, now=now, created_by=call.who.name, ttl=ttl)
         self.c.store.put_token(token)
         call.detail = f"token {token.id}"
         return auth_pb2.CreateTokenResponse(token=_token_pb(token), secret=secret)
+
+    @rpc(Permission.NODES_MANAGE, audited=True)
+    def CreateJoinToken(self, request, context, call: Call):
+        node = request.node.removeprefix("nodes/")
+        call.target = f"nodes/{node}"[:256]
+        if self.guard.authority is None:
+            raise FailedPrecondition(
+                "gpuctld issues no node certificates: set [server] agent_listen (agents then "
+                "join with certificates), or give the node a token with `gpuctl node token`"
+            )
+        if not NAME_RE.match(node):
+            raise InvalidArgument([FieldViolation("node", f"{node!r} is not a valid node name")])
+        ttl = self._ttl(request.ttl, request.HasField("ttl"), self.guard.join_token_ttl_s)
+        secret, token = mint_token(
+            TokenKind.JOIN, node, now=self.c.clock.now(), created_by=call.who.name, ttl=ttl
+        )
+        self.c.store.put_token(token)
+        call.detail = f"join token {token.id}"
+        return auth_pb2.CreateTokenResponse(
+            token=_token_pb(token), secret=secret, ca_pem=self.guard.authority.cert_pem
+        )
 
     @rpc(Permission.AUDIT_READ)
     def ListAudit(self, request, context, call: Call):
@@ -567,6 +591,13 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         since = convert.from_ts(request.since, request.HasField("since"), field="since")
         entries = self.c.store.list_audit(since=since, principal=request.principal, limit=limit)
         return auth_pb2.ListAuditResponse(entries=[_audit_pb(e) for e in entries])
+
+
+def _retire_node_credentials(c: Controller, node: str, now: datetime) -> None:
+    """A node has one credential at a time: a new token or certificate ends the old ones."""
+    for old in c.store.list_tokens(principal=node):
+        if old.kind in (TokenKind.NODE, TokenKind.CERT) and old.revoked_at is None:
+            c.store.put_token(replace(old, revoked_at=now))
 
 
 def _token_pb(token: ApiToken) -> auth_pb2.Token:
@@ -613,6 +644,43 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         from gpuctl.runtime.controller import RankRef
 
         return RankRef(msg.job_id, msg.rank, msg.attempt)
+
+    @rpc(Permission.JOIN, audited=True)
+    def JoinNode(self, request, context, call: Call):
+        node = call.who.name
+        call.target = f"nodes/{node}"[:256]
+        authority = self.guard.authority
+        if authority is None:
+            raise FailedPrecondition("gpuctld issues no node certificates")
+        if not request.csr_pem or len(request.csr_pem) > 16384:
+            raise InvalidArgument([FieldViolation("csr_pem", "a PEM CSR of at most 16 KiB")])
+        with self.c.lock:  # one use: two joins racing with one token get one certificate
+            token = self.c.store.get_token(call.who.credential)
+            if token.revoked_at is not None:
+                raise Unauthenticated("join token already used")
+            try:
+                cert_pem, serial = authority.issue_node(node, bytes(request.csr_pem))
+            except ValueError as e:
+                raise InvalidArgument([FieldViolation("csr_pem", str(e))]) from None
+            now = self.c.clock.now()
+            self.c.store.put_token(replace(token, revoked_at=now))
+            _retire_node_credentials(self.c, node, now)
+            self.c.store.put_token(
+                ApiToken(
+                    id=serial,
+                    kind=TokenKind.CERT,
+                    principal=node,
+                    secret_hash="",
+                    description="node certificate",
+                    created_by=token.created_by,
+                    created_at=now,
+                    expires_at=now + timedelta(days=NODE_DAYS),
+                )
+            )
+        call.detail = f"certificate {serial}"
+        return agent_pb2.JoinNodeResponse(
+            node_name=node, certificate_pem=cert_pem, ca_pem=authority.cert_pem
+        )
 
     @rpc(Permission.AGENT, audited=True)
     def RegisterNode(self, request, context, call: Call):

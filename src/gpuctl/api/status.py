@@ -36,6 +36,16 @@ def _pack(message) -> any_pb2.Any:
     return detail
 
 
+# Error messages echo what the caller sent; a client at gRPC's default header limits (8 KiB)
+# would get a transport error instead of the answer, so each part is cut to these.
+MAX_MESSAGE = 2048
+MAX_DETAIL = 512
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def to_status(error: GpuctlError) -> grpc.Status:
     code = next((c for t, c in _CODES if isinstance(error, t)), grpc.StatusCode.INTERNAL)
     details = []
@@ -45,9 +55,10 @@ def to_status(error: GpuctlError) -> grpc.Status:
                 error_details_pb2.BadRequest(
                     field_violations=[
                         error_details_pb2.BadRequest.FieldViolation(
-                            field=v.field, description=v.description
+                            field=_cut(v.field, MAX_DETAIL),
+                            description=_cut(v.description, MAX_DETAIL),
                         )
-                        for v in error.violations
+                        for v in error.violations[:10]
                     ]
                 )
             )
@@ -55,7 +66,9 @@ def to_status(error: GpuctlError) -> grpc.Status:
     elif isinstance(error, NotFound | AlreadyExists):
         details.append(
             _pack(
-                error_details_pb2.ResourceInfo(resource_type=error.kind, resource_name=error.name)
+                error_details_pb2.ResourceInfo(
+                    resource_type=error.kind, resource_name=_cut(error.name, MAX_DETAIL)
+                )
             )
         )
     elif isinstance(error, Unavailable):
@@ -75,7 +88,11 @@ def to_status(error: GpuctlError) -> grpc.Status:
             )
         )
     return rpc_status.to_status(
-        status_pb2.Status(code=getattr(code_pb2, code.name), message=str(error), details=details)
+        status_pb2.Status(
+            code=getattr(code_pb2, code.name),
+            message=_cut(str(error), MAX_MESSAGE),
+            details=details,
+        )
     )
 
 

@@ -540,6 +540,26 @@ def node_token(ctx: click.Context, name: str, ttl: str | None) -> None:
     click.echo(f"node token {made.token.id} for {name}; shown only now", err=True)
 
 
+@node.command("join-token")
+@click.argument("name")
+@click.option("--ttl", help="How long it may be used (default: the server's, 1h); once only.")
+@click.option(
+    "--ca-out",
+    type=click.Path(dir_okay=False, writable=True),
+    help="Write gpuctld's CA certificate here, for the agent's --ca-file.",
+)
+@click.pass_context
+def node_join_token(ctx: click.Context, name: str, ttl: str | None, ca_out: str | None) -> None:
+    """Create a one-time token with which NAME's agent gets its certificate from gpuctld's CA:
+    gpuctl-agent --join TOKEN --ca-file CA."""
+    made = _client(ctx).create_join_token(name, ttl=_ttl(ttl))
+    if ca_out:
+        with open(ca_out, "wb") as f:
+            f.write(made.ca_pem)
+    click.echo(made.secret)
+    click.echo(f"join token {made.token.id} for {name}; one use; shown only now", err=True)
+
+
 @cli.command()
 @click.option("--since", "since", help="A duration back from now (24h, 7d) or a time (ISO 8601).")
 @click.option("-u", "--user", default="", help="Only this user's (or node's) calls.")

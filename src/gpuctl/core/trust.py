@@ -20,6 +20,7 @@ class Role(enum.StrEnum):
     OPERATOR = "operator"
     ADMIN = "admin"
     NODE = "node"  # an agent, acting for its own node only
+    JOINING = "joining"  # an agent with a one-time join token: it may only ask for its cert
 
 
 class Permission(enum.StrEnum):
@@ -29,12 +30,12 @@ class Permission(enum.StrEnum):
     NODES_READ = "nodes.read"
     NODES_MANAGE = "nodes.manage"  # drain, undrain, node credentials
     LEASES_READ = "leases.read"
-    COST_OWN = "cost.own"  # what one's own jobs were charged
     COST_ALL = "cost.all"  # site-wide cost, idle leases included
     TOKENS_OWN = "tokens.own"  # API tokens for oneself
     TOKENS_ALL = "tokens.all"  # API tokens for anyone
     AUDIT_READ = "audit.read"
     AGENT = "agent"  # the agent API, for the caller's own node
+    JOIN = "join"  # trade a join token for the node's certificate
 
 
 _USER = frozenset(
@@ -42,7 +43,6 @@ _USER = frozenset(
         Permission.JOBS_SUBMIT,
         Permission.JOBS_OWN,
         Permission.NODES_READ,
-        Permission.COST_OWN,
         Permission.TOKENS_OWN,
     }
 )
@@ -58,6 +58,7 @@ ROLE_PERMISSIONS: Mapping[Role, frozenset[Permission]] = {
     Role.OPERATOR: _OPERATOR,
     Role.ADMIN: _OPERATOR | {Permission.TOKENS_ALL},
     Role.NODE: frozenset({Permission.AGENT}),
+    Role.JOINING: frozenset({Permission.JOIN}),
 }
 
 
@@ -79,8 +80,9 @@ class Principal:
 
     name: str
     role: Role
-    via: str  # how it was established: unix, token, oidc, node-token, insecure
+    via: str  # how it was established: unix, token, oidc, node-token, join-token, cert
     uid: int | None = None  # the kernel's word, where the caller came through the Unix socket
+    credential: str = ""  # the id of the token or certificate, where one was used
 
     def can(self, permission: Permission) -> bool:
         return permission in ROLE_PERMISSIONS[self.role]
@@ -117,6 +119,8 @@ class RolePolicy:
 class TokenKind(enum.StrEnum):
     USER = "user"  # an API token: acts as its user, with the user's role
     NODE = "node"  # an agent's credential, bound to one node name
+    JOIN = "join"  # one use: an agent trades it for a certificate naming its node
+    CERT = "cert"  # a node certificate gpuctld's CA issued (id: its serial); never a bearer
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -24,6 +24,9 @@ class DaemonConfig:
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_client_ca_file: str = ""
+    tls_self_signed: bool = False  # a server certificate from gpuctld's own CA
+    tls_names: tuple[str, ...] = ()  # its names; empty: localhost, 127.0.0.1, the host name
+    agent_listen: str = ""  # agents with certificates from gpuctld's CA (mTLS)
     max_workers: int = 64
     drain_grace_s: float = 10.0
     state_dir: str = ""  # "": $STATE_DIRECTORY (systemd) or ~/.local/state/gpuctld
@@ -96,6 +99,9 @@ _KEYS: dict[str, str] = {
     "tls.cert_file": "tls_cert_file",
     "tls.key_file": "tls_key_file",
     "tls.client_ca_file": "tls_client_ca_file",
+    "tls.self_signed": "tls_self_signed",
+    "tls.names": "tls_names",
+    "server.agent_listen": "agent_listen",
     "auth.admins": "admins",
     "auth.operators": "operators",
     "auth.admin_groups": "admin_groups",

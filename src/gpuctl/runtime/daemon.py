@@ -8,13 +8,16 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 from gpuctl.api.auth import Authenticator, JwtVerifier, SessionBook
 from gpuctl.api.limits import Limits, LimitSettings
+from gpuctl.api.pki import Authority
 from gpuctl.api.server import ApiServer, Listeners
 from gpuctl.api.servicers import Guard
 from gpuctl.core.errors import FieldViolation, GpuctlError, InvalidArgument
@@ -46,6 +49,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--socket", help="the Unix socket for users on this host (default: see server.socket)"
     )
+    p.add_argument("--agent-listen", help="agents with certificates (mTLS), e.g. 0.0.0.0:50052")
     p.add_argument("--store-url", help="sqlite:///PATH or postgresql://USER@HOST/DB")
     p.add_argument(
         "--port-file", help="write the bound port here once serving (for tests and scripts)"
@@ -59,6 +63,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
         "listen": args.listen,
         "state_dir": args.state_dir,
         "socket": args.socket,
+        "agent_listen": args.agent_listen,
         "store_url": args.store_url,
         "log_level": args.log_level,
     }
@@ -144,19 +149,23 @@ def serve(config: DaemonConfig, env: dict[str, str], *, port_file: str | None = 
         max_pending_per_user=config.max_pending_per_user,
         default_token_ttl_s=config.token_ttl_s,
     )
-    server = ApiServer(controller, guard, _listeners(config, env), sessions=sessions)
+    listeners, authority = _listeners(config, env, state_dir)
+    guard = replace(guard, authority=authority)
+    server = ApiServer(controller, guard, listeners, sessions=sessions)
     server.start()
     host = config.listen.rsplit(":", 1)[0]
-    tls = "TLS" if config.tls_cert_file else "plain TCP"
+    tls = "TLS" if listeners.tls_cert else "plain TCP"
+    agents = f", agents (mTLS) on port {server.agent_port}" if server.agent_port else ""
     log.info(
-        "serving on %s (Unix socket)%s, store %s",
+        "serving on %s (Unix socket)%s%s, store %s",
         server.socket,
         f" and {host}:{server.port} ({tls})" if config.listen else "",
+        agents,
         _redact(config.resolved_store_url(env)),
     )
     if port_file:
         tmp = Path(port_file + ".tmp")
-        tmp.write_text(f"{server.port}\n")
+        tmp.write_text(f"{server.port}\n" + (f"{server.agent_port}\n" if server.agent_port else ""))
         tmp.replace(port_file)
 
     periodic.every("cycle", config.cycle_interval_s, controller.run_cycle)
@@ -182,10 +191,16 @@ def serve(config: DaemonConfig, env: dict[str, str], *, port_file: str | None = 
     return 0
 
 
-def _listeners(config: DaemonConfig, env: Mapping[str, str]) -> Listeners:
-    """The Unix socket and TCP listener; refuses TCP that strangers could reach without TLS
-    unless the config says `insecure = true`, and then says so at every start."""
+def _listeners(
+    config: DaemonConfig, env: Mapping[str, str], state_dir: Path
+) -> tuple[Listeners, Authority | None]:
+    """The Unix socket and TCP listeners, and gpuctld's own CA where they need it; refuses TCP
+    that strangers could reach without TLS unless the config says `insecure = true`, and then
+    says so at every start."""
     tls_cert = tls_key = client_ca = b""
+    authority = None
+    if config.tls_self_signed or config.agent_listen:
+        authority = Authority.load_or_create(state_dir / "pki")
     if bool(config.tls_cert_file) != bool(config.tls_key_file):
         raise InvalidArgument(
             [FieldViolation("tls", "give both cert_file and key_file, or neither")]
@@ -200,6 +215,21 @@ def _listeners(config: DaemonConfig, env: Mapping[str, str]) -> Listeners:
         raise InvalidArgument(
             [FieldViolation("tls", f"cannot read {e.filename}: {e.strerror}")]
         ) from None
+    if config.tls_self_signed and not tls_cert:
+        assert authority is not None
+        names = config.tls_names or _default_names(config)
+        own = authority.server_credentials(state_dir / "pki", names)
+        tls_cert, tls_key = own.cert_pem, own.key_pem
+    if config.agent_listen and not tls_cert:
+        raise InvalidArgument(
+            [
+                FieldViolation(
+                    "server.agent_listen",
+                    "agents' certificates need TLS: give [tls] cert_file and key_file, or "
+                    "self_signed = true",
+                )
+            ]
+        )
     if config.listen and not tls_cert and not _is_loopback(config.listen):
         if not config.insecure:
             raise InvalidArgument(
@@ -216,13 +246,25 @@ def _listeners(config: DaemonConfig, env: Mapping[str, str]) -> Listeners:
             "clear text; anyone on the path can act as any user who sends one",
             config.listen,
         )
-    return Listeners(
+    listeners = Listeners(
         tcp=config.listen,
         socket=config.resolved_socket(env),
         tls_cert=tls_cert,
         tls_key=tls_key,
         client_ca=client_ca,
+        agent_tcp=config.agent_listen,
+        agent_ca=authority.cert_pem if authority is not None else b"",
     )
+    return listeners, authority
+
+
+def _default_names(config: DaemonConfig) -> tuple[str, ...]:
+    names = ["localhost", "127.0.0.1", socket.gethostname()]
+    for listen in (config.listen, config.agent_listen):
+        host = listen.rsplit(":", 1)[0].strip("[]")
+        if host and host not in ("0.0.0.0", "::") and host not in names:
+            names.append(host)
+    return tuple(names)
 
 
 def _is_loopback(listen: str) -> bool:

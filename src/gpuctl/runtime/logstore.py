@@ -7,6 +7,7 @@ Jobs print their secrets too: the files are 0600 and the directories 0700, the d
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -55,6 +56,8 @@ class LogStore:
         path = self.path(job_id, attempt, rank)
         try:
             with path.open("rb") as f:
+                if offset >= os.fstat(f.fileno()).st_size:
+                    return b""  # nothing there yet (an offset past any file seek() allows too)
                 f.seek(offset)
                 return f.read(limit)
         except FileNotFoundError:

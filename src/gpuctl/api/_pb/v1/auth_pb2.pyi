@@ -159,8 +159,11 @@ class CreateTokenResponse(_message.Message):
 
     TOKEN_FIELD_NUMBER: _builtins.int
     SECRET_FIELD_NUMBER: _builtins.int
+    CA_PEM_FIELD_NUMBER: _builtins.int
     secret: _builtins.str
     """the whole bearer token; shown once"""
+    ca_pem: _builtins.bytes
+    """join tokens: gpuctld's CA, for the agent to pin"""
     @_builtins.property
     def token(self) -> Global___Token: ...
     def __init__(
@@ -168,10 +171,11 @@ class CreateTokenResponse(_message.Message):
         *,
         token: Global___Token | None = ...,
         secret: _builtins.str = ...,
+        ca_pem: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["token", b"token"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["secret", b"secret", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_pem", b"ca_pem", "secret", b"secret", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -59,6 +59,11 @@ class AuthServiceStub:
                 request_serializer=gpuctl_dot_v1_dot_auth__pb2.CreateNodeTokenRequest.SerializeToString,
                 response_deserializer=gpuctl_dot_v1_dot_auth__pb2.CreateTokenResponse.FromString,
                 _registered_method=True)
+        self.CreateJoinToken = channel.unary_unary(
+                '/gpuctl.v1.AuthService/CreateJoinToken',
+                request_serializer=gpuctl_dot_v1_dot_auth__pb2.CreateNodeTokenRequest.SerializeToString,
+                response_deserializer=gpuctl_dot_v1_dot_auth__pb2.CreateTokenResponse.FromString,
+                _registered_method=True)
         self.ListAudit = channel.unary_unary(
                 '/gpuctl.v1.AuthService/ListAudit',
                 request_serializer=gpuctl_dot_v1_dot_auth__pb2.ListAuditRequest.SerializeToString,
@@ -102,6 +107,14 @@ class AuthServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateJoinToken(self, request, context):
+        """A one-time token with which a node's agent gets a certificate from gpuctld's CA
+        (`gpuctl-agent --join`), as kubelets bootstrap TLS (operators).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListAudit(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -133,6 +146,11 @@ def add_AuthServiceServicer_to_server(servicer, server):
             ),
             'CreateNodeToken': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateNodeToken,
+                    request_deserializer=gpuctl_dot_v1_dot_auth__pb2.CreateNodeTokenRequest.FromString,
+                    response_serializer=gpuctl_dot_v1_dot_auth__pb2.CreateTokenResponse.SerializeToString,
+            ),
+            'CreateJoinToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateJoinToken,
                     request_deserializer=gpuctl_dot_v1_dot_auth__pb2.CreateNodeTokenRequest.FromString,
                     response_serializer=gpuctl_dot_v1_dot_auth__pb2.CreateTokenResponse.SerializeToString,
             ),
@@ -275,6 +293,33 @@ class AuthService:
             request,
             target,
             '/gpuctl.v1.AuthService/CreateNodeToken',
+            gpuctl_dot_v1_dot_auth__pb2.CreateNodeTokenRequest.SerializeToString,
+            gpuctl_dot_v1_dot_auth__pb2.CreateTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateJoinToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpuctl.v1.AuthService/CreateJoinToken',
             gpuctl_dot_v1_dot_auth__pb2.CreateNodeTokenRequest.SerializeToString,
             gpuctl_dot_v1_dot_auth__pb2.CreateTokenResponse.FromString,
             options,

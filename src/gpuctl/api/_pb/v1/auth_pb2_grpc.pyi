@@ -42,6 +42,10 @@ class AuthServiceStub:
     """A credential bound to one node name, for its agent (operators). Replaces the node's
     earlier credentials: they stop working at once.
     """
+    CreateJoinToken: _grpc.UnaryUnaryMultiCallable[_auth_pb2.CreateNodeTokenRequest, _auth_pb2.CreateTokenResponse]
+    """A one-time token with which a node's agent gets a certificate from gpuctld's CA
+    (`gpuctl-agent --join`), as kubelets bootstrap TLS (operators).
+    """
     ListAudit: _grpc.UnaryUnaryMultiCallable[_auth_pb2.ListAuditRequest, _auth_pb2.ListAuditResponse]
 
 @_typing.type_check_only
@@ -55,6 +59,10 @@ class AuthServiceAsyncStub(AuthServiceStub):
     CreateNodeToken: _aio.UnaryUnaryMultiCallable[_auth_pb2.CreateNodeTokenRequest, _auth_pb2.CreateTokenResponse]  # type: ignore[assignment]
     """A credential bound to one node name, for its agent (operators). Replaces the node's
     earlier credentials: they stop working at once.
+    """
+    CreateJoinToken: _aio.UnaryUnaryMultiCallable[_auth_pb2.CreateNodeTokenRequest, _auth_pb2.CreateTokenResponse]  # type: ignore[assignment]
+    """A one-time token with which a node's agent gets a certificate from gpuctld's CA
+    (`gpuctl-agent --join`), as kubelets bootstrap TLS (operators).
     """
     ListAudit: _aio.UnaryUnaryMultiCallable[_auth_pb2.ListAuditRequest, _auth_pb2.ListAuditResponse]  # type: ignore[assignment]
 
@@ -96,6 +104,16 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_auth_pb2.CreateTokenResponse, _abc.Awaitable[_auth_pb2.CreateTokenResponse]]:
         """A credential bound to one node name, for its agent (operators). Replaces the node's
         earlier credentials: they stop working at once.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateJoinToken(
+        self,
+        request: _auth_pb2.CreateNodeTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.CreateTokenResponse, _abc.Awaitable[_auth_pb2.CreateTokenResponse]]:
+        """A one-time token with which a node's agent gets a certificate from gpuctld's CA
+        (`gpuctl-agent --join`), as kubelets bootstrap TLS (operators).
         """
 
     @_abc_1.abstractmethod

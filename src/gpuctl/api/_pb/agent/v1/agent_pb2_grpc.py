@@ -34,6 +34,11 @@ class AgentServiceStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.JoinNode = channel.unary_unary(
+                '/gpuctl.agent.v1.AgentService/JoinNode',
+                request_serializer=gpuctl_dot_agent_dot_v1_dot_agent__pb2.JoinNodeRequest.SerializeToString,
+                response_deserializer=gpuctl_dot_agent_dot_v1_dot_agent__pb2.JoinNodeResponse.FromString,
+                _registered_method=True)
         self.RegisterNode = channel.unary_unary(
                 '/gpuctl.agent.v1.AgentService/RegisterNode',
                 request_serializer=gpuctl_dot_agent_dot_v1_dot_agent__pb2.RegisterNodeRequest.SerializeToString,
@@ -58,6 +63,14 @@ class AgentServiceStub:
 
 class AgentServiceServicer:
     """Missing associated documentation comment in .proto file."""
+
+    def JoinNode(self, request, context):
+        """Trade a one-time join token (the bearer credential of this call) and a signing request
+        for a client certificate naming the token's node, issued by gpuctld's CA.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def RegisterNode(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -86,6 +99,11 @@ class AgentServiceServicer:
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'JoinNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.JoinNode,
+                    request_deserializer=gpuctl_dot_agent_dot_v1_dot_agent__pb2.JoinNodeRequest.FromString,
+                    response_serializer=gpuctl_dot_agent_dot_v1_dot_agent__pb2.JoinNodeResponse.SerializeToString,
+            ),
             'RegisterNode': grpc.unary_unary_rpc_method_handler(
                     servicer.RegisterNode,
                     request_deserializer=gpuctl_dot_agent_dot_v1_dot_agent__pb2.RegisterNodeRequest.FromString,
@@ -116,6 +134,33 @@ def add_AgentServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class AgentService:
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def JoinNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpuctl.agent.v1.AgentService/JoinNode',
+            gpuctl_dot_agent_dot_v1_dot_agent__pb2.JoinNodeRequest.SerializeToString,
+            gpuctl_dot_agent_dot_v1_dot_agent__pb2.JoinNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def RegisterNode(request,

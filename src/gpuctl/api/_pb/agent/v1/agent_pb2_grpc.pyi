@@ -34,6 +34,10 @@ class AgentServiceStub:
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AgentServiceAsyncStub: ...
+    JoinNode: _grpc.UnaryUnaryMultiCallable[_agent_pb2.JoinNodeRequest, _agent_pb2.JoinNodeResponse]
+    """Trade a one-time join token (the bearer credential of this call) and a signing request
+    for a client certificate naming the token's node, issued by gpuctld's CA.
+    """
     RegisterNode: _grpc.UnaryUnaryMultiCallable[_agent_pb2.RegisterNodeRequest, _agent_pb2.RegisterNodeResponse]
     Heartbeat: _grpc.UnaryUnaryMultiCallable[_agent_pb2.HeartbeatRequest, _agent_pb2.HeartbeatResponse]
     ReportRankStatus: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ReportRankStatusRequest, _agent_pb2.ReportRankStatusResponse]
@@ -42,12 +46,26 @@ class AgentServiceStub:
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
+    JoinNode: _aio.UnaryUnaryMultiCallable[_agent_pb2.JoinNodeRequest, _agent_pb2.JoinNodeResponse]  # type: ignore[assignment]
+    """Trade a one-time join token (the bearer credential of this call) and a signing request
+    for a client certificate naming the token's node, issued by gpuctld's CA.
+    """
     RegisterNode: _aio.UnaryUnaryMultiCallable[_agent_pb2.RegisterNodeRequest, _agent_pb2.RegisterNodeResponse]  # type: ignore[assignment]
     Heartbeat: _aio.UnaryUnaryMultiCallable[_agent_pb2.HeartbeatRequest, _agent_pb2.HeartbeatResponse]  # type: ignore[assignment]
     ReportRankStatus: _aio.UnaryUnaryMultiCallable[_agent_pb2.ReportRankStatusRequest, _agent_pb2.ReportRankStatusResponse]  # type: ignore[assignment]
     PushLogs: _aio.UnaryUnaryMultiCallable[_agent_pb2.PushLogsRequest, _agent_pb2.PushLogsResponse]  # type: ignore[assignment]
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
+    @_abc_1.abstractmethod
+    def JoinNode(
+        self,
+        request: _agent_pb2.JoinNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.JoinNodeResponse, _abc.Awaitable[_agent_pb2.JoinNodeResponse]]:
+        """Trade a one-time join token (the bearer credential of this call) and a signing request
+        for a client certificate naming the token's node, issued by gpuctld's CA.
+        """
+
     @_abc_1.abstractmethod
     def RegisterNode(
         self,
