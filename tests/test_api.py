@@ -368,3 +368,69 @@ def test_a_log_offset_past_any_file_reads_nothing(api):
     api.agent.PushLogs(agent_pb2.PushLogsRequest(node_name="gpu-a", ref=ref, data=b"hi\n"))
     far = jobs_pb2.StreamJobLogsRequest(name=job.name, offset=2**63 - 1)
     assert list(api.jobs.StreamJobLogs(far)) == []
+
+
+def test_a_heartbeat_reply_stays_under_the_message_limit_whatever_the_jobs_hold(api):
+    api.agent.RegisterNode(
+        agent_pb2.RegisterNodeRequest(node=convert.node_to_pb(h100_node("gpu-a")))
+    )
+    # 16 half-GPU replicas, each assignment carrying 240 KB of env: 3.8 MB in all.
+    big = jobs_pb2.JobSpec(
+        kind=jobs_pb2.JOB_KIND_INFERENCE,
+        command=["serve"],
+        replicas=16,
+        gpu_milli=500,
+        env={f"K{i}": "v" * 60_000 for i in range(4)},
+    )
+    job = api.jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=big))
+    api.controller.run_cycle()
+    started: set[int] = set()
+    for _ in range(3):
+        hb = api.agent.Heartbeat(
+            agent_pb2.HeartbeatRequest(
+                node_name="gpu-a",
+                running=[agent_pb2.RankRef(job_id=job.id, rank=r) for r in sorted(started)],
+            )
+        )
+        assert hb.ByteSize() < 4 << 20
+        started |= {a.ref.rank for a in hb.assignments}
+    assert started == set(range(16))  # the rest came with the next heartbeats
+
+
+def test_a_user_may_queue_only_so_many_pending_jobs(tmp_path):
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    controller = Controller(
+        store, FakeClock(), build_policy("default"), LogStore(tmp_path / "l", max_bytes_per_rank=1)
+    )
+    server = serve(controller, max_pending_per_user=2)
+    tokens = Tokens(controller)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            jobs = jobs_pb2_grpc.JobServiceStub(channel)
+            alice, bob = (tokens.metadata(tokens.user(n)) for n in ("alice", "bob"))
+            for _ in range(2):
+                jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=spec()), metadata=alice)
+            with pytest.raises(grpc.RpcError) as e:
+                jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=spec()), metadata=alice)
+            assert e.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            details = rpc_status.from_call(e.value).details
+            assert any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in details)
+            jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=spec()), metadata=bob)  # his own cap
+    finally:
+        server.drain(0)
+        store.close()
+
+
+def test_list_pages_stop_short_of_the_message_limit_and_resume_after(api):
+    fat = spec(env={f"K{i}": "v" * 60_000 for i in range(4)})  # 240 KB a job
+    made = [api.jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=fat)).id for _ in range(20)]
+    seen, token, pages = [], "", 0
+    while True:
+        page = api.jobs.ListJobs(jobs_pb2.ListJobsRequest(page_size=100, page_token=token))
+        assert page.ByteSize() < 4 << 20
+        seen += [j.id for j in page.jobs]
+        pages += 1
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == made and pages >= 2

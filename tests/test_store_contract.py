@@ -6,6 +6,7 @@ A new backend passes this file or it is not a store.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import math
 import threading
 from collections.abc import Callable, Iterator
@@ -37,6 +38,7 @@ from gpuctl.core.model import (
     RankPlacement,
     RankState,
 )
+from gpuctl.core.trust import ApiToken, AuditEntry, TokenKind
 from gpuctl.store import SqlStore, Store, open_store
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
@@ -649,3 +651,67 @@ def test_open_store_rejects_unsupported_urls(url: str) -> None:
         open_store(url)
 
     assert [v.field for v in raised.value.violations] == ["url"]
+
+
+@pytest.mark.parametrize(
+    ("filters", "expected"),
+    [
+        pytest.param({}, 8, id="all"),
+        pytest.param({"owner": "alice"}, 5, id="owner"),
+        pytest.param({"states": (JobState.PENDING,), "owner": "alice"}, 1, id="pending-of-one"),
+        pytest.param({"states": (JobState.PENDING, JobState.RUNNING)}, 6, id="states"),
+    ],
+)
+def test_count_jobs(store: SqlStore, filters: dict[str, object], expected: int) -> None:
+    for owner, queue, state in LISTED:
+        set_state(store, submit(store, training(owner=owner, queue=queue)), state)
+    assert store.count_jobs(**filters) == expected  # type: ignore[arg-type]
+
+
+def test_tokens_round_trip_and_are_listed_by_principal(store: SqlStore) -> None:
+    made = [
+        ApiToken(
+            id=f"t{i}",
+            kind=kind,
+            principal=who,
+            secret_hash="ab" * 32,
+            description="laptop",
+            created_by="ada",
+            created_at=T0 + timedelta(minutes=i),
+            expires_at=T0 + timedelta(days=90) if i else None,
+        )
+        for i, (kind, who) in enumerate(
+            [(TokenKind.USER, "alice"), (TokenKind.NODE, "gpu-1"), (TokenKind.USER, "alice")]
+        )
+    ]
+    for token in made:
+        store.put_token(token)
+    assert store.get_token("t1") == made[1]
+    assert [t.id for t in store.list_tokens(principal="alice")] == ["t0", "t2"]
+    assert [t.id for t in store.list_tokens()] == ["t0", "t1", "t2"]
+    revoked = dataclasses.replace(made[0], revoked_at=T0 + timedelta(hours=1))
+    store.put_token(revoked)
+    assert store.get_token("t0") == revoked
+    with pytest.raises(NotFound):
+        store.get_token("nope")
+
+
+def test_audit_keeps_the_latest_entries_oldest_first(store: SqlStore) -> None:
+    for i in range(5):
+        store.add_audit(
+            AuditEntry(
+                time=T0 + timedelta(minutes=i),
+                principal="alice" if i % 2 else "bob",
+                role="user",
+                via="token",
+                peer="ipv4:127.0.0.1:5000",
+                action="CancelJob",
+                target=f"jobs/{i}",
+                outcome="ok",
+            )
+        )
+    assert [e.target for e in store.list_audit(limit=3)] == ["jobs/2", "jobs/3", "jobs/4"]
+    assert [e.target for e in store.list_audit(principal="alice")] == ["jobs/1", "jobs/3"]
+    since = store.list_audit(since=T0 + timedelta(minutes=2))
+    assert [e.target for e in since] == ["jobs/3", "jobs/4"]
+    assert all(e.id > 0 and e.time.tzinfo is not None for e in since)

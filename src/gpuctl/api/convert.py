@@ -8,7 +8,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from gpuctl.api._pb.agent.v1 import agent_pb2
-from gpuctl.api._pb.v1 import events_pb2, jobs_pb2, leases_pb2, nodes_pb2
+from gpuctl.api._pb.v1 import auth_pb2, events_pb2, jobs_pb2, leases_pb2, nodes_pb2
 from gpuctl.core.cost import CostBy, CostReport
 from gpuctl.core.errors import FieldViolation, InvalidArgument
 from gpuctl.core.model import (
@@ -29,6 +29,7 @@ from gpuctl.core.model import (
     OnNodeLost,
     RankState,
 )
+from gpuctl.core.trust import ApiToken, AuditEntry
 from gpuctl.core.validation import spec_violations
 
 JOB_KIND = {
@@ -528,3 +529,40 @@ def cost_to_pb(
 
 def rank_ref(job_id: int, rank: int, attempt: int) -> agent_pb2.RankRef:
     return agent_pb2.RankRef(job_id=job_id, rank=rank, attempt=attempt)
+
+
+# -- tokens and audit ----------------------------------------------------------------------
+
+
+def token_to_pb(token: ApiToken) -> auth_pb2.Token:
+    msg = auth_pb2.Token(
+        id=token.id,
+        kind=token.kind.value,
+        principal=token.principal,
+        description=token.description,
+        created_by=token.created_by,
+    )
+    for name, value in (
+        ("create_time", token.created_at),
+        ("expire_time", token.expires_at),
+        ("revoke_time", token.revoked_at),
+    ):
+        if value is not None:
+            getattr(msg, name).CopyFrom(ts(value))
+    return msg
+
+
+def audit_to_pb(entry: AuditEntry) -> auth_pb2.AuditEntry:
+    msg = auth_pb2.AuditEntry(
+        id=entry.id,
+        principal=entry.principal,
+        role=entry.role,
+        via=entry.via,
+        peer=entry.peer,
+        action=entry.action,
+        target=entry.target,
+        outcome=entry.outcome,
+        detail=entry.detail,
+    )
+    msg.time.CopyFrom(ts(entry.time))
+    return msg

@@ -11,7 +11,7 @@ import inspect
 import logging
 import pwd
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -254,6 +254,19 @@ def _page(request) -> tuple[int, int]:
     return offset, size
 
 
+def _fill(field, messages: Iterable[Any], budget: int = MAX_REPLY_BYTES) -> int:
+    """Append messages to the repeated `field` until the next would pass `budget` bytes (one
+    always goes in); returns how many went in, so the page token can resume after them."""
+    used = taken = 0
+    for msg in messages:
+        used += msg.ByteSize() + 8  # the field's tag and length, generously
+        if used > budget and taken:
+            break
+        field.append(msg)
+        taken += 1
+    return taken
+
+
 def _token(offset: int, total: int) -> str:
     return base64.urlsafe_b64encode(str(offset).encode()).decode() if offset < total else ""
 
@@ -306,8 +319,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
 
     def _check_pending_cap(self, owner: str) -> None:
         cap = self.guard.max_pending_per_user
-        page = self.c.store.list_jobs(states=(JobState.PENDING,), owner=owner, page_size=cap)
-        if len(page.jobs) >= cap:
+        if self.c.store.count_jobs(states=(JobState.PENDING,), owner=owner) >= cap:
             raise ResourceExhausted(
                 f"{owner} has {cap} pending jobs, the most one user may queue; "
                 "wait for some to start or cancel some",
@@ -351,14 +363,9 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             page_token=request.page_token,
         )
         reply = jobs_pb2.ListJobsResponse(next_page_token=page.next_page_token)
-        used = 0
-        for job in page.jobs:
-            msg = _job_view(job, call.who)
-            used += msg.ByteSize() + 8
-            if used > MAX_REPLY_BYTES and reply.jobs:
-                reply.next_page_token = self.c.store.page_token_after(reply.jobs[-1].id)
-                break
-            reply.jobs.append(msg)
+        taken = _fill(reply.jobs, (_job_view(job, call.who) for job in page.jobs))
+        if taken < len(page.jobs):
+            reply.next_page_token = self.c.store.page_token_after(reply.jobs[-1].id)
         return reply
 
     @rpc(Permission.JOBS_OWN, audited=True)
@@ -413,11 +420,16 @@ class NodeServicer(nodes_pb2_grpc.NodeServiceServicer):
         nodes = self.c.store.list_nodes()
         offset, size = _page(request)
         usage = self.c.node_usage()
-        page = nodes[offset : offset + size]
-        return nodes_pb2.ListNodesResponse(
-            nodes=[convert.node_to_pb(n, usage=usage.get(n.id, {})) for n in page],
-            next_page_token=_token(offset + size, len(nodes)),
+        reply = nodes_pb2.ListNodesResponse()
+        taken = _fill(
+            reply.nodes,
+            (
+                convert.node_to_pb(n, usage=usage.get(n.id, {}))
+                for n in nodes[offset : offset + size]
+            ),
         )
+        reply.next_page_token = _token(offset + taken, len(nodes))
+        return reply
 
     @rpc(Permission.NODES_READ)
     def GetNode(self, request, context, call: Call):
@@ -452,12 +464,12 @@ class LeaseServicer(leases_pb2_grpc.LeaseServiceServicer):
         leases = self.c.store.list_leases(include_released=request.include_released)
         offset, size = _page(request)
         now = self.c.clock.now()
-        return leases_pb2.ListLeasesResponse(
-            leases=[
-                convert.lease_to_pb(lease, now=now) for lease in leases[offset : offset + size]
-            ],
-            next_page_token=_token(offset + size, len(leases)),
+        reply = leases_pb2.ListLeasesResponse()
+        taken = _fill(
+            reply.leases, (convert.lease_to_pb(x, now=now) for x in leases[offset : offset + size])
         )
+        reply.next_page_token = _token(offset + taken, len(leases))
+        return reply
 
     @rpc(Permission.COST_ALL)
     def GetCost(self, request, context, call: Call):
@@ -523,7 +535,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         )
         self.c.store.put_token(token)
         call.detail = f"token {token.id}"
-        return auth_pb2.CreateTokenResponse(token=_token_pb(token), secret=secret)
+        return auth_pb2.CreateTokenResponse(token=convert.token_to_pb(token), secret=secret)
 
     @rpc(Permission.TOKENS_OWN)
     def ListTokens(self, request, context, call: Call):
@@ -531,7 +543,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         if user != call.who.name:
             call.who.require(Permission.TOKENS_ALL)
         tokens = self.c.store.list_tokens(principal="" if user == "*" else user)
-        return auth_pb2.ListTokensResponse(tokens=[_token_pb(t) for t in tokens[-1000:]])
+        return auth_pb2.ListTokensResponse(tokens=[convert.token_to_pb(t) for t in tokens[-1000:]])
 
     @rpc(Permission.TOKENS_OWN, audited=True)
     def RevokeToken(self, request, context, call: Call):
@@ -546,7 +558,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
             )
         if token.revoked_at is None:
             token = self.c.store.put_token(replace(token, revoked_at=self.c.clock.now()))
-        return _token_pb(token)
+        return convert.token_to_pb(token)
 
     @rpc(Permission.NODES_MANAGE, audited=True)
     def CreateNodeToken(self, request, context, call: Call):
@@ -560,7 +572,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         secret, token = mint_token(TokenKind.NODE, node, now=now, created_by=call.who.name, ttl=ttl)
         self.c.store.put_token(token)
         call.detail = f"token {token.id}"
-        return auth_pb2.CreateTokenResponse(token=_token_pb(token), secret=secret)
+        return auth_pb2.CreateTokenResponse(token=convert.token_to_pb(token), secret=secret)
 
     @rpc(Permission.NODES_MANAGE, audited=True)
     def CreateJoinToken(self, request, context, call: Call):
@@ -580,7 +592,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         self.c.store.put_token(token)
         call.detail = f"join token {token.id}"
         return auth_pb2.CreateTokenResponse(
-            token=_token_pb(token), secret=secret, ca_pem=self.guard.authority.cert_pem
+            token=convert.token_to_pb(token), secret=secret, ca_pem=self.guard.authority.cert_pem
         )
 
     @rpc(Permission.AUDIT_READ)
@@ -590,7 +602,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
             raise InvalidArgument([FieldViolation("limit", "must be between 1 and 1000")])
         since = convert.from_ts(request.since, request.HasField("since"), field="since")
         entries = self.c.store.list_audit(since=since, principal=request.principal, limit=limit)
-        return auth_pb2.ListAuditResponse(entries=[_audit_pb(e) for e in entries])
+        return auth_pb2.ListAuditResponse(entries=[convert.audit_to_pb(e) for e in entries])
 
 
 def _retire_node_credentials(c: Controller, node: str, now: datetime) -> None:
@@ -598,40 +610,6 @@ def _retire_node_credentials(c: Controller, node: str, now: datetime) -> None:
     for old in c.store.list_tokens(principal=node):
         if old.kind in (TokenKind.NODE, TokenKind.CERT) and old.revoked_at is None:
             c.store.put_token(replace(old, revoked_at=now))
-
-
-def _token_pb(token: ApiToken) -> auth_pb2.Token:
-    msg = auth_pb2.Token(
-        id=token.id,
-        kind=token.kind.value,
-        principal=token.principal,
-        description=token.description,
-        created_by=token.created_by,
-    )
-    for name, value in (
-        ("create_time", token.created_at),
-        ("expire_time", token.expires_at),
-        ("revoke_time", token.revoked_at),
-    ):
-        if value is not None:
-            getattr(msg, name).CopyFrom(convert.ts(value))
-    return msg
-
-
-def _audit_pb(entry: AuditEntry) -> auth_pb2.AuditEntry:
-    msg = auth_pb2.AuditEntry(
-        id=entry.id,
-        principal=entry.principal,
-        role=entry.role,
-        via=entry.via,
-        peer=entry.peer,
-        action=entry.action,
-        target=entry.target,
-        outcome=entry.outcome,
-        detail=entry.detail,
-    )
-    msg.time.CopyFrom(convert.ts(entry.time))
-    return msg
 
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
@@ -713,9 +691,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             stop=[convert.rank_ref(r.job_id, r.rank, r.attempt) for r in result.stop],
             reregister=result.reregister,
         )
-        used = reply.ByteSize()
-        for a in result.assignments:
-            msg = agent_pb2.Assignment(
+        assignments = (
+            agent_pb2.Assignment(
                 ref=convert.rank_ref(a.ref.job_id, a.ref.rank, a.ref.attempt),
                 job_name=a.job.spec.name or f"job-{a.job.id}",
                 command=list(a.job.spec.command),
@@ -725,10 +702,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 kill_grace=convert.duration(a.kill_grace_s),
                 owner=self.guard.runas.account_for(a.job.spec.owner),
             )
-            used += msg.ByteSize() + 8
-            if used > MAX_REPLY_BYTES and reply.assignments:
-                break  # the rest come with the next heartbeat: the protocol is level-triggered
-            reply.assignments.append(msg)
+            for a in result.assignments
+        )
+        # What does not fit comes with the next heartbeat: the protocol is level-triggered.
+        _fill(reply.assignments, assignments, MAX_REPLY_BYTES - reply.ByteSize())
         return reply
 
     @rpc(Permission.AGENT)

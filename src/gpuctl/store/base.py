@@ -48,6 +48,10 @@ class Store(Protocol):
         """Jobs in id order; `page_token` is opaque (raises `InvalidArgument` when malformed)."""
         ...
 
+    def count_jobs(self, *, states: Sequence[JobState] = (), owner: str = "") -> int:
+        """How many jobs match (indexed columns only: cheap whatever the store holds)."""
+        ...
+
     def page_token_after(self, job_id: int) -> str:
         """The `list_jobs` page token of a page that ends with job `job_id` (a page cut short)."""
         ...

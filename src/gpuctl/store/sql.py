@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event, text, update
+from sqlalchemy import Engine, create_engine, event, func, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
@@ -166,6 +166,15 @@ class SqlStore:
 
     def page_token_after(self, job_id: int) -> str:
         return _encode_page_token(job_id)
+
+    def count_jobs(self, *, states: Sequence[JobState] = (), owner: str = "") -> int:
+        query = select(func.count()).select_from(JobRow)
+        if states:
+            query = query.where(col(JobRow.state).in_([JobState(s).value for s in states]))
+        if owner:
+            query = query.where(JobRow.owner == owner)
+        with self._transaction(self._reads) as session:
+            return int(session.exec(query).one())
 
     def active_jobs(self) -> tuple[Job, ...]:
         active = [s.value for s in JobState if not s.finished]
