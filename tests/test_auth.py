@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gpuctl.api import servicers
 from gpuctl.api._pb.agent.v1 import agent_pb2
-from gpuctl.api._pb.v1 import auth_pb2, jobs_pb2, leases_pb2, nodes_pb2
+from gpuctl.api._pb.v1 import auth_pb2, jobs_pb2, jobs_pb2_grpc, leases_pb2, nodes_pb2
 from gpuctl.api.auth import Authenticator, JwtVerifier, SessionBook, mint_token
 from gpuctl.api.limits import Limits, LimitSettings
 from gpuctl.core.errors import ResourceExhausted
@@ -28,6 +28,7 @@ from gpuctl.core.trust import (
     SECRET_SHOWN_AS,
     Permission,
     Principal,
+    QueueGrants,
     Role,
     RunAsPolicy,
     TokenKind,
@@ -325,3 +326,36 @@ def test_a_jwt_signed_by_another_key_is_refused(controller, provider):
     )  # fmt: skip
     with pytest.raises(Unauthenticated):
         auth.principal_of(_jwt(forger))
+
+
+def test_a_team_queue_lets_its_members_act_on_its_jobs_but_not_see_their_env(controller):
+    server = serve(controller, queues=QueueGrants(members={"research": frozenset({"bob"})}))
+    tokens = Tokens(controller)
+    alice, bob = (tokens.metadata(tokens.user(n)) for n in ("alice", "bob"))
+    spec = dict(kind=jobs_pb2.JOB_KIND_TRAINING, command=["train"], gpus_per_node=8)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            jobs = jobs_pb2_grpc.JobServiceStub(channel)
+            team = jobs.CreateJob(
+                jobs_pb2.CreateJobRequest(
+                    spec=jobs_pb2.JobSpec(**spec, queue="research", env={"K": "v"})
+                ),
+                metadata=alice,
+            )
+            own = jobs.CreateJob(
+                jobs_pb2.CreateJobRequest(spec=jobs_pb2.JobSpec(**spec)), metadata=alice
+            )
+            seen = jobs.GetJob(jobs_pb2.GetJobRequest(name=team.name), metadata=bob)
+            assert seen.spec.env["K"] == HIDDEN_SHOWN_AS
+            with pytest.raises(grpc.RpcError) as e:
+                jobs.GetJob(jobs_pb2.GetJobRequest(name=own.name), metadata=bob)
+            assert e.value.code() is grpc.StatusCode.PERMISSION_DENIED
+            listed = jobs.ListJobs(jobs_pb2.ListJobsRequest(queue="research"), metadata=bob)
+            assert [j.id for j in listed.jobs] == [team.id]
+            assert list(jobs.ListJobs(jobs_pb2.ListJobsRequest(), metadata=bob).jobs) == []
+            other_queue = jobs.ListJobs(jobs_pb2.ListJobsRequest(queue="default"), metadata=bob)
+            assert list(other_queue.jobs) == []  # his own there: none
+            cancelled = jobs.CancelJob(jobs_pb2.CancelJobRequest(name=team.name), metadata=bob)
+            assert cancelled.state == jobs_pb2.JOB_STATE_CANCELLED
+    finally:
+        server.drain(0)

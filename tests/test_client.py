@@ -403,3 +403,11 @@ def test_leases_leaves_out_released_unless_asked(api, client):
 
 def test_health_reports_serving(client):
     assert client.health() == "SERVING"
+
+
+def test_wait_rides_out_a_refused_watch(api, client):
+    running_job(api, 1)
+    api.fail_next("WatchJobs", grpc.StatusCode.RESOURCE_EXHAUSTED)
+    api.jobs.after_watch_start.append(lambda: api.jobs.set_state(1, jobs_pb2.JOB_STATE_SUCCEEDED))
+    assert client.wait(1, timeout=5).state == jobs_pb2.JOB_STATE_SUCCEEDED
+    assert len(api.jobs.calls("WatchJobs")) == 2

@@ -136,3 +136,21 @@ def test_the_agents_listener_takes_only_gpuctld_certificates_it_still_knows(clus
         with pytest.raises(grpc.RpcError) as e:
             stub.Heartbeat(heartbeat, timeout=5)
         assert e.value.code() is grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_join_alone_stores_the_certificate_and_the_agent_then_starts_with_it(cluster, tmp_path):
+    token = cluster.gpuctl("node", "join-token", "pki-5").stdout.strip()
+    state = cluster.root / "agents" / "pki-5"
+    run = subprocess.run(
+        [sys.executable, "-m", "gpuctl.agent.main", "join", "--name", "pki-5",
+         "--state-dir", str(state), "--join", token, "--join-server", cluster.target,
+         "--server", f"127.0.0.1:{cluster.agent_port}", "--ca-file", str(cluster.ca_file)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "joined as pki-5" in run.stdout
+    cluster.start_agent(
+        AgentSpec(name="pki-5", fake_gpus="l40s:1", fabric="eth/r1/t1", net="ethernet:1x100")
+    )  # no token given: it finds its certificate
+    with cluster.client() as admin:
+        wait_until(lambda: "pki-5" in {n.name for n in admin.nodes()}, what="pki-5")

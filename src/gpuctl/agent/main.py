@@ -596,8 +596,14 @@ def open_channel(settings: AgentSettings) -> grpc.Channel:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    if (sys.argv[1:] if argv is None else list(argv))[:1] == ["profile"]:
-        return profile((sys.argv[1:] if argv is None else list(argv))[1:], os.environ)
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["profile"]:
+        return profile(args[1:], os.environ)
+    # `gpuctl-agent join --join TOKEN ...`: get the node's certificate and exit, before the
+    # service starts (systemctl enable --now gpuctl-agent) and finds it under its state dir.
+    join_only = args[:1] == ["join"]
+    if join_only:
+        argv = args[1:]
     try:
         settings = load_settings(sys.argv[1:] if argv is None else argv, os.environ)
     except (SettingsError, SpecError) as e:
@@ -617,8 +623,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
 
     try:
+        if join_only and not settings.join_token:
+            raise SettingsError("join: give --join TOKEN (from `gpuctl node join-token NAME`)")
         if settings.join_token:
-            join(settings, settings.join_token)
+            where = join(settings, settings.join_token)
+            if join_only:
+                print(f"joined as {settings.identity.name}: key and certificate in {where}")
+                return 0
         channel = open_channel(settings)
     except SettingsError as e:
         print(f"gpuctl-agent: {e}", file=sys.stderr)

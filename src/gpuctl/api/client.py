@@ -544,6 +544,10 @@ class Client:
                 time.sleep(backoff if remaining is None else min(backoff, remaining))
                 backoff = min(backoff * 2, 2.0)
                 continue
+            except ResourceExhaustedError as e:  # too many watches open: when the server says
+                delay = e.retry_delay or backoff
+                time.sleep(delay if remaining is None else min(delay, remaining))
+                continue
             backoff = 0.1  # the stream ended cleanly (server shutting down): watch again
 
     def logs(

@@ -30,7 +30,7 @@ from gpuctl.api._pb.v1 import (
     nodes_pb2,
     nodes_pb2_grpc,
 )
-from gpuctl.api.auth import Authenticator, mint_token
+from gpuctl.api.auth import Authenticator, account_groups, mint_token
 from gpuctl.api.limits import Limits
 from gpuctl.api.pki import NODE_DAYS, Authority
 from gpuctl.api.status import abort, to_status
@@ -51,6 +51,8 @@ from gpuctl.core.trust import (
     Permission,
     PermissionDenied,
     Principal,
+    QueueGrants,
+    Role,
     RunAsPolicy,
     TokenKind,
     Unauthenticated,
@@ -102,6 +104,13 @@ class Guard:
     max_token_ttl_s: float = 365 * 24 * 3600.0
     join_token_ttl_s: float = 3600.0
     authority: Authority | None = None  # gpuctld's own CA: node certificates for joins
+    queues: QueueGrants = field(default_factory=QueueGrants)
+
+    def granted(self, who: Principal) -> frozenset[str]:
+        """The queues whose jobs `who` may act on besides their own."""
+        if not self.queues or who.role is Role.NODE:
+            return frozenset()
+        return self.queues.queues_of(who.name, account_groups(who.name))
 
 
 def rpc(permission: Permission | None, *, audited: bool = False) -> Callable[[F], F]:
@@ -216,10 +225,10 @@ def _job_view(job: Job, who: Principal, rank_env: dict[int, dict[str, str]] | No
     return convert.job_to_pb(shown, rank_env=ranks)
 
 
-def _own_job(c: Controller, call: Call, job_id: int) -> Job:
-    """The job, if the caller may act on it."""
+def _own_job(c: Controller, call: Call, job_id: int, granted: frozenset[str]) -> Job:
+    """The job, if the caller may act on it: theirs, everyone's, or one in a granted queue."""
     job = c.store.get_job(job_id)
-    if not call.who.owns(job.spec.owner):
+    if not call.who.owns(job.spec.owner) and job.spec.queue not in granted:
         raise PermissionDenied(
             f"job {job_id} is not yours; acting on others' jobs needs {Permission.JOBS_ALL.value}",
             permission=Permission.JOBS_ALL.value,
@@ -329,7 +338,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     @rpc(Permission.JOBS_OWN)
     def GetJob(self, request, context, call: Call):
         job_id = convert.parse_job_name(request.name)
-        _own_job(self.c, call, job_id)
+        _own_job(self.c, call, job_id, self.guard.granted(call.who))
         job, events, env = self.c.get(job_id)
         msg = _job_view(job, call.who, env)
         msg.events.extend(convert.event_to_pb(e) for e in events)
@@ -348,7 +357,8 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                 [FieldViolation("page_size", f"must be between 1 and {MAX_PAGE_SIZE}")]
             )
         owner = request.owner
-        if not call.who.can(Permission.JOBS_ALL):
+        team = request.queue and request.queue in self.guard.granted(call.who)
+        if not call.who.can(Permission.JOBS_ALL) and not (team and not owner):
             if owner not in ("", call.who.name):
                 raise PermissionDenied(
                     f"listing {owner}'s jobs needs {Permission.JOBS_ALL.value}",
@@ -372,14 +382,15 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     def CancelJob(self, request, context, call: Call):
         job_id = convert.parse_job_name(request.name)
         call.target = convert.job_name(job_id)
-        _own_job(self.c, call, job_id)
+        _own_job(self.c, call, job_id, self.guard.granted(call.who))
         return _job_view(self.c.cancel(job_id), call.who)
 
     @rpc(Permission.JOBS_OWN)
     def WatchJobs(self, request, context, call: Call) -> Iterator[jobs_pb2.WatchJobsResponse]:
         only = convert.parse_job_name(request.name) if request.name else None
+        granted = self.guard.granted(call.who)
         if only is not None:
-            _own_job(self.c, call, only)  # NOT_FOUND now rather than silence forever
+            _own_job(self.c, call, only, granted)  # NOT_FOUND now rather than silence forever
         everyone = call.who.can(Permission.JOBS_ALL)
         seen = request.since_revision
         while context.is_active():
@@ -387,14 +398,14 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                 seen = max(seen, job.revision)
                 if only is not None and job.id != only:
                     continue
-                if everyone or job.spec.owner == call.who.name:
+                if everyone or job.spec.owner == call.who.name or job.spec.queue in granted:
                     yield jobs_pb2.WatchJobsResponse(job=_job_view(job, call.who))
             self.c.feed.wait(seen, timeout=self.poll_s)
 
     @rpc(Permission.JOBS_OWN)
     def StreamJobLogs(self, request, context, call: Call) -> Iterator[jobs_pb2.LogChunk]:
         job_id = convert.parse_job_name(request.name)
-        job = _own_job(self.c, call, job_id)
+        job = _own_job(self.c, call, job_id, self.guard.granted(call.who))
         if job.placement is not None and request.rank not in {r.rank for r in job.placement.ranks}:
             raise NotFound("rank", f"{request.rank} of job {job_id}")
         offset = max(0, request.offset)

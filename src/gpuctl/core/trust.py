@@ -116,6 +116,23 @@ class RolePolicy:
         return Role.USER
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QueueGrants:
+    """Queues whose jobs their members see and act on as on their own (a team's queue), by
+    account name or group. Env values of others' jobs stay hidden all the same."""
+
+    members: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    groups: Mapping[str, frozenset[str]] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.members or self.groups)
+
+    def queues_of(self, name: str, groups: frozenset[str] = frozenset()) -> frozenset[str]:
+        queues = {q for q, names in self.members.items() if name in names}
+        queues |= {q for q, granted in self.groups.items() if granted & groups}
+        return frozenset(queues)
+
+
 class TokenKind(enum.StrEnum):
     USER = "user"  # an API token: acts as its user, with the user's role
     NODE = "node"  # an agent's credential, bound to one node name

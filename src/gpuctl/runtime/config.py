@@ -54,6 +54,8 @@ class DaemonConfig:
     operators: tuple[str, ...] = ()
     admin_groups: tuple[str, ...] = ()
     operator_groups: tuple[str, ...] = ()
+    # queue -> {"members": [names], "groups": [groups]}: they act on its jobs as on their own
+    queue_grants: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     session_ttl_s: float = 3600.0
     token_ttl_s: float = 90 * 24 * 3600.0
     oidc_issuer: str = ""
@@ -106,6 +108,7 @@ _KEYS: dict[str, str] = {
     "auth.operators": "operators",
     "auth.admin_groups": "admin_groups",
     "auth.operator_groups": "operator_groups",
+    "auth.queues": "queue_grants",
     "auth.session_ttl_s": "session_ttl_s",
     "auth.token_ttl_s": "token_ttl_s",
     "auth.oidc_issuer": "oidc_issuer",
@@ -198,6 +201,11 @@ def load_config(
             if ok:
                 violations.extend(_budget_violations(value))
                 continue
+        elif f.name == "queue_grants":
+            ok = isinstance(value, dict)
+            if ok:
+                violations.extend(_grant_violations(value))
+                continue
         else:
             ok = isinstance(value, want) and not (want is not bool and isinstance(value, bool))
         if not ok:
@@ -234,6 +242,21 @@ def _budget_violations(budgets: Mapping[str, Any]) -> list[FieldViolation]:
                 )
             elif isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
                 out.append(FieldViolation(f"{where}.{key}", "must be a number >= 0 (0: no cap)"))
+    return out
+
+
+def _grant_violations(grants: Mapping[str, Any]) -> list[FieldViolation]:
+    out = []
+    for queue, grant in grants.items():
+        where = f"auth.queues.{queue}"
+        if not isinstance(grant, dict):
+            out.append(FieldViolation(where, 'must be a table like { members = ["alice"] }'))
+            continue
+        for key, value in grant.items():
+            if key not in ("members", "groups"):
+                out.append(FieldViolation(f"{where}.{key}", "unknown; known: members, groups"))
+            elif not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                out.append(FieldViolation(f"{where}.{key}", "must be a list of names"))
     return out
 
 

@@ -23,7 +23,7 @@ from gpuctl.api.servicers import Guard
 from gpuctl.core.errors import FieldViolation, GpuctlError, InvalidArgument
 from gpuctl.core.leasing import Budget
 from gpuctl.core.plugins import build_policy
-from gpuctl.core.trust import RolePolicy, RunAsPolicy
+from gpuctl.core.trust import QueueGrants, RolePolicy, RunAsPolicy
 from gpuctl.runtime.clock import SystemClock
 from gpuctl.runtime.config import DaemonConfig, load_config, load_providers
 from gpuctl.runtime.controller import Controller, ControllerSettings
@@ -144,6 +144,10 @@ def serve(config: DaemonConfig, env: dict[str, str], *, port_file: str | None = 
             deny=frozenset(config.run_as_deny),
             allow=frozenset(config.run_as_allow),
             map=dict(config.run_as_map),
+        ),
+        queues=QueueGrants(
+            members={q: frozenset(g.get("members", ())) for q, g in config.queue_grants.items()},
+            groups={q: frozenset(g.get("groups", ())) for q, g in config.queue_grants.items()},
         ),
         max_spec_bytes=config.max_spec_bytes,
         max_pending_per_user=config.max_pending_per_user,
