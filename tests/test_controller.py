@@ -27,7 +27,7 @@ from gpuctl.core.plugins import build_policy
 from gpuctl.core.trust import PermissionDenied
 from gpuctl.runtime.clock import FakeClock
 from gpuctl.runtime.controller import Controller, ControllerSettings, RankRef
-from gpuctl.runtime.logstore import LogStore
+from gpuctl.runtime.logstore import TRUNCATED, LogStore
 from gpuctl.store.sql import open_store
 
 
@@ -349,3 +349,18 @@ def test_an_implausible_fabric_claim_is_an_event_on_the_node(ctl):
     (event,) = [e for e in ctl.store.list_events("node", "b") if e.type == "FabricImplausible"]
     assert event.message == "port mlx5_0/1 GUID 0xabc is also reported by node a"
     assert not [e for e in ctl.store.list_events("node", "a") if e.type == "FabricImplausible"]
+
+
+@pytest.mark.parametrize(
+    ("caps", "kept"),
+    [
+        pytest.param({}, [b"aaaa", b"bbbb", b"cccc"], id="rank-cap-only"),
+        pytest.param({"max_bytes_per_job": 6}, [b"aaaa", b"bb" + TRUNCATED, b""], id="per-job"),
+        pytest.param({"max_bytes_total": 5}, [b"aaaa", b"b" + TRUNCATED, b""], id="total"),
+    ],
+)
+def test_logs_are_capped_per_rank_per_job_and_in_all(tmp_path, caps, kept):
+    logs = LogStore(tmp_path / "logs", max_bytes_per_rank=8, **caps)
+    for rank, data in enumerate((b"aaaa", b"bbbb", b"cccc")):
+        assert logs.append(7, 0, rank, 0, data) == 4  # accepted, whatever is kept
+    assert [logs.read(7, 0, rank, 0) for rank in range(3)] == kept

@@ -141,7 +141,15 @@ def rpc(permission: Permission | None, *, audited: bool = False) -> Callable[[F]
             if isinstance(e, GpuctlError):
                 if call is not None:
                     _audit(self, call, audited, e)
-                log.debug("%s refused: %s", action, e)
+                # One line, never a traceback: a bad request is the caller's, not a bug.
+                log.info(
+                    "%s by %s from %s refused: %s: %s",
+                    action,
+                    call.who.name if call is not None else "(unauthenticated)",
+                    context.peer() or "-",
+                    to_status(e).code.name,
+                    str(e)[:300],
+                )
                 abort(context, e)
             if isinstance(e, grpc.RpcError) or context.code() is not None:
                 raise e  # context.abort() already ended the call

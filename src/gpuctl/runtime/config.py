@@ -49,6 +49,8 @@ class DaemonConfig:
     master_port_base: int = 29500
     master_port_range: int = 1000
     max_log_bytes_per_rank: int = 64 * 1024 * 1024
+    max_log_bytes_per_job: int = 1024 * 1024 * 1024
+    max_log_bytes_total: int = 50 * 1024 * 1024 * 1024
     log_level: str = "INFO"
     admins: tuple[str, ...] = ()
     operators: tuple[str, ...] = ()
@@ -147,6 +149,8 @@ _KEYS: dict[str, str] = {
     "jobs.master_port_base": "master_port_base",
     "jobs.master_port_range": "master_port_range",
     "jobs.max_log_bytes_per_rank": "max_log_bytes_per_rank",
+    "jobs.max_log_bytes_per_job": "max_log_bytes_per_job",
+    "jobs.max_log_bytes_total": "max_log_bytes_total",
     "logging.level": "log_level",
 }
 

@@ -89,7 +89,12 @@ def serve(config: DaemonConfig, env: dict[str, str], *, port_file: str | None = 
         store,
         SystemClock(),
         build_policy(config.policy, config.policy_weights),
-        LogStore(state_dir / "logs", max_bytes_per_rank=config.max_log_bytes_per_rank),
+        LogStore(
+            state_dir / "logs",
+            max_bytes_per_rank=config.max_log_bytes_per_rank,
+            max_bytes_per_job=config.max_log_bytes_per_job,
+            max_bytes_total=config.max_log_bytes_total,
+        ),
         ControllerSettings(
             heartbeat_interval_s=config.heartbeat_interval_s,
             heartbeat_timeout_s=config.heartbeat_timeout_s,

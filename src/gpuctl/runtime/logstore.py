@@ -17,12 +17,26 @@ TRUNCATED = b"\n[gpuctl: log limit reached; further output dropped]\n"
 
 
 class LogStore:
-    def __init__(self, root: Path, *, max_bytes_per_rank: int) -> None:
+    """Rank logs with three caps: per rank, per job (all its ranks and attempts) and for the
+    whole store, so that no job, and no agent pushing for it, can fill the daemon's disk."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        max_bytes_per_rank: int,
+        max_bytes_per_job: int = 0,  # 0: no cap
+        max_bytes_total: int = 0,
+    ) -> None:
         self.root = root
         self.max_bytes = max_bytes_per_rank
+        self.max_job_bytes = max_bytes_per_job
+        self.max_total_bytes = max_bytes_total
         self._lock = threading.Lock()
         # What each agent has sent, which may exceed what was kept once the limit is hit.
         self._accepted: dict[Path, int] = {}
+        self._job_bytes: dict[int, int] = {}  # kept, per job: summed from disk on first use
+        self._total: int | None = None  # kept in all: summed from disk on first append
 
     def path(self, job_id: int, attempt: int, rank: int) -> Path:
         return self.root / str(job_id) / str(attempt) / f"rank-{rank}.log"
@@ -41,12 +55,24 @@ class LogStore:
             make_private_dirs(path.parent)
             size = path.stat().st_size if path.exists() else 0
             room = self.max_bytes - size
-            with open(path, "ab", opener=private_opener) as f:
-                if len(data) <= room:
-                    f.write(data)
-                elif room > 0:
-                    f.write(data[:room])
-                    f.write(TRUNCATED)
+            if self.max_job_bytes:
+                job = self._job_bytes.setdefault(job_id, _du(self.root / str(job_id)))
+                room = min(room, self.max_job_bytes - job)
+            if self.max_total_bytes:
+                if self._total is None:
+                    self._total = _du(self.root)
+                room = min(room, self.max_total_bytes - self._total)
+            kept = len(data) if len(data) <= room else max(0, room)
+            if kept or (room > 0 and data):
+                with open(path, "ab", opener=private_opener) as f:
+                    f.write(data[:kept])
+                    if kept < len(data):
+                        f.write(TRUNCATED)
+                        kept += len(TRUNCATED)
+            if job_id in self._job_bytes:
+                self._job_bytes[job_id] += kept
+            if self._total is not None:
+                self._total += kept
             self._accepted[path] = accepted + len(data)
             return accepted + len(data)
 
@@ -62,3 +88,15 @@ class LogStore:
                 return f.read(limit)
         except FileNotFoundError:
             return b""
+
+
+def _du(directory: Path) -> int:
+    """Bytes in the files below `directory` (0 where there is none)."""
+    total = 0
+    for dirpath, _, files in os.walk(directory):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(dirpath, name)).st_size
+            except FileNotFoundError:
+                continue
+    return total
