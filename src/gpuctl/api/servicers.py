@@ -233,9 +233,12 @@ def _job_view(job: Job, who: Principal, rank_env: dict[int, dict[str, str]] | No
     return convert.job_to_pb(shown, rank_env=ranks)
 
 
-def _own_job(c: Controller, call: Call, job_id: int, granted: frozenset[str]) -> Job:
-    """The job, if the caller may act on it: theirs, everyone's, or one in a granted queue."""
-    job = c.store.get_job(job_id)
+def _own_job(
+    c: Controller, call: Call, job_id: int, granted: frozenset[str], job: Job | None = None
+) -> Job:
+    """The job (read here unless given), if the caller may act on it: theirs, everyone's, or
+    one in a granted queue."""
+    job = job or c.store.get_job(job_id)
     if not call.who.owns(job.spec.owner) and job.spec.queue not in granted:
         raise PermissionDenied(
             f"job {job_id} is not yours; acting on others' jobs needs {Permission.JOBS_ALL.value}",
@@ -346,8 +349,9 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     @rpc(Permission.JOBS_OWN)
     def GetJob(self, request, context, call: Call):
         job_id = convert.parse_job_name(request.name)
-        _own_job(self.c, call, job_id, self.guard.granted(call.who))
-        job, events, env = self.c.get(job_id)
+        job = self.c.store.get_job(job_id)
+        _own_job(self.c, call, job_id, self.guard.granted(call.who), job)
+        job, events, env = self.c.get(job_id, job=job)
         msg = _job_view(job, call.who, env)
         msg.events.extend(convert.event_to_pb(e) for e in events)
         return msg

@@ -155,8 +155,11 @@ class Controller:
         self.wake()
         return job
 
-    def get(self, job_id: int) -> tuple[Job, tuple[Event, ...], dict[int, dict[str, str]]]:
-        job = self.store.get_job(job_id)
+    def get(
+        self, job_id: int, *, job: Job | None = None
+    ) -> tuple[Job, tuple[Event, ...], dict[int, dict[str, str]]]:
+        """The job (`job`, where the caller read it already), its events and ranks' env."""
+        job = job or self.store.get_job(job_id)
         events = self.store.list_events("job", str(job_id))
         env: dict[int, dict[str, str]] = {}
         if job.placement is not None:
