@@ -411,3 +411,23 @@ def test_wait_rides_out_a_refused_watch(api, client):
     api.jobs.after_watch_start.append(lambda: api.jobs.set_state(1, jobs_pb2.JOB_STATE_SUCCEEDED))
     assert client.wait(1, timeout=5).state == jobs_pb2.JOB_STATE_SUCCEEDED
     assert len(api.jobs.calls("WatchJobs")) == 2
+
+
+def test_the_default_server_is_the_env_then_a_socket_on_this_host_then_loopback(
+    tmp_path, monkeypatch
+):
+    from gpuctl.api import client as sdk
+
+    monkeypatch.delenv("GPUCTL_SERVER", raising=False)
+    monkeypatch.setattr(sdk, "DEFAULT_SOCKET", str(tmp_path / "run" / "gpuctld.sock"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert sdk.default_target() == sdk.DEFAULT_TARGET
+    personal = tmp_path / "home" / ".local" / "state" / "gpuctld" / "gpuctld.sock"
+    personal.parent.mkdir(parents=True)
+    personal.touch()
+    assert sdk.default_target() == f"unix:{personal}"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "gpuctld.sock").touch()
+    assert sdk.default_target() == f"unix:{tmp_path / 'run' / 'gpuctld.sock'}"
+    monkeypatch.setenv("GPUCTL_SERVER", "head:50051")
+    assert sdk.default_target() == "head:50051"

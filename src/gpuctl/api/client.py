@@ -301,13 +301,19 @@ def _state_value(state: int | str | JobState) -> int:
     return int(state)
 
 
+# Where a gpuctld started by hand (not by systemd) keeps its socket: in its state dir.
+PERSONAL_SOCKET = "~/.local/state/gpuctld/gpuctld.sock"
+
+
 def default_target() -> str:
-    """$GPUCTL_SERVER, else gpuctld's Unix socket where this host has one, else loopback TCP."""
+    """$GPUCTL_SERVER, else gpuctld's Unix socket where this host has one (the service's, then
+    one this account started by hand), else loopback TCP."""
     target = os.environ.get("GPUCTL_SERVER")
     if target:
         return target
-    if os.path.exists(DEFAULT_SOCKET):
-        return f"unix:{DEFAULT_SOCKET}"
+    for path in (DEFAULT_SOCKET, os.path.expanduser(PERSONAL_SOCKET)):
+        if os.path.exists(path):
+            return f"unix:{path}"
     return DEFAULT_TARGET
 
 
