@@ -554,3 +554,15 @@ def test_help_lists_the_commands():
     assert result.exit_code == 0
     for command in ("submit", "jobs", "describe", "logs", "cancel", "nodes", "drain", "leases"):
         assert f"  {command} " in result.stdout
+
+
+def test_submit_secret_env_marks_the_keys_and_can_take_the_value_from_here(
+    api, gpuctl, monkeypatch
+):
+    monkeypatch.setenv("HF_TOKEN", "hf_from_my_shell")
+    result = gpuctl(*TRAIN, "--env", "A=1", "--secret-env", "HF_TOKEN", "--", "train")
+    assert result.exit_code == 0, result.output
+    spec = api.jobs.jobs[1].spec
+    assert dict(spec.env) == {"A": "1", "HF_TOKEN": "hf_from_my_shell"}
+    assert list(spec.secret_env) == ["HF_TOKEN"]
+    assert "hf_from_my_shell" not in result.output
