@@ -92,3 +92,11 @@ bench-cost: $(STAMP)
 fuzz: $(STAMP)
 	@mkdir -p bench-results
 	$(PY) -m gpuctl.fuzz --messages 10000 --json bench-results/fuzz.json
+
+# Benchmark B3: the API under load. A grpc.aio load generator in 4 processes (one caller
+# each) against a gpuctld of its own on loopback, at 32 and 128 calls in flight, beside a
+# trivial grpc.aio health server measured in the same run (this machine's ceiling).
+.PHONY: bench-api
+bench-api: $(STAMP)
+	@mkdir -p bench-results
+	$(PY) -m gpuctl.bench_api --json bench-results/api.json

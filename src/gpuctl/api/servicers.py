@@ -316,6 +316,10 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         self._check_run_as(call.who)
         if not request.validate_only:
             self._check_pending_cap(call.who.name)
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            # The caller gave up: a job stored now would be one nobody was told about.
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the commit")
         job = self.c.submit(
             spec, request_id=request.request_id, validate_only=request.validate_only
         )

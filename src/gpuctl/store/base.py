@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -25,8 +25,16 @@ class Store(Protocol):
     store-wide counter that only grows, so watchers can resume from the last revision seen.
     """
 
-    def create_job(self, spec: JobSpec, *, request_id: str, now: datetime) -> tuple[Job, bool]:
-        """Store a new PENDING job; with a `request_id` seen before, return that job instead.
+    def create_job(
+        self,
+        spec: JobSpec,
+        *,
+        request_id: str,
+        now: datetime,
+        events: Callable[[Job], Sequence[Event]] | None = None,
+    ) -> tuple[Job, bool]:
+        """Store a new PENDING job, and `events(job)` with it in one transaction; with a
+        `request_id` seen before, return that job instead (and store no events).
 
         Returns (job, created). `now` is a timezone-aware datetime.
         """

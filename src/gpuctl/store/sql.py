@@ -102,7 +102,14 @@ class SqlStore:
 
     # -- jobs -----------------------------------------------------------------------------------
 
-    def create_job(self, spec: JobSpec, *, request_id: str, now: datetime) -> tuple[Job, bool]:
+    def create_job(
+        self,
+        spec: JobSpec,
+        *,
+        request_id: str,
+        now: datetime,
+        events: Callable[[Job], Sequence[Event]] | None = None,
+    ) -> tuple[Job, bool]:
         try:
             with self._transaction(self._writes) as session:
                 if request_id and (row := _job_row_by_request_id(session, request_id)):
@@ -119,7 +126,10 @@ class SqlStore:
                 row = JobRow(**job_values(job))
                 session.add(row)
                 session.flush()
-                return job_from_row(row), True
+                created = job_from_row(row)
+                # In the same transaction: a crash never leaves a job without its events.
+                session.add_all([event_row(e) for e in (events(created) if events else ())])
+                return created, True
         except IntegrityError:
             # Another caller with this request_id committed between our check and our insert
             # (PostgreSQL; SQLite writers are serialized): its job is the answer.
