@@ -364,3 +364,25 @@ def test_logs_are_capped_per_rank_per_job_and_in_all(tmp_path, caps, kept):
     for rank, data in enumerate((b"aaaa", b"bbbb", b"cccc")):
         assert logs.append(7, 0, rank, 0, data) == 4  # accepted, whatever is kept
     assert [logs.read(7, 0, rank, 0) for rank in range(3)] == kept
+
+
+def test_the_active_jobs_kept_in_memory_follow_every_write_even_another_daemons(ctl, tmp_path):
+    other = Controller(
+        ctl.store,
+        ctl.clock,
+        build_policy("default"),
+        LogStore(tmp_path / "other-logs", max_bytes_per_rank=1 << 20),
+    )
+    assert ctl.active_jobs() == ()
+    job_id = run_gang(ctl)
+    a = ctl.submit(training(nodes=1))
+    b = other.submit(training(nodes=1))  # another gpuctld on the same store
+    assert ctl.active_jobs() == ctl.store.active_jobs()
+    ctl.cancel(a.id)
+    other.cancel(b.id)
+    node = ctl.store.get_job(job_id).placement.ranks[0].node_id
+    ctl.report_rank(node, RankRef(job_id, 0, 0), RankState.EXITED, 1)
+    assert ctl.active_jobs() == ctl.store.active_jobs()
+    assert [j.id for j in ctl.active_jobs()] == [j.id for j in other.active_jobs()]
+    ctl.run_cycle()
+    assert ctl.active_jobs() == ctl.store.active_jobs()

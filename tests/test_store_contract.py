@@ -715,3 +715,12 @@ def test_audit_keeps_the_latest_entries_oldest_first(store: SqlStore) -> None:
     since = store.list_audit(since=T0 + timedelta(minutes=2))
     assert [e.target for e in since] == ["jobs/3", "jobs/4"]
     assert all(e.id > 0 and e.time.tzinfo is not None for e in since)
+
+
+def test_current_revision_is_the_last_handed_out(store: SqlStore) -> None:
+    assert store.current_revision() == 0
+    job = submit(store)
+    assert store.current_revision() == job.revision
+    (moved,) = store.update_jobs([dataclasses.replace(job, reason="waiting")])
+    assert store.current_revision() == moved.revision > job.revision
+    assert store.jobs_since(store.current_revision()) == ()

@@ -107,6 +107,35 @@ class JobFeed:
             return self.revision
 
 
+class ActiveJobs:
+    """The store's active jobs, kept in memory and brought up to date from what changed since
+    (`jobs_since` the last revision seen), so a cycle or heartbeat reads and decodes only the
+    jobs that changed, not every active job. Revisions become visible in increasing order
+    (store.base), so nothing committed is skipped; another gpuctld's writes show up too."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._lock = threading.Lock()
+        self._jobs: dict[int, Job] | None = None
+        self._revision = 0
+
+    def __call__(self) -> tuple[Job, ...]:
+        """Every job that is PENDING, RUNNING or CANCELLING, in id order."""
+        with self._lock:
+            if self._jobs is None:
+                # The revision before the jobs: whatever commits in between is read twice,
+                # never missed.
+                self._revision = self._store.current_revision()
+                self._jobs = {j.id: j for j in self._store.active_jobs()}
+            for job in self._store.jobs_since(self._revision):
+                self._revision = max(self._revision, job.revision)
+                if job.state.finished:
+                    self._jobs.pop(job.id, None)
+                else:
+                    self._jobs[job.id] = job
+            return tuple(self._jobs[i] for i in sorted(self._jobs))
+
+
 class Controller:
     def __init__(
         self,
@@ -125,6 +154,7 @@ class Controller:
         self.settings = settings or ControllerSettings()
         self.wake = wake  # asks the scheduling loop to run a cycle soon
         self.feed = JobFeed()
+        self.active_jobs = ActiveJobs(store)
         self._lock = threading.RLock()
         self.leases: LeaseKeeper | None = None  # set by LeaseKeeper: leases from providers
 
@@ -219,7 +249,7 @@ class Controller:
     def node_usage(self) -> dict[str, dict[int, tuple[int, list[int]]]]:
         """Per node, per GPU: used milli and the jobs using it."""
         usage: dict[str, dict[int, tuple[int, list[int]]]] = {}
-        for job in self.store.active_jobs():
+        for job in self.active_jobs():
             if not job.state.holds_resources or job.placement is None:
                 continue
             for r in job.placement.ranks:
@@ -329,7 +359,7 @@ class Controller:
                 )
             woken = node.state is not was.state or node.profile.gpus != was.profile.gpus
             running_set = set(running)
-            jobs = {j.id: j for j in self.store.active_jobs()}
+            jobs = {j.id: j for j in self.active_jobs()}
             stop = [
                 ref
                 for ref in running_set
@@ -467,7 +497,7 @@ class Controller:
         with self._lock:
             now = self.clock.now()
             nodes = self.store.list_nodes()
-            active = self.store.active_jobs()
+            active = self.active_jobs()
             pending = [j for j in active if j.state is JobState.PENDING]
             leasing = self.leases.context(nodes, active, now) if self.leases is not None else None
             # With nothing pending, only leases to give back can come of a cycle.
@@ -562,7 +592,7 @@ class Controller:
         hit: list[int] = []
         with self._lock:
             changed, events = [], []
-            for job in self.store.active_jobs():
+            for job in self.active_jobs():
                 limit = job.spec.time_limit_s
                 if job.state is not JobState.RUNNING or not limit or job.started_at is None:
                     continue
@@ -789,7 +819,7 @@ class Controller:
         lost node will never report; a live agent (degraded node) stops them as usual."""
         changed, events = [], []
         attempts = _NewAttempts(self, now)
-        for job in self.store.active_jobs():
+        for job in self.active_jobs():
             if job.placement is None or not nodes.intersection(job.placement.node_ids):
                 continue
             where = ", ".join(sorted(nodes.intersection(job.placement.node_ids)))

@@ -621,7 +621,7 @@ class LeaseKeeper:
             renewable = set(self._renewable)
         with self.c.lock:
             in_use = set(self.c.node_usage())
-            pending = {j.id for j in self.store.active_jobs() if j.state is JobState.PENDING}
+            pending = {j.id for j in self.c.active_jobs() if j.state is JobState.PENDING}
             due = [
                 x
                 for x in self.store.list_leases()

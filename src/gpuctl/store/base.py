@@ -68,6 +68,11 @@ class Store(Protocol):
         """Every job that is PENDING, RUNNING or CANCELLING, in id order."""
         ...
 
+    def current_revision(self) -> int:
+        """The last revision handed out (committed or not yet): anything that commits later
+        has a greater one, so `jobs_since(current_revision())` misses nothing after it."""
+        ...
+
     def jobs_since(self, revision: int) -> tuple[Job, ...]:
         """Jobs whose revision is greater than `revision`, in revision order."""
         ...

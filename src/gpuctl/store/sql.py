@@ -192,6 +192,11 @@ class SqlStore:
         with self._transaction(self._reads) as session:
             return tuple(job_from_row(r) for r in session.exec(query))
 
+    def current_revision(self) -> int:
+        with self._transaction(self._reads) as session:
+            counter = session.get(RevisionCounter, 1)
+            return counter.value if counter is not None else 0
+
     def jobs_since(self, revision: int) -> tuple[Job, ...]:
         query = select(JobRow).where(col(JobRow.revision) > revision).order_by(col(JobRow.revision))
         with self._transaction(self._reads) as session:
