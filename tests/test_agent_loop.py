@@ -110,6 +110,7 @@ class FakeDaemon(agent_pb2_grpc.AgentServiceServicer):
         self.logs: dict[RankKey, bytearray] = {}
         self.take_logs = True  # False: accept pushes but keep nothing (a stalled log store)
         self.hang = False  # every call hangs until `release` is set (a hung daemon)
+        self.heartbeat_timeout = 0.0  # told to the agent at registration; 0: not told
         self.release = threading.Event()
 
     def fail(self, method: str, *codes: grpc.StatusCode) -> None:
@@ -132,7 +133,9 @@ class FakeDaemon(agent_pb2_grpc.AgentServiceServicer):
     def RegisterNode(self, request, context):
         self._accept("RegisterNode", request, context)
         return agent_pb2.RegisterNodeResponse(
-            node_name=request.node.name, heartbeat_interval=duration(HEARTBEAT_S)
+            node_name=request.node.name,
+            heartbeat_interval=duration(HEARTBEAT_S),
+            heartbeat_timeout=duration(self.heartbeat_timeout),
         )
 
     def Heartbeat(self, request, context):
@@ -664,3 +667,25 @@ def test_log_shipper_counts_stalls(tmp_path: Path) -> None:
 
 def test_log_shipper_without_a_file(tmp_path: Path) -> None:
     assert LogShipper(Sink().push).ship(KEY, tmp_path / "never-written.log")
+
+
+def test_an_agent_cut_off_from_the_daemon_stops_its_ranks_before_they_run_elsewhere(
+    agent: Agent, daemon: FakeDaemon
+) -> None:
+    # The daemon calls a node lost after 30 s without a heartbeat; heartbeats every 10 s, so
+    # the agent stops its ranks after 30 - 2 x 10 = 10 s without an answer.
+    daemon.heartbeat_timeout = 30.0
+    daemon.assignments = [assignment(sys.executable, "-c", "import time; time.sleep(60)")]
+    agent.until(lambda: KEY in agent.runner.running())
+    daemon.assignments = []
+    daemon.fail("Heartbeat", *[grpc.StatusCode.UNAVAILABLE] * 5)
+    daemon.fail("ReportRankStatus", *[grpc.StatusCode.UNAVAILABLE] * 5)
+    agent.clock.advance(9.0)
+    agent.loop.tick()
+    assert KEY in agent.runner.running()  # 9 s of silence: not yet
+    agent.heartbeat()  # 19 s: the heartbeat fails too
+    agent.until(lambda: KEY not in agent.runner.running())
+    daemon.failures.clear()  # the daemon is back: it hears how the rank ended
+    agent.heartbeat()
+    agent.until(lambda: any(r[0] == EXITED for r in daemon.reports()))
+    assert [r[:2] for r in daemon.reports()][-1] == (EXITED, -signal.SIGTERM)

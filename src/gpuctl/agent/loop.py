@@ -191,6 +191,9 @@ class AgentLoop:
         self._last_watchdog: float | None = None
         self._unreachable = False  # an RPC of this round found the daemon down or hung
         self._down_since: float | None = None  # monotonic start of a run of such failures
+        self._last_word: float | None = None  # monotonic: the daemon's last answer
+        self._fence_after: float | None = None  # no answer this long: stop every rank
+        self._fenced = False
 
         self._seen: set[RankKey] = set()  # every rank ever started: assignments are re-sent
         self._exited: dict[RankKey, RankExit] = {}  # exited, log not yet all shipped
@@ -246,6 +249,7 @@ class AgentLoop:
         self._check_health(now)
         if self._registered and now >= self._next_heartbeat:
             self._heartbeat()
+        self._fence(self._clock.monotonic())
         self._ship_running_logs()
         self._finish_exited()
         self._send_outbox()
@@ -325,6 +329,12 @@ class AgentLoop:
         self._node_name = response.node_name or node.id
         interval = response.heartbeat_interval.ToTimedelta().total_seconds()
         self._heartbeat_s = interval if interval > 0 else DEFAULT_HEARTBEAT_S
+        timeout = response.heartbeat_timeout.ToTimedelta().total_seconds()
+        # Two heartbeats short of the daemon's timeout: the ranks are stopped before the
+        # daemon can call the node lost and start them elsewhere.
+        self._fence_after = (
+            max(self._heartbeat_s, timeout - 2 * self._heartbeat_s) if timeout > 0 else None
+        )
         self._next_heartbeat = self._clock.monotonic()
         log.info(
             "registered as %s (%d GPU(s), profile %s); heartbeat every %.1fs",
@@ -517,7 +527,27 @@ class AgentLoop:
         else:
             log.debug("%s failed (%s)", what, _why(e))
 
+    def _fence(self, now: float) -> None:
+        """Stop every rank when the daemon has been silent for `fence_after`: it will soon
+        call this node lost and run the ranks elsewhere (etcd's and Borg's fencing)."""
+        if self._fence_after is None or self._last_word is None or self._fenced:
+            return
+        silent = now - self._last_word
+        if silent <= self._fence_after or not self._runner.running():
+            return
+        self._fenced = True
+        log.warning(
+            "no word from gpuctld for %.0fs (it calls a node lost after %.0fs): stopping %d "
+            "rank(s) so that they never run twice",
+            silent,
+            self._fence_after + 2 * self._heartbeat_s,
+            len(self._runner.running()),
+        )
+        self._runner.stop_all()
+
     def _reached(self) -> None:
+        self._last_word = self._clock.monotonic()
+        self._fenced = False
         if self._down_since is not None:
             down_s = self._clock.monotonic() - self._down_since
             self._down_since = None

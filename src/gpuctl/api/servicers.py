@@ -695,6 +695,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         return agent_pb2.RegisterNodeResponse(
             node_name=node.id,
             heartbeat_interval=convert.duration(self.c.settings.heartbeat_interval_s),
+            heartbeat_timeout=convert.duration(self.c.settings.heartbeat_timeout_s),
         )
 
     @rpc(Permission.AGENT)

@@ -34,9 +34,9 @@ class DaemonConfig:
     policy: str = "default"
     policy_weights: Mapping[str, float] = field(default_factory=dict)
     cycle_interval_s: float = 5.0
-    heartbeat_interval_s: float = 5.0
-    heartbeat_timeout_s: float = 30.0
-    heartbeat_check_interval_s: float = 5.0
+    heartbeat_interval_s: float = 3.0
+    heartbeat_timeout_s: float = 12.0  # 4 missed heartbeats; see config/gpuctld.toml
+    heartbeat_check_interval_s: float = 1.0
     lease_interval_s: float = 60.0
     providers_file: str = ""  # "": no providers; nodes only register by themselves
     lease_idle_grace_s: float = 300.0

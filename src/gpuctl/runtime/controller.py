@@ -59,8 +59,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ControllerSettings:
-    heartbeat_interval_s: float = 5.0
-    heartbeat_timeout_s: float = 30.0
+    heartbeat_interval_s: float = 3.0
+    heartbeat_timeout_s: float = 12.0
     kill_grace_s: float = 10.0
     master_port_base: int = 29500
     master_port_range: int = 1000

@@ -86,18 +86,27 @@ class RegisterNodeResponse(_message.Message):
 
     NODE_NAME_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_TIMEOUT_FIELD_NUMBER: _builtins.int
     node_name: _builtins.str
     @_builtins.property
     def heartbeat_interval(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def heartbeat_timeout(self) -> _duration_pb2.Duration:
+        """How long the daemon waits for a heartbeat before it calls the node lost and runs its
+        ranks elsewhere. An agent without a word from the daemon for most of this stops its
+        ranks first (fencing), so a cut-off node never runs a second copy of a rank.
+        """
+
     def __init__(
         self,
         *,
         node_name: _builtins.str = ...,
         heartbeat_interval: _duration_pb2.Duration | None = ...,
+        heartbeat_timeout: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "heartbeat_timeout", b"heartbeat_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "node_name", b"node_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "heartbeat_timeout", b"heartbeat_timeout", "node_name", b"node_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
