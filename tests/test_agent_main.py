@@ -384,3 +384,9 @@ def test_the_agent_refuses_to_start_without_a_safe_credential(tmp_path, extra, m
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_relative_state_dir_is_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(["--state-dir", "agent-state", "--fake-gpus", "l40s:1"], {})
+    assert settings.state_dir == tmp_path / "agent-state"

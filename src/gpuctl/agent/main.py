@@ -343,7 +343,10 @@ def load_settings(argv: Sequence[str], env: Mapping[str, str]) -> AgentSettings:
         network=parse_network(pick("net", "none")),
         cpu_milli=parse_cpus(cpus) if cpus is not None else None,
         memory_mib=parse_memory(memory) if memory is not None else None,
-        state_dir=Path(state_dir).expanduser() if state_dir else _default_state_dir(env),
+        # Absolute: the rank supervisor changes directory and must still find its files.
+        state_dir=(
+            Path(state_dir).expanduser() if state_dir else _default_state_dir(env)
+        ).absolute(),
         log_level=log_level,
         run_as_fallback_user=fallback_user,
         allow_root_jobs=bool(pick("allow_root_jobs", False)),
