@@ -17,7 +17,8 @@ from gpuctl.sim.replay import replay
 from gpuctl.sim.synthetic import Pod, SimJob, cluster, gang_shape, mixed_workload, with_limit
 
 MIN = 60
-GAVEL = Path("/work/shared/traces/gavel")
+# The traces sit beside the checkout, as the Makefile's TRACES default has it.
+GAVEL = Path(__file__).resolve().parents[2] / "shared" / "traces" / "gavel"
 VC = GAVEL / "msr" / "seed=0" / "11cb48.trace"
 
 # A trace of three jobs in the 7-field format, and a throughput table for it.

@@ -279,7 +279,7 @@ class FakePart:
 #   H100 SXM 2619 MHz x 5120 bit -> 3352 GB/s (datasheet 3.35 TB/s); nvidia-smi on an H100 SXM
 #     shows 81559 MiB and a 2619 MHz max memory clock.
 #   H200 3201 MHz x 6144 bit -> 4917 GB/s: the memory clock nvidia-smi showed on an H200 of this
-#     workplace (/work/.library/device/KINDS.md); the datasheet says 4.8 TB/s, 2.4% less.
+#     workplace (its device notes); the datasheet says 4.8 TB/s, 2.4% less.
 #   A100 80GB SXM 1593 MHz x 5120 bit -> 2039 GB/s (datasheet 2039 GB/s).
 #   L40S GDDR6 18 Gb/s: 9001 MHz x 384 bit -> 864 GB/s (datasheet 864 GB/s).
 #   L4 GDDR6 12.5 Gb/s: 6251 MHz x 192 bit -> 300 GB/s (datasheet 300 GB/s).
