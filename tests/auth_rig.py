@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 import grpc
 
-from gpuctl.api.auth import AUTH_METADATA, Authenticator, SessionBook, mint_token
+from gpuctl.api.auth import AUTH_METADATA, Authenticator, SessionBook, bearer, mint_token
 from gpuctl.api.limits import Limits, LimitSettings
 from gpuctl.api.server import ApiServer, Listeners
 from gpuctl.api.servicers import Guard
@@ -54,7 +54,7 @@ class Tokens:
         return self.minted[key]
 
     def metadata(self, token: str) -> tuple[tuple[str, str], ...]:
-        return ((AUTH_METADATA, f"Bearer {token}"),)
+        return bearer(token)
 
 
 def serve(controller: Controller, **kwargs) -> ApiServer:

@@ -23,6 +23,7 @@ import psutil
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from gpuctl.api._pb.v1 import jobs_pb2, jobs_pb2_grpc
+from gpuctl.api.auth import bearer
 from gpuctl.testbed import FAST_CONFIG, LocalCluster
 
 CALLS = ("CreateJob", "GetJob", "ListJobs", "Health")
@@ -47,7 +48,7 @@ async def _load(target: str, token: str, call: str, inflight: int, seconds: floa
         method = (
             getattr(jobs, call) if call != "Health" else health_pb2_grpc.HealthStub(channel).Check
         )
-        metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        metadata = bearer(token) if token else ()
         latencies: list[float] = []
         codes: Counter[str] = Counter()
         stop = time.monotonic() + seconds
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             names = [
                 stub.CreateJob(
                     jobs_pb2.CreateJobRequest(spec=SPEC),
-                    metadata=(("authorization", f"Bearer {t}"),),
+                    metadata=bearer(t),
                 ).name
                 for t in tokens
             ]

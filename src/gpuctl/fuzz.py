@@ -34,7 +34,7 @@ from gpuctl.agent.probe import fake_profile, parse_fake_gpus, parse_network
 from gpuctl.api import convert
 from gpuctl.api._pb.agent.v1 import agent_pb2
 from gpuctl.api._pb.v1 import auth_pb2, jobs_pb2, leases_pb2, nodes_pb2
-from gpuctl.api.auth import auth_socket_path, fetch_session
+from gpuctl.api.auth import auth_socket_path, bearer, fetch_session
 from gpuctl.api.client import Client
 from gpuctl.core.model import JobKind, JobSpec, Node
 from gpuctl.core.trust import ROLE_PERMISSIONS, Permission, Role
@@ -517,7 +517,7 @@ class Credential:
 
 
 def _bearer(token: str) -> Callable[[random.Random], tuple[tuple[str, str], ...]]:
-    return lambda rng: (("authorization", f"Bearer {token}"),)
+    return lambda rng: bearer(token)
 
 
 def _garbage_auth(rng: random.Random) -> tuple[tuple[str, str], ...]:
@@ -877,7 +877,7 @@ def _enrol(
     training, inference = valid_specs()
     job_ids = tuple(admin.submit(spec).id for spec in (training, inference, training))
     admin.cancel(job_ids[-1])
-    _run_node(tcp, (("authorization", f"Bearer {node}"),))
+    _run_node(tcp, bearer(node))
     credentials = (
         Credential("admin", Role.ADMIN, unix, _bearer(session)),  # the kernel vouches
         Credential("user", Role.USER, tcp, _bearer(user)),

@@ -19,6 +19,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gpuctl.api.client import Client
+from gpuctl.api.pki import write_private
 
 FAST_CONFIG = """\
 [run_as]
@@ -160,10 +161,7 @@ class LocalCluster:
         token`), in a 0600 file."""
         path = self.root / "agents" / f"{name}.token"
         path.parent.mkdir(parents=True, exist_ok=True)
-        secret = self.gpuctl("node", "token", name).stdout.strip()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secret + "\n")
+        write_private(path, self.gpuctl("node", "token", name).stdout.strip().encode() + b"\n")
         return path
 
     @property

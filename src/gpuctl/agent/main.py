@@ -52,7 +52,7 @@ from gpuctl.agent.runner import (
 )
 from gpuctl.agent.shim import become_subreaper
 from gpuctl.api._pb.agent.v1 import agent_pb2, agent_pb2_grpc
-from gpuctl.api.auth import AUTH_METADATA
+from gpuctl.api.auth import bearer
 from gpuctl.api.pki import node_key_and_csr, write_private
 from gpuctl.core.model import Gpu, Network
 from gpuctl.core.trust import DEFAULT_DENIED_ACCOUNTS, DEFAULT_MIN_UID, RunAsPolicy
@@ -484,7 +484,7 @@ class _Bearer(grpc.UnaryUnaryClientInterceptor):
     """Adds this node's credential to every call."""
 
     def __init__(self, token: str) -> None:
-        self._metadata = ((AUTH_METADATA, f"Bearer {token}"),)
+        self._metadata = bearer(token)
 
     def intercept_unary_unary(self, continuation, details, request):
         return continuation(
@@ -531,7 +531,7 @@ def join(settings: AgentSettings, token: str) -> Path:
     try:
         reply = agent_pb2_grpc.AgentServiceStub(channel).JoinNode(
             agent_pb2.JoinNodeRequest(csr_pem=csr_pem),
-            metadata=((AUTH_METADATA, f"Bearer {token}"),),
+            metadata=bearer(token),
             timeout=10,
             wait_for_ready=True,  # a gpuctld that is starting: wait for it, a little
         )

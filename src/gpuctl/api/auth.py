@@ -10,7 +10,6 @@ import grp
 import hashlib
 import hmac
 import json
-import logging
 import os
 import pwd
 import secrets
@@ -32,8 +31,6 @@ if TYPE_CHECKING:
 
     from gpuctl.store.base import Store
 
-log = logging.getLogger(__name__)
-
 TOKEN_PREFIX = "gpuctl"
 SESSION_PREFIX = "gpuctl-session"
 AUTH_METADATA = "authorization"
@@ -44,6 +41,11 @@ NO_CREDENTIALS = (
     "no credentials: on the head node use gpuctld's Unix socket; elsewhere a token "
     "(`gpuctl token create`, then GPUCTL_TOKEN) over TLS"
 )
+
+
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    """The call metadata that carries `token`."""
+    return ((AUTH_METADATA, f"Bearer {token}"),)
 
 
 def _hash(secret: str) -> str:

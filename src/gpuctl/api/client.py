@@ -35,7 +35,7 @@ from gpuctl.api._pb.v1 import (
     nodes_pb2,
     nodes_pb2_grpc,
 )
-from gpuctl.api.auth import AUTH_METADATA, auth_socket_path, fetch_session
+from gpuctl.api.auth import auth_socket_path, bearer, fetch_session
 from gpuctl.core.errors import FieldViolation, GpuctlError, InvalidArgument
 from gpuctl.core.model import JobSpec, JobState
 
@@ -348,7 +348,7 @@ class _Credential:
                 # Renewed a minute early, so a call never carries one that lapses on the way.
                 self._expires = time.monotonic() + max(0.0, float(answer["expires_in"]) - 60)
             token = self._session
-        return ((AUTH_METADATA, f"Bearer {token}"),) if token else ()
+        return bearer(token) if token else ()
 
     def forget(self) -> None:
         self._session = None
@@ -623,20 +623,22 @@ class Client:
         self, node: str, *, ttl: timedelta | None = None
     ) -> auth_pb2.CreateTokenResponse:
         """The credential of one node's agent (operators); earlier ones of the node stop working."""
-        request = auth_pb2.CreateNodeTokenRequest(node=node)
-        if ttl is not None:
-            request.ttl.FromTimedelta(ttl)
-        return self._unary(self._auth.CreateNodeToken, request)
+        return self._node_credential(self._auth.CreateNodeToken, node, ttl)
 
     def create_join_token(
         self, node: str, *, ttl: timedelta | None = None
     ) -> auth_pb2.CreateTokenResponse:
         """A one-time token for `node`'s agent to get its certificate (`--join`), with
         gpuctld's CA (`ca_pem`) for it to pin (operators)."""
+        return self._node_credential(self._auth.CreateJoinToken, node, ttl)
+
+    def _node_credential(
+        self, method: Any, node: str, ttl: timedelta | None
+    ) -> auth_pb2.CreateTokenResponse:
         request = auth_pb2.CreateNodeTokenRequest(node=node)
         if ttl is not None:
             request.ttl.FromTimedelta(ttl)
-        return self._unary(self._auth.CreateJoinToken, request)
+        return self._unary(method, request)
 
     def audit(
         self, *, since: datetime | None = None, principal: str = "", limit: int = 100

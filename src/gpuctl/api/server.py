@@ -57,7 +57,6 @@ class Listeners:
     socket: Path | None = None
     tls_cert: bytes = b""  # PEM; empty: plain TCP
     tls_key: bytes = b""
-    client_ca: bytes = b""  # PEM: accept client certificates from this CA (optional)
     # Agents with certificates from gpuctld's CA: TLS that requires one (gRPC cannot ask for
     # a client certificate without requiring it, so this is a listener of its own).
     agent_tcp: str = ""
@@ -172,11 +171,7 @@ class ApiServer:
         self.issuer: PeerCredIssuer | None = None
         if listeners.tcp:
             if listeners.tls_cert:
-                creds = grpc.ssl_server_credentials(
-                    [(listeners.tls_key, listeners.tls_cert)],
-                    root_certificates=listeners.client_ca or None,
-                    require_client_auth=False,
-                )
+                creds = grpc.ssl_server_credentials([(listeners.tls_key, listeners.tls_cert)])
                 self.port = self.server.add_secure_port(listeners.tcp, creds)
             else:
                 self.port = self.server.add_insecure_port(listeners.tcp)

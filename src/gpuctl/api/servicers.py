@@ -233,20 +233,6 @@ def _job_view(job: Job, who: Principal, rank_env: dict[int, dict[str, str]] | No
     return convert.job_to_pb(shown, rank_env=ranks)
 
 
-def _own_job(
-    c: Controller, call: Call, job_id: int, granted: frozenset[str], job: Job | None = None
-) -> Job:
-    """The job (read here unless given), if the caller may act on it: theirs, everyone's, or
-    one in a granted queue."""
-    job = job or c.store.get_job(job_id)
-    if not call.who.owns(job.spec.owner) and job.spec.queue not in granted:
-        raise PermissionDenied(
-            f"job {job_id} is not yours; acting on others' jobs needs {Permission.JOBS_ALL.value}",
-            permission=Permission.JOBS_ALL.value,
-        )
-    return job
-
-
 def _own_node(call: Call, node_name: str, field_name: str) -> None:
     """An agent acts for its own node only (as Kubernetes' node authorizer has it)."""
     if node_name != call.who.name:
@@ -296,6 +282,20 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         self.c = controller
         self.guard = guard
         self.poll_s = poll_s
+
+    def _job(self, call: Call, job_id: int, granted: frozenset[str] | None = None) -> Job:
+        """The job, if the caller may act on it: theirs, everyone's, or one in a granted
+        queue (`granted`: worked out here unless the caller has it already)."""
+        job = self.c.store.get_job(job_id)
+        if granted is None:
+            granted = self.guard.granted(call.who)
+        if not call.who.owns(job.spec.owner) and job.spec.queue not in granted:
+            raise PermissionDenied(
+                f"job {job_id} is not yours; acting on others' jobs needs "
+                f"{Permission.JOBS_ALL.value}",
+                permission=Permission.JOBS_ALL.value,
+            )
+        return job
 
     @rpc(Permission.JOBS_SUBMIT, audited=True)
     def CreateJob(self, request, context, call: Call):
@@ -353,9 +353,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     @rpc(Permission.JOBS_OWN)
     def GetJob(self, request, context, call: Call):
         job_id = convert.parse_job_name(request.name)
-        job = self.c.store.get_job(job_id)
-        _own_job(self.c, call, job_id, self.guard.granted(call.who), job)
-        job, events, env = self.c.get(job_id, job=job)
+        job, events, env = self.c.get(job_id, job=self._job(call, job_id))
         msg = _job_view(job, call.who, env)
         msg.events.extend(convert.event_to_pb(e) for e in events)
         return msg
@@ -398,7 +396,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     def CancelJob(self, request, context, call: Call):
         job_id = convert.parse_job_name(request.name)
         call.target = convert.job_name(job_id)
-        _own_job(self.c, call, job_id, self.guard.granted(call.who))
+        self._job(call, job_id)
         return _job_view(self.c.cancel(job_id), call.who)
 
     @rpc(Permission.JOBS_OWN)
@@ -406,7 +404,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         only = convert.parse_job_name(request.name) if request.name else None
         granted = self.guard.granted(call.who)
         if only is not None:
-            _own_job(self.c, call, only, granted)  # NOT_FOUND now rather than silence forever
+            self._job(call, only, granted)  # NOT_FOUND now rather than silence forever
         everyone = call.who.can(Permission.JOBS_ALL)
         seen = request.since_revision
         while context.is_active():
@@ -421,7 +419,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     @rpc(Permission.JOBS_OWN)
     def StreamJobLogs(self, request, context, call: Call) -> Iterator[jobs_pb2.LogChunk]:
         job_id = convert.parse_job_name(request.name)
-        job = _own_job(self.c, call, job_id, self.guard.granted(call.who))
+        job = self._job(call, job_id)
         if job.placement is not None and request.rank not in {r.rank for r in job.placement.ranks}:
             raise NotFound("rank", f"{request.rank} of job {job_id}")
         offset = max(0, request.offset)
@@ -552,21 +550,42 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         if len(request.description) > 256:
             raise InvalidArgument([FieldViolation("description", "longer than 256 characters")])
         ttl = self._ttl(request.ttl, request.HasField("ttl"), self.guard.default_token_ttl_s)
+        return self._issue(call, TokenKind.USER, user, ttl, description=request.description)
+
+    def _issue(
+        self,
+        call: Call,
+        kind: TokenKind,
+        principal: str,
+        ttl: timedelta | None,
+        description: str = "",
+    ) -> auth_pb2.CreateTokenResponse:
+        """Mint a token, keep its record (the hash only), and answer with the secret, once."""
         secret, token = mint_token(
-            TokenKind.USER,
-            user,
+            kind,
+            principal,
             now=self.c.clock.now(),
             created_by=call.who.name,
-            description=request.description,
+            description=description,
             ttl=ttl,
         )
         self.c.store.put_token(token)
-        call.detail = f"token {token.id}"
+        call.detail = f"{kind.value} token {token.id}"
         return auth_pb2.CreateTokenResponse(token=convert.token_to_pb(token), secret=secret)
+
+    @staticmethod
+    def _node(request, call: Call) -> str:
+        node = request.node.removeprefix("nodes/")
+        call.target = f"nodes/{node}"[:256]
+        if not NAME_RE.match(node):
+            raise InvalidArgument([FieldViolation("node", f"{node!r} is not a valid node name")])
+        return node
 
     @rpc(Permission.TOKENS_OWN)
     def ListTokens(self, request, context, call: Call):
         user = request.user or call.who.name
+        if user != "*" and not NAME_RE.match(user):
+            raise InvalidArgument([FieldViolation("user", "a user or node name, or '*'")])
         if user != call.who.name:
             call.who.require(Permission.TOKENS_ALL)
         tokens = self.c.store.list_tokens(principal="" if user == "*" else user)
@@ -589,44 +608,31 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
 
     @rpc(Permission.NODES_MANAGE, audited=True)
     def CreateNodeToken(self, request, context, call: Call):
-        node = request.node.removeprefix("nodes/")
-        call.target = f"nodes/{node}"[:256]
-        if not NAME_RE.match(node):
-            raise InvalidArgument([FieldViolation("node", f"{node!r} is not a valid node name")])
-        now = self.c.clock.now()
+        node = self._node(request, call)
         ttl = self._ttl(request.ttl, request.HasField("ttl"), None)
-        _retire_node_credentials(self.c, node, now)
-        secret, token = mint_token(TokenKind.NODE, node, now=now, created_by=call.who.name, ttl=ttl)
-        self.c.store.put_token(token)
-        call.detail = f"token {token.id}"
-        return auth_pb2.CreateTokenResponse(token=convert.token_to_pb(token), secret=secret)
+        _retire_node_credentials(self.c, node, self.c.clock.now())
+        return self._issue(call, TokenKind.NODE, node, ttl)
 
     @rpc(Permission.NODES_MANAGE, audited=True)
     def CreateJoinToken(self, request, context, call: Call):
-        node = request.node.removeprefix("nodes/")
-        call.target = f"nodes/{node}"[:256]
+        node = self._node(request, call)
         if self.guard.authority is None:
             raise FailedPrecondition(
                 "gpuctld issues no node certificates: set [server] agent_listen (agents then "
                 "join with certificates), or give the node a token with `gpuctl node token`"
             )
-        if not NAME_RE.match(node):
-            raise InvalidArgument([FieldViolation("node", f"{node!r} is not a valid node name")])
         ttl = self._ttl(request.ttl, request.HasField("ttl"), self.guard.join_token_ttl_s)
-        secret, token = mint_token(
-            TokenKind.JOIN, node, now=self.c.clock.now(), created_by=call.who.name, ttl=ttl
-        )
-        self.c.store.put_token(token)
-        call.detail = f"join token {token.id}"
-        return auth_pb2.CreateTokenResponse(
-            token=convert.token_to_pb(token), secret=secret, ca_pem=self.guard.authority.cert_pem
-        )
+        reply = self._issue(call, TokenKind.JOIN, node, ttl)
+        reply.ca_pem = self.guard.authority.cert_pem
+        return reply
 
     @rpc(Permission.AUDIT_READ)
     def ListAudit(self, request, context, call: Call):
         limit = request.limit or 100
         if not 0 < limit <= 1000:
             raise InvalidArgument([FieldViolation("limit", "must be between 1 and 1000")])
+        if request.principal and not NAME_RE.match(request.principal):
+            raise InvalidArgument([FieldViolation("principal", "a user or node name")])
         since = convert.from_ts(request.since, request.HasField("since"), field="since")
         entries = self.c.store.list_audit(since=since, principal=request.principal, limit=limit)
         return auth_pb2.ListAuditResponse(entries=[convert.audit_to_pb(e) for e in entries])

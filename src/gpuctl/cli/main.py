@@ -22,6 +22,7 @@ from gpuctl.client import (
     ApiError,
     Client,
     UnavailableError,
+    auth_pb2,
     jobs_pb2,
     load_job_mapping,
     parse_duration,
@@ -53,12 +54,10 @@ class _Settings:
     def __init__(
         self, server: str | None, timeout: float, ca_file: str | None, token_file: str | None
     ) -> None:
-        self.server, self.timeout, self.ca_file, self.token_file = (
-            server,
-            timeout,
-            ca_file,
-            token_file,
-        )
+        self.server = server
+        self.timeout = timeout
+        self.ca_file = ca_file
+        self.token_file = token_file
         self._client: Client | None = None
 
     def client(self, ctx: click.Context) -> Client:
@@ -487,6 +486,13 @@ def _ttl(value: str | None) -> timedelta | None:
     return timedelta(seconds=seconds)
 
 
+def _show_once(made: auth_pb2.CreateTokenResponse) -> None:
+    """The secret on stdout (for a file or a variable), what it is on stderr."""
+    click.echo(made.secret)
+    t = made.token
+    click.echo(f"{t.kind} token {t.id} for {t.principal}; shown only now", err=True)
+
+
 @cli.group()
 def token() -> None:
     """API tokens, for calling gpuctld from other hosts (GPUCTL_TOKEN)."""
@@ -499,9 +505,7 @@ def token() -> None:
 @click.pass_context
 def token_create(ctx: click.Context, user: str, description: str, ttl: str | None) -> None:
     """Create a token; it is printed once, keep it like a password."""
-    made = _client(ctx).create_token(user=user, description=description, ttl=_ttl(ttl))
-    click.echo(made.secret)
-    click.echo(f"token {made.token.id} for {made.token.principal}; shown only now", err=True)
+    _show_once(_client(ctx).create_token(user=user, description=description, ttl=_ttl(ttl)))
 
 
 @token.command("list")
@@ -535,9 +539,7 @@ def node() -> None:
 def node_token(ctx: click.Context, name: str, ttl: str | None) -> None:
     """Create the credential of NAME's agent (gpuctl-agent --token-file); the node's earlier
     credentials stop working."""
-    made = _client(ctx).create_node_token(name, ttl=_ttl(ttl))
-    click.echo(made.secret)
-    click.echo(f"node token {made.token.id} for {name}; shown only now", err=True)
+    _show_once(_client(ctx).create_node_token(name, ttl=_ttl(ttl)))
 
 
 @node.command("join-token")
@@ -556,8 +558,7 @@ def node_join_token(ctx: click.Context, name: str, ttl: str | None, ca_out: str 
     if ca_out:
         with open(ca_out, "wb") as f:
             f.write(made.ca_pem)
-    click.echo(made.secret)
-    click.echo(f"join token {made.token.id} for {name}; one use; shown only now", err=True)
+    _show_once(made)
 
 
 @cli.command()

@@ -23,7 +23,6 @@ class DaemonConfig:
     insecure: bool = False  # serve a non-loopback TCP address without TLS
     tls_cert_file: str = ""
     tls_key_file: str = ""
-    tls_client_ca_file: str = ""
     tls_self_signed: bool = False  # a server certificate from gpuctld's own CA
     tls_names: tuple[str, ...] = ()  # its names; empty: localhost, 127.0.0.1, the host name
     agent_listen: str = ""  # agents with certificates from gpuctld's CA (mTLS)
@@ -102,7 +101,6 @@ _KEYS: dict[str, str] = {
     "server.max_workers": "max_workers",
     "tls.cert_file": "tls_cert_file",
     "tls.key_file": "tls_key_file",
-    "tls.client_ca_file": "tls_client_ca_file",
     "tls.self_signed": "tls_self_signed",
     "tls.names": "tls_names",
     "server.agent_listen": "agent_listen",

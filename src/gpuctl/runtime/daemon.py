@@ -12,7 +12,6 @@ import socket
 import sys
 import threading
 from collections.abc import Mapping
-from dataclasses import replace
 from pathlib import Path
 
 from gpuctl.api.auth import Authenticator, JwtVerifier, SessionBook
@@ -122,6 +121,16 @@ def serve(config: DaemonConfig, env: dict[str, str], *, port_file: str | None = 
         keep_leases = keeper.tick
         log.info("leasing from %s", ", ".join(p.name for p in providers))
     sessions = SessionBook(config.session_ttl_s)
+    listeners, authority = _listeners(config, env, state_dir)
+    limits = LimitSettings(
+        workers=config.max_workers,
+        agent_reserve=config.agent_reserve,
+        max_streams=config.max_streams,
+        streams_per_caller=config.streams_per_caller,
+        calls_per_caller=config.calls_per_caller,
+    )
+    if limits.violations():
+        raise InvalidArgument([FieldViolation("limits", v) for v in limits.violations()])
     guard = Guard(
         auth=Authenticator(
             store,
@@ -135,15 +144,7 @@ def serve(config: DaemonConfig, env: dict[str, str], *, port_file: str | None = 
             now=controller.clock.now,
             jwt=_jwt_verifier(config),
         ),
-        limits=Limits(
-            LimitSettings(
-                workers=config.max_workers,
-                agent_reserve=config.agent_reserve,
-                max_streams=config.max_streams,
-                streams_per_caller=config.streams_per_caller,
-                calls_per_caller=config.calls_per_caller,
-            )
-        ),
+        limits=Limits(limits),
         runas=RunAsPolicy(
             min_uid=config.run_as_min_uid,
             deny=frozenset(config.run_as_deny),
@@ -157,9 +158,8 @@ def serve(config: DaemonConfig, env: dict[str, str], *, port_file: str | None = 
         max_spec_bytes=config.max_spec_bytes,
         max_pending_per_user=config.max_pending_per_user,
         default_token_ttl_s=config.token_ttl_s,
+        authority=authority,
     )
-    listeners, authority = _listeners(config, env, state_dir)
-    guard = replace(guard, authority=authority)
     server = ApiServer(controller, guard, listeners, sessions=sessions)
     server.start()
     host = config.listen.rsplit(":", 1)[0]
@@ -206,7 +206,7 @@ def _listeners(
     """The Unix socket and TCP listeners, and gpuctld's own CA where they need it; refuses TCP
     that strangers could reach without TLS unless the config says `insecure = true`, and then
     says so at every start."""
-    tls_cert = tls_key = client_ca = b""
+    tls_cert = tls_key = b""
     authority = None
     if config.tls_self_signed or config.agent_listen:
         authority = Authority.load_or_create(state_dir / "pki")
@@ -218,8 +218,6 @@ def _listeners(
         if config.tls_cert_file:
             tls_cert = Path(config.tls_cert_file).read_bytes()
             tls_key = Path(config.tls_key_file).read_bytes()
-        if config.tls_client_ca_file:
-            client_ca = Path(config.tls_client_ca_file).read_bytes()
     except OSError as e:
         raise InvalidArgument(
             [FieldViolation("tls", f"cannot read {e.filename}: {e.strerror}")]
@@ -260,7 +258,6 @@ def _listeners(
         socket=config.resolved_socket(env),
         tls_cert=tls_cert,
         tls_key=tls_key,
-        client_ca=client_ca,
         agent_tcp=config.agent_listen,
         agent_ca=authority.cert_pem if authority is not None else b"",
     )
