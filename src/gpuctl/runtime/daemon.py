@@ -54,22 +54,58 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         "--port-file", help="write the bound port here once serving (for tests and scripts)"
     )
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
+    p.add_argument(
+        "--migrate",
+        action="store_true",
+        help="upgrade an older store's schema before serving (back it up first); without it "
+        "gpuctld refuses to start on one",
+    )
     return p.parse_args(argv)
 
 
+def run_migrate(argv: list[str]) -> int:
+    """`gpuctld migrate [--config F] [--store-url URL] [--state-dir D]`: upgrade the store's
+    schema to this release's and exit. Safe to run twice, and beside running standbys of the
+    same release; a store newer than this release is refused, never downgraded."""
+    p = argparse.ArgumentParser(
+        prog="gpuctld migrate", description="Upgrade the store's schema to this release's."
+    )
+    p.add_argument("--config", help="TOML config file (see config/gpuctld.toml)")
+    p.add_argument("--state-dir", help="where the SQLite store lives")
+    p.add_argument("--store-url", help="sqlite:///PATH or postgresql://USER@HOST/DB")
+    args = p.parse_args(argv)
+    env = dict(os.environ)
+    try:
+        config = load_config(args.config, _overrides(args))
+        url = config.resolved_store_url(env)
+        store = open_store(url, migrate=True)
+    except GpuctlError as e:
+        print(f"gpuctld migrate: {e}", file=sys.stderr)
+        return 1
+    found = store.schema
+    store.close()
+    if found.current is None:
+        print(f"{_redact(url)}: new store created at schema revision {found.head}")
+    elif found.behind:
+        print(f"{_redact(url)}: schema upgraded from revision {found.current} to {found.head}")
+    else:
+        print(f"{_redact(url)}: schema already at revision {found.head}; nothing to do")
+    return 0
+
+
 def _overrides(args: argparse.Namespace) -> dict[str, object]:
-    pairs = {
-        "listen": args.listen,
-        "state_dir": args.state_dir,
-        "socket": args.socket,
-        "agent_listen": args.agent_listen,
-        "store_url": args.store_url,
-        "log_level": args.log_level,
-    }
+    names = ("listen", "state_dir", "socket", "agent_listen", "store_url", "log_level")
+    pairs = {name: getattr(args, name, None) for name in names}
     return {k: v for k, v in pairs.items() if v is not None}
 
 
-def serve(config: DaemonConfig, env: dict[str, str], *, port_file: str | None = None) -> int:
+def serve(
+    config: DaemonConfig,
+    env: dict[str, str],
+    *,
+    port_file: str | None = None,
+    migrate: bool = False,
+) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -78,7 +114,7 @@ def serve(config: DaemonConfig, env: dict[str, str], *, port_file: str | None = 
     state_dir = config.resolved_state_dir(env)
     private_state_dir(state_dir)
     tables, base_dir = load_providers(config)
-    store = open_store(config.resolved_store_url(env))
+    store = open_store(config.resolved_store_url(env), migrate=migrate)
     # The static and catalog providers keep their grants in memory: the store hands them back.
     providers = build_providers(
         tables, base_dir=base_dir, leases=store.list_leases(include_released=True)
@@ -310,6 +346,8 @@ def _redact(url: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if (sys.argv[1:] if argv is None else argv)[:1] == ["migrate"]:
+        return run_migrate((sys.argv[1:] if argv is None else argv)[1:])
     args = _args(argv)
     env = dict(os.environ)
     try:
@@ -326,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     try:
-        return serve(config, env, port_file=args.port_file)
+        return serve(config, env, port_file=args.port_file, migrate=args.migrate)
     except (GpuctlError, OSError) as e:
         log.error("cannot start: %s", e)
         return 1

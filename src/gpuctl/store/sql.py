@@ -22,12 +22,13 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 from sqlalchemy.orm import sessionmaker
-from sqlmodel import Session, SQLModel, col, select
+from sqlmodel import Session, col, select
 
 from gpuctl.core.cost import AttemptCharge
 from gpuctl.core.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
 from gpuctl.core.model import Event, Job, JobSpec, JobState, LeaseState, Node, NodeLease
 from gpuctl.core.trust import ApiToken, AuditEntry
+from gpuctl.store import schema
 from gpuctl.store.base import JobPage
 from gpuctl.store.mapping import (
     audit_from_row,
@@ -70,15 +71,16 @@ _ENDED_LEASE_STATES = (LeaseState.RELEASED, LeaseState.EXPIRED, LeaseState.FAILE
 _FIXED_AT_CREATION = frozenset({"request_id", "created_at"})
 
 
-def open_store(url: str) -> SqlStore:
-    """Open (and create the tables of) the store at `sqlite:///path` or `postgresql://...`."""
-    return SqlStore(url)
+def open_store(url: str, *, migrate: bool = False) -> SqlStore:
+    """Open the store at `sqlite:///path` or `postgresql://...`: an empty one gets the tables,
+    an older one is upgraded only with `migrate` (see `store.schema`)."""
+    return SqlStore(url, migrate=migrate)
 
 
 class SqlStore:
     """The store on SQLAlchemy; see `store.base.Store` for the contract of each method."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, migrate: bool = False) -> None:
         self._engine = _create_engine(url)
         self._insert = _UPSERTS[self._engine.dialect.name]
         self._reads = sessionmaker(self._engine, class_=Session, expire_on_commit=False)
@@ -87,18 +89,23 @@ class SqlStore:
             class_=Session,
             expire_on_commit=False,
         )
-        self._create_tables()
+        try:
+            self.schema = self._prepare_schema(migrate)
+        except BaseException:
+            self._engine.dispose()
+            raise
 
-    def _create_tables(self) -> None:
+    def _prepare_schema(self, migrate: bool) -> schema.SchemaState:
         with self._transaction(self._writes) as session:
             if self._engine.dialect.name == "postgresql":
                 # Several gpuctld may start at once (HA) and CREATE TABLE races are not safe in
                 # PostgreSQL; the lock ends with this transaction.
                 session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SCHEMA_LOCK_KEY})
-            SQLModel.metadata.create_all(session.connection())
+            found = schema.prepare(session.connection(), migrate=migrate)
             session.execute(
                 self._insert(RevisionCounter).values(id=1, value=0).on_conflict_do_nothing()
             )
+            return found
 
     # -- jobs -----------------------------------------------------------------------------------
 

@@ -180,3 +180,22 @@ class AuditRow(SQLModel, table=True):
     target: str
     outcome: str
     detail: str = Field(sa_type=Text)
+
+
+class LeaderRow(SQLModel, table=True):
+    """One row (id 1): which gpuctld leads, since when (`epoch`), and until when.
+
+    Times are the database's clock in seconds since 1970, so that head nodes whose clocks
+    disagree still agree on whether the lease ran out. Every write of the leader checks
+    `epoch` in its own transaction (fencing); see `store.sql.SqlStore.claim_leadership`.
+    """
+
+    __tablename__ = "leader"
+
+    id: int = Field(primary_key=True)
+    holder: str  # the gpuctld's [ha] name
+    address: str  # where people reach it ("" when it did not say)
+    agent_address: str  # where agents reach it
+    epoch: int = Field(sa_type=BigInteger)  # +1 at every claim: 1, 2, ...
+    acquired_s: float
+    expires_s: float
