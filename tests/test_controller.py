@@ -386,3 +386,15 @@ def test_the_active_jobs_kept_in_memory_follow_every_write_even_another_daemons(
     assert [j.id for j in ctl.active_jobs()] == [j.id for j in other.active_jobs()]
     ctl.run_cycle()
     assert ctl.active_jobs() == ctl.store.active_jobs()
+
+
+def test_a_new_leader_gives_every_node_a_full_timeout_before_calling_it_lost(ctl):
+    """Taking over from a leader that died (or restarting after a long outage), the nodes'
+    last heartbeats are old: their agents are still finding this daemon, not dead."""
+    ctl.register_node(h100_node("a"))
+    ctl.clock.advance(timedelta(seconds=100))  # the old leader died long ago
+    ctl.lead()
+    ctl.clock.advance(timedelta(seconds=29))
+    assert ctl.expire_heartbeats() == []  # within the timeout (30 s here) of the takeover
+    ctl.clock.advance(timedelta(seconds=2))
+    assert ctl.expire_heartbeats() == ["a"]

@@ -57,7 +57,9 @@ def test_ready_only_when_serving_then_watchdog_then_graceful_stop(tmp_path, noti
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
-        assert sock.recv(4096) == b"WATCHDOG=1"  # every WATCHDOG_USEC / 2
+        # Then it leads (the only gpuctld on its store), and pings every WATCHDOG_USEC / 2.
+        assert sock.recv(4096) == b"STATUS=leading (epoch 1)"
+        assert sock.recv(4096) == b"WATCHDOG=1"
         proc.send_signal(signal.SIGTERM)
         messages = []
         while (msg := sock.recv(4096)) != b"STOPPING=1":

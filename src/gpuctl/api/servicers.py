@@ -41,6 +41,7 @@ from gpuctl.core.errors import (
     GpuctlError,
     InvalidArgument,
     NotFound,
+    NotLeader,
     ResourceExhausted,
 )
 from gpuctl.core.model import Job, JobState, RankState
@@ -202,6 +203,8 @@ def rpc(permission: Permission | None, *, audited: bool = False) -> Callable[[F]
 def _audit(servicer, call: Call, audited: bool, error: BaseException | None) -> None:
     if not audited and not isinstance(error, PermissionDenied):
         return
+    if isinstance(error, NotLeader):
+        return  # a standby did nothing, and writes nothing: the leader audits the retry
     outcome = "ok" if error is None else to_status(error).code.name
     entry = AuditEntry(
         time=servicer.c.clock.now(),

@@ -13,6 +13,7 @@ from gpuctl.core.errors import (
     GpuctlError,
     InvalidArgument,
     NotFound,
+    NotLeader,
     ResourceExhausted,
     Unavailable,
 )
@@ -39,6 +40,8 @@ def _pack(message) -> any_pb2.Any:
 # Error messages echo what the caller sent; a client at gRPC's default header limits (8 KiB)
 # would get a transport error instead of the answer, so each part is cut to these.
 MAX_MESSAGE = 2048
+# ErrorInfo.reason of a write sent to a standby; metadata "leader"/"leader_agent" say where to go.
+NOT_LEADER = "NOT_LEADER"
 MAX_DETAIL = 512
 
 
@@ -71,6 +74,17 @@ def to_status(error: GpuctlError) -> grpc.Status:
                 )
             )
         )
+    elif isinstance(error, NotLeader):
+        details.append(
+            _pack(
+                error_details_pb2.ErrorInfo(
+                    reason=NOT_LEADER,
+                    domain="gpuctl",
+                    metadata={"leader": error.leader, "leader_agent": error.leader_agent},
+                )
+            )
+        )
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay={"nanos": 500_000_000})))
     elif isinstance(error, Unavailable):
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay={"seconds": 1})))
     elif isinstance(error, ResourceExhausted):

@@ -52,6 +52,18 @@ class Unavailable(GpuctlError):
     """A dependency (store, provider) cannot be reached now; retrying may help."""
 
 
+class NotLeader(Unavailable):
+    """This gpuctld is a standby (or was the leader and lost the lease): only the leader
+    writes. `leader` and `leader_agent` are where the leader serves people and agents, as it
+    advertised them ("" when no daemon holds the lease right now)."""
+
+    def __init__(self, leader: str = "", leader_agent: str = "") -> None:
+        self.leader = leader
+        self.leader_agent = leader_agent
+        where = f"the leader is at {leader}" if leader else "no leader right now; retry soon"
+        super().__init__(f"this gpuctld is not the leader: {where}")
+
+
 class ResourceExhausted(GpuctlError):
     """A limit was reached (calls in flight, pending jobs, a quota); retrying later may help."""
 

@@ -74,6 +74,13 @@ class DaemonConfig:
     streams_per_caller: int = 4
     calls_per_caller: int = 16
     agent_reserve: int = 8
+    # High availability: several gpuctld on one PostgreSQL, one leads (see runtime/leadership)
+    ha_name: str = ""  # "": this host's name; a gpuctld restarted under its name leads at once
+    ha_address: str = ""  # where people reach this gpuctld; "": from server.listen
+    ha_agent_address: str = ""  # where agents reach it; "": from server.agent_listen
+    ha_lease_ttl_s: float = 4.0
+    ha_renew_interval_s: float = 1.0
+    ha_retry_interval_s: float = 0.5
 
     def resolved_state_dir(self, env: Mapping[str, str]) -> Path:
         if self.state_dir:
@@ -150,6 +157,12 @@ _KEYS: dict[str, str] = {
     "jobs.max_log_bytes_per_job": "max_log_bytes_per_job",
     "jobs.max_log_bytes_total": "max_log_bytes_total",
     "logging.level": "log_level",
+    "ha.name": "ha_name",
+    "ha.address": "ha_address",
+    "ha.agent_address": "ha_agent_address",
+    "ha.lease_ttl_s": "ha_lease_ttl_s",
+    "ha.renew_interval_s": "ha_renew_interval_s",
+    "ha.retry_interval_s": "ha_retry_interval_s",
 }
 
 

@@ -157,6 +157,7 @@ class Controller:
         self.active_jobs = ActiveJobs(store)
         self._lock = threading.RLock()
         self.leases: LeaseKeeper | None = None  # set by LeaseKeeper: leases from providers
+        self._leading_since: datetime | None = None
 
     @property
     def lock(self) -> threading.RLock:
@@ -165,6 +166,12 @@ class Controller:
 
     def attach_leases(self, keeper: LeaseKeeper) -> None:
         self.leases = keeper
+
+    def lead(self) -> None:
+        """This gpuctld starts deciding (at start, or taking over from a leader that died):
+        every node gets a full heartbeat timeout from now before it counts as lost, since its
+        agent may still be finding this daemon."""
+        self._leading_since = self.clock.now()
 
     # -- user API ------------------------------------------------------------------------
 
@@ -568,6 +575,8 @@ class Controller:
                 if node.state not in (NodeState.READY, NodeState.DRAINING, NodeState.DEGRADED):
                     continue
                 if node.last_heartbeat is None or node.last_heartbeat >= cutoff:
+                    continue
+                if self._leading_since is not None and self._leading_since >= cutoff:
                     continue
                 silent = int((now - node.last_heartbeat).total_seconds())
                 why = f"no heartbeat for {silent}s (timeout {self.settings.heartbeat_timeout_s:g}s)"

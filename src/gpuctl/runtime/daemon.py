@@ -11,6 +11,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from gpuctl.core.trust import QueueGrants, RolePolicy, RunAsPolicy
 from gpuctl.runtime.clock import SystemClock
 from gpuctl.runtime.config import DaemonConfig, load_config, load_providers
 from gpuctl.runtime.controller import Controller, ControllerSettings
+from gpuctl.runtime.leadership import Elector, ElectorSettings
+from gpuctl.runtime.leadership import run as run_elector
 from gpuctl.runtime.leases import LeaseKeeper, LeaseSettings, build_providers
 from gpuctl.runtime.logstore import LogStore
 from gpuctl.runtime.periodic import Periodic
@@ -113,12 +116,9 @@ def serve(
 
     state_dir = config.resolved_state_dir(env)
     private_state_dir(state_dir)
-    tables, base_dir = load_providers(config)
+    _elector_settings(config, 0, 0)  # a bad [ha] table fails before anything starts
     store = open_store(config.resolved_store_url(env), migrate=migrate)
-    # The static and catalog providers keep their grants in memory: the store hands them back.
-    providers = build_providers(
-        tables, base_dir=base_dir, leases=store.list_leases(include_released=True)
-    )
+    store.fence(0)  # nothing is written until this gpuctld leads (see runtime/leadership)
     periodic = Periodic()
     controller = Controller(
         store,
@@ -139,23 +139,50 @@ def serve(
         ),
         wake=lambda: periodic.wake("cycle"),
     )
-    keep_leases = controller.keep_leases
-    if providers:
-        keeper = LeaseKeeper(
-            controller,
-            providers,
-            LeaseSettings(
-                idle_grace_s=config.lease_idle_grace_s,
-                boot_timeout_s=config.lease_boot_timeout_s,
-                renew_before_s=config.lease_renew_before_s,
-                retry_after_s=config.lease_retry_after_s,
-                unknown=config.lease_unknown,
-                budgets={q: Budget(**b) for q, b in config.lease_budgets.items()},
-            ),
-            wake=lambda: periodic.wake("leases"),
+
+    def lead(epoch: int) -> None:
+        """Start deciding: the cycle, heartbeat expiry, time limits, leases."""
+        controller.lead()
+        tables, base_dir = load_providers(config)
+        # The static and catalog providers keep their grants in memory: the store hands them
+        # back, as they stand now (a standby taking over reads them only now).
+        providers = build_providers(
+            tables, base_dir=base_dir, leases=store.list_leases(include_released=True)
         )
-        keep_leases = keeper.tick
-        log.info("leasing from %s", ", ".join(p.name for p in providers))
+        keep_leases = controller.keep_leases
+        if providers:
+            keeper = LeaseKeeper(
+                controller,
+                providers,
+                LeaseSettings(
+                    idle_grace_s=config.lease_idle_grace_s,
+                    boot_timeout_s=config.lease_boot_timeout_s,
+                    renew_before_s=config.lease_renew_before_s,
+                    retry_after_s=config.lease_retry_after_s,
+                    unknown=config.lease_unknown,
+                    budgets={q: Budget(**b) for q, b in config.lease_budgets.items()},
+                ),
+                wake=lambda: periodic.wake("leases"),
+            )
+            keep_leases = keeper.tick
+            log.info("leasing from %s", ", ".join(p.name for p in providers))
+        periodic.every("cycle", config.cycle_interval_s, controller.run_cycle)
+        periodic.every(
+            "heartbeat-expiry", config.heartbeat_check_interval_s, controller.expire_heartbeats
+        )
+        periodic.every(
+            "time-limits", config.heartbeat_check_interval_s, controller.enforce_time_limits
+        )
+        periodic.every("leases", config.lease_interval_s, keep_leases)
+        periodic.start()
+        notifier.status(f"leading (epoch {epoch})")
+
+    lost: list[str] = []
+
+    def lose(why: str) -> None:
+        lost.append(why)
+        stop.set()
+
     sessions = SessionBook(config.session_ttl_s)
     listeners, authority = _listeners(config, env, state_dir)
     limits = LimitSettings(
@@ -213,27 +240,36 @@ def serve(
         tmp.write_text(f"{server.port}\n" + (f"{server.agent_port}\n" if server.agent_port else ""))
         tmp.replace(port_file)
 
-    periodic.every("cycle", config.cycle_interval_s, controller.run_cycle)
-    periodic.every(
-        "heartbeat-expiry", config.heartbeat_check_interval_s, controller.expire_heartbeats
+    elector = Elector(
+        store,
+        _elector_settings(config, server.port, server.agent_port),
+        monotonic=time.monotonic,
+        on_lead=lead,
+        on_lost=lose,
     )
-    periodic.every("time-limits", config.heartbeat_check_interval_s, controller.enforce_time_limits)
-    periodic.every("leases", config.lease_interval_s, keep_leases)
-    periodic.start()
-    # Ready only now: the port is bound and the store is open.
+    # Ready now: the port is bound and the store is open (a standby serves reads).
     notifier.ready(f"serving on {host}:{server.port}")
+    electing = threading.Thread(
+        target=run_elector, args=(elector, stop), name="leader-lease", daemon=True
+    )
+    electing.start()
 
     interval = notifier.watchdog_interval or 5.0
     while not stop.wait(interval):
         notifier.watchdog()
 
-    log.info("SIGTERM: draining (grace %gs)", config.drain_grace_s)
+    if lost:
+        log.error("stopping: lost the leader lease (%s); a restart serves as a standby", lost[0])
+    else:
+        log.info("SIGTERM: draining (grace %gs)", config.drain_grace_s)
     notifier.stopping()
+    electing.join()
     periodic.shutdown()
+    elector.resign()
     server.drain(config.drain_grace_s)
     store.close()
     log.info("stopped")
-    return 0
+    return 1 if lost else 0
 
 
 def _listeners(
@@ -298,6 +334,29 @@ def _listeners(
         agent_ca=authority.cert_pem if authority is not None else b"",
     )
     return listeners, authority
+
+
+def _elector_settings(config: DaemonConfig, port: int, agent_port: int) -> ElectorSettings:
+    """Who this gpuctld is among several, and the addresses a standby sends callers to."""
+    host = socket.gethostname()
+
+    def advertised(listen: str, bound: int) -> str:
+        if not listen:
+            return ""
+        name = listen.rsplit(":", 1)[0].strip("[]")
+        return f"{host if name in ('', '0.0.0.0', '::') else name}:{bound}"
+
+    settings = ElectorSettings(
+        name=config.ha_name or host,
+        address=config.ha_address or advertised(config.listen, port),
+        agent_address=config.ha_agent_address or advertised(config.agent_listen, agent_port),
+        ttl_s=config.ha_lease_ttl_s,
+        renew_s=config.ha_renew_interval_s,
+        retry_s=config.ha_retry_interval_s,
+    )
+    if settings.violations():
+        raise InvalidArgument([FieldViolation("ha", v) for v in settings.violations()])
+    return settings
 
 
 def _default_names(config: DaemonConfig) -> tuple[str, ...]:

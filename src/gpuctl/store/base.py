@@ -18,6 +18,22 @@ class JobPage:
     next_page_token: str  # "" on the last page
 
 
+@dataclass(frozen=True, slots=True)
+class Leadership:
+    """Who holds the leader lease, as the store saw it (`expires_in_s` by the database's
+    clock; 0 or less: lapsed, anyone may claim it)."""
+
+    holder: str
+    address: str
+    agent_address: str
+    epoch: int
+    expires_in_s: float
+
+    @property
+    def live(self) -> bool:
+        return self.expires_in_s > 0
+
+
 class Store(Protocol):
     """Durable state of gpuctld. Every write is committed before the method returns.
 
@@ -132,6 +148,30 @@ class Store(Protocol):
         self, *, since: datetime | None = None, principal: str = "", limit: int = 100
     ) -> tuple[AuditEntry, ...]:
         """The latest `limit` entries (after `since`, by `principal`), oldest first."""
+        ...
+
+    # -- leadership (several gpuctld on one database) -----------------------------------------
+
+    def claim_leadership(
+        self, holder: str, *, address: str, agent_address: str, ttl_s: float
+    ) -> Leadership:
+        """Take the lease when it lapsed or `holder` has it already (the same gpuctld
+        restarted), with a new epoch; returns who holds it afterwards."""
+        ...
+
+    def renew_leadership(self, holder: str, epoch: int, ttl_s: float) -> bool:
+        """Extend our lease; False when another claim came in between (we lost it)."""
+        ...
+
+    def resign_leadership(self, holder: str, epoch: int) -> None:
+        """Let the lease lapse now, so that a standby takes over at once."""
+        ...
+
+    def leader(self) -> Leadership: ...
+
+    def fence(self, epoch: int | None) -> None:
+        """From now on every write commits only while the lease's epoch is `epoch`, and raises
+        `NotLeader` otherwise (0: refuse every write; None: no check)."""
         ...
 
     def close(self) -> None: ...

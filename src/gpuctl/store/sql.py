@@ -25,11 +25,17 @@ from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, col, select
 
 from gpuctl.core.cost import AttemptCharge
-from gpuctl.core.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
+from gpuctl.core.errors import (
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    NotLeader,
+    Unavailable,
+)
 from gpuctl.core.model import Event, Job, JobSpec, JobState, LeaseState, Node, NodeLease
 from gpuctl.core.trust import ApiToken, AuditEntry
 from gpuctl.store import schema
-from gpuctl.store.base import JobPage
+from gpuctl.store.base import JobPage, Leadership
 from gpuctl.store.mapping import (
     audit_from_row,
     audit_row,
@@ -51,6 +57,7 @@ from gpuctl.store.tables import (
     ChargeRow,
     EventRow,
     JobRow,
+    LeaderRow,
     LeaseRow,
     NodeRow,
     RevisionCounter,
@@ -83,6 +90,7 @@ class SqlStore:
     def __init__(self, url: str, *, migrate: bool = False) -> None:
         self._engine = _create_engine(url)
         self._insert = _UPSERTS[self._engine.dialect.name]
+        self._epoch: int | None = None  # see `fence`
         self._reads = sessionmaker(self._engine, class_=Session, expire_on_commit=False)
         self._writes = sessionmaker(
             self._engine.execution_options(gpuctl_write=True),
@@ -104,6 +112,13 @@ class SqlStore:
             found = schema.prepare(session.connection(), migrate=migrate)
             session.execute(
                 self._insert(RevisionCounter).values(id=1, value=0).on_conflict_do_nothing()
+            )
+            # The lease row exists from the start, lapsed: claims only ever UPDATE it.
+            session.execute(
+                self._insert(LeaderRow)
+                .values(id=1, holder="", address="", agent_address="", epoch=0)
+                .values(acquired_s=0.0, expires_s=0.0)
+                .on_conflict_do_nothing()
             )
             return found
 
@@ -343,18 +358,92 @@ class SqlStore:
             latest = [audit_from_row(r) for r in session.exec(query)]
         return tuple(reversed(latest))
 
+    # -- leadership -----------------------------------------------------------------------------
+
+    def claim_leadership(
+        self, holder: str, *, address: str, agent_address: str, ttl_s: float
+    ) -> Leadership:
+        with self._transaction(self._writes, fenced=False) as session:
+            now = self._db_now(session)
+            row = session.get(LeaderRow, 1, with_for_update=True)
+            assert row is not None, "made with the schema"
+            if row.holder == holder or row.expires_s <= now:
+                row.holder, row.address, row.agent_address = holder, address, agent_address
+                row.epoch += 1
+                row.acquired_s, row.expires_s = now, now + ttl_s
+            return _leadership(row, now)
+
+    def renew_leadership(self, holder: str, epoch: int, ttl_s: float) -> bool:
+        with self._transaction(self._writes, fenced=False) as session:
+            now = self._db_now(session)
+            row = session.get(LeaderRow, 1, with_for_update=True)
+            if row is None or (row.holder, row.epoch) != (holder, epoch):
+                return False
+            row.expires_s = now + ttl_s
+            return True
+
+    def resign_leadership(self, holder: str, epoch: int) -> None:
+        with self._transaction(self._writes, fenced=False) as session:
+            row = session.get(LeaderRow, 1, with_for_update=True)
+            if row is not None and (row.holder, row.epoch) == (holder, epoch):
+                row.expires_s = 0.0
+
+    def leader(self) -> Leadership:
+        with self._transaction(self._reads) as session:
+            row = session.get(LeaderRow, 1)
+            assert row is not None, "made with the schema"
+            return _leadership(row, self._db_now(session))
+
+    def fence(self, epoch: int | None) -> None:
+        self._epoch = epoch
+
+    def _db_now(self, session: Session) -> float:
+        """Seconds since 1970 by the database's clock: the one clock every gpuctld shares."""
+        if self._engine.dialect.name == "postgresql":
+            query = text("SELECT extract(epoch FROM clock_timestamp())")
+        else:
+            query = text("SELECT (julianday('now') - 2440587.5) * 86400.0")
+        return float(session.execute(query).scalar_one())
+
+    def _check_epoch(self, session: Session) -> None:
+        """Fencing: this write commits only under our epoch. On PostgreSQL the row is locked
+        FOR SHARE until commit, so a claim (an UPDATE of it) waits for the writes in flight and
+        every later write sees the new epoch; SQLite's writers are serialized already."""
+        query = select(LeaderRow).where(LeaderRow.id == 1)
+        if self._engine.dialect.name == "postgresql":
+            query = query.with_for_update(read=True)
+        row = session.exec(query).one()
+        if row.epoch != self._epoch:
+            live = row.expires_s > self._db_now(session)
+            raise NotLeader(row.address if live else "", row.agent_address if live else "")
+
     def close(self) -> None:
         self._engine.dispose()
 
     @contextmanager
-    def _transaction(self, sessions: sessionmaker[Session]) -> Iterator[Session]:
-        """A session in one transaction: committed on return, rolled back on error."""
+    def _transaction(
+        self, sessions: sessionmaker[Session], *, fenced: bool = True
+    ) -> Iterator[Session]:
+        """A session in one transaction: committed on return, rolled back on error. Writes
+        are fenced (see `fence`) unless `fenced` is False."""
         try:
             with sessions.begin() as session:
+                if fenced and self._epoch is not None and sessions is self._writes:
+                    self._check_epoch(session)
                 yield session
         except OperationalError as e:
             # Connection lost, server down, SQLite locked past the busy timeout: all may pass.
             raise Unavailable(f"store: {e.orig or e}") from e
+
+
+def _leadership(row: LeaderRow, now: float) -> Leadership:
+    return Leadership(
+        holder=row.holder,
+        address=row.address,
+        agent_address=row.agent_address,
+        epoch=row.epoch,
+        expires_in_s=row.expires_s - now,
+    )
 
 
 def _job_row_by_request_id(session: Session, request_id: str) -> JobRow | None:
