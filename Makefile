@@ -100,3 +100,10 @@ fuzz: $(STAMP)
 bench-api: $(STAMP)
 	@mkdir -p bench-results
 	$(PY) -m gpuctl.bench_api --json bench-results/api.json
+
+# High availability: kill -9 the leading gpuctld under a submit storm with a gang running, two
+# gpuctld on one PostgreSQL ($$GPUCTL_TEST_POSTGRES_URL, default 127.0.0.1:5432/test).
+.PHONY: bench-failover
+bench-failover: $(STAMP)
+	@mkdir -p bench-results
+	$(PY) -m gpuctl.bench_failover --rounds 5 --json bench-results/failover.json

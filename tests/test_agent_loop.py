@@ -670,22 +670,79 @@ def test_log_shipper_without_a_file(tmp_path: Path) -> None:
 
 
 def test_an_agent_cut_off_from_the_daemon_stops_its_ranks_before_they_run_elsewhere(
-    agent: Agent, daemon: FakeDaemon
+    agent: Agent, daemon: FakeDaemon, caplog: pytest.LogCaptureFixture
 ) -> None:
     # The daemon calls a node lost after 30 s without a heartbeat; heartbeats every 10 s, so
-    # the agent stops its ranks after 30 - 2 x 10 = 10 s without an answer.
+    # the agent stops its ranks after 30 - 10 = 20 s without an answer: a leader failover
+    # (about 5 s) stops nothing.
     daemon.heartbeat_timeout = 30.0
     daemon.assignments = [assignment(sys.executable, "-c", "import time; time.sleep(60)")]
     agent.until(lambda: KEY in agent.runner.running())
     daemon.assignments = []
-    daemon.fail("Heartbeat", *[grpc.StatusCode.UNAVAILABLE] * 5)
-    daemon.fail("ReportRankStatus", *[grpc.StatusCode.UNAVAILABLE] * 5)
-    agent.clock.advance(9.0)
-    agent.loop.tick()
-    assert KEY in agent.runner.running()  # 9 s of silence: not yet
-    agent.heartbeat()  # 19 s: the heartbeat fails too
+    daemon.fail("Heartbeat", *[grpc.StatusCode.UNAVAILABLE] * 100)
+    daemon.fail("ReportRankStatus", *[grpc.StatusCode.UNAVAILABLE] * 100)
+    agent.clock.advance(20.0)
+    agent.loop.tick()  # the heartbeat fails; the next try is due in 0.5 s
+    assert "no word from gpuctld" not in caplog.text  # 20 s of silence: not yet
+    agent.clock.advance(0.5)
+    agent.loop.tick()  # 20.5 s: the retried heartbeat fails too
+    assert "(it calls a node lost after 30s): stopping 1 rank(s)" in caplog.text
     agent.until(lambda: KEY not in agent.runner.running())
     daemon.failures.clear()  # the daemon is back: it hears how the rank ended
     agent.heartbeat()
     agent.until(lambda: any(r[0] == EXITED for r in daemon.reports()))
     assert [r[:2] for r in daemon.reports()][-1] == (EXITED, -signal.SIGTERM)
+
+
+def test_the_fence_is_never_sooner_than_one_heartbeat(
+    agent: Agent, daemon: FakeDaemon, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A timeout of 15 s with heartbeats every 10 s: 15 - 10 = 5 s would be shorter than a
+    # heartbeat, so the agent waits one heartbeat, 10 s.
+    daemon.heartbeat_timeout = 15.0
+    daemon.assignments = [assignment(sys.executable, "-c", "import time; time.sleep(60)")]
+    agent.until(lambda: KEY in agent.runner.running())
+    daemon.assignments = []
+    daemon.fail("Heartbeat", *[grpc.StatusCode.UNAVAILABLE] * 100)
+    agent.clock.advance(10.0)
+    agent.loop.tick()
+    assert "no word from gpuctld" not in caplog.text
+    agent.clock.advance(0.5)
+    agent.loop.tick()
+    assert "(it calls a node lost after 15s): stopping 1 rank(s)" in caplog.text
+    agent.until(lambda: KEY not in agent.runner.running())
+
+
+@pytest.mark.parametrize(
+    ("code", "gaps"),
+    [
+        # no daemon answered: 0.5 s doubling per failure, capped at the 10 s interval
+        (grpc.StatusCode.UNAVAILABLE, [0.5, 1, 2, 4, 8, 10, 10]),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, [0.5, 1, 2, 4, 8, 10, 10]),
+        # the daemon answered: the next heartbeat comes at the interval
+        (grpc.StatusCode.INTERNAL, [10, 10, 10]),
+    ],
+    ids=lambda v: getattr(v, "name", None),
+)
+def test_a_heartbeat_no_daemon_answered_is_retried_sooner(
+    agent: Agent, daemon: FakeDaemon, code: grpc.StatusCode, gaps: list[float]
+) -> None:
+    agent.loop.tick()  # registers and heartbeats
+    daemon.fail("Heartbeat", *[code] * len(gaps))
+    agent.heartbeat()  # the 2nd heartbeat fails, and the next ones but the last
+    for attempt, gap in enumerate(gaps, start=3):
+        agent.clock.advance(gap - 0.25)
+        agent.loop.tick()  # not due yet
+        assert daemon.attempts["Heartbeat"] == attempt - 1
+        agent.clock.advance(0.25)
+        agent.loop.tick()
+        assert daemon.attempts["Heartbeat"] == attempt
+    assert len(daemon.requests("Heartbeat")) == 2  # the first and the last
+    # answered: back to the interval, and a later failure starts again from 0.5 s
+    daemon.fail("Heartbeat", code)
+    agent.heartbeat()
+    assert daemon.attempts["Heartbeat"] == len(gaps) + 3
+    agent.clock.advance(0.5)
+    agent.loop.tick()
+    expected = len(gaps) + 4 if code is not grpc.StatusCode.INTERNAL else len(gaps) + 3
+    assert daemon.attempts["Heartbeat"] == expected

@@ -84,6 +84,14 @@ def test_address_follows_the_server(server: str, address: str) -> None:
     assert load_settings(["--server", server], {}).identity.address == address
 
 
+def test_several_servers_are_one_list() -> None:
+    s = load_settings(["--server", "10.0.0.5:50061, 10.0.0.6:50061"], {})
+    assert s.servers == ("10.0.0.5:50061", "10.0.0.6:50061")
+    assert s.identity.address == HOSTNAME
+    both = load_settings(["--server", "127.0.0.1:50061,[::1]:50062"], {})
+    assert both.identity.address == "127.0.0.1"  # every one on loopback
+
+
 @pytest.mark.parametrize(
     ("env", "expected"),
     [
@@ -136,6 +144,8 @@ def test_the_shipped_config_loads() -> None:
         (["--cpus", "0"], None, "bad CPU count '0'"),
         (["--server", "nohost"], None, "bad --server 'nohost'"),
         (["--server", "h:99999"], None, "bad --server 'h:99999'"),
+        (["--server", "head1:50061,nohost"], None, "bad --server 'nohost'"),
+        (["--server", ","], None, "bad --server ','"),
         (["--label", "novalue"], None, "bad --label 'novalue'"),
         (["--price-per-hour", "-1"], None, "must not be negative"),
         (["--price-per-hour", "cheap"], None, "want a number of USD"),
@@ -249,9 +259,12 @@ def test_agent_registers_runs_and_stops_its_ranks_on_sigterm_when_told(
         notify.bind(f"{short}/notify")
         notify.settimeout(20)
         env = {**os.environ, "NOTIFY_SOCKET": f"{short}/notify"}
+        with socket.socket() as s:  # the first of the two gpuctld is down: the agent goes on
+            s.bind(("127.0.0.1", 0))
+            down = f"127.0.0.1:{s.getsockname()[1]}"
         argv = [
             sys.executable, "-m", "gpuctl.agent.main",
-            "--server", f"127.0.0.1:{port}", "--name", "gpu-9", "--fake-gpus", "l40s:4",
+            "--server", f"{down},127.0.0.1:{port}", "--name", "gpu-9", "--fake-gpus", "l40s:4",
             "--net", "ethernet:2x100", "--state-dir", str(tmp_path / "state"),
             "--cpus", "8", "--memory", "64GiB", "--label", "pool=test", "--stop-ranks-on-exit",
             "--token-file", str(token_file(tmp_path)),
@@ -371,6 +384,11 @@ def test_the_agents_secrets_stay_out_of_its_ranks(
             ["--token-file", "TOKEN", "--server", "10.1.2.3:50051"],
             "is not on loopback: give --ca-file",
             id="plain-tcp-off-loopback",
+        ),
+        pytest.param(
+            ["--token-file", "TOKEN", "--server", "127.0.0.1:50051,10.1.2.3:50051"],
+            "--server 10.1.2.3:50051 is not on loopback: give --ca-file",
+            id="one-of-several-off-loopback",
         ),
     ],
 )

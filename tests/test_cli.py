@@ -475,6 +475,21 @@ def test_drain(api, gpuctl):
     assert api.nodes.nodes["gpu-01"].state_reason == "bad DIMM"
 
 
+def test_several_servers_the_first_down(api):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        down = f"127.0.0.1:{s.getsockname()[1]}"
+    api.nodes.add(h100_node("gpu-01"))
+
+    result = CliRunner().invoke(
+        cli,
+        ["--server", f"{down},{api.target}", "drain", "gpu-01"],
+        env={"GPUCTL_TOKEN": "token-of-alice"},
+    )
+
+    assert (result.exit_code, result.stdout) == (0, "node gpu-01 draining\n")
+
+
 def test_leases_table(api, gpuctl):
     api.leases.leases.extend(
         [

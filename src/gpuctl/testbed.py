@@ -76,6 +76,10 @@ class LocalCluster:
     # Otherwise agents use node tokens over plain loopback TCP.
     pki: bool = False
     agent_port: int = 0
+    # Several clusters given one PostgreSQL store_url and their own ha_name are several gpuctld
+    # of one control plane (one leads, the others stand by).
+    store_url: str = ""
+    ha_name: str = ""
     # Unix socket paths hold 107 bytes: the socket lives in a short directory of its own.
     run_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="gpuctl-")))
 
@@ -115,7 +119,9 @@ class LocalCluster:
         config = self.root / "gpuctld.toml"
         if not config.exists():
             text = FAST_CONFIG.replace("{user}", pwd.getpwuid(os.geteuid()).pw_name)
-            config.write_text(text + ("\n[tls]\nself_signed = true\n" if self.pki else ""))
+            text += "\n[tls]\nself_signed = true\n" if self.pki else ""
+            text += f'\n[ha]\nname = "{self.ha_name}"\n' if self.ha_name else ""
+            config.write_text(text)
         port_file = self.root / "gpuctld.port"
         port_file.unlink(missing_ok=True)
         listen = f"127.0.0.1:{self.port}"  # the same port again after a restart
@@ -128,6 +134,7 @@ class LocalCluster:
                 "--state-dir", str(self.root / "state"),
                 "--socket", str(self.socket),
                 *(["--agent-listen", f"127.0.0.1:{self.agent_port}"] if self.pki else []),
+                *(["--store-url", self.store_url] if self.store_url else []),
                 "--port-file", str(port_file),
             ],
         )  # fmt: skip
@@ -170,8 +177,15 @@ class LocalCluster:
         return self.root / "state" / "pki" / "ca.crt"
 
     def start_agent(
-        self, spec: AgentSpec, *, token_file: Path | None = None, extra: Sequence[str] = ()
+        self,
+        spec: AgentSpec,
+        *,
+        token_file: Path | None = None,
+        server: str = "",
+        extra: Sequence[str] = (),
     ) -> None:
+        """An agent of this cluster; `server` overrides the daemon address it is given (e.g.
+        every head's address, for failover)."""
         state = self.root / "agents" / spec.name
         if self.pki and token_file is None and not (state / "credentials").exists():
             # As an operator would: a one-time join token, and the CA for the agent to pin.
@@ -190,7 +204,9 @@ class LocalCluster:
             credential = []  # joined before: its certificate is under its state dir
         else:
             credential = ["--token-file", str(token_file or self.node_token(spec.name))]
-        server = f"127.0.0.1:{self.agent_port}" if self.pki and token_file is None else self.target
+        server = server or (
+            f"127.0.0.1:{self.agent_port}" if self.pki and token_file is None else self.target
+        )
         self._spawn(
             f"agent-{spec.name}",
             [

@@ -38,6 +38,11 @@ DEFAULT_HEARTBEAT_S = 5.0  # used only if the daemon's answer carries no interva
 POLL_INTERVAL_S = 0.5  # how soon an exit is noticed (and reported) between heartbeats
 REGISTER_BACKOFF_S = 0.5  # first retry; doubles per failure ...
 REGISTER_BACKOFF_CAP_S = 30.0  # ... up to this, so a restarted daemon is found within 30 s
+# A heartbeat that found no daemon (down, hung, a standby) is retried this soon, doubling per
+# failure up to the heartbeat interval: an agent reaches a new leader within about a second
+# of its takeover, well inside the full timeout the new leader gives every node.
+HEARTBEAT_RETRY_S = 0.5
+_MAX_DOUBLINGS = 20  # past every cap above
 MAX_LOG_STALLS = 3  # ticks the daemon may refuse to take a finished rank's log before we report
 SHUTDOWN_ROUNDS = 3  # tries to deliver the last logs and reports before the agent exits
 
@@ -188,11 +193,13 @@ class AgentLoop:
         self._next_register = 0.0  # monotonic
         self._heartbeat_s = DEFAULT_HEARTBEAT_S
         self._next_heartbeat = 0.0
+        self._heartbeat_failures = 0  # in a row, against an unreachable daemon
         self._last_watchdog: float | None = None
         self._unreachable = False  # an RPC of this round found the daemon down or hung
         self._down_since: float | None = None  # monotonic start of a run of such failures
         self._last_word: float | None = None  # monotonic: the daemon's last answer
         self._fence_after: float | None = None  # no answer this long: stop every rank
+        self._lost_after = 0.0  # the daemon's heartbeat timeout: then it calls the node lost
         self._fenced = False
 
         self._seen: set[RankKey] = set()  # every rank ever started: assignments are re-sent
@@ -316,7 +323,9 @@ class AgentLoop:
         try:
             response = self._stub.RegisterNode(request, timeout=self._rpc_timeout)
         except grpc.RpcError as e:
-            delay = min(REGISTER_BACKOFF_CAP_S, REGISTER_BACKOFF_S * 2**self._register_failures)
+            # The exponent is bounded: a float cannot hold 2**1024 (a daemon gone for hours).
+            doubled = 2 ** min(self._register_failures, _MAX_DOUBLINGS)
+            delay = min(REGISTER_BACKOFF_CAP_S, REGISTER_BACKOFF_S * doubled)
             # Equal jitter: agents that lost the same daemon do not all come back in step.
             delay = delay / 2 + delay / 2 * self._jitter()
             self._register_failures += 1
@@ -326,14 +335,18 @@ class AgentLoop:
         self._reached()
         self._registered = True
         self._register_failures = 0
+        self._heartbeat_failures = 0
         self._node_name = response.node_name or node.id
         interval = response.heartbeat_interval.ToTimedelta().total_seconds()
         self._heartbeat_s = interval if interval > 0 else DEFAULT_HEARTBEAT_S
         timeout = response.heartbeat_timeout.ToTimedelta().total_seconds()
-        # Two heartbeats short of the daemon's timeout: the ranks are stopped before the
-        # daemon can call the node lost and start them elsewhere.
+        # One heartbeat short of the daemon's timeout: the ranks are stopped before the daemon
+        # can call the node lost and start them elsewhere, yet not during a leader failover
+        # (up to about 5 s): the new leader hears from the agent within a second of taking
+        # over and counts the node's silence from its takeover, a full timeout.
+        self._lost_after = timeout
         self._fence_after = (
-            max(self._heartbeat_s, timeout - 2 * self._heartbeat_s) if timeout > 0 else None
+            max(self._heartbeat_s, timeout - self._heartbeat_s) if timeout > 0 else None
         )
         self._next_heartbeat = self._clock.monotonic()
         log.info(
@@ -356,10 +369,17 @@ class AgentLoop:
         except grpc.RpcError as e:
             if e.code() is grpc.StatusCode.NOT_FOUND:
                 self._reregister("the daemon does not know this node")
-            else:
-                self._failed(e, "heartbeat")
+                return
+            if e.code() in _UNREACHABLE:
+                doubled = 2 ** min(self._heartbeat_failures, _MAX_DOUBLINGS)
+                delay = min(self._heartbeat_s, HEARTBEAT_RETRY_S * doubled)
+                delay = delay / 2 + delay / 2 * self._jitter()  # equal jitter, as registering
+                self._heartbeat_failures += 1
+                self._next_heartbeat = self._clock.monotonic() + delay
+            self._failed(e, "heartbeat")
             return
         self._reached()
+        self._heartbeat_failures = 0
         self._profile_unsent = None
         if response.reregister:
             self._reregister("the daemon asked")
@@ -540,7 +560,7 @@ class AgentLoop:
             "no word from gpuctld for %.0fs (it calls a node lost after %.0fs): stopping %d "
             "rank(s) so that they never run twice",
             silent,
-            self._fence_after + 2 * self._heartbeat_s,
+            self._lost_after,
             len(self._runner.running()),
         )
         self._runner.stop_all()

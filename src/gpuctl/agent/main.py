@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 
 import grpc
 
+from gpuctl.agent.failover import FailoverStub
 from gpuctl.agent.fakenvml import FakeNvml, fake_nvml
 from gpuctl.agent.health import DEFAULT_HEALTH_INTERVAL_S, DEFAULT_MIN_BANDWIDTH_FRACTION
 from gpuctl.agent.loop import AgentLoop, NodeIdentity, SystemClock
@@ -53,6 +54,7 @@ from gpuctl.agent.runner import (
 from gpuctl.agent.shim import become_subreaper
 from gpuctl.api._pb.agent.v1 import agent_pb2, agent_pb2_grpc
 from gpuctl.api.auth import bearer
+from gpuctl.api.client import split_target
 from gpuctl.api.pki import node_key_and_csr, write_private
 from gpuctl.core.model import Gpu, Network
 from gpuctl.core.trust import DEFAULT_DENIED_ACCOUNTS, DEFAULT_MIN_UID, RunAsPolicy
@@ -102,7 +104,7 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AgentSettings:
-    server: str
+    server: str  # HOST:PORT, or several separated by commas (a leader and its standbys)
     identity: NodeIdentity
     fake_gpus: FakeGpus | None
     network: Network
@@ -124,6 +126,10 @@ class AgentSettings:
     join_server: str = ""  # where to join (gpuctld's main listener); "": --server
     ca_file: Path | None = None  # speak TLS to gpuctld, trusting only this CA
 
+    @property
+    def servers(self) -> tuple[str, ...]:
+        return split_target(self.server)
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
@@ -138,7 +144,12 @@ def _parser() -> argparse.ArgumentParser:
         "and runs the ranks it is assigned. Flags override the --config file. "
         "`gpuctl-agent profile --help`: print the node's profile without a daemon.",
     )
-    p.add_argument("--server", help=f"gpuctld's agent API, HOST:PORT (default {DEFAULT_SERVER})")
+    p.add_argument(
+        "--server",
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help=f"gpuctld's agent API (default {DEFAULT_SERVER}); where several gpuctld run (a "
+        "leader and standbys), all of them: the agent follows the leader",
+    )
     p.add_argument("--name", help="node name (default: the hostname)")
     p.add_argument(
         "--address",
@@ -174,8 +185,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--join-server",
-        metavar="HOST:PORT",
-        help="gpuctld's main listener, where --join goes (default: --server)",
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help="gpuctld's main listener, where --join goes (default: --server); several "
+        "separated by commas where several gpuctld run",
     )
     p.add_argument(
         "--ca-file",
@@ -261,6 +273,14 @@ def _split_server(server: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _server_hosts(server: str) -> tuple[str, ...]:
+    """The host of each address of --server, checked to be HOST:PORT."""
+    addresses = split_target(server)
+    if not addresses:
+        raise SettingsError(f"bad --server {server!r}: want HOST:PORT, e.g. {DEFAULT_SERVER}")
+    return tuple(_split_server(a)[0] for a in addresses)
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -298,10 +318,10 @@ def load_settings(argv: Sequence[str], env: Mapping[str, str]) -> AgentSettings:
         return flag if flag is not None else config.get(key, default)
 
     server = pick("server", DEFAULT_SERVER)
-    host, _ = _split_server(server)
+    loopback = all(_is_loopback(host) for host in _server_hosts(server))
     hostname = socket.gethostname()
     name = pick("name") or hostname
-    address = pick("address") or ("127.0.0.1" if _is_loopback(host) else hostname)
+    address = pick("address") or ("127.0.0.1" if loopback else hostname)
     price = pick("price_per_hour", 0.0)
     try:
         price = float(price)
@@ -525,22 +545,31 @@ def join(settings: AgentSettings, token: str) -> Path:
         roots = settings.ca_file.read_bytes()
     except OSError as e:
         raise SettingsError(f"cannot read {e.filename}: {e.strerror}") from None
-    key_pem, csr_pem = node_key_and_csr(settings.identity.name)
     target = settings.join_server or settings.server
-    channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=roots))
+    addresses = split_target(target)
+    if not addresses:
+        raise SettingsError(f"bad --join-server {target!r}: want HOST:PORT")
+    key_pem, csr_pem = node_key_and_csr(settings.identity.name)
+    credentials = grpc.ssl_channel_credentials(root_certificates=roots)
+    channels = {a: grpc.secure_channel(a, credentials) for a in addresses}
     try:
-        reply = agent_pb2_grpc.AgentServiceStub(channel).JoinNode(
+        reply = FailoverStub(
+            {a: agent_pb2_grpc.AgentServiceStub(c) for a, c in channels.items()}
+        ).JoinNode(
             agent_pb2.JoinNodeRequest(csr_pem=csr_pem),
             metadata=bearer(token),
             timeout=10,
-            wait_for_ready=True,  # a gpuctld that is starting: wait for it, a little
+            # One gpuctld that is starting: wait for it, a little. Of several, one that cannot
+            # be reached is passed over at once.
+            wait_for_ready=len(addresses) == 1,
         )
     except grpc.RpcError as e:
         raise SettingsError(
             f"joining through {target} failed: {e.code().name}: {e.details()}"
         ) from None
     finally:
-        channel.close()
+        for channel in channels.values():
+            channel.close()
     if reply.node_name != settings.identity.name:
         raise SettingsError(
             f"the join token is for node {reply.node_name!r}, not {settings.identity.name!r}"
@@ -554,10 +583,10 @@ def join(settings: AgentSettings, token: str) -> Path:
     return where
 
 
-def open_channel(settings: AgentSettings) -> grpc.Channel:
-    """The channel to gpuctld: with this node's certificate where it joined (TLS both ways,
-    gpuctld's CA pinned), else with its token over TLS pinned to `ca_file`, or plain TCP on
-    loopback only."""
+def open_channels(settings: AgentSettings) -> dict[str, grpc.Channel]:
+    """A channel to each --server address: with this node's certificate where it joined (TLS
+    both ways, gpuctld's CA pinned), else with its token over TLS pinned to `ca_file`, or
+    plain TCP on loopback only."""
     where = settings.state_dir / CREDENTIALS
     if (where / "node.crt").exists():
         try:
@@ -568,7 +597,7 @@ def open_channel(settings: AgentSettings) -> grpc.Channel:
             )
         except OSError as e:
             raise SettingsError(f"cannot read {e.filename}: {e.strerror}") from None
-        return grpc.secure_channel(settings.server, creds)
+        return {a: grpc.secure_channel(a, creds) for a in settings.servers}
     if settings.token_file is None:
         raise SettingsError(
             "no credential: --join TOKEN (from `gpuctl node join-token NAME`) or --token-file "
@@ -583,19 +612,23 @@ def open_channel(settings: AgentSettings) -> grpc.Channel:
         raise SettingsError(f"cannot read {e.filename}: {e.strerror}") from None
     if not token:
         raise SettingsError(f"{settings.token_file} is empty")
-    host, _ = _split_server(settings.server)
-    if roots is not None:
-        channel = grpc.secure_channel(
-            settings.server, grpc.ssl_channel_credentials(root_certificates=roots)
+    if roots is None:
+        for address in settings.servers:
+            if not _is_loopback(_split_server(address)[0]):
+                raise SettingsError(
+                    f"--server {address} is not on loopback: give --ca-file so that the node's "
+                    "credential and its jobs' secrets cross the network encrypted, to the real "
+                    "gpuctld"
+                )
+    creds = grpc.ssl_channel_credentials(root_certificates=roots) if roots is not None else None
+    with_token = _Bearer(token)
+    return {
+        a: grpc.intercept_channel(
+            grpc.secure_channel(a, creds) if creds is not None else grpc.insecure_channel(a),
+            with_token,
         )
-    elif _is_loopback(host):
-        channel = grpc.insecure_channel(settings.server)
-    else:
-        raise SettingsError(
-            f"--server {settings.server} is not on loopback: give --ca-file so that the node's "
-            "credential and its jobs' secrets cross the network encrypted, to the real gpuctld"
-        )
-    return grpc.intercept_channel(channel, _Bearer(token))
+        for a in settings.servers
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -633,13 +666,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if join_only:
                 print(f"joined as {settings.identity.name}: key and certificate in {where}")
                 return 0
-        channel = open_channel(settings)
+        channels = open_channels(settings)
     except SettingsError as e:
         print(f"gpuctl-agent: {e}", file=sys.stderr)
         return EXIT_USAGE
     clock = SystemClock()
     loop = AgentLoop(
-        agent_pb2_grpc.AgentServiceStub(channel),
+        FailoverStub({a: agent_pb2_grpc.AgentServiceStub(c) for a, c in channels.items()}),
         build_runner(settings, clock.monotonic),
         build_probe(settings),
         settings.identity,
@@ -669,7 +702,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             loop.detach()
     finally:
-        channel.close()
+        for channel in channels.values():
+            channel.close()
     return 0
 
 

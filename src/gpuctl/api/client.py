@@ -1,7 +1,9 @@
 """The Python SDK for gpuctld: `Client` and the typed errors its calls raise.
 
 Methods return the API's protobuf messages, as Google's Python clients do. Every unary call has
-a deadline, and gRPC itself retries UNAVAILABLE for the calls that are safe to repeat.
+a deadline, and gRPC itself retries UNAVAILABLE for the calls that are safe to repeat. Given
+several gpuctld (one leader, standbys), a call goes on to the next when one cannot be reached
+or is a standby, and the client keeps to the one that answered.
 """
 
 from __future__ import annotations
@@ -9,17 +11,19 @@ from __future__ import annotations
 import builtins
 import json
 import os
+import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NoReturn
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
-from google.rpc import error_details_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
@@ -36,6 +40,7 @@ from gpuctl.api._pb.v1 import (
     nodes_pb2_grpc,
 )
 from gpuctl.api.auth import auth_socket_path, bearer, fetch_session
+from gpuctl.api.status import NOT_LEADER
 from gpuctl.core.errors import FieldViolation, GpuctlError, InvalidArgument
 from gpuctl.core.model import JobSpec, JobState
 
@@ -87,7 +92,9 @@ _RETRYABLE = {
     "grpc.health.v1.Health": ("Check",),
 }
 # 5 attempts, 0.1s doubling to at most 2s: a daemon restarting (a few seconds) or a leader
-# change is ridden out, while a daemon that is down fails the call in about 1.5s.
+# change is ridden out, while a daemon that is down fails the call in about 1.5s. A standby's
+# NOT_LEADER is UNAVAILABLE too, but carries grpc-retry-pushback-ms -1, which stops gRPC's
+# retries: the client goes on to the leader at once.
 _RETRY_POLICY = {
     "maxAttempts": 5,
     "initialBackoff": "0.1s",
@@ -106,6 +113,9 @@ SERVICE_CONFIG = {
     ]
 }
 
+# -- several gpuctld (one leader, standbys): which address a call goes to -----------------
+# The SDK and the agent both follow these rules.
+
 # What gRPC core says when no connection could be made, as opposed to a server that answered
 # UNAVAILABLE itself (store down, not the leader).
 _CONNECT_FAILURES = (
@@ -115,6 +125,61 @@ _CONNECT_FAILURES = (
     "connections to all backends failing",
     "No address added out of total",
 )
+
+
+def split_target(target: str) -> tuple[str, ...]:
+    """The addresses of "head1:50051,head2:50051", in order, each once; a `unix:` target is one
+    address whatever it contains."""
+    if target.startswith("unix:"):
+        return (target,)
+    return tuple(dict.fromkeys(a.strip() for a in target.split(",") if a.strip()))
+
+
+def _status(err: grpc.RpcError) -> status_pb2.Status | None:
+    if not isinstance(err, grpc.Call):
+        return None
+    try:
+        return rpc_status.from_call(err)
+    except ValueError:  # a Status whose code or message disagrees with the call's: ignore it
+        return None
+
+
+def could_not_connect(err: grpc.RpcError) -> bool:
+    """True when no connection could be made: nothing was sent, so any call may go elsewhere."""
+    return (
+        isinstance(err, grpc.Call)
+        and err.code() is grpc.StatusCode.UNAVAILABLE
+        and any(s in (err.details() or "") for s in _CONNECT_FAILURES)
+        and _status(err) is None
+    )
+
+
+def not_leader(err: grpc.RpcError) -> Mapping[str, str] | None:
+    """The hints ("leader", "leader_agent") of a standby's NOT_LEADER answer, or None when
+    `err` is something else. A standby did nothing, so any call may go to the leader."""
+    status = _status(err)
+    if status is None or status.code != grpc.StatusCode.UNAVAILABLE.value[0]:
+        return None
+    for detail in status.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info) and info.reason == NOT_LEADER:
+            return dict(info.metadata)
+    return None
+
+
+def next_address(
+    addresses: Sequence[str], current: int, hints: Iterable[str] = (), tried: Collection[int] = ()
+) -> int | None:
+    """The index to send a call to after `addresses[current]` refused it: the first hint that
+    is exactly one of `addresses`, else the next one in the list (wrapping around); never
+    `current` nor one in `tried`. None when there is none left."""
+    skip = {current, *tried}
+    for hint in hints:
+        if hint in addresses and addresses.index(hint) not in skip:
+            return addresses.index(hint)
+    n = len(addresses)
+    return next((i for i in ((current + s) % n for s in range(1, n)) if i not in skip), None)
+
 
 _DETAIL_TYPES = (
     error_details_pb2.BadRequest,
@@ -163,6 +228,21 @@ class ApiError(GpuctlError):
                 return d.retry_delay.ToTimedelta().total_seconds()
         return None
 
+    @property
+    def reason(self) -> str:
+        """Why, in the server's ErrorInfo ("NOT_LEADER", "MISSING_PERMISSION"...); "" if none."""
+        info = self._error_info()
+        return info.reason if info is not None else ""
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """What the server's ErrorInfo adds to its reason, e.g. {"leader": "head2:50051"}."""
+        info = self._error_info()
+        return dict(info.metadata) if info is not None else {}
+
+    def _error_info(self) -> error_details_pb2.ErrorInfo | None:
+        return next((d for d in self.details if isinstance(d, error_details_pb2.ErrorInfo)), None)
+
 
 class InvalidArgumentError(ApiError, ValueError):
     """The request (usually the job spec) is malformed; `violations` names each bad field."""
@@ -186,10 +266,7 @@ class PermissionDeniedError(ApiError, PermissionError):
     @property
     def permission(self) -> str:
         """The permission the caller lacks, where the server named it."""
-        for d in self.details:
-            if isinstance(d, error_details_pb2.ErrorInfo):
-                return d.metadata.get("permission", "")
-        return ""
+        return self.metadata.get("permission", "")
 
 
 class UnauthenticatedError(PermissionDeniedError):
@@ -202,6 +279,12 @@ class ResourceExhaustedError(ApiError):
 
 class UnavailableError(ApiError, ConnectionError):
     """gpuctld cannot be reached, or cannot serve now; retrying later may help."""
+
+    @property
+    def leader(self) -> str:
+        """Where the leader serves, when a standby answered NOT_LEADER; "" when it named none
+        (a takeover is under way) or this is another failure."""
+        return self.metadata.get("leader", "") if self.reason == NOT_LEADER else ""
 
 
 class DeadlineExceededError(ApiError, TimeoutError):
@@ -237,26 +320,15 @@ def error_from_rpc(
     """The typed error for a failed call, with the rich status details unpacked."""
     code = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN
     message = (err.details() if isinstance(err, grpc.Call) else str(err)) or ""
-    details: list[Any] = []
-    status = None
-    if isinstance(err, grpc.Call):
-        try:
-            status = rpc_status.from_call(err)
-        except ValueError:  # a Status whose code or message disagrees with the call's: ignore it
-            status = None
-    if status is not None:
-        details = [_unpack(d) for d in status.details]
+    status = _status(err)
+    details = [_unpack(d) for d in status.details] if status is not None else []
     violations = [
         FieldViolation(v.field, v.description)
         for d in details
         if isinstance(d, error_details_pb2.BadRequest)
         for v in d.field_violations
     ]
-    if (
-        status is None
-        and code is grpc.StatusCode.UNAVAILABLE
-        and any(s in message for s in _CONNECT_FAILURES)
-    ):
+    if could_not_connect(err):
         message = f"cannot reach gpuctld at {target} (is it running?)"
     elif status is None and code is grpc.StatusCode.DEADLINE_EXCEEDED and timeout is not None:
         message = f"gpuctld at {target} did not answer within {timeout:g}s"
@@ -354,11 +426,40 @@ class _Credential:
         self._session = None
 
 
+@dataclass(frozen=True, slots=True)
+class _Stubs:
+    """One address's channel and the service stubs on it."""
+
+    channel: grpc.Channel
+    jobs: jobs_pb2_grpc.JobServiceStub
+    nodes: nodes_pb2_grpc.NodeServiceStub
+    leases: leases_pb2_grpc.LeaseServiceStub
+    auth: auth_pb2_grpc.AuthServiceStub
+    health: health_pb2_grpc.HealthStub
+
+    @classmethod
+    def on(cls, channel: grpc.Channel) -> _Stubs:
+        return cls(
+            channel,
+            jobs_pb2_grpc.JobServiceStub(channel),
+            nodes_pb2_grpc.NodeServiceStub(channel),
+            leases_pb2_grpc.LeaseServiceStub(channel),
+            auth_pb2_grpc.AuthServiceStub(channel),
+            health_pb2_grpc.HealthStub(channel),
+        )
+
+
+# A method picked from an address's stubs, e.g. `lambda s: s.jobs.GetJob`.
+_Method = Callable[[_Stubs], Any]
+
+
 class Client:
     """A connection to gpuctld. Close it, or use it as a context manager.
 
     On the head node it talks to gpuctld's Unix socket and the kernel vouches for who you are;
     elsewhere give a `token` (or set GPUCTL_TOKEN) and, for TLS, a `ca_file` or `tls=True`.
+    Where several gpuctld run, give them all, "head1:50051,head2:50051": a call the one in use
+    cannot take (unreachable, or a standby) goes on to the next, the leader it names first.
 
     >>> with Client() as c:
     ...     job = c.submit({"kind": "training", "nodes": 2, "gpus_per_node": 8, "command": "torchrun train.py"})
@@ -377,29 +478,49 @@ class Client:
     ) -> None:
         self.target = target or default_target()
         self.timeout = timeout
-        options = [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(SERVICE_CONFIG))]
+        self._addresses = split_target(self.target)
+        if not self._addresses:
+            raise ValueError(f"no gpuctld address in {self.target!r}: want HOST:PORT[,HOST:PORT]")
+        self._options = [
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
+        ]
         auth_socket = None
         if self.target.startswith("unix:"):
             path = self.target.removeprefix("unix:").removeprefix("//")
             auth_socket = str(auth_socket_path(path))
-            self._channel = grpc.insecure_channel(f"unix:{path}", options=options)
-        elif credentials is not None or ca_file is not None or tls:
-            if credentials is None:
-                roots = Path(ca_file).read_bytes() if ca_file is not None else None
-                credentials = grpc.ssl_channel_credentials(root_certificates=roots)
-            self._channel = grpc.secure_channel(self.target, credentials, options=options)
-        else:
-            self._channel = grpc.insecure_channel(self.target, options=options)
+            self._unix = f"unix:{path}"
+            credentials = None
+        elif credentials is None and (ca_file is not None or tls):
+            roots = Path(ca_file).read_bytes() if ca_file is not None else None
+            credentials = grpc.ssl_channel_credentials(root_certificates=roots)
+        self._credentials = credentials
         token = token if token is not None else os.environ.get("GPUCTL_TOKEN") or None
         self._credential = _Credential(token, None if token else auth_socket)
-        self._jobs = jobs_pb2_grpc.JobServiceStub(self._channel)
-        self._nodes = nodes_pb2_grpc.NodeServiceStub(self._channel)
-        self._leases = leases_pb2_grpc.LeaseServiceStub(self._channel)
-        self._auth = auth_pb2_grpc.AuthServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._stubs: dict[int, _Stubs] = {}  # by index in _addresses, opened on first use
+        self._opening = threading.Lock()
+        self._current = 0  # the address that answered last: calls go there first
+
+    def _on(self, index: int) -> _Stubs:
+        """The stubs of `_addresses[index]`, opening its channel the first time."""
+        with self._opening:
+            stubs = self._stubs.get(index)
+            if stubs is None:
+                if self._addresses[index].startswith("unix:"):
+                    channel = grpc.insecure_channel(self._unix, options=self._options)
+                elif self._credentials is not None:
+                    channel = grpc.secure_channel(
+                        self._addresses[index], self._credentials, options=self._options
+                    )
+                else:
+                    channel = grpc.insecure_channel(self._addresses[index], options=self._options)
+                stubs = self._stubs[index] = _Stubs.on(channel)
+            return stubs
 
     def close(self) -> None:
-        self._channel.close()
+        with self._opening:
+            for stubs in self._stubs.values():
+                stubs.channel.close()
 
     def __enter__(self) -> Client:
         return self
@@ -417,41 +538,89 @@ class Client:
 
     # -- plumbing ---------------------------------------------------------------------------
 
-    def _raise(self, err: grpc.RpcError, timeout: float | None = None) -> NoReturn:
-        raise error_from_rpc(err, target=self.target, timeout=timeout) from err
-
-    def _unary(self, method: Any, request: Any) -> Any:
-        for attempt in range(2):
+    def _unary(self, method: _Method, request: Any) -> Any:
+        renewed = waited = False
+        while True:
             try:
-                return method(
-                    request,
-                    timeout=self.timeout,
-                    metadata=self._credential.metadata(self.target),
+                return self._failover(
+                    lambda stubs: method(stubs)(
+                        request,
+                        timeout=self.timeout,
+                        metadata=self._credential.metadata(self.target),
+                    )
                 )
-            except grpc.RpcError as e:
-                error = error_from_rpc(e, target=self.target, timeout=self.timeout)
-                renew = isinstance(error, UnauthenticatedError) and self._credential.renewable
-                if renew and attempt == 0:  # the daemon restarted and forgot our session
-                    self._credential.forget()
-                    continue
-                if isinstance(error, ResourceExhaustedError) and attempt == 0:
-                    delay = error.retry_delay
-                    if delay is not None and delay <= self.timeout / 2:
-                        time.sleep(delay)  # the server said when: once, within our deadline
-                        continue
-                raise error from e
-        raise AssertionError("unreachable")
+            except UnauthenticatedError:
+                if renewed or not self._credential.renewable:
+                    raise
+                renewed = True  # the daemon restarted and forgot our session
+                self._credential.forget()
+            except (ResourceExhaustedError, UnavailableError) as error:
+                # A limit, or standbys only (a takeover under way): the server said when. Once,
+                # within our deadline; a standby did nothing, so any call may be sent again.
+                delay = error.retry_delay
+                said = isinstance(error, ResourceExhaustedError) or error.reason == NOT_LEADER
+                if waited or not said or delay is None or delay > self.timeout / 2:
+                    raise
+                waited = True
+                time.sleep(delay)
 
-    def _stream(self, method: Any, request: Any, timeout: float | None = None) -> Iterator[Any]:
-        call = method(request, timeout=timeout, metadata=self._credential.metadata(self.target))
-        try:
-            yield from call
-        except grpc.RpcError as e:
-            if e.code() is grpc.StatusCode.UNAUTHENTICATED:
-                self._credential.forget()  # a daemon that restarted: the next call asks anew
-            self._raise(e)  # a stream's deadline is the caller's own, not "did not answer"
-        finally:
-            call.cancel()  # the caller stopped iterating early: end the stream on the server
+    def _failover(self, call: Callable[[_Stubs], Any]) -> Any:
+        """`call` on the address that answered last; where that one cannot be reached or is a
+        standby, on the next: the leader it names if it is one of ours, else the next in the
+        list, each address once. Safe for every call: neither failure did anything."""
+        index, tried, reached = self._current, set(), False
+        while True:
+            tried.add(index)
+            try:
+                result = call(self._on(index))
+            except grpc.RpcError as e:
+                unreachable, hints = could_not_connect(e), not_leader(e)
+                if not unreachable and hints is None:
+                    self._current = index  # it answered: the error is the call's own
+                    raise error_from_rpc(
+                        e, target=self._addresses[index], timeout=self.timeout
+                    ) from e
+                reached = reached or not unreachable
+                leader = (hints or {}).get("leader", "")
+                following = next_address(self._addresses, index, (leader,), tried)
+                if following is None:
+                    # "cannot reach gpuctld at head1:50051,head2:50051" when none could be
+                    target = self.target if not reached else self._addresses[index]
+                    raise error_from_rpc(e, target=target, timeout=self.timeout) from e
+                index = following
+                continue
+            self._current = index
+            return result
+
+    def _stream(self, method: _Method, request: Any, timeout: float | None = None) -> Iterator[Any]:
+        """A server stream, going on to the next address only while it has sent nothing."""
+        index, tried = self._current, set()
+        while True:
+            tried.add(index)
+            metadata = self._credential.metadata(self.target)
+            call = method(self._on(index))(request, timeout=timeout, metadata=metadata)
+            started = False
+            try:
+                for message in call:
+                    if not started:
+                        started, self._current = True, index
+                    yield message
+                self._current = index
+                return
+            except grpc.RpcError as e:
+                if e.code() is grpc.StatusCode.UNAUTHENTICATED:
+                    self._credential.forget()  # a daemon that restarted: the next call asks anew
+                hints = not_leader(e)
+                following = None
+                if not started and (hints is not None or could_not_connect(e)):
+                    leader = (hints or {}).get("leader", "")
+                    following = next_address(self._addresses, index, (leader,), tried)
+                if following is None:
+                    # a stream's deadline is the caller's own, not "did not answer"
+                    raise error_from_rpc(e, target=self._addresses[index]) from e
+                index = following
+            finally:
+                call.cancel()  # the caller stopped iterating early: end the stream on the server
 
     # -- jobs -------------------------------------------------------------------------------
 
@@ -482,11 +651,11 @@ class Client:
         request = jobs_pb2.CreateJobRequest(
             spec=msg, request_id=request_id or str(uuid.uuid4()), validate_only=validate_only
         )
-        return self._unary(self._jobs.CreateJob, request)
+        return self._unary(lambda s: s.jobs.CreateJob, request)
 
     def get(self, job: JobRef) -> jobs_pb2.Job:
         """The job with its events; `job` is 42, "42", "jobs/42" or a Job."""
-        return self._unary(self._jobs.GetJob, jobs_pb2.GetJobRequest(name=job_name(job)))
+        return self._unary(lambda s: s.jobs.GetJob, jobs_pb2.GetJobRequest(name=job_name(job)))
 
     def list(
         self,
@@ -500,7 +669,7 @@ class Client:
             page_size=page_size, states=[_state_value(s) for s in states], queue=queue, owner=owner
         )
         while True:
-            page = self._unary(self._jobs.ListJobs, request)
+            page = self._unary(lambda s: s.jobs.ListJobs, request)
             yield from page.jobs
             if not page.next_page_token:
                 return
@@ -508,7 +677,9 @@ class Client:
 
     def cancel(self, job: JobRef) -> jobs_pb2.Job:
         """Cancel a job: a pending one ends at once, a running one goes through CANCELLING."""
-        return self._unary(self._jobs.CancelJob, jobs_pb2.CancelJobRequest(name=job_name(job)))
+        return self._unary(
+            lambda s: s.jobs.CancelJob, jobs_pb2.CancelJobRequest(name=job_name(job))
+        )
 
     def watch(
         self, job: JobRef | None = None, since_revision: int = 0, *, timeout: float | None = None
@@ -520,7 +691,7 @@ class Client:
         request = jobs_pb2.WatchJobsRequest(
             since_revision=since_revision, name=job_name(job) if job is not None else ""
         )
-        for response in self._stream(self._jobs.WatchJobs, request, timeout):
+        for response in self._stream(lambda s: s.jobs.WatchJobs, request, timeout):
             yield response.job
 
     def wait(self, job: JobRef, timeout: float | None = None) -> jobs_pb2.Job:
@@ -563,7 +734,7 @@ class Client:
         request = jobs_pb2.StreamJobLogsRequest(
             name=job_name(job), rank=rank, offset=offset, follow=follow
         )
-        for chunk in self._stream(self._jobs.StreamJobLogs, request):
+        for chunk in self._stream(lambda s: s.jobs.StreamJobLogs, request):
             yield chunk.data
 
     # -- nodes and leases ------------------------------------------------------------------
@@ -573,7 +744,7 @@ class Client:
         out: builtins.list[nodes_pb2.Node] = []
         request = nodes_pb2.ListNodesRequest()
         while True:
-            page = self._unary(self._nodes.ListNodes, request)
+            page = self._unary(lambda s: s.nodes.ListNodes, request)
             out.extend(page.nodes)
             if not page.next_page_token:
                 return out
@@ -581,23 +752,23 @@ class Client:
 
     def node(self, name: str) -> nodes_pb2.Node:
         """One node with its events."""
-        return self._unary(self._nodes.GetNode, nodes_pb2.GetNodeRequest(name=name))
+        return self._unary(lambda s: s.nodes.GetNode, nodes_pb2.GetNodeRequest(name=name))
 
     def drain(self, name: str, reason: str = "") -> nodes_pb2.Node:
         """Stop new work landing on the node; what runs there finishes."""
         return self._unary(
-            self._nodes.DrainNode, nodes_pb2.DrainNodeRequest(name=name, reason=reason)
+            lambda s: s.nodes.DrainNode, nodes_pb2.DrainNodeRequest(name=name, reason=reason)
         )
 
     def undrain(self, name: str) -> nodes_pb2.Node:
         """Let new work land on a drained node again."""
-        return self._unary(self._nodes.UndrainNode, nodes_pb2.UndrainNodeRequest(name=name))
+        return self._unary(lambda s: s.nodes.UndrainNode, nodes_pb2.UndrainNodeRequest(name=name))
 
     # -- identity and access ---------------------------------------------------------------
 
     def whoami(self) -> auth_pb2.WhoAmIResponse:
         """Who gpuctld takes this client for, with the role and its permissions."""
-        return self._unary(self._auth.WhoAmI, auth_pb2.WhoAmIRequest())
+        return self._unary(lambda s: s.auth.WhoAmI, auth_pb2.WhoAmIRequest())
 
     def create_token(
         self, *, user: str = "", description: str = "", ttl: timedelta | None = None
@@ -607,33 +778,33 @@ class Client:
         request = auth_pb2.CreateTokenRequest(user=user, description=description)
         if ttl is not None:
             request.ttl.FromTimedelta(ttl)
-        return self._unary(self._auth.CreateToken, request)
+        return self._unary(lambda s: s.auth.CreateToken, request)
 
     def tokens(self, user: str = "") -> builtins.list[auth_pb2.Token]:
         """Your tokens (admins: a `user`'s, or "*" for everyone's), revoked ones too."""
         return list(
-            self._unary(self._auth.ListTokens, auth_pb2.ListTokensRequest(user=user)).tokens
+            self._unary(lambda s: s.auth.ListTokens, auth_pb2.ListTokensRequest(user=user)).tokens
         )
 
     def revoke_token(self, token_id: str) -> auth_pb2.Token:
         """Revoke a token by id: it stops working at once."""
-        return self._unary(self._auth.RevokeToken, auth_pb2.RevokeTokenRequest(id=token_id))
+        return self._unary(lambda s: s.auth.RevokeToken, auth_pb2.RevokeTokenRequest(id=token_id))
 
     def create_node_token(
         self, node: str, *, ttl: timedelta | None = None
     ) -> auth_pb2.CreateTokenResponse:
         """The credential of one node's agent (operators); earlier ones of the node stop working."""
-        return self._node_credential(self._auth.CreateNodeToken, node, ttl)
+        return self._node_credential(lambda s: s.auth.CreateNodeToken, node, ttl)
 
     def create_join_token(
         self, node: str, *, ttl: timedelta | None = None
     ) -> auth_pb2.CreateTokenResponse:
         """A one-time token for `node`'s agent to get its certificate (`--join`), with
         gpuctld's CA (`ca_pem`) for it to pin (operators)."""
-        return self._node_credential(self._auth.CreateJoinToken, node, ttl)
+        return self._node_credential(lambda s: s.auth.CreateJoinToken, node, ttl)
 
     def _node_credential(
-        self, method: Any, node: str, ttl: timedelta | None
+        self, method: _Method, node: str, ttl: timedelta | None
     ) -> auth_pb2.CreateTokenResponse:
         request = auth_pb2.CreateNodeTokenRequest(node=node)
         if ttl is not None:
@@ -647,14 +818,14 @@ class Client:
         request = auth_pb2.ListAuditRequest(principal=principal, limit=limit)
         if since is not None:
             request.since.FromDatetime(since.astimezone(UTC))
-        return list(self._unary(self._auth.ListAudit, request).entries)
+        return list(self._unary(lambda s: s.auth.ListAudit, request).entries)
 
     def leases(self, include_released: bool = False) -> builtins.list[leases_pb2.Lease]:
         """The leases gpuctl holds (with `include_released`, also the ones it gave back)."""
         out: builtins.list[leases_pb2.Lease] = []
         request = leases_pb2.ListLeasesRequest(include_released=include_released)
         while True:
-            page = self._unary(self._leases.ListLeases, request)
+            page = self._unary(lambda s: s.leases.ListLeases, request)
             out.extend(page.leases)
             if not page.next_page_token:
                 return out
@@ -676,9 +847,9 @@ class Client:
             if since.tzinfo is None:
                 raise ValueError("since must be a timezone-aware datetime")
             request.since.FromDatetime(since.astimezone(UTC))
-        return self._unary(self._leases.GetCost, request)
+        return self._unary(lambda s: s.leases.GetCost, request)
 
     def health(self) -> str:
         """The whole server's grpc.health.v1 status: "SERVING", "NOT_SERVING", ..."""
-        response = self._unary(self._health.Check, health_pb2.HealthCheckRequest(service=""))
+        response = self._unary(lambda s: s.health.Check, health_pb2.HealthCheckRequest(service=""))
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)

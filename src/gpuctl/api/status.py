@@ -101,13 +101,19 @@ def to_status(error: GpuctlError) -> grpc.Status:
                 )
             )
         )
-    return rpc_status.to_status(
+    status = rpc_status.to_status(
         status_pb2.Status(
             code=getattr(code_pb2, code.name),
             message=_cut(str(error), MAX_MESSAGE),
             details=details,
         )
     )
+    if isinstance(error, NotLeader):
+        # gRPC's own retries would ask this standby again (and again): tell them not to, so
+        # the client goes on to the leader at once.
+        pushback = (("grpc-retry-pushback-ms", "-1"),)
+        status = status._replace(trailing_metadata=(*status.trailing_metadata, *pushback))
+    return status
 
 
 def abort(context: grpc.ServicerContext, error: GpuctlError) -> None:

@@ -91,8 +91,9 @@ def _now() -> datetime:
     "--server",
     envvar="GPUCTL_SERVER",
     default=None,
-    help=f"gpuctld: unix:/PATH or HOST:PORT (env GPUCTL_SERVER; default unix:{DEFAULT_SOCKET} "
-    f"where it exists, else {DEFAULT_TARGET}).",
+    help="gpuctld: unix:/PATH or HOST:PORT; where several run (a leader and standbys), "
+    "HOST:PORT,HOST:PORT... and calls go to the leader (env GPUCTL_SERVER; default "
+    f"unix:{DEFAULT_SOCKET} where it exists, else {DEFAULT_TARGET}).",
 )
 @click.option(
     "--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for each call."
