@@ -24,7 +24,7 @@ from gpuctl.core.model import (
     RankState,
 )
 from gpuctl.core.plugins import build_policy
-from gpuctl.core.trust import PermissionDenied
+from gpuctl.core.trust import AuditEntry, PermissionDenied
 from gpuctl.runtime.clock import FakeClock
 from gpuctl.runtime.controller import Controller, ControllerSettings, RankRef
 from gpuctl.runtime.logstore import TRUNCATED, LogStore
@@ -398,3 +398,24 @@ def test_a_new_leader_gives_every_node_a_full_timeout_before_calling_it_lost(ctl
     assert ctl.expire_heartbeats() == []  # within the timeout (30 s here) of the takeover
     ctl.clock.advance(timedelta(seconds=2))
     assert ctl.expire_heartbeats() == ["a"]
+
+
+def test_retention_deletes_old_finished_jobs_their_logs_and_old_audit(ctl):
+    job = ctl.submit(training())
+    ctl.cancel(job.id)  # finished now
+    ctl.logs.append(job.id, 0, 0, 0, b"hello\n")
+    kept = ctl.submit(training())
+    ctl.store.add_audit(
+        AuditEntry(
+            time=ctl.clock.now(), principal="a", role="user", via="unix", peer="",
+            action="CancelJob", target=f"jobs/{job.id}", outcome="ok",
+        )
+    )  # fmt: skip
+    ctl.clock.advance(timedelta(days=29))
+    assert ctl.purge_history() == (0, 0)
+    ctl.clock.advance(timedelta(days=2))
+    assert ctl.purge_history() == (1, 0)  # 31 days after it finished; audit kept for a year
+    assert [j.id for j in ctl.store.list_jobs().jobs] == [kept.id]
+    assert not (ctl.logs.root / str(job.id)).exists()
+    ctl.clock.advance(timedelta(days=365))
+    assert ctl.purge_history() == (0, 1)

@@ -724,3 +724,55 @@ def test_current_revision_is_the_last_handed_out(store: SqlStore) -> None:
     (moved,) = store.update_jobs([dataclasses.replace(job, reason="waiting")])
     assert store.current_revision() == moved.revision > job.revision
     assert store.jobs_since(store.current_revision()) == ()
+
+
+def test_purge_deletes_the_oldest_finished_jobs_with_their_events_only(store: SqlStore) -> None:
+    def finished(state: JobState, at: datetime) -> Job:
+        job = submit(store)
+        (written,) = store.update_jobs([replace(job, state=state, finished_at=at)])
+        store.add_events(
+            [Event(object_kind="job", object_id=str(job.id), time=at, type="X", message="")]
+        )
+        return written
+
+    old = [
+        finished(s, T0 + timedelta(minutes=i))
+        for i, s in enumerate((JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED))
+    ]
+    recent = finished(JobState.SUCCEEDED, T0 + timedelta(days=2))
+    running = set_state(store, submit(store), JobState.RUNNING)
+    store.add_events(
+        [Event(object_kind="node", object_id=str(old[0].id), time=T0, type="Y", message="")]
+    )
+    cutoff = T0 + timedelta(days=1)
+
+    assert store.purge_finished_jobs(cutoff, limit=2) == (old[0].id, old[1].id)  # oldest first
+    assert store.purge_finished_jobs(cutoff, limit=2) == (old[2].id,)
+    assert store.purge_finished_jobs(cutoff, limit=2) == ()
+    assert [j.id for j in store.list_jobs().jobs] == [recent.id, running.id]
+    assert store.list_events("job", str(old[0].id)) == ()
+    assert [e.type for e in store.list_events("job", str(recent.id))] == ["X"]
+    assert [e.type for e in store.list_events("node", str(old[0].id))] == ["Y"]  # not a job's
+    with pytest.raises(NotFound):
+        store.get_job(old[0].id)
+    job, created = store.create_job(training(), request_id="", now=T0)
+    assert created and job.id > running.id  # an id is never handed out again
+
+
+def test_purge_audit_deletes_entries_older_than_the_cutoff(store: SqlStore) -> None:
+    for minutes in (0, 1, 2):
+        store.add_audit(
+            AuditEntry(
+                time=T0 + timedelta(minutes=minutes),
+                principal="alice",
+                role="user",
+                via="unix",
+                peer="",
+                action="CreateJob",
+                target="jobs/1",
+                outcome="ok",
+            )
+        )
+    assert store.purge_audit(T0 + timedelta(minutes=2), limit=1) == 1
+    assert store.purge_audit(T0 + timedelta(minutes=2), limit=10) == 1
+    assert [a.time for a in store.list_audit()] == [T0 + timedelta(minutes=2)]

@@ -50,6 +50,8 @@ class DaemonConfig:
     max_log_bytes_per_rank: int = 64 * 1024 * 1024
     max_log_bytes_per_job: int = 1024 * 1024 * 1024
     max_log_bytes_total: int = 50 * 1024 * 1024 * 1024
+    retention_days: float = 30.0
+    audit_retention_days: float = 365.0
     log_level: str = "INFO"
     admins: tuple[str, ...] = ()
     operators: tuple[str, ...] = ()
@@ -156,6 +158,8 @@ _KEYS: dict[str, str] = {
     "jobs.max_log_bytes_per_rank": "max_log_bytes_per_rank",
     "jobs.max_log_bytes_per_job": "max_log_bytes_per_job",
     "jobs.max_log_bytes_total": "max_log_bytes_total",
+    "jobs.retention_days": "retention_days",
+    "auth.audit_retention_days": "audit_retention_days",
     "logging.level": "log_level",
     "ha.name": "ha_name",
     "ha.address": "ha_address",

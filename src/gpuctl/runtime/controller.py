@@ -64,6 +64,14 @@ class ControllerSettings:
     kill_grace_s: float = 10.0
     master_port_base: int = 29500
     master_port_range: int = 1000
+    job_retention_s: float = 30 * 86400.0  # finished jobs, their events and logs; 0: forever
+    audit_retention_s: float = 365 * 86400.0  # 0: forever
+
+
+# Retention deletes at most this many rows a batch and this many batches a run, so that one run
+# holds the writer's lock briefly and a backlog (retention just turned on) drains over runs.
+PURGE_BATCH = 1000
+PURGE_BATCHES = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -595,6 +603,30 @@ class Controller:
         if lost:
             self.wake()
         return lost
+
+    def purge_history(self) -> tuple[int, int]:
+        """Retention: delete jobs finished longer ago than `job_retention_s` with their events
+        and logs, and audit entries older than `audit_retention_s`. Returns (jobs, entries)."""
+        now = self.clock.now()
+        jobs = entries = 0
+        for _ in range(PURGE_BATCHES):
+            ids: tuple[int, ...] = ()
+            if self.settings.job_retention_s:
+                before = now - timedelta(seconds=self.settings.job_retention_s)
+                with self._lock:
+                    ids = self.store.purge_finished_jobs(before, limit=PURGE_BATCH)
+                for job_id in ids:
+                    self.logs.remove(job_id)
+            done = 0
+            if self.settings.audit_retention_s:
+                before = now - timedelta(seconds=self.settings.audit_retention_s)
+                done = self.store.purge_audit(before, limit=PURGE_BATCH)
+            jobs, entries = jobs + len(ids), entries + done
+            if len(ids) < PURGE_BATCH and done < PURGE_BATCH:
+                break
+        if jobs or entries:
+            log.info("retention: deleted %d finished job(s) and %d audit entries", jobs, entries)
+        return jobs, entries
 
     def enforce_time_limits(self) -> list[int]:
         now = self.clock.now()

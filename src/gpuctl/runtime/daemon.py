@@ -37,6 +37,7 @@ from gpuctl.runtime.sdnotify import Notifier
 from gpuctl.store.sql import open_store
 
 log = logging.getLogger("gpuctld")
+RETENTION_INTERVAL_S = 60.0  # how often finished jobs and audit entries past retention go
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -136,6 +137,8 @@ def serve(
             kill_grace_s=config.kill_grace_s,
             master_port_base=config.master_port_base,
             master_port_range=config.master_port_range,
+            job_retention_s=config.retention_days * 86400.0,
+            audit_retention_s=config.audit_retention_days * 86400.0,
         ),
         wake=lambda: periodic.wake("cycle"),
     )
@@ -174,6 +177,7 @@ def serve(
             "time-limits", config.heartbeat_check_interval_s, controller.enforce_time_limits
         )
         periodic.every("leases", config.lease_interval_s, keep_leases)
+        periodic.every("retention", RETENTION_INTERVAL_S, controller.purge_history)
         periodic.start()
         notifier.status(f"leading (epoch {epoch})")
 

@@ -8,6 +8,7 @@ Jobs print their secrets too: the files are 0600 and the directories 0700, the d
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -75,6 +76,18 @@ class LogStore:
                 self._total += kept
             self._accepted[path] = accepted + len(data)
             return accepted + len(data)
+
+    def remove(self, job_id: int) -> None:
+        """Forget a job's logs (retention): every attempt and rank of it."""
+        directory = self.root / str(job_id)
+        with self._lock:
+            freed = _du(directory)
+            shutil.rmtree(directory, ignore_errors=True)
+            self._job_bytes.pop(job_id, None)
+            if self._total is not None:
+                self._total = max(0, self._total - freed)
+            for path in [p for p in self._accepted if p.is_relative_to(directory)]:
+                del self._accepted[path]
 
     def read(
         self, job_id: int, attempt: int, rank: int, offset: int, limit: int = 1 << 20

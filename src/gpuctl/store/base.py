@@ -150,6 +150,15 @@ class Store(Protocol):
         """The latest `limit` entries (after `since`, by `principal`), oldest first."""
         ...
 
+    def purge_finished_jobs(self, before: datetime, *, limit: int) -> tuple[int, ...]:
+        """Delete up to `limit` jobs that finished before `before`, oldest first, with their
+        events; returns their ids. Their charges stay (cost reports cover all time)."""
+        ...
+
+    def purge_audit(self, before: datetime, *, limit: int) -> int:
+        """Delete up to `limit` audit entries older than `before`; returns how many."""
+        ...
+
     # -- leadership (several gpuctld on one database) -----------------------------------------
 
     def claim_leadership(

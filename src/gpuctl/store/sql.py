@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event, func, text, update
+from sqlalchemy import Engine, create_engine, delete, event, func, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
@@ -357,6 +357,41 @@ class SqlStore:
         with self._transaction(self._reads) as session:
             latest = [audit_from_row(r) for r in session.exec(query)]
         return tuple(reversed(latest))
+
+    # -- retention ------------------------------------------------------------------------------
+
+    def purge_finished_jobs(self, before: datetime, *, limit: int) -> tuple[int, ...]:
+        finished = [s.value for s in JobState if s.finished]
+        query = (
+            select(JobRow.id)
+            .where(col(JobRow.state).in_(finished), col(JobRow.finished_at) < before)
+            .order_by(col(JobRow.finished_at), col(JobRow.id))
+            .limit(max(0, limit))
+        )
+        with self._transaction(self._writes) as session:
+            ids = tuple(int(i) for i in session.exec(query))
+            if ids:
+                session.execute(
+                    delete(EventRow).where(
+                        EventRow.object_kind == "job",
+                        col(EventRow.object_id).in_([str(i) for i in ids]),
+                    )
+                )
+                session.execute(delete(JobRow).where(col(JobRow.id).in_(ids)))
+            return ids
+
+    def purge_audit(self, before: datetime, *, limit: int) -> int:
+        query = (
+            select(AuditRow.id)
+            .where(AuditRow.time < before)
+            .order_by(col(AuditRow.id))
+            .limit(max(0, limit))
+        )
+        with self._transaction(self._writes) as session:
+            ids = list(session.exec(query))
+            if ids:
+                session.execute(delete(AuditRow).where(col(AuditRow.id).in_(ids)))
+            return len(ids)
 
     # -- leadership -----------------------------------------------------------------------------
 

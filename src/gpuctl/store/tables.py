@@ -61,7 +61,8 @@ class JobRow(SQLModel, table=True):
     exit_code: int | None = None
     created_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
     started_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
-    finished_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    # Indexed for retention: the oldest finished jobs are found without reading the rest.
+    finished_at: datetime | None = Field(default=None, sa_type=UtcDateTime, index=True)
     updated_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
 
 
