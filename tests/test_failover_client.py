@@ -267,3 +267,18 @@ def test_a_stream_that_fails_after_its_first_message_does_not_move(heads) -> Non
             next(updates)
 
     assert b.calls == []
+
+
+def test_after_a_call_times_out_on_a_hung_head_the_next_call_goes_on(heads) -> None:
+    """A head whose machine died: connections hang instead of being refused. The call that
+    timed out is not sent again (it may have been done), but the next one goes elsewhere."""
+    [leader] = heads("leader")
+    leader.leader = True
+    with socket.socket() as hung:  # accepts connections (the kernel's backlog), never answers
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(8)
+        with connect(f"127.0.0.1:{hung.getsockname()[1]}", leader.address, timeout=0.5) as c:
+            with pytest.raises(sdk.DeadlineExceededError):
+                c.drain("gpu-01")
+            assert c.drain("gpu-02").state_reason == "drained by leader"
+    assert leader.calls == ["DrainNode"]

@@ -576,7 +576,13 @@ class Client:
             except grpc.RpcError as e:
                 unreachable, hints = could_not_connect(e), not_leader(e)
                 if not unreachable and hints is None:
-                    self._current = index  # it answered: the error is the call's own
+                    # It answered: the error is the call's own. But a head whose machine died
+                    # lets connections hang: a call that timed out is not sent again (it may
+                    # have been done), yet the next call goes to the next address, as the
+                    # agent's do.
+                    timed_out = e.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+                    following = next_address(self._addresses, index) if timed_out else None
+                    self._current = index if following is None else following
                     raise error_from_rpc(
                         e, target=self._addresses[index], timeout=self.timeout
                     ) from e
