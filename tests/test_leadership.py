@@ -213,3 +213,26 @@ def test_a_leader_whose_epoch_was_taken_stops_at_its_next_renewal(
         "head leads 2",
         "head lost: another gpuctld claimed the lease",
     ]
+
+
+def test_a_leader_that_cannot_start_leading_resigns_and_stops(
+    pair: tuple[SqlStore, SqlStore],
+) -> None:
+    a, b = pair
+    clock, events = Ticking(), []
+
+    def broken(epoch: int) -> None:
+        raise OSError("providers.toml: no such file")
+
+    e = Elector(
+        a,
+        ElectorSettings(name="a", address="a:1", agent_address="a:2"),
+        monotonic=clock,
+        on_lead=broken,
+        on_lost=events.append,
+    )
+    assert e.tick() == 0.0 and e.lost and not e.leading
+    assert events == ["could not start leading: providers.toml: no such file"]
+    assert not b.leader().live  # resigned: a standby takes over at once
+    with pytest.raises(NotLeader):
+        a.create_job(SPEC, request_id="", now=T0)

@@ -14,6 +14,7 @@ daemon then exits and its supervisor (systemd) starts it again, as a standby.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
@@ -113,7 +114,14 @@ class Elector:
         self._renewed_at = self._monotonic()
         self._store.fence(self.epoch)
         log.info("leading (epoch %d) as %s", self.epoch, self._s.name)
-        self._on_lead(self.epoch)
+        try:
+            self._on_lead(self.epoch)
+        except Exception as e:  # a provider that cannot be built, say: lead no further
+            log.exception("could not start leading")
+            lost = self._lose(f"could not start leading: {e}")
+            with contextlib.suppress(Unavailable):  # else it lapses by itself
+                self._store.resign_leadership(self._s.name, self.epoch)
+            return lost
         return self._s.renew_s
 
     def _renew(self) -> float:
