@@ -581,3 +581,10 @@ def test_submit_secret_env_marks_the_keys_and_can_take_the_value_from_here(
     assert dict(spec.env) == {"A": "1", "HF_TOKEN": "hf_from_my_shell"}
     assert list(spec.secret_env) == ["HF_TOKEN"]
     assert "hf_from_my_shell" not in result.output
+
+
+def test_a_server_list_with_no_address_is_a_usage_error_not_a_traceback():
+    result = CliRunner().invoke(cli, ["--server", " , ", "jobs"])
+    assert result.exit_code == 2
+    assert "Invalid value for --server: no gpuctld address" in result.stderr
+    assert "Traceback" not in result.output

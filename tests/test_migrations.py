@@ -74,9 +74,8 @@ def test_a_store_of_0_1_0_upgrades_keeping_every_row(v0: Path) -> None:
     finally:
         store.close()
     after = _rows(v0)
-    assert {t: after[t] for t in V0_TABLES if t not in ("jobs", "revision_counter", "events")} == {
-        t: before[t] for t in V0_TABLES if t not in ("jobs", "revision_counter", "events")
-    }
+    unchanged = [t for t in V0_TABLES if t not in ("jobs", "revision_counter")]
+    assert {t: after[t] for t in unchanged} == {t: before[t] for t in unchanged}
     assert after["jobs"][:4] == before["jobs"]  # the new job came after, the old ones unchanged
     assert "leader" in _tables(v0)
 

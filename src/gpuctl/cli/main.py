@@ -71,9 +71,12 @@ class _Settings:
                     raise click.BadParameter(
                         f"cannot read {self.token_file}: {e.strerror}", param_hint="--token-file"
                     ) from None
-            self._client = Client(
-                self.server, token=token, ca_file=self.ca_file, timeout=self.timeout
-            )
+            try:
+                self._client = Client(
+                    self.server, token=token, ca_file=self.ca_file, timeout=self.timeout
+                )
+            except ValueError as e:  # no address in it (--server or $GPUCTL_SERVER)
+                raise click.BadParameter(str(e), param_hint="--server") from None
             ctx.call_on_close(self._client.close)
         return self._client
 
