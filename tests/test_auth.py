@@ -20,7 +20,13 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from gpuctl.api import servicers
 from gpuctl.api._pb.agent.v1 import agent_pb2
 from gpuctl.api._pb.v1 import auth_pb2, jobs_pb2, jobs_pb2_grpc, leases_pb2, nodes_pb2
-from gpuctl.api.auth import Authenticator, JwtVerifier, SessionBook, mint_token
+from gpuctl.api.auth import (
+    TOKEN_CACHE_TTL,
+    Authenticator,
+    JwtVerifier,
+    SessionBook,
+    mint_token,
+)
 from gpuctl.api.limits import Limits, LimitSettings
 from gpuctl.core.errors import ResourceExhausted
 from gpuctl.core.plugins import build_policy
@@ -179,6 +185,26 @@ def test_a_revoked_or_expired_token_stops_working_at_once(controller):
         auth.principal_of(secret2)
     with pytest.raises(Unauthenticated):
         auth.principal_of(secret2[:-1] + ("A" if secret2[-1] != "A" else "B"))
+
+
+def test_another_gpuctlds_revocation_takes_effect_within_the_token_cache_ttl(controller, tmp_path):
+    """Token records are kept a second: a revocation through this store ends the token at once
+    (above), one through another gpuctld's store (a standby, `gpuctl token revoke` there)
+    within TOKEN_CACHE_TTL."""
+    clock = controller.clock
+    auth = Authenticator(controller.store, roles=ROLES, sessions=SessionBook(), now=clock.now)
+    secret, record = mint_token(TokenKind.USER, "alice", now=clock.now(), created_by="alice")
+    controller.store.put_token(record)
+    assert auth.principal_of(secret).name == "alice"
+    other = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    try:
+        other.put_token(dataclasses.replace(record, revoked_at=clock.now()))
+    finally:
+        other.close()
+    assert auth.principal_of(secret).name == "alice"  # from the cache
+    clock.advance(TOKEN_CACHE_TTL)
+    with pytest.raises(Unauthenticated):
+        auth.principal_of(secret)
 
 
 def test_sessions_lapse_and_each_uid_keeps_only_its_newest():

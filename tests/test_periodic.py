@@ -4,6 +4,8 @@ not at the next interval), and many wakes make one run."""
 from __future__ import annotations
 
 import threading
+import time
+from datetime import UTC, datetime, timedelta
 
 from gpuctl.runtime.periodic import Periodic
 
@@ -32,3 +34,47 @@ def test_wakes_during_a_run_make_one_more_run_at_once():
     finally:
         periodic.shutdown()
     assert runs == [0, 1]
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_woken_runs_keep_their_gap_and_leave_the_rest_of_the_time_to_others(monkeypatch):
+    """A storm of wakes runs the cycle at most every `min_gap_s`, and after a run of d seconds
+    not before `rest` x d: the cycle gets at most 1 / (1 + rest) of the time."""
+    clock = _Clock()
+    monkeypatch.setattr("gpuctl.runtime.periodic.time", clock)
+    periodic = Periodic()
+    ran = threading.Event()
+
+    def cycle() -> None:
+        clock.now += 4.0  # a 4-second cycle
+        ran.set()
+
+    periodic.every("cycle", 3600, cycle, min_gap_s=0.5, rest=2.0)
+    periodic.start()
+    try:
+        assert ran.wait(10)
+        ran.clear()
+        _until(lambda: "cycle" not in periodic._running)
+        before = datetime.now(UTC)
+        periodic.wake("cycle")
+        due = periodic.scheduler.get_job("cycle").next_run_time
+        assert timedelta(seconds=7.5) < due - before <= timedelta(seconds=8.5)  # 2 x 4 s
+        periodic.wake("cycle")  # more wakes change nothing: one run is due
+        assert periodic.scheduler.get_job("cycle").next_run_time == due
+        assert not ran.is_set()
+    finally:
+        periodic.shutdown()
+
+
+def _until(condition) -> None:
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.001)

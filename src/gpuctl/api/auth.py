@@ -37,6 +37,13 @@ AUTH_METADATA = "authorization"
 DEFAULT_SESSION_TTL_S = 3600.0
 # A local user can open the socket in a loop: each uid keeps only its newest sessions.
 MAX_SESSIONS_PER_UID = 64
+# How long another gpuctld's revocation of a token may take to reach this one (its own take
+# effect at once); Kubernetes' webhook token cache keeps answers for 2 minutes.
+TOKEN_CACHE_TTL = timedelta(seconds=1)
+MAX_CACHED_TOKENS = 10_000
+# Group changes reach gpuctld within a minute (Slurm's group cache: GroupUpdateTime, 10 min).
+ACCOUNT_TTL_S = 60.0
+MAX_CACHED_ACCOUNTS = 10_000
 NO_CREDENTIALS = (
     "no credentials: on the head node use gpuctld's Unix socket; elsewhere a token "
     "(`gpuctl token create`, then GPUCTL_TOKEN) over TLS"
@@ -86,20 +93,50 @@ def _split_token(text: str) -> tuple[str, str] | None:
     return parts[1], parts[2]
 
 
-def account_groups(name: str) -> frozenset[str]:
-    """The groups of a local account (none where it has no account on the head node)."""
+@dataclass(frozen=True, slots=True)
+class Account:
+    uid: int | None  # None: no account of that name on the head node
+    groups: frozenset[str]
+
+
+_accounts: dict[str, tuple[Account, float]] = {}
+_accounts_lock = threading.Lock()
+
+
+def account(name: str) -> Account:
+    """A local account's uid and groups, as the name service gave them at most ACCOUNT_TTL_S
+    ago: every call asks, and a directory behind NSS (LDAP) may take milliseconds to answer."""
+    now = time.monotonic()
+    with _accounts_lock:
+        hit = _accounts.get(name)
+    if hit is not None and now < hit[1]:
+        return hit[0]
+    found = _lookup_account(name)
+    with _accounts_lock:
+        if len(_accounts) >= MAX_CACHED_ACCOUNTS:
+            _accounts.clear()
+        _accounts[name] = (found, now + ACCOUNT_TTL_S)
+    return found
+
+
+def _lookup_account(name: str) -> Account:
     try:
         entry = pwd.getpwnam(name)
         gids = os.getgrouplist(name, entry.pw_gid)
     except (KeyError, OSError):
-        return frozenset()
+        return Account(uid=None, groups=frozenset())
     names = set()
     for gid in gids:
         try:
             names.add(grp.getgrgid(gid).gr_name)
         except KeyError:
             continue
-    return frozenset(names)
+    return Account(uid=entry.pw_uid, groups=frozenset(names))
+
+
+def account_groups(name: str) -> frozenset[str]:
+    """The groups of a local account (none where it has no account on the head node)."""
+    return account(name).groups
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +200,12 @@ class Authenticator:
         self.sessions = sessions
         self.now = now
         self.jwt = jwt
+        # Token records as read, for TOKEN_CACHE_TTL: one read of the store per token and
+        # second rather than one per call. Any token written through this store (a revocation)
+        # empties it at once; another gpuctld's writes are seen within the ttl.
+        self._cache: dict[str, tuple[ApiToken, datetime]] = {}
+        self._cache_generation = -1
+        self._cache_lock = threading.Lock()
 
     def authenticate(self, context: grpc.ServicerContext) -> Principal:
         metadata = context.invocation_metadata()
@@ -181,7 +224,7 @@ class Authenticator:
             raise Unauthenticated("the client certificate names no node")
         node, serial = found
         try:
-            record = self.store.get_token(serial)
+            record = self._record(serial)
         except NotFound:
             raise Unauthenticated(f"certificate {serial} is not one gpuctld issued") from None
         if record.kind is not TokenKind.CERT or record.principal != node:
@@ -220,9 +263,25 @@ class Authenticator:
             return Principal(name=name, role=self.roles.role_of(name, groups), via="oidc")
         raise Unauthenticated("token not valid: unknown, expired or revoked")
 
+    def _record(self, token_id: str) -> ApiToken:
+        now = self.now()
+        generation = self.store.token_generation
+        with self._cache_lock:
+            if generation != self._cache_generation or len(self._cache) >= MAX_CACHED_TOKENS:
+                self._cache.clear()
+                self._cache_generation = generation
+            hit = self._cache.get(token_id)
+            if hit is not None and now < hit[1]:
+                return hit[0]
+        token = self.store.get_token(token_id)  # raises NotFound: unknown ids are not kept
+        with self._cache_lock:
+            if self._cache_generation == generation:
+                self._cache[token_id] = (token, now + TOKEN_CACHE_TTL)
+        return token
+
     def _stored(self, token_id: str, secret: str) -> Principal:
         try:
-            token = self.store.get_token(token_id)
+            token = self._record(token_id)
         except NotFound:
             raise Unauthenticated("token not valid: unknown, expired or revoked") from None
         if not hmac.compare_digest(token.secret_hash, _hash(secret)) or not token.usable(

@@ -9,7 +9,7 @@ import base64
 import functools
 import inspect
 import logging
-import pwd
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
@@ -31,6 +31,7 @@ from gpuctl.api._pb.v1 import (
     nodes_pb2_grpc,
 )
 from gpuctl.api.auth import Authenticator, account_groups, mint_token
+from gpuctl.api.auth import account as account_of
 from gpuctl.api.limits import Limits
 from gpuctl.api.pki import NODE_DAYS, Authority
 from gpuctl.api.status import abort, to_status
@@ -77,6 +78,7 @@ MAX_RUNNING_REFS = 4096  # ranks one node reports: far above GPUs x shares of an
 # Replies stay under gRPC's 4 MiB default whatever the jobs hold: a page or a heartbeat stops
 # short of this, and the rest comes with the next page or heartbeat.
 MAX_REPLY_BYTES = 3 << 20
+PENDING_RECOUNT = timedelta(seconds=1)  # see PendingCounts
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -200,6 +202,37 @@ def rpc(permission: Permission | None, *, audited: bool = False) -> Callable[[F]
     return deco
 
 
+class PendingCounts:
+    """Each user's pending jobs for the cap on them, counted in the store at most once per
+    PENDING_RECOUNT (a count reads every pending job of the user) and counted up by the
+    submits in between. Jobs that started since make the count high, never low, and a count at
+    the cap is taken again before a submit is refused on it."""
+
+    def __init__(self, count: Callable[[str], int], now: Callable[[], datetime]) -> None:
+        self._count = count
+        self._now = now
+        self._lock = threading.Lock()
+        self._counts: dict[str, tuple[int, datetime]] = {}
+
+    def at_least(self, owner: str, cap: int) -> bool:
+        now = self._now()
+        with self._lock:
+            count, at = self._counts.get(owner, (0, None))
+        if at is None or now >= at + PENDING_RECOUNT or count >= cap:
+            count = self._count(owner)
+            with self._lock:
+                if len(self._counts) >= 10_000:  # one entry per user who submitted lately
+                    self._counts.clear()
+                self._counts[owner] = (count, now)
+        return count >= cap
+
+    def add(self, owner: str) -> None:
+        with self._lock:
+            if owner in self._counts:
+                count, at = self._counts[owner]
+                self._counts[owner] = (count + 1, at)
+
+
 def _audit(servicer, call: Call, audited: bool, error: BaseException | None) -> None:
     if not audited and not isinstance(error, PermissionDenied):
         return
@@ -285,6 +318,10 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         self.c = controller
         self.guard = guard
         self.poll_s = poll_s
+        self._pending = PendingCounts(
+            lambda owner: controller.store.count_jobs(states=(JobState.PENDING,), owner=owner),
+            controller.clock.now,
+        )
 
     def _job(self, call: Call, job_id: int, granted: frozenset[str] | None = None) -> Job:
         """The job, if the caller may act on it: theirs, everyone's, or one in a granted
@@ -326,6 +363,8 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         job = self.c.submit(
             spec, request_id=request.request_id, validate_only=request.validate_only
         )
+        if job.id and not request.validate_only:
+            self._pending.add(call.who.name)
         call.target = convert.job_name(job.id) if job.id else "jobs/-"
         call.detail = "validate only" if request.validate_only else ""
         if job.spec.owner != call.who.name:  # a request_id another user chose first
@@ -336,17 +375,14 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         account = self.guard.runas.account_for(who.name)
         uid = who.uid if account == who.name else None
         if uid is None:
-            try:
-                uid = pwd.getpwnam(account).pw_uid
-            except KeyError:
-                uid = None  # no account on the head node: the agents check theirs
+            uid = account_of(account).uid  # None: no account here; the agents check theirs
         why = self.guard.runas.refusal(account, uid)
         if why:
             raise PermissionDenied(f"jobs of {who.name!r} cannot run: {why}", permission="run-as")
 
     def _check_pending_cap(self, owner: str) -> None:
         cap = self.guard.max_pending_per_user
-        if self.c.store.count_jobs(states=(JobState.PENDING,), owner=owner) >= cap:
+        if self._pending.at_least(owner, cap):
             raise ResourceExhausted(
                 f"{owner} has {cap} pending jobs, the most one user may queue; "
                 "wait for some to start or cancel some",

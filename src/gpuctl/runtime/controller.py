@@ -547,10 +547,8 @@ class Controller:
                     events.append(_job_event(job, now, "Unschedulable", miss.reason))
             if self.leases is not None:
                 events.extend(self.leases.apply(result, now))
-            if changed:
+            if changed or events:
                 self._write(changed, events)
-            elif events:
-                self.store.add_events(events)
             return result
 
     def _requeue_preempted(
@@ -742,9 +740,7 @@ class Controller:
     # -- internals -----------------------------------------------------------------------
 
     def _write(self, jobs: Sequence[Job], events: Sequence[Event]) -> tuple[Job, ...]:
-        written = self.store.update_jobs(jobs)
-        if events:
-            self.store.add_events(events)
+        written = self.store.update_jobs(jobs, events)
         self.feed.publish(written)
         return written
 

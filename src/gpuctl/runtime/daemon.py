@@ -38,6 +38,12 @@ from gpuctl.store.sql import open_store
 
 log = logging.getLogger("gpuctld")
 RETENTION_INTERVAL_S = 60.0  # how often finished jobs and audit entries past retention go
+# A submit, a finished rank or a new node wakes the cycle, but woken cycles come at most every
+# 0.1 s (a job waits no longer than that to be considered), and after a cycle of d seconds
+# the next woken one waits 2d: under a storm of submits the cycle has at most a third of the
+# daemon's time, and the calls the rest, however long the queue makes a cycle.
+CYCLE_MIN_GAP_S = 0.1
+CYCLE_REST = 2.0
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -169,7 +175,13 @@ def serve(
             )
             keep_leases = keeper.tick
             log.info("leasing from %s", ", ".join(p.name for p in providers))
-        periodic.every("cycle", config.cycle_interval_s, controller.run_cycle)
+        periodic.every(
+            "cycle",
+            config.cycle_interval_s,
+            controller.run_cycle,
+            min_gap_s=CYCLE_MIN_GAP_S,
+            rest=CYCLE_REST,
+        )
         periodic.every(
             "heartbeat-expiry", config.heartbeat_check_interval_s, controller.expire_heartbeats
         )

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -26,19 +27,39 @@ class Periodic:
         self._lock = threading.Lock()
         self._running: set[str] = set()
         self._again: set[str] = set()  # woken while running: run once more when it ends
+        self._woken: set[str] = set()  # a woken run is due and not started yet
+        self._gap: dict[str, tuple[float, float]] = {}  # name: (min_gap_s, rest per busy s)
+        self._next_wake: dict[str, float] = {}  # name: monotonic time a wake may run it
 
-    def every(self, name: str, seconds: float, fn: Callable[[], object]) -> None:
+    def every(
+        self,
+        name: str,
+        seconds: float,
+        fn: Callable[[], object],
+        *,
+        min_gap_s: float = 0.0,
+        rest: float = 0.0,
+    ) -> None:
+        """Run `fn` every `seconds`, and when woken; a woken run starts no sooner than
+        `min_gap_s`, nor `rest` times the last run's length, after the last run ended (so
+        that a storm of wakes leaves it at most 1 / (1 + rest) of the time)."""
+        self._gap[name] = (min_gap_s, rest)
+
         def run() -> None:
             with self._lock:
                 self._running.add(name)
                 self._again.discard(name)
+                self._woken.discard(name)
+            start = time.monotonic()
             try:
                 fn()
             except Exception:
                 log.exception("periodic task %s failed; it runs again in %gs", name, seconds)
             finally:
+                end = time.monotonic()
                 with self._lock:
                     self._running.discard(name)
+                    self._next_wake[name] = end + max(min_gap_s, rest * (end - start))
                     again = name in self._again
                     self._again.discard(name)
                 if again:
@@ -58,9 +79,13 @@ class Periodic:
                 # (waking the scheduler now would only be refused, max_instances = 1).
                 self._again.add(name)
                 return
+            if name in self._woken:
+                return  # a run is due already
+            self._woken.add(name)
+            wait = self._next_wake.get(name, 0.0) - time.monotonic()
         job = self.scheduler.get_job(name)
         if job is not None:
-            job.modify(next_run_time=datetime.now(UTC))
+            job.modify(next_run_time=datetime.now(UTC) + timedelta(seconds=max(0.0, wait)))
 
     def start(self) -> None:
         self.scheduler.start()

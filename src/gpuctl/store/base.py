@@ -93,8 +93,9 @@ class Store(Protocol):
         """Jobs whose revision is greater than `revision`, in revision order."""
         ...
 
-    def update_jobs(self, jobs: Sequence[Job]) -> tuple[Job, ...]:
-        """Write these jobs (which must exist) in one transaction; returns them with new revisions."""
+    def update_jobs(self, jobs: Sequence[Job], events: Sequence[Event] = ()) -> tuple[Job, ...]:
+        """Write these jobs (which must exist) and `events` in one transaction; returns the jobs
+        with new revisions."""
         ...
 
     def put_node(self, node: Node) -> Node:
@@ -129,6 +130,10 @@ class Store(Protocol):
     def list_charges(self, *, since: datetime | None = None) -> tuple[AttemptCharge, ...]:
         """Ended attempts' charges (those ending after `since`), by job and attempt."""
         ...
+
+    # Grows with every `put_token` through this store object: whoever keeps token records in
+    # memory drops them when it moves.
+    token_generation: int
 
     def put_token(self, token: ApiToken) -> ApiToken:
         """Insert or replace a token by id."""

@@ -12,6 +12,8 @@ from dataclasses import fields, is_dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+from sqlalchemy import Row
+
 from gpuctl.core.cost import AttemptCharge
 from gpuctl.core.model import (
     BandwidthProfile,
@@ -73,7 +75,8 @@ def job_values(job: Job) -> dict[str, Any]:
     }
 
 
-def job_from_row(row: JobRow) -> Job:
+def job_from_row(row: JobRow | Row[Any]) -> Job:
+    """A job from its row: an ORM object, or a Core row of the jobs table (the same names)."""
     assert row.id is not None, "a job row is read after the database gave it an id"
     return Job(
         id=row.id,
@@ -230,14 +233,14 @@ def lease_from_row(row: LeaseRow) -> NodeLease:
 # -- events -------------------------------------------------------------------------------------
 
 
-def event_row(event: Event) -> EventRow:
-    return EventRow(
-        object_kind=event.object_kind,
-        object_id=event.object_id,
-        time=_utc(event.time),
-        type=event.type,
-        message=event.message,
-    )
+def event_values(event: Event) -> dict[str, Any]:
+    return {
+        "object_kind": event.object_kind,
+        "object_id": event.object_id,
+        "time": _utc(event.time),
+        "type": event.type,
+        "message": event.message,
+    }
 
 
 def event_from_row(row: EventRow) -> Event:
@@ -274,10 +277,10 @@ def token_from_row(row: TokenRow) -> ApiToken:
     return ApiToken(**values)
 
 
-def audit_row(entry: AuditEntry) -> AuditRow:
+def audit_values(entry: AuditEntry) -> dict[str, Any]:
     values = {f.name: getattr(entry, f.name) for f in fields(entry) if f.name != "id"}
     values["time"] = _utc(entry.time)
-    return AuditRow(**values)
+    return values
 
 
 def audit_from_row(row: AuditRow) -> AuditEntry:

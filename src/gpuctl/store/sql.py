@@ -17,7 +17,18 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, delete, event, func, text, update
+from sqlalchemy import (
+    Engine,
+    Row,
+    bindparam,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
@@ -36,13 +47,14 @@ from gpuctl.core.model import Event, Job, JobSpec, JobState, LeaseState, Node, N
 from gpuctl.core.trust import ApiToken, AuditEntry
 from gpuctl.store import schema
 from gpuctl.store.base import JobPage, Leadership
+from gpuctl.store.groupcommit import GroupCommit, Write
 from gpuctl.store.mapping import (
     audit_from_row,
-    audit_row,
+    audit_values,
     charge_from_row,
     charge_row,
     event_from_row,
-    event_row,
+    event_values,
     job_from_row,
     job_values,
     lease_from_row,
@@ -75,6 +87,22 @@ _Row = TypeVar("_Row", NodeRow, LeaseRow)
 _TOKEN_RE = re.compile(r"jobs:([0-9]{1,19})")
 _ENDED_LEASE_STATES = (LeaseState.RELEASED, LeaseState.EXPIRED, LeaseState.FAILED)
 # Set only where a job row is written at creation; update_jobs leaves them alone.
+_JOBS = JobRow.__table__  # type: ignore[attr-defined]
+_COUNTER = RevisionCounter.__table__  # type: ignore[attr-defined]
+# The statements of the hot paths, built once: building one costs more than running it.
+_INSERT_JOB = insert(_JOBS).returning(_JOBS.c.id)
+_INSERT_EVENT = insert(EventRow.__table__)  # type: ignore[attr-defined]
+_INSERT_AUDIT = insert(AuditRow.__table__)  # type: ignore[attr-defined]
+_JOB_BY_ID = select(_JOBS).where(_JOBS.c.id == bindparam("id"))
+_JOB_BY_REQUEST_ID = select(_JOBS).where(_JOBS.c.request_id == bindparam("request_id"))
+_LEADER = select(LeaderRow.__table__).where(LeaderRow.__table__.c.id == 1)  # type: ignore[attr-defined]
+_LEADER_FOR_SHARE = _LEADER.with_for_update(read=True)
+_TAKE_REVISIONS = (
+    update(_COUNTER)
+    .where(_COUNTER.c.id == 1)
+    .values(value=_COUNTER.c.value + bindparam("count"))
+    .returning(_COUNTER.c.value)
+)
 _FIXED_AT_CREATION = frozenset({"request_id", "created_at"})
 
 
@@ -91,12 +119,15 @@ class SqlStore:
         self._engine = _create_engine(url)
         self._insert = _UPSERTS[self._engine.dialect.name]
         self._epoch: int | None = None  # see `fence`
+        self.token_generation = 0  # see `Store.token_generation`
         self._reads = sessionmaker(self._engine, class_=Session, expire_on_commit=False)
         self._writes = sessionmaker(
             self._engine.execution_options(gpuctl_write=True),
             class_=Session,
             expire_on_commit=False,
         )
+        # Every write but the schema's: batched, fenced unless told otherwise (see `fence`).
+        self._write: GroupCommit[Session] = GroupCommit(self._commit_batch)
         try:
             self.schema = self._prepare_schema(migrate)
         except BaseException:
@@ -132,26 +163,28 @@ class SqlStore:
         now: datetime,
         events: Callable[[Job], Sequence[Event]] | None = None,
     ) -> tuple[Job, bool]:
+
+        def create(session: Session) -> tuple[Job, bool]:
+            if request_id and (row := _job_row_by_request_id(session, request_id)):
+                return job_from_row(row), False
+            (revision,) = _next_revisions(session, 1)
+            job = Job(
+                id=0,
+                spec=spec,
+                request_id=request_id,
+                created_at=now,
+                updated_at=now,
+                revision=revision,
+            )
+            # Core statements (no ORM objects) here and in the reads of jobs: the hot paths.
+            new_id = session.execute(_INSERT_JOB, job_values(job)).scalar_one()
+            created = replace(job, id=new_id)
+            # In the same transaction: a crash never leaves a job without its events.
+            _insert_events(session, events(created) if events else ())
+            return created, True
+
         try:
-            with self._transaction(self._writes) as session:
-                if request_id and (row := _job_row_by_request_id(session, request_id)):
-                    return job_from_row(row), False
-                (revision,) = _next_revisions(session, 1)
-                job = Job(
-                    id=0,
-                    spec=spec,
-                    request_id=request_id,
-                    created_at=now,
-                    updated_at=now,
-                    revision=revision,
-                )
-                row = JobRow(**job_values(job))
-                session.add(row)
-                session.flush()
-                created = job_from_row(row)
-                # In the same transaction: a crash never leaves a job without its events.
-                session.add_all([event_row(e) for e in (events(created) if events else ())])
-                return created, True
+            return self._write(create)
         except IntegrityError:
             # Another caller with this request_id committed between our check and our insert
             # (PostgreSQL; SQLite writers are serialized): its job is the answer.
@@ -163,10 +196,10 @@ class SqlStore:
 
     def get_job(self, job_id: int) -> Job:
         with self._transaction(self._reads) as session:
-            row = session.get(JobRow, job_id)
-            if row is None:
-                raise NotFound("job", str(job_id))
-            return job_from_row(row)
+            row = session.execute(_JOB_BY_ID, {"id": job_id}).first()
+        if row is None:
+            raise NotFound("job", str(job_id))
+        return job_from_row(row)
 
     def list_jobs(
         self,
@@ -181,17 +214,17 @@ class SqlStore:
         if page_size < 0:
             raise InvalidArgument([FieldViolation("page_size", "must not be negative")])
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        query = select(JobRow).where(col(JobRow.id) > _decode_page_token(page_token))
+        query = select(_JOBS).where(_JOBS.c.id > _decode_page_token(page_token))
         if states:
-            query = query.where(col(JobRow.state).in_([JobState(s).value for s in states]))
+            query = query.where(_JOBS.c.state.in_([JobState(s).value for s in states]))
         if queue:
-            query = query.where(JobRow.queue == queue)
+            query = query.where(_JOBS.c.queue == queue)
         if owner:
-            query = query.where(JobRow.owner == owner)
+            query = query.where(_JOBS.c.owner == owner)
         # One row past the page says whether another page exists.
-        query = query.order_by(col(JobRow.id)).limit(size + 1)
+        query = query.order_by(_JOBS.c.id).limit(size + 1)
         with self._transaction(self._reads) as session:
-            rows = session.exec(query).all()
+            rows = session.execute(query).all()
         jobs = tuple(job_from_row(r) for r in rows[:size])
         token = _encode_page_token(jobs[-1].id) if len(rows) > size else ""
         return JobPage(jobs=jobs, next_page_token=token)
@@ -210,9 +243,9 @@ class SqlStore:
 
     def active_jobs(self) -> tuple[Job, ...]:
         active = [s.value for s in JobState if not s.finished]
-        query = select(JobRow).where(col(JobRow.state).in_(active)).order_by(col(JobRow.id))
+        query = select(_JOBS).where(_JOBS.c.state.in_(active)).order_by(_JOBS.c.id)
         with self._transaction(self._reads) as session:
-            return tuple(job_from_row(r) for r in session.exec(query))
+            return tuple(job_from_row(r) for r in session.execute(query))
 
     def current_revision(self) -> int:
         with self._transaction(self._reads) as session:
@@ -220,16 +253,18 @@ class SqlStore:
             return counter.value if counter is not None else 0
 
     def jobs_since(self, revision: int) -> tuple[Job, ...]:
-        query = select(JobRow).where(col(JobRow.revision) > revision).order_by(col(JobRow.revision))
+        query = select(_JOBS).where(_JOBS.c.revision > revision).order_by(_JOBS.c.revision)
         with self._transaction(self._reads) as session:
-            return tuple(job_from_row(r) for r in session.exec(query))
+            return tuple(job_from_row(r) for r in session.execute(query))
 
-    def update_jobs(self, jobs: Sequence[Job]) -> tuple[Job, ...]:
-        """Write every field but `request_id` and `created_at`, which creation fixed."""
-        if not jobs:
+    def update_jobs(self, jobs: Sequence[Job], events: Sequence[Event] = ()) -> tuple[Job, ...]:
+        """Write every field but `request_id` and `created_at`, which creation fixed, and
+        `events` in the same transaction."""
+        if not jobs and not events:
             return ()
         ids = {job.id for job in jobs}
-        with self._transaction(self._writes) as session:
+
+        def update(session: Session) -> tuple[Job, ...]:
             rows = {r.id: r for r in session.exec(select(JobRow).where(col(JobRow.id).in_(ids)))}
             if missing := sorted(ids - rows.keys()):
                 raise NotFound("job", str(missing[0]))
@@ -240,13 +275,16 @@ class SqlStore:
                     if name not in _FIXED_AT_CREATION:
                         setattr(row, name, value)
                 written.append(job_from_row(row))
+            _insert_events(session, events)
             return tuple(written)
+
+        return self._write(update)
 
     # -- nodes and leases -----------------------------------------------------------------------
 
     def put_node(self, node: Node) -> Node:
-        with self._transaction(self._writes) as session:
-            return node_from_row(self._upsert(session, NodeRow, node_values(node)))
+        values = node_values(node)
+        return self._write(lambda s: node_from_row(self._upsert(s, NodeRow, values)))
 
     def get_node(self, node_id: str) -> Node:
         with self._transaction(self._reads) as session:
@@ -262,8 +300,8 @@ class SqlStore:
 
     def put_lease(self, lease: NodeLease) -> NodeLease:
         """Insert or replace a lease by id."""
-        with self._transaction(self._writes) as session:
-            return lease_from_row(self._upsert(session, LeaseRow, lease_values(lease)))
+        values = lease_values(lease)
+        return self._write(lambda s: lease_from_row(self._upsert(s, LeaseRow, values)))
 
     def list_leases(self, *, include_released: bool = False) -> tuple[NodeLease, ...]:
         """Leases in id order; without `include_released`, only those not yet ended
@@ -287,10 +325,8 @@ class SqlStore:
     # -- events ---------------------------------------------------------------------------------
 
     def add_events(self, events: Sequence[Event]) -> None:
-        if not events:
-            return
-        with self._transaction(self._writes) as session:
-            session.add_all([event_row(e) for e in events])
+        if events:
+            self._write(lambda s: _insert_events(s, events))
 
     def list_events(
         self, object_kind: str, object_id: str, *, limit: int = 100
@@ -309,11 +345,12 @@ class SqlStore:
         return tuple(reversed(latest))
 
     def add_charges(self, charges: Sequence[AttemptCharge]) -> None:
-        if not charges:
-            return
-        with self._transaction(self._writes) as session:
+        def merge(session: Session) -> None:
             for charge in charges:
                 session.merge(charge_row(charge))
+
+        if charges:
+            self._write(merge)
 
     def list_charges(self, *, since: datetime | None = None) -> tuple[AttemptCharge, ...]:
         query = select(ChargeRow).order_by(col(ChargeRow.job_id), col(ChargeRow.attempt))
@@ -323,8 +360,10 @@ class SqlStore:
             return tuple(charge_from_row(r) for r in session.exec(query))
 
     def put_token(self, token: ApiToken) -> ApiToken:
-        with self._transaction(self._writes) as session:
-            session.merge(token_row(token))
+        try:
+            self._write(lambda s: s.merge(token_row(token)))
+        finally:  # even when the commit's outcome is unknown
+            self.token_generation += 1
         return token
 
     def get_token(self, token_id: str) -> ApiToken:
@@ -342,8 +381,8 @@ class SqlStore:
             return tuple(token_from_row(r) for r in session.exec(query))
 
     def add_audit(self, entry: AuditEntry) -> None:
-        with self._transaction(self._writes) as session:
-            session.add(audit_row(entry))
+        values = audit_values(entry)
+        self._write(lambda s: s.execute(_INSERT_AUDIT, values))
 
     def list_audit(
         self, *, since: datetime | None = None, principal: str = "", limit: int = 100
@@ -368,7 +407,8 @@ class SqlStore:
             .order_by(col(JobRow.finished_at), col(JobRow.id))
             .limit(max(0, limit))
         )
-        with self._transaction(self._writes) as session:
+
+        def purge(session: Session) -> tuple[int, ...]:
             ids = tuple(int(i) for i in session.exec(query))
             if ids:
                 session.execute(
@@ -380,6 +420,8 @@ class SqlStore:
                 session.execute(delete(JobRow).where(col(JobRow.id).in_(ids)))
             return ids
 
+        return self._write(purge)
+
     def purge_audit(self, before: datetime, *, limit: int) -> int:
         query = (
             select(AuditRow.id)
@@ -387,18 +429,22 @@ class SqlStore:
             .order_by(col(AuditRow.id))
             .limit(max(0, limit))
         )
-        with self._transaction(self._writes) as session:
+
+        def purge(session: Session) -> int:
             ids = list(session.exec(query))
             if ids:
                 session.execute(delete(AuditRow).where(col(AuditRow.id).in_(ids)))
             return len(ids)
+
+        return self._write(purge)
 
     # -- leadership -----------------------------------------------------------------------------
 
     def claim_leadership(
         self, holder: str, *, address: str, agent_address: str, ttl_s: float
     ) -> Leadership:
-        with self._transaction(self._writes, fenced=False) as session:
+
+        def claim(session: Session) -> Leadership:
             now = self._db_now(session)
             row = session.get(LeaderRow, 1, with_for_update=True)
             assert row is not None, "made with the schema"
@@ -408,8 +454,11 @@ class SqlStore:
                 row.acquired_s, row.expires_s = now, now + ttl_s
             return _leadership(row, now)
 
+        return self._write(claim, fenced=False)
+
     def renew_leadership(self, holder: str, epoch: int, ttl_s: float) -> bool:
-        with self._transaction(self._writes, fenced=False) as session:
+
+        def renew(session: Session) -> bool:
             now = self._db_now(session)
             row = session.get(LeaderRow, 1, with_for_update=True)
             if row is None or (row.holder, row.epoch) != (holder, epoch):
@@ -417,11 +466,16 @@ class SqlStore:
             row.expires_s = now + ttl_s
             return True
 
+        return self._write(renew, fenced=False)
+
     def resign_leadership(self, holder: str, epoch: int) -> None:
-        with self._transaction(self._writes, fenced=False) as session:
+
+        def resign(session: Session) -> None:
             row = session.get(LeaderRow, 1, with_for_update=True)
             if row is not None and (row.holder, row.epoch) == (holder, epoch):
                 row.expires_s = 0.0
+
+        self._write(resign, fenced=False)
 
     def leader(self) -> Leadership:
         with self._transaction(self._reads) as session:
@@ -444,10 +498,8 @@ class SqlStore:
         """Fencing: this write commits only under our epoch. On PostgreSQL the row is locked
         FOR SHARE until commit, so a claim (an UPDATE of it) waits for the writes in flight and
         every later write sees the new epoch; SQLite's writers are serialized already."""
-        query = select(LeaderRow).where(LeaderRow.id == 1)
-        if self._engine.dialect.name == "postgresql":
-            query = query.with_for_update(read=True)
-        row = session.exec(query).one()
+        postgres = self._engine.dialect.name == "postgresql"
+        row = session.execute(_LEADER_FOR_SHARE if postgres else _LEADER).one()
         if row.epoch != self._epoch:
             live = row.expires_s > self._db_now(session)
             raise NotLeader(row.address if live else "", row.agent_address if live else "")
@@ -455,20 +507,74 @@ class SqlStore:
     def close(self) -> None:
         self._engine.dispose()
 
+    def _commit_batch(self, batch: Sequence[Write[Session]]) -> None:
+        """Run a batch of writes (see `store.groupcommit`) in one transaction, fenced ones under
+        one check of the epoch. Should a write fail, nothing of the batch is kept and each
+        write runs again alone, in a transaction of its own, so that it fails alone: writes are
+        functions of the session and run again the same (a savepoint for each would cost every
+        write a third more, for a failure that is rare). A failed commit fails every write of
+        the batch: its outcome may be unknown, and nothing may be written twice."""
+        if len(batch) > 1:
+            failed = False
+            try:
+                with self._writes.begin() as session:
+                    fence = self._fence_error(session, batch)
+                    results = []
+                    for w in batch:
+                        if w.fenced and fence is not None:
+                            results.append((fence, None))
+                            continue
+                        try:
+                            results.append((None, w.fn(session)))
+                        except Exception:
+                            failed = True
+                            raise
+            except Exception as e:
+                if not failed:
+                    error = _unavailable(e) if isinstance(e, OperationalError) else e
+                    for w in batch:
+                        w.error = error
+                    return
+            else:
+                for w, (error, result) in zip(batch, results, strict=True):
+                    w.error, w.result = error, result
+                return
+        for w in batch:
+            try:
+                with self._writes.begin() as session:
+                    if (fence := self._fence_error(session, [w])) is not None:
+                        raise fence
+                    w.result = w.fn(session)
+            except OperationalError as e:
+                w.error = _unavailable(e)
+            except Exception as e:
+                w.error = e
+
+    def _fence_error(self, session: Session, batch: Sequence[Write[Session]]) -> NotLeader | None:
+        if self._epoch is None or not any(w.fenced for w in batch):
+            return None
+        try:
+            self._check_epoch(session)
+        except NotLeader as e:
+            return e
+        return None
+
     @contextmanager
-    def _transaction(
-        self, sessions: sessionmaker[Session], *, fenced: bool = True
-    ) -> Iterator[Session]:
-        """A session in one transaction: committed on return, rolled back on error. Writes
-        are fenced (see `fence`) unless `fenced` is False."""
+    def _transaction(self, sessions: sessionmaker[Session]) -> Iterator[Session]:
+        """A session in one transaction: committed on return, rolled back on error (reads,
+        and the schema at start; every other write goes through `_write`)."""
         try:
             with sessions.begin() as session:
-                if fenced and self._epoch is not None and sessions is self._writes:
-                    self._check_epoch(session)
                 yield session
         except OperationalError as e:
-            # Connection lost, server down, SQLite locked past the busy timeout: all may pass.
-            raise Unavailable(f"store: {e.orig or e}") from e
+            raise _unavailable(e) from e
+
+
+def _unavailable(e: OperationalError) -> Unavailable:
+    # Connection lost, server down, SQLite locked past the busy timeout: all may pass.
+    error = Unavailable(f"store: {e.orig or e}")
+    error.__cause__ = e
+    return error
 
 
 def _leadership(row: LeaderRow, now: float) -> Leadership:
@@ -481,8 +587,13 @@ def _leadership(row: LeaderRow, now: float) -> Leadership:
     )
 
 
-def _job_row_by_request_id(session: Session, request_id: str) -> JobRow | None:
-    return session.exec(select(JobRow).where(JobRow.request_id == request_id)).first()
+def _insert_events(session: Session, events: Sequence[Event]) -> None:
+    if events:  # a Core insert: none of the ORM's unit of work for rows never read back
+        session.execute(_INSERT_EVENT, [event_values(e) for e in events])
+
+
+def _job_row_by_request_id(session: Session, request_id: str) -> Row[Any] | None:
+    return session.execute(_JOB_BY_REQUEST_ID, {"request_id": request_id}).first()
 
 
 def _next_revisions(session: Session, count: int) -> range:
@@ -492,14 +603,7 @@ def _next_revisions(session: Session, count: int) -> range:
     revision order and a watcher resuming after revision r misses nothing. Every job write takes
     this lock before any job row lock, so writers cannot deadlock on one another.
     """
-    counter = RevisionCounter.__table__  # type: ignore[attr-defined]
-    statement = (
-        update(counter)
-        .where(counter.c.id == 1)
-        .values(value=counter.c.value + count)
-        .returning(counter.c.value)
-    )
-    last = session.execute(statement).scalar_one()
+    last = session.execute(_TAKE_REVISIONS, {"count": count}).scalar_one()
     return range(last - count + 1, last + 1)
 
 

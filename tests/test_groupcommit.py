@@ -1,0 +1,188 @@
+"""Group commit: writers waiting behind a commit share the next one; a write that fails fails
+alone; a commit that fails fails its whole batch and nothing is written twice."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from sqlalchemy import event
+from sqlalchemy.exc import OperationalError
+from sqlmodel import Session
+
+from gpuctl.core.errors import NotFound, Unavailable
+from gpuctl.core.model import Event, Job, JobKind, JobSpec, JobState
+from gpuctl.core.trust import AuditEntry
+from gpuctl.store import SqlStore, open_store
+from gpuctl.store.groupcommit import GroupCommit, Write
+from gpuctl.store.mapping import audit_values
+from gpuctl.store.sql import _INSERT_AUDIT
+
+T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+SPEC = JobSpec(kind=JobKind.TRAINING, command=("train",), owner="alice", gpus_per_node=8)
+
+
+def _until(condition: Callable[[], bool]) -> None:
+    """Wait for other threads to reach a state (not for time to pass)."""
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, "the other threads never got there"
+        time.sleep(0.001)
+
+
+class Gate:
+    """A first write that holds the commit lock until opened, so others queue behind it."""
+
+    def __init__(self) -> None:
+        self.entered, self.open = threading.Event(), threading.Event()
+
+    def __call__(self, _session: object) -> str:
+        self.entered.set()
+        assert self.open.wait(10)
+        return "gate"
+
+
+def _queued_behind(
+    run: Callable[[Callable[[object], object]], object],
+    queue_len: Callable[[], int],
+    writes: Sequence[Callable[[], object]],
+) -> list[Future]:
+    """Start `writes` while a gate holds the lock; return their futures once all are queued."""
+    gate = Gate()
+    pool = ThreadPoolExecutor(len(writes) + 1)
+    first = pool.submit(run, gate)
+    assert gate.entered.wait(10)
+    futures = [pool.submit(w) for w in writes]
+    _until(lambda: queue_len() == len(writes))
+    gate.open.set()
+    assert first.result(10) == "gate"
+    pool.shutdown(wait=True)
+    return futures
+
+
+def test_writers_queued_behind_a_commit_share_the_next_one() -> None:
+    batches: list[int] = []
+
+    def commit(batch: Sequence[Write[object]]) -> None:
+        batches.append(len(batch))
+        for w in batch:
+            w.result = w.fn(None)
+
+    group: GroupCommit[object] = GroupCommit(commit)
+    futures = _queued_behind(
+        group, lambda: len(group._queue), [lambda i=i: group(lambda _s: i) for i in range(20)]
+    )
+    assert [f.result() for f in futures] == list(range(20))  # each caller gets its own result
+    assert batches == [1, 20]
+    assert (group.batches, group.writes) == (2, 21)
+
+
+def test_batches_are_bounded() -> None:
+    batches: list[int] = []
+
+    def commit(batch: Sequence[Write[object]]) -> None:
+        batches.append(len(batch))
+        for w in batch:
+            w.result = w.fn(None)
+
+    group: GroupCommit[object] = GroupCommit(commit, max_batch=8)
+    _queued_behind(group, lambda: len(group._queue), [lambda: group(lambda _s: 0)] * 20)
+    assert batches == [1, 8, 8, 4]
+
+
+def test_a_commit_that_raises_fails_its_batch_and_leaves_no_caller_waiting() -> None:
+    def commit(batch: Sequence[Write[object]]) -> None:
+        results = [w.fn(None) for w in batch]
+        if len(batch) > 1:
+            raise RuntimeError("disk on fire")
+        batch[0].result = results[0]
+
+    group: GroupCommit[object] = GroupCommit(commit)
+    futures = _queued_behind(group, lambda: len(group._queue), [lambda: group(lambda _s: 0)] * 5)
+    for f in futures:
+        with pytest.raises(RuntimeError, match="disk on fire"):
+            f.result(10)
+    assert group(lambda _s: "ok") == "ok"  # and the next write goes through
+
+
+# -- on the store -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SqlStore]:
+    opened = open_store(f"sqlite:///{tmp_path / 'gpuctl.db'}")
+    yield opened
+    opened.close()
+
+
+def _audit(action: str) -> AuditEntry:
+    return AuditEntry(
+        time=T0, principal="alice", role="user", via="token", peer="-", action=action,
+        target="", outcome="ok", detail="",
+    )  # fmt: skip
+
+
+def test_a_failing_write_fails_alone_and_the_rest_of_its_batch_commits(store: SqlStore) -> None:
+    (job,) = [store.create_job(SPEC, request_id="", now=T0)[0]]
+    writes = [
+        lambda: store.create_job(SPEC, request_id="a", now=T0),
+        lambda: store.update_jobs([Job(id=404, spec=SPEC)]),  # no such job
+        lambda: store.update_jobs(
+            [replace(job, state=JobState.RUNNING)],
+            [Event(object_kind="job", object_id=str(job.id), time=T0, type="Started", message="")],
+        ),
+        lambda: store.add_audit(_audit("CreateJob")),
+        lambda: store.create_job(SPEC, request_id="a", now=T0),  # the same request again
+    ]
+    futures = _queued_behind(store._write, lambda: len(store._write._queue), writes)
+    created, missing, updated, audited, again = futures
+    assert created.result()[1] is True
+    with pytest.raises(NotFound):
+        missing.result()
+    assert updated.result()[0].state is JobState.RUNNING
+    assert audited.result() is None
+    assert again.result() == (created.result()[0], False)  # it saw the write before it
+    assert store.get_job(job.id).state is JobState.RUNNING
+    assert [e.type for e in store.list_events("job", str(job.id))] == ["Started"]
+    assert [a.action for a in store.list_audit()] == ["CreateJob"]
+    assert len(store.list_jobs().jobs) == 2
+
+
+def test_a_failed_commit_fails_every_write_of_its_batch_and_runs_none_twice(
+    store: SqlStore,
+) -> None:
+    runs: list[int] = []
+    failed: list[bool] = []
+
+    def failing_commit(_conn: object) -> None:
+        if runs and not failed:  # the commit of the batch that ran the writes below
+            failed.append(True)
+            raise OperationalError("COMMIT", {}, sqlite3.OperationalError("disk I/O error"))
+
+    event.listen(store._engine, "commit", failing_commit)
+
+    def write(i: int) -> Callable[[], object]:
+        def run(session: Session) -> int:
+            runs.append(i)
+            session.execute(_INSERT_AUDIT, audit_values(_audit(f"w{i}")))
+            return i
+
+        return lambda: store._write(run)
+
+    futures = _queued_behind(
+        store._write, lambda: len(store._write._queue), [write(i) for i in range(6)]
+    )
+    for f in futures:
+        with pytest.raises(Unavailable, match="disk I/O error"):
+            f.result()
+    # Each ran once: the outcome of a failed commit is unknown, so nothing is tried again.
+    assert sorted(runs) == list(range(6))
+    assert store._write.batches == 2
+    assert store.list_audit() == ()
