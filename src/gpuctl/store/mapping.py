@@ -7,6 +7,7 @@ written by a newer gpuctld (during a rolling upgrade of an HA pair) still reads.
 from __future__ import annotations
 
 import enum
+import functools
 import json
 from dataclasses import fields, is_dataclass
 from datetime import UTC, datetime
@@ -243,7 +244,7 @@ def event_values(event: Event) -> dict[str, Any]:
     }
 
 
-def event_from_row(row: EventRow) -> Event:
+def event_from_row(row: EventRow | Row[Any]) -> Event:
     return Event(
         object_kind=row.object_kind,
         object_id=row.object_id,
@@ -308,8 +309,13 @@ def _plain(value: object) -> Any:
 
 
 def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
-    names = {f.name for f in fields(cls)}
+    names = _field_names(cls)
     return {k: v for k, v in data.items() if k in names}
+
+
+@functools.cache
+def _field_names(cls: type) -> frozenset[str]:
+    return frozenset(f.name for f in fields(cls))
 
 
 def _pairs(items: Any) -> tuple[tuple[str, str], ...]:

@@ -87,15 +87,24 @@ _Row = TypeVar("_Row", NodeRow, LeaseRow)
 _TOKEN_RE = re.compile(r"jobs:([0-9]{1,19})")
 _ENDED_LEASE_STATES = (LeaseState.RELEASED, LeaseState.EXPIRED, LeaseState.FAILED)
 # Set only where a job row is written at creation; update_jobs leaves them alone.
+# The tables, and the statements of the hot paths built once: building one costs more than
+# running it.
 _JOBS = JobRow.__table__  # type: ignore[attr-defined]
+_EVENTS = EventRow.__table__  # type: ignore[attr-defined]
 _COUNTER = RevisionCounter.__table__  # type: ignore[attr-defined]
-# The statements of the hot paths, built once: building one costs more than running it.
+_LEADER_ROW = LeaderRow.__table__  # type: ignore[attr-defined]
 _INSERT_JOB = insert(_JOBS).returning(_JOBS.c.id)
-_INSERT_EVENT = insert(EventRow.__table__)  # type: ignore[attr-defined]
+_INSERT_EVENT = insert(_EVENTS)
 _INSERT_AUDIT = insert(AuditRow.__table__)  # type: ignore[attr-defined]
 _JOB_BY_ID = select(_JOBS).where(_JOBS.c.id == bindparam("id"))
 _JOB_BY_REQUEST_ID = select(_JOBS).where(_JOBS.c.request_id == bindparam("request_id"))
-_LEADER = select(LeaderRow.__table__).where(LeaderRow.__table__.c.id == 1)  # type: ignore[attr-defined]
+_EVENTS_OF = (
+    select(_EVENTS)
+    .where(_EVENTS.c.object_kind == bindparam("kind"), _EVENTS.c.object_id == bindparam("id"))
+    .order_by(_EVENTS.c.time.desc(), _EVENTS.c.id.desc())
+    .limit(bindparam("limit"))
+)
+_LEADER = select(_LEADER_ROW).where(_LEADER_ROW.c.id == 1)
 _LEADER_FOR_SHARE = _LEADER.with_for_update(read=True)
 _TAKE_REVISIONS = (
     update(_COUNTER)
@@ -334,14 +343,9 @@ class SqlStore:
         """The latest `limit` events of one object, oldest first (none when `limit` <= 0)."""
         if limit <= 0:
             return ()
-        query = (
-            select(EventRow)
-            .where(EventRow.object_kind == object_kind, EventRow.object_id == object_id)
-            .order_by(col(EventRow.time).desc(), col(EventRow.id).desc())
-            .limit(limit)
-        )
+        params = {"kind": object_kind, "id": object_id, "limit": limit}
         with self._transaction(self._reads) as session:
-            latest = [event_from_row(r) for r in session.exec(query)]
+            latest = [event_from_row(r) for r in session.execute(_EVENTS_OF, params)]
         return tuple(reversed(latest))
 
     def add_charges(self, charges: Sequence[AttemptCharge]) -> None:
