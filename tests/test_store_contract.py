@@ -776,3 +776,15 @@ def test_purge_audit_deletes_entries_older_than_the_cutoff(store: SqlStore) -> N
     assert store.purge_audit(T0 + timedelta(minutes=2), limit=1) == 1
     assert store.purge_audit(T0 + timedelta(minutes=2), limit=10) == 1
     assert [a.time for a in store.list_audit()] == [T0 + timedelta(minutes=2)]
+
+
+def test_load_jobs_keeps_their_ids_and_later_jobs_follow(store: SqlStore) -> None:
+    loaded = [Job(id=i, spec=training(name=f"old{i}"), created_at=T0) for i in (5, 9)]
+    event = Event(object_kind="job", object_id="9", time=T0, type="Submitted", message="old")
+    before = store.current_revision()
+    store.load_jobs(loaded, [event])
+    assert [j.id for j in store.list_jobs().jobs] == [5, 9]
+    assert store.get_job(9).spec.name == "old9"
+    assert store.list_events("job", "9") == (event,)
+    assert [j.id for j in store.jobs_since(before)] == [5, 9]  # new revisions: watchers see them
+    assert submit(store).id == 10

@@ -16,17 +16,18 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
 import psutil
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from gpuctl.api._pb.v1 import jobs_pb2, jobs_pb2_grpc
+from gpuctl.api._pb.v1 import jobs_pb2, jobs_pb2_grpc, nodes_pb2, nodes_pb2_grpc
 from gpuctl.api.auth import bearer
 from gpuctl.testbed import FAST_CONFIG, LocalCluster
 
-CALLS = ("CreateJob", "GetJob", "ListJobs", "Health")
+CALLS = ("CreateJob", "GetJob", "ListJobs", "ListNodes", "Health")
 SPEC = jobs_pb2.JobSpec(
     kind=jobs_pb2.JOB_KIND_TRAINING, command=["python", "train.py"], gpus_per_node=8
 )
@@ -39,15 +40,20 @@ def _request(call: str, job: str):
         return jobs_pb2.GetJobRequest(name=job)
     if call == "ListJobs":
         return jobs_pb2.ListJobsRequest(page_size=100)
+    if call == "ListNodes":
+        return nodes_pb2.ListNodesRequest()
     return health_pb2.HealthCheckRequest()
 
 
 async def _load(target: str, token: str, call: str, inflight: int, seconds: float, job: str):
     async with grpc.aio.insecure_channel(target) as channel:
         jobs = jobs_pb2_grpc.JobServiceStub(channel)
-        method = (
-            getattr(jobs, call) if call != "Health" else health_pb2_grpc.HealthStub(channel).Check
-        )
+        if call == "Health":
+            method = health_pb2_grpc.HealthStub(channel).Check
+        elif call == "ListNodes":
+            method = nodes_pb2_grpc.NodeServiceStub(channel).ListNodes
+        else:
+            method = getattr(jobs, call)
         metadata = bearer(token) if token else ()
         latencies: list[float] = []
         codes: Counter[str] = Counter()
@@ -115,57 +121,115 @@ def _serve_trivial(port_file: str) -> None:
     asyncio.run(_trivial(port_file))
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="gpuctl-bench-api", description=__doc__)
-    p.add_argument("--seconds", type=float, default=5.0, help="per case (default 5)")
-    p.add_argument("--procs", type=int, default=4, help="load processes (default 4)")
-    p.add_argument("--inflight", type=int, action="append", help="calls in flight (32, 128)")
-    p.add_argument("--call", action="append", choices=CALLS, help="default: all")
-    p.add_argument("--store-url", default="", help="postgresql://...; default: SQLite")
-    p.add_argument("--json", help="write the figures here")
-    args = p.parse_args(argv)
-    inflights = args.inflight or [32, 128]
-    calls = args.call or ["CreateJob", "GetJob", "ListJobs"]
+def preload(store_url: str, *, pending: int, finished: int) -> None:
+    """Store `pending` pending jobs and `finished` finished ones (a day old, with their
+    events) the fast way, before gpuctld starts: a history as a busy head node keeps it."""
+    from gpuctl.core.model import Event, Job, JobKind, JobSpec, JobState
+    from gpuctl.store.sql import open_store
+
+    store = open_store(store_url)
+    now = datetime.now(UTC)
+    spec = JobSpec(
+        kind=JobKind.TRAINING, command=("python", "train.py"), gpus_per_node=8, owner="history"
+    )
+    total = pending + finished
+    try:
+        for start in range(0, total, 10_000):
+            jobs, events = [], []
+            for n in range(start + 1, min(total, start + 10_000) + 1):
+                done = n <= finished  # the history first, as ids go
+                at = now - timedelta(days=1) if done else now
+                state = JobState.SUCCEEDED if done else JobState.PENDING
+                jobs.append(
+                    Job(
+                        id=n, spec=spec, state=state, created_at=at, updated_at=at,
+                        finished_at=at if done else None, exit_code=0 if done else None,
+                    )
+                )  # fmt: skip
+                events += [
+                    Event(object_kind="job", object_id=str(n), time=at, type=t, message="")
+                    for t in (("Submitted", "Succeeded") if done else ("Submitted",))
+                ]
+            store.load_jobs(jobs, events)
+    finally:
+        store.close()
+
+
+def decision_latency(client_target: str, token: str, samples: int = 5) -> float:
+    """Median seconds from a submit's acknowledgement to the first scheduling decision about it
+    (here: its reason, as no node has room): what a submitter waits to learn where it stands."""
+    took = []
+    with grpc.insecure_channel(client_target) as ch:
+        stub = jobs_pb2_grpc.JobServiceStub(ch)
+        for _ in range(samples):
+            name = stub.CreateJob(jobs_pb2.CreateJobRequest(spec=SPEC), metadata=bearer(token)).name
+            start = time.monotonic()
+            while not stub.GetJob(jobs_pb2.GetJobRequest(name=name), metadata=bearer(token)).reason:
+                if time.monotonic() - start > 60:
+                    return float("inf")
+                time.sleep(0.01)
+            took.append(time.monotonic() - start)
+    return sorted(took)[len(took) // 2]
+
+
+def run_case(args, stored: int, rows: list[dict]) -> None:
     root = Path(tempfile.mkdtemp(prefix="gpuctl-bench-"))
     me = pwd.getpwuid(os.geteuid()).pw_name
     config = FAST_CONFIG.replace("{user}", me).replace("interval_s = 1.0", "interval_s = 5.0")
+    schema = ""
     if args.store_url:
-        config += f'\n[store]\nurl = "{args.store_url}"\n'
+        schema, store_url = _fresh_schema(args.store_url)
+    else:
+        store_url = f"sqlite:///{root / 'bench.db'}"
+    config += f'\n[store]\nurl = "{store_url}"\n'
     (root / "cluster").mkdir()
     (root / "cluster" / "gpuctld.toml").write_text(config)
+    pending = min(stored, args.pending)
+    t0 = time.monotonic()
+    preload(store_url, pending=pending, finished=stored - pending)
+    if stored:
+        print(f"stored {stored:,} jobs ({pending:,} pending) in {time.monotonic() - t0:.0f} s")
     cluster = LocalCluster(root / "cluster")
     trivial = multiprocessing.get_context("spawn").Process(
         target=_serve_trivial, args=(str(root / "trivial.port"),), daemon=True
     )
-    rows = []
+    case = {"stored": stored, "pending": pending, "store": "postgresql" if schema else "sqlite"}
     try:
-        cluster.start_daemon()
+        cluster.start_daemon(timeout=300)
         daemon = psutil.Process(cluster.procs["gpuctld"].pid)
         tokens = [
             cluster.gpuctl("token", "create", "--user", f"bench-{i}").stdout.strip()
             for i in range(args.procs)
         ]
+        # The first decision also waits out the first cycle over what was stored.
+        case["first_decision_s"] = decision_latency(cluster.target, tokens[0], samples=1)
+        case["decision_s"] = decision_latency(cluster.target, tokens[0])
         with grpc.insecure_channel(cluster.target) as ch:  # a job of each caller's to get
             stub = jobs_pb2_grpc.JobServiceStub(ch)
             names = [
-                stub.CreateJob(
-                    jobs_pb2.CreateJobRequest(spec=SPEC),
-                    metadata=bearer(t),
-                ).name
+                stub.CreateJob(jobs_pb2.CreateJobRequest(spec=SPEC), metadata=bearer(t)).name
                 for t in tokens
             ]
+        start = time.monotonic()
+        listed = cluster.gpuctl("jobs", "-o", "json", timeout=600).stdout
+        case["gpuctl_jobs_s"] = time.monotonic() - start
+        case["gpuctl_jobs_listed"] = len(json.loads(listed))
         trivial.start()
         while not (root / "trivial.port").exists():
             time.sleep(0.05)
         trivial_target = f"127.0.0.1:{(root / 'trivial.port').read_text()}"
-        for inflight in inflights:
+        serial = run_load(
+            cluster.target, tokens[:1], "CreateJob", procs=1, inflight=1, seconds=args.seconds
+        )
+        rows.append({**case, **serial, "server": "gpuctld"})
+        for inflight in args.inflight or [32, 128]:
             # The ceiling first, then each call: close together, since the machine drifts.
             ceiling = run_load(
                 trivial_target, [""], "Health", procs=args.procs, inflight=inflight,
                 seconds=args.seconds,
             )  # fmt: skip
-            rows.append({**ceiling, "server": "trivial"})
-            for call in calls:
+            rows.append({**case, **ceiling, "server": "trivial"})
+            for call in args.call or ["CreateJob", "GetJob", "ListJobs", "ListNodes"]:
                 row = run_load(
                     cluster.target, tokens, call, procs=args.procs, inflight=inflight,
                     seconds=args.seconds, jobs=names,
@@ -173,18 +237,73 @@ def main(argv: list[str] | None = None) -> int:
                 row["of_ceiling"] = row["rate"] / ceiling["rate"] if ceiling["rate"] else 0.0
                 row["server"] = "gpuctld"
                 row["rss_mib"] = daemon.memory_info().rss / 2**20
-                rows.append(row)
+                rows.append({**case, **row})
     finally:
         if trivial.is_alive():
             trivial.terminate()
         cluster.remove()
-    print(f"{'server':8} {'call':10} {'inflight':>8} {'rate/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'ceiling':>8}  codes")  # fmt: skip
+        if schema:
+            _drop_schema(args.store_url, schema)
+    print(
+        f"stored {stored:,}: first decision {case.get('first_decision_s', 0):.2f} s, then "
+        f"{case.get('decision_s', 0) * 1e3:.0f} ms; `gpuctl jobs` "
+        f"{case.get('gpuctl_jobs_s', 0):.2f} s for {case.get('gpuctl_jobs_listed', 0):,} jobs"
+    )
+
+
+def _fresh_schema(url: str) -> tuple[str, str]:
+    import psycopg
+    from psycopg import sql
+
+    from gpuctl.bench_failover import _libpq, _schema_url
+
+    schema, scoped = _schema_url(url)
+    with psycopg.connect(_libpq(url), autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    return schema, scoped
+
+
+def _drop_schema(url: str, schema: str) -> None:
+    import psycopg
+    from psycopg import sql
+
+    from gpuctl.bench_failover import _libpq
+
+    with psycopg.connect(_libpq(url), autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="gpuctl-bench-api", description=__doc__)
+    p.add_argument("--seconds", type=float, default=5.0, help="per case (default 5)")
+    p.add_argument("--procs", type=int, default=4, help="load processes (default 4)")
+    p.add_argument("--inflight", type=int, action="append", help="calls in flight (32, 128)")
+    p.add_argument("--call", action="append", choices=CALLS, help="default: all")
+    p.add_argument(
+        "--stored", type=int, action="append",
+        help="jobs stored before the load, one case each (default: 0)",
+    )  # fmt: skip
+    p.add_argument(
+        "--pending", type=int, default=30_000,
+        help="of the stored jobs, how many pending; the rest finished (default 30,000)",
+    )  # fmt: skip
+    p.add_argument("--store-url", default="", help="postgresql://... (a schema of its own)")
+    p.add_argument("--json", help="write the figures here")
+    args = p.parse_args(argv)
+    rows: list[dict] = []
+    for stored in args.stored or [0]:
+        run_case(args, stored, rows)
+    print(
+        f"{'stored':>9} {'server':8} {'call':10} {'inflight':>8} {'rate/s':>8} {'p50 ms':>8} "
+        f"{'p99 ms':>8} {'ceiling':>8} {'RSS MiB':>8}  codes"
+    )
     for r in rows:
         share = f"{r['of_ceiling']:.1%}" if "of_ceiling" in r else "-"
+        rss = f"{r['rss_mib']:.0f}" if "rss_mib" in r else "-"
         print(
-            f"{r['server']:8} {r['call']:10} {r['inflight']:>8} {r['rate']:>8.0f} "
-            f"{r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {share:>8}  {r['codes']}"
+            f"{r['stored']:>9,} {r['server']:8} {r['call']:10} {r['inflight']:>8} "
+            f"{r['rate']:>8.0f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {share:>8} {rss:>8}  "
+            f"{r['codes']}"
         )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))

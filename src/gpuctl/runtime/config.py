@@ -33,6 +33,7 @@ class DaemonConfig:
     policy: str = "default"
     policy_weights: Mapping[str, float] = field(default_factory=dict)
     cycle_interval_s: float = 5.0
+    cycle_process: bool = True  # decide cycles in a worker process (runtime.cycleproc)
     heartbeat_interval_s: float = 3.0
     heartbeat_timeout_s: float = 12.0  # 4 missed heartbeats; see config/gpuctld.toml
     heartbeat_check_interval_s: float = 1.0
@@ -141,6 +142,7 @@ _KEYS: dict[str, str] = {
     "scheduler.policy": "policy",
     "scheduler.weights": "policy_weights",
     "scheduler.interval_s": "cycle_interval_s",
+    "scheduler.separate_process": "cycle_process",
     "nodes.heartbeat_interval_s": "heartbeat_interval_s",
     "nodes.heartbeat_timeout_s": "heartbeat_timeout_s",
     "nodes.check_interval_s": "heartbeat_check_interval_s",

@@ -23,7 +23,7 @@ from gpuctl.core.cost import (
     charges,
     report,
 )
-from gpuctl.core.cycle import CycleResult, schedule
+from gpuctl.core.cycle import CycleResult
 from gpuctl.core.errors import FailedPrecondition, NotFound
 from gpuctl.core.fabric import fabric_issues
 from gpuctl.core.launch import rank_env
@@ -44,14 +44,15 @@ from gpuctl.core.model import (
     RankState,
 )
 from gpuctl.core.plugins import Policy
-from gpuctl.core.snapshot import Snapshot
 from gpuctl.core.trust import PermissionDenied
 from gpuctl.core.validation import validate_spec
 from gpuctl.runtime.clock import Clock
+from gpuctl.runtime.cycleproc import Decided, WorkerLost, decide
 from gpuctl.runtime.logstore import LogStore
 from gpuctl.store.base import Store
 
 if TYPE_CHECKING:
+    from gpuctl.runtime.cycleproc import CycleProcess
     from gpuctl.runtime.leases import LeaseKeeper
 
 log = logging.getLogger(__name__)
@@ -124,24 +125,47 @@ class ActiveJobs:
     def __init__(self, store: Store) -> None:
         self._store = store
         self._lock = threading.Lock()
-        self._jobs: dict[int, Job] | None = None
-        self._revision = 0
+        self._jobs: dict[int, Job] = {}
+        self._holding: dict[int, Job] = {}  # of those, the ones that hold GPUs
+        self._on_node: dict[str, set[int]] = {}  # the holding jobs with ranks on each node
+        self._revision: int | None = None
 
     def __call__(self) -> tuple[Job, ...]:
         """Every job that is PENDING, RUNNING or CANCELLING, in id order."""
         with self._lock:
-            if self._jobs is None:
-                # The revision before the jobs: whatever commits in between is read twice,
-                # never missed.
-                self._revision = self._store.current_revision()
-                self._jobs = {j.id: j for j in self._store.active_jobs()}
-            for job in self._store.jobs_since(self._revision):
-                self._revision = max(self._revision, job.revision)
-                if job.state.finished:
-                    self._jobs.pop(job.id, None)
-                else:
-                    self._jobs[job.id] = job
+            self._refresh()
             return tuple(self._jobs[i] for i in sorted(self._jobs))
+
+    def holding(self, node_id: str = "") -> tuple[Job, ...]:
+        """The active jobs that hold resources (placed, running or stopping; with ranks on
+        `node_id` when given), in id order: what a node's usage is made of, found without
+        going through the queue."""
+        with self._lock:
+            self._refresh()
+            ids = self._on_node.get(node_id, set()) if node_id else self._holding
+            return tuple(self._holding[i] for i in sorted(ids))
+
+    def _refresh(self) -> None:
+        if self._revision is None:
+            # The revision before the jobs: whatever commits in between is read twice, never
+            # missed.
+            self._revision = self._store.current_revision()
+            changed: Iterable[Job] = self._store.active_jobs()
+        else:
+            changed = self._store.jobs_since(self._revision)
+        for job in changed:
+            self._revision = max(self._revision, job.revision)
+            if job.state.finished:
+                self._jobs.pop(job.id, None)
+            else:
+                self._jobs[job.id] = job
+            if (old := self._holding.pop(job.id, None)) is not None:
+                for node_id in old.placement.node_ids if old.placement else ():
+                    self._on_node[node_id].discard(job.id)
+            if job.state.holds_resources and job.placement is not None:
+                self._holding[job.id] = job
+                for node_id in job.placement.node_ids:
+                    self._on_node.setdefault(node_id, set()).add(job.id)
 
 
 class Controller:
@@ -165,6 +189,7 @@ class Controller:
         self.active_jobs = ActiveJobs(store)
         self._lock = threading.RLock()
         self.leases: LeaseKeeper | None = None  # set by LeaseKeeper: leases from providers
+        self.cycles: CycleProcess | None = None  # where cycles decide, if not in here
         self._leading_since: datetime | None = None
 
     @property
@@ -264,9 +289,8 @@ class Controller:
     def node_usage(self) -> dict[str, dict[int, tuple[int, list[int]]]]:
         """Per node, per GPU: used milli and the jobs using it."""
         usage: dict[str, dict[int, tuple[int, list[int]]]] = {}
-        for job in self.active_jobs():
-            if not job.state.holds_resources or job.placement is None:
-                continue
+        for job in self.active_jobs.holding():
+            assert job.placement is not None  # holding() has placed jobs only
             for r in job.placement.ranks:
                 gpus = usage.setdefault(r.node_id, {})
                 for i in r.gpu_indices:
@@ -374,7 +398,8 @@ class Controller:
                 )
             woken = node.state is not was.state or node.profile.gpus != was.profile.gpus
             running_set = set(running)
-            jobs = {j.id: j for j in self.active_jobs()}
+            # The jobs placed here: a heartbeat's work is its node's, not the queue's.
+            jobs = {j.id: j for j in self.active_jobs.holding(node_id)}
             stop = [
                 ref
                 for ref in running_set
@@ -518,8 +543,21 @@ class Controller:
             # With nothing pending, only leases to give back can come of a cycle.
             if not pending and (leasing is None or not any(map(managed, leasing.leases))):
                 return CycleResult(bindings=(), unschedulable=())
-            snapshot = Snapshot.build(nodes, [j for j in active if j.state.holds_resources])
-            result = schedule(snapshot, pending, self.policy, now=now, leasing=leasing)
+            decided = None
+            if self.cycles is not None:
+                try:
+                    decided = self.cycles.decide(now=now, leasing=leasing)
+                except WorkerLost as e:
+                    log.warning("%s: this cycle decides in gpuctld's process", e)
+                if decided is not None:
+                    # The worker may have read jobs submitted since `active` was.
+                    active = self.active_jobs()
+                    pending = [j for j in active if j.state is JobState.PENDING]
+            if decided is None:
+                decided = decide(list(active), list(nodes), self.policy, now=now, leasing=leasing)
+            result = _as_seen(decided, {j.id: j for j in active})
+            if result is not decided.result:
+                self.wake()  # at once, on what the store holds now
             by_id = {j.id: j for j in pending}
             changed: list[Job] = []
             events: list[Event] = []
@@ -631,7 +669,7 @@ class Controller:
         hit: list[int] = []
         with self._lock:
             changed, events = [], []
-            for job in self.active_jobs():
+            for job in self.active_jobs.holding():
                 limit = job.spec.time_limit_s
                 if job.state is not JobState.RUNNING or not limit or job.started_at is None:
                     continue
@@ -908,6 +946,22 @@ class Controller:
             )
         )
         return lease_id
+
+
+def _as_seen(decided: Decided, active: dict[int, Job]) -> CycleResult:
+    """The decision, if every job it names is still as the decider read it; otherwise only
+    the reasons of the jobs that are (the controller's lock makes this rare: only a decision
+    read from another process can be behind)."""
+    stale = {i for i, rev in decided.seen.items() if i not in active or active[i].revision != rev}
+    if not stale:
+        return decided.result
+    log.warning("cycle decided on jobs changed since (%s): nothing bound this time", sorted(stale))
+    result = decided.result
+    return CycleResult(
+        unschedulable=tuple(m for m in result.unschedulable if m.job_id not in stale),
+        reservations=result.reservations,
+        lease_releases=result.lease_releases,
+    )
 
 
 def _ref_key(ref: RankRef) -> tuple[int, int, int]:

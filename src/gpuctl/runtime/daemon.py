@@ -27,6 +27,7 @@ from gpuctl.core.trust import QueueGrants, RolePolicy, RunAsPolicy
 from gpuctl.runtime.clock import SystemClock
 from gpuctl.runtime.config import DaemonConfig, load_config, load_providers
 from gpuctl.runtime.controller import Controller, ControllerSettings
+from gpuctl.runtime.cycleproc import CycleProcess
 from gpuctl.runtime.leadership import Elector, ElectorSettings
 from gpuctl.runtime.leadership import run as run_elector
 from gpuctl.runtime.leases import LeaseKeeper, LeaseSettings, build_providers
@@ -152,6 +153,8 @@ def serve(
     def lead(epoch: int) -> None:
         """Start deciding: the cycle, heartbeat expiry, time limits, leases."""
         controller.lead()
+        if config.cycle_process:
+            controller.cycles = CycleProcess(config.resolved_store_url(env), controller.policy)
         tables, base_dir = load_providers(config)
         # The static and catalog providers keep their grants in memory: the store hands them
         # back, as they stand now (a standby taking over reads them only now).
@@ -281,6 +284,8 @@ def serve(
     notifier.stopping()
     electing.join()
     periodic.shutdown()
+    if controller.cycles is not None:
+        controller.cycles.close()
     elector.resign()
     server.drain(config.drain_grace_s)
     store.close()

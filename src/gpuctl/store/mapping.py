@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import functools
 import json
-from dataclasses import fields, is_dataclass
+from dataclasses import fields, is_dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -74,6 +74,17 @@ def job_values(job: Job) -> dict[str, Any]:
         "finished_at": _utc(job.finished_at),
         "updated_at": _utc(job.updated_at),
     }
+
+
+def as_stored(job: Job) -> Job:
+    """`job` as reading it back would give it: its times in UTC."""
+    return replace(
+        job,
+        created_at=_utc(job.created_at),
+        started_at=_utc(job.started_at),
+        finished_at=_utc(job.finished_at),
+        updated_at=_utc(job.updated_at),
+    )
 
 
 def job_from_row(row: JobRow | Row[Any]) -> Job:

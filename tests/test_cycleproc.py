@@ -1,0 +1,91 @@
+"""Cycles decided in a worker process: the same decisions as in gpuctld's process, nothing
+bound on a decision about jobs that changed since, and a dead worker costs one cycle its
+process, not the cycle."""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import replace
+
+import pytest
+
+from gpuctl.core.cycle import Binding, CycleResult, Unschedulable
+from gpuctl.core.model import JobState, Placement, RankPlacement
+from gpuctl.core.plugins import build_policy
+from gpuctl.runtime.clock import FakeClock
+from gpuctl.runtime.controller import Controller, ControllerSettings, _as_seen
+from gpuctl.runtime.cycleproc import CycleProcess, Decided
+from gpuctl.runtime.logstore import LogStore
+from gpuctl.store.sql import open_store
+from tests.test_controller import h100_node, training
+
+
+@pytest.fixture
+def ctl(tmp_path):
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    store = open_store(url)
+    c = Controller(
+        store,
+        FakeClock(),
+        build_policy("default"),
+        LogStore(tmp_path / "logs", max_bytes_per_rank=1024),
+        ControllerSettings(heartbeat_timeout_s=30),
+    )
+    c.cycles = CycleProcess(url, c.policy)
+    yield c
+    c.cycles.close()
+    store.close()
+
+
+def test_the_worker_places_a_gang_and_gives_the_rest_their_reasons(ctl):
+    ctl.register_node(h100_node("a"))
+    ctl.register_node(h100_node("b"))
+    gang = ctl.submit(training())
+    too_big = ctl.submit(training(nodes=3))
+    result = ctl.run_cycle()
+    assert [b.job_id for b in result.bindings] == [gang.id]
+    placed = ctl.store.get_job(gang.id)
+    assert placed.state is JobState.RUNNING
+    assert sorted(placed.placement.node_ids) == ["a", "b"]
+    waiting = ctl.store.get_job(too_big.id)
+    assert waiting.state is JobState.PENDING and waiting.reason
+    # Nothing changed: the next decision sends no reason again, and binds nothing twice.
+    again = ctl.run_cycle()
+    assert again.bindings == () and again.unschedulable == ()
+    assert ctl.store.get_job(too_big.id).revision == waiting.revision
+
+
+def test_a_dead_worker_costs_one_cycle_its_process_and_is_replaced(ctl):
+    ctl.register_node(h100_node("a"))
+    ctl.submit(training(nodes=1, gpus=4))
+    assert len(ctl.run_cycle().bindings) == 1
+    first = ctl.cycles._proc.pid
+    os.kill(first, signal.SIGKILL)
+    ctl.cycles._proc.join(10)
+    job = ctl.submit(training(nodes=1, gpus=4))
+    result = ctl.run_cycle()  # decided here, in this process
+    assert [b.job_id for b in result.bindings] == [job.id]
+    third = ctl.submit(training(nodes=1, gpus=4))
+    ctl.run_cycle()  # by a new worker
+    assert ctl.cycles._proc.pid != first
+    assert ctl.store.get_job(third.id).reason  # no room left, as it learnt from the store
+
+
+def test_a_decision_about_jobs_changed_since_binds_nothing(ctl):
+    a = ctl.submit(training(nodes=1))
+    b = ctl.submit(training(nodes=1))
+    placement = Placement(ranks=(RankPlacement(rank=0, node_id="a", gpu_indices=(0,)),))
+    decided = Decided(
+        result=CycleResult(
+            bindings=(Binding(job_id=a.id, placement=placement),),
+            unschedulable=(Unschedulable(job_id=b.id, reason="no room"),),
+        ),
+        seen={a.id: a.revision, b.id: b.revision},
+    )
+    active = {j.id: j for j in ctl.active_jobs()}
+    assert _as_seen(decided, active) is decided.result
+    active[a.id] = replace(a, revision=a.revision + 10)  # cancelled meanwhile, say
+    kept = _as_seen(decided, active)
+    assert kept.bindings == ()
+    assert kept.unschedulable == decided.result.unschedulable
