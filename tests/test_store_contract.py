@@ -788,3 +788,5 @@ def test_load_jobs_keeps_their_ids_and_later_jobs_follow(store: SqlStore) -> Non
     assert store.list_events("job", "9") == (event,)
     assert [j.id for j in store.jobs_since(before)] == [5, 9]  # new revisions: watchers see them
     assert submit(store).id == 10
+    store.analyze()  # statistics after a bulk load: the rows stay as they were
+    assert [j.id for j in store.list_jobs().jobs] == [5, 9, 10]

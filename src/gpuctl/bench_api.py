@@ -151,6 +151,7 @@ def preload(store_url: str, *, pending: int, finished: int) -> None:
                     for t in (("Submitted", "Succeeded") if done else ("Submitted",))
                 ]
             store.load_jobs(jobs, events)
+        store.analyze()
     finally:
         store.close()
 

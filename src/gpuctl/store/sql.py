@@ -237,6 +237,11 @@ class SqlStore:
         if jobs or events:
             self._write(load)
 
+    def analyze(self) -> None:
+        """Bring the query planner's statistics up to date (ANALYZE), as after a bulk load:
+        PostgreSQL's autovacuum would, but only in a while."""
+        self._write(lambda s: s.execute(text("ANALYZE")), fenced=False)
+
     def get_job(self, job_id: int) -> Job:
         with self._transaction(self._reads) as session:
             row = session.execute(_JOB_BY_ID, {"id": job_id}).first()
