@@ -201,7 +201,7 @@ def test_standbys_only_are_waited_out_once_as_they_ask(heads, monkeypatch) -> No
     with connect(a.address, b.address) as c:
         assert c.drain("gpu-01").state_reason == "drained by b"
 
-    assert slept == [0.5]
+    assert len(slept) == 1 and 0.5 <= slept[0] <= 0.75  # what it asked, with jitter
     assert (a.calls, b.calls) == (["DrainNode"] * 2, ["DrainNode"] * 2)
 
 
@@ -215,7 +215,7 @@ def test_standbys_only_are_waited_out_no_more_than_once(heads, monkeypatch) -> N
     with connect(a.address, b.address) as c, pytest.raises(UnavailableError) as e:
         c.drain("gpu-01")
 
-    assert slept == [0.5]
+    assert len(slept) == 1 and 0.5 <= slept[0] <= 0.75  # what it asked, with jitter
     assert (a.calls, b.calls) == (["DrainNode"] * 2, ["DrainNode"] * 2)
     assert e.value.reason == NOT_LEADER and e.value.leader == ""
 

@@ -11,6 +11,7 @@ import json
 import multiprocessing
 import os
 import pwd
+import random
 import sys
 import tempfile
 import time
@@ -21,7 +22,9 @@ from pathlib import Path
 
 import grpc
 import psutil
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 
 from gpuctl.api._pb.v1 import jobs_pb2, jobs_pb2_grpc, nodes_pb2, nodes_pb2_grpc
 from gpuctl.api.auth import bearer
@@ -56,6 +59,7 @@ async def _load(target: str, token: str, call: str, inflight: int, seconds: floa
             method = getattr(jobs, call)
         metadata = bearer(token) if token else ()
         latencies: list[float] = []
+        refusals: list[float] = []
         codes: Counter[str] = Counter()
         stop = time.monotonic() + seconds
 
@@ -68,14 +72,29 @@ async def _load(target: str, token: str, call: str, inflight: int, seconds: floa
                     latencies.append(time.perf_counter() - start)
                 except grpc.aio.AioRpcError as e:
                     codes[e.code().name] += 1
+                    if e.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        # How long a refusal took; then wait as the SDK does: what the server
+                        # asked (RetryInfo), with jitter.
+                        refusals.append(time.perf_counter() - start)
+                        await asyncio.sleep(_retry_delay(e) * random.uniform(1.0, 1.5))
 
         await asyncio.gather(*(worker() for _ in range(inflight)))
-        return latencies, codes
+        return latencies, codes, refusals
 
 
-def _process(args) -> tuple[list[float], dict[str, int]]:
-    latencies, codes = asyncio.run(_load(*args))
-    return latencies, dict(codes)
+def _retry_delay(error: grpc.aio.AioRpcError) -> float:
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return info.retry_delay.ToTimedelta().total_seconds()
+    return 0.1
+
+
+def _process(args) -> tuple[list[float], dict[str, int], list[float]]:
+    latencies, codes, refusals = asyncio.run(_load(*args))
+    return latencies, dict(codes), refusals
 
 
 def run_load(target, tokens, call, *, procs, inflight, seconds, jobs=()) -> dict:
@@ -89,21 +108,22 @@ def run_load(target, tokens, call, *, procs, inflight, seconds, jobs=()) -> dict
     ]
     with multiprocessing.get_context("spawn").Pool(procs) as pool:
         results = pool.map(_process, work)
-    latencies = sorted(x for lat, _ in results for x in lat)
+    latencies = sorted(x for lat, _, _ in results for x in lat)
+    refusals = sorted(x for _, _, ref in results for x in ref)
     codes: Counter[str] = Counter()
-    for _, c in results:
+    for _, c, _ in results:
         codes.update(c)
-    ok = len(latencies)
 
-    def pct(p: float) -> float:
-        return latencies[min(ok - 1, int(p * ok))] * 1e3 if ok else float("nan")
+    def pct(values: list[float], p: float) -> float:
+        return values[min(len(values) - 1, int(p * len(values)))] * 1e3 if values else float("nan")
 
     return {
         "call": call,
         "inflight": per * procs,
-        "rate": ok / seconds,
-        "p50_ms": pct(0.50),
-        "p99_ms": pct(0.99),
+        "rate": len(latencies) / seconds,
+        "p50_ms": pct(latencies, 0.50),
+        "p99_ms": pct(latencies, 0.99),
+        "refused_p50_ms": pct(refusals, 0.50),
         "codes": dict(codes),
     }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import builtins
 import json
 import os
+import random
 import threading
 import time
 import uuid
@@ -559,10 +560,11 @@ class Client:
                 # within our deadline; a standby did nothing, so any call may be sent again.
                 delay = error.retry_delay
                 said = isinstance(error, ResourceExhaustedError) or error.reason == NOT_LEADER
-                if waited or not said or delay is None or delay > self.timeout / 2:
+                if waited or not said or delay is None or delay * 1.5 > self.timeout / 2:
                     raise
                 waited = True
-                time.sleep(delay)
+                # Jitter: callers turned away together do not all come back together.
+                time.sleep(delay * random.uniform(1.0, 1.5))
 
     def _failover(self, call: Callable[[_Stubs], Any]) -> Any:
         """`call` on the address that answered last; where that one cannot be reached or is a

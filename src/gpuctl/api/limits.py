@@ -31,6 +31,10 @@ class LimitSettings:
         return out
 
 
+BUSY = "gpuctld is busy: too many calls in flight"
+BUSY_RETRY_S = 0.5
+
+
 class Limits:
     def __init__(self, settings: LimitSettings | None = None) -> None:
         self.settings = settings or LimitSettings()
@@ -54,7 +58,7 @@ class Limits:
                 self._calls[key] += 1
                 return
             if self._people >= s.workers - s.agent_reserve:
-                raise ResourceExhausted("gpuctld is busy: too many calls in flight")
+                raise ResourceExhausted(BUSY, retry_after_s=BUSY_RETRY_S)
             if stream:
                 if self._streams[key] >= s.streams_per_caller:
                     raise ResourceExhausted(

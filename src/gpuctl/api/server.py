@@ -4,7 +4,6 @@ Unix socket for the head node and on TCP (TLS where configured)."""
 from __future__ import annotations
 
 import os
-from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,6 +24,8 @@ from gpuctl.api._pb.v1 import (
     nodes_pb2_grpc,
 )
 from gpuctl.api.auth import Authenticator, PeerCredIssuer, SessionBook, auth_socket_path
+from gpuctl.api.lanes import Lanes, PeopleCall
+from gpuctl.api.limits import BUSY, BUSY_RETRY_S
 from gpuctl.api.servicers import (
     AgentServicer,
     AuthServicer,
@@ -33,7 +34,8 @@ from gpuctl.api.servicers import (
     LeaseServicer,
     NodeServicer,
 )
-from gpuctl.core.errors import GpuctlError
+from gpuctl.api.status import abort
+from gpuctl.core.errors import GpuctlError, ResourceExhausted
 
 if TYPE_CHECKING:
     from gpuctl.runtime.controller import Controller
@@ -87,10 +89,20 @@ class _Edge(grpc.ServerInterceptor):
         if handler is None or handler.request_streaming or handler.request_deserializer is None:
             return handler
         kind = "unary_stream" if handler.response_streaming else "unary_unary"
+        behavior = _refusing_malformed(getattr(handler, kind))
+        if not details.method.startswith(_OWN_LANE):  # a person's call (see api.lanes)
+            behavior = PeopleCall(behavior, _busy)
         return handler._replace(
-            request_deserializer=_tolerant(handler.request_deserializer),
-            **{kind: _refusing_malformed(getattr(handler, kind))},
+            request_deserializer=_tolerant(handler.request_deserializer), **{kind: behavior}
         )
+
+
+# Agents' calls and health checks: never behind people's, never refused for them.
+_OWN_LANE = ("/gpuctl.agent.v1.AgentService/", "/grpc.health.v1.Health/")
+
+
+def _busy(_request, context):
+    abort(context, ResourceExhausted(BUSY, retry_after_s=BUSY_RETRY_S))
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,8 +146,10 @@ class ApiServer:
         max_message_bytes: int = 4 << 20,
     ) -> None:
         workers = guard.limits.settings.workers
+        reserve = guard.limits.settings.agent_reserve
+        self.lanes = Lanes(people=workers - reserve, others=reserve)
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
+            self.lanes,
             options=[
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", max_message_bytes + (64 << 10)),

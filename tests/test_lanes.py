@@ -1,0 +1,116 @@
+"""People's calls run on a lane of their own: when its threads are all taken the next one is
+refused at once (RESOURCE_EXHAUSTED with RetryInfo), while agents' calls and health checks
+still get through."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+
+from gpuctl.api._pb.agent.v1 import agent_pb2, agent_pb2_grpc
+from gpuctl.api._pb.v1 import jobs_pb2, jobs_pb2_grpc
+from gpuctl.api.lanes import Lanes, PeopleCall
+from gpuctl.api.limits import LimitSettings
+from gpuctl.core.plugins import build_policy
+from gpuctl.runtime.clock import FakeClock
+from gpuctl.runtime.controller import Controller
+from gpuctl.runtime.logstore import LogStore
+from gpuctl.store.sql import open_store
+from tests.auth_rig import Tokens, serve
+from tests.test_api import spec
+
+
+def _until(condition) -> None:
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, "never got there"
+        time.sleep(0.005)
+
+
+def test_a_full_people_lane_refuses_the_next_and_leaves_the_other_lane_free() -> None:
+    lanes = Lanes(people=2, others=1)
+    gate = threading.Event()
+    ran: list[str] = []
+    try:
+        held = [
+            lanes.submit(lambda b: b(), PeopleCall(lambda: gate.wait(10), lambda: "refused"))
+            for _ in range(2)
+        ]
+        _until(lambda: lanes.people_in_flight == 2)
+        third = lanes.submit(lambda b: b(), PeopleCall(lambda: "ran", lambda: "refused"))
+        assert third.result(10) == "refused"
+        assert lanes.submit(lambda: ran.append("agent") or "agent").result(10) == "agent"
+        gate.set()
+        assert [f.result(10) for f in held] == [True, True]
+        _until(lambda: lanes.people_in_flight == 0)
+        again = lanes.submit(lambda b: b(), PeopleCall(lambda: "ran", lambda: "refused"))
+        assert again.result(10) == "ran"
+    finally:
+        gate.set()
+        lanes.shutdown()
+
+
+@pytest.fixture
+def busy_server(tmp_path, monkeypatch):
+    """A server whose people's lane has 4 threads, and a gate that holds GetJob calls."""
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    controller = Controller(
+        store, FakeClock(), build_policy("default"), LogStore(tmp_path / "l", max_bytes_per_rank=1)
+    )
+    gate = threading.Event()
+    get = controller.get
+
+    def held_get(*args, **kwargs):
+        gate.wait(10)
+        return get(*args, **kwargs)
+
+    monkeypatch.setattr(controller, "get", held_get)
+    server = serve(controller, limits=LimitSettings(workers=6, agent_reserve=2, max_streams=1))
+    try:
+        yield server, Tokens(controller), gate
+    finally:
+        gate.set()
+        server.drain(0)
+        store.close()
+
+
+def test_people_past_their_lane_are_refused_at_once_and_agents_still_answered(busy_server):
+    server, tokens, gate = busy_server
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        jobs = jobs_pb2_grpc.JobServiceStub(channel)
+        alice = tokens.metadata(tokens.user("alice"))
+        job = jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=spec()), metadata=alice)
+        with ThreadPoolExecutor(4) as pool:
+            held = [
+                pool.submit(
+                    jobs.GetJob, jobs_pb2.GetJobRequest(name=job.name), metadata=alice, timeout=20
+                )
+                for _ in range(4)
+            ]
+            _until(lambda: server.lanes.people_in_flight == 4)
+            with pytest.raises(grpc.RpcError) as e:
+                jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=spec()), metadata=alice, timeout=5)
+            assert e.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "busy" in e.value.details()
+            details = rpc_status.from_call(e.value).details
+            assert any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in details)
+            # The other lane: a health check, and an agent's heartbeat (answered: this node
+            # never registered, so it is told to).
+            health = health_pb2_grpc.HealthStub(channel)
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == 1
+            node = tokens.metadata(tokens.node("n1"))
+            agent = agent_pb2_grpc.AgentServiceStub(channel)
+            request = agent_pb2.HeartbeatRequest(node_name="n1")
+            assert agent.Heartbeat(request, metadata=node, timeout=5).reregister
+            assert not any(f.done() for f in held)
+            gate.set()
+            assert all(f.result(20).name == job.name for f in held)
+        _until(lambda: server.lanes.people_in_flight == 0)
+        jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=spec()), metadata=alice, timeout=5)
