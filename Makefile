@@ -94,12 +94,20 @@ fuzz: $(STAMP)
 	$(PY) -m gpuctl.fuzz --messages 10000 --json bench-results/fuzz.json
 
 # Benchmark B3: the API under load. A grpc.aio load generator in 4 processes (one caller
-# each) against a gpuctld of its own on loopback, at 32 and 128 calls in flight, beside a
-# trivial grpc.aio health server measured in the same run (this machine's ceiling).
-.PHONY: bench-api
+# each) against a gpuctld of its own on loopback, at 32 and 500 calls in flight, with 0, 30,000
+# and 1,000,000 jobs stored, beside a trivial grpc.aio health server measured in the same run
+# (this machine's ceiling); ~7 minutes. bench-api-postgres: the same on PostgreSQL
+# ($$GPUCTL_TEST_POSTGRES_URL, default 127.0.0.1:5432/test, in a schema of its own).
+BENCH_API_CASES := --inflight 32 --inflight 500 --stored 0 --stored 30000
+.PHONY: bench-api bench-api-postgres
 bench-api: $(STAMP)
 	@mkdir -p bench-results
-	$(PY) -m gpuctl.bench_api --json bench-results/api.json
+	$(PY) -m gpuctl.bench_api $(BENCH_API_CASES) --stored 1000000 --json bench-results/api.json
+
+bench-api-postgres: $(STAMP)
+	@mkdir -p bench-results
+	$(PY) -m gpuctl.bench_api $(BENCH_API_CASES) --json bench-results/api-postgres.json \
+		--store-url $${GPUCTL_TEST_POSTGRES_URL:-postgresql://postgres@127.0.0.1:5432/test}
 
 # High availability: kill -9 the leading gpuctld under a submit storm with a gang running, two
 # gpuctld on one PostgreSQL ($$GPUCTL_TEST_POSTGRES_URL, default 127.0.0.1:5432/test).
