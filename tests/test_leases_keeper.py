@@ -182,6 +182,50 @@ def test_capacity_unavailable_fails_over_to_the_next_best_offer_and_says_so(tmp_
     assert third.provider == "flaky"
 
 
+def test_a_gpuctld_taking_over_counts_the_idle_grace_from_where_it_was(tmp_path):
+    """Since when a leased node is idle is on its lease, in the store: a new leader (or a
+    restart) does not give it a fresh grace."""
+    settings = LeaseSettings(idle_grace_s=300, budgets={"small": Budget(dollars_per_hour=30)})
+    provider = Recording(lab())
+    rig = Rig(tmp_path, [provider], settings)
+    first = rig.ctl.submit(training(nodes=1, queue="small"))
+    rig.ctl.run_cycle()
+    rig.keeper.tick()
+    rig.ctl.register_node(agent_node("hgx-1"))
+    rig.ctl.run_cycle()
+    rig.ctl.submit(training(nodes=2, queue="small"))  # waits, over budget: hgx-1 is kept for it
+    rig.ctl.run_cycle()
+    rig.run(first.id)
+    rig.ctl.run_cycle()  # hgx-1 idle from now
+    idle_from = rig.clock.now()
+    rig.clock.advance(timedelta(seconds=200))
+    # Another gpuctld takes over: the same store, the same provider (a cloud outlives gpuctld).
+    again = Rig(tmp_path, [provider], settings, store=rig.store, clock=rig.clock, prefix="R")
+    (kept,) = [x for x in again.leases(everything=False) if x.node_id == "hgx-1"]
+    assert kept.idle_since == idle_from
+    assert again.ctl.run_cycle().lease_releases == ()
+    again.clock.advance(timedelta(seconds=99))
+    assert again.ctl.run_cycle().lease_releases == ()
+    again.clock.advance(timedelta(seconds=1))
+    (release,) = again.ctl.run_cycle().lease_releases
+    assert release.lease_id == kept.id
+    assert "idle for 0:05:00 (idle grace 0:05:00)" in release.reason
+
+
+def test_a_gpuctld_taking_over_does_not_ask_an_offer_that_failed_lately(tmp_path):
+    cheap = replace(H100_SKU, provider="flaky", name="h100-cheap", price_per_hour=10.0)
+    flaky, provider = NoCapacity(cheap), Recording(lab())
+    rig = Rig(tmp_path, [flaky, provider])
+    job = rig.ctl.submit(training(nodes=1))
+    (first,) = rig.ctl.run_cycle().lease_requests
+    assert first.provider == "flaky"
+    rig.keeper.tick()  # no capacity: the lease fails, and the offer is noted
+    again = Rig(tmp_path, [flaky, provider], store=rig.store, clock=rig.clock, prefix="R")
+    (second,) = again.ctl.run_cycle().lease_requests
+    assert (second.job_id, second.provider) == (job.id, "lab")
+    assert flaky.asked == 1
+
+
 def test_a_node_that_never_registers_is_given_back_and_the_lease_fails(rig):
     job = rig.ctl.submit(training(nodes=1))
     rig.ctl.run_cycle()

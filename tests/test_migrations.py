@@ -74,10 +74,11 @@ def test_a_store_of_0_1_0_upgrades_keeping_every_row(v0: Path) -> None:
     finally:
         store.close()
     after = _rows(v0)
-    unchanged = [t for t in V0_TABLES if t not in ("jobs", "revision_counter")]
+    unchanged = [t for t in V0_TABLES if t not in ("jobs", "revision_counter", "leases")]
     assert {t: after[t] for t in unchanged} == {t: before[t] for t in unchanged}
     assert after["jobs"][:4] == before["jobs"]  # the new job came after, the old ones unchanged
-    assert "leader" in _tables(v0)
+    assert after["leases"] == [(*row, None) for row in before["leases"]]  # 0004: idle_since
+    assert {"leader", "failed_offers"} <= _tables(v0)
 
 
 def test_an_older_store_is_refused_until_migrated_and_left_untouched(v0: Path) -> None:

@@ -197,6 +197,7 @@ def lease(lease_id: str, state: LeaseState = LeaseState.ACTIVE, **changes: objec
         released_at=T0.astimezone(IST) + timedelta(hours=1),
         for_job_id=42,
         state=state,
+        idle_since=T0 + timedelta(minutes=30),
     )
     return replace(full, **changes)
 
@@ -790,3 +791,16 @@ def test_load_jobs_keeps_their_ids_and_later_jobs_follow(store: SqlStore) -> Non
     assert submit(store).id == 10
     store.analyze()  # statistics after a bulk load: the rows stay as they were
     assert [j.id for j in store.list_jobs().jobs] == [5, 9, 10]
+
+
+def test_failed_offers_are_kept_until_forgotten(store: SqlStore) -> None:
+    store.note_failed_offer(7, "lambda", "gpu_8x_h100_sxm5", T0)
+    store.note_failed_offer(7, "aws", "p5.48xlarge", T0 + timedelta(minutes=1))
+    store.note_failed_offer(7, "lambda", "gpu_8x_h100_sxm5", T0 + timedelta(minutes=2))  # again
+    assert store.failed_offers(since=T0 - timedelta(hours=1)) == (
+        (7, "aws", "p5.48xlarge", T0 + timedelta(minutes=1)),
+        (7, "lambda", "gpu_8x_h100_sxm5", T0 + timedelta(minutes=2)),
+    )
+    assert len(store.failed_offers(since=T0 + timedelta(minutes=1))) == 1
+    store.forget_failed_offers(before=T0 + timedelta(minutes=1))
+    assert [f[1] for f in store.failed_offers(since=T0 - timedelta(hours=1))] == ["lambda"]

@@ -197,6 +197,9 @@ class NodeLease:
     released_at: datetime | None = None
     for_job_id: int | None = None
     state: LeaseState = LeaseState.REQUESTED
+    # An active leased node with nothing on it: since when (what its idle grace counts from;
+    # kept in the store, so that a gpuctld taking over counts from the same instant).
+    idle_since: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

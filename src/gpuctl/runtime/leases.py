@@ -156,8 +156,13 @@ class LeaseKeeper:
         self._inventory = {n.name: p.name for p in providers for n in getattr(p, "nodes", ())}
         self._memory = threading.Lock()  # the dicts below: the cycle and the tick both touch them
         self._where: dict[str, tuple[str, str]] = {}  # lease id -> (address, fabric) it was given
+        # job -> (provider, sku) -> when it failed the job; kept in the store too, read back
+        # here, so a gpuctld taking over does not ask a failing offer again at once. (Since
+        # when a leased node is idle is on its lease, in the store.)
         self._failed: dict[int, dict[tuple[str, str], datetime]] = {}
-        self._idle_since: dict[str, datetime] = {}
+        since = self.clock.now() - timedelta(seconds=self.settings.retry_after_s)
+        for job_id, provider_name, sku, at in self.store.failed_offers(since=since):
+            self._failed.setdefault(job_id, {})[(provider_name, sku)] = at
         self._inflight: set[str] = set()  # intents being acquired right now
         self._timing_out: set[str] = set()  # granted, never came up, being given back now
         self._unreconciled = set(self.providers)
@@ -184,23 +189,27 @@ class LeaseKeeper:
         }
         node_ids = {n.id for n in nodes}
         window = now - timedelta(seconds=self.settings.retry_after_s)
+        kept = []
+        for lease in leases:
+            if managed(lease) and lease.state is LeaseState.ACTIVE:
+                idle = lease.node_id not in holding and lease.node_id in node_ids
+                if idle != (lease.idle_since is not None):  # written as it changes only
+                    lease = self.store.put_lease(replace(lease, idle_since=now if idle else None))
+            kept.append(lease)
+        leases = tuple(kept)
+        idle_since = {x.node_id: x.idle_since for x in leases if _idle(x)}
         with self._memory:
-            for lease in leases:
-                if not managed(lease) or lease.state is not LeaseState.ACTIVE:
-                    continue
-                if lease.node_id in holding or lease.node_id not in node_ids:
-                    self._idle_since.pop(lease.node_id, None)
-                else:
-                    self._idle_since.setdefault(lease.node_id, now)
-            failed = {}
+            failed, expired = {}, False
             for job_id, offers in list(self._failed.items()):
                 recent = frozenset(k for k, t in offers.items() if t > window)
                 if recent:
                     failed[job_id] = recent
                 else:
                     del self._failed[job_id]
-            idle_since = dict(self._idle_since)
+                    expired = True
             renewable = frozenset(self._renewable)
+        if expired:
+            self.store.forget_failed_offers(before=window)
         return Leasing(
             offers=self.offers,
             leases=leases,
@@ -243,8 +252,7 @@ class LeaseKeeper:
         events: list[Event] = []
         leases = {x.id: x for x in self.store.list_leases()}
         by_node = {x.node_id: x for x in leases.values() if x.node_id and managed(x)}
-        with self._memory:
-            idle = set(self._idle_since)
+        idle = {x.node_id for x in leases.values() if _idle(x)}
         for binding in result.bindings:
             for node_id in dict.fromkeys(binding.placement.node_ids):
                 lease = by_node.get(node_id)
@@ -576,6 +584,7 @@ class LeaseKeeper:
     def _note_failure(self, job_id: int, provider: str, sku: str, now: datetime) -> None:
         with self._memory:
             self._failed.setdefault(job_id, {})[(provider, sku)] = now
+        self.store.note_failed_offer(job_id, provider, sku, now)
 
     # boot timeouts ---------------------------------------------------------------------------
 
@@ -729,7 +738,6 @@ class LeaseKeeper:
                     events.append(_event("node", node.id, now, "Released", why))
             self.store.add_events(events)
         with self._memory:
-            self._idle_since.pop(lease.node_id, None)
             self._where.pop(lease.id, None)
         log.info("lease %s released (node %s)", lease.id, lease.node_id or "-")
 
@@ -880,3 +888,8 @@ __all__ = [
     "build_providers",
     "offer_of",
 ]
+
+
+def _idle(lease: NodeLease) -> bool:
+    """An active leased node with nothing on it, as the last cycle found it."""
+    return managed(lease) and lease.state is LeaseState.ACTIVE and lease.idle_since is not None

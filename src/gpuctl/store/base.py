@@ -114,6 +114,16 @@ class Store(Protocol):
 
     def list_leases(self, *, include_released: bool = False) -> tuple[NodeLease, ...]: ...
 
+    def note_failed_offer(self, job_id: int, provider: str, sku: str, at: datetime) -> None:
+        """(provider, sku) failed a lease for `job_id` at `at` (kept: a new leader knows)."""
+        ...
+
+    def failed_offers(self, *, since: datetime) -> tuple[tuple[int, str, str, datetime], ...]:
+        """(job_id, provider, sku, at) of the failures after `since`, oldest first."""
+        ...
+
+    def forget_failed_offers(self, *, before: datetime) -> None: ...
+
     def add_events(self, events: Sequence[Event]) -> None: ...
 
     def list_events(

@@ -223,6 +223,7 @@ def lease_values(lease: NodeLease) -> dict[str, Any]:
         "released_at": _utc(lease.released_at),
         "for_job_id": lease.for_job_id,
         "state": lease.state.value,
+        "idle_since": _utc(lease.idle_since),
     }
 
 
@@ -239,6 +240,7 @@ def lease_from_row(row: LeaseRow) -> NodeLease:
         released_at=row.released_at,
         for_job_id=row.for_job_id,
         state=LeaseState(row.state),
+        idle_since=row.idle_since,
     )
 
 

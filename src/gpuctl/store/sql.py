@@ -69,6 +69,7 @@ from gpuctl.store.tables import (
     AuditRow,
     ChargeRow,
     EventRow,
+    FailedOfferRow,
     JobRow,
     LeaderRow,
     LeaseRow,
@@ -370,6 +371,25 @@ class SqlStore:
             query = query.where(col(LeaseRow.state).not_in([s.value for s in _ENDED_LEASE_STATES]))
         with self._transaction(self._reads) as session:
             return tuple(lease_from_row(r) for r in session.exec(query))
+
+    def note_failed_offer(self, job_id: int, provider: str, sku: str, at: datetime) -> None:
+        values = {"job_id": job_id, "provider": provider, "sku": sku, "at": at}
+        statement = (
+            self._insert(FailedOfferRow)
+            .values(**values)
+            .on_conflict_do_update(index_elements=["job_id", "provider", "sku"], set_=values)
+        )
+        self._write(lambda s: s.execute(statement))
+
+    def failed_offers(self, *, since: datetime) -> tuple[tuple[int, str, str, datetime], ...]:
+        query = select(FailedOfferRow).where(FailedOfferRow.at > since)
+        with self._transaction(self._reads) as session:
+            rows = session.exec(query.order_by(col(FailedOfferRow.at)))
+            return tuple((r.job_id, r.provider, r.sku, r.at) for r in rows)
+
+    def forget_failed_offers(self, *, before: datetime) -> None:
+        statement = delete(FailedOfferRow).where(col(FailedOfferRow.at) <= before)
+        self._write(lambda s: s.execute(statement))
 
     def _upsert(self, session: Session, table: type[_Row], values: dict[str, Any]) -> _Row:
         # One statement rather than read-then-write: two writers of one id cannot both insert.

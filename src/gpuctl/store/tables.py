@@ -102,6 +102,18 @@ class LeaseRow(SQLModel, table=True):
     released_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
     for_job_id: int | None = Field(default=None, sa_type=BigInteger)
     state: str = Field(index=True)
+    idle_since: datetime | None = Field(default=None, sa_type=UtcDateTime)
+
+
+class FailedOfferRow(SQLModel, table=True):
+    """A (provider, sku) that failed a job's lease lately: the cycle asks for the next-best."""
+
+    __tablename__ = "failed_offers"
+
+    job_id: int = Field(primary_key=True, sa_type=BigInteger)
+    provider: str = Field(primary_key=True)
+    sku: str = Field(primary_key=True)
+    at: datetime = Field(sa_type=UtcDateTime, index=True)
 
 
 class EventRow(SQLModel, table=True):
