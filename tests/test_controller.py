@@ -400,11 +400,12 @@ def test_a_new_leader_gives_every_node_a_full_timeout_before_calling_it_lost(ctl
     assert ctl.expire_heartbeats() == ["a"]
 
 
-def test_retention_deletes_old_finished_jobs_their_logs_and_old_audit(ctl):
+def test_retention_deletes_old_finished_jobs_their_logs_node_events_and_old_audit(ctl):
     job = ctl.submit(training())
     ctl.cancel(job.id)  # finished now
     ctl.logs.append(job.id, 0, 0, 0, b"hello\n")
     kept = ctl.submit(training())
+    ctl.register_node(h100_node("a"))  # a node event now
     ctl.store.add_audit(
         AuditEntry(
             time=ctl.clock.now(), principal="a", role="user", via="unix", peer="",
@@ -412,10 +413,13 @@ def test_retention_deletes_old_finished_jobs_their_logs_and_old_audit(ctl):
         )
     )  # fmt: skip
     ctl.clock.advance(timedelta(days=29))
-    assert ctl.purge_history() == (0, 0)
+    assert ctl.purge_history() == (0, 0, 0)
+    ctl.drain("a", "today")  # a node event that stays
     ctl.clock.advance(timedelta(days=2))
-    assert ctl.purge_history() == (1, 0)  # 31 days after it finished; audit kept for a year
+    # 31 days after: the job and the node's registration go; audit is kept for a year.
+    assert ctl.purge_history() == (1, 1, 0)
     assert [j.id for j in ctl.store.list_jobs().jobs] == [kept.id]
     assert not (ctl.logs.root / str(job.id)).exists()
+    assert [e.type for e in ctl.store.list_events("node", "a")] == ["Drain"]
     ctl.clock.advance(timedelta(days=365))
-    assert ctl.purge_history() == (0, 1)
+    assert ctl.purge_history() == (0, 1, 1)

@@ -804,3 +804,17 @@ def test_failed_offers_are_kept_until_forgotten(store: SqlStore) -> None:
     assert len(store.failed_offers(since=T0 + timedelta(minutes=1))) == 1
     store.forget_failed_offers(before=T0 + timedelta(minutes=1))
     assert [f[1] for f in store.failed_offers(since=T0 - timedelta(hours=1))] == ["lambda"]
+
+
+def test_purge_events_deletes_the_old_events_of_the_kinds_asked(store: SqlStore) -> None:
+    store.add_events(
+        [event("n1", "Registered", 0, "node"), event("n1", "Drain", 5, "node"),
+         event("L1", "Granted", 0, "lease"), event("1", "Submitted", 0)]
+    )  # fmt: skip
+    cutoff = T0 + timedelta(minutes=3)
+    assert store.purge_events(("node", "lease"), cutoff, limit=1) == 1
+    assert store.purge_events(("node", "lease"), cutoff, limit=10) == 1
+    assert store.purge_events(("node", "lease"), cutoff, limit=10) == 0
+    assert [e.type for e in store.list_events("node", "n1")] == ["Drain"]
+    assert store.list_events("lease", "L1") == ()
+    assert [e.type for e in store.list_events("job", "1")] == ["Submitted"]  # not asked

@@ -640,29 +640,37 @@ class Controller:
             self.wake()
         return lost
 
-    def purge_history(self) -> tuple[int, int]:
+    def purge_history(self) -> tuple[int, int, int]:
         """Retention: delete jobs finished longer ago than `job_retention_s` with their events
-        and logs, and audit entries older than `audit_retention_s`. Returns (jobs, entries)."""
+        and logs, nodes' and leases' events as old, and audit entries older than
+        `audit_retention_s`. Returns (jobs, events, entries)."""
         now = self.clock.now()
-        jobs = entries = 0
+        jobs = events = entries = 0
         for _ in range(PURGE_BATCHES):
             ids: tuple[int, ...] = ()
+            gone = done = 0
             if self.settings.job_retention_s:
                 before = now - timedelta(seconds=self.settings.job_retention_s)
                 with self._lock:
                     ids = self.store.purge_finished_jobs(before, limit=PURGE_BATCH)
                 for job_id in ids:
                     self.logs.remove(job_id)
-            done = 0
+                gone = self.store.purge_events(("node", "lease"), before, limit=PURGE_BATCH)
             if self.settings.audit_retention_s:
                 before = now - timedelta(seconds=self.settings.audit_retention_s)
                 done = self.store.purge_audit(before, limit=PURGE_BATCH)
-            jobs, entries = jobs + len(ids), entries + done
-            if len(ids) < PURGE_BATCH and done < PURGE_BATCH:
+            jobs, events, entries = jobs + len(ids), events + gone, entries + done
+            if max(len(ids), gone, done) < PURGE_BATCH:
                 break
-        if jobs or entries:
-            log.info("retention: deleted %d finished job(s) and %d audit entries", jobs, entries)
-        return jobs, entries
+        if jobs or events or entries:
+            log.info(
+                "retention: deleted %d finished job(s), %d node and lease events and %d audit "
+                "entries",
+                jobs,
+                events,
+                entries,
+            )
+        return jobs, events, entries
 
     def enforce_time_limits(self) -> list[int]:
         now = self.clock.now()

@@ -174,6 +174,11 @@ class Store(Protocol):
         """Delete up to `limit` audit entries older than `before`; returns how many."""
         ...
 
+    def purge_events(self, kinds: Sequence[str], before: datetime, *, limit: int) -> int:
+        """Delete up to `limit` events of objects of `kinds` (nodes, leases) older than
+        `before`, oldest first; returns how many. (A job's events go with the job.)"""
+        ...
+
     # -- leadership (several gpuctld on one database) -----------------------------------------
 
     def claim_leadership(

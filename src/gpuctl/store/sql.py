@@ -496,6 +496,23 @@ class SqlStore:
 
         return self._write(purge)
 
+    def purge_events(self, kinds: Sequence[str], before: datetime, *, limit: int) -> int:
+        """Delete the oldest `limit` events of objects of `kinds` from before `before`."""
+        query = (
+            select(EventRow.id)
+            .where(col(EventRow.object_kind).in_(list(kinds)), EventRow.time < before)
+            .order_by(col(EventRow.id))
+            .limit(max(0, limit))
+        )
+
+        def purge(session: Session) -> int:
+            ids = list(session.exec(query))
+            if ids:
+                session.execute(delete(EventRow).where(col(EventRow.id).in_(ids)))
+            return len(ids)
+
+        return self._write(purge)
+
     def purge_audit(self, before: datetime, *, limit: int) -> int:
         query = (
             select(AuditRow.id)
