@@ -28,7 +28,6 @@ class Periodic:
         self._running: set[str] = set()
         self._again: set[str] = set()  # woken while running: run once more when it ends
         self._woken: set[str] = set()  # a woken run is due and not started yet
-        self._gap: dict[str, tuple[float, float]] = {}  # name: (min_gap_s, rest per busy s)
         self._next_wake: dict[str, float] = {}  # name: monotonic time a wake may run it
 
     def every(
@@ -43,7 +42,6 @@ class Periodic:
         """Run `fn` every `seconds`, and when woken; a woken run starts no sooner than
         `min_gap_s`, nor `rest` times the last run's length, after the last run ended (so
         that a storm of wakes leaves it at most 1 / (1 + rest) of the time)."""
-        self._gap[name] = (min_gap_s, rest)
 
         def run() -> None:
             with self._lock:
