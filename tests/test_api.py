@@ -443,3 +443,17 @@ def test_list_pages_stop_short_of_the_message_limit_and_resume_after(api):
         if not token:
             break
     assert seen == made and pages >= 2
+
+
+def test_a_submit_is_audited_once_in_the_transaction_that_stores_it(api):
+    first = api.jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=spec(), request_id="once"))
+    again = api.jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=spec(), request_id="once"))
+    api.jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=spec(), validate_only=True))
+    assert again.name == first.name
+    entries = [e for e in api.controller.store.list_audit() if e.action == "CreateJob"]
+    # The first with the job itself; the repeat and the dry run by the call's own write.
+    assert [(e.principal, e.target, e.outcome, e.detail) for e in entries] == [
+        ("alice", first.name, "ok", ""),
+        ("alice", first.name, "ok", ""),
+        ("alice", "jobs/-", "ok", "validate only"),
+    ]

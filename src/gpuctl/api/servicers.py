@@ -91,6 +91,7 @@ class Call:
     action: str
     target: str = ""
     detail: str = ""
+    written: bool = False  # its audit entry went in with the call's own write
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -236,10 +237,17 @@ class PendingCounts:
 def _audit(servicer, call: Call, audited: bool, error: BaseException | None) -> None:
     if not audited and not isinstance(error, PermissionDenied):
         return
-    if isinstance(error, NotLeader):
-        return  # a standby did nothing, and writes nothing: the leader audits the retry
+    if isinstance(error, NotLeader) or (call.written and error is None):
+        return  # a standby did nothing (the leader audits the retry), or written already
+    try:
+        servicer.c.store.add_audit(_audit_entry(servicer, call, error))
+    except GpuctlError as e:  # the store is down: the call's own error says so, or will
+        log.warning("audit of %s by %s not written: %s", call.action, call.who.name, e)
+
+
+def _audit_entry(servicer, call: Call, error: BaseException | None) -> AuditEntry:
     outcome = "ok" if error is None else to_status(error).code.name
-    entry = AuditEntry(
+    return AuditEntry(
         time=servicer.c.clock.now(),
         principal=call.who.name,
         role=call.who.role.value,
@@ -250,10 +258,6 @@ def _audit(servicer, call: Call, audited: bool, error: BaseException | None) -> 
         outcome=outcome,
         detail=(call.detail or (str(error) if error is not None else ""))[:1024],
     )
-    try:
-        servicer.c.store.add_audit(entry)
-    except GpuctlError as e:  # the store is down: the call's own error says so, or will
-        log.warning("audit of %s by %s not written: %s", call.action, call.who.name, e)
 
 
 def _job_view(job: Job, who: Principal, rank_env: dict[int, dict[str, str]] | None = None):
@@ -360,8 +364,13 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         if remaining is not None and remaining <= 0:
             # The caller gave up: a job stored now would be one nobody was told about.
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the commit")
+
+        def audit(job: Job) -> AuditEntry:  # written with the job, in its transaction
+            call.target, call.written = convert.job_name(job.id), True
+            return _audit_entry(self, call, None)
+
         job = self.c.submit(
-            spec, request_id=request.request_id, validate_only=request.validate_only
+            spec, request_id=request.request_id, validate_only=request.validate_only, audit=audit
         )
         if job.id and not request.validate_only:
             self._pending.add(call.who.name)

@@ -44,7 +44,7 @@ from gpuctl.core.model import (
     RankState,
 )
 from gpuctl.core.plugins import Policy
-from gpuctl.core.trust import PermissionDenied
+from gpuctl.core.trust import AuditEntry, PermissionDenied
 from gpuctl.core.validation import validate_spec
 from gpuctl.runtime.clock import Clock
 from gpuctl.runtime.cycleproc import Decided, WorkerLost, decide
@@ -208,7 +208,16 @@ class Controller:
 
     # -- user API ------------------------------------------------------------------------
 
-    def submit(self, spec: JobSpec, *, request_id: str = "", validate_only: bool = False) -> Job:
+    def submit(
+        self,
+        spec: JobSpec,
+        *,
+        request_id: str = "",
+        validate_only: bool = False,
+        audit: Callable[[Job], AuditEntry] | None = None,
+    ) -> Job:
+        """Store a new job (its Submitted event, and `audit(job)` where given, with it), or the
+        one stored before under `request_id`."""
         validate_spec(spec)
         now = self.clock.now()
         if validate_only:
@@ -221,6 +230,7 @@ class Controller:
             request_id=request_id,
             now=now,
             events=lambda j: [_job_event(j, now, "Submitted", f"{what}, queue {spec.queue}")],
+            audit=audit,
         )
         if created:
             log.info("job %d submitted by %s (%s)", job.id, spec.owner or "-", what)

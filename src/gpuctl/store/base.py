@@ -48,9 +48,11 @@ class Store(Protocol):
         request_id: str,
         now: datetime,
         events: Callable[[Job], Sequence[Event]] | None = None,
+        audit: Callable[[Job], AuditEntry] | None = None,
     ) -> tuple[Job, bool]:
-        """Store a new PENDING job, and `events(job)` with it in one transaction; with a
-        `request_id` seen before, return that job instead (and store no events).
+        """Store a new PENDING job, and `events(job)` and `audit(job)` with it in one
+        transaction; with a `request_id` seen before, return that job instead (and store no
+        events and no audit entry).
 
         Returns (job, created). `now` is a timezone-aware datetime.
         """

@@ -183,6 +183,7 @@ class SqlStore:
         request_id: str,
         now: datetime,
         events: Callable[[Job], Sequence[Event]] | None = None,
+        audit: Callable[[Job], AuditEntry] | None = None,
     ) -> tuple[Job, bool]:
 
         def create(session: Session) -> tuple[Job, bool]:
@@ -202,6 +203,8 @@ class SqlStore:
             created = as_stored(replace(job, id=new_id))
             # In the same transaction: a crash never leaves a job without its events.
             _insert_events(session, events(created) if events else ())
+            if audit is not None:
+                session.execute(_INSERT_AUDIT, audit_values(audit(created)))
             return created, True
 
         try:
