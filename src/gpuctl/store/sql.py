@@ -30,7 +30,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, col, select
@@ -187,9 +187,12 @@ class SqlStore:
     ) -> tuple[Job, bool]:
 
         def create(session: Session) -> tuple[Job, bool]:
-            if request_id and (row := _job_row_by_request_id(session, request_id)):
+            # Core statements on the session's connection (no ORM objects, none of the ORM's
+            # execution path): the hottest path there is.
+            conn = session.connection()
+            if request_id and (row := _job_row_by_request_id(conn, request_id)):
                 return job_from_row(row), False
-            (revision,) = _next_revisions(session, 1)
+            (revision,) = _next_revisions(conn, 1)
             job = Job(
                 id=0,
                 spec=spec,
@@ -198,13 +201,12 @@ class SqlStore:
                 updated_at=now,
                 revision=revision,
             )
-            # Core statements (no ORM objects) here and in the reads of jobs: the hot paths.
-            new_id = session.execute(_INSERT_JOB, job_values(job)).scalar_one()
+            new_id = conn.execute(_INSERT_JOB, job_values(job)).scalar_one()
             created = as_stored(replace(job, id=new_id))
             # In the same transaction: a crash never leaves a job without its events.
-            _insert_events(session, events(created) if events else ())
+            _insert_events(conn, events(created) if events else ())
             if audit is not None:
-                session.execute(_INSERT_AUDIT, audit_values(audit(created)))
+                conn.execute(_INSERT_AUDIT, audit_values(audit(created)))
             return created, True
 
         try:
@@ -681,16 +683,16 @@ def _leadership(row: LeaderRow, now: float) -> Leadership:
     )
 
 
-def _insert_events(session: Session, events: Sequence[Event]) -> None:
+def _insert_events(session: Session | Connection, events: Sequence[Event]) -> None:
     if events:  # a Core insert: none of the ORM's unit of work for rows never read back
         session.execute(_INSERT_EVENT, [event_values(e) for e in events])
 
 
-def _job_row_by_request_id(session: Session, request_id: str) -> Row[Any] | None:
+def _job_row_by_request_id(session: Session | Connection, request_id: str) -> Row[Any] | None:
     return session.execute(_JOB_BY_REQUEST_ID, {"request_id": request_id}).first()
 
 
-def _next_revisions(session: Session, count: int) -> range:
+def _next_revisions(session: Session | Connection, count: int) -> range:
     """Take `count` new store-wide revisions in this transaction.
 
     The UPDATE locks the counter row until commit, so transactions that write jobs commit in
