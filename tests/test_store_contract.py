@@ -818,3 +818,11 @@ def test_purge_events_deletes_the_old_events_of_the_kinds_asked(store: SqlStore)
     assert [e.type for e in store.list_events("node", "n1")] == ["Drain"]
     assert store.list_events("lease", "L1") == ()
     assert [e.type for e in store.list_events("job", "1")] == ["Submitted"]  # not asked
+
+
+def test_list_nodes_of_some_ids(store: SqlStore) -> None:
+    for name in ("n3", "n1", "n2"):
+        store.put_node(node(name))
+    assert [n.id for n in store.list_nodes(["n3", "n1", "n9", "n1"])] == ["n1", "n3"]
+    assert store.list_nodes([]) == ()
+    assert [n.id for n in store.list_nodes()] == ["n1", "n2", "n3"]

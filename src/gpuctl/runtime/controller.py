@@ -246,7 +246,7 @@ class Controller:
         events = self.store.list_events("job", str(job_id))
         env: dict[int, dict[str, str]] = {}
         if job.placement is not None:
-            nodes = self._nodes_by_id()
+            nodes = self._nodes_by_id(job.placement.node_ids)
             env = {r.rank: rank_env(job, r, nodes) for r in job.placement.ranks}
         return job, events, env
 
@@ -445,7 +445,7 @@ class Controller:
                         continue
                     if deferred:
                         continue
-                    nodes = nodes or self._nodes_by_id()
+                    nodes = nodes or self._nodes_by_id([node_id])  # the env of ranks here
                     assignments.append(
                         Assignment(
                             ref=ref,
@@ -800,8 +800,9 @@ class Controller:
         self.feed.publish(written)
         return written
 
-    def _nodes_by_id(self) -> dict[str, Node]:
-        return {n.id: n for n in self.store.list_nodes()}
+    def _nodes_by_id(self, ids: Sequence[str] | None = None) -> dict[str, Node]:
+        """The nodes (of `ids`: a job's, not the fleet's, where that is all that is needed)."""
+        return {n.id: n for n in self.store.list_nodes(ids)}
 
     def _should_run(self, job: Job | None, ref: RankRef, node_id: str) -> bool:
         if (

@@ -108,8 +108,8 @@ class Store(Protocol):
         """Raises `core.errors.NotFound`."""
         ...
 
-    def list_nodes(self) -> tuple[Node, ...]:
-        """Every node, in id order."""
+    def list_nodes(self, ids: Sequence[str] | None = None) -> tuple[Node, ...]:
+        """Every node (of `ids`, where given; unknown ids are left out), in id order."""
         ...
 
     def put_lease(self, lease: NodeLease) -> NodeLease: ...

@@ -358,10 +358,12 @@ class SqlStore:
                 raise NotFound("node", node_id)
             return node_from_row(row)
 
-    def list_nodes(self) -> tuple[Node, ...]:
+    def list_nodes(self, ids: Sequence[str] | None = None) -> tuple[Node, ...]:
+        query = select(NodeRow).order_by(col(NodeRow.id))
+        if ids is not None:
+            query = query.where(col(NodeRow.id).in_(sorted(set(ids))))
         with self._transaction(self._reads) as session:
-            rows = session.exec(select(NodeRow).order_by(col(NodeRow.id)))
-            return tuple(node_from_row(r) for r in rows)
+            return tuple(node_from_row(r) for r in session.exec(query))
 
     def put_lease(self, lease: NodeLease) -> NodeLease:
         """Insert or replace a lease by id."""
