@@ -42,13 +42,20 @@ class UtcDateTime(TypeDecorator[datetime]):
 class JobRow(SQLModel, table=True):
     __tablename__ = "jobs"
     # AUTOINCREMENT: SQLite must never hand out an id again, even if the newest row were deleted.
-    __table_args__ = {"sqlite_autoincrement": True}
+    # Lists filtered by owner or queue go in id order a page at a time: (owner, id) and (queue,
+    # id) read a page of a user's jobs without sorting all of them (PostgreSQL; SQLite's
+    # indexes end with the rowid anyway).
+    __table_args__ = (
+        Index("ix_jobs_owner_id", "owner", "id"),
+        Index("ix_jobs_queue_id", "queue", "id"),
+        {"sqlite_autoincrement": True},
+    )
 
     id: int | None = Field(default=None, primary_key=True, sa_type=BigId)
     request_id: str | None = Field(default=None, unique=True)  # NULL: no idempotency key
     # owner, queue, name, kind and priority repeat the spec so that list filters are indexed.
-    owner: str = Field(index=True)
-    queue: str = Field(index=True)
+    owner: str
+    queue: str
     name: str
     kind: str
     state: str = Field(index=True)
