@@ -75,6 +75,13 @@ class CycleProcess:
                 raise RuntimeError(f"cycle worker: {payload}")
             return payload
 
+    def start(self) -> None:
+        """Start the worker now (its imports take a second), not at the first cycle, which
+        holds the controller's lock while it waits."""
+        with self._lock:
+            if self._proc is None or not self._proc.is_alive():
+                self._start()
+
     def close(self) -> None:
         with self._lock:
             self._stop()

@@ -155,6 +155,7 @@ def serve(
         controller.lead()
         if config.cycle_process:
             controller.cycles = CycleProcess(config.resolved_store_url(env), controller.policy)
+            controller.cycles.start()
         tables, base_dir = load_providers(config)
         # The static and catalog providers keep their grants in memory: the store hands them
         # back, as they stand now (a standby taking over reads them only now).
