@@ -97,7 +97,8 @@ class Store(Protocol):
 
     def update_jobs(self, jobs: Sequence[Job], events: Sequence[Event] = ()) -> tuple[Job, ...]:
         """Write these jobs (which must exist) and `events` in one transaction; returns the jobs
-        with new revisions."""
+        with new revisions. What the submission fixed (spec, request id, creation time) is never
+        rewritten: pass the jobs as read, with their state changed."""
         ...
 
     def put_node(self, node: Node) -> Node:

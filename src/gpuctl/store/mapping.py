@@ -52,6 +52,13 @@ _MaybeTime = TypeVar("_MaybeTime", datetime, None)
 # -- jobs ---------------------------------------------------------------------------------------
 
 
+# The columns a job's submission fixes: its spec (and what the row repeats of it for filters),
+# its request id and creation time. Updates write the rest.
+FIXED_AT_CREATION = frozenset(
+    {"request_id", "created_at", "owner", "queue", "name", "kind", "priority", "spec"}
+)
+
+
 def job_values(job: Job) -> dict[str, Any]:
     """Column values of a job's row; `id` is left out (the database assigns it)."""
     spec = job.spec
@@ -61,15 +68,22 @@ def job_values(job: Job) -> dict[str, Any]:
         "queue": spec.queue,
         "name": spec.name,
         "kind": spec.kind.value,
-        "state": job.state.value,
         "priority": spec.priority,
+        "spec": _dumps(spec),
+        "created_at": _utc(job.created_at),
+        **job_state_values(job),
+    }
+
+
+def job_state_values(job: Job) -> dict[str, Any]:
+    """The columns an update writes: all but FIXED_AT_CREATION (a spec is never re-encoded)."""
+    return {
+        "state": job.state.value,
         "attempt": job.attempt,
         "revision": job.revision,
-        "spec": _dumps(spec),
         "placement": None if job.placement is None else _dumps(job.placement),
         "reason": job.reason,
         "exit_code": job.exit_code,
-        "created_at": _utc(job.created_at),
         "started_at": _utc(job.started_at),
         "finished_at": _utc(job.finished_at),
         "updated_at": _utc(job.updated_at),

@@ -49,6 +49,7 @@ from gpuctl.store import schema
 from gpuctl.store.base import JobPage, Leadership
 from gpuctl.store.groupcommit import GroupCommit, Write
 from gpuctl.store.mapping import (
+    FIXED_AT_CREATION,
     as_stored,
     audit_from_row,
     audit_values,
@@ -57,6 +58,7 @@ from gpuctl.store.mapping import (
     event_from_row,
     event_values,
     job_from_row,
+    job_state_values,
     job_values,
     lease_from_row,
     lease_values,
@@ -114,8 +116,7 @@ _TAKE_REVISIONS = (
     .values(value=_COUNTER.c.value + bindparam("count"))
     .returning(_COUNTER.c.value)
 )
-_FIXED_AT_CREATION = frozenset({"request_id", "created_at"})
-_UPDATED = [c.name for c in _JOBS.columns if c.name not in {"id", *_FIXED_AT_CREATION}]
+_UPDATED = [c.name for c in _JOBS.columns if c.name not in {"id", *FIXED_AT_CREATION}]
 _UPDATE_JOB = (
     update(_JOBS)
     .where(_JOBS.c.id == bindparam("b_id"))
@@ -335,7 +336,7 @@ class SqlStore:
                     job, revision=revision, request_id=row.request_id or "",
                     created_at=row.created_at,
                 )  # fmt: skip
-                values = job_values(job)
+                values = job_state_values(job)
                 params.append({"b_id": job.id, **{f"b_{k}": values[k] for k in _UPDATED}})
                 written.append(as_stored(job))
             if params:
