@@ -45,22 +45,28 @@ class _Clock:
 
 
 def test_woken_runs_keep_their_gap_and_leave_the_rest_of_the_time_to_others(monkeypatch):
-    """A storm of wakes runs the cycle at most every `min_gap_s`, and after a run of d seconds
-    not before `rest` x d: the cycle gets at most 1 / (1 + rest) of the time."""
+    """A storm of wakes runs the cycle at most every `min_gap_s`, and after runs of d seconds
+    not before `rest` x d: the cycle gets at most 1 / (1 + rest) of the time. One long run
+    alone (the first, over a full store) does not hold the next back."""
     clock = _Clock()
     monkeypatch.setattr("gpuctl.runtime.periodic.time", clock)
     periodic = Periodic()
-    ran = threading.Event()
+    runs = threading.Semaphore(0)
 
     def cycle() -> None:
         clock.now += 4.0  # a 4-second cycle
-        ran.set()
+        runs.release()
 
     periodic.every("cycle", 3600, cycle, min_gap_s=0.5, rest=2.0)
     periodic.start()
     try:
-        assert ran.wait(10)
-        ran.clear()
+        assert runs.acquire(timeout=10)
+        _until(lambda: "cycle" not in periodic._running)
+        before = datetime.now(UTC)
+        periodic.wake("cycle")  # after one long run: the gap only
+        due = periodic.scheduler.get_job("cycle").next_run_time
+        assert due - before <= timedelta(seconds=0.6)
+        assert runs.acquire(timeout=10)  # the second 4-second run
         _until(lambda: "cycle" not in periodic._running)
         before = datetime.now(UTC)
         periodic.wake("cycle")
@@ -68,7 +74,7 @@ def test_woken_runs_keep_their_gap_and_leave_the_rest_of_the_time_to_others(monk
         assert timedelta(seconds=7.5) < due - before <= timedelta(seconds=8.5)  # 2 x 4 s
         periodic.wake("cycle")  # more wakes change nothing: one run is due
         assert periodic.scheduler.get_job("cycle").next_run_time == due
-        assert not ran.is_set()
+        assert not runs.acquire(blocking=False)
     finally:
         periodic.shutdown()
 

@@ -40,9 +40,10 @@ from gpuctl.store.sql import open_store
 log = logging.getLogger("gpuctld")
 RETENTION_INTERVAL_S = 60.0  # how often finished jobs and audit entries past retention go
 # A submit, a finished rank or a new node wakes the cycle, but woken cycles come at most every
-# 0.1 s (a job waits no longer than that to be considered), and after a cycle of d seconds
-# the next woken one waits 2d: under a storm of submits the cycle has at most a third of the
-# daemon's time, and the calls the rest, however long the queue makes a cycle.
+# 0.1 s (a job waits no longer than that to be considered), and after cycles of d seconds
+# the next woken one waits 2d (d: the shorter of the last two, so that the one long first
+# cycle after a start holds nothing back): under a storm of submits the cycle has at most a
+# third of the daemon's time, and the calls the rest, however long the queue makes a cycle.
 CYCLE_MIN_GAP_S = 0.1
 CYCLE_REST = 2.0
 

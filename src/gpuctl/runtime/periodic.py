@@ -40,8 +40,11 @@ class Periodic:
         rest: float = 0.0,
     ) -> None:
         """Run `fn` every `seconds`, and when woken; a woken run starts no sooner than
-        `min_gap_s`, nor `rest` times the last run's length, after the last run ended (so
-        that a storm of wakes leaves it at most 1 / (1 + rest) of the time)."""
+        `min_gap_s`, nor `rest` times the length of the last runs, after the last run ended
+        (so that a storm of wakes leaves it at most 1 / (1 + rest) of the time). The shorter
+        of the last two runs counts: one long run alone (the first cycle over a store full of
+        work) does not hold the next back."""
+        took = [0.0]  # the run before the last
 
         def run() -> None:
             with self._lock:
@@ -57,7 +60,9 @@ class Periodic:
                 end = time.monotonic()
                 with self._lock:
                     self._running.discard(name)
-                    self._next_wake[name] = end + max(min_gap_s, rest * (end - start))
+                    length = min(end - start, took[0])
+                    took[0] = end - start
+                    self._next_wake[name] = end + max(min_gap_s, rest * length)
                     again = name in self._again
                     self._again.discard(name)
                 if again:
