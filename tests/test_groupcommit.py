@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
@@ -24,17 +23,11 @@ from gpuctl.store import SqlStore, open_store
 from gpuctl.store.groupcommit import GroupCommit, Write
 from gpuctl.store.mapping import audit_values
 from gpuctl.store.sql import _INSERT_AUDIT
+from tests.test_e2e import wait_until
+from tests.test_store_contract import node
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 SPEC = JobSpec(kind=JobKind.TRAINING, command=("train",), owner="alice", gpus_per_node=8)
-
-
-def _until(condition: Callable[[], bool]) -> None:
-    """Wait for other threads to reach a state (not for time to pass)."""
-    deadline = time.monotonic() + 10
-    while not condition():
-        assert time.monotonic() < deadline, "the other threads never got there"
-        time.sleep(0.001)
 
 
 class Gate:
@@ -60,7 +53,7 @@ def _queued_behind(
     first = pool.submit(run, gate)
     assert gate.entered.wait(10)
     futures = [pool.submit(w) for w in writes]
-    _until(lambda: queue_len() == len(writes))
+    wait_until(lambda: queue_len() == len(writes))
     gate.open.set()
     assert first.result(10) == "gate"
     pool.shutdown(wait=True)
@@ -186,3 +179,17 @@ def test_a_failed_commit_fails_every_write_of_its_batch_and_runs_none_twice(
     assert sorted(runs) == list(range(6))
     assert store._write.batches == 2
     assert store.list_audit() == ()
+
+
+def test_each_write_of_a_batch_sees_the_database_not_rows_an_earlier_one_left(
+    store: SqlStore,
+) -> None:
+    store.put_node(node("n1"))
+    writes = [
+        lambda: store.put_node(node("n1", address="10.0.0.2")),
+        lambda: store.put_node(node("n1", address="10.0.0.3")),
+    ]
+    first, second = _queued_behind(store._write, lambda: len(store._write._queue), writes)
+    assert first.result().address == "10.0.0.2"
+    assert second.result().address == "10.0.0.3"
+    assert store.get_node("n1").address == "10.0.0.3"

@@ -5,7 +5,6 @@ still get through."""
 from __future__ import annotations
 
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -25,13 +24,7 @@ from gpuctl.runtime.logstore import LogStore
 from gpuctl.store.sql import open_store
 from tests.auth_rig import Tokens, serve
 from tests.test_api import spec
-
-
-def _until(condition) -> None:
-    deadline = time.monotonic() + 10
-    while not condition():
-        assert time.monotonic() < deadline, "never got there"
-        time.sleep(0.005)
+from tests.test_e2e import wait_until
 
 
 def test_a_full_people_lane_refuses_the_next_and_leaves_the_other_lane_free() -> None:
@@ -43,13 +36,13 @@ def test_a_full_people_lane_refuses_the_next_and_leaves_the_other_lane_free() ->
             lanes.submit(lambda b: b(), PeopleCall(lambda: gate.wait(10), lambda: "refused"))
             for _ in range(2)
         ]
-        _until(lambda: lanes.people_in_flight == 2)
+        wait_until(lambda: lanes.people_in_flight == 2)
         third = lanes.submit(lambda b: b(), PeopleCall(lambda: "ran", lambda: "refused"))
         assert third.result(10) == "refused"
         assert lanes.submit(lambda: ran.append("agent") or "agent").result(10) == "agent"
         gate.set()
         assert [f.result(10) for f in held] == [True, True]
-        _until(lambda: lanes.people_in_flight == 0)
+        wait_until(lambda: lanes.people_in_flight == 0)
         again = lanes.submit(lambda b: b(), PeopleCall(lambda: "ran", lambda: "refused"))
         assert again.result(10) == "ran"
     finally:
@@ -94,7 +87,7 @@ def test_people_past_their_lane_are_refused_at_once_and_agents_still_answered(bu
                 )
                 for _ in range(4)
             ]
-            _until(lambda: server.lanes.people_in_flight == 4)
+            wait_until(lambda: server.lanes.people_in_flight == 4)
             with pytest.raises(grpc.RpcError) as e:
                 jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=spec()), metadata=alice, timeout=5)
             assert e.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -112,5 +105,5 @@ def test_people_past_their_lane_are_refused_at_once_and_agents_still_answered(bu
             assert not any(f.done() for f in held)
             gate.set()
             assert all(f.result(20).name == job.name for f in held)
-        _until(lambda: server.lanes.people_in_flight == 0)
+        wait_until(lambda: server.lanes.people_in_flight == 0)
         jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=spec()), metadata=alice, timeout=5)

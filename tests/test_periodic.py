@@ -4,10 +4,10 @@ not at the next interval), and many wakes make one run."""
 from __future__ import annotations
 
 import threading
-import time
 from datetime import UTC, datetime, timedelta
 
 from gpuctl.runtime.periodic import Periodic
+from tests.test_e2e import wait_until
 
 
 def test_wakes_during_a_run_make_one_more_run_at_once():
@@ -61,13 +61,13 @@ def test_woken_runs_keep_their_gap_and_leave_the_rest_of_the_time_to_others(monk
     periodic.start()
     try:
         assert runs.acquire(timeout=10)
-        _until(lambda: "cycle" not in periodic._running)
+        wait_until(lambda: "cycle" not in periodic._running)
         before = datetime.now(UTC)
         periodic.wake("cycle")  # after one long run: the gap only
         due = periodic.scheduler.get_job("cycle").next_run_time
         assert due - before <= timedelta(seconds=0.6)
         assert runs.acquire(timeout=10)  # the second 4-second run
-        _until(lambda: "cycle" not in periodic._running)
+        wait_until(lambda: "cycle" not in periodic._running)
         before = datetime.now(UTC)
         periodic.wake("cycle")
         due = periodic.scheduler.get_job("cycle").next_run_time
@@ -77,10 +77,3 @@ def test_woken_runs_keep_their_gap_and_leave_the_rest_of_the_time_to_others(monk
         assert not runs.acquire(blocking=False)
     finally:
         periodic.shutdown()
-
-
-def _until(condition) -> None:
-    deadline = time.monotonic() + 10
-    while not condition():
-        assert time.monotonic() < deadline
-        time.sleep(0.001)

@@ -588,11 +588,10 @@ class Controller:
                 where = ", ".join(f"{r.rank}:{r.node_id}[{_gpus(r)}]" for r in placement.ranks)
                 events.append(_job_event(job, now, "Scheduled", f"{where}; {placement.reason}"))
                 log.info("job %d placed: %s (%s)", job.id, where, placement.reason)
-            for miss in result.unschedulable:
+            for miss in result.unschedulable:  # only reasons that changed (cycleproc.decide)
                 job = by_id[miss.job_id]
-                if job.reason != miss.reason:
-                    changed.append(replace(job, reason=miss.reason, updated_at=now))
-                    events.append(_job_event(job, now, "Unschedulable", miss.reason))
+                changed.append(replace(job, reason=miss.reason, updated_at=now))
+                events.append(_job_event(job, now, "Unschedulable", miss.reason))
             if self.leases is not None:
                 events.extend(self.leases.apply(result, now))
             if changed or events:

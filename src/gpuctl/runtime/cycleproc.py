@@ -24,7 +24,7 @@ from typing import Any
 
 from gpuctl.core.cycle import CycleResult, schedule
 from gpuctl.core.leasing import Leasing
-from gpuctl.core.model import Job, JobState
+from gpuctl.core.model import Job, JobState, Node
 from gpuctl.core.plugins import Policy
 from gpuctl.core.snapshot import Snapshot
 
@@ -116,7 +116,7 @@ class WorkerLost(RuntimeError):
 
 
 def decide(
-    jobs: list[Job], nodes: list[Any], policy: Policy, *, now: datetime, leasing: Leasing | None
+    jobs: list[Job], nodes: list[Node], policy: Policy, *, now: datetime, leasing: Leasing | None
 ) -> Decided:
     """The decision itself: what the worker runs on its copy of the store."""
     pending = [j for j in jobs if j.state is JobState.PENDING]

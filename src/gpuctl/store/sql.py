@@ -90,7 +90,6 @@ _SCHEMA_LOCK_KEY = 0x67707563746C  # "gpuctl"
 _Row = TypeVar("_Row", NodeRow, LeaseRow)
 _TOKEN_RE = re.compile(r"jobs:([0-9]{1,19})")
 _ENDED_LEASE_STATES = (LeaseState.RELEASED, LeaseState.EXPIRED, LeaseState.FAILED)
-# Set only where a job row is written at creation; update_jobs leaves them alone.
 # The tables, and the statements of the hot paths built once: building one costs more than
 # running it.
 _JOBS = JobRow.__table__  # type: ignore[attr-defined]
@@ -316,7 +315,7 @@ class SqlStore:
             return tuple(job_from_row(r) for r in session.execute(query))
 
     def update_jobs(self, jobs: Sequence[Job], events: Sequence[Event] = ()) -> tuple[Job, ...]:
-        """Write every field but `request_id` and `created_at`, which creation fixed, and
+        """Write the jobs' state (not what creation fixed: `mapping.FIXED_AT_CREATION`), and
         `events` in the same transaction."""
         if not jobs and not events:
             return ()
