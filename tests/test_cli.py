@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from gpuctl.cli.main import cli
 from gpuctl.cli.render import clock, index_ranges, table
 from gpuctl.client import jobs_pb2, leases_pb2, nodes_pb2
-from tests.fakes_api import h100_node, running_job, serve_fake
+from tests.fakes_api import FIXED_NOW, h100_node, running_job, serve_fake
 
 
 @pytest.fixture
@@ -214,10 +214,11 @@ def test_jobs_table_shows_active_jobs_by_default(api, gpuctl):
         "TIME",
         "NODES",
         "GPUS",
+        "REPLICAS",
         "NODELIST(REASON)",
     ]
     assert [r.split()[0] for r in rows] == ["1", "2"]
-    assert rows[0].split()[:9] == [
+    assert rows[0].split()[:10] == [
         "1",
         "waiting",
         "training",
@@ -227,6 +228,7 @@ def test_jobs_table_shows_active_jobs_by_default(api, gpuctl):
         "0:00",
         "2",
         "16",
+        "-",
     ]
     assert rows[0].endswith("(waiting for the next scheduling cycle)")
     assert rows[1].split()[5] == "R" and rows[1].endswith("gpu-01,gpu-02")
@@ -258,7 +260,15 @@ def test_jobs_filters_by_state_and_queue(api, gpuctl):
 def test_jobs_wide_adds_columns(api, gpuctl):
     running_job(api, 1)
     header = gpuctl("jobs", "-o", "wide").stdout.splitlines()[0].split()
-    assert header[9:] == ["GPU_MODEL", "PRIO", "ATTEMPT", "SUBMITTED", "EXIT", "NODELIST(REASON)"]
+    assert header[10:] == [
+        "GPU_MODEL",
+        "PRIO",
+        "ATTEMPT",
+        "RESTARTS",
+        "SUBMITTED",
+        "EXIT",
+        "NODELIST(REASON)",
+    ]
 
 
 @pytest.mark.parametrize("fmt", ["json", "yaml"])
@@ -301,6 +311,48 @@ def test_describe_job(api, gpuctl, ref):
     assert [r.split()[:5] for r in ranks if r.strip().startswith(("0 ", "1 "))] == [
         ["0", "gpu-01", "0-7", "1", "running"],
         ["1", "gpu-02", "0-7", "1", "running"],
+    ]
+
+
+def test_a_service_short_of_a_replica_shows_it_in_jobs_and_describe(api, gpuctl):
+    job = jobs_pb2.Job(
+        id=4,
+        spec=jobs_pb2.JobSpec(
+            kind=jobs_pb2.JOB_KIND_INFERENCE,
+            command=["vllm", "serve"],
+            queue="default",
+            replicas=3,
+            gpus_per_node=1,
+        ),
+        state=jobs_pb2.JOB_STATE_RUNNING,
+        owner="alice",
+        reason="2 of 3 replicas running; replacing replica 1 (exited with 1) in 10 s",
+    )
+    job.start_time.FromDatetime(FIXED_NOW)
+    ranks = job.placement.ranks
+    ranks.add(rank=0, node="gpu-01", gpu_indices=[0], gpu_milli=1000, state=2)
+    ranks.add(rank=1, node="gpu-01", gpu_indices=[1], gpu_milli=1000, state=3, exit_code=1)
+    ranks.add(
+        rank=3,
+        node="gpu-02",
+        gpu_indices=[0],
+        gpu_milli=1000,
+        state=2,
+        restarts=1,
+        last_failure="exited with 1",
+    )
+    api.jobs.put(job)
+
+    row = gpuctl("jobs", "-o", "wide").stdout.splitlines()[1].split()
+
+    assert row[7:10] == ["2", "2", "2/3"]  # nodes and GPUs of the live replicas, 2 of 3 run
+    assert row[13] == "1"  # restarts
+    out = gpuctl("describe", "4").stdout
+    assert "Replicas:   2 running of 3 desired; restart policy on-failure" in out.splitlines()
+    placement = out.split("Placement:")[1].splitlines()
+    assert [r.split()[:8] for r in placement if r.strip().startswith(("1 ", "3 "))] == [
+        ["1", "gpu-01", "1", "1", "exited", "1", "0", "-"],
+        ["3", "gpu-02", "0", "1", "running", "-", "1", "exited"],
     ]
 
 

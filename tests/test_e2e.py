@@ -7,6 +7,7 @@ everything acknowledged survive the daemon being killed with SIGKILL and restart
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -141,3 +142,50 @@ def test_cancel_stops_a_running_rank_and_bad_input_is_one_line(cluster):
     assert bad.returncode != 0
     assert len(bad.stderr.strip().splitlines()) == 1
     assert "gpus_per_node" in bad.stderr
+
+
+REPLICA = (
+    "import os, pathlib, sys, time; "
+    "pathlib.Path(sys.argv[1], os.environ['GPUCTL_REPLICA_INDEX']).write_text(str(os.getpid())); "
+    "time.sleep(600)"
+)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_killed_replica_is_replaced_and_the_other_replicas_keep_running(cluster, tmp_path):
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    cluster.start_agent(node("gpu-1"))
+    wait_until(lambda: nodes_ready(cluster, 1), what="the node to register")
+    job_id = cluster.gpuctl(
+        "submit", "--parsable", "--kind", "inference", "--replicas", "3", "--gpus-per-node", "1",
+        "--", sys.executable, "-c", REPLICA, str(pids),
+    ).stdout.strip()  # fmt: skip
+    wait_until(lambda: len(list(pids.iterdir())) == 3, what="three replicas to start")
+    first = {p.name: int(p.read_text()) for p in pids.iterdir()}
+
+    os.kill(first["1"], signal.SIGKILL)
+
+    wait_until(lambda: (pids / "3").exists(), what="a replacement replica")
+    job = job_json(cluster, job_id)
+    assert job["state"] == "JOB_STATE_RUNNING" and job.get("attempt", 0) == 0
+    assert alive(first["0"]) and alive(first["2"])  # never stopped
+    wait_until(
+        lambda: "3/3" in cluster.gpuctl("jobs").stdout.splitlines()[1].split(),
+        what="gpuctl jobs to show 3 of 3 replicas running",
+    )
+    ranks = {r.get("rank", 0): r for r in job_json(cluster, job_id)["placement"]["ranks"]}
+    assert sorted(ranks) == [0, 2, 3]  # the killed one is replaced
+    assert ranks[3]["restarts"] == 1 and "exited with" in ranks[3]["last_failure"]
+    cluster.gpuctl("cancel", job_id)
+    wait_until(
+        lambda: job_json(cluster, job_id)["state"] == "JOB_STATE_CANCELLED",
+        what="the service to be cancelled",
+    )

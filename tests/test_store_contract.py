@@ -37,6 +37,7 @@ from gpuctl.core.model import (
     Placement,
     RankPlacement,
     RankState,
+    RestartPolicy,
 )
 from gpuctl.core.trust import ApiToken, AuditEntry, TokenKind
 from gpuctl.store import SqlStore, Store, open_store
@@ -87,6 +88,7 @@ def full_spec() -> JobSpec:
         preemptible=True,
         target_tokens_per_s=30.5,
         weights_gb=14.0,
+        restart_policy=RestartPolicy.ALWAYS,
     )
 
 
@@ -103,6 +105,10 @@ def placement() -> Placement:
                 state=RankState.EXITED,
                 exit_code=137,
                 message="OOM-killed",
+                restarts=2,
+                last_failure="exited with 1",
+                started_at=T0.astimezone(IST) + timedelta(minutes=1),
+                ended_at=T0 + timedelta(minutes=2, microseconds=7),
             ),
             RankPlacement(rank=1, node_id="n2", gpu_indices=(3,)),
         ),

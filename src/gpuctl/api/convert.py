@@ -28,6 +28,7 @@ from gpuctl.core.model import (
     NodeState,
     OnNodeLost,
     RankState,
+    RestartPolicy,
 )
 from gpuctl.core.trust import ApiToken, AuditEntry
 from gpuctl.core.validation import spec_violations
@@ -42,6 +43,12 @@ NODE_STATE = {s: nodes_pb2.NodeState.Value(f"NODE_STATE_{s.name}") for s in Node
 NET_KIND = {k: nodes_pb2.NetKind.Value(f"NET_KIND_{k.name}") for k in NetKind}
 LEASE_STATE = {s: leases_pb2.LeaseState.Value(f"LEASE_STATE_{s.name}") for s in LeaseState}
 COST_BY = {b: leases_pb2.CostGroupBy.Value(f"COST_GROUP_BY_{b.name}") for b in CostBy}
+RESTART_POLICY = {
+    RestartPolicy.ALWAYS: jobs_pb2.RESTART_POLICY_ALWAYS,
+    RestartPolicy.ON_FAILURE: jobs_pb2.RESTART_POLICY_ON_FAILURE,
+    RestartPolicy.NEVER: jobs_pb2.RESTART_POLICY_NEVER,
+}
+RESTART_POLICY_FROM = {v: k for k, v in RESTART_POLICY.items()}
 ON_NODE_LOST = {
     OnNodeLost.REQUEUE: jobs_pb2.ON_NODE_LOST_REQUEUE,
     OnNodeLost.FAIL: jobs_pb2.ON_NODE_LOST_FAIL,
@@ -194,6 +201,7 @@ def spec_to_pb(spec: JobSpec) -> jobs_pb2.JobSpec:
         replicas=spec.replicas,
         target_tokens_per_s=spec.target_tokens_per_s,
         weights_gb=spec.weights_gb,
+        restart_policy=RESTART_POLICY[spec.restart_policy] if spec.restart_policy else 0,
     )
     if spec.time_limit_s:
         msg.time_limit.CopyFrom(duration(spec.time_limit_s))
@@ -212,6 +220,10 @@ def spec_from_pb(msg: jobs_pb2.JobSpec, *, owner: str = "") -> JobSpec:
         violations.append(FieldViolation("spec.time_limit", "must not be negative"))
     if msg.on_node_lost not in (0, *ON_NODE_LOST.values()):
         violations.append(FieldViolation("spec.on_node_lost", "must be 'requeue' or 'fail'"))
+    if msg.restart_policy not in (0, *RESTART_POLICY_FROM):
+        violations.append(
+            FieldViolation("spec.restart_policy", "must be 'always', 'on-failure' or 'never'")
+        )
     if violations:
         raise InvalidArgument(violations)
     assert kind is not None
@@ -242,6 +254,7 @@ def spec_from_pb(msg: jobs_pb2.JobSpec, *, owner: str = "") -> JobSpec:
         preemptible=msg.preemptible,
         target_tokens_per_s=msg.target_tokens_per_s,
         weights_gb=msg.weights_gb,
+        restart_policy=RESTART_POLICY_FROM.get(msg.restart_policy),
     )
 
 
@@ -308,9 +321,15 @@ def job_to_pb(
                 state=RANK_STATE[r.state],
                 message=r.message,
                 env=(rank_env or {}).get(r.rank, {}),
+                restarts=r.restarts,
+                last_failure=r.last_failure,
             )
             if r.exit_code is not None:
                 rs.exit_code = r.exit_code
+            if r.started_at is not None:
+                rs.start_time.CopyFrom(ts(r.started_at))
+            if r.ended_at is not None:
+                rs.end_time.CopyFrom(ts(r.ended_at))
     return msg
 
 

@@ -32,6 +32,9 @@ memory               ``64GiB`` ``64G`` or int MiB            host memory per ran
 min_nvlink_gbps      number                                  training: NVLink floor per GPU, GB/s
 min_net_gbps         number                                  training: inter-node network floor, Gb/s
 on_node_lost         ``requeue`` | ``fail``                  what a lost node does to the job (default requeue)
+restart_policy       ``always`` | ``on-failure`` | ``never`` inference: what replaces a replica that ends
+                                                             (default on-failure: a non-zero exit, a lost or
+                                                             degraded node; never: one failure fails the job)
 preemptible          bool                                    higher-priority work may stop and requeue it
 target_tokens_per_s  number                                  inference: decode tokens/s each replica must
                                                              reach; needs ``weights_gb`` (HBM floor = the two
@@ -61,7 +64,7 @@ import yaml
 from gpuctl.api import convert
 from gpuctl.api._pb.v1 import jobs_pb2
 from gpuctl.core.errors import FieldViolation, InvalidArgument
-from gpuctl.core.model import MILLI_PER_GPU, JobKind, JobSpec, OnNodeLost
+from gpuctl.core.model import MILLI_PER_GPU, JobKind, JobSpec, OnNodeLost, RestartPolicy
 
 MIB = 1024 * 1024
 _SIZE_UNITS = {
@@ -188,6 +191,14 @@ def _kind(value: Any) -> JobKind:
         return JobKind(text)
     except ValueError:
         raise _Problem(f"must be 'training' or 'inference', got {value!r}") from None
+
+
+def _restart_policy(value: Any) -> RestartPolicy:
+    text = _str(value).strip().lower().replace("_", "-")
+    try:
+        return RestartPolicy(text)
+    except ValueError:
+        raise _Problem(f"must be 'always', 'on-failure' or 'never', got {value!r}") from None
 
 
 def _on_node_lost(value: Any) -> OnNodeLost:
@@ -339,6 +350,7 @@ FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "min_nvlink_gbps": ("min_nvlink_gbps", _number),
     "min_net_gbps": ("min_net_gbps", _number),
     "on_node_lost": ("on_node_lost", _on_node_lost),
+    "restart_policy": ("restart_policy", _restart_policy),
     "preemptible": ("preemptible", _bool),
     "target_tokens_per_s": ("target_tokens_per_s", _number),
     "weights_gb": ("weights_gb", _number),
@@ -506,6 +518,8 @@ def spec_to_mapping(spec: JobSpec | jobs_pb2.JobSpec) -> dict[str, Any]:
         out["min_net_gbps"] = spec.min_net_gbps
     if spec.on_node_lost != default.on_node_lost:
         out["on_node_lost"] = str(spec.on_node_lost)
+    if spec.restart_policy is not None:
+        out["restart_policy"] = str(spec.restart_policy)
     if spec.preemptible:
         out["preemptible"] = True
     if spec.target_tokens_per_s:

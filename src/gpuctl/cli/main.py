@@ -197,6 +197,11 @@ def _env_pairs(values: tuple[str, ...], flag: str = "--env") -> dict[str, str]:
     help="What a lost node does to the job.",
 )
 @click.option(
+    "--restart-policy",
+    type=click.Choice(["always", "on-failure", "never"]),
+    help="Inference: what replaces a replica that ends (default on-failure).",
+)
+@click.option(
     "--preemptible/--no-preemptible",
     default=None,
     help="May be stopped and requeued for higher priority work.",

@@ -182,9 +182,36 @@ def total_gpus(spec: jobs_pb2.JobSpec) -> float:
     return _replicas(spec) * spec.gpus_per_node
 
 
+_LIVE = (jobs_pb2.RANK_STATE_ASSIGNED, jobs_pb2.RANK_STATE_RUNNING)
+
+
+def _live_ranks(job: jobs_pb2.Job) -> list[jobs_pb2.RankStatus]:
+    """The ranks that run or are about to: a running service's ended replicas left out."""
+    ranks = list(job.placement.ranks)
+    if job.state == jobs_pb2.JOB_STATE_RUNNING and job.spec.kind == jobs_pb2.JOB_KIND_INFERENCE:
+        return [r for r in ranks if r.state in _LIVE]
+    return ranks
+
+
 def job_nodes(job: jobs_pb2.Job) -> list[str]:
-    """The distinct nodes of the placement, in rank order."""
-    return list(dict.fromkeys(r.node for r in job.placement.ranks))
+    """The distinct nodes of the placement (a service's live replicas), in rank order."""
+    return list(dict.fromkeys(r.node for r in _live_ranks(job)))
+
+
+def replicas(job: jobs_pb2.Job) -> str:
+    """An inference job's "running/desired" replicas ("-" for training, or before it runs)."""
+    if job.spec.kind != jobs_pb2.JOB_KIND_INFERENCE or not job.placement.ranks:
+        return "-"
+    running = sum(r.state == jobs_pb2.RANK_STATE_RUNNING for r in job.placement.ranks)
+    return f"{running}/{_replicas(job.spec)}"
+
+
+def _gpus_held(job: jobs_pb2.Job) -> str:
+    """GPUs the job holds now (shares as fractions); what it asks for while it waits."""
+    if job.state != jobs_pb2.JOB_STATE_RUNNING or not job.placement.ranks:
+        return f"{total_gpus(job.spec):g}"
+    milli = sum(len(r.gpu_indices) * r.gpu_milli for r in _live_ranks(job))
+    return f"{milli / 1000:g}"
 
 
 def _nodelist_or_reason(job: jobs_pb2.Job) -> str:
@@ -202,9 +229,9 @@ def _elapsed(job: jobs_pb2.Job, now: datetime) -> str:
 
 
 def jobs_table(jobs: Iterable[jobs_pb2.Job], *, now: datetime, wide: bool = False) -> str:
-    headers = ["JOBID", "NAME", "KIND", "QUEUE", "USER", "ST", "TIME", "NODES", "GPUS"]
+    headers = ["JOBID", "NAME", "KIND", "QUEUE", "USER", "ST", "TIME", "NODES", "GPUS", "REPLICAS"]
     if wide:
-        headers += ["GPU_MODEL", "PRIO", "ATTEMPT", "SUBMITTED", "EXIT"]
+        headers += ["GPU_MODEL", "PRIO", "ATTEMPT", "RESTARTS", "SUBMITTED", "EXIT"]
     headers.append("NODELIST(REASON)")
     rows = []
     for job in jobs:
@@ -221,7 +248,8 @@ def jobs_table(jobs: Iterable[jobs_pb2.Job], *, now: datetime, wide: bool = Fals
             _SHORT_STATE.get(job.state, "?"),
             _elapsed(job, now),
             nodes,
-            f"{total_gpus(spec):g}",
+            _gpus_held(job),
+            replicas(job),
         ]
         if wide:
             created = _time(job.create_time)
@@ -229,6 +257,7 @@ def jobs_table(jobs: Iterable[jobs_pb2.Job], *, now: datetime, wide: bool = Fals
                 spec.gpu_model or "any",
                 spec.priority,
                 job.attempt,
+                sum(r.restarts for r in _live_ranks(job)),
                 created.strftime("%Y-%m-%dT%H:%M:%S") if created else "-",
                 job.exit_code if job.HasField("exit_code") else "-",
             ]
@@ -299,6 +328,16 @@ def describe_job(job: jobs_pb2.Job, *, now: datetime) -> str:
         head.append(("Reason", job.reason))
     if job.HasField("exit_code"):
         head.append(("Exit code", job.exit_code))
+    if spec.kind == jobs_pb2.JOB_KIND_INFERENCE and job.placement.ranks:
+        live = _live_ranks(job)
+        running = sum(r.state == jobs_pb2.RANK_STATE_RUNNING for r in live)
+        assigned = len(live) - running
+        restart = enum_name(jobs_pb2.RestartPolicy, spec.restart_policy, "RESTART_POLICY_")
+        line = f"{running} running of {_replicas(spec)} desired"
+        if assigned:
+            line += f", {assigned} starting"
+        line += f"; restart policy {restart if spec.restart_policy else 'on-failure'}"
+        head.append(("Replicas", line))
     head += [
         ("Asks for", spec_summary(spec)),
         ("Attempt", job.attempt),
@@ -319,20 +358,24 @@ def describe_job(job: jobs_pb2.Job, *, now: datetime) -> str:
         if p.reason:
             place.append(("Why here", p.reason))
         rows = []
+        service = spec.kind == jobs_pb2.JOB_KIND_INFERENCE
         for r in p.ranks:
             share = f"{r.gpu_milli / 1000:g}" if 0 < r.gpu_milli < 1000 else "1"
-            rows.append(
-                (
-                    r.rank,
-                    r.node,
-                    index_ranges(r.gpu_indices),
-                    share,
-                    enum_name(jobs_pb2.RankState, r.state, "RANK_STATE_"),
-                    r.exit_code if r.HasField("exit_code") else "-",
-                    r.message,
-                )
-            )
-        ranks = table(["RANK", "NODE", "GPUS", "SHARE", "STATE", "EXIT", "MESSAGE"], rows)
+            row: list[object] = [
+                r.rank,
+                r.node,
+                index_ranges(r.gpu_indices),
+                share if r.gpu_milli else "-",  # an ended replica that let go of its GPUs
+                enum_name(jobs_pb2.RankState, r.state, "RANK_STATE_"),
+                r.exit_code if r.HasField("exit_code") else "-",
+            ]
+            if service:
+                row += [r.restarts, r.last_failure or "-"]
+            rows.append((*row, r.message))
+        headers = ["RANK", "NODE", "GPUS", "SHARE", "STATE", "EXIT"]
+        if service:
+            headers += ["RESTARTS", "LAST_FAILURE"]
+        ranks = table([*headers, "MESSAGE"], rows)
         parts.append("Placement:\n" + fields(place, indent=2) + "\n" + _indent(ranks))
         envs = [r for r in p.ranks if r.env]
         if envs:

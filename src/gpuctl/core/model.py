@@ -71,6 +71,16 @@ class OnNodeLost(enum.StrEnum):
     FAIL = "fail"
 
 
+class RestartPolicy(enum.StrEnum):
+    """What becomes of an inference replica that ends (a service keeps its replica count):
+    replaced whenever it ends, only when it fails (a non-zero exit, or its node lost or
+    degraded), or never (one failed replica fails the job and stops the rest)."""
+
+    ALWAYS = "always"
+    ON_FAILURE = "on-failure"
+    NEVER = "never"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Gpu:
     index: int
@@ -235,6 +245,14 @@ class JobSpec:
     weights_gb: float = 0.0
     # keys of `env` whose values are shown to no one after submission (they reach the ranks)
     secret_env: tuple[str, ...] = ()
+    # inference: None = on-failure; a training gang is all or nothing (never; `on_node_lost`)
+    restart_policy: RestartPolicy | None = None
+
+    @property
+    def restart(self) -> RestartPolicy:
+        if self.kind is JobKind.TRAINING:
+            return RestartPolicy.NEVER
+        return self.restart_policy or RestartPolicy.ON_FAILURE
 
     @property
     def hbm_floor_gbps(self) -> float:
@@ -267,6 +285,17 @@ class RankPlacement:
     state: RankState = RankState.ASSIGNED
     exit_code: int | None = None
     message: str = ""
+    # A service's replica: how many replicas failed before this one in its place (the count
+    # restarts from 0 after one ran long enough), the last one's failure, and when this one
+    # started and ended (what its replacement's backoff counts from).
+    restarts: int = 0
+    last_failure: str = ""
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+
+    @property
+    def live(self) -> bool:
+        return self.state in (RankState.ASSIGNED, RankState.RUNNING)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -21,6 +21,7 @@ from gpuctl.core.model import (
     NetKind,
     Node,
     NodeState,
+    RestartPolicy,
 )
 
 MAX_NODES = 1024
@@ -190,6 +191,13 @@ def spec_violations(spec: JobSpec, prefix: str = "spec.") -> list[FieldViolation
             out.append(
                 FieldViolation(
                     f("replicas"), "is for inference; a training job is sized by num_nodes"
+                )
+            )
+        if spec.restart_policy not in (None, RestartPolicy.NEVER):
+            out.append(
+                FieldViolation(
+                    f("restart_policy"),
+                    "is for inference replicas; a gang is all or nothing (see on_node_lost)",
                 )
             )
     elif spec.kind is JobKind.INFERENCE:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
+from gpuctl.core import services
 from gpuctl.core.cost import (
     AttemptCharge,
     CostBy,
@@ -40,6 +41,7 @@ from gpuctl.core.model import (
     NodeLease,
     NodeState,
     OnNodeLost,
+    Placement,
     RankPlacement,
     RankState,
 )
@@ -495,13 +497,19 @@ class Controller:
             if state is RankState.RUNNING:
                 if rank.state is not RankState.ASSIGNED:
                     return
-                rank = replace(rank, state=RankState.RUNNING)
+                rank = replace(rank, state=RankState.RUNNING, started_at=now)
                 job = replace(job, started_at=job.started_at or now)
                 events.append(
                     _job_event(job, now, "Started", f"rank {ref.rank} started on {node_id}")
                 )
             elif state is RankState.EXITED:
-                rank = replace(rank, state=RankState.EXITED, exit_code=exit_code, message=message)
+                rank = replace(
+                    rank,
+                    state=RankState.EXITED,
+                    exit_code=exit_code,
+                    message=message,
+                    ended_at=now,
+                )
                 detail = f" ({message})" if message else ""
                 events.append(
                     _job_event(
@@ -550,8 +558,10 @@ class Controller:
             active = self.active_jobs()
             pending = [j for j in active if j.state is JobState.PENDING]
             leasing = self.leases.context(nodes, active, now) if self.leases is not None else None
-            # With nothing pending, only leases to give back can come of a cycle.
-            if not pending and (leasing is None or not any(map(managed, leasing.leases))):
+            # With nothing pending (no service's replica to replace either), only leases to
+            # give back can come of a cycle.
+            idle = not pending and not any(services.due(j, now) for j in active)
+            if idle and (leasing is None or not any(map(managed, leasing.leases))):
                 return CycleResult(bindings=(), unschedulable=())
             decided = None
             if self.cycles is not None:
@@ -568,12 +578,20 @@ class Controller:
             result = _as_seen(decided, {j.id: j for j in active})
             if result is not decided.result:
                 self.wake()  # at once, on what the store holds now
-            by_id = {j.id: j for j in pending}
+            by_id = {j.id: j for j in active}
             changed: list[Job] = []
             events: list[Event] = []
-            self._requeue_preempted(result, {j.id: j for j in active}, now, changed, events)
+            self._requeue_preempted(result, by_id, now, changed, events)
             for binding in result.bindings:
                 job = by_id[binding.job_id]
+                if job.state is not JobState.PENDING:  # a running service's replacements
+                    merged = services.merge(job, binding.placement, now)
+                    changed.append(merged)
+                    where = _where(merged.placement, after=job.placement)
+                    why = f"{where}; {binding.placement.reason}"
+                    events.append(_job_event(job, now, "ReplicaScheduled", why))
+                    log.info("job %d: replacement replica(s) placed: %s", job.id, where)
+                    continue
                 port = self.settings.master_port_base + job.id % self.settings.master_port_range
                 placement = replace(binding.placement, master_port=port)
                 changed.append(
@@ -585,18 +603,26 @@ class Controller:
                         updated_at=now,
                     )
                 )
-                where = ", ".join(f"{r.rank}:{r.node_id}[{_gpus(r)}]" for r in placement.ranks)
+                where = _where(placement)
                 events.append(_job_event(job, now, "Scheduled", f"{where}; {placement.reason}"))
                 log.info("job %d placed: %s (%s)", job.id, where, placement.reason)
+            let_go = False
             for miss in result.unschedulable:  # only reasons that changed (cycleproc.decide)
                 job = by_id[miss.job_id]
+                if job.state is not JobState.PENDING:
+                    # No place but where the ended replicas were: they let go of it now.
+                    released = services.let_go(job)
+                    let_go = let_go or released is not job
+                    job = released
                 changed.append(replace(job, reason=miss.reason, updated_at=now))
                 events.append(_job_event(job, now, "Unschedulable", miss.reason))
             if self.leases is not None:
                 events.extend(self.leases.apply(result, now))
             if changed or events:
                 self._write(changed, events)
-            return result
+        if let_go:
+            self.wake()
+        return result
 
     def _requeue_preempted(
         self,
@@ -811,11 +837,19 @@ class Controller:
             or job.placement is None
         ):
             return False
-        return any(r.rank == ref.rank and r.node_id == node_id for r in job.placement.ranks)
+        # A rank that ended (a service's replica lost with its node, back now) stays stopped.
+        return any(
+            r.rank == ref.rank and r.node_id == node_id and r.state is not RankState.LOST
+            for r in job.placement.ranks
+        )
 
     def _settle(self, job: Job, now: datetime, events: list[Event]) -> Job:
         """Move a job whose ranks changed to the state its ranks imply."""
         assert job.placement is not None
+        if job.state is JobState.RUNNING and services.is_service(job):
+            settled = services.settle(job, now)
+            events.extend(_job_event(job, now, t, m) for t, m in settled.events)
+            return settled.job
         ranks = job.placement.ranks
         done = [r for r in ranks if r.state in (RankState.EXITED, RankState.LOST)]
         if job.state is JobState.RUNNING:
@@ -916,6 +950,14 @@ class Controller:
             if job.placement is None or not nodes.intersection(job.placement.node_ids):
                 continue
             where = ", ".join(sorted(nodes.intersection(job.placement.node_ids)))
+            if job.state is JobState.RUNNING and services.is_service(job):
+                # The service keeps its other replicas; these are replaced elsewhere.
+                lost = services.lose(job, nodes, now, why)
+                if lost is not job:
+                    why_ = f"replica(s) on node {where} {why}; replaced elsewhere"
+                    events.append(_job_event(job, now, event_type, why_))
+                    changed.append(self._settle(lost, now, events))
+                continue
             if job.state is JobState.CANCELLING:
                 if not cancelling_too:
                     continue
@@ -984,6 +1026,14 @@ def _as_seen(decided: Decided, active: dict[int, Job]) -> CycleResult:
 
 def _ref_key(ref: RankRef) -> tuple[int, int, int]:
     return (ref.job_id, ref.rank, ref.attempt)
+
+
+def _where(placement: Placement, *, after: Placement | None = None) -> str:
+    """ "rank:node[GPUs]" of each rank of `placement` (not in `after`)."""
+    known = {r.rank for r in after.ranks} if after is not None else set()
+    return ", ".join(
+        f"{r.rank}:{r.node_id}[{_gpus(r)}]" for r in placement.ranks if r.rank not in known
+    )
 
 
 def _gpus(rank: RankPlacement) -> str:

@@ -22,6 +22,7 @@ from datetime import datetime
 from multiprocessing.connection import Connection
 from typing import Any
 
+from gpuctl.core import services
 from gpuctl.core.cycle import CycleResult, schedule
 from gpuctl.core.leasing import Leasing
 from gpuctl.core.model import Job, JobState, Node
@@ -119,13 +120,21 @@ def decide(
     jobs: list[Job], nodes: list[Node], policy: Policy, *, now: datetime, leasing: Leasing | None
 ) -> Decided:
     """The decision itself: what the worker runs on its copy of the store."""
-    pending = [j for j in jobs if j.state is JobState.PENDING]
-    snapshot = Snapshot.build(nodes, [j for j in jobs if j.state.holds_resources])
-    result = schedule(snapshot, pending, policy, now=now, leasing=leasing)
+    given = services.cycle_input(jobs, now)
+    snapshot = Snapshot.build(nodes, given.holding)
+    result = schedule(snapshot, given.pending, policy, now=now, leasing=leasing)
     by_id = {j.id: j for j in jobs}
-    # gpuctld writes only the reasons that changed: the rest need not cross the pipe.
-    changed = tuple(m for m in result.unschedulable if by_id[m.job_id].reason != m.reason)
-    result = replace(result, unschedulable=changed)
+    changed = []
+    for m in result.unschedulable:
+        job = by_id[m.job_id]
+        if job.state is not JobState.PENDING:  # a running service's replacements
+            m = replace(m, reason=services.waiting_reason(job, m.reason, now))
+        # gpuctld writes only the reasons that changed: the rest need not cross the pipe. A
+        # service whose ended replicas still hold capacity is always named: it lets go of it.
+        if job.reason != m.reason or services.holding_ended(job):
+            changed.append(m)
+    preemptions = tuple(replace(p, job_id=abs(p.job_id)) for p in result.preemptions)
+    result = replace(result, unschedulable=tuple(changed), preemptions=preemptions)
     named = [
         *(b.job_id for b in result.bindings),
         *(m.job_id for m in result.unschedulable),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import functools
 import json
+from collections.abc import Callable
 from dataclasses import fields, is_dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -35,6 +36,7 @@ from gpuctl.core.model import (
     Placement,
     RankPlacement,
     RankState,
+    RestartPolicy,
 )
 from gpuctl.core.trust import ApiToken, AuditEntry, TokenKind
 from gpuctl.store.tables import (
@@ -48,6 +50,7 @@ from gpuctl.store.tables import (
 )
 
 _MaybeTime = TypeVar("_MaybeTime", datetime, None)
+_T = TypeVar("_T")
 
 # -- jobs ---------------------------------------------------------------------------------------
 
@@ -131,6 +134,7 @@ def _spec_from(data: dict[str, Any]) -> JobSpec:
             "env": _pairs(known.get("env", ())),
             "secret_env": tuple(known.get("secret_env", ())),
             "on_node_lost": OnNodeLost(known.get("on_node_lost", OnNodeLost.REQUEUE)),
+            "restart_policy": _maybe(RestartPolicy, known.get("restart_policy")),
         }
     )
 
@@ -147,8 +151,18 @@ def _rank_from(data: dict[str, Any]) -> RankPlacement:
             **known,
             "gpu_indices": tuple(known.get("gpu_indices", ())),
             "state": RankState(known.get("state", RankState.ASSIGNED)),
+            "started_at": _maybe(_time_from, known.get("started_at")),
+            "ended_at": _maybe(_time_from, known.get("ended_at")),
         }
     )
+
+
+def _time_from(text: str) -> datetime:
+    return _utc(datetime.fromisoformat(text))
+
+
+def _maybe(parse: Callable[[Any], _T], value: Any) -> _T | None:
+    return None if value is None else parse(value)
 
 
 # -- nodes and leases ---------------------------------------------------------------------------
@@ -207,9 +221,7 @@ def _profile_from(data: dict[str, Any]) -> BandwidthProfile:
             "gpus": tuple(_gpu_from(g) for g in known.get("gpus", ())),
             "ib_ports": tuple(IbPort(**_known(IbPort, p)) for p in known.get("ib_ports", ())),
             "network": _network_from(known.get("network", {})),
-            "measured_at": None
-            if measured_at is None
-            else _utc(datetime.fromisoformat(measured_at)),
+            "measured_at": _maybe(_time_from, measured_at),
         }
     )
 

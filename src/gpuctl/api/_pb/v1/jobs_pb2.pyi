@@ -85,6 +85,31 @@ RANK_STATE_EXITED: RankState.ValueType  # 3
 RANK_STATE_LOST: RankState.ValueType  # 4
 Global___RankState: _TypeAlias = RankState  # noqa: Y015
 
+class _RestartPolicy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RestartPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RestartPolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RESTART_POLICY_UNSPECIFIED: _RestartPolicy.ValueType  # 0
+    RESTART_POLICY_ALWAYS: _RestartPolicy.ValueType  # 1
+    RESTART_POLICY_ON_FAILURE: _RestartPolicy.ValueType  # 2
+    RESTART_POLICY_NEVER: _RestartPolicy.ValueType  # 3
+
+class RestartPolicy(_RestartPolicy, metaclass=_RestartPolicyEnumTypeWrapper):
+    """Inference: what becomes of a replica that ends. A service keeps its replica count: an
+    ended replica is replaced (always: whatever its exit; on-failure: on a non-zero exit or a
+    lost or degraded node) with backoff, the others running on. Never: a failed replica fails
+    the job. Unspecified: on-failure for inference; training is always never (a gang is all or
+    nothing: see on_node_lost).
+    """
+
+RESTART_POLICY_UNSPECIFIED: RestartPolicy.ValueType  # 0
+RESTART_POLICY_ALWAYS: RestartPolicy.ValueType  # 1
+RESTART_POLICY_ON_FAILURE: RestartPolicy.ValueType  # 2
+RESTART_POLICY_NEVER: RestartPolicy.ValueType  # 3
+Global___RestartPolicy: _TypeAlias = RestartPolicy  # noqa: Y015
+
 class _OnNodeLost:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -151,6 +176,7 @@ class JobSpec(_message.Message):
     TARGET_TOKENS_PER_S_FIELD_NUMBER: _builtins.int
     WEIGHTS_GB_FIELD_NUMBER: _builtins.int
     SECRET_ENV_FIELD_NUMBER: _builtins.int
+    RESTART_POLICY_FIELD_NUMBER: _builtins.int
     kind: Global___JobKind.ValueType
     name: _builtins.str
     queue: _builtins.str
@@ -186,6 +212,7 @@ class JobSpec(_message.Message):
     token; together an HBM floor (tokens/s x GB). 0: none; a target needs weights_gb.
     """
     weights_gb: _builtins.float
+    restart_policy: Global___RestartPolicy.ValueType
     @_builtins.property
     def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -226,10 +253,11 @@ class JobSpec(_message.Message):
         target_tokens_per_s: _builtins.float = ...,
         weights_gb: _builtins.float = ...,
         secret_env: _abc.Iterable[_builtins.str] | None = ...,
+        restart_policy: Global___RestartPolicy.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_num_nodes", b"_num_nodes", "_replicas", b"_replicas", "num_nodes", b"num_nodes", "replicas", b"replicas", "time_limit", b"time_limit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_num_nodes", b"_num_nodes", "_replicas", b"_replicas", "command", b"command", "cpu_milli", b"cpu_milli", "env", b"env", "gpu_memory_mib", b"gpu_memory_mib", "gpu_milli", b"gpu_milli", "gpu_model", b"gpu_model", "gpus_per_node", b"gpus_per_node", "kind", b"kind", "memory_mib", b"memory_mib", "min_net_gbps", b"min_net_gbps", "min_nvlink_gbps", b"min_nvlink_gbps", "name", b"name", "num_nodes", b"num_nodes", "on_node_lost", b"on_node_lost", "preemptible", b"preemptible", "priority", b"priority", "queue", b"queue", "replicas", b"replicas", "secret_env", b"secret_env", "target_tokens_per_s", b"target_tokens_per_s", "time_limit", b"time_limit", "weights_gb", b"weights_gb", "working_dir", b"working_dir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_num_nodes", b"_num_nodes", "_replicas", b"_replicas", "command", b"command", "cpu_milli", b"cpu_milli", "env", b"env", "gpu_memory_mib", b"gpu_memory_mib", "gpu_milli", b"gpu_milli", "gpu_model", b"gpu_model", "gpus_per_node", b"gpus_per_node", "kind", b"kind", "memory_mib", b"memory_mib", "min_net_gbps", b"min_net_gbps", "min_nvlink_gbps", b"min_nvlink_gbps", "name", b"name", "num_nodes", b"num_nodes", "on_node_lost", b"on_node_lost", "preemptible", b"preemptible", "priority", b"priority", "queue", b"queue", "replicas", b"replicas", "restart_policy", b"restart_policy", "secret_env", b"secret_env", "target_tokens_per_s", b"target_tokens_per_s", "time_limit", b"time_limit", "weights_gb", b"weights_gb", "working_dir", b"working_dir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__num_nodes: _TypeAlias = _typing.Literal["num_nodes"]  # noqa: Y015
     _WhichOneofArgType__num_nodes: _TypeAlias = _typing.Literal["_num_nodes", b"_num_nodes"]  # noqa: Y015
@@ -274,6 +302,10 @@ class RankStatus(_message.Message):
     EXIT_CODE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     ENV_FIELD_NUMBER: _builtins.int
+    RESTARTS_FIELD_NUMBER: _builtins.int
+    LAST_FAILURE_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
     rank: _builtins.int
     node: _builtins.str
     gpu_milli: _builtins.int
@@ -281,12 +313,21 @@ class RankStatus(_message.Message):
     state: Global___RankState.ValueType
     exit_code: _builtins.int
     message: _builtins.str
+    restarts: _builtins.int
+    """A service's replica: the replicas that failed in a row in its place before it (0 after
+    one ran 10 minutes), and how the last of them ended.
+    """
+    last_failure: _builtins.str
     @_builtins.property
     def gpu_indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
     def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """the launch environment gpuctl gives this rank"""
 
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -298,10 +339,14 @@ class RankStatus(_message.Message):
         exit_code: _builtins.int | None = ...,
         message: _builtins.str = ...,
         env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        restarts: _builtins.int = ...,
+        last_failure: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "exit_code", b"exit_code"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "end_time", b"end_time", "exit_code", b"exit_code", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "env", b"env", "exit_code", b"exit_code", "gpu_indices", b"gpu_indices", "gpu_milli", b"gpu_milli", "message", b"message", "node", b"node", "rank", b"rank", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "end_time", b"end_time", "env", b"env", "exit_code", b"exit_code", "gpu_indices", b"gpu_indices", "gpu_milli", b"gpu_milli", "last_failure", b"last_failure", "message", b"message", "node", b"node", "rank", b"rank", "restarts", b"restarts", "start_time", b"start_time", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
     _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015

@@ -1,0 +1,270 @@
+"""Inference jobs as services: a replica that ends is replaced, per the job's restart policy,
+while the others keep running; the replacement is placed by the cycle like any placement.
+
+A service's placement holds its replicas. A replica that ended stays in it, with its GPUs
+held, until its replacement is placed, so that the replacement goes elsewhere; if it cannot,
+the ended replica lets go of them (`release`) and the next cycle may use them. Every
+replacement is a new rank number, so no agent mistakes it for the one it replaces (same job,
+same attempt: the other replicas never stop).
+
+Replacements in a row back off: the first at once, then 10 s, 20 s, ... up to 5 minutes; a
+replica that ran for 10 minutes resets the count (Kubernetes' crash-loop rules). A place
+whose replica failed `RESTART_LIMIT` times in a row is given up and the service is degraded;
+a replica lost with its node (or degraded node) is replaced at once and never counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+
+from gpuctl.core.model import (
+    Job,
+    JobKind,
+    JobState,
+    Placement,
+    RankPlacement,
+    RankState,
+    RestartPolicy,
+)
+
+RESTART_LIMIT = 5  # replacements in a row of a replica that keeps failing, then given up
+BACKOFF_S = 10.0  # before the second replacement in a row; doubling from there
+BACKOFF_MAX_S = 300.0
+RESET_AFTER_S = 600.0  # a replica that ran this long starts its place's count afresh
+
+
+def is_service(job: Job) -> bool:
+    """An inference job whose replicas are replaced (restart policy other than never)."""
+    return job.spec.kind is JobKind.INFERENCE and job.spec.restart is not RestartPolicy.NEVER
+
+
+def failed(rank: RankPlacement) -> bool:
+    return rank.state is RankState.LOST or (rank.state is RankState.EXITED and rank.exit_code != 0)
+
+
+def holds(rank: RankPlacement) -> bool:
+    """Whether the rank still takes capacity (an ended one lets go once it is not awaited)."""
+    return bool((rank.gpu_indices and rank.gpu_milli) or rank.cpu_milli or rank.memory_mib)
+
+
+def release(rank: RankPlacement) -> RankPlacement:
+    """The rank taking nothing any more (where it ran is kept, for `describe`)."""
+    return replace(rank, gpu_milli=0, cpu_milli=0, memory_mib=0) if holds(rank) else rank
+
+
+def restarts_after(rank: RankPlacement) -> int:
+    """The count the replacement of ended `rank` carries: one more, unless the node was lost
+    (not the replica's doing) or it ran long enough to start afresh."""
+    if rank.state is RankState.LOST:
+        return rank.restarts
+    if (
+        rank.started_at is not None
+        and rank.ended_at is not None
+        and (rank.ended_at - rank.started_at).total_seconds() >= RESET_AFTER_S
+    ):
+        return 1
+    return rank.restarts + 1
+
+
+def backoff_s(restarts: int) -> float:
+    """How long after the replica ended its replacement (carrying `restarts`) waits."""
+    if restarts <= 1:
+        return 0.0
+    return min(BACKOFF_S * 2 ** (restarts - 2), BACKOFF_MAX_S)
+
+
+def awaited(job: Job, rank: RankPlacement) -> bool:
+    """Whether ended `rank`'s place is to be filled (now or after its backoff)."""
+    if rank.live or job.state is not JobState.RUNNING or not is_service(job):
+        return False
+    if not failed(rank) and job.spec.restart is not RestartPolicy.ALWAYS:
+        return False  # done: on-failure keeps a replica that exited 0 ended
+    return restarts_after(rank) <= RESTART_LIMIT
+
+
+def due_at(rank: RankPlacement) -> datetime | None:
+    if rank.ended_at is None or rank.state is RankState.LOST:
+        return rank.ended_at  # a lost node's replicas are replaced at once
+    return rank.ended_at + timedelta(seconds=backoff_s(restarts_after(rank)))
+
+
+def due(job: Job, now: datetime) -> tuple[RankPlacement, ...]:
+    """The ended replicas of a running service whose replacement the cycle should place now,
+    in rank order."""
+    if job.placement is None or not is_service(job) or job.state is not JobState.RUNNING:
+        return ()
+    return tuple(
+        r
+        for r in job.placement.ranks
+        if awaited(job, r) and (when := due_at(r)) is not None and when <= now
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class CycleInput:
+    """What a cycle places and what holds capacity, services' replacements included.
+
+    A replacement is asked for as a pending job of the service's id with only the replicas to
+    replace; the running service then holds its capacity under the negated id, so the two never
+    meet in the snapshot (the cycle keys placements by job id)."""
+
+    holding: tuple[Job, ...]
+    pending: tuple[Job, ...]
+
+
+def cycle_input(jobs: Sequence[Job], now: datetime) -> CycleInput:
+    holding: list[Job] = []
+    pending: list[Job] = []
+    for job in jobs:
+        if job.state is JobState.PENDING:
+            pending.append(job)
+        elif job.state.holds_resources:
+            missing = due(job, now)
+            if missing:
+                holding.append(replace(job, id=-job.id))
+                spec = replace(job.spec, replicas=len(missing))
+                pending.append(replace(job, spec=spec, state=JobState.PENDING, placement=None))
+            else:
+                holding.append(job)
+    return CycleInput(holding=tuple(holding), pending=tuple(pending))
+
+
+def summary(job: Job, now: datetime) -> str:
+    """What a running service's reason says: its replicas against the desired count, and what
+    is being done about the missing ones ("" when all run)."""
+    if job.placement is None:
+        return ""
+    ranks = job.placement.ranks
+    live = sum(r.live for r in ranks)
+    desired = job.spec.replicas
+    parts = []
+    if live < desired:
+        parts.append(f"{live} of {desired} replicas running")
+    given_up = [r for r in ranks if not r.live and failed(r) and not awaited(job, r)]
+    if given_up:
+        r = given_up[-1]
+        parts.insert(
+            0,
+            f"degraded: replica {r.rank} on {r.node_id} failed {r.restarts + 1} times in a row "
+            f"({ended_how(r)}); its place is given up",
+        )
+    waiting = next((r for r in ranks if awaited(job, r)), None)
+    if waiting is not None:
+        when = due_at(waiting)
+        wait = "" if when is None or when <= now else f" in {(when - now).total_seconds():.0f} s"
+        parts.append(f"replacing replica {waiting.rank} ({ended_how(waiting)}){wait}")
+    return "; ".join(parts)
+
+
+def waiting_reason(job: Job, why: str, now: datetime) -> str:
+    """A running service's reason when the cycle could not place its replacements."""
+    head = summary(job, now).split("; replacing", 1)[0]
+    return f"{head}; replacement waits: {why}" if head else f"replacement waits: {why}"
+
+
+def ended_how(rank: RankPlacement) -> str:
+    if rank.state is RankState.LOST:
+        return rank.message or f"node {rank.node_id} lost"
+    how = f"exited with {rank.exit_code}"
+    return f"{how}: {rank.message}" if rank.message else how
+
+
+def merge(job: Job, placed: Placement, now: datetime) -> Job:
+    """The running service with the replicas `placed` (by the cycle, for `due(job, now)`) in
+    place of the ended ones they replace: new rank numbers, each carrying its place's count."""
+    assert job.placement is not None
+    old = due(job, now)[: len(placed.ranks)]
+    first = max(r.rank for r in job.placement.ranks) + 1
+    new = tuple(
+        replace(
+            r,
+            rank=first + i,
+            state=RankState.ASSIGNED,
+            restarts=restarts_after(o),
+            last_failure=ended_how(o) if failed(o) else o.last_failure,
+        )
+        for i, (r, o) in enumerate(zip(placed.ranks, old, strict=True))
+    )
+    replaced = {r.rank for r in old}
+    ranks = tuple(r for r in job.placement.ranks if r.rank not in replaced) + new
+    merged = replace(job, placement=replace(job.placement, ranks=ranks), updated_at=now)
+    return replace(merged, reason=summary(merged, now))
+
+
+def holding_ended(job: Job) -> bool:
+    """Whether ended replicas of the job still hold capacity (awaiting their replacement)."""
+    return job.placement is not None and any(not r.live and holds(r) for r in job.placement.ranks)
+
+
+def let_go(job: Job) -> Job:
+    """The service with its awaited ended replicas' capacity released: the cycle found no
+    other place for their replacements, so the next may use what they held."""
+    assert job.placement is not None
+    ranks = tuple(release(r) if not r.live else r for r in job.placement.ranks)
+    if ranks == job.placement.ranks:
+        return job
+    return replace(job, placement=replace(job.placement, ranks=ranks))
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    job: Job
+    events: tuple[tuple[str, str], ...]  # (type, message)
+
+
+def settle(job: Job, now: datetime) -> Settled:
+    """A running service after one of its replicas ended: still running while a replica runs
+    or is to be replaced (ended replicas that are not let go of what they held), else
+    succeeded (every replica exited 0) or failed."""
+    assert job.placement is not None and is_service(job)
+    events: list[tuple[str, str]] = []
+    ranks = []
+    for r in job.placement.ranks:
+        if not r.live and not awaited(job, r) and holds(r):
+            if failed(r):
+                events.append(
+                    (
+                        "ReplicaGivenUp",
+                        f"replica {r.rank} on {r.node_id} failed {r.restarts + 1} times in a "
+                        f"row ({ended_how(r)}): not replaced",
+                    )
+                )
+            r = release(r)
+        ranks.append(r)
+    job = replace(job, placement=replace(job.placement, ranks=tuple(ranks)))
+    if any(r.live or awaited(job, r) for r in ranks):
+        return Settled(replace(job, reason=summary(job, now)), tuple(events))
+    bad = [r for r in ranks if failed(r)]
+    if bad:
+        last = max(bad, key=lambda r: (r.ended_at or now, r.rank))
+        why = f"every replica ended; replica {last.rank} on {last.node_id} {ended_how(last)}"
+        if last.state is not RankState.LOST:
+            why += f" (after {last.restarts} replacement(s) in a row)"
+        events.append(("Failed", why))
+        code = last.exit_code if last.state is RankState.EXITED else None
+        return Settled(
+            replace(job, state=JobState.FAILED, reason=why, exit_code=code, finished_at=now),
+            tuple(events),
+        )
+    events.append(("Succeeded", "every replica exited with 0"))
+    return Settled(
+        replace(job, state=JobState.SUCCEEDED, reason="", exit_code=0, finished_at=now),
+        tuple(events),
+    )
+
+
+def lose(job: Job, node_ids: set[str], now: datetime, why: str) -> Job:
+    """The running service with its live replicas on `node_ids` ended as LOST (to be replaced
+    elsewhere), the others untouched."""
+    assert job.placement is not None
+    if not any(r.live and r.node_id in node_ids for r in job.placement.ranks):
+        return job
+    ranks = tuple(
+        replace(r, state=RankState.LOST, ended_at=now, message=f"node {r.node_id} {why}")
+        if r.live and r.node_id in node_ids
+        else r
+        for r in job.placement.ranks
+    )
+    return replace(job, placement=replace(job.placement, ranks=ranks), updated_at=now)
