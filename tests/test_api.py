@@ -337,6 +337,37 @@ def test_sdk_against_the_real_server(api):
         assert gpuctl.health() == "SERVING"
 
 
+def test_scale_through_the_sdk_with_its_owner_checks_and_codes(api):
+    from gpuctl.client import (
+        Client,
+        FailedPreconditionError,
+        InvalidArgumentError,
+        PermissionDeniedError,
+    )
+
+    target = f"127.0.0.1:{api.server.port}"
+    serve = {"kind": "inference", "replicas": 2, "gpus_per_node": 1, "command": "serve"}
+    with Client(target, token=api.tokens.user("alice")) as alice:
+        job = alice.submit(serve)
+        train = alice.submit({"kind": "training", "gpus_per_node": 8, "command": "true"})
+        assert alice.scale(job.id, 5).spec.replicas == 5
+        with pytest.raises(InvalidArgumentError) as e:
+            alice.scale(job.id, 0)
+        assert [v.field for v in e.value.violations] == ["replicas"]
+        with pytest.raises(FailedPreconditionError, match="training gang"):
+            alice.scale(train.id, 2)
+    with Client(target, token=api.tokens.user("bob")) as bob, pytest.raises(PermissionDeniedError):
+        bob.scale(job.id, 1)
+    assert api.controller.store.get_job(job.id).spec.replicas == 5
+    entries = [e for e in api.controller.store.list_audit() if e.action == "ScaleJob"]
+    assert [(e.principal, e.outcome) for e in entries] == [
+        ("alice", "ok"),
+        ("alice", "INVALID_ARGUMENT"),
+        ("alice", "FAILED_PRECONDITION"),
+        ("bob", "PERMISSION_DENIED"),
+    ]
+
+
 def test_a_request_that_is_not_a_message_of_its_type_is_invalid_argument(api):
     token = api.tokens.metadata(api.tokens.user("alice"))
     with grpc.insecure_channel(f"127.0.0.1:{api.server.port}") as channel:

@@ -159,7 +159,7 @@ def alive(pid: int) -> bool:
     return True
 
 
-def test_a_killed_replica_is_replaced_and_the_other_replicas_keep_running(cluster, tmp_path):
+def test_a_killed_replica_is_replaced_the_others_keep_running_and_it_scales(cluster, tmp_path):
     pids = tmp_path / "pids"
     pids.mkdir()
     cluster.start_agent(node("gpu-1"))
@@ -184,6 +184,17 @@ def test_a_killed_replica_is_replaced_and_the_other_replicas_keep_running(cluste
     ranks = {r.get("rank", 0): r for r in job_json(cluster, job_id)["placement"]["ranks"]}
     assert sorted(ranks) == [0, 2, 3]  # the killed one is replaced
     assert ranks[3]["restarts"] == 1 and "exited with" in ranks[3]["last_failure"]
+
+    # Scaled up, a fourth replica starts; scaled down to 2, two of them stop and two run on.
+    out = cluster.gpuctl("scale", job_id, "--replicas", "4").stdout
+    assert out.startswith(f"job {job_id} scaled to 4 replicas")
+    wait_until(lambda: (pids / "4").exists(), what="the replica added by scaling up")
+    everyone = {p.name: int(p.read_text()) for p in pids.iterdir() if p.name != "1"}
+    cluster.gpuctl("scale", job_id, "--replicas", "2")
+    wait_until(
+        lambda: sum(alive(pid) for pid in everyone.values()) == 2, what="two replicas to stop"
+    )
+    assert "2/2" in cluster.gpuctl("jobs").stdout.splitlines()[1].split()
     cluster.gpuctl("cancel", job_id)
     wait_until(
         lambda: job_json(cluster, job_id)["state"] == "JOB_STATE_CANCELLED",

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from gpuctl.core import services
-from gpuctl.core.errors import InvalidArgument
+from gpuctl.core.errors import FailedPrecondition, InvalidArgument
 from gpuctl.core.model import (
     Job,
     JobKind,
@@ -347,3 +347,70 @@ def test_decide_places_a_replacement_beside_the_replicas_that_hold_their_gpus():
     decided = decide([job], [node], build_policy("default"), now=T0, leasing=None)
     (binding,) = decided.result.bindings
     assert (binding.job_id, binding.placement.ranks[0].gpu_indices) == (7, (7,))
+
+
+# -- scale ----------------------------------------------------------------------------------
+
+
+def test_scale_up_places_the_new_replicas_through_the_cycle(ctl):
+    job = start(ctl, service(3))
+
+    job = ctl.scale(job.id, 6, by="alice")
+
+    assert (job.state, job.spec.replicas) == (JobState.RUNNING, 6)
+    assert job.reason == "3 of 6 replicas running; placing 3 more (scaled up)"
+    (binding,) = ctl.run_cycle().bindings
+    assert len(binding.placement.ranks) == 3
+    job = run_new(ctl, job)
+    assert sorted(r.rank for r in live(job)) == [0, 1, 2, 3, 4, 5]
+    assert job.reason == ""
+    assert ctl.store.get_job(job.id).spec.replicas == 6  # stored, not only answered
+    assert [e.message for e in ctl.store.list_events("job", str(job.id)) if e.type == "Scaled"] == [
+        "replicas 3 -> 6 by alice"
+    ]
+
+
+def test_scale_down_stops_the_replicas_that_free_whole_nodes_first(ctl):
+    # Four replicas of 4 GPUs fill nodes a and b; a fifth goes to c, beside another job.
+    job = start(ctl, service(4, gpus=4), nodes=("a", "b"))
+    ctl.register_node(h100_node("c"))
+    ctl.scale(job.id, 5)
+    ctl.run_cycle()
+    job = run_new(ctl, job)
+    other = ctl.submit(service(1, gpus=4))
+    (placed,) = ctl.run_cycle().bindings
+    assert placed.placement.node_ids == ("c",)
+    on = {n: [r.rank for r in live(job) if r.node_id == n] for n in ("a", "b", "c")}
+    assert [len(on[n]) for n in on] == [2, 2, 1]
+
+    # Down to 3: both replicas of a node nothing else uses (a and b tie: a, by name), so that
+    # node empties; not the one beside job `other`, nor one of two on b.
+    job = ctl.scale(job.id, 3)
+
+    assert sorted(r.rank for r in live(job)) == sorted(on["b"] + on["c"])
+    refs = [RankRef(job.id, r, 0) for r in on["a"]]
+    assert ctl.heartbeat("a", refs).stop == tuple(refs)
+    assert ctl.store.get_job(other.id).state is JobState.RUNNING
+    assert ctl.run_cycle().bindings == ()  # nothing to replace: they were scaled away
+
+
+def test_scale_is_refused_for_training_finished_jobs_and_out_of_range_counts(ctl):
+    gang = ctl.submit(JobSpec(kind=JobKind.TRAINING, command=("t",), gpus_per_node=8))
+    with pytest.raises(FailedPrecondition, match="training gang"):
+        ctl.scale(gang.id, 2)
+    ctl.cancel(gang.id)
+    job = start(ctl, service(2))
+    with pytest.raises(InvalidArgument) as e:
+        ctl.scale(job.id, 0)
+    assert e.value.violations[0].field == "replicas"
+    ctl.cancel(job.id)
+    with pytest.raises(FailedPrecondition, match="cancelling"):
+        ctl.scale(job.id, 3)
+
+
+def test_scaling_a_pending_service_changes_what_the_cycle_places(ctl):
+    job = ctl.submit(service(2))
+    ctl.scale(job.id, 4)
+    ctl.register_node(h100_node("a"))
+    (binding,) = ctl.run_cycle().bindings
+    assert len(binding.placement.ranks) == 4

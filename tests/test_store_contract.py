@@ -461,6 +461,34 @@ def test_update_jobs_assigns_growing_revisions_that_jobs_since_follows(store: Sq
     assert store.update_jobs([]) == ()
 
 
+def test_respec_job_writes_the_new_spec_with_the_state_and_events(store: SqlStore) -> None:
+    job = submit(store, full_spec())
+    scaled = replace(job, spec=replace(job.spec, replicas=9), state=JobState.RUNNING)
+
+    written = store.respec_job(scaled, [event(str(job.id), "Scaled", 1)])
+
+    assert written == replace(scaled, revision=written.revision)
+    assert written.revision > job.revision
+    assert store.get_job(job.id) == written
+    assert [e.type for e in store.list_events("job", str(job.id))] == ["Scaled"]
+    # A later update_jobs keeps the new spec (it writes none).
+    (again,) = store.update_jobs([replace(written, reason="x")])
+    assert store.get_job(job.id).spec.replicas == 9 == again.spec.replicas
+
+
+@pytest.mark.parametrize("field", ["owner", "queue", "name", "priority"])
+def test_respec_job_refuses_to_change_what_the_row_repeats_of_the_spec(store, field) -> None:
+    job = submit(store, full_spec())
+    value = 1 if field == "priority" else "other"
+
+    with pytest.raises(ValueError, match="only the spec's other fields"):
+        store.respec_job(replace(job, spec=replace(job.spec, **{field: value})))
+
+    assert store.get_job(job.id) == job
+    with pytest.raises(NotFound):
+        store.respec_job(replace(job, id=404))
+
+
 def test_update_jobs_round_trips_every_field(store: SqlStore) -> None:
     created, _ = store.create_job(full_spec(), request_id="full", now=T0.astimezone(IST))
     changed = replace(

@@ -314,6 +314,7 @@ PERMISSIONS: dict[str, Permission | str | None] = {
     "JobService.GetJob": Permission.JOBS_OWN,
     "JobService.ListJobs": Permission.JOBS_OWN,
     "JobService.CancelJob": Permission.JOBS_OWN,
+    "JobService.ScaleJob": Permission.JOBS_OWN,
     "JobService.WatchJobs": Permission.JOBS_OWN,
     "JobService.StreamJobLogs": Permission.JOBS_OWN,
     "NodeService.ListNodes": Permission.NODES_READ,
@@ -435,6 +436,9 @@ def valid_requests(seeds: Seeds) -> dict[str, Callable[[random.Random], Message]
             page_size=rng.choice((1, 10, 100)), states=[jobs_pb2.JOB_STATE_PENDING]
         ),
         "JobService.CancelJob": lambda rng: jobs_pb2.CancelJobRequest(name=job(rng)),
+        "JobService.ScaleJob": lambda rng: jobs_pb2.ScaleJobRequest(
+            name=job(rng), replicas=rng.choice((-1, 0, 1, 3, 10_001, 2**31 - 1))
+        ),
         "JobService.WatchJobs": lambda rng: jobs_pb2.WatchJobsRequest(
             name=rng.choice(("", job(rng)))
         ),

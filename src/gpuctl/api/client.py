@@ -74,16 +74,17 @@ FINISHED_STATES = frozenset(
     {jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED}
 )
 
-# The calls gRPC may repeat on UNAVAILABLE: reads, CreateJob (idempotent through request_id)
-# and CancelJob (cancelling twice is the same as once). DrainNode is left out: a retry after a
-# lost reply would report "already draining" for a drain that worked. Streams are retried only
-# until their first message, which gRPC guarantees.
+# The calls gRPC may repeat on UNAVAILABLE: reads, CreateJob (idempotent through request_id),
+# CancelJob (cancelling twice is the same as once) and ScaleJob (it sets a count). DrainNode is
+# left out: a retry after a lost reply would report "already draining" for a drain that worked.
+# Streams are retried only until their first message, which gRPC guarantees.
 _RETRYABLE = {
     "gpuctl.v1.JobService": (
         "CreateJob",
         "GetJob",
         "ListJobs",
         "CancelJob",
+        "ScaleJob",
         "WatchJobs",
         "StreamJobLogs",
     ),
@@ -687,6 +688,13 @@ class Client:
         """Cancel a job: a pending one ends at once, a running one goes through CANCELLING."""
         return self._unary(
             lambda s: s.jobs.CancelJob, jobs_pb2.CancelJobRequest(name=job_name(job))
+        )
+
+    def scale(self, job: JobRef, replicas: int) -> jobs_pb2.Job:
+        """Set an inference job's desired replicas (the same call twice is the same as once)."""
+        return self._unary(
+            lambda s: s.jobs.ScaleJob,
+            jobs_pb2.ScaleJobRequest(name=job_name(job), replicas=replicas),
         )
 
     def watch(

@@ -447,6 +447,14 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         self._job(call, job_id)
         return _job_view(self.c.cancel(job_id), call.who)
 
+    @rpc(Permission.JOBS_OWN, audited=True)
+    def ScaleJob(self, request, context, call: Call):
+        job_id = convert.parse_job_name(request.name)
+        call.target = convert.job_name(job_id)
+        self._job(call, job_id)
+        job = self.c.scale(job_id, request.replicas, by=call.who.name)
+        return _job_view(job, call.who)
+
     @rpc(Permission.JOBS_OWN)
     def WatchJobs(self, request, context, call: Call) -> Iterator[jobs_pb2.WatchJobsResponse]:
         only = convert.parse_job_name(request.name) if request.name else None

@@ -358,6 +358,19 @@ def logs(ctx: click.Context, job: str, rank: int, follow: bool) -> None:
 
 
 @cli.command()
+@click.argument("job")
+@click.option(
+    "--replicas", type=click.IntRange(min=1), required=True, help="The desired replica count."
+)
+@click.pass_context
+def scale(ctx: click.Context, job: str, replicas: int) -> None:
+    """Set an inference job's replicas: gpuctl scale 42 --replicas 6"""
+    scaled = _client(ctx).scale(job, replicas)
+    line = f"job {scaled.id} scaled to {replicas} replica{'s' * (replicas != 1)}"
+    click.echo(f"{line}: {scaled.reason}" if scaled.reason else line)
+
+
+@cli.command()
 @click.argument("job_refs", nargs=-1, required=True, metavar="JOB...")
 @click.pass_context
 def cancel(ctx: click.Context, job_refs: tuple[str, ...]) -> None:

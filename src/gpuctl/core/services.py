@@ -15,7 +15,7 @@ a replica lost with its node (or degraded node) is replaced at once and never co
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
@@ -102,6 +102,20 @@ def due(job: Job, now: datetime) -> tuple[RankPlacement, ...]:
     )
 
 
+def extra(job: Job) -> int:
+    """Replicas a running service was scaled up by and has not placed yet: the desired count
+    beyond its places (every rank of the placement: live, awaiting its replacement, or ended
+    for good, which keeps its place until the service is scaled down)."""
+    if job.placement is None or job.state is not JobState.RUNNING or not is_service(job):
+        return 0
+    return max(0, job.spec.replicas - len(job.placement.ranks))
+
+
+def wanted(job: Job, now: datetime) -> int:
+    """Replicas of a running service the cycle should place now."""
+    return len(due(job, now)) + extra(job)
+
+
 @dataclass(frozen=True, slots=True)
 class CycleInput:
     """What a cycle places and what holds capacity, services' replacements included.
@@ -121,10 +135,10 @@ def cycle_input(jobs: Sequence[Job], now: datetime) -> CycleInput:
         if job.state is JobState.PENDING:
             pending.append(job)
         elif job.state.holds_resources:
-            missing = due(job, now)
+            missing = wanted(job, now)
             if missing:
                 holding.append(replace(job, id=-job.id))
-                spec = replace(job.spec, replicas=len(missing))
+                spec = replace(job.spec, replicas=missing)
                 pending.append(replace(job, spec=spec, state=JobState.PENDING, placement=None))
             else:
                 holding.append(job)
@@ -142,6 +156,8 @@ def summary(job: Job, now: datetime) -> str:
     parts = []
     if live < desired:
         parts.append(f"{live} of {desired} replicas running")
+    if extra(job):
+        parts.append(f"placing {extra(job)} more (scaled up)")
     given_up = [r for r in ranks if not r.live and failed(r) and not awaited(job, r)]
     if given_up:
         r = given_up[-1]
@@ -172,20 +188,23 @@ def ended_how(rank: RankPlacement) -> str:
 
 
 def merge(job: Job, placed: Placement, now: datetime) -> Job:
-    """The running service with the replicas `placed` (by the cycle, for `due(job, now)`) in
-    place of the ended ones they replace: new rank numbers, each carrying its place's count."""
+    """The running service with the replicas `placed` (by the cycle, for `wanted(job, now)`):
+    first in place of the ended ones they replace, each carrying its place's count, then the
+    ones a scale-up added. Every one is a new rank number."""
     assert job.placement is not None
     old = due(job, now)[: len(placed.ranks)]
     first = max(r.rank for r in job.placement.ranks) + 1
     new = tuple(
-        replace(
+        replace(r, rank=first + i, state=RankState.ASSIGNED)
+        if i >= len(old)
+        else replace(
             r,
             rank=first + i,
             state=RankState.ASSIGNED,
-            restarts=restarts_after(o),
-            last_failure=ended_how(o) if failed(o) else o.last_failure,
+            restarts=restarts_after(old[i]),
+            last_failure=ended_how(old[i]) if failed(old[i]) else old[i].last_failure,
         )
-        for i, (r, o) in enumerate(zip(placed.ranks, old, strict=True))
+        for i, r in enumerate(placed.ranks)
     )
     replaced = {r.rank for r in old}
     ranks = tuple(r for r in job.placement.ranks if r.rank not in replaced) + new
@@ -268,3 +287,38 @@ def lose(job: Job, node_ids: set[str], now: datetime, why: str) -> Job:
         for r in job.placement.ranks
     )
     return replace(job, placement=replace(job.placement, ranks=ranks), updated_at=now)
+
+
+def scale_down(
+    job: Job, replicas: int, others_on: Mapping[str, bool]
+) -> tuple[Job, tuple[RankPlacement, ...]]:
+    """The service scaled down to `replicas` places, and the live replicas to stop for it.
+
+    Places where nothing runs go first: replicas ended for good, then those awaiting their
+    replacement. Then whole nodes, so that their leases can end: nodes nothing else uses
+    (`others_on`: node -> whether other jobs run there) before shared ones, those with the
+    fewest of its replicas first; on a node, replicas not started yet, then the newest."""
+    assert job.placement is not None and replicas >= 1
+    ranks = job.placement.ranks
+    live = [r for r in ranks if r.live]
+    by_node: dict[str, list[RankPlacement]] = {}
+    for r in live:
+        by_node.setdefault(r.node_id, []).append(r)
+    nodes = sorted(by_node, key=lambda n: (others_on.get(n, False), len(by_node[n]), n))
+    order = [
+        *(r for r in ranks if not r.live and not awaited(job, r)),
+        *(r for r in ranks if awaited(job, r)),
+        *(
+            r
+            for n in nodes
+            for r in sorted(by_node[n], key=lambda r: (r.state is RankState.RUNNING, -r.rank))
+        ),
+    ]
+    gone = order[: max(0, len(ranks) - replicas)]
+    dropped = {r.rank for r in gone}
+    scaled = replace(
+        job,
+        spec=replace(job.spec, replicas=replicas),
+        placement=replace(job.placement, ranks=tuple(r for r in ranks if r.rank not in dropped)),
+    )
+    return scaled, tuple(r for r in gone if r.live)

@@ -25,7 +25,7 @@ from gpuctl.core.cost import (
     report,
 )
 from gpuctl.core.cycle import CycleResult
-from gpuctl.core.errors import FailedPrecondition, NotFound
+from gpuctl.core.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from gpuctl.core.fabric import fabric_issues
 from gpuctl.core.launch import rank_env
 from gpuctl.core.leasing import managed
@@ -34,6 +34,7 @@ from gpuctl.core.model import (
     BandwidthProfile,
     Event,
     Job,
+    JobKind,
     JobSpec,
     JobState,
     LeaseState,
@@ -47,7 +48,7 @@ from gpuctl.core.model import (
 )
 from gpuctl.core.plugins import Policy
 from gpuctl.core.trust import AuditEntry, PermissionDenied
-from gpuctl.core.validation import validate_spec
+from gpuctl.core.validation import MAX_REPLICAS, validate_spec
 from gpuctl.runtime.clock import Clock
 from gpuctl.runtime.cycleproc import Decided, WorkerLost, decide
 from gpuctl.runtime.logstore import LogStore
@@ -269,6 +270,55 @@ class Controller:
             (job,) = self._write(
                 [changed], [_job_event(job, now, "Cancel", f"cancel requested: {state.value}")]
             )
+        self.wake()
+        return job
+
+    def scale(self, job_id: int, replicas: int, *, by: str = "") -> Job:
+        """Set an inference job's desired replicas. Scaling up, the cycle places the new ones;
+        scaling down stops the replicas whose going frees the most (`services.scale_down`)."""
+        if not 1 <= replicas <= MAX_REPLICAS:
+            raise InvalidArgument(
+                [FieldViolation("replicas", f"must be between 1 and {MAX_REPLICAS}")]
+            )
+        with self._lock:
+            job = self.store.get_job(job_id)
+            if job.spec.kind is not JobKind.INFERENCE:
+                raise FailedPrecondition(
+                    f"job {job_id} is a training gang: its size is fixed (replicas are for "
+                    "inference)"
+                )
+            if job.state.finished or job.state is JobState.CANCELLING:
+                raise FailedPrecondition(f"job {job_id} is {job.state.value}: nothing to scale")
+            if job.state is JobState.RUNNING and not services.is_service(job):
+                raise FailedPrecondition(
+                    f"job {job_id} runs with restart policy never: its replicas are fixed"
+                )
+            now = self.clock.now()
+            was = job.spec.replicas
+            stop: tuple[RankPlacement, ...] = ()
+            if job.state is JobState.RUNNING and job.placement is not None:
+                if replicas < len(job.placement.ranks):
+                    usage = self.node_usage()
+                    others_on = {
+                        n: any(i != job_id for _, ids in gpus.values() for i in ids)
+                        for n, gpus in usage.items()
+                    }
+                    job, stop = services.scale_down(job, replicas, others_on)
+                else:
+                    job = replace(job, spec=replace(job.spec, replicas=replicas))
+                events: list[Event] = []
+                job = self._settle(replace(job, updated_at=now), now, events)
+                if job.state is JobState.RUNNING:
+                    job = replace(job, reason=services.summary(job, now))
+            else:
+                job = replace(job, spec=replace(job.spec, replicas=replicas), updated_at=now)
+                events = []
+            what = f"replicas {was} -> {replicas}" + (f" by {by}" if by else "")
+            if stop:
+                what += "; stopping " + ", ".join(f"{r.rank} on {r.node_id}" for r in stop)
+            events.insert(0, _job_event(job, now, "Scaled", what))
+            job = self.store.respec_job(job, events)
+        log.info("job %d scaled: %s", job_id, what)
         self.wake()
         return job
 
@@ -560,7 +610,7 @@ class Controller:
             leasing = self.leases.context(nodes, active, now) if self.leases is not None else None
             # With nothing pending (no service's replica to replace either), only leases to
             # give back can come of a cycle.
-            idle = not pending and not any(services.due(j, now) for j in active)
+            idle = not pending and not any(services.wanted(j, now) for j in active)
             if idle and (leasing is None or not any(map(managed, leasing.leases))):
                 return CycleResult(bindings=(), unschedulable=())
             decided = None

@@ -101,6 +101,12 @@ class Store(Protocol):
         rewritten: pass the jobs as read, with their state changed."""
         ...
 
+    def respec_job(self, job: Job, events: Sequence[Event] = ()) -> Job:
+        """Write `job` as `update_jobs` does, and its changed spec (a service scaled). What the
+        row repeats of the spec for filters (owner, queue, name, kind, priority) must not
+        change: ValueError."""
+        ...
+
     def put_node(self, node: Node) -> Node:
         """Insert or replace a node by id."""
         ...

@@ -124,6 +124,8 @@ _UPDATE_JOB = (
 _FIXED_OF = select(_JOBS.c.id, _JOBS.c.request_id, _JOBS.c.created_at).where(
     _JOBS.c.id.in_(bindparam("ids", expanding=True))
 )
+# The columns a job's row repeats of its spec, for filters and sorting.
+_SPEC_COLUMNS = ("owner", "queue", "name", "kind", "priority")
 _IN_CHUNK = 5000  # ids in one IN (...): far below any backend's limit on parameters
 
 
@@ -319,31 +321,25 @@ class SqlStore:
         `events` in the same transaction."""
         if not jobs and not events:
             return ()
-        ids = sorted({job.id for job in jobs})
+        return self._write(lambda session: _update_jobs(session, jobs, events))
 
-        def update(session: Session) -> tuple[Job, ...]:
-            fixed = {}  # what creation fixed, as stored
-            for start in range(0, len(ids), _IN_CHUNK):
-                chunk = ids[start : start + _IN_CHUNK]
-                fixed.update({r.id: r for r in session.execute(_FIXED_OF, {"ids": chunk})})
-            if missing := [i for i in ids if i not in fixed]:
-                raise NotFound("job", str(missing[0]))
-            written, params = [], []
-            for job, revision in zip(jobs, _next_revisions(session, len(jobs)), strict=True):
-                row = fixed[job.id]
-                job = replace(
-                    job, revision=revision, request_id=row.request_id or "",
-                    created_at=row.created_at,
-                )  # fmt: skip
-                values = job_state_values(job)
-                params.append({"b_id": job.id, **{f"b_{k}": values[k] for k in _UPDATED}})
-                written.append(as_stored(job))
-            if params:
-                session.execute(_UPDATE_JOB, params)
-            _insert_events(session, events)
-            return tuple(written)
+    def respec_job(self, job: Job, events: Sequence[Event] = ()) -> Job:
+        """Write `job` as `update_jobs` does, and its changed spec (a service scaled). What the
+        row repeats of the spec for filters (owner, queue, name, kind, priority) must not
+        change."""
+        after = job_values(job)
 
-        return self._write(update)
+        def respec(session: Session) -> Job:
+            row = session.execute(_JOB_BY_ID, {"id": job.id}).first()
+            if row is None:
+                raise NotFound("job", str(job.id))
+            if any(getattr(row, k) != after[k] for k in _SPEC_COLUMNS):
+                raise ValueError(f"job {job.id}: only the spec's other fields may change")
+            (written,) = _update_jobs(session, [job], events)
+            session.execute(update(_JOBS).where(_JOBS.c.id == job.id).values(spec=after["spec"]))
+            return written
+
+        return self._write(respec)
 
     # -- nodes and leases -----------------------------------------------------------------------
 
@@ -692,6 +688,29 @@ def _insert_events(session: Session | Connection, events: Sequence[Event]) -> No
 
 def _job_row_by_request_id(session: Session | Connection, request_id: str) -> Row[Any] | None:
     return session.execute(_JOB_BY_REQUEST_ID, {"request_id": request_id}).first()
+
+
+def _update_jobs(session: Session, jobs: Sequence[Job], events: Sequence[Event]) -> tuple[Job, ...]:
+    ids = sorted({job.id for job in jobs})
+    fixed = {}  # what creation fixed, as stored
+    for start in range(0, len(ids), _IN_CHUNK):
+        chunk = ids[start : start + _IN_CHUNK]
+        fixed.update({r.id: r for r in session.execute(_FIXED_OF, {"ids": chunk})})
+    if missing := [i for i in ids if i not in fixed]:
+        raise NotFound("job", str(missing[0]))
+    written, params = [], []
+    for job, revision in zip(jobs, _next_revisions(session, len(jobs)), strict=True):
+        row = fixed[job.id]
+        job = replace(
+            job, revision=revision, request_id=row.request_id or "", created_at=row.created_at
+        )
+        values = job_state_values(job)
+        params.append({"b_id": job.id, **{f"b_{k}": values[k] for k in _UPDATED}})
+        written.append(as_stored(job))
+    if params:
+        session.execute(_UPDATE_JOB, params)
+    _insert_events(session, events)
+    return tuple(written)
 
 
 def _next_revisions(session: Session | Connection, count: int) -> range:

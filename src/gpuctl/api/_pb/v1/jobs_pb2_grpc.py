@@ -55,6 +55,11 @@ class JobServiceStub:
                 request_serializer=gpuctl_dot_v1_dot_jobs__pb2.CancelJobRequest.SerializeToString,
                 response_deserializer=gpuctl_dot_v1_dot_jobs__pb2.Job.FromString,
                 _registered_method=True)
+        self.ScaleJob = channel.unary_unary(
+                '/gpuctl.v1.JobService/ScaleJob',
+                request_serializer=gpuctl_dot_v1_dot_jobs__pb2.ScaleJobRequest.SerializeToString,
+                response_deserializer=gpuctl_dot_v1_dot_jobs__pb2.Job.FromString,
+                _registered_method=True)
         self.WatchJobs = channel.unary_stream(
                 '/gpuctl.v1.JobService/WatchJobs',
                 request_serializer=gpuctl_dot_v1_dot_jobs__pb2.WatchJobsRequest.SerializeToString,
@@ -97,6 +102,14 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ScaleJob(self, request, context):
+        """Sets an inference job's desired replicas: scaling up, the cycle places the new ones;
+        scaling down stops the replicas whose going frees the most (whole nodes first).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchJobs(self, request, context):
         """Streams every change to jobs after since_revision (0: the current state first).
         """
@@ -132,6 +145,11 @@ def add_JobServiceServicer_to_server(servicer, server):
             'CancelJob': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelJob,
                     request_deserializer=gpuctl_dot_v1_dot_jobs__pb2.CancelJobRequest.FromString,
+                    response_serializer=gpuctl_dot_v1_dot_jobs__pb2.Job.SerializeToString,
+            ),
+            'ScaleJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScaleJob,
+                    request_deserializer=gpuctl_dot_v1_dot_jobs__pb2.ScaleJobRequest.FromString,
                     response_serializer=gpuctl_dot_v1_dot_jobs__pb2.Job.SerializeToString,
             ),
             'WatchJobs': grpc.unary_stream_rpc_method_handler(
@@ -253,6 +271,33 @@ class JobService:
             target,
             '/gpuctl.v1.JobService/CancelJob',
             gpuctl_dot_v1_dot_jobs__pb2.CancelJobRequest.SerializeToString,
+            gpuctl_dot_v1_dot_jobs__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScaleJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpuctl.v1.JobService/ScaleJob',
+            gpuctl_dot_v1_dot_jobs__pb2.ScaleJobRequest.SerializeToString,
             gpuctl_dot_v1_dot_jobs__pb2.Job.FromString,
             options,
             channel_credentials,

@@ -39,6 +39,10 @@ class JobServiceStub:
     ListJobs: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.ListJobsRequest, _jobs_pb2.ListJobsResponse]
     CancelJob: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.CancelJobRequest, _jobs_pb2.Job]
     """Cancels a pending job at once, a running one by stopping its ranks (CANCELLING)."""
+    ScaleJob: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.ScaleJobRequest, _jobs_pb2.Job]
+    """Sets an inference job's desired replicas: scaling up, the cycle places the new ones;
+    scaling down stops the replicas whose going frees the most (whole nodes first).
+    """
     WatchJobs: _grpc.UnaryStreamMultiCallable[_jobs_pb2.WatchJobsRequest, _jobs_pb2.WatchJobsResponse]
     """Streams every change to jobs after since_revision (0: the current state first)."""
     StreamJobLogs: _grpc.UnaryStreamMultiCallable[_jobs_pb2.StreamJobLogsRequest, _jobs_pb2.LogChunk]
@@ -55,6 +59,10 @@ class JobServiceAsyncStub(JobServiceStub):
     ListJobs: _aio.UnaryUnaryMultiCallable[_jobs_pb2.ListJobsRequest, _jobs_pb2.ListJobsResponse]  # type: ignore[assignment]
     CancelJob: _aio.UnaryUnaryMultiCallable[_jobs_pb2.CancelJobRequest, _jobs_pb2.Job]  # type: ignore[assignment]
     """Cancels a pending job at once, a running one by stopping its ranks (CANCELLING)."""
+    ScaleJob: _aio.UnaryUnaryMultiCallable[_jobs_pb2.ScaleJobRequest, _jobs_pb2.Job]  # type: ignore[assignment]
+    """Sets an inference job's desired replicas: scaling up, the cycle places the new ones;
+    scaling down stops the replicas whose going frees the most (whole nodes first).
+    """
     WatchJobs: _aio.UnaryStreamMultiCallable[_jobs_pb2.WatchJobsRequest, _jobs_pb2.WatchJobsResponse]  # type: ignore[assignment]
     """Streams every change to jobs after since_revision (0: the current state first)."""
     StreamJobLogs: _aio.UnaryStreamMultiCallable[_jobs_pb2.StreamJobLogsRequest, _jobs_pb2.LogChunk]  # type: ignore[assignment]
@@ -92,6 +100,16 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_jobs_pb2.Job, _abc.Awaitable[_jobs_pb2.Job]]:
         """Cancels a pending job at once, a running one by stopping its ranks (CANCELLING)."""
+
+    @_abc_1.abstractmethod
+    def ScaleJob(
+        self,
+        request: _jobs_pb2.ScaleJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.Job, _abc.Awaitable[_jobs_pb2.Job]]:
+        """Sets an inference job's desired replicas: scaling up, the cycle places the new ones;
+        scaling down stops the replicas whose going frees the most (whole nodes first).
+        """
 
     @_abc_1.abstractmethod
     def WatchJobs(
