@@ -123,6 +123,19 @@ def test_create_is_idempotent_and_validate_only_stores_nothing(api):
     assert a.state == jobs_pb2.JOB_STATE_PENDING
 
 
+def test_a_request_id_reused_with_a_different_spec_is_already_exists_naming_the_job(api):
+    first = api.jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=spec(), request_id="r-1"))
+    with pytest.raises(grpc.RpcError) as e:
+        api.jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=spec(priority=5), request_id="r-1"))
+    assert e.value.code() is grpc.StatusCode.ALREADY_EXISTS
+    assert e.value.details() == (
+        "request_id 'r-1' was used for jobs/1 with a different spec; submit with a new request_id"
+    )
+    again = api.jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=spec(), request_id="r-1"))
+    assert again.name == first.name
+    assert len(api.controller.store.list_jobs().jobs) == 1
+
+
 def test_owner_comes_from_the_credential_never_from_a_header(api):
     job = api.jobs.CreateJob(
         jobs_pb2.CreateJobRequest(spec=spec()), metadata=[("x-gpuctl-user", "postgres")]

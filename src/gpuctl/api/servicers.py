@@ -378,6 +378,14 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         call.detail = "validate only" if request.validate_only else ""
         if job.spec.owner != call.who.name:  # a request_id another user chose first
             raise AlreadyExists("request_id", request.request_id)
+        if job.spec != spec:  # a retry returns the job; another job under the same id is refused
+            name = convert.job_name(job.id)
+            raise AlreadyExists(
+                "request_id",
+                request.request_id,
+                f"request_id {request.request_id!r} was used for {name} with a different spec; "
+                "submit with a new request_id",
+            )
         return _job_view(job, call.who)
 
     def _check_run_as(self, who: Principal) -> None:

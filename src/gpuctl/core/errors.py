@@ -33,9 +33,9 @@ class NotFound(GpuctlError, LookupError):
 
 
 class AlreadyExists(GpuctlError):
-    def __init__(self, kind: str, name: str) -> None:
+    def __init__(self, kind: str, name: str, message: str = "") -> None:
         self.kind, self.name = kind, name
-        super().__init__(f"{kind} {name} already exists")
+        super().__init__(message or f"{kind} {name} already exists")
 
 
 class FailedPrecondition(GpuctlError):
