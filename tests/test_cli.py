@@ -163,12 +163,13 @@ def test_submit_env_name_alone_passes_the_local_value(api, gpuctl, monkeypatch):
     assert dict(api.jobs.jobs[1].spec.env) == {"HF_TOKEN": "secret"}
 
 
-def test_submit_wait_exits_by_the_final_state(api, gpuctl):
+def test_submit_wait_shows_progress_and_exits_with_the_jobs_exit_code(api, gpuctl):
     api.jobs.after_watch_start.append(
         lambda: api.jobs.set_state(1, jobs_pb2.JOB_STATE_SUCCEEDED, exit_code=0, reason="")
     )
     ok = gpuctl(*TRAIN, "--wait", "--", "python")
     assert (ok.exit_code, ok.stdout) == (0, "Submitted job 1\njob 1 succeeded (exit code 0)\n")
+    assert ok.stderr == "job 1 pending: waiting for the next scheduling cycle\n"
 
     api.jobs.after_watch_start.append(
         lambda: api.jobs.set_state(
@@ -176,8 +177,24 @@ def test_submit_wait_exits_by_the_final_state(api, gpuctl):
         )
     )
     failed = gpuctl(*TRAIN, "--wait", "--parsable", "--", "python")
-    assert (failed.exit_code, failed.stdout) == (1, "2\n")
-    assert failed.stderr == "job 2 failed (exit code 3): rank 1 exited with 3\n"
+    assert (failed.exit_code, failed.stdout) == (3, "2\n")
+    assert failed.stderr.splitlines()[-1] == "job 2 failed (exit code 3): rank 1 exited with 3"
+
+
+@pytest.mark.parametrize(
+    ("state", "exit_code", "expected"),
+    [
+        (jobs_pb2.JOB_STATE_FAILED, -9, 137),
+        (jobs_pb2.JOB_STATE_FAILED, None, 1),
+        (jobs_pb2.JOB_STATE_TIMEOUT, None, 124),
+        (jobs_pb2.JOB_STATE_CANCELLED, None, 130),
+        (jobs_pb2.JOB_STATE_NODE_LOST, None, 69),
+    ],
+)
+def test_submit_wait_exit_codes_per_end_state(api, gpuctl, state, exit_code, expected):
+    fields = {} if exit_code is None else {"exit_code": exit_code}
+    api.jobs.after_watch_start.append(lambda: api.jobs.set_state(1, state, **fields))
+    assert gpuctl(*TRAIN, "--wait", "--", "python").exit_code == expected
 
 
 def test_unreachable_server_is_one_clear_line():

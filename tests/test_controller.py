@@ -164,6 +164,22 @@ def test_one_rank_failing_fails_the_gang_and_stops_the_rest(ctl):
     assert job.exit_code == 3
     assert "rank 1 on b exited with 3" in job.reason
     assert ctl.heartbeat("a", [RankRef(job_id, 0, 0)]).stop == (RankRef(job_id, 0, 0),)
+    # No rank is left running once the job ended; the stopped one's exit is kept when told.
+    rank0 = job.placement.ranks[0]
+    assert (rank0.state, rank0.exit_code, rank0.message) == (
+        RankState.EXITED,
+        None,
+        "stopped: the job is failed",
+    )
+    ctl.report_rank("a", RankRef(job_id, 0, 0), RankState.EXITED, -15, "killed by SIGTERM")
+    job = ctl.store.get_job(job_id)
+    assert (job.state, job.placement.ranks[0].exit_code) == (JobState.FAILED, -15)
+
+
+def test_a_rank_killed_by_a_signal_is_worded_so(ctl):
+    job_id = run_gang(ctl)
+    ctl.report_rank("b", RankRef(job_id, 1, 0), RankState.EXITED, -9)
+    assert ctl.store.get_job(job_id).reason == "rank 1 on b was killed by SIGKILL (signal 9)"
 
 
 def test_gang_that_does_not_fit_stays_pending_with_a_reason(ctl):
@@ -203,7 +219,7 @@ def test_cancel_running_stops_ranks_then_cancelled(ctl):
 
 @pytest.mark.parametrize(
     ("on_lost", "state", "attempt"),
-    [(OnNodeLost.REQUEUE, JobState.PENDING, 1), (OnNodeLost.FAIL, JobState.FAILED, 0)],
+    [(OnNodeLost.REQUEUE, JobState.PENDING, 1), (OnNodeLost.FAIL, JobState.NODE_LOST, 0)],
     ids=["requeue", "fail"],
 )
 def test_lost_node_requeues_or_fails_its_jobs(ctl, on_lost, state, attempt):
@@ -235,7 +251,7 @@ def test_report_from_an_older_attempt_is_ignored(ctl):
     assert ctl.store.get_job(job_id).state is JobState.PENDING
 
 
-def test_time_limit_moves_a_running_job_to_cancelling(ctl):
+def test_time_limit_stops_a_running_job_which_ends_as_timeout(ctl):
     ctl.register_node(h100_node("a"))
     job = ctl.submit(training(nodes=1, time_limit_s=60))
     ctl.run_cycle()
@@ -247,8 +263,23 @@ def test_time_limit_moves_a_running_job_to_cancelling(ctl):
     assert ctl.store.get_job(job.id).state is JobState.CANCELLING
     ctl.report_rank("a", RankRef(job.id, 0, 0), RankState.EXITED, -15)
     job = ctl.store.get_job(job.id)
-    assert job.state is JobState.CANCELLED
-    assert "time limit" in job.reason
+    assert job.state is JobState.TIMEOUT
+    assert job.reason == "time limit of 0:01:00 reached"
+    assert [e.type for e in ctl.store.list_events("job", str(job.id))][-2:] == [
+        "Exited",
+        "TimedOut",
+    ]
+
+
+def test_cancel_says_by_whom_and_ends_as_cancelled(ctl):
+    ctl.register_node(h100_node("a"))
+    job = ctl.submit(training(nodes=1))
+    ctl.run_cycle()
+    ctl.report_rank("a", RankRef(job.id, 0, 0), RankState.RUNNING)
+    ctl.cancel(job.id, by="alice")
+    ctl.report_rank("a", RankRef(job.id, 0, 0), RankState.EXITED, -15)
+    job = ctl.store.get_job(job.id)
+    assert (job.state, job.reason) == (JobState.CANCELLED, "cancelled by alice")
 
 
 def test_drain_keeps_new_work_off_the_node(ctl):

@@ -183,7 +183,7 @@ def test_a_killed_replica_is_replaced_the_others_keep_running_and_it_scales(clus
     )
     ranks = {r.get("rank", 0): r for r in job_json(cluster, job_id)["placement"]["ranks"]}
     assert sorted(ranks) == [0, 2, 3]  # the killed one is replaced
-    assert ranks[3]["restarts"] == 1 and "exited with" in ranks[3]["last_failure"]
+    assert ranks[3]["restarts"] == 1 and "killed by SIGKILL" in ranks[3]["last_failure"]
 
     # Scaled up, a fourth replica starts; scaled down to 2, two of them stop and two run on.
     out = cluster.gpuctl("scale", job_id, "--replicas", "4").stdout

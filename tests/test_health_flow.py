@@ -301,7 +301,7 @@ def test_issues_fail_a_job_that_asked_not_to_be_requeued(ctl: Controller) -> Non
     job_id = running_gang(ctl, OnNodeLost.FAIL)
     hb = sick_a(ctl, [RankRef(job_id, 0, 0)])
     job = ctl.store.get_job(job_id)
-    assert (job.state, job.reason) == (JobState.FAILED, f"node a degraded: {GPU_GONE}")
+    assert (job.state, job.reason) == (JobState.NODE_LOST, f"node a degraded: {GPU_GONE}")
     assert hb.stop == (RankRef(job_id, 0, 0),)
     job_events = [(e.type, e.message) for e in ctl.store.list_events("job", str(job_id))]
     assert job_events[-1] == ("NodeDegraded", f"node a degraded: {GPU_GONE}")

@@ -498,6 +498,7 @@ def test_update_jobs_round_trips_every_field(store: SqlStore) -> None:
         placement=placement(),
         reason="rank 0 exited 137",
         exit_code=137,
+        end_state=JobState.TIMEOUT,
         started_at=T0.astimezone(IST) + timedelta(minutes=1),
         finished_at=T0 + timedelta(minutes=9, microseconds=1),
         updated_at=T0 + timedelta(minutes=9, microseconds=1),

@@ -71,7 +71,13 @@ __all__ = [
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_SOCKET = "/run/gpuctl/gpuctld.sock"  # where the systemd unit puts gpuctld's socket
 FINISHED_STATES = frozenset(
-    {jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED}
+    {
+        jobs_pb2.JOB_STATE_SUCCEEDED,
+        jobs_pb2.JOB_STATE_FAILED,
+        jobs_pb2.JOB_STATE_CANCELLED,
+        jobs_pb2.JOB_STATE_TIMEOUT,
+        jobs_pb2.JOB_STATE_NODE_LOST,
+    }
 )
 
 # The calls gRPC may repeat on UNAVAILABLE: reads, CreateJob (idempotent through request_id),
@@ -710,8 +716,15 @@ class Client:
         for response in self._stream(lambda s: s.jobs.WatchJobs, request, timeout):
             yield response.job
 
-    def wait(self, job: JobRef, timeout: float | None = None) -> jobs_pb2.Job:
-        """Block until the job has finished (succeeded, failed or cancelled) and return it.
+    def wait(
+        self,
+        job: JobRef,
+        timeout: float | None = None,
+        *,
+        on_change: Callable[[jobs_pb2.Job], None] | None = None,
+    ) -> jobs_pb2.Job:
+        """Block until the job has finished (any of `FINISHED_STATES`) and return it;
+        `on_change` is called with each state the job passes through on the way.
 
         Rides out a restarting daemon by watching again; raises `DeadlineExceededError` when
         `timeout` seconds pass first.
@@ -731,6 +744,8 @@ class Client:
                 for update in self.watch(name, 0, timeout=remaining):
                     if update.state in FINISHED_STATES:
                         return update
+                    if on_change is not None:
+                        on_change(update)
             except DeadlineExceededError:
                 continue  # the loop head reports it with the job's name
             except UnavailableError:

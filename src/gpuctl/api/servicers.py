@@ -453,7 +453,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         job_id = convert.parse_job_name(request.name)
         call.target = convert.job_name(job_id)
         self._job(call, job_id)
-        return _job_view(self.c.cancel(job_id), call.who)
+        return _job_view(self.c.cancel(job_id, by=call.who.name), call.who)
 
     @rpc(Permission.JOBS_OWN, audited=True)
     def ScaleJob(self, request, context, call: Call):

@@ -32,7 +32,16 @@ from gpuctl.core.errors import GpuctlError
 
 _JOB_REF = re.compile(r"^(jobs/)?\d+$")
 _ACTIVE = ("pending", "running", "cancelling")
-_STATES = ("pending", "running", "cancelling", "succeeded", "failed", "cancelled")
+_STATES = (
+    "pending",
+    "running",
+    "cancelling",
+    "succeeded",
+    "failed",
+    "cancelled",
+    "timeout",
+    "node-lost",
+)
 _OUTPUT = click.Choice(["table", "wide", "json", "yaml"])
 
 
@@ -212,7 +221,12 @@ def _env_pairs(values: tuple[str, ...], flag: str = "--env") -> dict[str, str]:
 )
 @click.option("--parsable", is_flag=True, help="Print only the job id.")
 @click.option("--dry-run", is_flag=True, help="Check the spec with the server; submit nothing.")
-@click.option("--wait", is_flag=True, help="Wait for the job to end; exit 0 only if it succeeded.")
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="Wait for the job to end, showing its progress on stderr; exit with its exit code "
+    "(0 succeeded; 124 timeout, 130 cancelled, 69 node lost).",
+)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def submit(
@@ -263,14 +277,50 @@ def submit(
     click.echo(str(job.id) if parsable else f"Submitted job {job.id}")
     if not wait:
         return
-    final = client.wait(job)
+    shown: list[str] = []
+
+    def progress(update: jobs_pb2.Job) -> None:  # each change of what it is doing, on stderr
+        line = f"job {update.id} {render.job_state(update.state)}"
+        where = render.job_nodes(update)
+        if update.state == jobs_pb2.JOB_STATE_RUNNING and where:
+            line += f" on {','.join(where)}"
+        if update.reason:
+            line += f": {update.reason}"
+        if not shown or shown[-1] != line:
+            shown.append(line)
+            click.echo(line, err=True)
+
+    final = client.wait(job, on_change=progress)
     line = f"job {final.id} {render.job_state(final.state)}"
     if final.HasField("exit_code"):
         line += f" (exit code {final.exit_code})"
     if final.reason:
         line += f": {final.reason}"
     click.echo(line, err=parsable)  # --parsable keeps stdout to the id
-    ctx.exit(0 if final.state == jobs_pb2.JOB_STATE_SUCCEEDED else 1)
+    ctx.exit(wait_exit_code(final))
+
+
+# What `submit --wait` exits with, per end state (README, "Exit codes").
+EXIT_TIMEOUT = 124  # as timeout(1)
+EXIT_CANCELLED = 130
+EXIT_NODE_LOST = 69  # EX_UNAVAILABLE
+
+
+def wait_exit_code(job: jobs_pb2.Job) -> int:
+    """0 for a job that succeeded; a failed job's own exit code (128 + N when killed by signal
+    N, 1 when unknown); 124 timeout, 130 cancelled, 69 node lost."""
+    if job.state == jobs_pb2.JOB_STATE_SUCCEEDED:
+        return 0
+    if job.state == jobs_pb2.JOB_STATE_TIMEOUT:
+        return EXIT_TIMEOUT
+    if job.state == jobs_pb2.JOB_STATE_CANCELLED:
+        return EXIT_CANCELLED
+    if job.state == jobs_pb2.JOB_STATE_NODE_LOST:
+        return EXIT_NODE_LOST
+    code = job.exit_code if job.HasField("exit_code") else 1
+    if code < 0:
+        return min(128 - code, 255)
+    return code if 0 < code < 256 else 1
 
 
 # -- jobs, describe, logs, cancel ---------------------------------------------------------

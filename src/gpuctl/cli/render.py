@@ -34,6 +34,8 @@ _SHORT_STATE = {
     jobs_pb2.JOB_STATE_SUCCEEDED: "CD",
     jobs_pb2.JOB_STATE_FAILED: "F",
     jobs_pb2.JOB_STATE_CANCELLED: "CA",
+    jobs_pb2.JOB_STATE_TIMEOUT: "TO",
+    jobs_pb2.JOB_STATE_NODE_LOST: "NF",
 }
 _NET = {
     nodes_pb2.NET_KIND_INFINIBAND: "ib",

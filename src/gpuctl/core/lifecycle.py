@@ -4,9 +4,12 @@ transition."""
 from __future__ import annotations
 
 import enum
+import signal
+from dataclasses import replace
+from datetime import datetime
 
 from gpuctl.core.errors import IllegalTransition
-from gpuctl.core.model import JobState, LeaseState, NodeState
+from gpuctl.core.model import Job, JobState, LeaseState, NodeState, RankState
 
 
 class JobEvent(enum.StrEnum):
@@ -15,6 +18,7 @@ class JobEvent(enum.StrEnum):
     ALL_EXITED_OK = "all-exited-ok"
     RANK_FAILED = "rank-failed"
     STOPPED = "stopped"  # every rank of a cancelling job has exited
+    STOPPED_AT_LIMIT = "stopped-at-limit"  # ... of a job stopped for its time limit
     NODE_LOST_REQUEUE = "node-lost-requeue"
     PREEMPT = "preempt"  # higher-priority work takes its GPUs: requeued as a new attempt
     NODE_LOST_FAIL = "node-lost-fail"
@@ -30,11 +34,12 @@ JOB_TRANSITIONS: dict[JobState, dict[JobEvent, JobState]] = {
         JobEvent.RANK_FAILED: J.FAILED,
         JobEvent.NODE_LOST_REQUEUE: J.PENDING,
         JobEvent.PREEMPT: J.PENDING,
-        JobEvent.NODE_LOST_FAIL: J.FAILED,
+        JobEvent.NODE_LOST_FAIL: J.NODE_LOST,
         JobEvent.TIME_LIMIT: J.CANCELLING,
     },
     J.CANCELLING: {
         JobEvent.STOPPED: J.CANCELLED,
+        JobEvent.STOPPED_AT_LIMIT: J.TIMEOUT,
         JobEvent.CANCEL: J.CANCELLING,
         JobEvent.NODE_LOST_REQUEUE: J.CANCELLED,
         JobEvent.NODE_LOST_FAIL: J.CANCELLED,
@@ -43,6 +48,8 @@ JOB_TRANSITIONS: dict[JobState, dict[JobEvent, JobState]] = {
     J.SUCCEEDED: {},
     J.FAILED: {},
     J.CANCELLED: {},
+    J.TIMEOUT: {},
+    J.NODE_LOST: {},
 }
 
 
@@ -94,6 +101,48 @@ def next_job_state(job_id: int, state: JobState, event: JobEvent) -> JobState:
         return JOB_TRANSITIONS[state][event]
     except KeyError:
         raise IllegalTransition("job", str(job_id), state.value, event.value) from None
+
+
+def end_ranks(job: Job, now: datetime) -> Job:
+    """A finished job with every rank in a final state: one never started is EXITED with no
+    exit code; one still running is being stopped by its agent, EXITED too, and its exit code
+    is recorded if its agent reports one."""
+    if not job.state.finished or job.placement is None:
+        return job
+    if not any(r.live for r in job.placement.ranks):
+        return job
+    ranks = tuple(
+        replace(
+            r,
+            state=RankState.EXITED,
+            ended_at=now,
+            message=f"{'never started' if r.state is RankState.ASSIGNED else 'stopped'}: the "
+            f"job is {job.state.value}",
+        )
+        if r.live
+        else r
+        for r in job.placement.ranks
+    )
+    return replace(job, placement=replace(job.placement, ranks=ranks))
+
+
+def exit_text(code: int | None, message: str = "") -> str:
+    """How a process ended, from its exit code (negative: killed by that signal) and what its
+    agent said (which, for a signal, says it already: "killed by SIGKILL after the stop
+    grace")."""
+    if message and code is not None and code < 0:
+        return message
+    if message:
+        return f"{exit_text(code)}: {message}"
+    if code is None:
+        return "ended (exit code unknown)"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            return f"was killed by signal {-code}"
+        return f"was killed by {name} (signal {-code})"
+    return f"exited with {code}"
 
 
 def next_node_state(node_id: str, state: NodeState, event: NodeEvent) -> NodeState:

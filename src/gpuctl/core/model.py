@@ -23,16 +23,23 @@ class JobState(enum.StrEnum):
     RUNNING = "running"
     CANCELLING = "cancelling"  # cancel asked, processes still being stopped: resources held
     SUCCEEDED = "succeeded"
-    FAILED = "failed"
+    FAILED = "failed"  # a rank exited non-zero or was killed (the exit code says which)
     CANCELLED = "cancelled"
+    TIMEOUT = "timeout"  # its time limit ended it
+    NODE_LOST = "node-lost"  # a node it ran on was lost, and it asked not to be requeued
 
     @property
     def finished(self) -> bool:
-        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+        return self in _FINISHED
 
     @property
     def holds_resources(self) -> bool:
         return self in (JobState.RUNNING, JobState.CANCELLING)
+
+
+_FINISHED = frozenset(
+    (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.TIMEOUT, JobState.NODE_LOST)
+)
 
 
 class RankState(enum.StrEnum):
@@ -323,6 +330,8 @@ class Job:
     placement: Placement | None = None
     reason: str = ""  # pending reason, or why it failed
     exit_code: int | None = None
+    # CANCELLING: the end state once its ranks are stopped (CANCELLED, or TIMEOUT)
+    end_state: JobState | None = None
     created_at: datetime | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None

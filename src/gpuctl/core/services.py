@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
+from gpuctl.core.lifecycle import exit_text
 from gpuctl.core.model import (
     Job,
     JobKind,
@@ -183,8 +184,7 @@ def waiting_reason(job: Job, why: str, now: datetime) -> str:
 def ended_how(rank: RankPlacement) -> str:
     if rank.state is RankState.LOST:
         return rank.message or f"node {rank.node_id} lost"
-    how = f"exited with {rank.exit_code}"
-    return f"{how}: {rank.message}" if rank.message else how
+    return exit_text(rank.exit_code, rank.message)
 
 
 def merge(job: Job, placed: Placement, now: datetime) -> Job:
@@ -275,8 +275,8 @@ def settle(job: Job, now: datetime) -> Settled:
 
 
 def lose(job: Job, node_ids: set[str], now: datetime, why: str) -> Job:
-    """The running service with its live replicas on `node_ids` ended as LOST (to be replaced
-    elsewhere), the others untouched."""
+    """The job with its live ranks on `node_ids` ended as LOST (a running service's are then
+    replaced elsewhere), the others untouched."""
     assert job.placement is not None
     if not any(r.live and r.node_id in node_ids for r in job.placement.ranks):
         return job

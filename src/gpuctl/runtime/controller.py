@@ -29,7 +29,14 @@ from gpuctl.core.errors import FailedPrecondition, FieldViolation, InvalidArgume
 from gpuctl.core.fabric import fabric_issues
 from gpuctl.core.launch import rank_env
 from gpuctl.core.leasing import managed
-from gpuctl.core.lifecycle import JobEvent, NodeEvent, next_job_state, next_node_state
+from gpuctl.core.lifecycle import (
+    JobEvent,
+    NodeEvent,
+    end_ranks,
+    exit_text,
+    next_job_state,
+    next_node_state,
+)
 from gpuctl.core.model import (
     BandwidthProfile,
     Event,
@@ -253,7 +260,7 @@ class Controller:
             env = {r.rank: rank_env(job, r, nodes) for r in job.placement.ranks}
         return job, events, env
 
-    def cancel(self, job_id: int) -> Job:
+    def cancel(self, job_id: int, *, by: str = "") -> Job:
         with self._lock:
             job = self.store.get_job(job_id)
             if job.state.finished:
@@ -263,13 +270,15 @@ class Controller:
             now = self.clock.now()
             state = next_job_state(job.id, job.state, JobEvent.CANCEL)
             changed = replace(job, state=state, updated_at=now)
+            who = f"cancelled by {by}" if by else "cancelled"
             if state is JobState.CANCELLED:
-                changed = replace(changed, finished_at=now, reason="cancelled while pending")
-            else:
-                changed = replace(changed, reason="cancel requested; stopping ranks")
-            (job,) = self._write(
-                [changed], [_job_event(job, now, "Cancel", f"cancel requested: {state.value}")]
-            )
+                changed = replace(changed, finished_at=now, reason=f"{who} while pending")
+            elif job.state is JobState.RUNNING:
+                changed = replace(
+                    changed, reason=f"{who}; stopping ranks", end_state=JobState.CANCELLED
+                )
+            asked = f"cancel requested{f' by {by}' if by else ''}: {state.value}"
+            (job,) = self._write([changed], [_job_event(job, now, "Cancel", asked)])
         self.wake()
         return job
 
@@ -534,14 +543,19 @@ class Controller:
                 job = self.store.get_job(ref.job_id)
             except NotFound:
                 return
-            if job.attempt != ref.attempt or job.placement is None or job.state.finished:
+            if job.attempt != ref.attempt or job.placement is None:
                 return
             rank = next((r for r in job.placement.ranks if r.rank == ref.rank), None)
-            if (
-                rank is None
-                or rank.node_id != node_id
-                or rank.state in (RankState.EXITED, RankState.LOST)
-            ):
+            if rank is None or rank.node_id != node_id:
+                return
+            if job.state.finished:
+                # A rank stopped as its job ended (`end_ranks`): how it ended, when told.
+                told = state is RankState.EXITED and exit_code is not None
+                if told and rank.state is RankState.EXITED and rank.exit_code is None:
+                    rank = replace(rank, exit_code=exit_code)
+                    self._write([replace(job, placement=job.placement.with_rank(rank))], [])
+                return
+            if rank.state in (RankState.EXITED, RankState.LOST):
                 return
             events: list[Event] = []
             if state is RankState.RUNNING:
@@ -773,7 +787,8 @@ class Controller:
                     replace(
                         job,
                         state=next_job_state(job.id, job.state, JobEvent.TIME_LIMIT),
-                        reason=why,
+                        reason=why + "; stopping ranks",
+                        end_state=JobState.TIMEOUT,
                         updated_at=now,
                     )
                 )
@@ -871,7 +886,8 @@ class Controller:
     # -- internals -----------------------------------------------------------------------
 
     def _write(self, jobs: Sequence[Job], events: Sequence[Event]) -> tuple[Job, ...]:
-        written = self.store.update_jobs(jobs, events)
+        now = self.clock.now()
+        written = self.store.update_jobs([end_ranks(j, now) for j in jobs], events)
         self.feed.publish(written)
         return written
 
@@ -905,9 +921,8 @@ class Controller:
         if job.state is JobState.RUNNING:
             failed = next((r for r in done if r.exit_code != 0), None)
             if failed is not None:
-                why = f"rank {failed.rank} on {failed.node_id} exited with {failed.exit_code}"
-                if failed.message:
-                    why += f": {failed.message}"
+                how = exit_text(failed.exit_code, failed.message)
+                why = f"rank {failed.rank} on {failed.node_id} {how}"
                 events.append(_job_event(job, now, "Failed", why))
                 return replace(
                     job,
@@ -927,10 +942,14 @@ class Controller:
                     finished_at=now,
                 )
         elif job.state is JobState.CANCELLING and len(done) == len(ranks):
-            events.append(_job_event(job, now, "Cancelled", "every rank stopped"))
+            timeout = job.end_state is JobState.TIMEOUT
+            event = JobEvent.STOPPED_AT_LIMIT if timeout else JobEvent.STOPPED
+            events.append(
+                _job_event(job, now, "TimedOut" if timeout else "Cancelled", "every rank stopped")
+            )
             return replace(
                 job,
-                state=next_job_state(job.id, job.state, JobEvent.STOPPED),
+                state=next_job_state(job.id, job.state, event),
                 finished_at=now,
                 reason=job.reason.replace("; stopping ranks", "") or "cancelled",
             )
@@ -1011,7 +1030,9 @@ class Controller:
             if job.state is JobState.CANCELLING:
                 if not cancelling_too:
                     continue
-                event = JobEvent.NODE_LOST_FAIL
+                # Its ranks there will never report: stopped, as it was to be.
+                timeout = job.end_state is JobState.TIMEOUT
+                event = JobEvent.STOPPED_AT_LIMIT if timeout else JobEvent.NODE_LOST_FAIL
             else:
                 event = (
                     JobEvent.NODE_LOST_REQUEUE
@@ -1024,8 +1045,9 @@ class Controller:
                 changed.append(attempts.next(job, state, reason))
             else:
                 reason = f"node {where} {why}"
+                lost = services.lose(job, nodes, now, why)  # its ranks there: LOST, truly
                 changed.append(
-                    replace(job, state=state, reason=reason, finished_at=now, updated_at=now)
+                    replace(lost, state=state, reason=reason, finished_at=now, updated_at=now)
                 )
             events.append(_job_event(job, now, event_type, reason))
             log.warning("job %d: %s", job.id, reason)

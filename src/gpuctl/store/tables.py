@@ -66,6 +66,7 @@ class JobRow(SQLModel, table=True):
     placement: str | None = Field(default=None, sa_type=Text)  # JSON of Placement
     reason: str = Field(sa_type=Text)
     exit_code: int | None = None
+    end_state: str | None = None  # a cancelling job's end state: cancelled or timeout
     created_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
     started_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
     # Indexed for retention: the oldest finished jobs are found without reading the rest.

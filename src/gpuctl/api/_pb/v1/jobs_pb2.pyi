@@ -52,6 +52,10 @@ class _JobStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobState.Val
     JOB_STATE_SUCCEEDED: _JobState.ValueType  # 4
     JOB_STATE_FAILED: _JobState.ValueType  # 5
     JOB_STATE_CANCELLED: _JobState.ValueType  # 6
+    JOB_STATE_TIMEOUT: _JobState.ValueType  # 7
+    """its time limit ended it"""
+    JOB_STATE_NODE_LOST: _JobState.ValueType  # 8
+    """a node it ran on was lost (on_node_lost: fail)"""
 
 class JobState(_JobState, metaclass=_JobStateEnumTypeWrapper): ...
 
@@ -62,6 +66,10 @@ JOB_STATE_CANCELLING: JobState.ValueType  # 3
 JOB_STATE_SUCCEEDED: JobState.ValueType  # 4
 JOB_STATE_FAILED: JobState.ValueType  # 5
 JOB_STATE_CANCELLED: JobState.ValueType  # 6
+JOB_STATE_TIMEOUT: JobState.ValueType  # 7
+"""its time limit ended it"""
+JOB_STATE_NODE_LOST: JobState.ValueType  # 8
+"""a node it ran on was lost (on_node_lost: fail)"""
 Global___JobState: _TypeAlias = JobState  # noqa: Y015
 
 class _RankState:
