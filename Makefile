@@ -109,6 +109,15 @@ bench-api-postgres: $(STAMP)
 	$(PY) -m gpuctl.bench_api $(BENCH_API_CASES) --json bench-results/api-postgres.json \
 		--store-url $${GPUCTL_TEST_POSTGRES_URL:-postgresql://postgres@127.0.0.1:5432/test}
 
+# A day of an inference service through gpuctld's own controller (injected clock): availability,
+# time to replace a failed replica, node-hours with scale-down; default policy, then packed
+# (spread=0). ~8 minutes each.
+.PHONY: bench-service
+bench-service: $(STAMP)
+	@mkdir -p bench-results
+	$(PY) -m gpuctl.bench_service --json bench-results/service.json
+	$(PY) -m gpuctl.bench_service --weight spread=0 --json bench-results/service-packed.json
+
 # High availability: kill -9 the leading gpuctld under a submit storm with a gang running, two
 # gpuctld on one PostgreSQL ($$GPUCTL_TEST_POSTGRES_URL, default 127.0.0.1:5432/test).
 .PHONY: bench-failover

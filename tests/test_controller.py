@@ -183,8 +183,8 @@ def test_a_rank_killed_by_a_signal_is_worded_so(ctl):
 
 
 def test_gang_that_does_not_fit_stays_pending_with_a_reason(ctl):
+    job = ctl.submit(training(nodes=2))  # no node yet: nothing to refuse it by
     ctl.register_node(h100_node("a"))
-    job = ctl.submit(training(nodes=2))
     ctl.run_cycle()
     job = ctl.store.get_job(job.id)
     assert job.state is JobState.PENDING

@@ -39,15 +39,16 @@ def ctl(tmp_path):
 
 
 def test_the_worker_places_a_gang_and_gives_the_rest_their_reasons(ctl):
+    too_big = ctl.submit(training(nodes=3))  # no node yet: nothing to refuse it by
     ctl.register_node(h100_node("a"))
     ctl.register_node(h100_node("b"))
     gang = ctl.submit(training())
-    too_big = ctl.submit(training(nodes=3))
     result = ctl.run_cycle()
     assert [b.job_id for b in result.bindings] == [gang.id]
     placed = ctl.store.get_job(gang.id)
     assert placed.state is JobState.RUNNING
     assert sorted(placed.placement.node_ids) == ["a", "b"]
+    ctl.run_cycle()  # the big one's reason as it is with the gang on a and b
     waiting = ctl.store.get_job(too_big.id)
     assert waiting.state is JobState.PENDING and waiting.reason
     # Nothing changed: the next decision sends no reason again, and binds nothing twice.

@@ -414,3 +414,23 @@ def test_scaling_a_pending_service_changes_what_the_cycle_places(ctl):
     ctl.register_node(h100_node("a"))
     (binding,) = ctl.run_cycle().bindings
     assert len(binding.placement.ranks) == 4
+
+
+def test_a_crashed_replica_wakes_the_cycle_for_its_replacement(ctl):
+    job = start(ctl, service(2))
+    ctl.wakes.clear()
+    crash(ctl, job, 0)
+    assert ctl.wakes
+
+
+def test_the_service_day_benchmark_keeps_the_service_up_at_the_default_settings(tmp_path):
+    from gpuctl.bench_service import report, run
+
+    figures = run(hours=0.25, nodes=4, night=4, day=8, node_loss_every_s=300, workdir=tmp_path)
+
+    # 3 nodes lost with their replicas, each replaced within the heartbeat timeout (12 s), the
+    # check (1 s) and the next heartbeat of the node that takes it (3 s).
+    assert figures.nodes_lost == 3 and figures.replaced == figures.failures > 0
+    assert figures.replace_s_max <= 12 + 1 + 3
+    assert 0.97 < figures.availability < 1.0
+    assert "availability" in report(figures)

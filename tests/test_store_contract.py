@@ -855,6 +855,19 @@ def test_purge_events_deletes_the_old_events_of_the_kinds_asked(store: SqlStore)
     assert [e.type for e in store.list_events("job", "1")] == ["Submitted"]  # not asked
 
 
+def test_touch_node_moves_only_the_last_heartbeat(store: SqlStore) -> None:
+    stored = store.put_node(node("n1"))
+    later = T0.astimezone(IST) + timedelta(minutes=3)
+
+    store.touch_node("n1", later)
+
+    assert store.get_node("n1") == replace(stored, last_heartbeat=later)
+    with pytest.raises(NotFound):
+        store.touch_node("n404", later)
+    with pytest.raises(ValueError, match="naive"):
+        store.touch_node("n1", datetime(2025, 3, 1, 12, 0))
+
+
 def test_list_nodes_of_some_ids(store: SqlStore) -> None:
     for name in ("n3", "n1", "n2"):
         store.put_node(node(name))

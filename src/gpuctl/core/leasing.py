@@ -314,7 +314,7 @@ def busy_seconds(jobs: Sequence[Job], now: datetime) -> dict[str, float]:
 # -- which offer ---------------------------------------------------------------------------
 
 
-def _floors(spec: JobSpec, request: RankRequest) -> str:
+def floors(spec: JobSpec, request: RankRequest) -> str:
     unit = "node" if spec.kind is JobKind.TRAINING else "replica"
     parts = [f"{request.describe()} per {unit}"]
     if spec.gpu_model:
@@ -432,9 +432,9 @@ def gang_options(job: Job, offers: Sequence[Offer]) -> tuple[tuple[_Option, ...]
             offer=o,
             count=n,
             why=f"the cheapest of {plural(len(fitting), 'offer')} meeting "
-            f"{_floors(spec, request)}{where}"
+            f"{floors(spec, request)}{where}"
             if i == 0
-            else f"next-best of {plural(len(fitting), 'offer')} meeting {_floors(spec, request)}",
+            else f"next-best of {plural(len(fitting), 'offer')} meeting {floors(spec, request)}",
         )
         for i, o in enumerate(fitting)
     ), ""

@@ -27,6 +27,7 @@ from gpuctl.core.cost import (
 from gpuctl.core.cycle import CycleResult
 from gpuctl.core.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from gpuctl.core.fabric import fabric_issues
+from gpuctl.core.feasibility import FleetKinds, never_runs
 from gpuctl.core.launch import rank_env
 from gpuctl.core.leasing import managed
 from gpuctl.core.lifecycle import (
@@ -82,6 +83,9 @@ class ControllerSettings:
 # Retention deletes at most this many rows a batch and this many batches a run, so that one run
 # holds the writer's lock briefly and a backlog (retention just turned on) drains over runs.
 PURGE_BATCH = 1000
+# How long a submit judges whether a job could ever run by the fleet as last read.
+FLEET_TTL_S = 10.0
+DRY_RUN_ID = 1 << 62  # the id a dry run's job is decided under (no stored job has it)
 PURGE_BATCHES = 10
 
 
@@ -201,6 +205,8 @@ class Controller:
         self.leases: LeaseKeeper | None = None  # set by LeaseKeeper: leases from providers
         self.cycles: CycleProcess | None = None  # where cycles decide, if not in here
         self._leading_since: datetime | None = None
+        # The fleet by kind, for refusing jobs that could never run: (when read, the kinds).
+        self._fleet: tuple[datetime, FleetKinds] | None = None
 
     @property
     def lock(self) -> threading.RLock:
@@ -230,8 +236,12 @@ class Controller:
         one stored before under `request_id`."""
         validate_spec(spec)
         now = self.clock.now()
+        offers = self.leases.offers if self.leases is not None else ()
+        why = never_runs(spec, self._fleet_kinds(now), offers, self.policy)
+        if why:
+            raise FailedPrecondition(f"this job could never run: {why}")
         if validate_only:
-            return Job(id=0, spec=spec, created_at=now, reason="validated; not stored")
+            return Job(id=0, spec=spec, created_at=now, reason=self._dry_run(spec, now))
         what = f"{spec.kind.value}: " + _describe_size(spec)
         # No controller lock: an insert takes nothing the cycle reads and writes back, so a
         # submit never waits for a cycle; the next cycle sees the job.
@@ -373,6 +383,7 @@ class Controller:
 
     def register_node(self, reported: Node) -> Node:
         now = self.clock.now()
+        self._fleet = None  # what could run may have changed
         with self._lock:
             try:
                 known: Node | None = self.store.get_node(reported.id)
@@ -457,7 +468,10 @@ class Controller:
                 return HeartbeatResult(reregister=True)
             was = node
             node = self._apply_health(node, tuple(health_issues), profile, now)
-            self.store.put_node(replace(node, last_heartbeat=now))
+            if node == was:  # most heartbeats: only the time moves
+                self.store.touch_node(node_id, now)
+            else:
+                self.store.put_node(replace(node, last_heartbeat=now))
             if node.state is NodeState.DEGRADED and was.state is not NodeState.DEGRADED:
                 # Its ranks stop through the stop list below: the jobs moved to a new attempt.
                 self._fail_over(
@@ -588,7 +602,7 @@ class Controller:
             job = replace(job, placement=job.placement.with_rank(rank), updated_at=now)
             job = self._settle(job, now, events)
             self._write([job], events)
-        if job.state.finished:
+        if job.state.finished or services.wanted(job, now):  # GPUs freed, or a replica to replace
             self.wake()
 
     def push_logs(self, node_id: str, ref: RankRef, offset: int, data: bytes) -> int:
@@ -890,6 +904,29 @@ class Controller:
         written = self.store.update_jobs([end_ranks(j, now) for j in jobs], events)
         self.feed.publish(written)
         return written
+
+    def _dry_run(self, spec: JobSpec, now: datetime) -> str:
+        """Where a job of `spec` would land if submitted now (behind the queue as it is), or
+        why it would wait: a cycle decided in here on the store as it is, nothing written."""
+        probe = Job(id=DRY_RUN_ID, spec=spec, created_at=now)
+        with self._lock:
+            active, nodes = self.active_jobs(), self.store.list_nodes()
+        result = decide([*active, probe], list(nodes), self.policy, now=now, leasing=None).result
+        placed = next((b.placement for b in result.bindings if b.job_id == DRY_RUN_ID), None)
+        if placed is not None:
+            return f"would start now: {_where(placed)}; {placed.reason}"
+        why = next((m.reason for m in result.unschedulable if m.job_id == DRY_RUN_ID), "")
+        if self.leases is not None and self.leases.offers:
+            why += " (the cycle may lease nodes for it)"
+        return f"would wait: {why}"
+
+    def _fleet_kinds(self, now: datetime) -> FleetKinds:
+        """The fleet by kind, read again after `FLEET_TTL_S` or a registration: a node that
+        changes its profile otherwise counts as it was for up to that long."""
+        cached = self._fleet
+        if cached is None or (now - cached[0]).total_seconds() > FLEET_TTL_S:
+            cached = self._fleet = (now, FleetKinds.of(self.store.list_nodes()))
+        return cached[1]
 
     def _nodes_by_id(self, ids: Sequence[str] | None = None) -> dict[str, Node]:
         """The nodes (of `ids`: a job's, not the fleet's, where that is all that is needed)."""

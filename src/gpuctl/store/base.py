@@ -111,6 +111,11 @@ class Store(Protocol):
         """Insert or replace a node by id."""
         ...
 
+    def touch_node(self, node_id: str, last_heartbeat: datetime) -> None:
+        """Set only the node's last heartbeat (what a heartbeat that changed nothing else
+        writes); raises `core.errors.NotFound`."""
+        ...
+
     def get_node(self, node_id: str) -> Node:
         """Raises `core.errors.NotFound`."""
         ...

@@ -73,7 +73,7 @@ def job_values(job: Job) -> dict[str, Any]:
         "kind": spec.kind.value,
         "priority": spec.priority,
         "spec": _dumps(spec),
-        "created_at": _utc(job.created_at),
+        "created_at": utc(job.created_at),
         **job_state_values(job),
     }
 
@@ -88,9 +88,9 @@ def job_state_values(job: Job) -> dict[str, Any]:
         "reason": job.reason,
         "exit_code": job.exit_code,
         "end_state": None if job.end_state is None else job.end_state.value,
-        "started_at": _utc(job.started_at),
-        "finished_at": _utc(job.finished_at),
-        "updated_at": _utc(job.updated_at),
+        "started_at": utc(job.started_at),
+        "finished_at": utc(job.finished_at),
+        "updated_at": utc(job.updated_at),
     }
 
 
@@ -98,10 +98,10 @@ def as_stored(job: Job) -> Job:
     """`job` as reading it back would give it: its times in UTC."""
     return replace(
         job,
-        created_at=_utc(job.created_at),
-        started_at=_utc(job.started_at),
-        finished_at=_utc(job.finished_at),
-        updated_at=_utc(job.updated_at),
+        created_at=utc(job.created_at),
+        started_at=utc(job.started_at),
+        finished_at=utc(job.finished_at),
+        updated_at=utc(job.updated_at),
     )
 
 
@@ -160,7 +160,7 @@ def _rank_from(data: dict[str, Any]) -> RankPlacement:
 
 
 def _time_from(text: str) -> datetime:
-    return _utc(datetime.fromisoformat(text))
+    return utc(datetime.fromisoformat(text))
 
 
 def _maybe(parse: Callable[[Any], _T], value: Any) -> _T | None:
@@ -187,8 +187,8 @@ def node_values(node: Node) -> dict[str, Any]:
         "state_reason": node.state_reason,
         "health_issues": _dumps(node.health_issues),
         "lease_id": node.lease_id,
-        "registered_at": _utc(node.registered_at),
-        "last_heartbeat": _utc(node.last_heartbeat),
+        "registered_at": utc(node.registered_at),
+        "last_heartbeat": utc(node.last_heartbeat),
     }
 
 
@@ -246,12 +246,12 @@ def lease_values(lease: NodeLease) -> dict[str, Any]:
         "node_id": lease.node_id,
         "sku": lease.sku,
         "price_per_hour": lease.price_per_hour,
-        "acquired_at": _utc(lease.acquired_at),
-        "expires_at": _utc(lease.expires_at),
-        "released_at": _utc(lease.released_at),
+        "acquired_at": utc(lease.acquired_at),
+        "expires_at": utc(lease.expires_at),
+        "released_at": utc(lease.released_at),
         "for_job_id": lease.for_job_id,
         "state": lease.state.value,
-        "idle_since": _utc(lease.idle_since),
+        "idle_since": utc(lease.idle_since),
     }
 
 
@@ -279,7 +279,7 @@ def event_values(event: Event) -> dict[str, Any]:
     return {
         "object_kind": event.object_kind,
         "object_id": event.object_id,
-        "time": _utc(event.time),
+        "time": utc(event.time),
         "type": event.type,
         "message": event.message,
     }
@@ -297,7 +297,7 @@ def event_from_row(row: EventRow | Row[Any]) -> Event:
 
 def charge_row(charge: AttemptCharge) -> ChargeRow:
     values = {f.name: getattr(charge, f.name) for f in fields(charge)}
-    values.update(started_at=_utc(charge.started_at), ended_at=_utc(charge.ended_at))
+    values.update(started_at=utc(charge.started_at), ended_at=utc(charge.ended_at))
     return ChargeRow(**values)
 
 
@@ -308,7 +308,7 @@ def charge_from_row(row: ChargeRow) -> AttemptCharge:
 def token_row(token: ApiToken) -> TokenRow:
     values = {f.name: getattr(token, f.name) for f in fields(token)}
     for name in ("created_at", "expires_at", "revoked_at"):
-        values[name] = _utc(values[name])
+        values[name] = utc(values[name])
     values["kind"] = token.kind.value
     return TokenRow(**values)
 
@@ -321,7 +321,7 @@ def token_from_row(row: TokenRow) -> ApiToken:
 
 def audit_values(entry: AuditEntry) -> dict[str, Any]:
     values = {f.name: getattr(entry, f.name) for f in fields(entry) if f.name != "id"}
-    values["time"] = _utc(entry.time)
+    values["time"] = utc(entry.time)
     return values
 
 
@@ -345,7 +345,7 @@ def _plain(value: object) -> Any:
     if isinstance(value, enum.Enum):
         return value.value
     if isinstance(value, datetime):
-        return _utc(value).isoformat()
+        return utc(value).isoformat()
     return value
 
 
@@ -363,7 +363,7 @@ def _pairs(items: Any) -> tuple[tuple[str, str], ...]:
     return tuple((str(k), str(v)) for k, v in items)
 
 
-def _utc(value: _MaybeTime) -> _MaybeTime:
+def utc(value: _MaybeTime) -> _MaybeTime:
     """The same instant in UTC; naive values are bugs, since the model keeps aware UTC times."""
     if value is None:
         return value

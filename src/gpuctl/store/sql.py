@@ -66,6 +66,7 @@ from gpuctl.store.mapping import (
     node_values,
     token_from_row,
     token_row,
+    utc,
 )
 from gpuctl.store.tables import (
     AuditRow,
@@ -98,6 +99,10 @@ _COUNTER = RevisionCounter.__table__  # type: ignore[attr-defined]
 _LEADER_ROW = LeaderRow.__table__  # type: ignore[attr-defined]
 _INSERT_JOB = insert(_JOBS).returning(_JOBS.c.id)
 _INSERT_EVENT = insert(_EVENTS)
+_NODES = NodeRow.__table__  # type: ignore[attr-defined]
+_TOUCH_NODE = (
+    update(_NODES).where(_NODES.c.id == bindparam("b_id")).values(last_heartbeat=bindparam("b_at"))
+)
 _INSERT_AUDIT = insert(AuditRow.__table__)  # type: ignore[attr-defined]
 _JOB_BY_ID = select(_JOBS).where(_JOBS.c.id == bindparam("id"))
 _JOB_BY_REQUEST_ID = select(_JOBS).where(_JOBS.c.request_id == bindparam("request_id"))
@@ -346,6 +351,15 @@ class SqlStore:
     def put_node(self, node: Node) -> Node:
         values = node_values(node)
         return self._write(lambda s: node_from_row(self._upsert(s, NodeRow, values)))
+
+    def touch_node(self, node_id: str, last_heartbeat: datetime) -> None:
+        at = {"b_id": node_id, "b_at": utc(last_heartbeat)}
+
+        def touch(session: Session) -> None:
+            if session.execute(_TOUCH_NODE, at).rowcount == 0:
+                raise NotFound("node", node_id)
+
+        self._write(touch)
 
     def get_node(self, node_id: str) -> Node:
         with self._transaction(self._reads) as session:
