@@ -385,6 +385,27 @@ def test_describe_pending_job_shows_reason_and_events(api, gpuctl):
     assert events[2].split()[1:] == ["Submitted", "by", "alice"]
 
 
+def test_drain_wait_returns_once_the_nodes_jobs_are_gone(api, gpuctl, monkeypatch):
+    api.nodes.add(h100_node("gpu-01", used={0: (1000, [7]), 1: (1000, [7, 8])}))
+    sleeps = []
+
+    def job_ends(seconds: float) -> None:  # between polls, the node's jobs end one by one
+        sleeps.append(seconds)
+        usage = api.nodes.nodes["gpu-01"].usage
+        kept = [u for u in usage if 8 not in u.job_ids] if len(sleeps) == 1 else []
+        del usage[:]
+        usage.extend(kept)
+
+    monkeypatch.setattr("gpuctl.cli.main.time.sleep", job_ends)
+
+    result = gpuctl("drain", "gpu-01", "--wait")
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[-1] == "node gpu-01: no job runs there any more"
+    assert result.stderr.splitlines() == ["waiting for job(s) 7, 8", "waiting for job(s) 7"]
+    assert sleeps == [2.0, 2.0]
+
+
 def test_describe_node(api, gpuctl):
     api.nodes.add(h100_node("gpu-01", used={0: (1000, [7]), 1: (250, [8])}))
     api.nodes.add(h100_node("gpu-02", measured=False, state=nodes_pb2.NODE_STATE_DRAINING))

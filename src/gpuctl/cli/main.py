@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -453,14 +454,31 @@ def nodes(ctx: click.Context, output: str) -> None:
     _emit(found, output, lambda wide: render.nodes_table(found, wide=wide))
 
 
+DRAIN_POLL_S = 2.0
+
+
 @cli.command()
 @click.argument("node")
 @click.option("--reason", default="", help="Why, for `gpuctl describe`.")
+@click.option(
+    "--wait", "wait_", is_flag=True, help="Wait until no job holds GPUs on the node any more."
+)
 @click.pass_context
-def drain(ctx: click.Context, node: str, reason: str) -> None:
+def drain(ctx: click.Context, node: str, reason: str, wait_: bool) -> None:
     """Stop new work landing on a node; what runs there finishes."""
-    drained = _client(ctx).drain(node, reason=reason)
+    client = _client(ctx)
+    drained = client.drain(node, reason=reason)
     click.echo(f"node {drained.name} {render.node_state(drained.state)}")
+    shown: list[int] | None = None
+    while wait_:
+        jobs = sorted({j for u in client.node(node).usage for j in u.job_ids})
+        if not jobs:
+            click.echo(f"node {drained.name}: no job runs there any more")
+            return
+        if jobs != shown:
+            click.echo(f"waiting for job(s) {', '.join(map(str, jobs))}", err=True)
+            shown = jobs
+        time.sleep(DRAIN_POLL_S)
 
 
 @cli.command()
