@@ -248,12 +248,12 @@ def test_oversized_specs_and_too_many_streams_are_refused_and_others_go_on(clust
     with Client(cluster.target, token=token(cluster, "--user", "mallory")) as mallory:
         with pytest.raises(InvalidArgumentError) as e:
             mallory.submit(
-                {"kind": "inference", "command": "true", "env": {"BLOB": "x" * 60_000} | {
+                {"kind": "inference", "gpus_per_node": 0, "command": "true", "env": {"BLOB": "x" * 60_000} | {
                     f"K{i}": "y" * 60_000 for i in range(60)
                 }}
             )  # fmt: skip
         assert "spec: is" in str(e.value) and "at most 262144" in str(e.value)
-        job = mallory.submit({"kind": "inference", "command": "true"})
+        job = mallory.submit({"kind": "inference", "gpus_per_node": 0, "command": "true"})
         streams = [mallory.watch(job, timeout=30) for _ in range(4)]
         for s in streams:
             next(s)  # its first message: the stream holds a slot while it runs

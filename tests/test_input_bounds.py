@@ -675,7 +675,7 @@ def test_job_file_numbers_past_any_range_are_violations(
     data: dict[str, Any], field: str, says: str
 ) -> None:
     with pytest.raises(JobFileError) as raised:
-        spec_from_mapping({"kind": "inference", "command": "python", **data})
+        spec_from_mapping({"kind": "inference", "command": "python", "gpus_per_node": 0, **data})
     assert [v.field for v in raised.value.violations] == [field]
     assert says in raised.value.violations[0].description
 
@@ -717,7 +717,7 @@ def _free_port() -> int:
 
 
 TRAIN = ("submit", "--kind", "training", "--gpus-per-node", "8")
-SERVE = ("submit", "--kind", "inference")
+SERVE = ("submit", "--kind", "inference", "--gpus-per-node", "0")
 
 
 @pytest.mark.parametrize(

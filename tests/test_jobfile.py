@@ -39,7 +39,7 @@ def violations(data, source: str = "") -> list[tuple[str, str]]:
 @pytest.mark.parametrize(
     ("fields", "attr", "expected"),
     [
-        ({"kind": "inference"}, "kind", JobKind.INFERENCE),
+        ({"kind": "inference", "gpus_per_node": 1}, "kind", JobKind.INFERENCE),
         ({"kind": "Training"}, "kind", JobKind.TRAINING),
         ({"name": "llama-70b"}, "name", "llama-70b"),
         ({"queue": "research"}, "queue", "research"),
@@ -425,3 +425,20 @@ def test_throughput_fields_are_validated(fields, expected):
     assert len(found) == len(expected), found
     for (field, description), (want_field, words) in zip(found, expected, strict=True):
         assert field == want_field and words in description, (field, description)
+
+
+def test_an_inference_job_must_say_what_gpus_it_needs_even_none():
+    assert violations({"kind": "inference", "command": "serve"}) == [
+        (
+            "gpus_per_node",
+            "an inference replica needs GPUs: give gpus_per_node or gpu_share (or "
+            "gpus_per_node: 0 for a replica that needs none)",
+        )
+    ]
+    assert (
+        spec_from_mapping({"kind": "inference", "command": "s", "gpus_per_node": 0}).gpus_per_node
+        == 0
+    )
+    assert (
+        spec_from_mapping({"kind": "inference", "command": "s", "gpu_share": 0.5}).gpu_milli == 500
+    )

@@ -384,6 +384,12 @@ def _unknown_field(key: Any) -> FieldViolation:
     return FieldViolation(str(key), f"unknown field; {hint}the fields are: {known}")
 
 
+_NO_GPUS = (
+    "an inference replica needs GPUs: give gpus_per_node or gpu_share (or gpus_per_node: 0 "
+    "for a replica that needs none)"
+)
+
+
 def spec_from_mapping(data: Mapping[str, Any], *, source: str = "") -> JobSpec:
     """A JobSpec from a job-file mapping; every problem at once as `JobFileError`."""
     if not isinstance(data, Mapping):
@@ -413,6 +419,9 @@ def spec_from_mapping(data: Mapping[str, Any], *, source: str = "") -> JobSpec:
         violations.append(FieldViolation("gpu_share", "give gpu_share or gpu_milli, not both"))
     if "kind" not in values and not any(v.field == "kind" for v in violations):
         violations.append(FieldViolation("kind", "is required: 'training' or 'inference'"))
+    gpus_asked = any(data.get(k) is not None for k in ("gpus_per_node", "gpu_share", "gpu_milli"))
+    if values.get("kind") is JobKind.INFERENCE and not gpus_asked:
+        violations.append(FieldViolation("gpus_per_node", _NO_GPUS))
     if violations:
         raise JobFileError(violations, source=source)
     values.setdefault("command", ())
