@@ -200,3 +200,34 @@ def test_a_killed_replica_is_replaced_the_others_keep_running_and_it_scales(clus
         lambda: job_json(cluster, job_id)["state"] == "JOB_STATE_CANCELLED",
         what="the service to be cancelled",
     )
+
+
+def test_a_killed_agent_loses_only_its_replicas_which_are_replaced_on_another_node(
+    cluster, tmp_path
+):
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    for name in ("gpu-1", "gpu-2"):
+        cluster.start_agent(node(name))
+    wait_until(lambda: nodes_ready(cluster, 2), what="two nodes to register")
+    job_id = cluster.gpuctl(
+        "submit", "--parsable", "--kind", "inference", "--replicas", "2", "--gpus-per-node", "8",
+        "--", sys.executable, "-c", REPLICA, str(pids),
+    ).stdout.strip()  # fmt: skip
+    wait_until(lambda: len(list(pids.iterdir())) == 2, what="two replicas to start")
+    ranks = {r.get("rank", 0): r["node"] for r in job_json(cluster, job_id)["placement"]["ranks"]}
+    on_1 = next(str(rank) for rank, n in ranks.items() if n == "gpu-1")
+    survivor = int((pids / on_1).read_text())
+    cluster.start_agent(node("gpu-3"))  # spare capacity
+    wait_until(lambda: nodes_ready(cluster, 3), what="the spare node to register")
+
+    cluster.stop("agent-gpu-2", signal.SIGKILL)
+
+    # Lost after the heartbeat timeout (10 s here); its replica goes to gpu-3, gpu-1's runs on.
+    wait_until(lambda: (pids / "2").exists(), timeout=40, what="the lost replica's replacement")
+    job = job_json(cluster, job_id)
+    placed = {r.get("rank", 0): r for r in job["placement"]["ranks"]}
+    assert sorted(placed) == sorted([int(on_1), 2]) and placed[2]["node"] == "gpu-3"
+    assert placed[2]["last_failure"] == "node gpu-2 lost"
+    assert job["state"] == "JOB_STATE_RUNNING" and alive(survivor)
+    cluster.gpuctl("cancel", job_id)
