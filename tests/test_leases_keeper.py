@@ -14,9 +14,18 @@ import pytest
 from gpuctl.core.cost import CostBy
 from gpuctl.core.errors import FailedPrecondition
 from gpuctl.core.leasing import Budget
-from gpuctl.core.model import JobState, LeaseState, NodeLease, NodeState
+from gpuctl.core.model import (
+    JobKind,
+    JobSpec,
+    JobState,
+    LeaseState,
+    NodeLease,
+    NodeState,
+    RankState,
+)
 from gpuctl.providers.base import Acquired, Held
 from gpuctl.providers.catalog import CatalogProvider
+from gpuctl.runtime.controller import RankRef
 from gpuctl.runtime.leases import LeaseSettings, build_providers
 from tests.lease_rig import H100_SKU, NoCapacity, Recording, Rig, agent_node, lab, training
 
@@ -507,3 +516,28 @@ def test_providers_are_called_outside_the_lock_and_a_late_node_is_refused(tmp_pa
     (refused,) = watched.during_release
     assert "came up after its boot timeout" in refused
     assert watched.held() == ()
+
+
+def test_a_service_scaled_down_gives_back_the_lease_of_the_node_it_empties(rig):
+    serve = JobSpec(kind=JobKind.INFERENCE, command=("serve",), replicas=2, gpus_per_node=8)
+    job = rig.ctl.submit(serve)
+    (request,) = rig.ctl.run_cycle().lease_requests
+    assert request.count == 2
+    rig.keeper.tick()
+    for name in ("hgx-1", "hgx-2"):
+        rig.ctl.register_node(agent_node(name))
+    (binding,) = rig.ctl.run_cycle().bindings
+    for r in binding.placement.ranks:
+        rig.ctl.report_rank(r.node_id, RankRef(job.id, r.rank, 0), RankState.RUNNING)
+
+    scaled = rig.ctl.scale(job.id, 1)
+
+    (kept,) = [r for r in scaled.placement.ranks if r.live]
+    (stopped,) = [r for r in binding.placement.ranks if r.rank != kept.rank]
+    rig.ctl.report_rank(stopped.node_id, RankRef(job.id, stopped.rank, 0), RankState.EXITED, -15)
+    rig.clock.advance(timedelta(seconds=LeaseSettings().idle_grace_s + 1))
+    (release,) = rig.ctl.run_cycle().lease_releases
+    assert release.node_id == stopped.node_id
+    rig.keeper.tick()
+    assert [x.state for x in rig.leases() if x.node_id == stopped.node_id] == [S.RELEASED]
+    assert [x.state for x in rig.leases() if x.node_id == kept.node_id] == [S.ACTIVE]
