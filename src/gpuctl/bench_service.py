@@ -37,22 +37,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from gpuctl.core.model import (
-    BandwidthProfile,
-    Gpu,
-    JobKind,
-    JobSpec,
-    JobState,
-    NetKind,
-    Network,
-    Node,
-    RankState,
-)
+from gpuctl.core.leasing import Offer
+from gpuctl.core.model import JobKind, JobSpec, JobState, Node, RankState
 from gpuctl.core.plugins import build_policy
 from gpuctl.runtime.clock import FakeClock
 from gpuctl.runtime.config import DaemonConfig
 from gpuctl.runtime.controller import Controller, ControllerSettings, RankRef
 from gpuctl.runtime.logstore import LogStore
+from gpuctl.sim.lease_replay import node_of_offer
 from gpuctl.store.sql import open_store
 
 # Lambda's gpu_8x_h100_sxm5, on demand (shared/catalogs/skypilot/lambda.csv).
@@ -61,31 +53,20 @@ SCALE_EVERY_S = 900
 START = datetime(2026, 1, 1, tzinfo=UTC)  # midnight: the curve's low
 
 
-def h100_node(name: str, price: float) -> Node:
-    gpus = tuple(
-        Gpu(
-            index=i,
-            uuid=f"GPU-{name}-{i}",
-            model="H100 SXM",
-            memory_mib=81_559,
-            hbm_gbps=3350,
-            nvlink_gbps=900,
-        )
-        for i in range(8)
-    )
-    return Node(
-        id=name,
-        address=f"10.0.0.{int(name.rsplit('-', 1)[1]) + 1}",
-        fabric="ib-a/spine-1/leaf-1",
+def h100_offer(price: float) -> Offer:
+    """An 8 x H100 SXM node at `price` an hour (the datasheet's figures)."""
+    return Offer(
+        provider="lambda",
         sku="gpu_8x_h100_sxm5",
+        gpu_model="H100 SXM",
+        gpu_count=8,
+        gpu_memory_mib=81_559,
+        hbm_gbps=3350,
+        nvlink_gbps=900,
+        network_gbps=3200,
         cpu_milli=208_000,
         memory_mib=1_800_000,
         price_per_hour=price,
-        profile=BandwidthProfile(
-            gpus=gpus,
-            nvlink_domain_size=8,
-            network=Network(kind=NetKind.INFINIBAND, ports=8, gbps_per_port=400),
-        ),
     )
 
 
@@ -166,7 +147,11 @@ def run(
             ),
             wake=lambda: woken.__setitem__(0, True),
         )
-        agents = {f"gpu-{i:02d}": _Agent(h100_node(f"gpu-{i:02d}", price)) for i in range(nodes)}
+        offer = h100_offer(price)
+        agents = {
+            f"gpu-{i:02d}": _Agent(node_of_offer(offer, f"gpu-{i:02d}", fabric="ib-a/s1/l1"))
+            for i in range(nodes)
+        }
         for a in agents.values():
             ctl.register_node(a.node)
         spec = JobSpec(
