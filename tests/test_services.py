@@ -434,3 +434,14 @@ def test_the_service_day_benchmark_keeps_the_service_up_at_the_default_settings(
     assert figures.replace_s_max <= 12 + 1 + 3
     assert 0.97 < figures.availability < 1.0
     assert "availability" in report(figures)
+
+
+def test_a_replica_scaled_away_never_lends_its_rank_number_to_a_new_one(ctl):
+    job = start(ctl, service(4))
+    ctl.scale(job.id, 2)  # ranks 2 and 3 (the newest) stop; they may still be stopping
+
+    job = ctl.scale(job.id, 4)
+    ctl.run_cycle()
+
+    job = ctl.store.get_job(job.id)
+    assert sorted(r.rank for r in job.placement.ranks) == [0, 1, 4, 5]

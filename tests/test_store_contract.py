@@ -115,6 +115,7 @@ def placement() -> Placement:
         master_addr="10.0.0.1",
         master_port=29500,
         reason="one leaf, 2 nodes",
+        next_rank=4,
     )
 
 

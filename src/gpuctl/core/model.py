@@ -311,6 +311,9 @@ class Placement:
     master_addr: str = ""
     master_port: int = 0
     reason: str = ""  # why here, for `gpuctl describe`
+    # A service's next rank number: replicas scaled away are gone from `ranks` but may still be
+    # stopping on their nodes, so no new replica takes their number (0: one past the highest).
+    next_rank: int = 0
 
     @property
     def node_ids(self) -> tuple[str, ...]:

@@ -193,7 +193,7 @@ def merge(job: Job, placed: Placement, now: datetime) -> Job:
     ones a scale-up added. Every one is a new rank number."""
     assert job.placement is not None
     old = due(job, now)[: len(placed.ranks)]
-    first = max(r.rank for r in job.placement.ranks) + 1
+    first = _next_rank(job.placement)
     new = tuple(
         replace(r, rank=first + i, state=RankState.ASSIGNED)
         if i >= len(old)
@@ -208,13 +208,18 @@ def merge(job: Job, placed: Placement, now: datetime) -> Job:
     )
     replaced = {r.rank for r in old}
     ranks = tuple(r for r in job.placement.ranks if r.rank not in replaced) + new
-    merged = replace(job, placement=replace(job.placement, ranks=ranks), updated_at=now)
+    placement = replace(job.placement, ranks=ranks, next_rank=first + len(new))
+    merged = replace(job, placement=placement, updated_at=now)
     return replace(merged, reason=summary(merged, now))
 
 
 def holding_ended(job: Job) -> bool:
     """Whether ended replicas of the job still hold capacity (awaiting their replacement)."""
     return job.placement is not None and any(not r.live and holds(r) for r in job.placement.ranks)
+
+
+def _next_rank(placement: Placement) -> int:
+    return max(placement.next_rank, max((r.rank for r in placement.ranks), default=-1) + 1)
 
 
 def let_go(job: Job) -> Job:
@@ -316,9 +321,10 @@ def scale_down(
     ]
     gone = order[: max(0, len(ranks) - replicas)]
     dropped = {r.rank for r in gone}
-    scaled = replace(
-        job,
-        spec=replace(job.spec, replicas=replicas),
-        placement=replace(job.placement, ranks=tuple(r for r in ranks if r.rank not in dropped)),
+    placement = replace(
+        job.placement,
+        ranks=tuple(r for r in ranks if r.rank not in dropped),
+        next_rank=_next_rank(job.placement),
     )
+    scaled = replace(job, spec=replace(job.spec, replicas=replicas), placement=placement)
     return scaled, tuple(r for r in gone if r.live)
