@@ -39,7 +39,7 @@ def rank_env(
         env["GPUCTL_GPU_MILLI"] = str(rank.gpu_milli)
     if spec.kind is JobKind.INFERENCE:
         env["GPUCTL_REPLICA_INDEX"] = str(rank.rank)
-        env["GPUCTL_NUM_REPLICAS"] = str(len(placement.ranks))
+        env["GPUCTL_NUM_REPLICAS"] = str(spec.replicas)  # desired, when this one was placed
         return env
     nnodes, nproc = len(placement.ranks), spec.gpus_per_node
     contract = {
