@@ -3,6 +3,8 @@ training gang and a 3-replica inference service placed and run, and what happene
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import tempfile
 import textwrap
@@ -57,6 +59,8 @@ SERVE_PY = """\
 import os, signal, sys, time
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 e = os.environ
+with open(f"replica-{e['GPUCTL_REPLICA_INDEX']}.pid", "w") as f:
+    f.write(str(os.getpid()))
 print(f"replica {e['GPUCTL_REPLICA_INDEX']} of {e['GPUCTL_NUM_REPLICAS']} on {e['GPUCTL_NODE']} "
       f"GPU {e['CUDA_VISIBLE_DEVICES']}", flush=True)
 while True:
@@ -187,6 +191,29 @@ def main() -> int:
             run(cluster, "logs", train_id, "--rank", str(rank))
         say("Logs of inference replica 0")
         run(cluster, "logs", serve_id, "--rank", "0")
+
+        say("Replica 1 crashes (kill -9): the service replaces it, the others run on")
+        os.kill(int((root / "replica-1.pid").read_text()), signal.SIGKILL)
+        wait_for("the replacement replica", lambda: (root / "replica-3.pid").exists())
+        explain(
+            "The replacement is a new replica (rank 3) placed by the scheduler like any other; "
+            "replicas 0 and 2 were never stopped."
+        )
+        run(cluster, "jobs")
+        say("Scaling the service down to 2 replicas")
+        run(cluster, "scale", serve_id, "--replicas", "2")
+        with cluster.client() as client:
+            wait_for(
+                "a replica to stop",
+                lambda: (
+                    sum(
+                        r.state == jobs_pb2.RANK_STATE_RUNNING
+                        for r in client.get(serve_id).placement.ranks
+                    )
+                    == 2
+                ),
+            )
+        run(cluster, "describe", serve_id)
 
         say("Cancelling the inference service; its replicas get SIGTERM")
         run(cluster, "cancel", serve_id)

@@ -334,7 +334,7 @@ class Controller:
                 events = []
             what = f"replicas {was} -> {replicas}" + (f" by {by}" if by else "")
             if stop:
-                what += "; stopping " + ", ".join(f"{r.rank} on {r.node_id}" for r in stop)
+                what += "; stopping " + ", ".join(f"replica {r.rank} on {r.node_id}" for r in stop)
             events.insert(0, _job_event(job, now, "Scaled", what))
             job = self.store.respec_job(job, events)
         log.info("job %d scaled: %s", job_id, what)
