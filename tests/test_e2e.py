@@ -231,3 +231,48 @@ def test_a_killed_agent_loses_only_its_replicas_which_are_replaced_on_another_no
     assert placed[2]["last_failure"] == "node gpu-2 lost"
     assert job["state"] == "JOB_STATE_RUNNING" and alive(survivor)
     cluster.gpuctl("cancel", job_id)
+
+
+def test_a_rolling_update_moves_a_service_over_and_a_failing_one_rolls_back(cluster, tmp_path):
+    v1, v2 = tmp_path / "v1", tmp_path / "v2"
+    v1.mkdir()
+    v2.mkdir()
+    cluster.start_agent(node("gpu-1"))
+    wait_until(lambda: nodes_ready(cluster, 1), what="the node to register")
+    service = {
+        "kind": "inference",
+        "replicas": 2,
+        "gpus_per_node": 1,
+        "min_ready": 1,
+        "working_dir": str(tmp_path),
+    }
+    spec_file = tmp_path / "serve.yaml"
+    spec_file.write_text(
+        json.dumps({**service, "command": [sys.executable, "-c", REPLICA, str(v1)]})
+    )
+    job_id = cluster.gpuctl("submit", "--parsable", "-f", str(spec_file)).stdout.strip()
+    wait_until(lambda: len(list(v1.iterdir())) == 2, what="two v1 replicas")
+    old = [int(p.read_text()) for p in v1.iterdir()]
+
+    spec_file.write_text(
+        json.dumps({**service, "command": [sys.executable, "-c", REPLICA, str(v2)]})
+    )
+    out = cluster.gpuctl("update", job_id, "-f", str(spec_file)).stdout
+    assert out.startswith(f"job {job_id} updated: updating to generation 1")
+
+    wait_until(lambda: not any(alive(pid) for pid in old), timeout=40, what="v1 to stop")
+    job = job_json(cluster, job_id)
+    assert len(list(v2.iterdir())) == 2 and job["generation"] == 1 and not job.get("rolling")
+    new = [int(p.read_text()) for p in v2.iterdir()]
+
+    # A new spec whose replicas exit at once: rolled back, the running ones never stopped.
+    spec_file.write_text(json.dumps({**service, "command": [sys.executable, "-c", "exit(3)"]}))
+    cluster.gpuctl("update", job_id, "-f", str(spec_file))
+    wait_until(
+        lambda: job_json(cluster, job_id).get("reason", "").startswith("rolled back"),
+        timeout=60,
+        what="the update to roll back",
+    )
+    assert all(alive(pid) for pid in new)
+    assert job_json(cluster, job_id)["generation"] == 1
+    cluster.gpuctl("cancel", job_id)

@@ -445,3 +445,77 @@ def test_a_replica_scaled_away_never_lends_its_rank_number_to_a_new_one(ctl):
 
     job = ctl.store.get_job(job.id)
     assert sorted(r.rank for r in job.placement.ranks) == [0, 1, 4, 5]
+
+
+# -- rolling updates ------------------------------------------------------------------------
+
+
+def available(ctl, job_id: int) -> list[RankPlacement]:
+    return [r for r in ctl.store.get_job(job_id).placement.ranks if r.state is RankState.RUNNING]
+
+
+def test_a_rolling_update_replaces_replicas_one_by_one_never_short_of_the_desired_count(ctl):
+    job = start(ctl, service(3))
+    new_spec = replace(job.spec, command=("vllm", "serve", "--v2"))
+
+    job = ctl.update(job.id, new_spec, by="alice")
+
+    assert job.placement.generation == 1 and services.rolling(job)
+    assert job.reason == "updating to generation 1: 0 of 3 replicas new"
+    generations = []
+    for _ in range(12):
+        ctl.run_cycle()
+        live = [r for r in ctl.store.get_job(job.id).placement.ranks if r.state.value == "running"]
+        refs = [RankRef(job.id, r.rank, 0) for r in live]
+        for assignment in ctl.heartbeat("a", refs).assignments:  # the new spec's command
+            assert assignment.job.spec.command == ("vllm", "serve", "--v2")
+        job = run_new(ctl, job)
+        running = available(ctl, job.id)
+        assert len(running) >= 3  # max_unavailable 0
+        assert len([r for r in job.placement.ranks if r.live]) <= 4  # max_surge 1
+        generations.append(sorted(r.generation for r in running))
+        if not services.rolling(ctl.store.get_job(job.id)):
+            break
+        ctl.clock.advance(timedelta(seconds=job.spec.min_ready_s))
+    job = ctl.store.get_job(job.id)
+    assert [r.generation for r in job.placement.ranks if r.live] == [1, 1, 1]
+    assert job.placement.previous_spec is None and job.reason == ""
+    assert generations[0] == [0, 0, 0, 1]  # one new beside the three old
+    types = [e.type for e in ctl.store.list_events("job", str(job.id))]
+    assert "Update" in types and types.count("RollingUpdate") == 3 and types[-1] == "Updated"
+    assert ctl.store.get_job(job.id).spec.command == ("vllm", "serve", "--v2")
+
+
+def test_an_update_whose_new_replicas_keep_failing_rolls_back_and_the_old_ones_never_stopped(
+    ctl,
+):
+    job = start(ctl, service(2))
+    old = {r.rank for r in job.placement.ranks}
+    job = ctl.update(job.id, replace(job.spec, command=("broken",)))
+    for _ in range(services.ROLLBACK_AFTER):
+        ctl.run_cycle()
+        job = run_new(ctl, job)
+        new = max(r.rank for r in job.placement.ranks)
+        job = crash(ctl, job, new, code=3)
+        ctl.clock.advance(timedelta(seconds=services.BACKOFF_MAX_S))
+
+    ctl.run_cycle()
+
+    job = ctl.store.get_job(job.id)
+    assert job.spec.command == ("vllm", "serve")  # the old spec again
+    assert job.placement.generation == 0 and not services.rolling(job)
+    assert {r.rank for r in job.placement.ranks if r.live} == old  # never stopped
+    assert job.reason.startswith("rolled back to generation 0: a replica of generation 1 failed")
+    assert "RolledBack" in [e.type for e in ctl.store.list_events("job", str(job.id))]
+    assert ctl.run_cycle().bindings == ()  # nothing more to place
+
+
+def test_an_update_may_not_change_what_the_job_is_filed_under(ctl):
+    job = start(ctl, service(2))
+    with pytest.raises(InvalidArgument) as e:
+        ctl.update(job.id, replace(job.spec, queue="other"))
+    assert e.value.violations[0].field == "spec.queue"
+    gang = ctl.submit(JobSpec(kind=JobKind.TRAINING, command=("t",), gpus_per_node=8))
+    with pytest.raises(FailedPrecondition, match="only an inference service"):
+        ctl.update(gang.id, service(2))
+    assert ctl.update(job.id, job.spec) == ctl.store.get_job(job.id)  # the same spec: no-op

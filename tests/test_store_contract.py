@@ -89,6 +89,9 @@ def full_spec() -> JobSpec:
         target_tokens_per_s=30.5,
         weights_gb=14.0,
         restart_policy=RestartPolicy.ALWAYS,
+        max_surge=2,
+        max_unavailable=1,
+        min_ready_s=30,
     )
 
 
@@ -109,6 +112,7 @@ def placement() -> Placement:
                 last_failure="exited with 1",
                 started_at=T0.astimezone(IST) + timedelta(minutes=1),
                 ended_at=T0 + timedelta(minutes=2, microseconds=7),
+                generation=3,
             ),
             RankPlacement(rank=1, node_id="n2", gpu_indices=(3,)),
         ),
@@ -116,6 +120,9 @@ def placement() -> Placement:
         master_port=29500,
         reason="one leaf, 2 nodes",
         next_rank=4,
+        generation=3,
+        previous_spec=training(),
+        previous_generation=2,
     )
 
 

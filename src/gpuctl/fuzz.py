@@ -315,6 +315,7 @@ PERMISSIONS: dict[str, Permission | str | None] = {
     "JobService.ListJobs": Permission.JOBS_OWN,
     "JobService.CancelJob": Permission.JOBS_OWN,
     "JobService.ScaleJob": Permission.JOBS_OWN,
+    "JobService.UpdateJob": Permission.JOBS_OWN,
     "JobService.WatchJobs": Permission.JOBS_OWN,
     "JobService.StreamJobLogs": Permission.JOBS_OWN,
     "NodeService.ListNodes": Permission.NODES_READ,
@@ -436,6 +437,15 @@ def valid_requests(seeds: Seeds) -> dict[str, Callable[[random.Random], Message]
             page_size=rng.choice((1, 10, 100)), states=[jobs_pb2.JOB_STATE_PENDING]
         ),
         "JobService.CancelJob": lambda rng: jobs_pb2.CancelJobRequest(name=job(rng)),
+        "JobService.UpdateJob": lambda rng: jobs_pb2.UpdateJobRequest(
+            name=job(rng),
+            spec=jobs_pb2.JobSpec(
+                kind=jobs_pb2.JOB_KIND_INFERENCE,
+                command=["serve", "--v2"],
+                gpus_per_node=rng.choice((0, 1, 99)),
+                max_unavailable=rng.choice((0, 1, -1)),
+            ),
+        ),
         "JobService.ScaleJob": lambda rng: jobs_pb2.ScaleJobRequest(
             name=job(rng), replicas=rng.choice((-1, 0, 1, 3, 10_001, 2**31 - 1))
         ),

@@ -652,19 +652,10 @@ class Client:
         (a fresh UUID when None) makes the call safe to retry: the server returns the first
         call's job.
         """
-        if isinstance(spec, jobs_pb2.JobSpec):
-            msg = spec
-        else:
-            try:
-                if isinstance(spec, str | os.PathLike):
-                    spec = jobfile.load_job_file(spec)
-                elif isinstance(spec, Mapping):
-                    spec = jobfile.spec_from_mapping(spec)
-                msg = convert.spec_to_pb(spec)
-            except InvalidArgument as e:
-                raise _invalid(e) from None
         request = jobs_pb2.CreateJobRequest(
-            spec=msg, request_id=request_id or str(uuid.uuid4()), validate_only=validate_only
+            spec=_spec_msg(spec),
+            request_id=request_id or str(uuid.uuid4()),
+            validate_only=validate_only,
         )
         return self._unary(lambda s: s.jobs.CreateJob, request)
 
@@ -695,6 +686,17 @@ class Client:
         return self._unary(
             lambda s: s.jobs.CancelJob, jobs_pb2.CancelJobRequest(name=job_name(job))
         )
+
+    def update(
+        self,
+        job: JobRef,
+        spec: JobSpec | jobs_pb2.JobSpec | Mapping[str, Any] | str | os.PathLike[str],
+    ) -> jobs_pb2.Job:
+        """Roll an inference service to `spec` (as `submit` takes it): new replicas start
+        beside the old, which stop as the new become available; kind, queue, name and
+        priority cannot change."""
+        request = jobs_pb2.UpdateJobRequest(name=job_name(job), spec=_spec_msg(spec))
+        return self._unary(lambda s: s.jobs.UpdateJob, request)
 
     def scale(self, job: JobRef, replicas: int) -> jobs_pb2.Job:
         """Set an inference job's desired replicas (the same call twice is the same as once)."""
@@ -884,3 +886,19 @@ class Client:
         """The whole server's grpc.health.v1 status: "SERVING", "NOT_SERVING", ..."""
         response = self._unary(lambda s: s.health.Check, health_pb2.HealthCheckRequest(service=""))
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+def _spec_msg(
+    spec: JobSpec | jobs_pb2.JobSpec | Mapping[str, Any] | str | os.PathLike[str],
+) -> jobs_pb2.JobSpec:
+    """The wire form of a spec given as a JobSpec, a message, a job-file mapping or path."""
+    if isinstance(spec, jobs_pb2.JobSpec):
+        return spec
+    try:
+        if isinstance(spec, str | os.PathLike):
+            spec = jobfile.load_job_file(spec)
+        elif isinstance(spec, Mapping):
+            spec = jobfile.spec_from_mapping(spec)
+        return convert.spec_to_pb(spec)
+    except InvalidArgument as e:
+        raise _invalid(e) from None

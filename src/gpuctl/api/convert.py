@@ -9,6 +9,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from gpuctl.api._pb.agent.v1 import agent_pb2
 from gpuctl.api._pb.v1 import auth_pb2, events_pb2, jobs_pb2, leases_pb2, nodes_pb2
+from gpuctl.core import services
 from gpuctl.core.cost import CostBy, CostReport
 from gpuctl.core.errors import FieldViolation, InvalidArgument
 from gpuctl.core.model import (
@@ -127,6 +128,9 @@ _SPEC_INTS = {
     "cpu_milli": _INT64,
     "memory_mib": _INT64,
     "time_limit_s": 315_576_000_000,  # google.protobuf.Duration's range, 10,000 years
+    "max_surge": _INT32,
+    "max_unavailable": _INT32,
+    "min_ready_s": 315_576_000_000,
 }
 _SPEC_FLOATS = ("min_nvlink_gbps", "min_net_gbps", "target_tokens_per_s", "weights_gb")
 
@@ -202,9 +206,12 @@ def spec_to_pb(spec: JobSpec) -> jobs_pb2.JobSpec:
         target_tokens_per_s=spec.target_tokens_per_s,
         weights_gb=spec.weights_gb,
         restart_policy=RESTART_POLICY[spec.restart_policy] if spec.restart_policy else 0,
+        max_surge=spec.max_surge,
+        max_unavailable=spec.max_unavailable,
     )
     if spec.time_limit_s:
         msg.time_limit.CopyFrom(duration(spec.time_limit_s))
+    msg.min_ready.CopyFrom(duration(spec.min_ready_s))
     return msg
 
 
@@ -218,6 +225,8 @@ def spec_from_pb(msg: jobs_pb2.JobSpec, *, owner: str = "") -> JobSpec:
     time_limit = msg.time_limit.seconds if msg.HasField("time_limit") else 0
     if msg.HasField("time_limit") and (msg.time_limit.seconds < 0 or msg.time_limit.nanos < 0):
         violations.append(FieldViolation("spec.time_limit", "must not be negative"))
+    if msg.HasField("min_ready") and (msg.min_ready.seconds < 0 or msg.min_ready.nanos < 0):
+        violations.append(FieldViolation("spec.min_ready", "must not be negative"))
     if msg.on_node_lost not in (0, *ON_NODE_LOST.values()):
         violations.append(FieldViolation("spec.on_node_lost", "must be 'requeue' or 'fail'"))
     if msg.restart_policy not in (0, *RESTART_POLICY_FROM):
@@ -255,6 +264,9 @@ def spec_from_pb(msg: jobs_pb2.JobSpec, *, owner: str = "") -> JobSpec:
         target_tokens_per_s=msg.target_tokens_per_s,
         weights_gb=msg.weights_gb,
         restart_policy=RESTART_POLICY_FROM.get(msg.restart_policy),
+        max_surge=msg.max_surge if msg.HasField("max_surge") else 1,
+        max_unavailable=msg.max_unavailable,
+        min_ready_s=msg.min_ready.seconds if msg.HasField("min_ready") else 10,
     )
 
 
@@ -307,6 +319,8 @@ def job_to_pb(
             getattr(msg, field).CopyFrom(ts(value))
     if job.placement is not None:
         p = job.placement
+        msg.generation = p.generation
+        msg.rolling = services.rolling(job)
         msg.placement.CopyFrom(
             jobs_pb2.Placement(
                 master_addr=p.master_addr, master_port=p.master_port, reason=p.reason
@@ -323,6 +337,7 @@ def job_to_pb(
                 env=(rank_env or {}).get(r.rank, {}),
                 restarts=r.restarts,
                 last_failure=r.last_failure,
+                generation=r.generation,
             )
             if r.exit_code is not None:
                 rs.exit_code = r.exit_code

@@ -32,6 +32,12 @@ memory               ``64GiB`` ``64G`` or int MiB            host memory per ran
 min_nvlink_gbps      number                                  training: NVLink floor per GPU, GB/s
 min_net_gbps         number                                  training: inter-node network floor, Gb/s
 on_node_lost         ``requeue`` | ``fail``                  what a lost node does to the job (default requeue)
+max_surge            int                                     inference, rolling update: new replicas started
+                                                             beyond the desired count at once (default 1)
+max_unavailable      int                                     inference, rolling update: replicas that may be
+                                                             short of available meanwhile (default 0)
+min_ready            duration, as time_limit                 inference, rolling update: how long a new
+                                                             replica runs to count as available (10s)
 restart_policy       ``always`` | ``on-failure`` | ``never`` inference: what replaces a replica that ends
                                                              (default on-failure: a non-zero exit, a lost or
                                                              degraded node; never: one failure fails the job)
@@ -351,6 +357,9 @@ FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "min_net_gbps": ("min_net_gbps", _number),
     "on_node_lost": ("on_node_lost", _on_node_lost),
     "restart_policy": ("restart_policy", _restart_policy),
+    "max_surge": ("max_surge", _int),
+    "max_unavailable": ("max_unavailable", _int),
+    "min_ready": ("min_ready_s", parse_duration),
     "preemptible": ("preemptible", _bool),
     "target_tokens_per_s": ("target_tokens_per_s", _number),
     "weights_gb": ("weights_gb", _number),
@@ -529,6 +538,13 @@ def spec_to_mapping(spec: JobSpec | jobs_pb2.JobSpec) -> dict[str, Any]:
         out["on_node_lost"] = str(spec.on_node_lost)
     if spec.restart_policy is not None:
         out["restart_policy"] = str(spec.restart_policy)
+    for key, attr in (
+        ("max_surge", "max_surge"),
+        ("max_unavailable", "max_unavailable"),
+        ("min_ready", "min_ready_s"),
+    ):
+        if getattr(spec, attr) != getattr(default, attr):
+            out[key] = getattr(spec, attr)
     if spec.preemptible:
         out["preemptible"] = True
     if spec.target_tokens_per_s:

@@ -463,6 +463,18 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         job = self.c.scale(job_id, request.replicas, by=call.who.name)
         return _job_view(job, call.who)
 
+    @rpc(Permission.JOBS_OWN, audited=True)
+    def UpdateJob(self, request, context, call: Call):
+        job_id = convert.parse_job_name(request.name)
+        call.target = convert.job_name(job_id)
+        if request.spec.ByteSize() > self.guard.max_spec_bytes:
+            raise InvalidArgument(
+                [FieldViolation("spec", f"is more than {self.guard.max_spec_bytes} bytes")]
+            )
+        job = self._job(call, job_id)
+        spec = convert.spec_from_pb(request.spec, owner=job.spec.owner)
+        return _job_view(self.c.update(job_id, spec, by=call.who.name), call.who)
+
     @rpc(Permission.JOBS_OWN)
     def WatchJobs(self, request, context, call: Call) -> Iterator[jobs_pb2.WatchJobsResponse]:
         only = convert.parse_job_name(request.name) if request.name else None

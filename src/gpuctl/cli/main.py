@@ -411,6 +411,26 @@ def logs(ctx: click.Context, job: str, rank: int, follow: bool) -> None:
 @cli.command()
 @click.argument("job")
 @click.option(
+    "-f",
+    "--file",
+    "job_file",
+    required=True,
+    help="The service's new job file (YAML; - for stdin).",
+)
+@click.pass_context
+def update(ctx: click.Context, job: str, job_file: str) -> None:
+    """Roll an inference service to a new spec: gpuctl update 42 -f serve-v2.yaml"""
+    source = "<stdin>" if job_file == "-" else job_file
+    data = load_job_mapping(job_file)
+    data.setdefault("working_dir", os.getcwd())  # as submit does
+    updated = _client(ctx).update(job, spec_from_mapping(data, source=source))
+    line = f"job {updated.id} updated"
+    click.echo(f"{line}: {updated.reason}" if updated.reason else line)
+
+
+@cli.command()
+@click.argument("job")
+@click.option(
     "--replicas", type=click.IntRange(min=1), required=True, help="The desired replica count."
 )
 @click.pass_context

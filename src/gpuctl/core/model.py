@@ -254,6 +254,12 @@ class JobSpec:
     secret_env: tuple[str, ...] = ()
     # inference: None = on-failure; a training gang is all or nothing (never; `on_node_lost`)
     restart_policy: RestartPolicy | None = None
+    # inference, a rolling update (`gpuctl update`): new replicas placed beyond the desired
+    # count at once, replicas that may be short of available meanwhile, and how long a new
+    # replica must run to count as available
+    max_surge: int = 1
+    max_unavailable: int = 0
+    min_ready_s: int = 10
 
     @property
     def restart(self) -> RestartPolicy:
@@ -299,6 +305,7 @@ class RankPlacement:
     last_failure: str = ""
     started_at: datetime | None = None
     ended_at: datetime | None = None
+    generation: int = 0  # a service's spec this replica runs (see Placement.generation)
 
     @property
     def live(self) -> bool:
@@ -314,6 +321,12 @@ class Placement:
     # A service's next rank number: replicas scaled away are gone from `ranks` but may still be
     # stopping on their nodes, so no new replica takes their number (0: one past the highest).
     next_rank: int = 0
+    # A service's rolling update: the generation of its spec its replicas should run (each
+    # update a new one), and the spec and generation it came from (kept while it rolls, for
+    # a rollback; None when no update is under way).
+    generation: int = 0
+    previous_spec: JobSpec | None = None
+    previous_generation: int = 0
 
     @property
     def node_ids(self) -> tuple[str, ...]:

@@ -23,6 +23,7 @@ from gpuctl.core.lifecycle import exit_text
 from gpuctl.core.model import (
     Job,
     JobKind,
+    JobSpec,
     JobState,
     Placement,
     RankPlacement,
@@ -106,9 +107,15 @@ def due(job: Job, now: datetime) -> tuple[RankPlacement, ...]:
 def extra(job: Job) -> int:
     """Replicas a running service was scaled up by and has not placed yet: the desired count
     beyond its places (every rank of the placement: live, awaiting its replacement, or ended
-    for good, which keeps its place until the service is scaled down)."""
+    for good, which keeps its place until the service is scaled down). While it rolls to a new
+    spec: new replicas up to the desired count, at most `max_surge` beyond it in all."""
     if job.placement is None or job.state is not JobState.RUNNING or not is_service(job):
         return 0
+    if rolling(job):
+        places = [r for r in job.placement.ranks if r.live or awaited(job, r)]
+        new = sum(r.generation == job.placement.generation for r in places)
+        spec = job.spec
+        return max(0, min(spec.replicas - new, spec.replicas + spec.max_surge - len(places)))
     return max(0, job.spec.replicas - len(job.placement.ranks))
 
 
@@ -157,7 +164,12 @@ def summary(job: Job, now: datetime) -> str:
     parts = []
     if live < desired:
         parts.append(f"{live} of {desired} replicas running")
-    if extra(job):
+    if rolling(job):
+        new = sum(r.live and r.generation == job.placement.generation for r in ranks)
+        parts.append(
+            f"updating to generation {job.placement.generation}: {new} of {desired} replicas new"
+        )
+    elif extra(job):
         parts.append(f"placing {extra(job)} more (scaled up)")
     given_up = [r for r in ranks if not r.live and failed(r) and not awaited(job, r)]
     if given_up:
@@ -194,14 +206,17 @@ def merge(job: Job, placed: Placement, now: datetime) -> Job:
     assert job.placement is not None
     old = due(job, now)[: len(placed.ranks)]
     first = _next_rank(job.placement)
+    generation = job.placement.generation  # every new replica runs the spec as it is now
     new = tuple(
-        replace(r, rank=first + i, state=RankState.ASSIGNED)
+        replace(r, rank=first + i, state=RankState.ASSIGNED, generation=generation)
         if i >= len(old)
         else replace(
             r,
             rank=first + i,
             state=RankState.ASSIGNED,
-            restarts=restarts_after(old[i]),
+            generation=generation,
+            # a replica of an older spec failing says nothing of the new one's
+            restarts=restarts_after(old[i]) if old[i].generation == generation else 0,
             last_failure=ended_how(old[i]) if failed(old[i]) else old[i].last_failure,
         )
         for i, r in enumerate(placed.ranks)
@@ -328,3 +343,125 @@ def scale_down(
     )
     scaled = replace(job, spec=replace(job.spec, replicas=replicas), placement=placement)
     return scaled, tuple(r for r in gone if r.live)
+
+
+# -- rolling updates ------------------------------------------------------------------------
+
+ROLLBACK_AFTER = 2  # a new replica failing this many times in a row rolls the update back
+
+
+def rolling(job: Job) -> bool:
+    """Whether replicas of an older spec still run (or await a replacement)."""
+    if job.placement is None or not is_service(job):
+        return False
+    current = job.placement.generation
+    return any(r.generation != current for r in job.placement.ranks if r.live or awaited(job, r))
+
+
+def update(job: Job, spec: JobSpec) -> Job:
+    """The running service set to roll to `spec`: a new generation, the spec it leaves kept
+    for a rollback. Its replicas move over step by step (`roll`)."""
+    assert job.placement is not None
+    p = job.placement
+    generation = max(p.generation, p.previous_generation, *(r.generation for r in p.ranks)) + 1
+    placement = replace(
+        p, generation=generation, previous_spec=job.spec, previous_generation=p.generation
+    )
+    return replace(job, spec=spec, placement=placement)
+
+
+@dataclass(frozen=True, slots=True)
+class Rolled:
+    job: Job
+    stop: tuple[RankPlacement, ...]  # replicas of an older spec to stop now
+    events: tuple[tuple[str, str], ...]  # (type, message)
+    respec: bool = False  # the spec changed (rolled back): write it
+
+
+def roll(job: Job, now: datetime) -> Rolled:
+    """One step of a service's rolling update (Kubernetes' Deployment rules): replicas of the
+    older spec stop as new ones become available (running `min_ready_s`), keeping at least
+    `replicas - max_unavailable` available; the cycle places new ones up to `max_surge` beyond
+    the desired count (`extra`). A new replica that failed `ROLLBACK_AFTER` times in a row
+    rolls the update back: the older spec is the service's again, and its replicas, never
+    stopped beyond what the update allowed, are the current ones."""
+    if job.state is not JobState.RUNNING or not rolling(job):
+        return Rolled(job, (), ())
+    assert job.placement is not None
+    p, spec = job.placement, job.spec
+    current = [r for r in p.ranks if r.generation == p.generation]
+    worst = max(
+        (restarts_after(r) if failed(r) else r.restarts for r in current if r.live or failed(r)),
+        default=0,
+    )
+    if worst >= ROLLBACK_AFTER and p.previous_spec is not None:
+        bad = next(r for r in current if (restarts_after(r) if failed(r) else r.restarts) == worst)
+        why = (
+            f"rolled back to generation {p.previous_generation}: a replica of generation "
+            f"{p.generation} failed {worst} times in a row ({bad.last_failure or ended_how(bad)})"
+        )
+        # The failed spec's ended replicas are not replaced; its live ones stop as the roll
+        # back goes (they are of an older generation now).
+        placement = replace(
+            p,
+            ranks=tuple(r for r in p.ranks if r.live or r.generation != p.generation),
+            generation=p.previous_generation,
+            previous_spec=None,
+            previous_generation=0,
+            next_rank=_next_rank(p),
+        )
+        back = replace(job, spec=p.previous_spec, placement=placement, updated_at=now)
+        return Rolled(replace(back, reason=why), (), (("RolledBack", why),), respec=True)
+    ready = [
+        r
+        for r in p.ranks
+        if r.state is RankState.RUNNING
+        and (
+            r.generation != p.generation
+            or (
+                r.started_at is not None
+                and r.started_at + timedelta(seconds=spec.min_ready_s) <= now
+            )
+        )
+    ]
+    old = [r for r in p.ranks if r.generation != p.generation and (r.live or awaited(job, r))]
+    room = len(ready) - (spec.replicas - spec.max_unavailable)
+    # Old places where nothing runs go first; then old replicas not started, then the newest.
+    order = sorted(old, key=lambda r: (r.live, r.state is RankState.RUNNING, -r.rank))
+    new_ready = sum(r.generation == p.generation for r in ready)
+    stop: list[RankPlacement] = []
+    for r in order:
+        if r not in ready:  # nothing available is lost (awaiting a replacement, not started)
+            stop.append(r)
+        elif room > 0 or new_ready >= spec.replicas:
+            stop.append(r)
+            room -= 1
+    events: list[tuple[str, str]] = []
+    gone = {r.rank for r in stop}
+    ranks = tuple(r for r in p.ranks if r.rank not in gone)
+    placement = replace(p, ranks=ranks, next_rank=_next_rank(p))
+    rolled = replace(job, placement=placement)
+    if not rolling(rolled):
+        placement = replace(placement, previous_spec=None, previous_generation=0)
+        rolled = replace(rolled, placement=placement)
+        events.append(("Updated", f"every replica runs generation {p.generation} of the spec"))
+    if stop:
+        live = [r for r in stop if r.live]
+        if live:
+            events.insert(
+                0,
+                (
+                    "RollingUpdate",
+                    "stopping "
+                    + ", ".join(f"replica {r.rank} on {r.node_id}" for r in live)
+                    + f" (generation {live[0].generation}); {new_ready} of {spec.replicas} new "
+                    "replicas available",
+                ),
+            )
+    if not stop and not events:
+        return Rolled(job, (), ())
+    return Rolled(
+        replace(rolled, updated_at=now, reason=summary(rolled, now)),
+        tuple(r for r in stop if r.live),
+        tuple(events),
+    )

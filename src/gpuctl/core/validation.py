@@ -202,6 +202,16 @@ def spec_violations(spec: JobSpec, prefix: str = "spec.") -> list[FieldViolation
             )
     elif spec.kind is JobKind.INFERENCE:
         _range(out, f("replicas"), spec.replicas, 1, MAX_REPLICAS)
+        _range(out, f("max_surge"), spec.max_surge, 0, MAX_REPLICAS)
+        _range(out, f("max_unavailable"), spec.max_unavailable, 0, MAX_REPLICAS)
+        _range(out, f("min_ready_s"), spec.min_ready_s, 0, 86_400)
+        if spec.max_surge == 0 and spec.max_unavailable == 0:
+            out.append(
+                FieldViolation(
+                    f("max_surge"),
+                    "max_surge and max_unavailable cannot both be 0: an update could not start",
+                )
+            )
         if spec.num_nodes != 1:
             out.append(
                 FieldViolation(

@@ -336,10 +336,72 @@ class Controller:
             if stop:
                 what += "; stopping " + ", ".join(f"replica {r.rank} on {r.node_id}" for r in stop)
             events.insert(0, _job_event(job, now, "Scaled", what))
-            job = self.store.respec_job(job, events)
+            job = self._respec(job, events)
         log.info("job %d scaled: %s", job_id, what)
         self.wake()
         return job
+
+    def update(self, job_id: int, spec: JobSpec, *, by: str = "") -> Job:
+        """Roll an inference service to `spec` (its command, env, resources, replicas...): new
+        replicas are placed beside the old, which stop as the new become available
+        (`services.roll`); a pending one simply takes the new spec."""
+        validate_spec(spec)
+        with self._lock:
+            job = self.store.get_job(job_id)
+            spec = replace(spec, owner=job.spec.owner)
+            if job.spec.kind is not JobKind.INFERENCE or spec.kind is not JobKind.INFERENCE:
+                raise FailedPrecondition(
+                    f"job {job_id}: only an inference service is updated in place; a training "
+                    "job is cancelled and submitted again"
+                )
+            for name in ("queue", "name", "priority"):
+                if getattr(spec, name) != getattr(job.spec, name):
+                    raise InvalidArgument(
+                        [FieldViolation(f"spec.{name}", "cannot change in an update")]
+                    )
+            if job.state.finished or job.state is JobState.CANCELLING:
+                raise FailedPrecondition(f"job {job_id} is {job.state.value}: nothing to update")
+            if job.state is JobState.RUNNING and not services.is_service(job):
+                raise FailedPrecondition(
+                    f"job {job_id} runs with restart policy never: its replicas are fixed"
+                )
+            if spec == job.spec:
+                return job
+            offers = self.leases.offers if self.leases is not None else ()
+            why = never_runs(spec, self._fleet_kinds(self.clock.now()), offers, self.policy)
+            if why:
+                raise FailedPrecondition(f"the updated job could never run: {why}")
+            now = self.clock.now()
+            if job.state is JobState.RUNNING:
+                job = services.update(job, spec)
+                job = replace(job, updated_at=now, reason=services.summary(job, now))
+                assert job.placement is not None
+                what = f"rolling to generation {job.placement.generation}"
+            else:
+                job = replace(job, spec=spec, updated_at=now)
+                what = "the spec replaced before it started"
+            what += f" by {by}" if by else ""
+            job = self._respec(job, [_job_event(job, now, "Update", what)])
+        log.info("job %d: %s", job_id, what)
+        self.wake()
+        return job
+
+    def roll_updates(self) -> None:
+        """A step of every rolling update (`services.roll`): the scheduling loop takes one
+        before each cycle, so old replicas stop as new ones become available."""
+        now = self.clock.now()
+        with self._lock:
+            for job in self.active_jobs.holding():
+                rolled = services.roll(job, now)
+                if rolled.job is job:
+                    continue
+                events = [_job_event(job, now, t, m) for t, m in rolled.events]
+                if rolled.respec:
+                    self._respec(rolled.job, events)
+                else:
+                    self._write([rolled.job], events)
+                for t, m in rolled.events:
+                    log.info("job %d: %s: %s", job.id, t, m)
 
     def drain(self, node_id: str, reason: str = "") -> Node:
         with self._lock:
@@ -629,7 +691,8 @@ class Controller:
     def run_cycle(self) -> CycleResult:
         """One scheduling cycle: snapshot, `core.schedule`, then in one write: requeue the
         preempted, bind what was placed, and leave every waiting job its reason (a blocked
-        gang's reservation among them)."""
+        gang's reservation among them). Rolling updates take their step first."""
+        self.roll_updates()
         with self._lock:
             now = self.clock.now()
             nodes = self.store.list_nodes()
@@ -898,6 +961,12 @@ class Controller:
         return self._write(jobs, events)
 
     # -- internals -----------------------------------------------------------------------
+
+    def _respec(self, job: Job, events: Sequence[Event]) -> Job:
+        """`_write` of one job whose spec changed (scaled, updated, rolled back)."""
+        written = self.store.respec_job(end_ranks(job, self.clock.now()), events)
+        self.feed.publish([written])
+        return written
 
     def _write(self, jobs: Sequence[Job], events: Sequence[Event]) -> tuple[Job, ...]:
         now = self.clock.now()

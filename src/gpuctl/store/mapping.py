@@ -143,7 +143,13 @@ def _spec_from(data: dict[str, Any]) -> JobSpec:
 
 def _placement_from(data: dict[str, Any]) -> Placement:
     known = _known(Placement, data)
-    return Placement(**{**known, "ranks": tuple(_rank_from(r) for r in known.get("ranks", ()))})
+    return Placement(
+        **{
+            **known,
+            "ranks": tuple(_rank_from(r) for r in known.get("ranks", ())),
+            "previous_spec": _maybe(_spec_from, known.get("previous_spec")),
+        }
+    )
 
 
 def _rank_from(data: dict[str, Any]) -> RankPlacement:

@@ -185,6 +185,9 @@ class JobSpec(_message.Message):
     WEIGHTS_GB_FIELD_NUMBER: _builtins.int
     SECRET_ENV_FIELD_NUMBER: _builtins.int
     RESTART_POLICY_FIELD_NUMBER: _builtins.int
+    MAX_SURGE_FIELD_NUMBER: _builtins.int
+    MAX_UNAVAILABLE_FIELD_NUMBER: _builtins.int
+    MIN_READY_FIELD_NUMBER: _builtins.int
     kind: Global___JobKind.ValueType
     name: _builtins.str
     queue: _builtins.str
@@ -221,6 +224,12 @@ class JobSpec(_message.Message):
     """
     weights_gb: _builtins.float
     restart_policy: Global___RestartPolicy.ValueType
+    max_surge: _builtins.int
+    """Inference, a rolling update: new replicas started beyond the desired count at once
+    (unset: 1), replicas that may be short of available meanwhile (0), and how long a new
+    replica must run to count as available (unset: 10 s).
+    """
+    max_unavailable: _builtins.int
     @_builtins.property
     def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -235,6 +244,8 @@ class JobSpec(_message.Message):
         submission (describe, json, logs and the daemon's log show them as "<secret>").
         """
 
+    @_builtins.property
+    def min_ready(self) -> _duration_pb2.Duration: ...
     def __init__(
         self,
         *,
@@ -262,15 +273,22 @@ class JobSpec(_message.Message):
         weights_gb: _builtins.float = ...,
         secret_env: _abc.Iterable[_builtins.str] | None = ...,
         restart_policy: Global___RestartPolicy.ValueType = ...,
+        max_surge: _builtins.int | None = ...,
+        max_unavailable: _builtins.int = ...,
+        min_ready: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_num_nodes", b"_num_nodes", "_replicas", b"_replicas", "num_nodes", b"num_nodes", "replicas", b"replicas", "time_limit", b"time_limit"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_surge", b"_max_surge", "_num_nodes", b"_num_nodes", "_replicas", b"_replicas", "max_surge", b"max_surge", "min_ready", b"min_ready", "num_nodes", b"num_nodes", "replicas", b"replicas", "time_limit", b"time_limit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_num_nodes", b"_num_nodes", "_replicas", b"_replicas", "command", b"command", "cpu_milli", b"cpu_milli", "env", b"env", "gpu_memory_mib", b"gpu_memory_mib", "gpu_milli", b"gpu_milli", "gpu_model", b"gpu_model", "gpus_per_node", b"gpus_per_node", "kind", b"kind", "memory_mib", b"memory_mib", "min_net_gbps", b"min_net_gbps", "min_nvlink_gbps", b"min_nvlink_gbps", "name", b"name", "num_nodes", b"num_nodes", "on_node_lost", b"on_node_lost", "preemptible", b"preemptible", "priority", b"priority", "queue", b"queue", "replicas", b"replicas", "restart_policy", b"restart_policy", "secret_env", b"secret_env", "target_tokens_per_s", b"target_tokens_per_s", "time_limit", b"time_limit", "weights_gb", b"weights_gb", "working_dir", b"working_dir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_surge", b"_max_surge", "_num_nodes", b"_num_nodes", "_replicas", b"_replicas", "command", b"command", "cpu_milli", b"cpu_milli", "env", b"env", "gpu_memory_mib", b"gpu_memory_mib", "gpu_milli", b"gpu_milli", "gpu_model", b"gpu_model", "gpus_per_node", b"gpus_per_node", "kind", b"kind", "max_surge", b"max_surge", "max_unavailable", b"max_unavailable", "memory_mib", b"memory_mib", "min_net_gbps", b"min_net_gbps", "min_nvlink_gbps", b"min_nvlink_gbps", "min_ready", b"min_ready", "name", b"name", "num_nodes", b"num_nodes", "on_node_lost", b"on_node_lost", "preemptible", b"preemptible", "priority", b"priority", "queue", b"queue", "replicas", b"replicas", "restart_policy", b"restart_policy", "secret_env", b"secret_env", "target_tokens_per_s", b"target_tokens_per_s", "time_limit", b"time_limit", "weights_gb", b"weights_gb", "working_dir", b"working_dir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_surge: _TypeAlias = _typing.Literal["max_surge"]  # noqa: Y015
+    _WhichOneofArgType__max_surge: _TypeAlias = _typing.Literal["_max_surge", b"_max_surge"]  # noqa: Y015
     _WhichOneofReturnType__num_nodes: _TypeAlias = _typing.Literal["num_nodes"]  # noqa: Y015
     _WhichOneofArgType__num_nodes: _TypeAlias = _typing.Literal["_num_nodes", b"_num_nodes"]  # noqa: Y015
     _WhichOneofReturnType__replicas: _TypeAlias = _typing.Literal["replicas"]  # noqa: Y015
     _WhichOneofArgType__replicas: _TypeAlias = _typing.Literal["_replicas", b"_replicas"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_surge) -> _WhichOneofReturnType__max_surge | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__num_nodes) -> _WhichOneofReturnType__num_nodes | None: ...
     @_typing.overload
@@ -314,6 +332,7 @@ class RankStatus(_message.Message):
     LAST_FAILURE_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
     rank: _builtins.int
     node: _builtins.str
     gpu_milli: _builtins.int
@@ -326,6 +345,8 @@ class RankStatus(_message.Message):
     one ran 10 minutes), and how the last of them ended.
     """
     last_failure: _builtins.str
+    generation: _builtins.int
+    """the service's spec it runs (Job.generation: the one it should)"""
     @_builtins.property
     def gpu_indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
@@ -351,10 +372,11 @@ class RankStatus(_message.Message):
         last_failure: _builtins.str = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        generation: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "end_time", b"end_time", "exit_code", b"exit_code", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "end_time", b"end_time", "env", b"env", "exit_code", b"exit_code", "gpu_indices", b"gpu_indices", "gpu_milli", b"gpu_milli", "last_failure", b"last_failure", "message", b"message", "node", b"node", "rank", b"rank", "restarts", b"restarts", "start_time", b"start_time", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "end_time", b"end_time", "env", b"env", "exit_code", b"exit_code", "generation", b"generation", "gpu_indices", b"gpu_indices", "gpu_milli", b"gpu_milli", "last_failure", b"last_failure", "message", b"message", "node", b"node", "rank", b"rank", "restarts", b"restarts", "start_time", b"start_time", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
     _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015
@@ -412,6 +434,8 @@ class Job(_message.Message):
     REVISION_FIELD_NUMBER: _builtins.int
     EVENTS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    ROLLING_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """"jobs/{id}" """
     id: _builtins.int
@@ -423,6 +447,11 @@ class Job(_message.Message):
     attempt: _builtins.int
     revision: _builtins.int
     request_id: _builtins.str
+    generation: _builtins.int
+    """A service: the generation of its spec (each update a new one), and whether a rolling
+    update is under way (replicas of an older generation still run).
+    """
+    rolling: _builtins.bool
     @_builtins.property
     def spec(self) -> Global___JobSpec: ...
     @_builtins.property
@@ -458,10 +487,12 @@ class Job(_message.Message):
         revision: _builtins.int = ...,
         events: _abc.Iterable[_events_pb2.Event] | None = ...,
         request_id: _builtins.str = ...,
+        generation: _builtins.int = ...,
+        rolling: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "create_time", b"create_time", "end_time", b"end_time", "exit_code", b"exit_code", "placement", b"placement", "spec", b"spec", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "attempt", b"attempt", "create_time", b"create_time", "end_time", b"end_time", "events", b"events", "exit_code", b"exit_code", "id", b"id", "name", b"name", "owner", b"owner", "placement", b"placement", "reason", b"reason", "request_id", b"request_id", "revision", b"revision", "spec", b"spec", "start_time", b"start_time", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "attempt", b"attempt", "create_time", b"create_time", "end_time", b"end_time", "events", b"events", "exit_code", b"exit_code", "generation", b"generation", "id", b"id", "name", b"name", "owner", b"owner", "placement", b"placement", "reason", b"reason", "request_id", b"request_id", "revision", b"revision", "rolling", b"rolling", "spec", b"spec", "start_time", b"start_time", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
     _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015
@@ -593,6 +624,29 @@ class CancelJobRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CancelJobRequest: _TypeAlias = CancelJobRequest  # noqa: Y015
+
+@_typing.final
+class UpdateJobRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SPEC_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    @_builtins.property
+    def spec(self) -> Global___JobSpec: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        spec: Global___JobSpec | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "spec", b"spec"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateJobRequest: _TypeAlias = UpdateJobRequest  # noqa: Y015
 
 @_typing.final
 class ScaleJobRequest(_message.Message):

@@ -60,6 +60,11 @@ class JobServiceStub:
                 request_serializer=gpuctl_dot_v1_dot_jobs__pb2.ScaleJobRequest.SerializeToString,
                 response_deserializer=gpuctl_dot_v1_dot_jobs__pb2.Job.FromString,
                 _registered_method=True)
+        self.UpdateJob = channel.unary_unary(
+                '/gpuctl.v1.JobService/UpdateJob',
+                request_serializer=gpuctl_dot_v1_dot_jobs__pb2.UpdateJobRequest.SerializeToString,
+                response_deserializer=gpuctl_dot_v1_dot_jobs__pb2.Job.FromString,
+                _registered_method=True)
         self.WatchJobs = channel.unary_stream(
                 '/gpuctl.v1.JobService/WatchJobs',
                 request_serializer=gpuctl_dot_v1_dot_jobs__pb2.WatchJobsRequest.SerializeToString,
@@ -110,6 +115,15 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateJob(self, request, context):
+        """Rolls an inference service to a new spec (command, env, resources, replicas): new
+        replicas start beside the old, which stop as the new become available; a new replica
+        that keeps failing rolls it back. Kind, queue, name and priority cannot change.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchJobs(self, request, context):
         """Streams every change to jobs after since_revision (0: the current state first).
         """
@@ -150,6 +164,11 @@ def add_JobServiceServicer_to_server(servicer, server):
             'ScaleJob': grpc.unary_unary_rpc_method_handler(
                     servicer.ScaleJob,
                     request_deserializer=gpuctl_dot_v1_dot_jobs__pb2.ScaleJobRequest.FromString,
+                    response_serializer=gpuctl_dot_v1_dot_jobs__pb2.Job.SerializeToString,
+            ),
+            'UpdateJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateJob,
+                    request_deserializer=gpuctl_dot_v1_dot_jobs__pb2.UpdateJobRequest.FromString,
                     response_serializer=gpuctl_dot_v1_dot_jobs__pb2.Job.SerializeToString,
             ),
             'WatchJobs': grpc.unary_stream_rpc_method_handler(
@@ -298,6 +317,33 @@ class JobService:
             target,
             '/gpuctl.v1.JobService/ScaleJob',
             gpuctl_dot_v1_dot_jobs__pb2.ScaleJobRequest.SerializeToString,
+            gpuctl_dot_v1_dot_jobs__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpuctl.v1.JobService/UpdateJob',
+            gpuctl_dot_v1_dot_jobs__pb2.UpdateJobRequest.SerializeToString,
             gpuctl_dot_v1_dot_jobs__pb2.Job.FromString,
             options,
             channel_credentials,

@@ -43,6 +43,11 @@ class JobServiceStub:
     """Sets an inference job's desired replicas: scaling up, the cycle places the new ones;
     scaling down stops the replicas whose going frees the most (whole nodes first).
     """
+    UpdateJob: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.UpdateJobRequest, _jobs_pb2.Job]
+    """Rolls an inference service to a new spec (command, env, resources, replicas): new
+    replicas start beside the old, which stop as the new become available; a new replica
+    that keeps failing rolls it back. Kind, queue, name and priority cannot change.
+    """
     WatchJobs: _grpc.UnaryStreamMultiCallable[_jobs_pb2.WatchJobsRequest, _jobs_pb2.WatchJobsResponse]
     """Streams every change to jobs after since_revision (0: the current state first)."""
     StreamJobLogs: _grpc.UnaryStreamMultiCallable[_jobs_pb2.StreamJobLogsRequest, _jobs_pb2.LogChunk]
@@ -62,6 +67,11 @@ class JobServiceAsyncStub(JobServiceStub):
     ScaleJob: _aio.UnaryUnaryMultiCallable[_jobs_pb2.ScaleJobRequest, _jobs_pb2.Job]  # type: ignore[assignment]
     """Sets an inference job's desired replicas: scaling up, the cycle places the new ones;
     scaling down stops the replicas whose going frees the most (whole nodes first).
+    """
+    UpdateJob: _aio.UnaryUnaryMultiCallable[_jobs_pb2.UpdateJobRequest, _jobs_pb2.Job]  # type: ignore[assignment]
+    """Rolls an inference service to a new spec (command, env, resources, replicas): new
+    replicas start beside the old, which stop as the new become available; a new replica
+    that keeps failing rolls it back. Kind, queue, name and priority cannot change.
     """
     WatchJobs: _aio.UnaryStreamMultiCallable[_jobs_pb2.WatchJobsRequest, _jobs_pb2.WatchJobsResponse]  # type: ignore[assignment]
     """Streams every change to jobs after since_revision (0: the current state first)."""
@@ -109,6 +119,17 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_jobs_pb2.Job, _abc.Awaitable[_jobs_pb2.Job]]:
         """Sets an inference job's desired replicas: scaling up, the cycle places the new ones;
         scaling down stops the replicas whose going frees the most (whole nodes first).
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateJob(
+        self,
+        request: _jobs_pb2.UpdateJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.Job, _abc.Awaitable[_jobs_pb2.Job]]:
+        """Rolls an inference service to a new spec (command, env, resources, replicas): new
+        replicas start beside the old, which stop as the new become available; a new replica
+        that keeps failing rolls it back. Kind, queue, name and priority cannot change.
         """
 
     @_abc_1.abstractmethod
