@@ -519,3 +519,22 @@ def test_an_update_may_not_change_what_the_job_is_filed_under(ctl):
     with pytest.raises(FailedPrecondition, match="only an inference service"):
         ctl.update(gang.id, service(2))
     assert ctl.update(job.id, job.spec) == ctl.store.get_job(job.id)  # the same spec: no-op
+
+
+def test_each_replica_gets_a_port_no_other_live_replica_on_its_node_has(ctl):
+    job = start(ctl, service(2))
+    other = ctl.submit(service(1))
+    ctl.run_cycle()
+    ports = {
+        r.port
+        for j in (job, ctl.store.get_job(other.id))
+        for r in ctl.store.get_job(j.id).placement.ranks
+    }
+    assert ports == {31000, 31001, 31002}
+    job = crash(ctl, ctl.store.get_job(job.id), 0)  # its port is free again
+    ctl.run_cycle()
+    job = ctl.store.get_job(job.id)
+    new = next(r for r in job.placement.ranks if r.rank == 2)
+    assert new.port == 31000
+    (assignment,) = ctl.heartbeat("a", []).assignments[-1:]
+    assert assignment.env["GPUCTL_PORT"] == str(assignment.rank.port)

@@ -113,6 +113,7 @@ def placement() -> Placement:
                 started_at=T0.astimezone(IST) + timedelta(minutes=1),
                 ended_at=T0 + timedelta(minutes=2, microseconds=7),
                 generation=3,
+                port=31004,
             ),
             RankPlacement(rank=1, node_id="n2", gpu_indices=(3,)),
         ),

@@ -39,6 +39,8 @@ def rank_env(
         env["GPUCTL_GPU_MILLI"] = str(rank.gpu_milli)
     if spec.kind is JobKind.INFERENCE:
         env["GPUCTL_REPLICA_INDEX"] = str(rank.rank)
+        if rank.port:
+            env["GPUCTL_PORT"] = str(rank.port)  # no other replica on the node has it
         env["GPUCTL_NUM_REPLICAS"] = str(spec.replicas)  # desired, when this one was placed
         return env
     nnodes, nproc = len(placement.ranks), spec.gpus_per_node

@@ -306,6 +306,7 @@ class RankPlacement:
     started_at: datetime | None = None
     ended_at: datetime | None = None
     generation: int = 0  # a service's spec this replica runs (see Placement.generation)
+    port: int = 0  # an inference replica's own port on its node ($GPUCTL_PORT); 0: none
 
     @property
     def live(self) -> bool:

@@ -48,6 +48,8 @@ class DaemonConfig:
     kill_grace_s: float = 10.0
     master_port_base: int = 29500
     master_port_range: int = 1000
+    replica_port_base: int = 31000
+    replica_port_range: int = 9000
     max_log_bytes_per_rank: int = 64 * 1024 * 1024
     max_log_bytes_per_job: int = 1024 * 1024 * 1024
     max_log_bytes_total: int = 50 * 1024 * 1024 * 1024
@@ -157,6 +159,8 @@ _KEYS: dict[str, str] = {
     "jobs.kill_grace_s": "kill_grace_s",
     "jobs.master_port_base": "master_port_base",
     "jobs.master_port_range": "master_port_range",
+    "jobs.replica_port_base": "replica_port_base",
+    "jobs.replica_port_range": "replica_port_range",
     "jobs.max_log_bytes_per_rank": "max_log_bytes_per_rank",
     "jobs.max_log_bytes_per_job": "max_log_bytes_per_job",
     "jobs.max_log_bytes_total": "max_log_bytes_total",

@@ -76,6 +76,8 @@ class ControllerSettings:
     kill_grace_s: float = 10.0
     master_port_base: int = 29500
     master_port_range: int = 1000
+    replica_port_base: int = 31000
+    replica_port_range: int = 9000
     job_retention_s: float = 30 * 86400.0  # finished jobs, their events and logs; 0: forever
     audit_retention_s: float = 365 * 86400.0  # 0: forever
 
@@ -723,8 +725,11 @@ class Controller:
             changed: list[Job] = []
             events: list[Event] = []
             self._requeue_preempted(result, by_id, now, changed, events)
+            ports = _Ports(self.settings, self.active_jobs)
             for binding in result.bindings:
                 job = by_id[binding.job_id]
+                if job.spec.kind is JobKind.INFERENCE:
+                    binding = replace(binding, placement=ports.give(binding.placement))
                 if job.state is not JobState.PENDING:  # a running service's replacements
                     merged = services.merge(job, binding.placement, now)
                     changed.append(merged)
@@ -1184,6 +1189,33 @@ class Controller:
             )
         )
         return lease_id
+
+
+class _Ports:
+    """Ports for new inference replicas: on each node, the lowest of the configured range
+    that no live replica there has (nor one given in this cycle)."""
+
+    def __init__(self, settings: ControllerSettings, active: ActiveJobs) -> None:
+        self._settings = settings
+        self._active = active
+        self._taken: dict[str, set[int]] = {}
+
+    def give(self, placement: Placement) -> Placement:
+        ranks = []
+        for r in placement.ranks:
+            taken = self._taken.get(r.node_id)
+            if taken is None:
+                taken = self._taken[r.node_id] = {
+                    x.port
+                    for j in self._active.holding(r.node_id)
+                    for x in (j.placement.ranks if j.placement is not None else ())
+                    if x.node_id == r.node_id and x.live and x.port
+                }
+            base, size = self._settings.replica_port_base, self._settings.replica_port_range
+            port = next((p for p in range(base, base + size) if p not in taken), 0)
+            taken.add(port)
+            ranks.append(replace(r, port=port))
+        return replace(placement, ranks=tuple(ranks))
 
 
 def _as_seen(decided: Decided, active: dict[int, Job]) -> CycleResult:

@@ -145,6 +145,8 @@ def serve(
             kill_grace_s=config.kill_grace_s,
             master_port_base=config.master_port_base,
             master_port_range=config.master_port_range,
+            replica_port_base=config.replica_port_base,
+            replica_port_range=config.replica_port_range,
             job_retention_s=config.retention_days * 86400.0,
             audit_retention_s=config.audit_retention_days * 86400.0,
         ),
