@@ -347,7 +347,7 @@ def test_a_service_short_of_a_replica_shows_it_in_jobs_and_describe(api, gpuctl)
     )
     job.start_time.FromDatetime(FIXED_NOW)
     ranks = job.placement.ranks
-    ranks.add(rank=0, node="gpu-01", gpu_indices=[0], gpu_milli=1000, state=2)
+    ranks.add(rank=0, node="gpu-01", gpu_indices=[0], gpu_milli=1000, state=2, ready=True)
     ranks.add(rank=1, node="gpu-01", gpu_indices=[1], gpu_milli=1000, state=3, exit_code=1)
     ranks.add(
         rank=3,
@@ -357,6 +357,7 @@ def test_a_service_short_of_a_replica_shows_it_in_jobs_and_describe(api, gpuctl)
         state=2,
         restarts=1,
         last_failure="exited with 1",
+        ready=True,
     )
     api.jobs.put(job)
 
@@ -365,7 +366,9 @@ def test_a_service_short_of_a_replica_shows_it_in_jobs_and_describe(api, gpuctl)
     assert row[7:10] == ["2", "2", "2/3"]  # nodes and GPUs of the live replicas, 2 of 3 run
     assert row[13] == "1"  # restarts
     out = gpuctl("describe", "4").stdout
-    assert "Replicas:   2 running of 3 desired; restart policy on-failure" in out.splitlines()
+    assert "Replicas:   2 ready, 2 running of 3 desired; restart policy on-failure" in (
+        out.splitlines()
+    )
     placement = out.split("Placement:")[1].splitlines()
     assert [r.split()[:8] for r in placement if r.strip().startswith(("1 ", "3 "))] == [
         ["1", "gpu-01", "1", "1", "exited", "1", "0", "-"],

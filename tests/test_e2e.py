@@ -276,3 +276,47 @@ def test_a_rolling_update_moves_a_service_over_and_a_failing_one_rolls_back(clus
     assert all(alive(pid) for pid in new)
     assert job_json(cluster, job_id)["generation"] == 1
     cluster.gpuctl("cancel", job_id)
+
+
+SERVER = (
+    "import http.server, os, time; time.sleep(2); "
+    "http.server.ThreadingHTTPServer(('127.0.0.1', int(os.environ['GPUCTL_PORT'])), "
+    "http.server.SimpleHTTPRequestHandler).serve_forever()"
+)
+
+
+def test_a_replica_is_ready_once_the_agents_probe_reaches_its_port(cluster, tmp_path):
+    cluster.start_agent(node("gpu-1"))
+    wait_until(lambda: nodes_ready(cluster, 1), what="the node to register")
+    spec = tmp_path / "serve.yaml"
+    spec.write_text(
+        json.dumps(
+            {
+                "kind": "inference",
+                "replicas": 2,
+                "gpus_per_node": 1,
+                "readiness_http": "/",
+                "working_dir": str(tmp_path),
+                "command": [sys.executable, "-c", SERVER],
+            }
+        )
+    )
+    job_id = cluster.gpuctl("submit", "--parsable", "-f", str(spec)).stdout.strip()
+    wait_until(
+        lambda: (
+            {
+                r.get("state")
+                for r in job_json(cluster, job_id).get("placement", {}).get("ranks", [])
+            }
+            == {"RANK_STATE_RUNNING"}
+        ),
+        what="both replicas to run",
+    )
+    assert "0/2" in cluster.gpuctl("jobs").stdout.splitlines()[1].split()  # not serving yet
+    wait_until(
+        lambda: "2/2" in cluster.gpuctl("jobs").stdout.splitlines()[1].split(),
+        what="both replicas to answer their probe",
+    )
+    ports = {r["port"] for r in job_json(cluster, job_id)["placement"]["ranks"]}
+    assert len(ports) == 2  # one node, a port each
+    cluster.gpuctl("cancel", job_id)

@@ -92,6 +92,8 @@ def full_spec() -> JobSpec:
         max_surge=2,
         max_unavailable=1,
         min_ready_s=30,
+        readiness_http="/health",  # (validation takes one of the two; the store keeps both)
+        readiness_tcp=True,
     )
 
 
@@ -114,6 +116,7 @@ def placement() -> Placement:
                 ended_at=T0 + timedelta(minutes=2, microseconds=7),
                 generation=3,
                 port=31004,
+                ready=True,
             ),
             RankPlacement(rank=1, node_id="n2", gpu_indices=(3,)),
         ),

@@ -25,6 +25,7 @@ from gpuctl.agent.health import (
 )
 from gpuctl.agent.logship import LogShipper
 from gpuctl.agent.probe import NodeFacts, Probe
+from gpuctl.agent.readiness import Readiness
 from gpuctl.agent.runner import DEFAULT_KILL_GRACE_S, Launch, RankExit, RankKey, Runner
 from gpuctl.api._pb.agent.v1 import agent_pb2, agent_pb2_grpc
 from gpuctl.api._pb.v1 import jobs_pb2
@@ -146,6 +147,7 @@ def launch_from_pb(a: agent_pb2.Assignment) -> Launch:
             else DEFAULT_KILL_GRACE_S
         ),
         owner=a.owner,
+        readiness=Readiness.of(a.port, a.readiness_http, a.readiness_tcp),
     )
 
 
@@ -203,6 +205,8 @@ class AgentLoop:
         self._fenced = False
 
         self._seen: set[RankKey] = set()  # every rank ever started: assignments are re-sent
+        self._ready: set[RankKey] = set()  # running, and their readiness probe passed
+        self._probes: dict[RankKey, Readiness | None] = {}  # each running rank's, read once
         self._exited: dict[RankKey, RankExit] = {}  # exited, log not yet all shipped
         self._logs_refused: set[RankKey] = set()  # the daemon will not take these logs
         self._outbox: deque[agent_pb2.ReportRankStatusRequest] = deque()
@@ -362,7 +366,10 @@ class AgentLoop:
 
     def _heartbeat(self) -> None:
         self._next_heartbeat = self._clock.monotonic() + self._heartbeat_s
-        request = agent_pb2.HeartbeatRequest(node_name=self._node_name, running=_refs(self.held()))
+        held = self.held()
+        request = agent_pb2.HeartbeatRequest(
+            node_name=self._node_name, running=_refs(held), ready=_refs(self._probe_ready())
+        )
         self._add_health(request)
         try:
             response = self._stub.Heartbeat(request, timeout=self._rpc_timeout)
@@ -435,6 +442,20 @@ class AgentLoop:
         self._register()
 
     # -- ranks ----------------------------------------------------------------------------
+
+    def _probe_ready(self) -> set[RankKey]:
+        """The running ranks that passed their readiness probe: each probed until it passes
+        (then it stays ready), a rank with no probe not at all."""
+        running = set(self._runner.running())
+        self._ready &= running
+        self._probes = {k: v for k, v in self._probes.items() if k in running}
+        for key in sorted(running - self._ready):
+            if key not in self._probes:
+                self._probes[key] = self._runner.readiness(key)
+            readiness = self._probes[key]
+            if readiness is not None and readiness.passes():
+                self._ready.add(key)
+        return self._ready
 
     def _start(self, launch: Launch) -> None:
         self._seen.add(launch.key)

@@ -19,12 +19,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import psutil
 
+from gpuctl.agent.readiness import Readiness
 from gpuctl.agent.shim import (
     EXIT_CANNOT_EXECUTE,
     EXIT_FILE,
@@ -111,6 +112,7 @@ class Launch:
     working_dir: str = ""  # "" = a fresh directory of the rank's under the state dir
     kill_grace_s: float = DEFAULT_KILL_GRACE_S
     owner: str = ""  # the submitting user: the account the rank runs as, where it exists
+    readiness: Readiness | None = None  # an inference replica's probe
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -486,6 +488,8 @@ class Runner:
                 "max_log_bytes": self._max_log_bytes,
                 "rank_id": rank_id,
                 "kill_grace_s": launch.kill_grace_s,
+                # for the agent alone (the supervisor ignores it): a restarted agent probes on
+                "readiness": None if launch.readiness is None else asdict(launch.readiness),
             },
         )
         return self._start_shim(key, rank_id, launch.kill_grace_s, launch.command[0])
@@ -622,6 +626,18 @@ class Runner:
             del self._running[key]
             exits.append(self._finished(r))
         return exits
+
+    def readiness(self, key: RankKey) -> Readiness | None:
+        """The readiness probe the rank was started with (kept in its launch file)."""
+        data = (read_json(self.rank_dir(key) / LAUNCH_FILE) or {}).get("readiness")
+        if not isinstance(data, dict):
+            return None
+        try:
+            return Readiness.of(
+                int(data.get("port", 0)), str(data.get("http_path", "")), bool(data.get("tcp"))
+            )
+        except (TypeError, ValueError):
+            return None
 
     def mark_reported(self, key: RankKey) -> None:
         """The daemon acknowledged the rank's EXITED report: a restarted agent must not

@@ -208,6 +208,8 @@ def spec_to_pb(spec: JobSpec) -> jobs_pb2.JobSpec:
         restart_policy=RESTART_POLICY[spec.restart_policy] if spec.restart_policy else 0,
         max_surge=spec.max_surge,
         max_unavailable=spec.max_unavailable,
+        readiness_http=spec.readiness_http,
+        readiness_tcp=spec.readiness_tcp,
     )
     if spec.time_limit_s:
         msg.time_limit.CopyFrom(duration(spec.time_limit_s))
@@ -267,6 +269,8 @@ def spec_from_pb(msg: jobs_pb2.JobSpec, *, owner: str = "") -> JobSpec:
         max_surge=msg.max_surge if msg.HasField("max_surge") else 1,
         max_unavailable=msg.max_unavailable,
         min_ready_s=msg.min_ready.seconds if msg.HasField("min_ready") else 10,
+        readiness_http=msg.readiness_http,
+        readiness_tcp=msg.readiness_tcp,
     )
 
 
@@ -338,6 +342,8 @@ def job_to_pb(
                 restarts=r.restarts,
                 last_failure=r.last_failure,
                 generation=r.generation,
+                port=r.port,
+                ready=r.ready or (r.state is RankState.RUNNING and not job.spec.probed),
             )
             if r.exit_code is not None:
                 rs.exit_code = r.exit_code

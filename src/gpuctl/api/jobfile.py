@@ -38,6 +38,9 @@ max_unavailable      int                                     inference, rolling 
                                                              short of available meanwhile (default 0)
 min_ready            duration, as time_limit                 inference, rolling update: how long a new
                                                              replica runs to count as available (10s)
+readiness_http       string, a path such as ``/health``      inference: the agent GETs it on the replica's
+                                                             $GPUCTL_PORT; 2xx/3xx is ready
+readiness_tcp        bool                                    inference: ready once $GPUCTL_PORT accepts
 restart_policy       ``always`` | ``on-failure`` | ``never`` inference: what replaces a replica that ends
                                                              (default on-failure: a non-zero exit, a lost or
                                                              degraded node; never: one failure fails the job)
@@ -360,6 +363,8 @@ FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "max_surge": ("max_surge", _int),
     "max_unavailable": ("max_unavailable", _int),
     "min_ready": ("min_ready_s", parse_duration),
+    "readiness_http": ("readiness_http", _str),
+    "readiness_tcp": ("readiness_tcp", _bool),
     "preemptible": ("preemptible", _bool),
     "target_tokens_per_s": ("target_tokens_per_s", _number),
     "weights_gb": ("weights_gb", _number),
@@ -542,6 +547,8 @@ def spec_to_mapping(spec: JobSpec | jobs_pb2.JobSpec) -> dict[str, Any]:
         ("max_surge", "max_surge"),
         ("max_unavailable", "max_unavailable"),
         ("min_ready", "min_ready_s"),
+        ("readiness_http", "readiness_http"),
+        ("readiness_tcp", "readiness_tcp"),
     ):
         if getattr(spec, attr) != getattr(default, attr):
             out[key] = getattr(spec, attr)

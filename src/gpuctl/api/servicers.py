@@ -787,11 +787,13 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         violations = health_issue_violations(issues)
         if violations:
             raise InvalidArgument(violations)
-        if len(request.running) > MAX_RUNNING_REFS:
-            raise InvalidArgument([FieldViolation("running", f"at most {MAX_RUNNING_REFS} ranks")])
+        for name in ("running", "ready"):
+            if len(getattr(request, name)) > MAX_RUNNING_REFS:
+                raise InvalidArgument([FieldViolation(name, f"at most {MAX_RUNNING_REFS} ranks")])
         result = self.c.heartbeat(
             request.node_name,
             [self._ref(r) for r in request.running],
+            ready=[self._ref(r) for r in request.ready],
             health_issues=issues,
             profile=validate_profile(convert.profile_from_pb(request.profile))
             if request.HasField("profile")
@@ -811,6 +813,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 gpu_indices=list(a.rank.gpu_indices),
                 kill_grace=convert.duration(a.kill_grace_s),
                 owner=self.guard.runas.account_for(a.job.spec.owner),
+                port=a.rank.port,
+                readiness_http=a.job.spec.readiness_http,
+                readiness_tcp=a.job.spec.readiness_tcp,
             )
             for a in result.assignments
         )

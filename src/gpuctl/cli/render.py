@@ -201,11 +201,11 @@ def job_nodes(job: jobs_pb2.Job) -> list[str]:
 
 
 def replicas(job: jobs_pb2.Job) -> str:
-    """An inference job's "running/desired" replicas ("-" for training, or before it runs)."""
+    """An inference job's "ready/desired" replicas ("-" for training, or before it runs)."""
     if job.spec.kind != jobs_pb2.JOB_KIND_INFERENCE or not job.placement.ranks:
         return "-"
-    running = sum(r.state == jobs_pb2.RANK_STATE_RUNNING for r in job.placement.ranks)
-    return f"{running}/{_replicas(job.spec)}"
+    ready = sum(r.state == jobs_pb2.RANK_STATE_RUNNING and r.ready for r in job.placement.ranks)
+    return f"{ready}/{_replicas(job.spec)}"
 
 
 def _gpus_held(job: jobs_pb2.Job) -> str:
@@ -335,7 +335,8 @@ def describe_job(job: jobs_pb2.Job, *, now: datetime) -> str:
         running = sum(r.state == jobs_pb2.RANK_STATE_RUNNING for r in live)
         assigned = len(live) - running
         restart = enum_name(jobs_pb2.RestartPolicy, spec.restart_policy, "RESTART_POLICY_")
-        line = f"{running} running of {_replicas(spec)} desired"
+        ready = sum(r.ready for r in live)
+        line = f"{ready} ready, {running} running of {_replicas(spec)} desired"
         if assigned:
             line += f", {assigned} starting"
         line += f"; restart policy {restart if spec.restart_policy else 'on-failure'}"

@@ -260,6 +260,15 @@ class JobSpec:
     max_surge: int = 1
     max_unavailable: int = 0
     min_ready_s: int = 10
+    # inference: the readiness probe the agent runs against the replica's $GPUCTL_PORT on its
+    # node: an HTTP GET of this path (2xx or 3xx is ready), or a TCP connect; none: a replica
+    # is ready once its process runs
+    readiness_http: str = ""
+    readiness_tcp: bool = False
+
+    @property
+    def probed(self) -> bool:
+        return bool(self.readiness_http or self.readiness_tcp)
 
     @property
     def restart(self) -> RestartPolicy:
@@ -307,6 +316,7 @@ class RankPlacement:
     ended_at: datetime | None = None
     generation: int = 0  # a service's spec this replica runs (see Placement.generation)
     port: int = 0  # an inference replica's own port on its node ($GPUCTL_PORT); 0: none
+    ready: bool = False  # its readiness probe passed (once: it then stays ready)
 
     @property
     def live(self) -> bool:

@@ -350,6 +350,19 @@ def scale_down(
 ROLLBACK_AFTER = 2  # a new replica failing this many times in a row rolls the update back
 
 
+def available(job: Job, rank: RankPlacement, now: datetime) -> bool:
+    """Whether a running replica counts as available in a rolling update: an older spec's
+    running one does; a new one once its readiness probe passed (if the spec has one) and it
+    has run `min_ready_s`."""
+    assert job.placement is not None
+    if rank.generation != job.placement.generation:
+        return True
+    if job.spec.probed and not rank.ready:
+        return False
+    started = rank.started_at
+    return started is not None and started + timedelta(seconds=job.spec.min_ready_s) <= now
+
+
 def rolling(job: Job) -> bool:
     """Whether replicas of an older spec still run (or await a replacement)."""
     if job.placement is None or not is_service(job):
@@ -412,18 +425,7 @@ def roll(job: Job, now: datetime) -> Rolled:
         )
         back = replace(job, spec=p.previous_spec, placement=placement, updated_at=now)
         return Rolled(replace(back, reason=why), (), (("RolledBack", why),), respec=True)
-    ready = [
-        r
-        for r in p.ranks
-        if r.state is RankState.RUNNING
-        and (
-            r.generation != p.generation
-            or (
-                r.started_at is not None
-                and r.started_at + timedelta(seconds=spec.min_ready_s) <= now
-            )
-        )
-    ]
+    ready = [r for r in p.ranks if r.state is RankState.RUNNING and available(job, r, now)]
     old = [r for r in p.ranks if r.generation != p.generation and (r.live or awaited(job, r))]
     room = len(ready) - (spec.replicas - spec.max_unavailable)
     # Old places where nothing runs go first; then old replicas not started, then the newest.

@@ -193,6 +193,13 @@ def spec_violations(spec: JobSpec, prefix: str = "spec.") -> list[FieldViolation
                     f("replicas"), "is for inference; a training job is sized by num_nodes"
                 )
             )
+        if spec.readiness_http or spec.readiness_tcp:
+            out.append(
+                FieldViolation(
+                    f("readiness_http" if spec.readiness_http else "readiness_tcp"),
+                    "is for inference replicas",
+                )
+            )
         if spec.restart_policy not in (None, RestartPolicy.NEVER):
             out.append(
                 FieldViolation(
@@ -205,6 +212,17 @@ def spec_violations(spec: JobSpec, prefix: str = "spec.") -> list[FieldViolation
         _range(out, f("max_surge"), spec.max_surge, 0, MAX_REPLICAS)
         _range(out, f("max_unavailable"), spec.max_unavailable, 0, MAX_REPLICAS)
         _range(out, f("min_ready_s"), spec.min_ready_s, 0, 86_400)
+        path = spec.readiness_http
+        if path and (
+            not path.startswith("/") or len(path) > 256 or not path.isprintable() or " " in path
+        ):
+            out.append(
+                FieldViolation(
+                    f("readiness_http"), "must be a path such as /health (at most 256 characters)"
+                )
+            )
+        if path and spec.readiness_tcp:
+            out.append(FieldViolation(f("readiness_tcp"), "give readiness_http or _tcp, not both"))
         if spec.max_surge == 0 and spec.max_unavailable == 0:
             out.append(
                 FieldViolation(

@@ -517,11 +517,13 @@ class Controller:
         node_id: str,
         running: Sequence[RankRef],
         *,
+        ready: Sequence[RankRef] = (),
         health_issues: Sequence[str] = (),
         profile: BandwidthProfile | None = None,
     ) -> HeartbeatResult:
-        """The agent's periodic word: what it runs, what its health check found, and its
-        re-measured profile when it took one. Answers what to start and stop."""
+        """The agent's periodic word: what it runs (and which of those passed their readiness
+        probe), what its health check found, and its re-measured profile when it took one.
+        Answers what to start and stop."""
         now = self.clock.now()
         with self._lock:
             try:
@@ -547,6 +549,7 @@ class Controller:
                 )
             woken = node.state is not was.state or node.profile.gpus != was.profile.gpus
             running_set = set(running)
+            ready_set = set(ready).intersection(running_set)
             # The jobs placed here: a heartbeat's work is its node's, not the queue's.
             jobs = {j.id: j for j in self.active_jobs.holding(node_id)}
             stop = [
@@ -568,6 +571,12 @@ class Controller:
                 updated = job
                 for r in job.placement.ranks:
                     ref = RankRef(job.id, r.rank, job.attempt)
+                    if ref in ready_set and r.state is RankState.RUNNING and not r.ready:
+                        assert updated.placement is not None
+                        r = replace(r, ready=True)
+                        updated = replace(updated, placement=updated.placement.with_rank(r))
+                        events.append(_job_event(job, now, "Ready", f"replica {r.rank} ready"))
+                        continue
                     if (
                         r.node_id != node_id
                         or r.state is not RankState.ASSIGNED

@@ -188,6 +188,8 @@ class JobSpec(_message.Message):
     MAX_SURGE_FIELD_NUMBER: _builtins.int
     MAX_UNAVAILABLE_FIELD_NUMBER: _builtins.int
     MIN_READY_FIELD_NUMBER: _builtins.int
+    READINESS_HTTP_FIELD_NUMBER: _builtins.int
+    READINESS_TCP_FIELD_NUMBER: _builtins.int
     kind: Global___JobKind.ValueType
     name: _builtins.str
     queue: _builtins.str
@@ -230,6 +232,11 @@ class JobSpec(_message.Message):
     replica must run to count as available (unset: 10 s).
     """
     max_unavailable: _builtins.int
+    readiness_http: _builtins.str
+    """Inference: the readiness probe the agent runs against the replica's $GPUCTL_PORT: an
+    HTTP GET of this path (2xx or 3xx: ready), or a TCP connect. Neither: ready once running.
+    """
+    readiness_tcp: _builtins.bool
     @_builtins.property
     def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -276,10 +283,12 @@ class JobSpec(_message.Message):
         max_surge: _builtins.int | None = ...,
         max_unavailable: _builtins.int = ...,
         min_ready: _duration_pb2.Duration | None = ...,
+        readiness_http: _builtins.str = ...,
+        readiness_tcp: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_surge", b"_max_surge", "_num_nodes", b"_num_nodes", "_replicas", b"_replicas", "max_surge", b"max_surge", "min_ready", b"min_ready", "num_nodes", b"num_nodes", "replicas", b"replicas", "time_limit", b"time_limit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_surge", b"_max_surge", "_num_nodes", b"_num_nodes", "_replicas", b"_replicas", "command", b"command", "cpu_milli", b"cpu_milli", "env", b"env", "gpu_memory_mib", b"gpu_memory_mib", "gpu_milli", b"gpu_milli", "gpu_model", b"gpu_model", "gpus_per_node", b"gpus_per_node", "kind", b"kind", "max_surge", b"max_surge", "max_unavailable", b"max_unavailable", "memory_mib", b"memory_mib", "min_net_gbps", b"min_net_gbps", "min_nvlink_gbps", b"min_nvlink_gbps", "min_ready", b"min_ready", "name", b"name", "num_nodes", b"num_nodes", "on_node_lost", b"on_node_lost", "preemptible", b"preemptible", "priority", b"priority", "queue", b"queue", "replicas", b"replicas", "restart_policy", b"restart_policy", "secret_env", b"secret_env", "target_tokens_per_s", b"target_tokens_per_s", "time_limit", b"time_limit", "weights_gb", b"weights_gb", "working_dir", b"working_dir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_surge", b"_max_surge", "_num_nodes", b"_num_nodes", "_replicas", b"_replicas", "command", b"command", "cpu_milli", b"cpu_milli", "env", b"env", "gpu_memory_mib", b"gpu_memory_mib", "gpu_milli", b"gpu_milli", "gpu_model", b"gpu_model", "gpus_per_node", b"gpus_per_node", "kind", b"kind", "max_surge", b"max_surge", "max_unavailable", b"max_unavailable", "memory_mib", b"memory_mib", "min_net_gbps", b"min_net_gbps", "min_nvlink_gbps", b"min_nvlink_gbps", "min_ready", b"min_ready", "name", b"name", "num_nodes", b"num_nodes", "on_node_lost", b"on_node_lost", "preemptible", b"preemptible", "priority", b"priority", "queue", b"queue", "readiness_http", b"readiness_http", "readiness_tcp", b"readiness_tcp", "replicas", b"replicas", "restart_policy", b"restart_policy", "secret_env", b"secret_env", "target_tokens_per_s", b"target_tokens_per_s", "time_limit", b"time_limit", "weights_gb", b"weights_gb", "working_dir", b"working_dir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_surge: _TypeAlias = _typing.Literal["max_surge"]  # noqa: Y015
     _WhichOneofArgType__max_surge: _TypeAlias = _typing.Literal["_max_surge", b"_max_surge"]  # noqa: Y015
@@ -333,6 +342,8 @@ class RankStatus(_message.Message):
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
     GENERATION_FIELD_NUMBER: _builtins.int
+    PORT_FIELD_NUMBER: _builtins.int
+    READY_FIELD_NUMBER: _builtins.int
     rank: _builtins.int
     node: _builtins.str
     gpu_milli: _builtins.int
@@ -347,6 +358,10 @@ class RankStatus(_message.Message):
     last_failure: _builtins.str
     generation: _builtins.int
     """the service's spec it runs (Job.generation: the one it should)"""
+    port: _builtins.int
+    """an inference replica's own port on its node ($GPUCTL_PORT)"""
+    ready: _builtins.bool
+    """its readiness probe passed (or, with none, it runs)"""
     @_builtins.property
     def gpu_indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
@@ -373,10 +388,12 @@ class RankStatus(_message.Message):
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
         generation: _builtins.int = ...,
+        port: _builtins.int = ...,
+        ready: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "end_time", b"end_time", "exit_code", b"exit_code", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "end_time", b"end_time", "env", b"env", "exit_code", b"exit_code", "generation", b"generation", "gpu_indices", b"gpu_indices", "gpu_milli", b"gpu_milli", "last_failure", b"last_failure", "message", b"message", "node", b"node", "rank", b"rank", "restarts", b"restarts", "start_time", b"start_time", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "end_time", b"end_time", "env", b"env", "exit_code", b"exit_code", "generation", b"generation", "gpu_indices", b"gpu_indices", "gpu_milli", b"gpu_milli", "last_failure", b"last_failure", "message", b"message", "node", b"node", "port", b"port", "rank", b"rank", "ready", b"ready", "restarts", b"restarts", "start_time", b"start_time", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
     _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015

@@ -28,7 +28,7 @@ from gpuctl.api._pb.v1 import jobs_pb2 as gpuctl_dot_v1_dot_jobs__pb2
 from gpuctl.api._pb.v1 import nodes_pb2 as gpuctl_dot_v1_dot_nodes__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bgpuctl/agent/v1/agent.proto\x12\x0fgpuctl.agent.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14gpuctl/v1/jobs.proto\x1a\x15gpuctl/v1/nodes.proto\"8\n\x07RankRef\x12\x0e\n\x06job_id\x18\x01 \x01(\x03\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\"_\n\x13RegisterNodeRequest\x12\x1d\n\x04node\x18\x01 \x01(\x0b\x32\x0f.gpuctl.v1.Node\x12)\n\x07running\x18\x02 \x03(\x0b\x32\x18.gpuctl.agent.v1.RankRef\"\x96\x01\n\x14RegisterNodeResponse\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x34\n\x11heartbeat_timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x95\x01\n\x10HeartbeatRequest\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12)\n\x07running\x18\x02 \x03(\x0b\x32\x18.gpuctl.agent.v1.RankRef\x12\x15\n\rhealth_issues\x18\x03 \x03(\t\x12,\n\x07profile\x18\x04 \x01(\x0b\x32\x1b.gpuctl.v1.BandwidthProfile\"\x9d\x02\n\nAssignment\x12%\n\x03ref\x18\x01 \x01(\x0b\x32\x18.gpuctl.agent.v1.RankRef\x12\x10\n\x08job_name\x18\x02 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x03 \x03(\t\x12\x31\n\x03\x65nv\x18\x04 \x03(\x0b\x32$.gpuctl.agent.v1.Assignment.EnvEntry\x12\x13\n\x0bworking_dir\x18\x05 \x01(\t\x12\x13\n\x0bgpu_indices\x18\x06 \x03(\x05\x12-\n\nkill_grace\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05owner\x18\x08 \x01(\t\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x81\x01\n\x11HeartbeatResponse\x12\x30\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32\x1b.gpuctl.agent.v1.Assignment\x12&\n\x04stop\x18\x02 \x03(\x0b\x32\x18.gpuctl.agent.v1.RankRef\x12\x12\n\nreregister\x18\x03 \x01(\x08\"\xd9\x01\n\x17ReportRankStatusRequest\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12%\n\x03ref\x18\x02 \x01(\x0b\x32\x18.gpuctl.agent.v1.RankRef\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.gpuctl.v1.RankState\x12\x16\n\texit_code\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x0f\n\x07message\x18\x05 \x01(\t\x12(\n\x04time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x0c\n\n_exit_code\"\x1a\n\x18ReportRankStatusResponse\"i\n\x0fPushLogsRequest\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12%\n\x03ref\x18\x02 \x01(\x0b\x32\x18.gpuctl.agent.v1.RankRef\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\'\n\x10PushLogsResponse\x12\x13\n\x0bnext_offset\x18\x01 \x01(\x03\"\"\n\x0fJoinNodeRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\"N\n\x10JoinNodeResponse\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x02 \x01(\x0c\x12\x0e\n\x06\x63\x61_pem\x18\x03 \x01(\x0c\x32\xca\x03\n\x0c\x41gentService\x12O\n\x08JoinNode\x12 .gpuctl.agent.v1.JoinNodeRequest\x1a!.gpuctl.agent.v1.JoinNodeResponse\x12[\n\x0cRegisterNode\x12$.gpuctl.agent.v1.RegisterNodeRequest\x1a%.gpuctl.agent.v1.RegisterNodeResponse\x12R\n\tHeartbeat\x12!.gpuctl.agent.v1.HeartbeatRequest\x1a\".gpuctl.agent.v1.HeartbeatResponse\x12g\n\x10ReportRankStatus\x12(.gpuctl.agent.v1.ReportRankStatusRequest\x1a).gpuctl.agent.v1.ReportRankStatusResponse\x12O\n\x08PushLogs\x12 .gpuctl.agent.v1.PushLogsRequest\x1a!.gpuctl.agent.v1.PushLogsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bgpuctl/agent/v1/agent.proto\x12\x0fgpuctl.agent.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14gpuctl/v1/jobs.proto\x1a\x15gpuctl/v1/nodes.proto\"8\n\x07RankRef\x12\x0e\n\x06job_id\x18\x01 \x01(\x03\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\"_\n\x13RegisterNodeRequest\x12\x1d\n\x04node\x18\x01 \x01(\x0b\x32\x0f.gpuctl.v1.Node\x12)\n\x07running\x18\x02 \x03(\x0b\x32\x18.gpuctl.agent.v1.RankRef\"\x96\x01\n\x14RegisterNodeResponse\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x34\n\x11heartbeat_timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xbe\x01\n\x10HeartbeatRequest\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12)\n\x07running\x18\x02 \x03(\x0b\x32\x18.gpuctl.agent.v1.RankRef\x12\x15\n\rhealth_issues\x18\x03 \x03(\t\x12,\n\x07profile\x18\x04 \x01(\x0b\x32\x1b.gpuctl.v1.BandwidthProfile\x12\'\n\x05ready\x18\x05 \x03(\x0b\x32\x18.gpuctl.agent.v1.RankRef\"\xda\x02\n\nAssignment\x12%\n\x03ref\x18\x01 \x01(\x0b\x32\x18.gpuctl.agent.v1.RankRef\x12\x10\n\x08job_name\x18\x02 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x03 \x03(\t\x12\x31\n\x03\x65nv\x18\x04 \x03(\x0b\x32$.gpuctl.agent.v1.Assignment.EnvEntry\x12\x13\n\x0bworking_dir\x18\x05 \x01(\t\x12\x13\n\x0bgpu_indices\x18\x06 \x03(\x05\x12-\n\nkill_grace\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05owner\x18\x08 \x01(\t\x12\x0c\n\x04port\x18\t \x01(\x05\x12\x16\n\x0ereadiness_http\x18\n \x01(\t\x12\x15\n\rreadiness_tcp\x18\x0b \x01(\x08\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x81\x01\n\x11HeartbeatResponse\x12\x30\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32\x1b.gpuctl.agent.v1.Assignment\x12&\n\x04stop\x18\x02 \x03(\x0b\x32\x18.gpuctl.agent.v1.RankRef\x12\x12\n\nreregister\x18\x03 \x01(\x08\"\xd9\x01\n\x17ReportRankStatusRequest\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12%\n\x03ref\x18\x02 \x01(\x0b\x32\x18.gpuctl.agent.v1.RankRef\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.gpuctl.v1.RankState\x12\x16\n\texit_code\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x0f\n\x07message\x18\x05 \x01(\t\x12(\n\x04time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x0c\n\n_exit_code\"\x1a\n\x18ReportRankStatusResponse\"i\n\x0fPushLogsRequest\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12%\n\x03ref\x18\x02 \x01(\x0b\x32\x18.gpuctl.agent.v1.RankRef\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\'\n\x10PushLogsResponse\x12\x13\n\x0bnext_offset\x18\x01 \x01(\x03\"\"\n\x0fJoinNodeRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\"N\n\x10JoinNodeResponse\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x02 \x01(\x0c\x12\x0e\n\x06\x63\x61_pem\x18\x03 \x01(\x0c\x32\xca\x03\n\x0c\x41gentService\x12O\n\x08JoinNode\x12 .gpuctl.agent.v1.JoinNodeRequest\x1a!.gpuctl.agent.v1.JoinNodeResponse\x12[\n\x0cRegisterNode\x12$.gpuctl.agent.v1.RegisterNodeRequest\x1a%.gpuctl.agent.v1.RegisterNodeResponse\x12R\n\tHeartbeat\x12!.gpuctl.agent.v1.HeartbeatRequest\x1a\".gpuctl.agent.v1.HeartbeatResponse\x12g\n\x10ReportRankStatus\x12(.gpuctl.agent.v1.ReportRankStatusRequest\x1a).gpuctl.agent.v1.ReportRankStatusResponse\x12O\n\x08PushLogs\x12 .gpuctl.agent.v1.PushLogsRequest\x1a!.gpuctl.agent.v1.PushLogsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,25 +44,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERNODERESPONSE']._serialized_start=314
   _globals['_REGISTERNODERESPONSE']._serialized_end=464
   _globals['_HEARTBEATREQUEST']._serialized_start=467
-  _globals['_HEARTBEATREQUEST']._serialized_end=616
-  _globals['_ASSIGNMENT']._serialized_start=619
-  _globals['_ASSIGNMENT']._serialized_end=904
-  _globals['_ASSIGNMENT_ENVENTRY']._serialized_start=862
-  _globals['_ASSIGNMENT_ENVENTRY']._serialized_end=904
-  _globals['_HEARTBEATRESPONSE']._serialized_start=907
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1036
-  _globals['_REPORTRANKSTATUSREQUEST']._serialized_start=1039
-  _globals['_REPORTRANKSTATUSREQUEST']._serialized_end=1256
-  _globals['_REPORTRANKSTATUSRESPONSE']._serialized_start=1258
-  _globals['_REPORTRANKSTATUSRESPONSE']._serialized_end=1284
-  _globals['_PUSHLOGSREQUEST']._serialized_start=1286
-  _globals['_PUSHLOGSREQUEST']._serialized_end=1391
-  _globals['_PUSHLOGSRESPONSE']._serialized_start=1393
-  _globals['_PUSHLOGSRESPONSE']._serialized_end=1432
-  _globals['_JOINNODEREQUEST']._serialized_start=1434
-  _globals['_JOINNODEREQUEST']._serialized_end=1468
-  _globals['_JOINNODERESPONSE']._serialized_start=1470
-  _globals['_JOINNODERESPONSE']._serialized_end=1548
-  _globals['_AGENTSERVICE']._serialized_start=1551
-  _globals['_AGENTSERVICE']._serialized_end=2009
+  _globals['_HEARTBEATREQUEST']._serialized_end=657
+  _globals['_ASSIGNMENT']._serialized_start=660
+  _globals['_ASSIGNMENT']._serialized_end=1006
+  _globals['_ASSIGNMENT_ENVENTRY']._serialized_start=964
+  _globals['_ASSIGNMENT_ENVENTRY']._serialized_end=1006
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1009
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1138
+  _globals['_REPORTRANKSTATUSREQUEST']._serialized_start=1141
+  _globals['_REPORTRANKSTATUSREQUEST']._serialized_end=1358
+  _globals['_REPORTRANKSTATUSRESPONSE']._serialized_start=1360
+  _globals['_REPORTRANKSTATUSRESPONSE']._serialized_end=1386
+  _globals['_PUSHLOGSREQUEST']._serialized_start=1388
+  _globals['_PUSHLOGSREQUEST']._serialized_end=1493
+  _globals['_PUSHLOGSRESPONSE']._serialized_start=1495
+  _globals['_PUSHLOGSRESPONSE']._serialized_end=1534
+  _globals['_JOINNODEREQUEST']._serialized_start=1536
+  _globals['_JOINNODEREQUEST']._serialized_end=1570
+  _globals['_JOINNODERESPONSE']._serialized_start=1572
+  _globals['_JOINNODERESPONSE']._serialized_end=1650
+  _globals['_AGENTSERVICE']._serialized_start=1653
+  _globals['_AGENTSERVICE']._serialized_end=2111
 # @@protoc_insertion_point(module_scope)

@@ -120,6 +120,7 @@ class HeartbeatRequest(_message.Message):
     RUNNING_FIELD_NUMBER: _builtins.int
     HEALTH_ISSUES_FIELD_NUMBER: _builtins.int
     PROFILE_FIELD_NUMBER: _builtins.int
+    READY_FIELD_NUMBER: _builtins.int
     node_name: _builtins.str
     @_builtins.property
     def running(self) -> _containers.RepeatedCompositeFieldContainer[Global___RankRef]: ...
@@ -133,6 +134,10 @@ class HeartbeatRequest(_message.Message):
     def profile(self) -> _nodes_pb2.BandwidthProfile:
         """Set when the agent re-profiled the node since its last heartbeat."""
 
+    @_builtins.property
+    def ready(self) -> _containers.RepeatedCompositeFieldContainer[Global___RankRef]:
+        """Ranks of `running` whose readiness probe has passed."""
+
     def __init__(
         self,
         *,
@@ -140,10 +145,11 @@ class HeartbeatRequest(_message.Message):
         running: _abc.Iterable[Global___RankRef] | None = ...,
         health_issues: _abc.Iterable[_builtins.str] | None = ...,
         profile: _nodes_pb2.BandwidthProfile | None = ...,
+        ready: _abc.Iterable[Global___RankRef] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["health_issues", b"health_issues", "node_name", b"node_name", "profile", b"profile", "running", b"running"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["health_issues", b"health_issues", "node_name", b"node_name", "profile", b"profile", "ready", b"ready", "running", b"running"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -181,9 +187,18 @@ class Assignment(_message.Message):
     GPU_INDICES_FIELD_NUMBER: _builtins.int
     KILL_GRACE_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
+    PORT_FIELD_NUMBER: _builtins.int
+    READINESS_HTTP_FIELD_NUMBER: _builtins.int
+    READINESS_TCP_FIELD_NUMBER: _builtins.int
     job_name: _builtins.str
     working_dir: _builtins.str
     owner: _builtins.str
+    port: _builtins.int
+    """The readiness probe, against `port` on this node: an HTTP GET of this path, or a TCP
+    connect (neither: no probe).
+    """
+    readiness_http: _builtins.str
+    readiness_tcp: _builtins.bool
     @_builtins.property
     def ref(self) -> Global___RankRef: ...
     @_builtins.property
@@ -209,10 +224,13 @@ class Assignment(_message.Message):
         gpu_indices: _abc.Iterable[_builtins.int] | None = ...,
         kill_grace: _duration_pb2.Duration | None = ...,
         owner: _builtins.str = ...,
+        port: _builtins.int = ...,
+        readiness_http: _builtins.str = ...,
+        readiness_tcp: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["kill_grace", b"kill_grace", "ref", b"ref"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "env", b"env", "gpu_indices", b"gpu_indices", "job_name", b"job_name", "kill_grace", b"kill_grace", "owner", b"owner", "ref", b"ref", "working_dir", b"working_dir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "env", b"env", "gpu_indices", b"gpu_indices", "job_name", b"job_name", "kill_grace", b"kill_grace", "owner", b"owner", "port", b"port", "readiness_http", b"readiness_http", "readiness_tcp", b"readiness_tcp", "ref", b"ref", "working_dir", b"working_dir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
