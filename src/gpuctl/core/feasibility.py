@@ -59,6 +59,26 @@ class FleetKinds:
         return bool(self.kinds)
 
 
+def shape(spec: JobSpec) -> tuple[object, ...]:
+    """What `never_runs` reads of a spec: specs alike in it get the same verdict."""
+    return (
+        spec.kind,
+        spec.num_nodes,
+        spec.gpus_per_node,
+        spec.replicas,
+        spec.gpu_milli,
+        spec.gpu_memory_mib,
+        spec.gpu_model,
+        spec.cpu_milli,
+        spec.memory_mib,
+        spec.min_nvlink_gbps,
+        spec.min_net_gbps,
+        spec.target_tokens_per_s,
+        spec.weights_gb,
+        spec.time_limit_s,  # an offer's lease may be too short for it
+    )
+
+
 def never_runs(spec: JobSpec, fleet: FleetKinds, offers: Sequence[Offer], policy: Policy) -> str:
     """Why no node of `fleet` (empty, ready) nor any offer could ever run the whole of `spec`,
     starting with what it needs; "" when something could, or when there is nothing to judge

@@ -27,7 +27,7 @@ from gpuctl.core.cost import (
 from gpuctl.core.cycle import CycleResult
 from gpuctl.core.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from gpuctl.core.fabric import fabric_issues
-from gpuctl.core.feasibility import FleetKinds, never_runs
+from gpuctl.core.feasibility import FleetKinds, never_runs, shape
 from gpuctl.core.launch import rank_env
 from gpuctl.core.leasing import managed
 from gpuctl.core.lifecycle import (
@@ -87,6 +87,7 @@ class ControllerSettings:
 PURGE_BATCH = 1000
 # How long a submit judges whether a job could ever run by the fleet as last read.
 FLEET_TTL_S = 10.0
+MAX_VERDICTS = 10_000  # verdicts kept by spec shape between two reads of the fleet
 DRY_RUN_ID = 1 << 62  # the id a dry run's job is decided under (no stored job has it)
 PURGE_BATCHES = 10
 
@@ -207,8 +208,9 @@ class Controller:
         self.leases: LeaseKeeper | None = None  # set by LeaseKeeper: leases from providers
         self.cycles: CycleProcess | None = None  # where cycles decide, if not in here
         self._leading_since: datetime | None = None
-        # The fleet by kind, for refusing jobs that could never run: (when read, the kinds).
-        self._fleet: tuple[datetime, FleetKinds] | None = None
+        # The fleet by kind, for refusing jobs that could never run: (when read, the kinds,
+        # the verdicts given on them by the shape of the spec).
+        self._fleet: tuple[datetime, FleetKinds, dict[tuple[object, ...], str]] | None = None
 
     @property
     def lock(self) -> threading.RLock:
@@ -238,8 +240,7 @@ class Controller:
         one stored before under `request_id`."""
         validate_spec(spec)
         now = self.clock.now()
-        offers = self.leases.offers if self.leases is not None else ()
-        why = never_runs(spec, self._fleet_kinds(now), offers, self.policy)
+        why = self._never_runs(spec, now)
         if why:
             raise FailedPrecondition(f"this job could never run: {why}")
         if validate_only:
@@ -369,8 +370,7 @@ class Controller:
                 )
             if spec == job.spec:
                 return job
-            offers = self.leases.offers if self.leases is not None else ()
-            why = never_runs(spec, self._fleet_kinds(self.clock.now()), offers, self.policy)
+            why = self._never_runs(spec, self.clock.now())
             if why:
                 raise FailedPrecondition(f"the updated job could never run: {why}")
             now = self.clock.now()
@@ -1003,13 +1003,21 @@ class Controller:
             why += " (the cycle may lease nodes for it)"
         return f"would wait: {why}"
 
-    def _fleet_kinds(self, now: datetime) -> FleetKinds:
-        """The fleet by kind, read again after `FLEET_TTL_S` or a registration: a node that
-        changes its profile otherwise counts as it was for up to that long."""
+    def _never_runs(self, spec: JobSpec, now: datetime) -> str:
+        """`feasibility.never_runs` on the fleet by kind, read again after `FLEET_TTL_S` or a
+        registration (a node that changes its profile otherwise counts as it was for up to
+        that long); alike specs share a verdict meanwhile."""
         cached = self._fleet
         if cached is None or (now - cached[0]).total_seconds() > FLEET_TTL_S:
-            cached = self._fleet = (now, FleetKinds.of(self.store.list_nodes()))
-        return cached[1]
+            cached = self._fleet = (now, FleetKinds.of(self.store.list_nodes()), {})
+        key = shape(spec)
+        why = cached[2].get(key)
+        if why is None:
+            if len(cached[2]) >= MAX_VERDICTS:  # many shapes at once: memory stays bounded
+                cached[2].clear()
+            offers = self.leases.offers if self.leases is not None else ()
+            why = cached[2][key] = never_runs(spec, cached[1], offers, self.policy)
+        return why
 
     def _nodes_by_id(self, ids: Sequence[str] | None = None) -> dict[str, Node]:
         """The nodes (of `ids`: a job's, not the fleet's, where that is all that is needed)."""
