@@ -111,3 +111,28 @@ def test_a_dry_run_says_where_the_job_would_land_or_why_it_would_wait(fleet):
 
     assert dry.reason.startswith("would wait: ") and "GPUs free" in dry.reason
     assert len(fleet.store.list_jobs().jobs) == 3  # nothing stored
+
+
+def test_with_queues_configured_an_unknown_queue_is_refused_naming_them(tmp_path):
+    from gpuctl.core.errors import InvalidArgument
+    from gpuctl.core.plugins import build_policy
+    from gpuctl.runtime.clock import FakeClock
+    from gpuctl.runtime.controller import Controller, ControllerSettings
+    from gpuctl.runtime.logstore import LogStore
+    from gpuctl.store.sql import open_store
+
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    c = Controller(
+        store,
+        FakeClock(),
+        build_policy("default"),
+        LogStore(tmp_path / "logs", max_bytes_per_rank=1024),
+        ControllerSettings(queues=("default", "prod")),
+    )
+    with pytest.raises(InvalidArgument) as e:
+        c.submit(training(queue="reserch"))
+    assert [(v.field, v.description) for v in e.value.violations] == [
+        ("spec.queue", "unknown queue 'reserch'; the queues: default, prod")
+    ]
+    assert c.submit(training(queue="prod")).state is JobState.PENDING
+    store.close()

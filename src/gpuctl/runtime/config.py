@@ -33,6 +33,7 @@ class DaemonConfig:
     policy: str = "default"
     policy_weights: Mapping[str, float] = field(default_factory=dict)
     cycle_interval_s: float = 5.0
+    queues: tuple[str, ...] = ()  # the queues jobs may name; empty: any
     cycle_process: bool = True  # decide cycles in a worker process (runtime.cycleproc)
     heartbeat_interval_s: float = 3.0
     heartbeat_timeout_s: float = 12.0  # 4 missed heartbeats; see config/gpuctld.toml
@@ -144,6 +145,7 @@ _KEYS: dict[str, str] = {
     "scheduler.policy": "policy",
     "scheduler.weights": "policy_weights",
     "scheduler.interval_s": "cycle_interval_s",
+    "scheduler.queues": "queues",
     "scheduler.separate_process": "cycle_process",
     "nodes.heartbeat_interval_s": "heartbeat_interval_s",
     "nodes.heartbeat_timeout_s": "heartbeat_timeout_s",

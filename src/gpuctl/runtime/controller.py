@@ -78,6 +78,7 @@ class ControllerSettings:
     master_port_range: int = 1000
     replica_port_base: int = 31000
     replica_port_range: int = 9000
+    queues: tuple[str, ...] = ()  # the queues jobs may name; empty: any
     job_retention_s: float = 30 * 86400.0  # finished jobs, their events and logs; 0: forever
     audit_retention_s: float = 365 * 86400.0  # 0: forever
 
@@ -239,6 +240,7 @@ class Controller:
         """Store a new job (its Submitted event, and `audit(job)` where given, with it), or the
         one stored before under `request_id`."""
         validate_spec(spec)
+        self._check_queue(spec)
         now = self.clock.now()
         why = self._never_runs(spec, now)
         if why:
@@ -1002,6 +1004,18 @@ class Controller:
         if self.leases is not None and self.leases.offers:
             why += " (the cycle may lease nodes for it)"
         return f"would wait: {why}"
+
+    def _check_queue(self, spec: JobSpec) -> None:
+        known = self.settings.queues
+        if known and spec.queue not in known:
+            raise InvalidArgument(
+                [
+                    FieldViolation(
+                        "spec.queue",
+                        f"unknown queue {spec.queue!r}; the queues: {', '.join(known)}",
+                    )
+                ]
+            )
 
     def _never_runs(self, spec: JobSpec, now: datetime) -> str:
         """`feasibility.never_runs` on the fleet by kind, read again after `FLEET_TTL_S` or a

@@ -147,6 +147,7 @@ def serve(
             master_port_range=config.master_port_range,
             replica_port_base=config.replica_port_base,
             replica_port_range=config.replica_port_range,
+            queues=config.queues,
             job_retention_s=config.retention_days * 86400.0,
             audit_retention_s=config.audit_retention_days * 86400.0,
         ),
