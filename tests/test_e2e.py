@@ -285,7 +285,9 @@ SERVER = (
 )
 
 
-def test_a_replica_is_ready_once_the_agents_probe_reaches_its_port(cluster, tmp_path):
+def test_a_replica_is_ready_once_its_probe_passes_and_an_update_never_ready_rolls_back(
+    cluster, tmp_path
+):
     cluster.start_agent(node("gpu-1"))
     wait_until(lambda: nodes_ready(cluster, 1), what="the node to register")
     spec = tmp_path / "serve.yaml"
@@ -319,4 +321,35 @@ def test_a_replica_is_ready_once_the_agents_probe_reaches_its_port(cluster, tmp_
     )
     ports = {r["port"] for r in job_json(cluster, job_id)["placement"]["ranks"]}
     assert len(ports) == 2  # one node, a port each
+
+    # An update whose replicas never answer their probe is rolled back at its deadline; the
+    # serving replicas are never stopped.
+    serving = {r.get("rank", 0) for r in job_json(cluster, job_id)["placement"]["ranks"]}
+    spec.write_text(
+        json.dumps(
+            {
+                "kind": "inference",
+                "replicas": 2,
+                "gpus_per_node": 1,
+                "readiness_http": "/",
+                "min_ready": 1,
+                "progress_deadline": 3,
+                "working_dir": str(tmp_path),
+                "command": [sys.executable, "-c", "import time; time.sleep(600)"],
+            }
+        )
+    )
+    cluster.gpuctl("update", job_id, "-f", str(spec))
+    wait_until(
+        lambda: "was not ready 3 s" in job_json(cluster, job_id).get("reason", ""),
+        timeout=30,
+        what="the update to roll back at its deadline",
+    )
+    wait_until(
+        lambda: (
+            {r.get("rank", 0) for r in job_json(cluster, job_id)["placement"]["ranks"]} == serving
+        ),
+        what="the never-ready replica to stop",
+    )
+    assert "2/2" in cluster.gpuctl("jobs").stdout.splitlines()[1].split()
     cluster.gpuctl("cancel", job_id)

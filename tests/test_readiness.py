@@ -90,3 +90,28 @@ def test_a_ready_report_for_a_rank_not_running_is_ignored(ctl):
     job = start(ctl, service(1, readiness_tcp=True))
     ctl.heartbeat("a", [], ready=[RankRef(job.id, 0, 0)])
     assert not ctl.store.get_job(job.id).placement.ranks[0].ready
+
+
+def test_a_new_replica_never_ready_by_the_progress_deadline_rolls_the_update_back(ctl):
+    job = start(ctl, service(1, readiness_tcp=True, progress_deadline_s=60))
+    ref = RankRef(job.id, 0, 0)
+    ctl.heartbeat("a", [ref], ready=[ref])
+    job = ctl.update(ctl.store.get_job(job.id).id, replace(job.spec, command=("v2",)))
+    ctl.run_cycle()
+    run_new(ctl, job)
+    ctl.clock.advance(timedelta(seconds=59))
+    ctl.run_cycle()
+    assert services.rolling(ctl.store.get_job(job.id))  # not yet
+
+    ctl.clock.advance(timedelta(seconds=1))
+    ctl.run_cycle()
+
+    job = ctl.store.get_job(job.id)
+    assert job.reason == (
+        "rolled back to generation 0: a replica of generation 1 was not ready 60 s after it "
+        "started (replica 1)"
+    )
+    assert job.spec.command == ("vllm", "serve")
+    ctl.run_cycle()  # the next step stops the one that never became ready; 0 never stopped
+    job = ctl.store.get_job(job.id)
+    assert [r.rank for r in job.placement.ranks if r.live] == [0] and not services.rolling(job)

@@ -92,6 +92,7 @@ def full_spec() -> JobSpec:
         max_surge=2,
         max_unavailable=1,
         min_ready_s=30,
+        progress_deadline_s=120,
         readiness_http="/health",  # (validation takes one of the two; the store keeps both)
         readiness_tcp=True,
     )

@@ -131,6 +131,7 @@ _SPEC_INTS = {
     "max_surge": _INT32,
     "max_unavailable": _INT32,
     "min_ready_s": 315_576_000_000,
+    "progress_deadline_s": 315_576_000_000,
 }
 _SPEC_FLOATS = ("min_nvlink_gbps", "min_net_gbps", "target_tokens_per_s", "weights_gb")
 
@@ -214,6 +215,7 @@ def spec_to_pb(spec: JobSpec) -> jobs_pb2.JobSpec:
     if spec.time_limit_s:
         msg.time_limit.CopyFrom(duration(spec.time_limit_s))
     msg.min_ready.CopyFrom(duration(spec.min_ready_s))
+    msg.progress_deadline.CopyFrom(duration(spec.progress_deadline_s))
     return msg
 
 
@@ -227,8 +229,10 @@ def spec_from_pb(msg: jobs_pb2.JobSpec, *, owner: str = "") -> JobSpec:
     time_limit = msg.time_limit.seconds if msg.HasField("time_limit") else 0
     if msg.HasField("time_limit") and (msg.time_limit.seconds < 0 or msg.time_limit.nanos < 0):
         violations.append(FieldViolation("spec.time_limit", "must not be negative"))
-    if msg.HasField("min_ready") and (msg.min_ready.seconds < 0 or msg.min_ready.nanos < 0):
-        violations.append(FieldViolation("spec.min_ready", "must not be negative"))
+    for name in ("min_ready", "progress_deadline"):
+        value = getattr(msg, name)
+        if msg.HasField(name) and (value.seconds < 0 or value.nanos < 0):
+            violations.append(FieldViolation(f"spec.{name}", "must not be negative"))
     if msg.on_node_lost not in (0, *ON_NODE_LOST.values()):
         violations.append(FieldViolation("spec.on_node_lost", "must be 'requeue' or 'fail'"))
     if msg.restart_policy not in (0, *RESTART_POLICY_FROM):
@@ -269,6 +273,9 @@ def spec_from_pb(msg: jobs_pb2.JobSpec, *, owner: str = "") -> JobSpec:
         max_surge=msg.max_surge if msg.HasField("max_surge") else 1,
         max_unavailable=msg.max_unavailable,
         min_ready_s=msg.min_ready.seconds if msg.HasField("min_ready") else 10,
+        progress_deadline_s=(
+            msg.progress_deadline.seconds if msg.HasField("progress_deadline") else 600
+        ),
         readiness_http=msg.readiness_http,
         readiness_tcp=msg.readiness_tcp,
     )

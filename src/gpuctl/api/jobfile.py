@@ -38,6 +38,8 @@ max_unavailable      int                                     inference, rolling 
                                                              short of available meanwhile (default 0)
 min_ready            duration, as time_limit                 inference, rolling update: how long a new
                                                              replica runs to count as available (10s)
+progress_deadline    duration, as time_limit                 inference, rolling update: a new replica not
+                                                             available this long rolls it back (10m)
 readiness_http       string, a path such as ``/health``      inference: the agent GETs it on the replica's
                                                              $GPUCTL_PORT; 2xx/3xx is ready
 readiness_tcp        bool                                    inference: ready once $GPUCTL_PORT accepts
@@ -363,6 +365,7 @@ FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "max_surge": ("max_surge", _int),
     "max_unavailable": ("max_unavailable", _int),
     "min_ready": ("min_ready_s", parse_duration),
+    "progress_deadline": ("progress_deadline_s", parse_duration),
     "readiness_http": ("readiness_http", _str),
     "readiness_tcp": ("readiness_tcp", _bool),
     "preemptible": ("preemptible", _bool),
@@ -547,6 +550,7 @@ def spec_to_mapping(spec: JobSpec | jobs_pb2.JobSpec) -> dict[str, Any]:
         ("max_surge", "max_surge"),
         ("max_unavailable", "max_unavailable"),
         ("min_ready", "min_ready_s"),
+        ("progress_deadline", "progress_deadline_s"),
         ("readiness_http", "readiness_http"),
         ("readiness_tcp", "readiness_tcp"),
     ):

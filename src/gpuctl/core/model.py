@@ -260,6 +260,7 @@ class JobSpec:
     max_surge: int = 1
     max_unavailable: int = 0
     min_ready_s: int = 10
+    progress_deadline_s: int = 600  # a new replica not available this long rolls it back
     # inference: the readiness probe the agent runs against the replica's $GPUCTL_PORT on its
     # node: an HTTP GET of this path (2xx or 3xx is ready), or a TCP connect; none: a replica
     # is ready once its process runs

@@ -397,7 +397,8 @@ def roll(job: Job, now: datetime) -> Rolled:
     `replicas - max_unavailable` available; the cycle places new ones up to `max_surge` beyond
     the desired count (`extra`). A new replica that failed `ROLLBACK_AFTER` times in a row
     rolls the update back: the older spec is the service's again, and its replicas, never
-    stopped beyond what the update allowed, are the current ones."""
+    stopped beyond what the update allowed, are the current ones. So does a new replica that
+    runs `progress_deadline_s` without becoming available."""
     if job.state is not JobState.RUNNING or not rolling(job):
         return Rolled(job, (), ())
     assert job.placement is not None
@@ -407,11 +408,27 @@ def roll(job: Job, now: datetime) -> Rolled:
         (restarts_after(r) if failed(r) else r.restarts for r in current if r.live or failed(r)),
         default=0,
     )
-    if worst >= ROLLBACK_AFTER and p.previous_spec is not None:
+    deadline = timedelta(seconds=spec.progress_deadline_s)
+    stuck = [
+        r
+        for r in current
+        if r.state is RankState.RUNNING
+        and not available(job, r, now)
+        and r.started_at is not None
+        and now - r.started_at >= deadline
+    ]
+    why = ""
+    if worst >= ROLLBACK_AFTER:
         bad = next(r for r in current if (restarts_after(r) if failed(r) else r.restarts) == worst)
+        why = f"failed {worst} times in a row ({bad.last_failure or ended_how(bad)})"
+    elif stuck:
+        why = (
+            f"was not ready {spec.progress_deadline_s} s after it started (replica {stuck[0].rank})"
+        )
+    if why and p.previous_spec is not None:
         why = (
             f"rolled back to generation {p.previous_generation}: a replica of generation "
-            f"{p.generation} failed {worst} times in a row ({bad.last_failure or ended_how(bad)})"
+            f"{p.generation} {why}"
         )
         # The failed spec's ended replicas are not replaced; its live ones stop as the roll
         # back goes (they are of an older generation now).

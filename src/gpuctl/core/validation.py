@@ -212,6 +212,18 @@ def spec_violations(spec: JobSpec, prefix: str = "spec.") -> list[FieldViolation
         _range(out, f("max_surge"), spec.max_surge, 0, MAX_REPLICAS)
         _range(out, f("max_unavailable"), spec.max_unavailable, 0, MAX_REPLICAS)
         _range(out, f("min_ready_s"), spec.min_ready_s, 0, 86_400)
+        _range(out, f("progress_deadline_s"), spec.progress_deadline_s, 1, 7 * 86_400)
+        if (
+            _is_number(spec.min_ready_s)
+            and _is_number(spec.progress_deadline_s)
+            and (spec.progress_deadline_s <= spec.min_ready_s)
+        ):
+            out.append(
+                FieldViolation(
+                    f("progress_deadline_s"),
+                    "must be longer than min_ready_s: no new replica could be available in time",
+                )
+            )
         path = spec.readiness_http
         if path and (
             not path.startswith("/") or len(path) > 256 or not path.isprintable() or " " in path

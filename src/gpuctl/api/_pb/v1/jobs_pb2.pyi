@@ -190,6 +190,7 @@ class JobSpec(_message.Message):
     MIN_READY_FIELD_NUMBER: _builtins.int
     READINESS_HTTP_FIELD_NUMBER: _builtins.int
     READINESS_TCP_FIELD_NUMBER: _builtins.int
+    PROGRESS_DEADLINE_FIELD_NUMBER: _builtins.int
     kind: Global___JobKind.ValueType
     name: _builtins.str
     queue: _builtins.str
@@ -253,6 +254,12 @@ class JobSpec(_message.Message):
 
     @_builtins.property
     def min_ready(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def progress_deadline(self) -> _duration_pb2.Duration:
+        """Inference, a rolling update: a new replica not available this long after it started rolls
+        the update back (unset: 600 s, Kubernetes' progressDeadlineSeconds).
+        """
+
     def __init__(
         self,
         *,
@@ -285,10 +292,11 @@ class JobSpec(_message.Message):
         min_ready: _duration_pb2.Duration | None = ...,
         readiness_http: _builtins.str = ...,
         readiness_tcp: _builtins.bool = ...,
+        progress_deadline: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_surge", b"_max_surge", "_num_nodes", b"_num_nodes", "_replicas", b"_replicas", "max_surge", b"max_surge", "min_ready", b"min_ready", "num_nodes", b"num_nodes", "replicas", b"replicas", "time_limit", b"time_limit"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_surge", b"_max_surge", "_num_nodes", b"_num_nodes", "_replicas", b"_replicas", "max_surge", b"max_surge", "min_ready", b"min_ready", "num_nodes", b"num_nodes", "progress_deadline", b"progress_deadline", "replicas", b"replicas", "time_limit", b"time_limit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_surge", b"_max_surge", "_num_nodes", b"_num_nodes", "_replicas", b"_replicas", "command", b"command", "cpu_milli", b"cpu_milli", "env", b"env", "gpu_memory_mib", b"gpu_memory_mib", "gpu_milli", b"gpu_milli", "gpu_model", b"gpu_model", "gpus_per_node", b"gpus_per_node", "kind", b"kind", "max_surge", b"max_surge", "max_unavailable", b"max_unavailable", "memory_mib", b"memory_mib", "min_net_gbps", b"min_net_gbps", "min_nvlink_gbps", b"min_nvlink_gbps", "min_ready", b"min_ready", "name", b"name", "num_nodes", b"num_nodes", "on_node_lost", b"on_node_lost", "preemptible", b"preemptible", "priority", b"priority", "queue", b"queue", "readiness_http", b"readiness_http", "readiness_tcp", b"readiness_tcp", "replicas", b"replicas", "restart_policy", b"restart_policy", "secret_env", b"secret_env", "target_tokens_per_s", b"target_tokens_per_s", "time_limit", b"time_limit", "weights_gb", b"weights_gb", "working_dir", b"working_dir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_surge", b"_max_surge", "_num_nodes", b"_num_nodes", "_replicas", b"_replicas", "command", b"command", "cpu_milli", b"cpu_milli", "env", b"env", "gpu_memory_mib", b"gpu_memory_mib", "gpu_milli", b"gpu_milli", "gpu_model", b"gpu_model", "gpus_per_node", b"gpus_per_node", "kind", b"kind", "max_surge", b"max_surge", "max_unavailable", b"max_unavailable", "memory_mib", b"memory_mib", "min_net_gbps", b"min_net_gbps", "min_nvlink_gbps", b"min_nvlink_gbps", "min_ready", b"min_ready", "name", b"name", "num_nodes", b"num_nodes", "on_node_lost", b"on_node_lost", "preemptible", b"preemptible", "priority", b"priority", "progress_deadline", b"progress_deadline", "queue", b"queue", "readiness_http", b"readiness_http", "readiness_tcp", b"readiness_tcp", "replicas", b"replicas", "restart_policy", b"restart_policy", "secret_env", b"secret_env", "target_tokens_per_s", b"target_tokens_per_s", "time_limit", b"time_limit", "weights_gb", b"weights_gb", "working_dir", b"working_dir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_surge: _TypeAlias = _typing.Literal["max_surge"]  # noqa: Y015
     _WhichOneofArgType__max_surge: _TypeAlias = _typing.Literal["_max_surge", b"_max_surge"]  # noqa: Y015
