@@ -353,3 +353,36 @@ def test_a_replica_is_ready_once_its_probe_passes_and_an_update_never_ready_roll
     )
     assert "2/2" in cluster.gpuctl("jobs").stdout.splitlines()[1].split()
     cluster.gpuctl("cancel", job_id)
+
+
+def test_a_degraded_node_moves_its_replica_elsewhere_and_the_other_runs_on(cluster, tmp_path):
+    pids, lost = tmp_path / "pids", tmp_path / "gpu-2.lost"
+    pids.mkdir()
+    cluster.start_agent(node("gpu-1"))
+    cluster.start_agent(
+        node("gpu-2"), extra=["--fake-gpus-lost", str(lost), "--health-interval", "1"]
+    )
+    wait_until(lambda: nodes_ready(cluster, 2), what="two nodes to register")
+    job_id = cluster.gpuctl(
+        "submit", "--parsable", "--kind", "inference", "--replicas", "2", "--gpus-per-node", "8",
+        "--", sys.executable, "-c", REPLICA, str(pids),
+    ).stdout.strip()  # fmt: skip
+    wait_until(lambda: len(list(pids.iterdir())) == 2, what="two replicas to start")
+    ranks = {r["node"]: r.get("rank", 0) for r in job_json(cluster, job_id)["placement"]["ranks"]}
+    on_1, on_2 = (
+        int((pids / str(ranks["gpu-1"])).read_text()),
+        int((pids / str(ranks["gpu-2"])).read_text()),
+    )
+    cluster.start_agent(node("gpu-3"))
+    wait_until(lambda: nodes_ready(cluster, 3), what="the spare node to register")
+
+    lost.write_text("3\n")  # GPU 3 of gpu-2 falls off the bus
+
+    wait_until(lambda: (pids / "2").exists(), timeout=30, what="the moved replica's replacement")
+    wait_until(lambda: not alive(on_2), what="the replica on the degraded node to stop")
+    node2 = json.loads(cluster.gpuctl("nodes", "-o", "json").stdout)
+    assert {n["name"]: n["state"] for n in node2}["gpu-2"] == "NODE_STATE_DEGRADED"
+    placed = {r.get("rank", 0): r for r in job_json(cluster, job_id)["placement"]["ranks"]}
+    assert placed[2]["node"] == "gpu-3" and "degraded" in placed[2]["last_failure"]
+    assert alive(on_1) and job_json(cluster, job_id)["state"] == "JOB_STATE_RUNNING"
+    cluster.gpuctl("cancel", job_id)

@@ -73,6 +73,7 @@ _CONFIG_KEYS: dict[str, tuple[type, ...]] = {
     "name": (str,),
     "address": (str,),
     "fake_gpus": (str,),
+    "fake_gpus_lost": (str,),
     "fabric": (str,),
     "net": (str,),
     "sku": (str,),
@@ -108,6 +109,9 @@ class AgentSettings:
     identity: NodeIdentity
     fake_gpus: FakeGpus | None
     network: Network
+    # --fake-gpus-lost: a file listing simulated GPUs that fell off the bus (its health check
+    # then finds them gone, as on a real node)
+    fake_gpus_lost: Path | None = None
     cpu_milli: int | None  # None: ask psutil
     memory_mib: int | None
     state_dir: Path
@@ -157,6 +161,12 @@ def _parser() -> argparse.ArgumentParser:
         "(default: 127.0.0.1 when the server is on loopback, else the hostname)",
     )
     p.add_argument("--fake-gpus", metavar="SKU[:N]", help="simulated GPUs, e.g. h100-sxm:8")
+    p.add_argument(
+        "--fake-gpus-lost",
+        metavar="FILE",
+        help="with --fake-gpus: the GPU indices listed in FILE (when it exists) have fallen off "
+        "the bus, as the health check then finds (simulating a hardware fault)",
+    )
     p.add_argument("--fabric", metavar="PATH", help="fabric path, e.g. ib-a/spine-1/leaf-1")
     p.add_argument(
         "--net", metavar="KIND:PORTSxGBPS", help="inter-node network, e.g. infiniband:8x400, none"
@@ -360,6 +370,7 @@ def load_settings(argv: Sequence[str], env: Mapping[str, str]) -> AgentSettings:
             labels=_labels(config.get("labels", {}), args.label or ()),
         ),
         fake_gpus=parse_fake_gpus(fake) if fake else None,
+        fake_gpus_lost=Path(lost).absolute() if (lost := pick("fake_gpus_lost")) else None,
         network=parse_network(pick("net", "none")),
         cpu_milli=parse_cpus(cpus) if cpus is not None else None,
         memory_mib=parse_memory(memory) if memory is not None else None,
@@ -422,7 +433,12 @@ def build_probe(
         network=settings.network, cpu_milli=settings.cpu_milli, memory_mib=settings.memory_mib
     )
     if settings.fake_gpus is not None:
-        return FakeProbe(settings.fake_gpus, node_name=settings.identity.name, host=host)
+        return FakeProbe(
+            settings.fake_gpus,
+            node_name=settings.identity.name,
+            host=host,
+            lost_file=settings.fake_gpus_lost,
+        )
 
     def hbm(gpus: tuple[Gpu, ...]) -> HbmResult:
         return measure_hbm(gpus, load_backend())

@@ -13,6 +13,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol
 
 import psutil
@@ -287,10 +288,13 @@ class PsutilProbe:
 class FakeProbe:
     """Simulated GPUs on top of a real (or fake) host probe: the demo and test bed."""
 
-    def __init__(self, gpus: FakeGpus | str, *, node_name: str, host: Probe) -> None:
+    def __init__(
+        self, gpus: FakeGpus | str, *, node_name: str, host: Probe, lost_file: Path | None = None
+    ) -> None:
         self._gpus = parse_fake_gpus(gpus) if isinstance(gpus, str) else gpus
         self._node_name = node_name
         self._host = host
+        self._lost_file = lost_file
 
     def probe(self) -> NodeFacts:
         facts = self._host.probe()
@@ -298,7 +302,20 @@ class FakeProbe:
             fake_profile(self._gpus, node_name=self._node_name, network=facts.profile.network),
             measured_at=facts.profile.measured_at,
         )
+        lost = self._lost()
+        if lost:
+            profile = replace(profile, gpus=tuple(g for g in profile.gpus if g.index not in lost))
         return replace(facts, profile=profile)
+
+    def _lost(self) -> frozenset[int]:
+        """The simulated GPUs fallen off the bus: the indices in the lost file, if any."""
+        if self._lost_file is None:
+            return frozenset()
+        try:
+            text = self._lost_file.read_text()
+        except OSError:
+            return frozenset()
+        return frozenset(int(t) for t in text.replace(",", " ").split() if t.isdigit())
 
 
 # -- showing a profile (`gpuctl-agent profile`) ----------------------------------------------
