@@ -185,14 +185,15 @@ def test_a_killed_replica_is_replaced_the_others_keep_running_and_it_scales(clus
     assert sorted(ranks) == [0, 2, 3]  # the killed one is replaced
     assert ranks[3]["restarts"] == 1 and "killed by SIGKILL" in ranks[3]["last_failure"]
 
-    # Scaled up, a fourth replica starts; scaled down to 2, two of them stop and two run on.
-    out = cluster.gpuctl("scale", job_id, "--replicas", "4").stdout
-    assert out.startswith(f"job {job_id} scaled to 4 replicas")
-    wait_until(lambda: (pids / "4").exists(), what="the replica added by scaling up")
+    # Scaled 3 -> 6, three more start; scaled down to 2, four stop and two run on.
+    out = cluster.gpuctl("scale", job_id, "--replicas", "6").stdout
+    assert out.startswith(f"job {job_id} scaled to 6 replicas")
+    wait_until(lambda: all((pids / str(r)).exists() for r in (4, 5, 6)), what="three replicas more")
     everyone = {p.name: int(p.read_text()) for p in pids.iterdir() if p.name != "1"}
+    assert len(everyone) == 6
     cluster.gpuctl("scale", job_id, "--replicas", "2")
     wait_until(
-        lambda: sum(alive(pid) for pid in everyone.values()) == 2, what="two replicas to stop"
+        lambda: sum(alive(pid) for pid in everyone.values()) == 2, what="four replicas to stop"
     )
     assert "2/2" in cluster.gpuctl("jobs").stdout.splitlines()[1].split()
     cluster.gpuctl("cancel", job_id)
