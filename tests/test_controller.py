@@ -333,6 +333,23 @@ def test_a_node_pushes_logs_only_for_its_own_ranks(ctl, ref, node, error):
     assert ctl.logs.read(job_id, 0, 0, 0) == b""
 
 
+def test_a_drain_and_its_reason_survive_a_daemon_restart_and_the_agent_registering_again(
+    ctl, tmp_path
+):
+    ctl.register_node(h100_node("a"))
+    ctl.drain("a", "bad fan")
+    again = Controller(
+        ctl.store,
+        ctl.clock,
+        build_policy("default"),
+        LogStore(tmp_path / "logs2", max_bytes_per_rank=1024),
+    )  # a new gpuctld on the same store
+
+    node = again.register_node(h100_node("a"))  # the agent restarts too
+
+    assert (node.state, node.state_reason) == (NodeState.DRAINING, "bad fan")
+
+
 def test_undrain_lets_work_land_again_and_a_ready_node_cannot_be_undrained(ctl):
     ctl.register_node(h100_node("a"))
     with pytest.raises(FailedPrecondition):
