@@ -16,8 +16,9 @@ reports:
 - time to replace: from a replica's failure (the crash, or the moment its node died) until its
   replacement runs;
 - node-hours: the nodes holding replicas, each kept while idle for the lease keeper's idle grace
-  (what leases that end when their node empties would cost), against a fleet sized for the
-  peak all day.
+  (an upper bound of what leases that end when their node empties cost: the keeper gives an
+  emptied node back at once when no queued job fits it), against a fleet sized for the peak
+  all day.
 
 Everything is seeded: the same arguments give the same figures.
 """
