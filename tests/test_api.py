@@ -381,6 +381,23 @@ def test_scale_through_the_sdk_with_its_owner_checks_and_codes(api):
     ]
 
 
+def test_listed_jobs_are_each_viewers_own_view_and_follow_every_change(api):
+    job = api.jobs.CreateJob(
+        jobs_pb2.CreateJobRequest(spec=spec(env={"TOKEN": "t0p", "MODE": "fast"}))
+    )
+    as_ada = [("authorization", f"Bearer {api.tokens.user('ada')}")]  # an admin, not the owner
+
+    def listed(metadata=()):
+        (one,) = api.jobs.ListJobs(jobs_pb2.ListJobsRequest(), metadata=metadata).jobs
+        return one
+
+    for _ in range(2):  # the second time from what was built the first
+        assert dict(listed().spec.env) == {"TOKEN": "t0p", "MODE": "fast"}
+        assert "t0p" not in str(listed(as_ada).spec.env)
+    api.jobs.CancelJob(jobs_pb2.CancelJobRequest(name=job.name))
+    assert listed().state == listed(as_ada).state == jobs_pb2.JOB_STATE_CANCELLED
+
+
 def test_a_request_that_is_not_a_message_of_its_type_is_invalid_argument(api):
     token = api.tokens.metadata(api.tokens.user("alice"))
     with grpc.insecure_channel(f"127.0.0.1:{api.server.port}") as channel:

@@ -78,6 +78,7 @@ MAX_RUNNING_REFS = 4096  # ranks one node reports: far above GPUs x shares of an
 # Replies stay under gRPC's 4 MiB default whatever the jobs hold: a page or a heartbeat stops
 # short of this, and the rest comes with the next page or heartbeat.
 MAX_REPLY_BYTES = 3 << 20
+LISTED_VIEWS = 20_000  # job views kept built for ListJobs (see JobServicer._listed)
 PENDING_RECOUNT = timedelta(seconds=1)  # see PendingCounts
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -322,10 +323,22 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         self.c = controller
         self.guard = guard
         self.poll_s = poll_s
+        self._views: dict[tuple[int, int, bool], jobs_pb2.Job] = {}  # see `_listed`
         self._pending = PendingCounts(
             lambda owner: controller.store.count_jobs(states=(JobState.PENDING,), owner=owner),
             controller.clock.now,
         )
+
+    def _listed(self, job: Job, who: Principal) -> jobs_pb2.Job:
+        """`_job_view` of a listed job, built once per version of the job and kind of viewer
+        (its owner or not): pages listed again are copied, not built. Never changed after."""
+        key = (job.id, job.revision, job.spec.owner == who.name)
+        msg = self._views.get(key)
+        if msg is None:
+            if len(self._views) >= LISTED_VIEWS:
+                self._views.clear()
+            msg = self._views[key] = _job_view(job, who)
+        return msg
 
     def _job(self, call: Call, job_id: int, granted: frozenset[str] | None = None) -> Job:
         """The job, if the caller may act on it: theirs, everyone's, or one in a granted
@@ -443,7 +456,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             page_token=request.page_token,
         )
         reply = jobs_pb2.ListJobsResponse(next_page_token=page.next_page_token)
-        taken = _fill(reply.jobs, (_job_view(job, call.who) for job in page.jobs))
+        taken = _fill(reply.jobs, (self._listed(job, call.who) for job in page.jobs))
         if taken < len(page.jobs):
             reply.next_page_token = self.c.store.page_token_after(reply.jobs[-1].id)
         return reply

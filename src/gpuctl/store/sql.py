@@ -131,7 +131,8 @@ _FIXED_OF = select(_JOBS.c.id, _JOBS.c.request_id, _JOBS.c.created_at).where(
 )
 # The columns a job's row repeats of its spec, for filters and sorting.
 _SPEC_COLUMNS = ("owner", "queue", "name", "kind", "priority")
-_IN_CHUNK = 5000  # ids in one IN (...): far below any backend's limit on parameters
+_IN_CHUNK = 5000
+_DECODED_JOBS = 20_000  # jobs kept decoded (ten pages of the largest size, and more)  # ids in one IN (...): far below any backend's limit on parameters
 
 
 def open_store(url: str, *, migrate: bool = False) -> SqlStore:
@@ -149,6 +150,10 @@ class SqlStore:
         self._epoch: int | None = None  # see `fence`
         self.token_generation = 0  # see `Store.token_generation`
         self._reads = sessionmaker(self._engine, class_=Session, expire_on_commit=False)
+        # Jobs as decoded, by (id, revision): a revision names one version of one job, so a
+        # hit is never stale. Pages of jobs read again (`gpuctl jobs`, ListJobs) skip decoding
+        # their JSON. Emptied when full: bounded, and cheap to keep.
+        self._decoded: dict[tuple[int, int], Job] = {}
         self._writes = sessionmaker(
             self._engine.execution_options(gpuctl_write=True),
             class_=Session,
@@ -263,7 +268,7 @@ class SqlStore:
             row = session.execute(_JOB_BY_ID, {"id": job_id}).first()
         if row is None:
             raise NotFound("job", str(job_id))
-        return job_from_row(row)
+        return self._job_of(row)
 
     def list_jobs(
         self,
@@ -289,9 +294,18 @@ class SqlStore:
         query = query.order_by(_JOBS.c.id).limit(size + 1)
         with self._transaction(self._reads) as session:
             rows = session.execute(query).all()
-        jobs = tuple(job_from_row(r) for r in rows[:size])
+        jobs = tuple(self._job_of(r) for r in rows[:size])
         token = _encode_page_token(jobs[-1].id) if len(rows) > size else ""
         return JobPage(jobs=jobs, next_page_token=token)
+
+    def _job_of(self, row: Row[Any]) -> Job:
+        key = (row.id, row.revision)
+        job = self._decoded.get(key)
+        if job is None:
+            if len(self._decoded) >= _DECODED_JOBS:
+                self._decoded.clear()
+            job = self._decoded[key] = job_from_row(row)
+        return job
 
     def page_token_after(self, job_id: int) -> str:
         return _encode_page_token(job_id)
