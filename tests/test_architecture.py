@@ -7,6 +7,7 @@ dependency hidden from the import graph at runtime is still a dependency of the 
 from __future__ import annotations
 
 import ast
+import functools
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -138,6 +139,45 @@ RULES = (
         forbidden=("sqlmodel", "sqlalchemy", "apscheduler"),
     ),
     Rule(
+        id="store-stands-on-the-core",
+        scope="gpuctl.store",
+        why="the store maps the core's model to rows: gpuctl.core and the SQL stack only, never "
+        "the daemon, the API or the agent",
+        gpuctl=("gpuctl.store", "gpuctl.core"),
+        third_party=("sqlalchemy", "sqlmodel", "alembic"),
+    ),
+    Rule(
+        id="api-is-a-thin-edge",
+        scope="gpuctl.api",
+        why="the API converts and checks calls and hands them to the controller: it sees the "
+        "store only as its protocol (store.base), never the SQL store, the scheduler loop or "
+        "the lease keeper",
+        gpuctl=("gpuctl.api", "gpuctl.core", "gpuctl.runtime.controller", "gpuctl.store.base"),
+        forbidden=("sqlmodel", "sqlalchemy", "apscheduler"),
+    ),
+    Rule(
+        id="runtime-never-reaches-the-clients",
+        scope="gpuctl.runtime",
+        why="the daemon's runtime wires the core, store, API and providers; the CLI, the agent "
+        "and the simulator are other programs",
+        gpuctl=(
+            "gpuctl.runtime",
+            "gpuctl.core",
+            "gpuctl.store",
+            "gpuctl.api",
+            "gpuctl.providers",
+        ),
+    ),
+    Rule(
+        id="only-the-daemon-wires-the-api",
+        scope="gpuctl.runtime",
+        exempt=("gpuctl.runtime.daemon",),
+        why="the runtime's parts (controller, leases, cycles) know nothing of gRPC: the daemon "
+        "module alone puts the API in front of them",
+        gpuctl=("gpuctl.runtime", "gpuctl.core", "gpuctl.store", "gpuctl.providers"),
+        forbidden=("grpc",),
+    ),
+    Rule(
         id="only-store-uses-the-orm",
         scope="gpuctl",
         exempt=("gpuctl.store",),
@@ -221,12 +261,14 @@ def source_modules(src: Path = SRC) -> Iterator[tuple[str, Path, bool]]:
             yield name, path, is_package
 
 
-def all_imports() -> list[Import]:
-    return [
+@functools.cache
+def all_imports() -> tuple[Import, ...]:
+    """Every import of the tree, parsed once for all the rules."""
+    return tuple(
         imp
         for name, path, is_package in source_modules()
         for imp in imports_of(name, path.read_text(), is_package=is_package)
-    ]
+    )
 
 
 @pytest.mark.parametrize("rule", RULES, ids=[r.id for r in RULES])

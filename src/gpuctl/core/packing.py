@@ -19,7 +19,8 @@ from typing import ClassVar, Protocol
 
 import numpy as np
 
-MILLI_PER_GPU = 1000
+from gpuctl.core.model import MILLI_PER_GPU
+
 # The published BestFit normalises by these constants, not by the node's own capacity.
 BESTFIT_CPU_SCALE = 128_000
 BESTFIT_GPU_SCALE = 8_000

@@ -10,7 +10,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpuctl.core.packing import MILLI_PER_GPU, NodeCapacity, PodRequest
+from gpuctl.core.model import MILLI_PER_GPU
+from gpuctl.core.packing import NodeCapacity, PodRequest
 
 NODE_COLUMNS = ("sn", "cpu_milli", "memory_mib", "gpu", "model")
 POD_COLUMNS = (
