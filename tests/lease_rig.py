@@ -103,14 +103,13 @@ class Recording:
 
     @property
     def can_renew(self) -> bool:
-        return bool(getattr(self.inner, "can_renew", True))
+        return self.inner.can_renew
 
     def skus(self) -> tuple[Sku, ...]:
         return self.inner.skus()
 
-    @property
-    def nodes(self):
-        return getattr(self.inner, "nodes", ())
+    def inventory(self) -> tuple[str, ...]:
+        return self.inner.inventory()
 
     def acquire(self, sku, count, *, fabric=None, now):
         self.calls.append(("acquire", sku, str(count)))
@@ -141,6 +140,13 @@ class NoCapacity:
 
     def skus(self) -> tuple[Sku, ...]:
         return (self.sku,)
+
+    @property
+    def can_renew(self) -> bool:
+        return True
+
+    def inventory(self) -> tuple[str, ...]:
+        return ()
 
     def acquire(self, sku: str, count: int, *, fabric=None, now: datetime) -> tuple[Acquired, ...]:
         self.asked += 1

@@ -96,6 +96,16 @@ class Provider(Protocol):
 
     def skus(self) -> tuple[Sku, ...]: ...
 
+    @property
+    def can_renew(self) -> bool:
+        """Whether `renew` extends a lease (False: a lease ends when it expires)."""
+        ...
+
+    def inventory(self) -> tuple[str, ...]:
+        """Names of nodes of the provider's own (a lab's machines) that serve only while leased
+        through it: the daemon refuses them otherwise. () for a cloud."""
+        ...
+
     def acquire(
         self, sku: str, count: int, *, fabric: str | None = None, now: datetime
     ) -> tuple[Acquired, ...]:

@@ -193,6 +193,13 @@ class CatalogProvider:
     def skus(self) -> tuple[Sku, ...]:
         return tuple(self._skus.values())
 
+    @property
+    def can_renew(self) -> bool:
+        return True
+
+    def inventory(self) -> tuple[str, ...]:
+        return ()
+
     def acquire(
         self, sku: str, count: int, *, fabric: str | None = None, now: datetime
     ) -> tuple[Acquired, ...]:

@@ -170,6 +170,9 @@ class CommandProvider:
         """Whether a renew command is configured: without one, a lease ends when it expires."""
         return bool(self._commands.renew)
 
+    def inventory(self) -> tuple[str, ...]:
+        return ()
+
     # -- the four actions ----------------------------------------------------------------------
 
     def acquire(

@@ -122,8 +122,15 @@ class StaticProvider:
 
     @property
     def nodes(self) -> tuple[StaticNode, ...]:
-        """The inventory: what the daemon refuses to take in unless it is leased."""
         return self._nodes
+
+    @property
+    def can_renew(self) -> bool:
+        return True
+
+    def inventory(self) -> tuple[str, ...]:
+        """The inventory: what the daemon refuses to take in unless it is leased."""
+        return tuple(n.name for n in self._nodes)
 
     def acquire(
         self, sku: str, count: int, *, fabric: str | None = None, now: datetime

@@ -33,9 +33,7 @@ from gpuctl.providers.base import (
     ProviderMisconfigured,
     Sku,
 )
-from gpuctl.providers.catalog import CatalogProvider
-from gpuctl.providers.command import CommandProvider
-from gpuctl.providers.static import StaticProvider
+from gpuctl.providers.registry import KINDS, Setting
 
 if TYPE_CHECKING:
     from gpuctl.runtime.controller import Controller
@@ -59,8 +57,6 @@ class LeaseSettings:
 
 # -- building providers from config ----------------------------------------------------------
 
-_KINDS = ("static", "command", "catalog")
-
 
 def build_providers(
     tables: Sequence[Mapping[str, object]],
@@ -78,9 +74,9 @@ def build_providers(
     for i, table in enumerate(tables):
         kind = table.get("kind")
         name = table.get("name")
-        if kind not in _KINDS:
+        if kind not in KINDS:
             violations.append(
-                FieldViolation(f"provider[{i}].kind", f"must be one of {', '.join(_KINDS)}")
+                FieldViolation(f"provider[{i}].kind", f"must be one of {', '.join(KINDS)}")
             )
             continue
         if isinstance(name, str) and name in names:
@@ -88,12 +84,7 @@ def build_providers(
             continue
         held = tuple(_held(x) for x in open_leases if x.provider == name)
         try:
-            if kind == "static":
-                provider: Provider = StaticProvider.from_settings(table, claimed=held)
-            elif kind == "command":
-                provider = CommandProvider.from_settings(table)
-            else:
-                provider = CatalogProvider.from_settings(table, base_dir=base_dir, held=held)
+            provider = KINDS[kind](table, Setting(base_dir=base_dir, held=held))
         except InvalidArgument as e:
             violations.extend(
                 FieldViolation(f"provider[{i}].{v.field}", v.description) for v in e.violations
@@ -117,13 +108,9 @@ def _held(lease: NodeLease) -> Held:
     )
 
 
-def can_renew(provider: Provider) -> bool:
-    return bool(getattr(provider, "can_renew", True))
-
-
 def offer_of(provider: Provider, sku: Sku) -> Offer:
     """A provider's SKU as the core ranks it."""
-    return sku.offer(provider=provider.name, renewable=can_renew(provider))
+    return sku.offer(provider=provider.name, renewable=provider.can_renew)
 
 
 # -- the keeper ----------------------------------------------------------------------------
@@ -150,10 +137,10 @@ class LeaseKeeper:
         self.wake = wake  # asks for a `tick` soon
         self._new_id = new_id or (lambda: f"L{uuid.uuid4().hex[:12]}")
         self.offers = tuple(offer_of(p, s) for p in providers for s in p.skus())
-        self._renewable = {p.name for p in providers if can_renew(p)}
+        self._renewable = {p.name for p in providers if p.can_renew}
         # node name -> the static provider whose inventory lists it: such a node serves only
         # while leased, like any other provider's
-        self._inventory = {n.name: p.name for p in providers for n in getattr(p, "nodes", ())}
+        self._inventory = {name: p.name for p in providers for name in p.inventory()}
         self._memory = threading.Lock()  # the dicts below: the cycle and the tick both touch them
         self._where: dict[str, tuple[str, str]] = {}  # lease id -> (address, fabric) it was given
         # job -> (provider, sku) -> when it failed the job; kept in the store too, read back
