@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from gpuctl.core import services
 from gpuctl.core.cost import (
@@ -29,7 +29,7 @@ from gpuctl.core.errors import FailedPrecondition, FieldViolation, InvalidArgume
 from gpuctl.core.fabric import fabric_issues
 from gpuctl.core.feasibility import FleetKinds, never_runs, shape
 from gpuctl.core.launch import rank_env
-from gpuctl.core.leasing import managed
+from gpuctl.core.leasing import Leasing, Offer, managed
 from gpuctl.core.lifecycle import (
     JobEvent,
     NodeEvent,
@@ -64,9 +64,24 @@ from gpuctl.store.base import Store
 
 if TYPE_CHECKING:
     from gpuctl.runtime.cycleproc import CycleProcess
-    from gpuctl.runtime.leases import LeaseKeeper
 
 log = logging.getLogger(__name__)
+
+
+class LeaseSide(Protocol):
+    """What the controller asks of the leases (`runtime.leases.LeaseKeeper` is one): the
+    offers to judge jobs by, the lease side of a cycle's input, writing what a cycle decided
+    about leases, and which lease a registering node comes up under."""
+
+    offers: tuple[Offer, ...]
+
+    def context(self, nodes: Sequence[Node], active: Sequence[Job], now: datetime) -> Leasing: ...
+
+    def apply(self, result: CycleResult, now: datetime) -> list[Event]: ...
+
+    def match(self, reported: Node, known: Node | None, now: datetime) -> NodeLease | None: ...
+
+    def fabric_of(self, lease: NodeLease) -> str: ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -206,7 +221,7 @@ class Controller:
         self.feed = JobFeed()
         self.active_jobs = ActiveJobs(store)
         self._lock = threading.RLock()
-        self.leases: LeaseKeeper | None = None  # set by LeaseKeeper: leases from providers
+        self.leases: LeaseSide | None = None  # leases from providers (`attach_leases`)
         self.cycles: CycleProcess | None = None  # where cycles decide, if not in here
         self._leading_since: datetime | None = None
         # The fleet by kind, for refusing jobs that could never run: (when read, the kinds,
@@ -218,7 +233,7 @@ class Controller:
         """The one writer's lock (the lease keeper takes it for its store writes)."""
         return self._lock
 
-    def attach_leases(self, keeper: LeaseKeeper) -> None:
+    def attach_leases(self, keeper: LeaseSide) -> None:
         self.leases = keeper
 
     def lead(self) -> None:
