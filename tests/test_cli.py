@@ -343,7 +343,7 @@ def test_a_service_short_of_a_replica_shows_it_in_jobs_and_describe(api, gpuctl)
         ),
         state=jobs_pb2.JOB_STATE_RUNNING,
         owner="alice",
-        reason="2 of 3 replicas running; replacing replica 1 (exited with 1) in 10 s",
+        reason="2 of 3 replicas running; replacing replica 1 (exited with 1) at 14:02:10Z",
     )
     job.start_time.FromDatetime(FIXED_NOW)
     ranks = job.placement.ranks

@@ -538,3 +538,17 @@ def test_each_replica_gets_a_port_no_other_live_replica_on_its_node_has(ctl):
     assert new.port == 31000
     (assignment,) = ctl.heartbeat("a", []).assignments[-1:]
     assert assignment.env["GPUCTL_PORT"] == str(assignment.rank.port)
+
+
+def test_a_replica_waiting_out_its_backoff_says_when_and_the_reason_holds_still(ctl):
+    job = start(ctl, service(1))
+    job = crash(ctl, job, 0)
+    ctl.run_cycle()
+    job = run_new(ctl, job)
+    ctl.clock.advance(timedelta(seconds=1))
+    job = crash(ctl, job, 1)  # the second in a row: 10 s of backoff
+
+    at = (ctl.clock.now() + timedelta(seconds=10)).strftime("%H:%M:%S")
+    assert job.reason == f"0 of 1 replicas running; replacing replica 1 (exited with 1) at {at}Z"
+    later = services.summary(job, ctl.clock.now() + timedelta(seconds=4))
+    assert later == job.reason  # the same words every cycle: no event per cycle

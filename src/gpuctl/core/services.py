@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from gpuctl.core.lifecycle import exit_text
 from gpuctl.core.model import (
@@ -182,7 +182,8 @@ def summary(job: Job, now: datetime) -> str:
     waiting = next((r for r in ranks if awaited(job, r)), None)
     if waiting is not None:
         when = due_at(waiting)
-        wait = "" if when is None or when <= now else f" in {(when - now).total_seconds():.0f} s"
+        # An instant, not a countdown: the reason stays the same from cycle to cycle.
+        wait = "" if when is None or when <= now else f" at {when.astimezone(UTC):%H:%M:%S}Z"
         parts.append(f"replacing replica {waiting.rank} ({ended_how(waiting)}){wait}")
     return "; ".join(parts)
 
