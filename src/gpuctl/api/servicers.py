@@ -45,7 +45,7 @@ from gpuctl.core.errors import (
     NotLeader,
     ResourceExhausted,
 )
-from gpuctl.core.model import Job, JobState, RankState
+from gpuctl.core.model import Job, JobSpec, JobState, RankState
 from gpuctl.core.trust import (
     ROLE_PERMISSIONS,
     ApiToken,
@@ -329,6 +329,21 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             controller.clock.now,
         )
 
+    def _spec(self, msg: jobs_pb2.JobSpec, *, owner: str) -> JobSpec:
+        """The spec of a request, within the size a spec may have."""
+        size = msg.ByteSize()
+        if size > self.guard.max_spec_bytes:
+            raise InvalidArgument(
+                [
+                    FieldViolation(
+                        "spec",
+                        f"is {size} bytes, at most {self.guard.max_spec_bytes}: keep data in "
+                        "files the job reads, not in its command or env",
+                    )
+                ]
+            )
+        return convert.spec_from_pb(msg, owner=owner)
+
     def _listed(self, job: Job, who: Principal) -> jobs_pb2.Job:
         """`_job_view` of a listed job, built once per version of the job and kind of viewer
         (its owner or not): pages listed again are copied, not built. Never changed after."""
@@ -358,18 +373,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     def CreateJob(self, request, context, call: Call):
         if len(request.request_id) > 128:
             raise InvalidArgument([FieldViolation("request_id", "longer than 128 characters")])
-        size = request.spec.ByteSize()
-        if size > self.guard.max_spec_bytes:
-            raise InvalidArgument(
-                [
-                    FieldViolation(
-                        "spec",
-                        f"is {size} bytes, at most {self.guard.max_spec_bytes}: keep data in "
-                        "files the job reads, not in its command or env",
-                    )
-                ]
-            )
-        spec = convert.spec_from_pb(request.spec, owner=call.who.name)
+        spec = self._spec(request.spec, owner=call.who.name)
         self._check_run_as(call.who)
         if not request.validate_only:
             self._check_pending_cap(call.who.name)
@@ -480,12 +484,8 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     def UpdateJob(self, request, context, call: Call):
         job_id = convert.parse_job_name(request.name)
         call.target = convert.job_name(job_id)
-        if request.spec.ByteSize() > self.guard.max_spec_bytes:
-            raise InvalidArgument(
-                [FieldViolation("spec", f"is more than {self.guard.max_spec_bytes} bytes")]
-            )
         job = self._job(call, job_id)
-        spec = convert.spec_from_pb(request.spec, owner=job.spec.owner)
+        spec = self._spec(request.spec, owner=job.spec.owner)
         return _job_view(self.c.update(job_id, spec, by=call.who.name), call.who)
 
     @rpc(Permission.JOBS_OWN)

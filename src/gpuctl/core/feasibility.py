@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from gpuctl.core.leasing import Offer, floors, gang_options, offer_misfit
 from gpuctl.core.model import MILLI_PER_GPU, Job, JobKind, JobSpec, Node, NodeState
 from gpuctl.core.plugins import Policy, RankRequest
-from gpuctl.core.snapshot import NodeView
+from gpuctl.core.snapshot import empty_view
 from gpuctl.core.verdicts import check
 
 _SHOWN = 3  # reasons named in a refusal
@@ -85,18 +85,24 @@ def never_runs(spec: JobSpec, fleet: FleetKinds, offers: Sequence[Offer], policy
     by (no node, no offer)."""
     if not fleet and not offers:
         return ""
-    why = _why_never(spec, fleet, offers, policy)
-    return f"it needs {floors(spec, RankRequest.of(spec))}; {why}" if why else ""
-
-
-def _why_never(spec: JobSpec, fleet: FleetKinds, offers: Sequence[Offer], policy: Policy) -> str:
-    job = Job(id=0, spec=spec)
     request = RankRequest.of(spec)
+    why = _why_never(spec, request, fleet, offers, policy)
+    return f"it needs {floors(spec, request)}; {why}" if why else ""
+
+
+def _why_never(
+    spec: JobSpec,
+    request: RankRequest,
+    fleet: FleetKinds,
+    offers: Sequence[Offer],
+    policy: Policy,
+) -> str:
+    job = Job(id=0, spec=spec)
     misses: dict[str, int] = {}
     per_fabric: dict[str, int] = {}  # nodes a rank fits, by fabric
     replicas = 0  # replicas the fleet holds at once
     for node, fabrics in fleet.kinds:
-        view = _empty(node)
+        view = empty_view(node)
         status = check(policy, job, request, view)
         if not status.ok:
             misses[status.reason] = misses.get(status.reason, 0) + sum(c for _, c in fabrics)
@@ -131,15 +137,6 @@ def _why_never(spec: JobSpec, fleet: FleetKinds, offers: Sequence[Offer], policy
     nodes = "; ".join(f"{c} node{'s' * (c != 1)} {why}" for why, c in shown)
     head = f"no node fits ({nodes})" if nodes else "no node has registered"
     return head + _offers_line(spec, request, offers)
-
-
-def _empty(node: Node) -> NodeView:
-    return NodeView(
-        node=node,
-        gpu_free_milli=(MILLI_PER_GPU,) * len(node.profile.gpus),
-        cpu_free_milli=max(0, node.cpu_milli),
-        memory_free_mib=max(0, node.memory_mib),
-    )
 
 
 def _holds(request: RankRequest, node: Node) -> int:

@@ -386,10 +386,16 @@ def update(job: Job, spec: JobSpec) -> Job:
 
 @dataclass(frozen=True, slots=True)
 class Rolled:
+    """The service after a step (the same object when the step changed nothing; a rollback
+    changes its spec too), and the events of the step as (type, message)."""
+
     job: Job
-    stop: tuple[RankPlacement, ...]  # replicas of an older spec to stop now
-    events: tuple[tuple[str, str], ...]  # (type, message)
-    respec: bool = False  # the spec changed (rolled back): write it
+    events: tuple[tuple[str, str], ...] = ()
+
+
+def _streak(rank: RankPlacement) -> int:
+    """Failures in a row of a replica's place, counting its own end if it failed."""
+    return restarts_after(rank) if failed(rank) else rank.restarts
 
 
 def roll(job: Job, now: datetime) -> Rolled:
@@ -401,14 +407,11 @@ def roll(job: Job, now: datetime) -> Rolled:
     stopped beyond what the update allowed, are the current ones. So does a new replica that
     runs `progress_deadline_s` without becoming available."""
     if job.state is not JobState.RUNNING or not rolling(job):
-        return Rolled(job, (), ())
+        return Rolled(job)
     assert job.placement is not None
     p, spec = job.placement, job.spec
     current = [r for r in p.ranks if r.generation == p.generation]
-    worst = max(
-        (restarts_after(r) if failed(r) else r.restarts for r in current if r.live or failed(r)),
-        default=0,
-    )
+    worst = max((_streak(r) for r in current if r.live or failed(r)), default=0)
     deadline = timedelta(seconds=spec.progress_deadline_s)
     stuck = [
         r
@@ -420,7 +423,7 @@ def roll(job: Job, now: datetime) -> Rolled:
     ]
     why = ""
     if worst >= ROLLBACK_AFTER:
-        bad = next(r for r in current if (restarts_after(r) if failed(r) else r.restarts) == worst)
+        bad = next(r for r in current if _streak(r) == worst)
         why = f"failed {worst} times in a row ({bad.last_failure or ended_how(bad)})"
     elif stuck:
         why = (
@@ -442,16 +445,16 @@ def roll(job: Job, now: datetime) -> Rolled:
             next_rank=_next_rank(p),
         )
         back = replace(job, spec=p.previous_spec, placement=placement, updated_at=now)
-        return Rolled(replace(back, reason=why), (), (("RolledBack", why),), respec=True)
-    ready = [r for r in p.ranks if r.state is RankState.RUNNING and available(job, r, now)]
+        return Rolled(replace(back, reason=why), (("RolledBack", why),))
+    ready = {r.rank for r in p.ranks if r.state is RankState.RUNNING and available(job, r, now)}
     old = [r for r in p.ranks if r.generation != p.generation and (r.live or awaited(job, r))]
     room = len(ready) - (spec.replicas - spec.max_unavailable)
     # Old places where nothing runs go first; then old replicas not started, then the newest.
     order = sorted(old, key=lambda r: (r.live, r.state is RankState.RUNNING, -r.rank))
-    new_ready = sum(r.generation == p.generation for r in ready)
+    new_ready = sum(r.generation == p.generation for r in p.ranks if r.rank in ready)
     stop: list[RankPlacement] = []
     for r in order:
-        if r not in ready:  # nothing available is lost (awaiting a replacement, not started)
+        if r.rank not in ready:  # nothing available is lost (awaiting a replacement, not started)
             stop.append(r)
         elif room > 0 or new_ready >= spec.replicas:
             stop.append(r)
@@ -479,9 +482,5 @@ def roll(job: Job, now: datetime) -> Rolled:
                 ),
             )
     if not stop and not events:
-        return Rolled(job, (), ())
-    return Rolled(
-        replace(rolled, updated_at=now, reason=summary(rolled, now)),
-        tuple(r for r in stop if r.live),
-        tuple(events),
-    )
+        return Rolled(job)
+    return Rolled(replace(rolled, updated_at=now, reason=summary(rolled, now)), tuple(events))

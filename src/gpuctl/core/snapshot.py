@@ -137,6 +137,11 @@ class NodeView:
         )
 
 
+def empty_view(node: Node) -> NodeView:
+    """`node` with nothing on it."""
+    return _view(node, {})
+
+
 def _view(node: Node, held: Mapping[int, Sequence[RankPlacement]]) -> NodeView:
     """`node` with the ranks in `held` subtracted, never below zero."""
     gpus = node.profile.gpus

@@ -326,12 +326,7 @@ class Controller:
                     f"job {job_id} is a training gang: its size is fixed (replicas are for "
                     "inference)"
                 )
-            if job.state.finished or job.state is JobState.CANCELLING:
-                raise FailedPrecondition(f"job {job_id} is {job.state.value}: nothing to scale")
-            if job.state is JobState.RUNNING and not services.is_service(job):
-                raise FailedPrecondition(
-                    f"job {job_id} runs with restart policy never: its replicas are fixed"
-                )
+            _check_changeable(job, "scale")
             now = self.clock.now()
             was = job.spec.replicas
             stop: tuple[RankPlacement, ...] = ()
@@ -379,18 +374,13 @@ class Controller:
                     raise InvalidArgument(
                         [FieldViolation(f"spec.{name}", "cannot change in an update")]
                     )
-            if job.state.finished or job.state is JobState.CANCELLING:
-                raise FailedPrecondition(f"job {job_id} is {job.state.value}: nothing to update")
-            if job.state is JobState.RUNNING and not services.is_service(job):
-                raise FailedPrecondition(
-                    f"job {job_id} runs with restart policy never: its replicas are fixed"
-                )
+            _check_changeable(job, "update")
             if spec == job.spec:
                 return job
-            why = self._never_runs(spec, self.clock.now())
+            now = self.clock.now()
+            why = self._never_runs(spec, now)
             if why:
                 raise FailedPrecondition(f"the updated job could never run: {why}")
-            now = self.clock.now()
             if job.state is JobState.RUNNING:
                 job = services.update(job, spec)
                 job = replace(job, updated_at=now, reason=services.summary(job, now))
@@ -415,7 +405,7 @@ class Controller:
                 if rolled.job is job:
                     continue
                 events = [_job_event(job, now, t, m) for t, m in rolled.events]
-                if rolled.respec:
+                if rolled.job.spec is not job.spec:  # rolled back
                     self._respec(rolled.job, events)
                 else:
                     self._write([rolled.job], events)
@@ -1282,6 +1272,16 @@ def _as_seen(decided: Decided, active: dict[int, Job]) -> CycleResult:
 
 def _ref_key(ref: RankRef) -> tuple[int, int, int]:
     return (ref.job_id, ref.rank, ref.attempt)
+
+
+def _check_changeable(job: Job, doing: str) -> None:
+    """An inference job may be scaled or updated while pending, or running as a service."""
+    if job.state.finished or job.state is JobState.CANCELLING:
+        raise FailedPrecondition(f"job {job.id} is {job.state.value}: nothing to {doing}")
+    if job.state is JobState.RUNNING and not services.is_service(job):
+        raise FailedPrecondition(
+            f"job {job.id} runs with restart policy never: its replicas are fixed"
+        )
 
 
 def _where(placement: Placement, *, after: Placement | None = None) -> str:
