@@ -381,6 +381,26 @@ def test_scale_through_the_sdk_with_its_owner_checks_and_codes(api):
     ]
 
 
+def test_only_its_owner_may_update_a_job_since_the_new_command_runs_as_them(api):
+    serve = dict(kind=jobs_pb2.JOB_KIND_INFERENCE, command=["serve"], gpus_per_node=1)
+    job = api.jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=jobs_pb2.JobSpec(**serve)))
+    evil = jobs_pb2.UpdateJobRequest(
+        name=job.name, spec=jobs_pb2.JobSpec(**{**serve, "command": ["sh", "-c", "evil"]})
+    )
+    as_ada = [("authorization", f"Bearer {api.tokens.user('ada')}")]  # an admin
+    with pytest.raises(grpc.RpcError) as e:
+        api.jobs.UpdateJob(evil, metadata=as_ada)
+    assert e.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert "only its owner may update it" in e.value.details()
+    assert api.controller.store.get_job(job.id).spec.command == ("serve",)
+    updated = api.jobs.UpdateJob(
+        jobs_pb2.UpdateJobRequest(
+            name=job.name, spec=jobs_pb2.JobSpec(**{**serve, "command": ["serve", "--v2"]})
+        )
+    )
+    assert list(updated.spec.command) == ["serve", "--v2"]
+
+
 def test_listed_jobs_are_each_viewers_own_view_and_follow_every_change(api):
     job = api.jobs.CreateJob(
         jobs_pb2.CreateJobRequest(spec=spec(env={"TOKEN": "t0p", "MODE": "fast"}))

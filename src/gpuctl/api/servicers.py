@@ -485,6 +485,14 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         job_id = convert.parse_job_name(request.name)
         call.target = convert.job_name(job_id)
         job = self._job(call, job_id)
+        if job.spec.owner != call.who.name:
+            # The new command would run as the owner's account: nobody else may choose it
+            # (a team member or an operator may cancel or scale it, not reprogram it).
+            raise PermissionDenied(
+                f"job {job_id} is {job.spec.owner}'s: only its owner may update it",
+                permission=Permission.JOBS_SUBMIT.value,
+            )
+        self._check_run_as(call.who)
         spec = self._spec(request.spec, owner=job.spec.owner)
         return _job_view(self.c.update(job_id, spec, by=call.who.name), call.who)
 
