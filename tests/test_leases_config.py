@@ -100,3 +100,13 @@ def test_gpuctld_refuses_a_bad_providers_file_as_a_bad_config(tmp_path):
     assert proc.stderr.strip() == (
         "gpuctld: bad config: provider[0].node: must list at least one [[provider.node]]"
     )
+
+
+def test_replica_ports_must_lie_in_the_unprivileged_port_range(tmp_path):
+    cfg = tmp_path / "gpuctld.toml"
+    cfg.write_text("[jobs]\nreplica_port_base = 60000\nreplica_port_range = 9000\n")
+    with pytest.raises(InvalidArgument) as e:
+        load_config(cfg)
+    assert [v.field for v in e.value.violations] == ["jobs.replica_port_range"]
+    cfg.write_text("[jobs]\nreplica_port_base = 40000\nreplica_port_range = 100\n")
+    assert load_config(cfg).replica_port_base == 40000

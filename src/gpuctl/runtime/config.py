@@ -241,6 +241,19 @@ def load_config(
             )
         elif want in (int, float) and f.name != "policy_weights" and value < 0:
             violations.append(FieldViolation(key_of.get(f.name, f.name), "must not be negative"))
+    base = values.get("replica_port_base", DaemonConfig.replica_port_base)
+    size = values.get("replica_port_range", DaemonConfig.replica_port_range)
+    if (
+        isinstance(base, int)
+        and isinstance(size, int)
+        and not (base >= 1024 and size >= 1 and base + size <= 65536)
+    ):
+        violations.append(
+            FieldViolation(
+                "jobs.replica_port_range",
+                f"ports {base}..{base + size - 1} must lie within 1024..65535",
+            )
+        )
     if values.get("lease_unknown", "release") not in ("release", "adopt"):
         violations.append(FieldViolation("leases.unknown", 'must be "release" or "adopt"'))
     if violations:
