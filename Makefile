@@ -124,3 +124,10 @@ bench-service: $(STAMP)
 bench-failover: $(STAMP)
 	@mkdir -p bench-results
 	$(PY) -m gpuctl.bench_failover --rounds 5 --json bench-results/failover.json
+
+# kill -9 the agent of one node of a running gang, at the default timings: fenced, lost, running
+# again elsewhere (seconds from the kill), and any overlap of the old rank with its copy.
+.PHONY: bench-nodeloss
+bench-nodeloss: $(STAMP)
+	@mkdir -p bench-results
+	$(PY) -m gpuctl.bench_nodeloss --rounds 3 --json bench-results/nodeloss.json

@@ -6,6 +6,7 @@ log shipping, stops, re-registration and the retrying outbox.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pwd
 import signal
@@ -27,6 +28,7 @@ from gpuctl.agent.logship import LogShipper
 from gpuctl.agent.loop import AgentLoop, NodeIdentity, key_from_pb
 from gpuctl.agent.probe import FakeProbe, NodeFacts
 from gpuctl.agent.runner import AccountPolicy, RankKey, Runner
+from gpuctl.agent.shim import LEASE_FILE
 from gpuctl.api._pb.agent.v1 import agent_pb2, agent_pb2_grpc
 from gpuctl.api._pb.v1 import jobs_pb2, nodes_pb2
 from gpuctl.api.convert import duration, rank_ref
@@ -711,6 +713,30 @@ def test_the_fence_is_never_sooner_than_one_heartbeat(
     agent.loop.tick()
     assert "(it calls a node lost after 15s): stopping 1 rank(s)" in caplog.text
     agent.until(lambda: KEY not in agent.runner.running())
+
+
+def test_each_word_from_the_daemon_renews_the_lease_the_ranks_supervisors_hold_to(
+    agent: Agent, daemon: FakeDaemon, tmp_path: Path
+) -> None:
+    # Timeout 30 s, heartbeats every 10 s: the supervisors SIGTERM their ranks 20 s after the
+    # last renewal and SIGKILL them at 25 s, even with the agent dead (runner and shim tests).
+    daemon.heartbeat_timeout = 30.0
+    lease_file = tmp_path / "state" / LEASE_FILE
+
+    def lease() -> tuple[float, float]:
+        data = json.loads(lease_file.read_text())
+        return data["stop_at"] - time.monotonic(), data["kill_at"] - time.monotonic()
+
+    agent.loop.tick()  # registers (and heartbeats)
+    stop_in, kill_in = lease()
+    assert 19.0 < stop_in <= 20.0 and 24.0 < kill_in <= 25.0
+    written = lease_file.read_text()
+    daemon.fail("Heartbeat", grpc.StatusCode.UNAVAILABLE)
+    agent.heartbeat()  # no answer: no renewal
+    assert lease_file.read_text() == written
+    agent.clock.advance(0.5)
+    agent.loop.tick()  # the retry is answered
+    assert lease_file.read_text() != written
 
 
 @pytest.mark.parametrize(

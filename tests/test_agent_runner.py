@@ -29,7 +29,7 @@ from gpuctl.agent.runner import (
     Runner,
     child_env,
 )
-from gpuctl.agent.shim import LAUNCH_FILE
+from gpuctl.agent.shim import LAUNCH_FILE, LEASE_FILE, lease_action
 from tests.agent_rig import FakeClock, until
 
 KEY = RankKey(job_id=7, rank=0, attempt=1)
@@ -360,3 +360,49 @@ def test_reap_kills_everything(runner: Runner) -> None:
     assert rank_exit.exit_code == -signal.SIGKILL
     assert runner.running() == ()
     until(lambda: gone(leader) and gone(child))
+
+
+# -- fencing by the supervisor: the node's lease ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("lease", "now", "action"),
+    [
+        (None, 5.0, None),  # no lease written: no limit
+        ({"stop_at": "soon"}, 5.0, None),  # unreadable: no limit, never a stop by accident
+        ({"stop_at": 10.0, "kill_at": 12.0}, 9.9, None),
+        ({"stop_at": 10.0, "kill_at": 12.0}, 10.0, signal.SIGTERM),
+        ({"stop_at": 10.0, "kill_at": 12.0}, 12.0, signal.SIGKILL),
+    ],
+)
+def test_what_the_lease_asks_of_a_rank(lease, now, action) -> None:
+    assert lease_action(lease, now) == action
+
+
+def test_a_rank_whose_lease_ran_out_is_stopped_by_its_supervisor_alone(runner: Runner) -> None:
+    # Nobody asks this rank to stop: its supervisor does, once the lease the agent stopped
+    # renewing (here: the agent is as good as dead) runs out.
+    runner.lease(60.0)
+    sleeper = "import time; print('pids 0 0', flush=True); time.sleep(60)"
+    assert runner.start(launch(sys.executable, "-c", sleeper)) is None
+    pids_from_log(runner)
+    runner.lease(0.0, 60.0)
+    done = wait_exit(runner)
+    assert done.exit_code == -signal.SIGTERM
+    assert "fenced: no word from gpuctld" in done.message
+
+
+def test_a_fenced_rank_that_ignores_sigterm_is_killed_at_the_leases_end(
+    runner: Runner, tmp_path: Path
+) -> None:
+    # A stop grace far longer than the lease: the lease's end wins, so the rank is gone
+    # before gpuctld can call the node lost and start it elsewhere.
+    assert runner.start(launch(sys.executable, "-c", STUBBORN, kill_grace_s=600.0)) is None
+    rank, child = pids_from_log(runner)
+    runner.lease(0.0, 0.5)
+    done = wait_exit(runner)
+    assert done.exit_code == -signal.SIGKILL
+    assert "fenced" in done.message
+    assert gone(rank) and gone(child)
+    runner.lease(None)  # no timeout: no limit
+    assert not (tmp_path / "state" / LEASE_FILE).exists()

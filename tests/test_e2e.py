@@ -218,7 +218,8 @@ def test_a_killed_agent_loses_only_its_replicas_which_are_replaced_on_another_no
     wait_until(lambda: len(list(pids.iterdir())) == 2, what="two replicas to start")
     ranks = {r.get("rank", 0): r["node"] for r in job_json(cluster, job_id)["placement"]["ranks"]}
     on_1 = next(str(rank) for rank, n in ranks.items() if n == "gpu-1")
-    survivor = int((pids / on_1).read_text())
+    on_2 = next(str(rank) for rank, n in ranks.items() if n == "gpu-2")
+    survivor, orphan = int((pids / on_1).read_text()), int((pids / on_2).read_text())
     cluster.start_agent(node("gpu-3"))  # spare capacity
     wait_until(lambda: nodes_ready(cluster, 3), what="the spare node to register")
 
@@ -226,6 +227,9 @@ def test_a_killed_agent_loses_only_its_replicas_which_are_replaced_on_another_no
 
     # Lost after the heartbeat timeout (10 s here); its replica goes to gpu-3, gpu-1's runs on.
     wait_until(lambda: (pids / "2").exists(), timeout=40, what="the lost replica's replacement")
+    # With nobody left to stop it, the replica on gpu-2 stopped itself when the node's lease ran
+    # out (9.7 s here, before the node was called lost): it never runs beside its replacement.
+    wait_until(lambda: not alive(orphan), timeout=5, what="the lost node's replica to stop")
     job = job_json(cluster, job_id)
     placed = {r.get("rank", 0): r for r in job["placement"]["ranks"]}
     assert sorted(placed) == sorted([int(on_1), 2]) and placed[2]["node"] == "gpu-3"

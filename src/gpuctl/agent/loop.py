@@ -43,6 +43,7 @@ REGISTER_BACKOFF_CAP_S = 30.0  # ... up to this, so a restarted daemon is found 
 # failure up to the heartbeat interval: an agent reaches a new leader within about a second
 # of its takeover, well inside the full timeout the new leader gives every node.
 HEARTBEAT_RETRY_S = 0.5
+LEASE_RENEW_S = 1.0  # the ranks' lease (`Runner.lease`) is written at most this often
 _MAX_DOUBLINGS = 20  # past every cap above
 MAX_LOG_STALLS = 3  # ticks the daemon may refuse to take a finished rank's log before we report
 SHUTDOWN_ROUNDS = 3  # tries to deliver the last logs and reports before the agent exits
@@ -203,6 +204,7 @@ class AgentLoop:
         self._fence_after: float | None = None  # no answer this long: stop every rank
         self._lost_after = 0.0  # the daemon's heartbeat timeout: then it calls the node lost
         self._fenced = False
+        self._leased_at: float | None = None  # monotonic: the ranks' lease last renewed
 
         self._seen: set[RankKey] = set()  # every rank ever started: assignments are re-sent
         self._ready: set[RankKey] = set()  # running, and their readiness probe passed
@@ -352,6 +354,7 @@ class AgentLoop:
         self._fence_after = (
             max(self._heartbeat_s, timeout - self._heartbeat_s) if timeout > 0 else None
         )
+        self._renew_lease(force=True)
         self._next_heartbeat = self._clock.monotonic()
         log.info(
             "registered as %s (%d GPU(s), profile %s); heartbeat every %.1fs",
@@ -584,11 +587,32 @@ class AgentLoop:
             self._lost_after,
             len(self._runner.running()),
         )
-        self._runner.stop_all()
+        self._runner.stop_all(self._kill_after() - self._fence_after)
+
+    def _kill_after(self) -> float:
+        """Silence after which a fenced rank is SIGKILLed, whatever its stop grace: halfway
+        from the fence to the daemon's timeout, so it is gone before it can run elsewhere."""
+        assert self._fence_after is not None
+        return max(self._fence_after, (self._fence_after + self._lost_after) / 2)
+
+    def _renew_lease(self, *, force: bool = False) -> None:
+        """The ranks may run `fence_after` more without word from gpuctld: past it their
+        supervisors stop them even if this agent is dead (`Runner.lease`). Written at most
+        once per LEASE_RENEW_S, so a supervisor may fence that much early."""
+        now = self._clock.monotonic()
+        if not force and self._leased_at is not None and now - self._leased_at < LEASE_RENEW_S:
+            return
+        self._leased_at = now
+        fence = self._fence_after
+        try:
+            self._runner.lease(fence, None if fence is None else self._kill_after())
+        except OSError as e:  # a full disk: the agent's own fence still holds
+            log.warning("cannot renew the ranks' lease: %s", e)
 
     def _reached(self) -> None:
         self._last_word = self._clock.monotonic()
         self._fenced = False
+        self._renew_lease()
         if self._down_since is not None:
             down_s = self._clock.monotonic() - self._down_since
             self._down_since = None

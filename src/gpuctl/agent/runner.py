@@ -32,6 +32,7 @@ from gpuctl.agent.shim import (
     EXIT_NOT_FOUND,
     KILL_SIGNAL,
     LAUNCH_FILE,
+    LEASE_FILE,
     RANK_ID_ENV,
     REPORTED_FILE,
     SHIM_FILE,
@@ -488,6 +489,7 @@ class Runner:
                 "max_log_bytes": self._max_log_bytes,
                 "rank_id": rank_id,
                 "kill_grace_s": launch.kill_grace_s,
+                "lease_file": str(self._state_dir / LEASE_FILE),
                 # for the agent alone (the supervisor ignores it): a restarted agent probes on
                 "readiness": None if launch.readiness is None else asdict(launch.readiness),
             },
@@ -577,6 +579,20 @@ class Runner:
     def stop_all(self, grace_s: float | None = None) -> None:
         for key in list(self._running):
             self.stop(key, grace_s)
+
+    def lease(self, stop_in: float | None, kill_in: float | None = None) -> None:
+        """Let the ranks run `stop_in` seconds more without another lease: then each rank's
+        supervisor SIGTERMs it by itself, and SIGKILLs it after `kill_in`, whether or not this
+        agent still runs (fencing). None: no limit. The times are CLOCK_MONOTONIC, the clock
+        every process of this boot shares, whatever clock the agent was given."""
+        path = self._state_dir / LEASE_FILE
+        if stop_in is None:
+            path.unlink(missing_ok=True)
+            return
+        now = time.monotonic()
+        kill_in = stop_in if kill_in is None else max(stop_in, kill_in)
+        make_private_dirs(self._state_dir)
+        write_json(path, {"stop_at": now + stop_in, "kill_at": now + kill_in})
 
     def next_deadline(self) -> float | None:
         """The earliest pending SIGKILL (monotonic), so the loop knows when to wake up."""
@@ -712,6 +728,8 @@ class Runner:
                 killed=r.killed or bool(recorded.get("killed")),
                 grace_s=r.grace_s,
             )
+            if recorded.get("fenced"):
+                message += " (fenced: no word from gpuctld before the node's lease ran out)"
             result = RankExit(key=r.key, exit_code=code, message=message)
         log.info("%s exited: %s", r.key, result.message)
         return result

@@ -27,12 +27,18 @@ from gpuctl.runtime.private import private_opener
 #   shim.json    shim: its pid and start time, by which a restarted agent knows it is the same
 #   exit         shim: {"code", "terminated", "killed"}, plus "message" when the rank never ran
 #   reported     runner: the daemon acknowledged the rank's EXITED report
+# and one file for the whole node, in the agent's state dir (launch.json names it):
+#   lease.json   agent: {"stop_at", "kill_at"}, CLOCK_MONOTONIC seconds, renewed with every word
+#                from gpuctld. Past stop_at the shim SIGTERMs its rank by itself, past kill_at it
+#                SIGKILLs it: the agent may be dead, and gpuctld is about to call the node lost
+#                and run the rank elsewhere (fencing). No file: no limit.
 # STATUS_FD gets one JSON line once the rank runs ({"pid"}) or cannot start ({"code",
 # "message"}). SIGTERM is forwarded to the rank; SIGUSR1 SIGKILLs everything of the rank.
 LAUNCH_FILE = "launch.json"
 SHIM_FILE = "shim.json"
 EXIT_FILE = "exit"
 REPORTED_FILE = "reported"
+LEASE_FILE = "lease.json"
 RANK_ID_ENV = "GPUCTL_RANK_ID"  # the marker by which a rank's processes are found
 KILL_SIGNAL = signal.SIGUSR1  # agent -> shim: SIGKILL the rank now (the stop grace ran out)
 
@@ -44,6 +50,7 @@ _PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
 _READ_BYTES = 1 << 16
 _REAP_TIMEOUT_S = 10.0  # a descendant stuck in the kernel (D state) is not waited for longer
 _RELAY_DRAIN_S = 5.0  # for the last output once every process of the rank is gone
+LEASE_POLL_S = 0.5  # how often the lease is read: a fenced rank stops within this of stop_at
 
 
 def become_subreaper() -> bool:
@@ -122,6 +129,44 @@ class _LogRelay(threading.Thread):
             self._last = data[-1:]
 
 
+def lease_action(lease: dict[str, Any] | None, now: float) -> signal.Signals | None:
+    """What the node's lease (`LEASE_FILE`, None when absent or unreadable) asks of a rank at
+    CLOCK_MONOTONIC `now`: SIGKILL past kill_at, SIGTERM past stop_at, else nothing."""
+    if lease is None:
+        return None
+    try:
+        stop_at, kill_at = float(lease["stop_at"]), float(lease["kill_at"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if now >= kill_at:
+        return signal.SIGKILL
+    if now >= stop_at:
+        return signal.SIGTERM
+    return None
+
+
+class _Fence(threading.Thread):
+    """Stops the rank once the node's lease runs out, by signalling this process as the agent
+    would (so the stop takes the one path a stop takes): SIGTERM, then SIGKILL."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(name="fence", daemon=True)
+        self._path = path
+        self.done = threading.Event()  # the rank is gone
+        self.fenced = False
+
+    def run(self) -> None:
+        sent: signal.Signals | None = None
+        while not self.done.wait(LEASE_POLL_S):
+            action = lease_action(read_json(self._path), time.monotonic())
+            if action is None or action == sent:
+                continue
+            self.fenced, sent = True, action
+            os.kill(os.getpid(), KILL_SIGNAL if action == signal.SIGKILL else signal.SIGTERM)
+            if action == signal.SIGKILL:
+                return
+
+
 class _Shim:
     def __init__(self, rank_dir: Path, spec: dict[str, Any]) -> None:
         self.rank_dir = rank_dir
@@ -134,6 +179,8 @@ class _Shim:
     # -- signals from the agent ---------------------------------------------------------
 
     def on_term(self, _signum: int, _frame: object) -> None:
+        if self.terminated:  # asked twice (the agent and the lease): a second SIGTERM reads
+            return  # as "force quit" to some programs
         self.terminated = True
         if self.pid is not None:
             self.signal_all(signal.SIGTERM)
@@ -199,10 +246,13 @@ class _Shim:
             os.close(write_end)
         self.pid = proc.pid
         relay = _LogRelay(read_end, sys.stdout.fileno(), int(spec["max_log_bytes"]))
-        # The relay thread blocks the agent's signals (a thread inherits its creator's mask):
-        # one delivered to it would run its handler only once the main thread's wait returned.
+        fence = _Fence(Path(spec["lease_file"])) if spec.get("lease_file") else None
+        # The threads block the agent's signals (a thread inherits its creator's mask): one
+        # delivered to them would run its handler only once the main thread's wait returned.
         signal.pthread_sigmask(signal.SIG_BLOCK, _AGENT_SIGNALS)
         relay.start()
+        if fence is not None:
+            fence.start()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _AGENT_SIGNALS)
         _report(status_fd, {"pid": proc.pid})
         if self.killed:  # asked before the rank existed
@@ -211,10 +261,17 @@ class _Shim:
             self.signal_all(signal.SIGTERM)
         code = self._wait()
         proc.returncode = code  # reaped here, not by Popen
+        if fence is not None:
+            fence.done.set()
         relay.join(_RELAY_DRAIN_S)
         write_json(
             self.rank_dir / EXIT_FILE,
-            {"code": code, "terminated": self.terminated, "killed": self.killed},
+            {
+                "code": code,
+                "terminated": self.terminated,
+                "killed": self.killed,
+                "fenced": fence is not None and fence.fenced,
+            },
         )
         return 0
 
