@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import signal
 import sys
 import time
 
 import pytest
 
-from gpuctl.testbed import AgentSpec, LocalCluster
+from gpuctl.testbed import FAST_CONFIG, AgentSpec, LocalCluster, Partition
 
 pytestmark = pytest.mark.e2e
 
@@ -147,6 +148,14 @@ def test_cancel_stops_a_running_rank_and_bad_input_is_one_line(cluster):
 REPLICA = (
     "import os, pathlib, sys, time; "
     "pathlib.Path(sys.argv[1], os.environ['GPUCTL_REPLICA_INDEX']).write_text(str(os.getpid())); "
+    "time.sleep(600)"
+)
+
+
+# A rank that marks its attempt's start with its pid.
+RANK_MARK = (
+    "import os, pathlib, sys, time; "
+    "pathlib.Path(sys.argv[1], os.environ['GPUCTL_ATTEMPT']).write_text(str(os.getpid())); "
     "time.sleep(600)"
 )
 
@@ -391,3 +400,48 @@ def test_a_degraded_node_moves_its_replica_elsewhere_and_the_other_runs_on(clust
     assert placed[2]["node"] == "gpu-3" and "degraded" in placed[2]["last_failure"]
     assert alive(on_1) and job_json(cluster, job_id)["state"] == "JOB_STATE_RUNNING"
     cluster.gpuctl("cancel", job_id)
+
+
+def test_a_partitioned_agent_stops_its_rank_before_it_runs_elsewhere(tmp_path):
+    # A short timeout, so the test is short: heartbeats every 0.3 s, lost after 3 s; the agent
+    # cut off stops its rank after 2.7 s, before gpuctld calls its node lost.
+    c = LocalCluster(tmp_path / "cluster")
+    c.root.mkdir(parents=True)
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    (c.root / "gpuctld.toml").write_text(
+        FAST_CONFIG.replace("{user}", me).replace(
+            "heartbeat_timeout_s = 10.0", "heartbeat_timeout_s = 3.0"
+        )
+    )
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    relays: dict[str, Partition] = {}
+    try:
+        c.start_daemon()
+        relays = {name: Partition(c.target) for name in ("gpu-1", "gpu-2")}
+        c.start_agent(node("gpu-1"), server=relays["gpu-1"].address)
+        wait_until(lambda: nodes_ready(c, 1), what="gpu-1 to register")
+        job_id = c.gpuctl(
+            "submit", "--parsable", "--kind", "training", "--gpus-per-node", "8", "--",
+            sys.executable, "-c", RANK_MARK, str(marks),
+        ).stdout.strip()  # fmt: skip
+        (before,) = wait_until(lambda: list(marks.iterdir()), what="the rank to start on gpu-1")
+        first = int(before.read_text())
+        c.start_agent(node("gpu-2"), server=relays["gpu-2"].address)
+        wait_until(lambda: nodes_ready(c, 2), what="gpu-2 to register")
+
+        relays["gpu-1"].cut()
+
+        wait_until(lambda: len(list(marks.iterdir())) == 2, what="the next attempt on gpu-2")
+        assert not alive(first)  # stopped by its own agent, which gpuctld could not reach
+        assert "no word from gpuctld" in c.log("agent-gpu-1")
+        job = job_json(c, job_id)
+        assert job["placement"]["ranks"][0]["node"] == "gpu-2"
+        relays["gpu-1"].mend()  # back: nothing of attempt 1 starts again there
+        wait_until(lambda: "registered as gpu-1" in c.log("agent-gpu-1").split("no word")[-1])
+        assert job_json(c, job_id)["state"] == "JOB_STATE_RUNNING"
+        assert len(list(marks.iterdir())) == 2
+    finally:
+        c.stop_all()
+        for relay in relays.values():
+            relay.close()

@@ -3,13 +3,16 @@ processes on loopback ports. `make demo` and the end-to-end tests are built on i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -264,3 +267,68 @@ class LocalCluster:
         self.stop_all()
         shutil.rmtree(self.root, ignore_errors=True)
         shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+class Partition:
+    """A loopback TCP relay to `target` ("127.0.0.1:PORT") that can be cut, both ways and every
+    connection at once, and mended: a network partition between an agent and gpuctld, for the
+    end-to-end tests and `bench_nodeloss`. Listens on 127.0.0.1 only."""
+
+    def __init__(self, target: str) -> None:
+        host, _, port = target.rpartition(":")
+        self._target = (host, int(port))
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._lock = threading.Lock()
+        self._open = True
+        self._conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, name="partition", daemon=True).start()
+
+    def cut(self) -> None:
+        with self._lock:
+            self._open = False
+            conns, self._conns = self._conns, []
+        for c in conns:
+            _shut(c)
+
+    def mend(self) -> None:
+        with self._lock:
+            self._open = True
+
+    def close(self) -> None:
+        self.cut()
+        _shut(self._listener)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            try:
+                server = socket.create_connection(self._target, timeout=5)
+            except OSError:
+                _shut(client)
+                continue
+            with self._lock:
+                if not self._open:
+                    _shut(client)
+                    _shut(server)
+                    continue
+                self._conns += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=_pump, args=(a, b), daemon=True).start()
+
+
+def _pump(src: socket.socket, dst: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while data := src.recv(1 << 16):
+            dst.sendall(data)
+    _shut(src)
+    _shut(dst)
+
+
+def _shut(s: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        s.shutdown(socket.SHUT_RDWR)
+    s.close()
