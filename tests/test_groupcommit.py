@@ -193,3 +193,20 @@ def test_each_write_of_a_batch_sees_the_database_not_rows_an_earlier_one_left(
     assert first.result().address == "10.0.0.2"
     assert second.result().address == "10.0.0.3"
     assert store.get_node("n1").address == "10.0.0.3"
+
+
+def test_each_writer_is_told_before_it_waits_for_its_commit() -> None:
+    # The API's handlers leave their gate there (api.lanes), so the calls behind them can add
+    # their writes to the batch.
+    told: list[str] = []
+    seen: list[list[str]] = []
+
+    def commit(batch):
+        seen.append(list(told))
+        for w in batch:
+            w.result = w.fn(None)
+
+    group = GroupCommit(commit)
+    group.before_waiting = lambda: told.append(threading.current_thread().name)
+    assert group(lambda _s: 7) == 7
+    assert told == [threading.current_thread().name] and seen == [told]

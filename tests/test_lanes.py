@@ -15,7 +15,7 @@ from grpc_status import rpc_status
 
 from gpuctl.api._pb.agent.v1 import agent_pb2, agent_pb2_grpc
 from gpuctl.api._pb.v1 import jobs_pb2, jobs_pb2_grpc
-from gpuctl.api.lanes import Lanes, PeopleCall
+from gpuctl.api.lanes import GATE_SLOTS, Gate, Lanes, PeopleCall
 from gpuctl.api.limits import LimitSettings
 from gpuctl.core.plugins import build_policy
 from gpuctl.runtime.clock import FakeClock
@@ -107,3 +107,62 @@ def test_people_past_their_lane_are_refused_at_once_and_agents_still_answered(bu
             assert all(f.result(20).name == job.name for f in held)
         wait_until(lambda: server.lanes.people_in_flight == 0)
         jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=spec()), metadata=alice, timeout=5)
+
+
+# -- the gate: a few handlers run Python at once ---------------------------------------------
+
+
+def test_the_gate_lets_in_its_slots_and_a_thread_that_leaves_lets_the_next_in() -> None:
+    gate = Gate(2)
+    inside = threading.Semaphore(0)
+    go = threading.Event()
+    left = threading.Event()
+
+    def handler(leave_early: bool) -> None:
+        with gate:
+            inside.release()
+            if leave_early:
+                gate.leave()  # about to wait on a commit
+                left.set()
+            go.wait(10)
+
+    with ThreadPoolExecutor(3) as pool:
+        first = [pool.submit(handler, False), pool.submit(handler, True)]
+        assert inside.acquire(timeout=10) and inside.acquire(timeout=10)
+        assert left.wait(10)
+        third = pool.submit(handler, False)
+        assert inside.acquire(timeout=10)  # in, while both before it still run
+        go.set()
+        for f in [*first, third]:
+            f.result(10)  # and nobody released a slot twice (BoundedSemaphore would raise)
+    with gate, gate:  # both slots free again
+        pass
+
+
+def test_watches_never_hold_the_gate(tmp_path) -> None:
+    # More open watches (streams waiting for changes) than the gate has slots: a GetJob still
+    # runs at once (a streaming handler is a generator, which runs after the gate is left).
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    controller = Controller(
+        store, FakeClock(), build_policy("default"), LogStore(tmp_path / "l", max_bytes_per_rank=1)
+    )
+    server = serve(controller, limits=LimitSettings(workers=16, agent_reserve=2, max_streams=8))
+    try:
+        tokens = Tokens(controller)
+        alice = tokens.metadata(tokens.user("alice"))
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            jobs = jobs_pb2_grpc.JobServiceStub(channel)
+            job = jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=spec()), metadata=alice)
+            watches = [
+                jobs.WatchJobs(jobs_pb2.WatchJobsRequest(), metadata=alice, timeout=30)
+                for _ in range(GATE_SLOTS + 1)
+            ]
+            for w in watches:
+                next(w)  # each runs, and now waits for a change
+            got = jobs.GetJob(jobs_pb2.GetJobRequest(name=job.name), metadata=alice, timeout=5)
+            assert got.name == job.name
+            for w in watches:
+                w.cancel()
+    finally:
+        server.drain(0)
+        store.close()

@@ -24,7 +24,7 @@ from gpuctl.api._pb.v1 import (
     nodes_pb2_grpc,
 )
 from gpuctl.api.auth import Authenticator, PeerCredIssuer, SessionBook, auth_socket_path
-from gpuctl.api.lanes import Lanes, PeopleCall
+from gpuctl.api.lanes import Gate, Lanes, PeopleCall
 from gpuctl.api.limits import BUSY, BUSY_RETRY_S
 from gpuctl.api.servicers import (
     AgentServicer,
@@ -71,8 +71,9 @@ class _Edge(grpc.ServerInterceptor):
     lists every method and message, needs credentials. Health stays open: load balancers and
     systemd checks carry none."""
 
-    def __init__(self, auth: Authenticator) -> None:
+    def __init__(self, auth: Authenticator, gate: Gate | None = None) -> None:
         self.auth = auth
+        self.gate = gate
 
     def intercept_service(self, continuation, details):
         if details.method.startswith("/grpc.reflection."):
@@ -91,7 +92,9 @@ class _Edge(grpc.ServerInterceptor):
         kind = "unary_stream" if handler.response_streaming else "unary_unary"
         behavior = _refusing_malformed(getattr(handler, kind))
         if not details.method.startswith(_OWN_LANE):  # a person's call (see api.lanes)
-            behavior = PeopleCall(behavior, _busy)
+            behavior = PeopleCall(
+                behavior, _busy, None if handler.response_streaming else self.gate
+            )
         return handler._replace(
             request_deserializer=_tolerant(handler.request_deserializer), **{kind: behavior}
         )
@@ -148,6 +151,8 @@ class ApiServer:
         workers = guard.limits.settings.workers
         reserve = guard.limits.settings.agent_reserve
         self.lanes = Lanes(people=workers - reserve, others=reserve)
+        # A handler waiting for its write to commit lets the next one run (api.lanes.Gate).
+        controller.store.before_waiting(self.lanes.gate.leave)
         self.server = grpc.server(
             self.lanes,
             options=[
@@ -158,7 +163,7 @@ class ApiServer:
             # Past this many calls queued or running, gRPC refuses at once (RESOURCE_EXHAUSTED)
             # instead of queueing without end; the guard's own limits answer first.
             maximum_concurrent_rpcs=workers * 4,
-            interceptors=[_Edge(guard.auth)],
+            interceptors=[_Edge(guard.auth, self.lanes.gate)],
         )
         jobs_pb2_grpc.add_JobServiceServicer_to_server(
             JobServicer(controller, guard, poll_s=watch_poll_s), self.server

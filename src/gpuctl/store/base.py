@@ -217,4 +217,9 @@ class Store(Protocol):
         `NotLeader` otherwise (0: refuse every write; None: no check)."""
         ...
 
+    def before_waiting(self, hook: Callable[[], None]) -> None:
+        """Run `hook()` in each writer just before it waits for its write to commit (the API
+        lets the next handler run then: api.lanes.Gate)."""
+        ...
+
     def close(self) -> None: ...

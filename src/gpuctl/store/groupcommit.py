@@ -48,6 +48,9 @@ class GroupCommit(Generic[S]):
     ) -> None:
         self._commit = commit
         self._max = max_batch
+        # Called before a writer waits for its batch: the API's handlers leave their gate
+        # (api.lanes), so that the calls behind them can queue their writes into this batch.
+        self.before_waiting: Callable[[], None] = lambda: None
         self._queue: deque[Write[S]] = deque()
         self._lock = threading.Lock()
         self.batches = 0  # transactions run, and writes in them: writes / batches is the
@@ -56,6 +59,7 @@ class GroupCommit(Generic[S]):
     def __call__(self, fn: Callable[[S], T], *, fenced: bool = True) -> T:
         write: Write[S] = Write(fn, fenced)
         self._queue.append(write)  # deque appends and pops are atomic
+        self.before_waiting()
         while not write.done:
             with self._lock:
                 if write.done:  # the holder before us ran it
