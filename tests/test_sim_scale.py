@@ -18,6 +18,7 @@ from click.testing import CliRunner
 
 from gpuctl.cli.simulate_scale import scale_command, table
 from gpuctl.core import CycleResult, schedule
+from gpuctl.core.framework import FilterPlugin, ScorePlugin
 from gpuctl.core.model import (
     MILLI_PER_GPU,
     BandwidthProfile,
@@ -100,8 +101,10 @@ def test_pending_jobs_are_gangs_of_8_to_1024_gpus_and_replica_sets() -> None:
 # -- the column path decides as node-by-node plugins do --------------------------------------
 
 
-class NodeByNode:
+class NodeByNode(FilterPlugin, ScorePlugin):
     """A plugin with its column form hidden: a policy of these is asked node by node."""
+
+    __slots__ = ("inner",)
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
@@ -121,8 +124,7 @@ class NodeByNode:
         return self.inner.score(*args)
 
     def prepare(self, context: Any) -> NodeByNode | None:
-        prepare = getattr(self.inner, "prepare", None)
-        ready = prepare(context) if prepare is not None else self.inner
+        ready = self.inner.prepare(context) if isinstance(self.inner, ScorePlugin) else self.inner
         return None if ready is None else NodeByNode(ready)
 
 

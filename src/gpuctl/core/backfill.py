@@ -15,9 +15,11 @@ from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import ClassVar, Protocol
 
+import numpy as np
+
 from gpuctl.core.model import Job, JobKind, JobState
 from gpuctl.core.snapshot import NodeView, Snapshot
-from gpuctl.core.topology import Member, best_gang, island_of
+from gpuctl.core.topology import best_gang_rows, island_of
 
 # Fits(node) for the job being planned: True fits now, False fits once work there ends,
 # None never (wrong model, too small, floors not met, not ready).
@@ -232,9 +234,11 @@ class Planner:
                 f"({ids(sorted(unlimited))}), which never free up for planning"
             )
         start, key, nodes = min(options, key=lambda o: (o[0], o[1]))
-        # Of the nodes ready by then, the fewest leaves (as the gang itself will choose).
-        members = [Member(view=v, score=0.0, whole=False) for t, v, _ in nodes if t <= start]
-        choice = best_gang(key[0], members, n)
+        # Of the nodes ready by then, the fewest leaves, chosen as the gang itself will be.
+        table = self.snapshot.table
+        rows = np.array([table.pos[v.id] for t, v, _ in nodes if t <= start], dtype=np.int64)
+        zeros = np.zeros(len(rows))
+        choice = best_gang_rows(table, rows, zeros, zeros.astype(bool), n)
         assert choice is not None  # at least n nodes are ready by `start`
         reservation = Reservation(
             job_id=job.id, start=start, node_ids=tuple(v.id for v in choice.nodes)

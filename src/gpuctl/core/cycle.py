@@ -82,6 +82,7 @@ from gpuctl.core.topology import (
     SCORE_DIGITS,
     GangChoice,
     GangDemand,
+    best_gang_rows,
     damage,
 )
 from gpuctl.core.verdicts import (
@@ -507,23 +508,17 @@ class _Cycle:
     def _candidates(self, job: Job) -> tuple[Victim, ...]:
         """Who `job` may preempt, cheapest first: all of them."""
         preemption = self.base_policy.preemption
-        key_of = getattr(preemption, "key", None)
-        if key_of is None:
-            return preemption.candidates(job, self.work.jobs(), self.now, self.fresh)
-        key = key_of(job)
+        key = preemption.key(job)
         if key not in self.candidates:
             self.candidates[key] = preemption.candidates(
                 job, self.work.jobs(), self.now, self.fresh
             )
         return self.candidates[key]
 
-    def _without(self, job: Job, candidates: Sequence[Victim]) -> Snapshot | None:
-        """The working snapshot without all of `candidates` (kept when the preemptor says
-        what its candidates depend on)."""
-        key_of = getattr(self.base_policy.preemption, "key", None)
-        if key_of is None:
-            return None
-        key = key_of(job)
+    def _without(self, job: Job, candidates: Sequence[Victim]) -> Snapshot:
+        """The working snapshot without all of `candidates`, kept per what the preemptor says
+        they depend on (its `key`)."""
+        key = self.base_policy.preemption.key(job)
         freed = self.freed.get(key)
         if freed is None:
             freed = self.freed[key] = _Freed(self.work.copy(), len(self.changes))
@@ -899,7 +894,7 @@ class _IslandMemo:
         blocked: Mapping[str, str],
         refused: Refused | None,
     ) -> _IslandMemo:
-        facets = tuple(s.facet(job) for s, _ in policy.scores if hasattr(s, "facet"))
+        facets = tuple(s.facet(job) for s, _ in policy.scores)
         key = (
             "islands",
             id(policy.filters),
@@ -946,59 +941,12 @@ def _gangs(
         if memo is not None and island in memo.known:
             choice = memo.known[island]
         else:
-            choice = _best_gang(t, rows[members], scores[members], whole[members], n)
+            choice = best_gang_rows(t, rows[members], scores[members], whole[members], n)
         if memo is not None:
             memo.choices[island] = choice
         if choice is not None:
             out.append(choice)
     return out
-
-
-def _best_gang(
-    t: NodeTable, rows: np.ndarray, scores: np.ndarray, whole: np.ndarray, n: int
-) -> GangChoice | None:
-    """`topology.best_gang` over arrays: whole nodes if there are enough, then the `n` nodes
-    spanning the fewest leaves (the biggest leaves first), best total score among those."""
-    if np.count_nonzero(whole) >= n:
-        rows, scores, whole = rows[whole], scores[whole], whole[whole]
-    if len(rows) < n:
-        return None
-    leaf = t.leaf[rows]
-    # np.unique(leaf, return_inverse=True, return_counts=True), by counting: leaf ids are
-    # small integers (ids into the table's leaves)
-    per_leaf = np.bincount(leaf)
-    leaves = np.flatnonzero(per_leaf)
-    counts = per_leaf[leaves]
-    index = np.zeros(len(per_leaf), dtype=np.int64)
-    index[leaves] = np.arange(len(leaves))
-    leaf_of = index[leaf]
-    biggest = np.lexsort((leaves, -counts))
-    k = int(np.searchsorted(np.cumsum(counts[biggest]), n)) + 1
-    # Within the candidates: best score, then fabric path (the leaf), then node id.
-    ranked = np.lexsort((rows, leaf, -scores))
-    if k == 1:
-        # Any leaf that holds the whole gang: the best-scoring, then the smallest (keeping
-        # big leaves whole for bigger gangs), then by name.
-        by_leaf = ranked[np.argsort(leaf_of[ranked], kind="stable")]
-        starts = np.searchsorted(leaf_of[by_leaf], np.arange(len(leaves)))
-        options = []
-        for u in np.flatnonzero(counts >= n).tolist():
-            top = by_leaf[starts[u] : starts[u] + n]
-            total = round(sum(scores[top].tolist()), SCORE_DIGITS)
-            options.append((-total, int(counts[u]), int(leaves[u]), u))
-        chosen = by_leaf[starts[min(options)[3]] :][:n]
-    else:
-        keep = np.isin(leaf_of, biggest[:k])
-        chosen = ranked[keep[ranked]][:n]
-    in_order = chosen[np.lexsort((rows[chosen], leaf[chosen]))]
-    first = t.views[int(rows[in_order[0]])]
-    return GangChoice(
-        fabric=first.node.fabric_name,
-        nodes=tuple(t.views[r] for r in rows[in_order].tolist()),
-        leaves=len(set(leaf[chosen].tolist())),
-        partial=len(chosen) - np.count_nonzero(whole[chosen]),
-        score=round(sum(scores[chosen].tolist()), SCORE_DIGITS),
-    )
 
 
 def _gang_reason(

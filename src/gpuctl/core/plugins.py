@@ -11,12 +11,13 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
 import numpy as np
 
 from gpuctl.core.backfill import BACKFILLS, Backfill, FirstFit
 from gpuctl.core.errors import FieldViolation, InvalidArgument
+from gpuctl.core.framework import ColumnFilter, ColumnScore, FilterPlugin, ScorePlugin
 from gpuctl.core.model import MILLI_PER_GPU, Job, JobKind, JobSpec
 from gpuctl.core.nodetable import NodeTable
 from gpuctl.core.packing import (
@@ -120,22 +121,9 @@ def pick_gpus(node: NodeView, request: RankRequest) -> tuple[int, ...] | None:
     return tuple(sorted(g.index for g in chosen))
 
 
-class Filter(Protocol):
-    """Can one rank of `job` go on `node`? A status value, never an exception."""
-
-    name: ClassVar[str]
-    kinds: ClassVar[frozenset[JobKind]]
-
-    def filter(self, job: Job, request: RankRequest, node: NodeView) -> Status: ...
-
-
-class Score(Protocol):
-    """How good `node` is for one rank of `job`: 0 (worst) to 1 (best), so weights compare."""
-
-    name: ClassVar[str]
-    kinds: ClassVar[frozenset[JobKind]]
-
-    def score(self, job: Job, request: RankRequest, node: NodeView) -> float: ...
+# The extension points (core.framework): every plugin below declares what it can do.
+Filter = FilterPlugin
+Score = ScorePlugin
 
 
 # Column forms. Every plugin here also answers for many nodes at once, from the columns of
@@ -151,24 +139,6 @@ class Score(Protocol):
 # - `reads_free = False`: the plugin reads only what a node is, never what it has free, so
 #   its answer for a node holds all cycle (without it, the node is asked again whenever it
 #   changes).
-
-
-class FilterColumns(Protocol):
-    def codes(
-        self, job: Job, request: RankRequest, table: NodeTable, rows: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(Code per row as int8, a key per row): rows this filter rules out with equal codes
-        and keys get the same reason, so the reason is worded once per key (by `filter` on
-        one of them)."""
-        ...
-
-
-class ScoreColumns(Protocol):
-    def scores(
-        self, job: Job, request: RankRequest, table: NodeTable, rows: np.ndarray
-    ) -> np.ndarray:
-        """The score of each row, as float64 (rows the filters pass; others may be asked)."""
-        ...
 
 
 # Up to this many rows, frag-aware looks each node's state up in what it has worked out
@@ -208,7 +178,7 @@ def _largest_sum(table: NodeTable, rows: np.ndarray, count: int) -> np.ndarray:
 
 
 @dataclass(frozen=True, slots=True)
-class NodeReady:
+class NodeReady(ColumnFilter):
     name: ClassVar[str] = "node-ready"
     kinds: ClassVar[frozenset[JobKind]] = BOTH
     reads_free: ClassVar[bool] = False
@@ -228,7 +198,7 @@ class NodeReady:
 
 
 @dataclass(frozen=True, slots=True)
-class GpuModel:
+class GpuModel(ColumnFilter):
     name: ClassVar[str] = "gpu-model"
     kinds: ClassVar[frozenset[JobKind]] = BOTH
     reads_free: ClassVar[bool] = False
@@ -252,7 +222,7 @@ class GpuModel:
 
 
 @dataclass(frozen=True, slots=True)
-class GpuMemory:
+class GpuMemory(ColumnFilter):
     """The node's GPUs can hold the replica's weights and KV cache at all."""
 
     name: ClassVar[str] = "gpu-memory"
@@ -286,7 +256,7 @@ class GpuMemory:
 
 
 @dataclass(frozen=True, slots=True)
-class GpuFit:
+class GpuFit(ColumnFilter):
     """Enough whole GPUs free, or one GPU with the share free."""
 
     name: ClassVar[str] = "gpu-fit"
@@ -333,7 +303,7 @@ class GpuFit:
 
 
 @dataclass(frozen=True, slots=True)
-class CpuMemoryFit:
+class CpuMemoryFit(ColumnFilter):
     name: ClassVar[str] = "cpu-memory-fit"
     kinds: ClassVar[frozenset[JobKind]] = BOTH
 
@@ -375,7 +345,7 @@ class CpuMemoryFit:
 
 
 @dataclass(frozen=True, slots=True)
-class Interconnect:
+class Interconnect(ColumnFilter):
     """The job's floors on NVLink (inside the node) and network (between nodes) bandwidth."""
 
     name: ClassVar[str] = "interconnect"
@@ -411,7 +381,7 @@ def _left(free: int, taken: int, capacity: int) -> float:
 
 
 @dataclass(frozen=True, slots=True)
-class BestFit:
+class BestFit(ColumnScore):
     """Tight packing: the less GPU (and CPU) capacity the node keeps free after, the better."""
 
     name: ClassVar[str] = "best-fit"
@@ -446,7 +416,7 @@ class BestFit:
 
 
 @dataclass(frozen=True, slots=True)
-class Spread:
+class Spread(ColumnScore):
     """Replicas of one service on different nodes, so losing a node loses one replica."""
 
     name: ClassVar[str] = "spread"
@@ -463,7 +433,7 @@ class Spread:
 
 
 @dataclass(frozen=True, slots=True)
-class WholeNode:
+class WholeNode(ColumnScore):
     """A gang rank alone on a node it fills: no neighbour on its NVLink, PCIe or NICs."""
 
     name: ClassVar[str] = "whole-node"
@@ -484,7 +454,7 @@ class WholeNode:
 
 
 @dataclass(frozen=True, slots=True)
-class FragAware:
+class FragAware(ColumnScore):
     """Replicas where the cluster loses least capacity, by gpuctl's packing policy
     (`core.packing`, benchmark B1): the growth of FGD's expected fragmentation plus the GPU
     stranded behind CPU or memory, for the GPU the replica would take. 1 when the placement
@@ -696,12 +666,6 @@ class CycleContext:
         )
 
 
-class PreScore(Protocol):
-    """A score that looks at the whole cycle first; None: not consulted in this cycle."""
-
-    def prepare(self, context: CycleContext) -> Score | None: ...
-
-
 def replica_share(request: RankRequest) -> float:
     """GPUs' worth one replica takes: whole GPUs, or the share of one."""
     return request.gpus or request.gpu_milli / MILLI_PER_GPU
@@ -713,7 +677,7 @@ def _price_per_gpu(node: NodeView) -> float:
 
 
 @dataclass(frozen=True, slots=True)
-class HbmFloor:
+class HbmFloor(ColumnFilter):
     """A replica's weights fit its GPUs, and their HBM bandwidth meets its tokens/s target:
     decoding streams every weight once per token, so tokens/s ~ HBM GB/s / weight GB."""
 
@@ -756,7 +720,7 @@ class HbmFloor:
 
 
 @dataclass(frozen=True, slots=True)
-class TrainingFit:
+class TrainingFit(ColumnScore):
     """Training on interconnect-rich, fast nodes: the mean of the node's network Gb/s, NVLink
     GB/s and per-GPU dense TFLOPS, each as a share of the best in the cluster."""
 
@@ -803,7 +767,7 @@ class TrainingFit:
 
 
 @dataclass(frozen=True, slots=True)
-class HbmPerDollar:
+class HbmPerDollar(ColumnScore):
     """Inference on the most HBM bandwidth per dollar, counting only the bandwidth the replica
     can use: up to its floor when it has a tokens/s target. A share of the best node for the
     same replica; 0.5 on a node with no price."""
@@ -891,7 +855,7 @@ class HbmPerDollar:
 
 
 @dataclass(frozen=True, slots=True)
-class InterconnectThrift:
+class InterconnectThrift(ColumnScore):
     """Replicas off the interconnect they cannot use: a replica never talks over the network,
     and one on a single GPU (or a share) never over NVLink. Keeps InfiniBand for gangs."""
 
@@ -929,7 +893,7 @@ class InterconnectThrift:
 
 
 @dataclass(frozen=True, slots=True)
-class IslandGuard:
+class IslandGuard(ColumnScore):
     """Leave alone the idle nodes a queued gang needs: 0 on a node of another queued gang's
     largest island, 1 elsewhere. Consulted only while gangs are queued."""
 
@@ -1109,8 +1073,7 @@ class Policy:
         """This policy with every PreScore prepared for one cycle (dropped where it says so)."""
         scores = []
         for s, weight in self.scores:
-            prepare = getattr(s, "prepare", None)
-            ready = prepare(context) if prepare is not None else s
+            ready = s.prepare(context)
             if ready is not None:
                 scores.append((ready, weight))
         return replace(self, scores=tuple(scores))

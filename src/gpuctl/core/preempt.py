@@ -46,12 +46,14 @@ class Preemptor(Protocol):
     """Who `job` may preempt, cheapest first (all of them: a search tries the cheapest
     MAX_CANDIDATES).
 
-    A preemptor may also define `key(job)`: what of `job` its candidates depend on. The
-    cycle then lists candidates once per key (until a preemption changes who runs) rather
-    than once per job that does not fit: thousands of jobs per cycle at scale.
+    `key(job)`: what of `job` its candidates depend on. The cycle lists candidates once per
+    key (until a preemption changes who runs) rather than once per job that does not fit:
+    thousands of jobs per cycle at scale.
     """
 
     name: ClassVar[str]
+
+    def key(self, job: Job) -> Hashable: ...
 
     def candidates(
         self, job: Job, running: Sequence[Job], now: datetime, fresh: Collection[int]

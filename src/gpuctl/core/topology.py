@@ -10,6 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
+from gpuctl.core.nodetable import NodeTable
 from gpuctl.core.snapshot import NodeView
 
 # Scores are sums of floats; rounding keeps two equal placements equal whatever the
@@ -75,7 +78,8 @@ def _fewest_leaves(members: Sequence[Member], n: int) -> list[Member] | None:
 
 
 def best_gang(fabric: str, members: Sequence[Member], n: int) -> GangChoice | None:
-    """The best `n` nodes of one fabric: whole nodes if there are enough, then fewest leaves."""
+    """The best `n` nodes of one fabric: whole nodes if there are enough, then fewest leaves.
+    The reference form, node by node; what runs is `best_gang_rows`."""
     whole = [m for m in members if m.whole]
     chosen = _fewest_leaves(whole, n) if len(whole) >= n else _fewest_leaves(members, n)
     if chosen is None:
@@ -87,6 +91,56 @@ def best_gang(fabric: str, members: Sequence[Member], n: int) -> GangChoice | No
         leaves=len({leaf_of(m.view) for m in chosen}),
         partial=sum(1 for m in chosen if not m.whole),
         score=round(sum(m.score for m in chosen), SCORE_DIGITS),
+    )
+
+
+def best_gang_rows(
+    t: NodeTable, rows: np.ndarray, scores: np.ndarray, whole: np.ndarray, n: int
+) -> GangChoice | None:
+    """`best_gang` over the table's arrays, the form placement and the reservation planner
+    use (a differential test holds the two together): the `n` best of `rows` (positions in
+    `t`, all on one fabric, with their `scores` and whether each would be taken `whole`).
+    Whole nodes if there are enough, then the `n` nodes spanning the fewest leaves (the
+    biggest leaves first), best total score among those."""
+    if np.count_nonzero(whole) >= n:
+        rows, scores, whole = rows[whole], scores[whole], whole[whole]
+    if len(rows) < n:
+        return None
+    leaf = t.leaf[rows]
+    # np.unique(leaf, return_inverse=True, return_counts=True), by counting: leaf ids are
+    # small integers (ids into the table's leaves)
+    per_leaf = np.bincount(leaf)
+    leaves = np.flatnonzero(per_leaf)
+    counts = per_leaf[leaves]
+    index = np.zeros(len(per_leaf), dtype=np.int64)
+    index[leaves] = np.arange(len(leaves))
+    leaf_of = index[leaf]
+    biggest = np.lexsort((leaves, -counts))
+    k = int(np.searchsorted(np.cumsum(counts[biggest]), n)) + 1
+    # Within the candidates: best score, then fabric path (the leaf), then node id.
+    ranked = np.lexsort((rows, leaf, -scores))
+    if k == 1:
+        # Any leaf that holds the whole gang: the best-scoring, then the smallest (keeping
+        # big leaves whole for bigger gangs), then by name.
+        by_leaf = ranked[np.argsort(leaf_of[ranked], kind="stable")]
+        starts = np.searchsorted(leaf_of[by_leaf], np.arange(len(leaves)))
+        options = []
+        for u in np.flatnonzero(counts >= n).tolist():
+            top = by_leaf[starts[u] : starts[u] + n]
+            total = round(sum(scores[top].tolist()), SCORE_DIGITS)
+            options.append((-total, int(counts[u]), int(leaves[u]), u))
+        chosen = by_leaf[starts[min(options)[3]] :][:n]
+    else:
+        keep = np.isin(leaf_of, biggest[:k])
+        chosen = ranked[keep[ranked]][:n]
+    in_order = chosen[np.lexsort((rows[chosen], leaf[chosen]))]
+    first = t.views[int(rows[in_order[0]])]
+    return GangChoice(
+        fabric=first.node.fabric_name,
+        nodes=tuple(t.views[r] for r in rows[in_order].tolist()),
+        leaves=len(set(leaf[chosen].tolist())),
+        partial=len(chosen) - np.count_nonzero(whole[chosen]),
+        score=round(sum(scores[chosen].tolist()), SCORE_DIGITS),
     )
 
 

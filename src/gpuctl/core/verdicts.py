@@ -69,9 +69,9 @@ def shape(spec: JobSpec) -> Shape:
 
 
 def columnar(policy: Policy) -> bool:
-    """Every filter and score of `policy` has a column form (see `core.plugins`)."""
-    return all(hasattr(f, "codes") for f in policy.filters) and all(
-        hasattr(s, "scores") for s, _ in policy.scores
+    """Every filter and score of `policy` declares a column form (`core.framework`)."""
+    return all(f.column_form for f in policy.filters) and all(
+        s.column_form for s, _ in policy.scores
     )
 
 
@@ -266,7 +266,7 @@ def filter_codes(
 
 
 def _reads_free(plugin: Any) -> bool:
-    return getattr(plugin, "reads_free", True)
+    return bool(plugin.reads_free)
 
 
 def _filtered(
@@ -365,7 +365,7 @@ def _scored(
     """The scores of the rows `filtered` passes; with `node_by_node` (the job holds nothing
     anywhere, so a node's per-node score is its column's), a few changed rows are scored by
     the per-node plugins."""
-    facets = tuple(s.facet(job) for s, _ in policy.scores if hasattr(s, "facet"))
+    facets = tuple(s.facet(job) for s, _ in policy.scores)
     cache_key = ("scores", id(policy.filters), id(policy.scores), job_shape, facets)
     entry = t.cache.get(cache_key)
     if entry is not None and entry.filters is policy.filters and entry.scores is policy.scores:
@@ -419,7 +419,7 @@ def _column(
     filtered: _Filtered,
 ) -> np.ndarray:
     """One score's raw figures for the rows the filters pass."""
-    facet = s.facet(job) if hasattr(s, "facet") else None
+    facet = s.facet(job)
     cache_key = ("column", id(s), id(filters), job_shape, facet)
     entry = t.cache.get(cache_key)
     if entry is not None and entry.score is s:
@@ -440,7 +440,7 @@ def _column(
 
 def _fixed(t: NodeTable, s: Any, job: Job, request: RankRequest, job_shape: Shape) -> np.ndarray:
     """The raw figures of a score that reads only what nodes are, for every row, once."""
-    facet = s.facet(job) if hasattr(s, "facet") else None
+    facet = s.facet(job)
     cache_key = ("fixed", id(s), job_shape, facet)
     entry = t.cache.get(cache_key)
     if entry is None or entry.score is not s:
