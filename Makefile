@@ -75,6 +75,12 @@ bench-scale: $(STAMP)
 	@mkdir -p bench-results
 	$(VENV)/bin/gpuctl simulate scale --json bench-results/scale.json
 
+# A digest of every decision the core makes over B2-style inputs (~4 minutes): a change meant to
+# keep every decision must print the same digests before and after.
+.PHONY: decisions-digest
+decisions-digest: $(STAMP)
+	$(PY) -m gpuctl.sim.digest
+
 # Benchmark B4: the cost of a fleet. One mixed workload (a week of the Gavel trace's training
 # gangs from day 10, plus three inference services on a diurnal curve) against
 # config/catalog.csv on three fleets: a training-shaped fleet sized for the peak, the cheapest

@@ -462,3 +462,11 @@ def test_command_runs_each_size_and_writes_json(tmp_path: Path) -> None:
     assert [(s["nodes"], s["pending"]) for s in figures["sizes"]] == [(30, 20), (30, 25)]
     assert "replicas/s" in result.output and "steady p99 s" in result.output
     assert table(figures["sizes"]).count("\n") == 2  # a header and a row per size
+
+
+def test_the_decisions_digest_is_deterministic_and_sees_a_changed_decision() -> None:
+    from gpuctl.sim import digest
+
+    first = digest.digest(40, 120, 5, steady=1)
+    assert digest.digest(40, 120, 5, steady=1) == first
+    assert digest.digest(40, 120, 6, steady=1) != first  # other inputs, other decisions
