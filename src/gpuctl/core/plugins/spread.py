@@ -1,0 +1,33 @@
+"""The `spread` score."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from gpuctl.core.framework import ColumnScore
+from gpuctl.core.model import Job, JobKind
+from gpuctl.core.nodetable import NodeTable
+from gpuctl.core.plugins.base import (
+    RankRequest,
+)
+from gpuctl.core.snapshot import NodeView
+
+
+@dataclass(frozen=True, slots=True)
+class Spread(ColumnScore):
+    """Replicas of one service on different nodes, so losing a node loses one replica."""
+
+    name: ClassVar[str] = "spread"
+    kinds: ClassVar[frozenset[JobKind]] = frozenset({JobKind.INFERENCE})
+    reads_free: ClassVar[bool] = False
+
+    def score(self, job: Job, request: RankRequest, node: NodeView) -> float:
+        return 1.0 / (1 + node.ranks_of(job.id))
+
+    def scores(
+        self, job: Job, request: RankRequest, table: NodeTable, rows: np.ndarray
+    ) -> np.ndarray:
+        return np.ones(len(rows))  # a node with ranks of the job itself is asked by itself
