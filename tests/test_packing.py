@@ -24,8 +24,6 @@ from gpuctl.core.model import (
 )
 from gpuctl.core.nodetable import NodeTable
 from gpuctl.core.packing import (
-    DEFAULT_PACKING_POLICY,
-    PACKING_POLICIES,
     ClusterState,
     Fragmentation,
     NodeCapacity,
@@ -33,7 +31,6 @@ from gpuctl.core.packing import (
     PolicyContext,
     Workload,
     bestfit_scores,
-    make_policy,
 )
 from gpuctl.core.plugins import (
     DEFAULT_POLICY,
@@ -44,6 +41,7 @@ from gpuctl.core.plugins import (
     build_policy,
 )
 from gpuctl.core.snapshot import NodeView, Snapshot
+from gpuctl.sim.baselines import DEFAULT_PACKING_POLICY, PACKING_POLICIES, make_policy
 
 
 def cap(name: str, *, gpus: int = 8, cpu: int = 96_000, mem: int = 393_216, model: str = "G2"):

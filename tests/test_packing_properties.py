@@ -9,7 +9,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpuctl.core.packing import (
-    PACKING_POLICIES,
     ClusterState,
     Fragmentation,
     GpuctlPacking,
@@ -19,8 +18,8 @@ from gpuctl.core.packing import (
     PolicyContext,
     ReplicaLoss,
     Workload,
-    make_policy,
 )
+from gpuctl.sim.baselines import PACKING_POLICIES, make_policy
 
 MODELS = ("A", "B", "C")
 

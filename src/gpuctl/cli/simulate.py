@@ -137,9 +137,9 @@ def fgd(
     jobs: int | None,
 ) -> None:
     """Benchmark B1: unallocated GPU % by arrived workload, FGD protocol, median over seeds."""
-    from gpuctl.core.packing import DEFAULT_PACKING_POLICY, PACKING_POLICIES
     from gpuctl.sim import fgd as b1
     from gpuctl.sim.alibaba import TraceError, read_nodes, read_pods
+    from gpuctl.sim.baselines import DEFAULT_PACKING_POLICY, PACKING_POLICIES
     from gpuctl.sim.fgd_core import DAEMON, UnsupportedPod
     from gpuctl.sim.mix import STANDARD_MIXES, MixError, apply_mix, parse_mix
 

@@ -1,8 +1,9 @@
 """GPU-share bin-packing: a vectorised cluster state (per node: free milli of each GPU, free CPU
-and memory, GPU model) and the placement policies over it, registered by name.
+and memory, GPU model), FGD's expected fragmentation, and gpuctl's packing policy over them.
 
 Pure: the standard library and numpy. The trace simulator (`gpuctl.sim.fgd`) and the daemon's
-`frag-aware` score plugin both drive it, so what is measured is what schedules.
+`frag-aware` score plugin both drive it, so what is measured is what schedules; the published
+baselines the simulator compares with (BestFit, RandomFit, FGD) are in `gpuctl.sim.baselines`.
 """
 
 from __future__ import annotations
@@ -10,11 +11,9 @@ from __future__ import annotations
 import enum
 import itertools
 import math
-import random
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import ClassVar, Protocol
 
 import numpy as np
@@ -316,38 +315,12 @@ class PackingPolicy(Protocol):
     def place(self, state: ClusterState, request: PodRequest) -> Choice | None: ...
 
 
-_POLICIES: dict[str, Callable[[PolicyContext], PackingPolicy]] = {}
-PACKING_POLICIES: Mapping[str, Callable[[PolicyContext], PackingPolicy]] = MappingProxyType(
-    _POLICIES
-)
-DEFAULT_PACKING_POLICY = "gpuctl"
-
-
-def register(cls: type) -> type:
-    """Class decorator: make the policy buildable by its `name`."""
-    if cls.name in _POLICIES:
-        raise ValueError(f"packing policy {cls.name!r} registered twice")
-    _POLICIES[cls.name] = cls
-    return cls
-
-
-def make_policy(name: str, context: PolicyContext | None = None) -> PackingPolicy:
-    """The policy registered as `name`; ValueError naming the known ones otherwise."""
-    factory = _POLICIES.get(name)
-    if factory is None:
-        raise ValueError(f"unknown packing policy {name!r}; known: {', '.join(sorted(_POLICIES))}")
-    return factory(context or PolicyContext())
-
-
-def _gpus_for(state: ClusterState, node: int, request: PodRequest, gpu: int) -> Choice:
+def gpus_for(state: ClusterState, node: int, request: PodRequest, gpu: int) -> Choice:
     if request.kind is Kind.CPU:
         return Choice(node)
     if request.kind is Kind.SHARE:
         return Choice(node, ((gpu, request.gpu_milli),))
     return Choice(node, tuple((g, MILLI_PER_GPU) for g in state.whole_gpus(node, request.num_gpu)))
-
-
-# -- published baselines ------------------------------------------------------------------
 
 
 def bestfit_scores(state: ClusterState, request: PodRequest) -> np.ndarray:
@@ -357,48 +330,6 @@ def bestfit_scores(state: ClusterState, request: PodRequest) -> np.ndarray:
     # Evaluated in the published order, so float truncation lands where upstream's does.
     raw = 100.0 * (1.0 - 0.5 * cpu_left / BESTFIT_CPU_SCALE - 0.5 * gpu_left / BESTFIT_GPU_SCALE)
     return np.trunc(raw).astype(np.int64)
-
-
-@register
-class BestFit:
-    """As published: highest truncated score, ties to the smallest node name; a share takes
-    the tightest GPU that fits."""
-
-    name: ClassVar[str] = "bestfit"
-
-    def __init__(self, context: PolicyContext) -> None:
-        pass
-
-    def place(self, state: ClusterState, request: PodRequest) -> Choice | None:
-        ok = state.feasible(request)
-        if not ok.any():
-            return None
-        scores = np.where(ok, bestfit_scores(state, request), np.iinfo(np.int64).min)
-        node = int(np.argmax(scores))  # first maximum = smallest name: rows are name-sorted
-        gpu = state.tightest_gpu(node, request.gpu_milli) if request.kind is Kind.SHARE else -1
-        return _gpus_for(state, node, request, gpu)
-
-
-@register
-class RandomFit:
-    """A uniformly random feasible node, and a random GPU that fits for a share; draws from
-    its own generator, so the arrivals do not depend on it."""
-
-    name: ClassVar[str] = "random"
-
-    def __init__(self, context: PolicyContext) -> None:
-        self._rng = random.Random(context.seed)
-
-    def place(self, state: ClusterState, request: PodRequest) -> Choice | None:
-        nodes = np.flatnonzero(state.feasible(request))
-        if not len(nodes):
-            return None
-        node = int(nodes[self._rng.randrange(len(nodes))])
-        gpu = -1
-        if request.kind is Kind.SHARE:
-            gpus = np.flatnonzero(state.gpu_free[node] >= request.gpu_milli)
-            gpu = int(gpus[self._rng.randrange(len(gpus))])
-        return _gpus_for(state, node, request, gpu)
 
 
 # -- fragmentation (FGD, ATC'23) -----------------------------------------------------------
@@ -531,7 +462,7 @@ class _Cached:
 _NEVER = np.iinfo(np.int64).max
 
 
-class _KeyedPolicy:
+class KeyedPolicy:
     """Shared machinery of the fragmentation-aware policies: per request shape, an int64 key
     per node (lower is better) and the GPU a share would take there.
 
@@ -626,55 +557,10 @@ class _KeyedPolicy:
         if lowest == _NEVER:
             return None
         node = self._pick(np.flatnonzero(key == lowest))
-        return _gpus_for(state, node, request, int(gpu[node]))
+        return gpus_for(state, node, request, int(gpu[node]))
 
 
-@register
-class FGDExact(_KeyedPolicy):
-    """FGD by the letter of the paper: the node and GPU where the expected fragmentation
-    grows least (exact integers), lowest GPU index and smallest node name on ties."""
-
-    name: ClassVar[str] = "fgd-exact"
-
-    def _node_keys(
-        self, state: ClusterState, nodes: np.ndarray, request: PodRequest, growth: np.ndarray
-    ) -> np.ndarray:
-        return growth
-
-
-@register
-class FGD(_KeyedPolicy):
-    """FGD scored the way its authors' simulator (a scheduler-framework plugin) scores it,
-    as we read it: a node's score is int(100 * sigmoid(-growth / 1000)), growth in
-    milli-GPU per pod of the workload; a share takes the lowest-index GPU with the best
-    score; the node is drawn at random among the best (the framework's tie-break), from the
-    policy's own generator.
-
-    The integer score makes growths a few tens of milli apart equal. Measured on the
-    default trace (seeds 42-51, 100 % arrived) this gives 5.07 % unallocated against the
-    published 4.77 %; the exact minimum (`fgd-exact`) gives 5.6 %.
-    """
-
-    name: ClassVar[str] = "fgd"
-
-    def __init__(self, context: PolicyContext) -> None:
-        super().__init__(context)
-        self._rng = random.Random(context.seed)
-        self._pods = max(1, sum(w for _, w in context.workload.types))
-
-    def _node_keys(
-        self, state: ClusterState, nodes: np.ndarray, request: PodRequest, growth: np.ndarray
-    ) -> np.ndarray:
-        x = -growth / self._pods / 1000.0
-        score = np.trunc(100.0 / (1.0 + np.exp(-x))).astype(np.int64)
-        return -score
-
-    def _pick(self, best: np.ndarray) -> int:
-        return int(best[self._rng.randrange(len(best))])
-
-
-@register
-class GpuctlPacking(_KeyedPolicy):
+class GpuctlPacking(KeyedPolicy):
     """gpuctl's default: FGD's fragmentation growth plus the GPU capacity the placement
     strands behind CPU or memory, then the tightest GPU, then best fit.
 

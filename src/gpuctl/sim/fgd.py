@@ -25,9 +25,9 @@ from gpuctl.core.packing import (
     PodRequest,
     PolicyContext,
     Workload,
-    make_policy,
 )
 from gpuctl.sim.alibaba import TraceNode, TracePod
+from gpuctl.sim.baselines import make_policy
 from gpuctl.sim.fgd_core import DAEMON, DaemonPacking
 
 TUNE = 1.3  # the workload is inflated to 130 % of the cluster's GPU capacity
