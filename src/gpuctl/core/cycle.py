@@ -36,6 +36,7 @@ nodes of 8 GPUs, 60 % used, the default policy), each with how it is spent:
 from __future__ import annotations
 
 import contextlib
+import enum
 import functools
 import gc
 import itertools
@@ -183,6 +184,27 @@ def _collector_paused() -> Iterator[None]:
         yield
     finally:
         gc.enable()
+
+
+class Mode(enum.IntEnum):
+    """What a job's assignment comes to, ordered as Kueue orders its flavor assignments:
+    waiting < fitting once others are preempted < fitting as the cluster is."""
+
+    WAITS = 0
+    FITS_AFTER_PREEMPTION = 1
+    FITS = 2
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Assignment:
+    """One job's outcome in the cycle (`_Cycle._assign`): where it goes (FITS, and after
+    preempting `victims`), or why it waits and what it holds meanwhile."""
+
+    mode: Mode
+    placement: Placement | None = None
+    victims: tuple[Victim, ...] = ()
+    reason: str = ""
+    hold: Hold | None = None
 
 
 class _Miss:
@@ -418,11 +440,26 @@ class _Cycle:
         self.prepared = True
 
     def _one(self, job: Job, order: QueueOrder) -> None:
+        """Act on what `_assign` found for `job`."""
+        outcome = self._assign(job)
+        if outcome.mode is Mode.FITS_AFTER_PREEMPTION:
+            self._preempt(job, outcome.victims, order)
+        if outcome.placement is not None:
+            self._bind(job, outcome.placement, order)
+            return
+        if outcome.hold is not None:
+            self.holds.append(outcome.hold)
+        self._wait(job, outcome.reason)
+
+    def _assign(self, job: Job) -> Assignment:
+        """Where `job` goes, in order of preference: it fits (a), it fits once lower-priority
+        work is preempted (b), or it waits, holding what the backfill policy says (c), with
+        the reason. Nothing is bound or preempted here; what failed is remembered (the
+        memos) for the jobs alike that come after it."""
         barrier = next((h for h in self.holds if h.blocks_all), None)
         if barrier is not None:
             self.barred.add(job.id)
-            self._wait(job, barrier.waiting(job, self.now))
-            return
+            return Assignment(mode=Mode.WAITS, reason=barrier.waiting(job, self.now))
         blocked, blocked_ids = self._blocked(job)
         refused = self._refused(job)
         placer = _PLACERS[job.spec.kind]
@@ -435,13 +472,12 @@ class _Cycle:
                 self.work, job, self.policy, blocked, self._queued(job), job_shape, refused
             )
             if isinstance(outcome, Placement):
-                self._bind(job, outcome, order)
-                return
+                return Assignment(mode=Mode.FITS, placement=outcome)
             miss = self.misses[signature] = outcome.reason
         # b. preempt
-        preempt_note = self._preempt(job, blocked, refused, placer, signature, order)
-        if preempt_note is None:
-            return
+        preempting = self._victims(job, blocked, refused, placer, signature)
+        if isinstance(preempting, Assignment):
+            return preempting
         # c. hold
         if signature not in self.behind:
             self.behind[signature] = found = self._behind(job, blocked, placer, job_shape)
@@ -450,15 +486,13 @@ class _Cycle:
         behind = self.behind[signature][0]
         fits = _Fits(self.work, self.policy, job, job_shape, self.lease_blocks)
         hold, note = self.base_policy.backfill.hold(job, self.planner, fits)
-        if hold is not None:
-            self.holds.append(hold)
         if behind:
             parts = [behind]
         elif note.startswith("reserved"):
-            parts = [note, miss, preempt_note]
+            parts = [note, miss, preempting]
         else:
-            parts = [miss, preempt_note, note]
-        self._wait(job, "; ".join(p for p in parts if p))
+            parts = [miss, preempting, note]
+        return Assignment(mode=Mode.WAITS, reason="; ".join(p for p in parts if p), hold=hold)
 
     def _queued(self, job: Job) -> tuple[GangDemand, ...]:
         return tuple(d for d in self.demands if d.job_id != job.id and d.job_id not in self.fresh)
@@ -525,17 +559,16 @@ class _Cycle:
         freed.update(self.work, self.changes, {v.job.id for v in candidates})
         return freed.snapshot
 
-    def _preempt(
+    def _victims(
         self,
         job: Job,
         blocked: Mapping[str, str],
         refused: Refused | None,
         placer: _Placer,
         signature: tuple[Any, ...],
-        order: QueueOrder,
-    ) -> str | None:
-        """Preempt for `job` if that makes it fit (None: it was placed); else a note for its
-        reason ("" when there was nobody to preempt)."""
+    ) -> Assignment | str:
+        """The cheapest lower-priority work whose preemption lets `job` fit, and where it then
+        goes; else a note for its reason ("" when there is nobody to preempt)."""
         candidates = self._candidates(job)[:MAX_CANDIDATES]
         if not candidates:
             return ""
@@ -560,18 +593,24 @@ class _Cycle:
             self.no_room[key] = note
             return note
         victims, placement = chosen
-        why = f"preempted by job {job.id} (priority {job.spec.priority})"
-        for v in victims:
-            self.work.forget(v.job.id)
-            self.changes.append((v.job, False))
-            order.stopped(v.job, placement_gpus(v.job.placement))
-            self.preemptions.append(Preemption(job_id=v.job.id, for_job_id=job.id, reason=why))
         lost = sum(v.gpu_hours for v in victims)
         placement = replace(
             placement,
             reason=f"{placement.reason}; preempted {plural(len(victims), 'job')} "
             f"({ids([v.job.id for v in victims])}), {lost:.3g} GPU-hours lost",
         )
+        return Assignment(
+            mode=Mode.FITS_AFTER_PREEMPTION, placement=placement, victims=tuple(victims)
+        )
+
+    def _preempt(self, job: Job, victims: Sequence[Victim], order: QueueOrder) -> None:
+        """Stop `victims` for `job`, and forget what their running ruled out."""
+        why = f"preempted by job {job.id} (priority {job.spec.priority})"
+        for v in victims:
+            self.work.forget(v.job.id)
+            self.changes.append((v.job, False))
+            order.stopped(v.job, placement_gpus(v.job.placement))
+            self.preemptions.append(Preemption(job_id=v.job.id, for_job_id=job.id, reason=why))
         # Room was made: what failed before may fit now.
         self.misses.clear()
         self.hopeless.clear()
@@ -584,8 +623,6 @@ class _Cycle:
             k: tuple(c for c in listed if c.job.id not in gone)
             for k, listed in self.candidates.items()
         }
-        self._bind(job, placement, order)
-        return None
 
     def _wait(self, job: Job, reason: str) -> None:
         self.waiting.append(Unschedulable(job_id=job.id, reason=reason))
