@@ -28,7 +28,7 @@ from gpuctl.core.trust import AuditEntry, PermissionDenied
 from gpuctl.runtime.clock import FakeClock
 from gpuctl.runtime.controller import Controller, ControllerSettings, RankRef
 from gpuctl.runtime.logstore import TRUNCATED, LogStore
-from gpuctl.store.sql import open_store
+from gpuctl.store.memory import MemoryStore
 
 
 def h100_node(name: str, fabric: str = "ib-a/s1/l1") -> Node:
@@ -70,7 +70,7 @@ def training(nodes: int = 2, gpus: int = 8, **kw) -> JobSpec:
 
 @pytest.fixture
 def ctl(tmp_path):
-    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    store = MemoryStore()
     clock = FakeClock()
     wakes: list[int] = []
     c = Controller(

@@ -14,13 +14,13 @@ from gpuctl.core.plugins import build_policy
 from gpuctl.runtime.clock import FakeClock
 from gpuctl.runtime.controller import Controller, ControllerSettings, RankRef
 from gpuctl.runtime.logstore import LogStore
-from gpuctl.store.sql import open_store
+from gpuctl.store.memory import MemoryStore
 from tests.test_controller import h100_node, training
 
 
 @pytest.fixture
 def ctl(tmp_path):
-    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    store = MemoryStore()
     c = Controller(
         store,
         FakeClock(),  # 2026-01-01 00:00 UTC

@@ -119,9 +119,9 @@ def test_with_queues_configured_an_unknown_queue_is_refused_naming_them(tmp_path
     from gpuctl.runtime.clock import FakeClock
     from gpuctl.runtime.controller import Controller, ControllerSettings
     from gpuctl.runtime.logstore import LogStore
-    from gpuctl.store.sql import open_store
+    from gpuctl.store.memory import MemoryStore
 
-    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    store = MemoryStore()
     c = Controller(
         store,
         FakeClock(),

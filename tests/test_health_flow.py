@@ -35,7 +35,7 @@ from gpuctl.core.plugins import build_policy
 from gpuctl.runtime.clock import FakeClock
 from gpuctl.runtime.controller import Controller, ControllerSettings, RankRef
 from gpuctl.runtime.logstore import LogStore
-from gpuctl.store.sql import open_store
+from gpuctl.store.memory import MemoryStore
 from tests.auth_rig import AsCaller, Tokens, serve
 from tests.test_agent_loop import HEARTBEAT_S, FakeDaemon, assignment
 from tests.test_agent_loop import FakeClock as AgentClock
@@ -222,7 +222,7 @@ def test_agent_flags_set_the_health_check() -> None:
 
 @pytest.fixture
 def ctl(tmp_path: Path) -> Iterator[Controller]:
-    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    store = MemoryStore()
     wakes: list[int] = []
     c = Controller(
         store,
@@ -371,7 +371,7 @@ def test_a_silent_degraded_node_is_lost(ctl: Controller) -> None:
 
 
 def test_get_node_shows_degraded_with_the_reason_and_the_issues(tmp_path: Path) -> None:
-    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    store = MemoryStore()
     controller = Controller(
         store,
         FakeClock(),

@@ -13,11 +13,12 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import MISSING, fields, replace
 from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 
 from gpuctl.core.cost import AttemptCharge
-from gpuctl.core.errors import InvalidArgument, NotFound
+from gpuctl.core.errors import InvalidArgument, NotFound, NotLeader
 from gpuctl.core.model import (
     BandwidthProfile,
     Event,
@@ -41,6 +42,7 @@ from gpuctl.core.model import (
 )
 from gpuctl.core.trust import ApiToken, AuditEntry, TokenKind
 from gpuctl.store import SqlStore, Store, open_store
+from gpuctl.store.memory import MemoryStore
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 IST = timezone(timedelta(hours=5, minutes=30))  # a non-UTC zone: values must come back UTC
@@ -255,9 +257,19 @@ def store_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     return request.getfixturevalue("postgres_url")
 
 
-@pytest.fixture
-def store(store_url: str) -> Iterator[SqlStore]:
-    opened = open_store(store_url)
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres), "memory"])
+def store(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Any]:
+    """Each store the contract holds for: SQLite, PostgreSQL and in memory."""
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path_factory.mktemp('store')}/state/gpuctl.db"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    opened = open_store(url)
     yield opened
     opened.close()
 
@@ -887,3 +899,23 @@ def test_list_nodes_of_some_ids(store: SqlStore) -> None:
     assert [n.id for n in store.list_nodes(["n3", "n1", "n9", "n1"])] == ["n1", "n3"]
     assert store.list_nodes([]) == ()
     assert [n.id for n in store.list_nodes()] == ["n1", "n2", "n3"]
+
+
+def test_the_memory_store_fences_writes_to_the_leases_epoch() -> None:
+    # What test_leadership checks of two SQL stores on one database, on the one object a
+    # MemoryStore is: a write under a lapsed epoch is refused and names the new leader.
+    now = [1000.0]
+    store = MemoryStore(clock=lambda: now[0])
+    mine = store.claim_leadership("a", address="a:1", agent_address="a:2", ttl_s=4)
+    store.fence(mine.epoch)
+    submit(store)  # ours to write
+    now[0] += 5  # our lease lapsed, and b claims it
+    theirs = store.claim_leadership("b", address="b:1", agent_address="b:2", ttl_s=4)
+    assert theirs.holder == "b" and theirs.epoch == mine.epoch + 1
+    assert not store.renew_leadership("a", mine.epoch, 4)
+    with pytest.raises(NotLeader) as refused:
+        submit(store)
+    assert (refused.value.leader, refused.value.leader_agent) == ("b:1", "b:2")
+    assert len(store.list_jobs().jobs) == 1
+    store.fence(None)  # no check: a single gpuctld
+    submit(store)

@@ -2,14 +2,50 @@
 
 from __future__ import annotations
 
+import base64
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Protocol
+from datetime import UTC, datetime
+from typing import Protocol, TypeVar
 
 from gpuctl.core.cost import AttemptCharge
+from gpuctl.core.errors import FieldViolation, InvalidArgument
 from gpuctl.core.model import Event, Job, JobSpec, JobState, Node, NodeLease
 from gpuctl.core.trust import ApiToken, AuditEntry
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000  # larger requests are cut to this, as AIP-158 asks
+_TOKEN_RE = re.compile(r"jobs:([0-9]{1,19})")
+
+_MaybeTime = TypeVar("_MaybeTime", datetime, None)
+
+
+def utc(value: _MaybeTime) -> _MaybeTime:
+    """The same instant in UTC; naive values are bugs, since the model keeps aware UTC times."""
+    if value is None:
+        return value
+    if value.tzinfo is None:
+        raise ValueError(f"naive datetime {value!r}: the store keeps aware UTC times only")
+    return value.astimezone(UTC)
+
+
+def encode_page_token(last_id: int) -> str:
+    return base64.urlsafe_b64encode(f"jobs:{last_id}".encode()).rstrip(b"=").decode()
+
+
+def decode_page_token(token: str) -> int:
+    """The last job id of the previous page (0 for the first page)."""
+    if not token:
+        return 0
+    try:
+        raw = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True)
+        match = _TOKEN_RE.fullmatch(raw.decode("ascii"))
+    except ValueError:  # binascii.Error, non-ASCII input, undecodable bytes
+        match = None
+    if match is None:
+        raise InvalidArgument([FieldViolation("page_token", "not a token this server returned")])
+    return int(match.group(1))
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,7 @@ import functools
 import json
 from collections.abc import Callable
 from dataclasses import fields, is_dataclass, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import Row
@@ -39,6 +39,7 @@ from gpuctl.core.model import (
     RestartPolicy,
 )
 from gpuctl.core.trust import ApiToken, AuditEntry, TokenKind
+from gpuctl.store.base import utc
 from gpuctl.store.tables import (
     AuditRow,
     ChargeRow,
@@ -49,7 +50,6 @@ from gpuctl.store.tables import (
     TokenRow,
 )
 
-_MaybeTime = TypeVar("_MaybeTime", datetime, None)
 _T = TypeVar("_T")
 
 # -- jobs ---------------------------------------------------------------------------------------
@@ -367,12 +367,3 @@ def _field_names(cls: type) -> frozenset[str]:
 
 def _pairs(items: Any) -> tuple[tuple[str, str], ...]:
     return tuple((str(k), str(v)) for k, v in items)
-
-
-def utc(value: _MaybeTime) -> _MaybeTime:
-    """The same instant in UTC; naive values are bugs, since the model keeps aware UTC times."""
-    if value is None:
-        return value
-    if value.tzinfo is None:
-        raise ValueError(f"naive datetime {value!r}: the store keeps aware UTC times only")
-    return value.astimezone(UTC)

@@ -6,9 +6,7 @@ and its scheduler thread at once.
 
 from __future__ import annotations
 
-import base64
 import os
-import re
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -46,7 +44,15 @@ from gpuctl.core.errors import (
 from gpuctl.core.model import Event, Job, JobSpec, JobState, LeaseState, Node, NodeLease
 from gpuctl.core.trust import ApiToken, AuditEntry
 from gpuctl.store import schema
-from gpuctl.store.base import JobPage, Leadership
+from gpuctl.store.base import (
+    DEFAULT_PAGE_SIZE,
+    MAX_PAGE_SIZE,
+    JobPage,
+    Leadership,
+    decode_page_token,
+    encode_page_token,
+    utc,
+)
 from gpuctl.store.groupcommit import GroupCommit, Write
 from gpuctl.store.mapping import (
     FIXED_AT_CREATION,
@@ -66,7 +72,6 @@ from gpuctl.store.mapping import (
     node_values,
     token_from_row,
     token_row,
-    utc,
 )
 from gpuctl.store.tables import (
     AuditRow,
@@ -81,15 +86,12 @@ from gpuctl.store.tables import (
     TokenRow,
 )
 
-DEFAULT_PAGE_SIZE = 100
-MAX_PAGE_SIZE = 1000  # larger requests are cut to this, as AIP-158 asks
 # Writers queue behind one another on SQLite; one write is milliseconds, so 10 s of waiting
 # means something is stuck, and the caller gets `Unavailable`.
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 # Any fixed key: it only has to be the same in every gpuctld sharing the database.
 _SCHEMA_LOCK_KEY = 0x67707563746C  # "gpuctl"
 _Row = TypeVar("_Row", NodeRow, LeaseRow)
-_TOKEN_RE = re.compile(r"jobs:([0-9]{1,19})")
 _ENDED_LEASE_STATES = (LeaseState.RELEASED, LeaseState.EXPIRED, LeaseState.FAILED)
 # The tables, and the statements of the hot paths built once: building one costs more than
 # running it.
@@ -283,7 +285,7 @@ class SqlStore:
         if page_size < 0:
             raise InvalidArgument([FieldViolation("page_size", "must not be negative")])
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        query = select(_JOBS).where(_JOBS.c.id > _decode_page_token(page_token))
+        query = select(_JOBS).where(_JOBS.c.id > decode_page_token(page_token))
         if states:
             query = query.where(_JOBS.c.state.in_([JobState(s).value for s in states]))
         if queue:
@@ -295,7 +297,7 @@ class SqlStore:
         with self._reading() as conn:
             rows = conn.execute(query).all()
         jobs = tuple(self._job_of(r) for r in rows[:size])
-        token = _encode_page_token(jobs[-1].id) if len(rows) > size else ""
+        token = encode_page_token(jobs[-1].id) if len(rows) > size else ""
         return JobPage(jobs=jobs, next_page_token=token)
 
     def _job_of(self, row: Row[Any]) -> Job:
@@ -308,7 +310,7 @@ class SqlStore:
         return job
 
     def page_token_after(self, job_id: int) -> str:
-        return _encode_page_token(job_id)
+        return encode_page_token(job_id)
 
     def count_jobs(self, *, states: Sequence[JobState] = (), owner: str = "") -> int:
         query = select(func.count()).select_from(JobRow)
@@ -764,24 +766,6 @@ def _next_revisions(session: Session | Connection, count: int) -> range:
     """
     last = session.execute(_TAKE_REVISIONS, {"count": count}).scalar_one()
     return range(last - count + 1, last + 1)
-
-
-def _encode_page_token(last_id: int) -> str:
-    return base64.urlsafe_b64encode(f"jobs:{last_id}".encode()).rstrip(b"=").decode()
-
-
-def _decode_page_token(token: str) -> int:
-    """The last job id of the previous page (0 for the first page)."""
-    if not token:
-        return 0
-    try:
-        raw = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True)
-        match = _TOKEN_RE.fullmatch(raw.decode("ascii"))
-    except ValueError:  # binascii.Error, non-ASCII input, undecodable bytes
-        match = None
-    if match is None:
-        raise InvalidArgument([FieldViolation("page_token", "not a token this server returned")])
-    return int(match.group(1))
 
 
 # Both dialects spell INSERT ... ON CONFLICT the same way.
