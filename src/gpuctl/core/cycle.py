@@ -933,7 +933,6 @@ class _IslandMemo:
     ) -> _IslandMemo:
         facets = tuple(s.facet(job) for s, _ in policy.scores)
         key = (
-            "islands",
             id(policy.filters),
             id(policy.scores),
             job_shape,
@@ -941,7 +940,7 @@ class _IslandMemo:
             id(blocked),
             refused.key if refused is not None else None,
         )
-        hit = t.cache.get(key)
+        hit = t.memos.islands.get(key)
         known: dict[int, GangChoice | None] = {}
         # (the entry holds what its key names by id, so no id is reused while it is kept)
         if hit is not None and hit[0] is policy.filters and hit[1] is policy.scores:
@@ -949,7 +948,7 @@ class _IslandMemo:
             touched = set(_island_keys(t, t.changed_since(memo.seen)).tolist())
             known = {k: c for k, c in memo.choices.items() if k not in touched}
         out = cls(t, known)
-        t.cache[key] = (policy.filters, policy.scores, blocked, out)
+        t.memos.islands[key] = (policy.filters, policy.scores, blocked, out)
         return out
 
 
@@ -1107,10 +1106,9 @@ def _place_replicas(
 
 def _rows_of(t: NodeTable, node_ids: Mapping[str, str]) -> np.ndarray:
     """`t.rows(node_ids)`, kept on the table for the mapping: alike jobs share one."""
-    key = ("rows of", id(node_ids))
-    hit = t.cache.get(key)
+    hit = t.memos.rows_of.get(id(node_ids))
     if hit is None or hit[0] is not node_ids:
-        hit = t.cache[key] = (node_ids, t.rows(node_ids))
+        hit = t.memos.rows_of[id(node_ids)] = (node_ids, t.rows(node_ids))
     return hit[1]
 
 

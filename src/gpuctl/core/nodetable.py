@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -80,6 +81,28 @@ class _Details:
         self.kind = np.array(kind, dtype=np.int64)
 
 
+@dataclass(slots=True)
+class Memos:
+    """Everything the cycle's machinery keeps on a table between questions, one map per kind
+    of answer, each keyed as its owner says (`core.verdicts`, `core.cycle`, the frag-aware
+    score). Keys name policies and mappings by `id()`; each entry holds the objects its key
+    names, so no id is reused while it lives, and records the table's clock when it was
+    worked out, so a user brings it up to date from `changed_since` rather than trusting it.
+    A copy of the table (a trial placement) starts with the same entries."""
+
+    columnar: dict[tuple[int, int], Any] = field(default_factory=dict)
+    filters: dict[tuple[Any, ...], Any] = field(default_factory=dict)
+    scores: dict[tuple[Any, ...], Any] = field(default_factory=dict)
+    column: dict[tuple[Any, ...], Any] = field(default_factory=dict)
+    fixed: dict[tuple[Any, ...], Any] = field(default_factory=dict)
+    islands: dict[tuple[Any, ...], Any] = field(default_factory=dict)
+    rows_of: dict[int, Any] = field(default_factory=dict)
+    frag_aware: dict[int, Any] = field(default_factory=dict)
+
+    def copy(self) -> Memos:
+        return Memos(*(dict(getattr(self, f.name)) for f in fields(self)))
+
+
 class NodeTable:
     """Every node of a snapshot as columns; row i is node `ids[i]` (ids sorted).
 
@@ -93,12 +116,12 @@ class NodeTable:
     which rows changed since it last looked).
     """
 
-    __slots__ = (*_STATIC, *_DYNAMIC, "_clock", "_changes", "_changed_rows", "cache", "views")
+    __slots__ = (*_STATIC, *_DYNAMIC, "_clock", "_changes", "_changed_rows", "memos", "views")
 
     ids: tuple[str, ...]
     pos: dict[str, int]
     views: list[NodeView]
-    cache: dict[Any, Any]
+    memos: Memos
 
     @classmethod
     def of(cls, views: Sequence[NodeView]) -> NodeTable:
@@ -199,7 +222,7 @@ class NodeTable:
         t.version = np.zeros(n, dtype=np.int64)
         t._changes = []  # the version of every change, ascending ...
         t._changed_rows = []  # ... and the row it changed
-        t.cache = {}
+        t.memos = Memos()
         return t
 
     def matrix(self, values: Sequence[tuple[int, ...]], pad: int) -> np.ndarray:
@@ -250,7 +273,7 @@ class NodeTable:
         other._clock = self._clock  # one clock: a version never means two states
         other._changes = list(self._changes)
         other._changed_rows = list(self._changed_rows)
-        other.cache = dict(self.cache)
+        other.memos = self.memos.copy()
         other.views = list(self.views)
         return other
 

@@ -77,10 +77,10 @@ def columnar(policy: Policy) -> bool:
 
 def _columnar(t: NodeTable, policy: Policy) -> bool:
     """`columnar`, asked once per policy and table."""
-    key = ("columnar", id(policy.filters), id(policy.scores))
-    hit = t.cache.get(key)
+    key = (id(policy.filters), id(policy.scores))
+    hit = t.memos.columnar.get(key)
     if hit is None or hit[0] is not policy.filters or hit[1] is not policy.scores:
-        hit = t.cache[key] = (policy.filters, policy.scores, columnar(policy))
+        hit = t.memos.columnar[key] = (policy.filters, policy.scores, columnar(policy))
     return hit[2]
 
 
@@ -272,8 +272,8 @@ def _reads_free(plugin: Any) -> bool:
 def _filtered(
     t: NodeTable, policy: Policy, job: Job, request: RankRequest, job_shape: Shape
 ) -> _Filtered:
-    cache_key = ("filters", id(policy.filters), job_shape)
-    entry = t.cache.get(cache_key)
+    cache_key = (id(policy.filters), job_shape)
+    entry = t.memos.filters.get(cache_key)
     if entry is not None and entry.filters is policy.filters:
         rows = t.changed_since(entry.seen)
         if not len(rows):
@@ -310,7 +310,7 @@ def _filtered(
         reasons = {}
         code[rows], first[rows], key[rows] = _check_rows(policy, job, request, t, rows)
     entry = _Filtered(policy.filters, t.now, code, first, key, reasons)
-    t.cache[cache_key] = entry
+    t.memos.filters[cache_key] = entry
     return entry
 
 
@@ -366,8 +366,8 @@ def _scored(
     anywhere, so a node's per-node score is its column's), a few changed rows are scored by
     the per-node plugins."""
     facets = tuple(s.facet(job) for s, _ in policy.scores)
-    cache_key = ("scores", id(policy.filters), id(policy.scores), job_shape, facets)
-    entry = t.cache.get(cache_key)
+    cache_key = (id(policy.filters), id(policy.scores), job_shape, facets)
+    entry = t.memos.scores.get(cache_key)
     if entry is not None and entry.filters is policy.filters and entry.scores is policy.scores:
         rows = t.changed_since(entry.seen)
         if not len(rows):
@@ -398,7 +398,7 @@ def _scored(
         value = np.full(len(t), -np.inf)
         value[fit] = rounded(total / weights) if weights else 0.0
     entry = _Scored(policy.filters, policy.scores, t.now, value)
-    t.cache[cache_key] = entry
+    t.memos.scores[cache_key] = entry
     return entry
 
 
@@ -420,8 +420,8 @@ def _column(
 ) -> np.ndarray:
     """One score's raw figures for the rows the filters pass."""
     facet = s.facet(job)
-    cache_key = ("column", id(s), id(filters), job_shape, facet)
-    entry = t.cache.get(cache_key)
+    cache_key = (id(s), id(filters), job_shape, facet)
+    entry = t.memos.column.get(cache_key)
     if entry is not None and entry.score is s:
         rows = t.changed_since(entry.seen)
         if not len(rows):
@@ -434,17 +434,19 @@ def _column(
     fit = rows[filtered.code[rows] == 0]
     if len(fit):
         value[fit] = s.scores(job, request, t, fit)
-    t.cache[cache_key] = _Column(s, t.now, value)
+    t.memos.column[cache_key] = _Column(s, t.now, value)
     return value
 
 
 def _fixed(t: NodeTable, s: Any, job: Job, request: RankRequest, job_shape: Shape) -> np.ndarray:
     """The raw figures of a score that reads only what nodes are, for every row, once."""
     facet = s.facet(job)
-    cache_key = ("fixed", id(s), job_shape, facet)
-    entry = t.cache.get(cache_key)
+    cache_key = (id(s), job_shape, facet)
+    entry = t.memos.fixed.get(cache_key)
     if entry is None or entry.score is not s:
-        entry = t.cache[cache_key] = _Column(s, 0, s.scores(job, request, t, np.arange(len(t))))
+        entry = t.memos.fixed[cache_key] = _Column(
+            s, 0, s.scores(job, request, t, np.arange(len(t)))
+        )
     return entry.value
 
 

@@ -112,10 +112,9 @@ class FragAware(ColumnScore):
         # The rows that changed since the job shape last looked, most of them in states seen
         # before (by this shape or another with the same request): remembered per node kind
         # and what it has free.
-        key = ("frag-aware", id(self))
-        entry = table.cache.get(key)
+        entry = table.memos.frag_aware.get(id(self))
         if entry is None or entry[0] is not self:
-            entry = table.cache[key] = (self, {})
+            entry = table.memos.frag_aware[id(self)] = (self, {})
         memo: dict[tuple[Any, ...], float] = entry[1]
         keys = [
             (request, k, tuple(f), c, m)
