@@ -20,16 +20,13 @@ from gpuctl.core.plugins import DEFAULT_POLICY, build_policy
 from gpuctl.core.snapshot import Snapshot
 from gpuctl.sim.scale import (
     NOW,
-    STEADY_FINISHED,
-    STEADY_STEP,
-    applied,
     background,
-    churn,
     gang_job,
     inference_jobs,
     leased,
     pending_jobs,
     scale_cluster,
+    steady_step,
 )
 
 SIZES = ((1000, 10_000, 1), (300, 3000, 2), (2000, 5000, 3))
@@ -63,15 +60,8 @@ def digest(nodes: int, pending: int, seed: int, *, steady: int = 3, policy: str 
     _add(h, schedule(snapshot, queue, chosen, now=NOW, leasing=leased(cluster)))
     now, next_id = NOW, pending + 1
     for cycle in range(steady):
-        running, queue = applied(result, running, queue, now)
-        now += STEADY_STEP
-        running, queue, next_id = churn(
-            running,
-            queue,
-            seed=seed + 100 + cycle,
-            finished=STEADY_FINISHED,
-            queue=pending,
-            next_id=next_id,
+        running, queue, now, next_id = steady_step(
+            result, running, queue, now, seed=seed + 100 + cycle, queue=pending, next_id=next_id
         )
         result = schedule(Snapshot.build(cluster, running), queue, chosen, now=now)
         _add(h, result)

@@ -330,6 +330,26 @@ def churn(
     return still, [*pending, *arriving], next_id + len(arriving)
 
 
+def steady_step(
+    result: CycleResult,
+    running: Sequence[Job],
+    pending: Sequence[Job],
+    now: datetime,
+    *,
+    seed: int,
+    queue: int,
+    next_id: int,
+) -> tuple[list[Job], list[Job], datetime, int]:
+    """The inputs of the steady cycle after `result`: its decisions applied, STEADY_STEP
+    later, a STEADY_FINISHED share of the running jobs done and the queue topped up to `queue`
+    (`churn`). Returns (running, pending, now, the next free job id)."""
+    still, waiting = applied(result, running, pending, now)
+    still, waiting, next_id = churn(
+        still, waiting, seed=seed, finished=STEADY_FINISHED, queue=queue, next_id=next_id
+    )
+    return still, waiting, now + STEADY_STEP, next_id
+
+
 # -- measuring ------------------------------------------------------------------------------
 
 
@@ -555,15 +575,8 @@ def measure(
     next_id = pending + 1
     samples, bound = [], []
     for cycle in range(steady_cycles):
-        running, queue = applied(result, running, queue, now)
-        now += STEADY_STEP
-        running, queue, next_id = churn(
-            running,
-            queue,
-            seed=seed + 100 + cycle,
-            finished=STEADY_FINISHED,
-            queue=pending,
-            next_id=next_id,
+        running, queue, now, next_id = steady_step(
+            result, running, queue, now, seed=seed + 100 + cycle, queue=pending, next_id=next_id
         )
         say(f"steady cycle {cycle + 1} of {steady_cycles}")
         state = Snapshot.build(cluster, running)

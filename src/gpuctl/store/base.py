@@ -30,6 +30,14 @@ def utc(value: _MaybeTime) -> _MaybeTime:
     return value.astimezone(UTC)
 
 
+def page_limit(page_size: int) -> int:
+    """How many jobs a `list_jobs` page of `page_size` holds: 0 means the default, more than
+    MAX_PAGE_SIZE is cut to it, a negative size is refused."""
+    if page_size < 0:
+        raise InvalidArgument([FieldViolation("page_size", "must not be negative")])
+    return min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
 def encode_page_token(last_id: int) -> str:
     return base64.urlsafe_b64encode(f"jobs:{last_id}".encode()).rstrip(b"=").decode()
 

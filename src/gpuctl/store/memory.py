@@ -15,16 +15,16 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from gpuctl.core.cost import AttemptCharge
-from gpuctl.core.errors import FieldViolation, InvalidArgument, NotFound, NotLeader
+from gpuctl.core.errors import NotFound, NotLeader
 from gpuctl.core.model import Event, Job, JobSpec, JobState, LeaseState, Node, NodeLease
 from gpuctl.core.trust import ApiToken, AuditEntry
 from gpuctl.store.base import (
     DEFAULT_PAGE_SIZE,
-    MAX_PAGE_SIZE,
     JobPage,
     Leadership,
     decode_page_token,
     encode_page_token,
+    page_limit,
     utc,
 )
 
@@ -165,9 +165,7 @@ class MemoryStore:
         page_size: int = DEFAULT_PAGE_SIZE,
         page_token: str = "",
     ) -> JobPage:
-        if page_size < 0:
-            raise InvalidArgument([FieldViolation("page_size", "must not be negative")])
-        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        size = page_limit(page_size)
         after = decode_page_token(page_token)
         wanted = set(states)
         with self._lock:

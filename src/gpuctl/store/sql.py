@@ -46,11 +46,11 @@ from gpuctl.core.trust import ApiToken, AuditEntry
 from gpuctl.store import schema
 from gpuctl.store.base import (
     DEFAULT_PAGE_SIZE,
-    MAX_PAGE_SIZE,
     JobPage,
     Leadership,
     decode_page_token,
     encode_page_token,
+    page_limit,
     utc,
 )
 from gpuctl.store.groupcommit import GroupCommit, Write
@@ -282,9 +282,7 @@ class SqlStore:
         page_token: str = "",
     ) -> JobPage:
         """Jobs in id order; `page_size` 0 means the default, above `MAX_PAGE_SIZE` is cut."""
-        if page_size < 0:
-            raise InvalidArgument([FieldViolation("page_size", "must not be negative")])
-        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        size = page_limit(page_size)
         query = select(_JOBS).where(_JOBS.c.id > decode_page_token(page_token))
         if states:
             query = query.where(_JOBS.c.state.in_([JobState(s).value for s in states]))
