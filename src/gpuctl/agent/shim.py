@@ -25,7 +25,8 @@ from gpuctl.runtime.private import private_opener
 # (tmp + rename), are the protocol with the runner:
 #   launch.json  runner -> shim: argv, env (the job's secrets too: 0600), cwd, account, log cap
 #   shim.json    shim: its pid and start time, by which a restarted agent knows it is the same
-#   exit         shim: {"code", "terminated", "killed"}, plus "message" when the rank never ran
+#   exit         shim: {"code", "terminated", "killed", "fenced"}, plus "message" when the rank
+#                never ran
 #   reported     runner: the daemon acknowledged the rank's EXITED report
 # and one file for the whole node, in the agent's state dir (launch.json names it):
 #   lease.json   agent: {"stop_at", "kill_at"}, CLOCK_MONOTONIC seconds, renewed with every word
