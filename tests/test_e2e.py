@@ -145,9 +145,11 @@ def test_cancel_stops_a_running_rank_and_bad_input_is_one_line(cluster):
     assert "gpus_per_node" in bad.stderr
 
 
+# Each writes its pid beside the directory, then renames it in: a reader never sees it empty.
 REPLICA = (
     "import os, pathlib, sys, time; "
-    "pathlib.Path(sys.argv[1], os.environ['GPUCTL_REPLICA_INDEX']).write_text(str(os.getpid())); "
+    "p = pathlib.Path(sys.argv[1], os.environ['GPUCTL_REPLICA_INDEX']); "
+    "t = p.parent.with_name(p.parent.name + '.' + p.name); t.write_text(str(os.getpid())); t.rename(p); "
     "time.sleep(600)"
 )
 
@@ -155,7 +157,8 @@ REPLICA = (
 # A rank that marks its attempt's start with its pid.
 RANK_MARK = (
     "import os, pathlib, sys, time; "
-    "pathlib.Path(sys.argv[1], os.environ['GPUCTL_ATTEMPT']).write_text(str(os.getpid())); "
+    "p = pathlib.Path(sys.argv[1], os.environ['GPUCTL_ATTEMPT']); "
+    "t = p.parent.with_name(p.parent.name + '.' + p.name); t.write_text(str(os.getpid())); t.rename(p); "
     "time.sleep(600)"
 )
 
@@ -292,11 +295,16 @@ def test_a_rolling_update_moves_a_service_over_and_a_failing_one_rolls_back(clus
     cluster.gpuctl("cancel", job_id)
 
 
-SERVER = (
-    "import http.server, os, time; time.sleep(2); "
-    "http.server.ThreadingHTTPServer(('127.0.0.1', int(os.environ['GPUCTL_PORT'])), "
-    "http.server.SimpleHTTPRequestHandler).serve_forever()"
-)
+# Serves on its port once the test creates `go` in the working directory: until then its
+# readiness probe fails, whatever the machine's speed.
+SERVER = """
+import http.server, os, pathlib, time
+while not pathlib.Path("go").exists():
+    time.sleep(0.05)
+http.server.ThreadingHTTPServer(
+    ("127.0.0.1", int(os.environ["GPUCTL_PORT"])), http.server.SimpleHTTPRequestHandler
+).serve_forever()
+"""
 
 
 def test_a_replica_is_ready_once_its_probe_passes_and_an_update_never_ready_rolls_back(
@@ -329,6 +337,7 @@ def test_a_replica_is_ready_once_its_probe_passes_and_an_update_never_ready_roll
         what="both replicas to run",
     )
     assert "0/2" in cluster.gpuctl("jobs").stdout.splitlines()[1].split()  # not serving yet
+    (tmp_path / "go").touch()
     wait_until(
         lambda: "2/2" in cluster.gpuctl("jobs").stdout.splitlines()[1].split(),
         what="both replicas to answer their probe",

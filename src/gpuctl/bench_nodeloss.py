@@ -38,11 +38,12 @@ from gpuctl.testbed import LocalCluster, Partition
 CASES = ("kill", "partition")
 
 # Each rank records when it started (CLOCK_MONOTONIC, shared by every process of this boot) in
-# a file named after its attempt and node, then waits to be stopped.
+# a file named after its attempt and node (written whole: renamed into place), then waits.
 RANK = (
     "import os, pathlib, sys, time; "
     "p = pathlib.Path(sys.argv[1], os.environ['GPUCTL_ATTEMPT'] + '-' + os.environ['GPUCTL_NODE']); "
-    "p.write_text(f'{os.getpid()} {time.monotonic()}'); time.sleep(3600)"
+    "t = p.parent.with_name(p.parent.name + '.' + p.name); t.write_text(f'{os.getpid()} {time.monotonic()}'); "
+    "t.rename(p); time.sleep(3600)"
 )
 
 
