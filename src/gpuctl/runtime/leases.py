@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from gpuctl.core.cost import charges
 from gpuctl.core.cycle import CycleResult
@@ -36,7 +36,39 @@ from gpuctl.providers.base import (
 from gpuctl.providers.registry import KINDS, Setting
 
 if TYPE_CHECKING:
-    from gpuctl.runtime.controller import Controller
+    import threading as _threading
+
+    from gpuctl.core.cost import NodePrice
+    from gpuctl.runtime.clock import Clock
+    from gpuctl.store.base import Store
+
+
+class ControllerSide(Protocol):
+    """What the keeper needs of the controller (`runtime.controller.Controller` is one), and
+    nothing more: its store and clock, its one writer's lock (the keeper's store writes take
+    it, and read the store again under it before writing), the running jobs and what they use,
+    writing jobs, and waking the cycle."""
+
+    store: Store
+    clock: Clock
+
+    @property
+    def lock(self) -> _threading.RLock: ...
+
+    def active_jobs(self) -> tuple[Job, ...]: ...
+
+    def node_usage(self) -> dict[str, dict[int, tuple[int, list[int]]]]: ...
+
+    def node_prices(self) -> dict[str, NodePrice]: ...
+
+    def jobs(self, *, queue: str = "") -> Iterable[Job]: ...
+
+    def write_jobs(self, jobs: Sequence[Job], events: Sequence[Event]) -> tuple[Job, ...]: ...
+
+    def keep_leases(self) -> list[str]: ...
+
+    def wake(self) -> None: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +154,7 @@ class LeaseKeeper:
 
     def __init__(
         self,
-        controller: Controller,
+        controller: ControllerSide,
         providers: Sequence[Provider],
         settings: LeaseSettings | None = None,
         *,
