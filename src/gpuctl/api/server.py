@@ -92,9 +92,7 @@ class _Edge(grpc.ServerInterceptor):
         kind = "unary_stream" if handler.response_streaming else "unary_unary"
         behavior = _refusing_malformed(getattr(handler, kind))
         if not details.method.startswith(_OWN_LANE):  # a person's call (see api.lanes)
-            behavior = PeopleCall(
-                behavior, _busy, None if handler.response_streaming else self.gate
-            )
+            behavior = PeopleCall(behavior, _busy, self.gate)
         return handler._replace(
             request_deserializer=_tolerant(handler.request_deserializer), **{kind: behavior}
         )

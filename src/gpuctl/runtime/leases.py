@@ -36,8 +36,6 @@ from gpuctl.providers.base import (
 from gpuctl.providers.registry import KINDS, Setting
 
 if TYPE_CHECKING:
-    import threading as _threading
-
     from gpuctl.core.cost import NodePrice
     from gpuctl.runtime.clock import Clock
     from gpuctl.store.base import Store
@@ -53,7 +51,7 @@ class ControllerSide(Protocol):
     clock: Clock
 
     @property
-    def lock(self) -> _threading.RLock: ...
+    def lock(self) -> threading.RLock: ...
 
     def active_jobs(self) -> tuple[Job, ...]: ...
 

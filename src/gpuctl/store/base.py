@@ -11,12 +11,17 @@ from typing import Protocol, TypeVar
 
 from gpuctl.core.cost import AttemptCharge
 from gpuctl.core.errors import FieldViolation, InvalidArgument
-from gpuctl.core.model import Event, Job, JobSpec, JobState, Node, NodeLease
+from gpuctl.core.model import Event, Job, JobSpec, JobState, LeaseState, Node, NodeLease
 from gpuctl.core.trust import ApiToken, AuditEntry
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000  # larger requests are cut to this, as AIP-158 asks
 _TOKEN_RE = re.compile(r"jobs:([0-9]{1,19})")
+
+# What a job's row repeats of its spec, for filters and sorting: `respec_job` may not change it.
+SPEC_COLUMNS = ("owner", "queue", "name", "kind", "priority")
+# Leases `list_leases` leaves out unless asked for the released ones too.
+ENDED_LEASE_STATES = frozenset({LeaseState.RELEASED, LeaseState.EXPIRED, LeaseState.FAILED})
 
 _MaybeTime = TypeVar("_MaybeTime", datetime, None)
 

@@ -10,16 +10,18 @@ import itertools
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import fields, is_dataclass, replace
+from dataclasses import dataclass, fields, is_dataclass, replace
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from gpuctl.core.cost import AttemptCharge
 from gpuctl.core.errors import NotFound, NotLeader
-from gpuctl.core.model import Event, Job, JobSpec, JobState, LeaseState, Node, NodeLease
+from gpuctl.core.model import Event, Job, JobSpec, JobState, Node, NodeLease
 from gpuctl.core.trust import ApiToken, AuditEntry
 from gpuctl.store.base import (
     DEFAULT_PAGE_SIZE,
+    ENDED_LEASE_STATES,
+    SPEC_COLUMNS,
     JobPage,
     Leadership,
     decode_page_token,
@@ -28,9 +30,16 @@ from gpuctl.store.base import (
     utc,
 )
 
-_ENDED_LEASES = frozenset({LeaseState.RELEASED, LeaseState.EXPIRED, LeaseState.FAILED})
-# What a job's row repeats of its spec for filters: a respec may not change them.
-_SPEC_COLUMNS = ("owner", "queue", "name", "kind", "priority")
+
+@dataclass(slots=True)
+class _Lease:
+    """The leader lease, as the SQL stores keep it in their one row."""
+
+    holder: str = ""
+    address: str = ""
+    agent_address: str = ""
+    epoch: int = 0
+    expires_s: float = 0.0  # seconds since 1970 by the store's clock
 
 
 T = TypeVar("T")
@@ -74,26 +83,18 @@ class MemoryStore:
         self._event_ids = itertools.count(1)
         self._charges: dict[tuple[int, int], AttemptCharge] = {}
         self._tokens: dict[str, ApiToken] = {}
-        self._audit: list[tuple[int, AuditEntry]] = []
+        self._audit: list[AuditEntry] = []  # in id order
         self._audit_ids = itertools.count(1)
-        self._leader: dict[str, Any] = {
-            "holder": "",
-            "address": "",
-            "agent_address": "",
-            "epoch": 0,
-            "expires_s": 0.0,
-        }
+        self._leader = _Lease()
 
     # -- writes -------------------------------------------------------------------------------
 
     def _fenced(self) -> None:
         """Fencing, as `SqlStore` does it: a write under a stale epoch is refused."""
-        if self._epoch is not None and self._leader["epoch"] != self._epoch:
-            live = self._leader["expires_s"] > self._clock()
-            leader = self._leader
-            raise NotLeader(
-                leader["address"] if live else "", leader["agent_address"] if live else ""
-            )
+        lease = self._leader
+        if self._epoch is not None and lease.epoch != self._epoch:
+            live = lease.expires_s > self._clock()
+            raise NotLeader(lease.address if live else "", lease.agent_address if live else "")
 
     def _revisions(self, count: int) -> range:
         self._revision += count
@@ -240,7 +241,7 @@ class MemoryStore:
             if stored is None:
                 raise NotFound("job", str(job.id))
             before, after = stored.spec, job.spec
-            if any(getattr(before, k) != getattr(after, k) for k in _SPEC_COLUMNS):
+            if any(getattr(before, k) != getattr(after, k) for k in SPEC_COLUMNS):
                 raise ValueError(f"job {job.id}: only the spec's other fields may change")
             (revision,) = self._revisions(1)
             written = _stored(
@@ -293,7 +294,7 @@ class MemoryStore:
             return tuple(
                 lease
                 for _, lease in sorted(self._leases.items())
-                if include_released or lease.state not in _ENDED_LEASES
+                if include_released or lease.state not in ENDED_LEASE_STATES
             )
 
     def note_failed_offer(self, job_id: int, provider: str, sku: str, at: datetime) -> None:
@@ -372,8 +373,7 @@ class MemoryStore:
             self._add_audit(entry)
 
     def _add_audit(self, entry: AuditEntry) -> None:
-        n = next(self._audit_ids)
-        self._audit.append((n, _stored(replace(entry, id=n))))
+        self._audit.append(_stored(replace(entry, id=next(self._audit_ids))))
 
     def list_audit(
         self, *, since: datetime | None = None, principal: str = "", limit: int = 100
@@ -383,7 +383,7 @@ class MemoryStore:
         with self._lock:
             mine = [
                 e
-                for _, e in self._audit
+                for e in self._audit
                 if (since is None or e.time > since) and (not principal or e.principal == principal)
             ]
         return tuple(mine[-limit:])
@@ -413,10 +413,10 @@ class MemoryStore:
     def purge_audit(self, before: datetime, *, limit: int) -> int:
         with self._lock:
             self._fenced()
-            old = [n for n, e in self._audit if e.time < before][: max(0, limit)]
-            drop = set(old)
-            self._audit = [(n, e) for n, e in self._audit if n not in drop]
-            return len(old)
+            drop = {e.id for e in self._audit if e.time < before}
+            drop = set(sorted(drop)[: max(0, limit)])  # the oldest
+            self._audit = [e for e in self._audit if e.id not in drop]
+            return len(drop)
 
     def purge_events(self, kinds: Sequence[str], before: datetime, *, limit: int) -> int:
         with self._lock:
@@ -429,37 +429,36 @@ class MemoryStore:
     # -- leadership ---------------------------------------------------------------------------
 
     def _leadership(self) -> Leadership:
-        row = self._leader
+        lease = self._leader
         return Leadership(
-            holder=row["holder"],
-            address=row["address"],
-            agent_address=row["agent_address"],
-            epoch=row["epoch"],
-            expires_in_s=row["expires_s"] - self._clock(),
+            holder=lease.holder,
+            address=lease.address,
+            agent_address=lease.agent_address,
+            epoch=lease.epoch,
+            expires_in_s=lease.expires_s - self._clock(),
         )
 
     def claim_leadership(
         self, holder: str, *, address: str, agent_address: str, ttl_s: float
     ) -> Leadership:
         with self._lock:
-            now, row = self._clock(), self._leader
-            if row["holder"] == holder or row["expires_s"] <= now:
-                row.update(holder=holder, address=address, agent_address=agent_address)
-                row.update(epoch=row["epoch"] + 1, expires_s=now + ttl_s)
+            now, lease = self._clock(), self._leader
+            if lease.holder == holder or lease.expires_s <= now:
+                self._leader = _Lease(holder, address, agent_address, lease.epoch + 1, now + ttl_s)
             return self._leadership()
 
     def renew_leadership(self, holder: str, epoch: int, ttl_s: float) -> bool:
         with self._lock:
-            row = self._leader
-            if (row["holder"], row["epoch"]) != (holder, epoch):
+            lease = self._leader
+            if (lease.holder, lease.epoch) != (holder, epoch):
                 return False
-            row["expires_s"] = self._clock() + ttl_s
+            lease.expires_s = self._clock() + ttl_s
             return True
 
     def resign_leadership(self, holder: str, epoch: int) -> None:
         with self._lock:
-            if (self._leader["holder"], self._leader["epoch"]) == (holder, epoch):
-                self._leader["expires_s"] = 0.0
+            if (self._leader.holder, self._leader.epoch) == (holder, epoch):
+                self._leader.expires_s = 0.0
 
     def leader(self) -> Leadership:
         with self._lock:

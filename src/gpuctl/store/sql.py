@@ -41,11 +41,13 @@ from gpuctl.core.errors import (
     NotLeader,
     Unavailable,
 )
-from gpuctl.core.model import Event, Job, JobSpec, JobState, LeaseState, Node, NodeLease
+from gpuctl.core.model import Event, Job, JobSpec, JobState, Node, NodeLease
 from gpuctl.core.trust import ApiToken, AuditEntry
 from gpuctl.store import schema
 from gpuctl.store.base import (
     DEFAULT_PAGE_SIZE,
+    ENDED_LEASE_STATES,
+    SPEC_COLUMNS,
     JobPage,
     Leadership,
     decode_page_token,
@@ -92,7 +94,6 @@ SQLITE_BUSY_TIMEOUT_MS = 10_000
 # Any fixed key: it only has to be the same in every gpuctld sharing the database.
 _SCHEMA_LOCK_KEY = 0x67707563746C  # "gpuctl"
 _Row = TypeVar("_Row", NodeRow, LeaseRow)
-_ENDED_LEASE_STATES = (LeaseState.RELEASED, LeaseState.EXPIRED, LeaseState.FAILED)
 # The tables, and the statements of the hot paths built once: building one costs more than
 # running it.
 _JOBS = JobRow.__table__  # type: ignore[attr-defined]
@@ -131,10 +132,8 @@ _UPDATE_JOB = (
 _FIXED_OF = select(_JOBS.c.id, _JOBS.c.request_id, _JOBS.c.created_at).where(
     _JOBS.c.id.in_(bindparam("ids", expanding=True))
 )
-# The columns a job's row repeats of its spec, for filters and sorting.
-_SPEC_COLUMNS = ("owner", "queue", "name", "kind", "priority")
-_IN_CHUNK = 5000
-_DECODED_JOBS = 20_000  # jobs kept decoded (ten pages of the largest size, and more)  # ids in one IN (...): far below any backend's limit on parameters
+_IN_CHUNK = 5000  # ids in one IN (...): far below any backend's limit on parameters
+_DECODED_JOBS = 20_000  # jobs kept decoded (ten pages of the largest size, and more)
 
 
 def open_store(url: str, *, migrate: bool = False) -> SqlStore:
@@ -352,7 +351,7 @@ class SqlStore:
             row = session.execute(_JOB_BY_ID, {"id": job.id}).first()
             if row is None:
                 raise NotFound("job", str(job.id))
-            if any(getattr(row, k) != after[k] for k in _SPEC_COLUMNS):
+            if any(getattr(row, k) != after[k] for k in SPEC_COLUMNS):
                 raise ValueError(f"job {job.id}: only the spec's other fields may change")
             (written,) = _update_jobs(session, [job], events)
             session.execute(update(_JOBS).where(_JOBS.c.id == job.id).values(spec=after["spec"]))
@@ -399,7 +398,7 @@ class SqlStore:
         (released, expired or failed)."""
         query = select(LeaseRow).order_by(col(LeaseRow.id))
         if not include_released:
-            query = query.where(col(LeaseRow.state).not_in([s.value for s in _ENDED_LEASE_STATES]))
+            query = query.where(col(LeaseRow.state).not_in([s.value for s in ENDED_LEASE_STATES]))
         with self._transaction(self._reads) as session:
             return tuple(lease_from_row(r) for r in session.exec(query))
 
