@@ -46,6 +46,24 @@ RULES = (
         third_party=("numpy",),
     ),
     Rule(
+        id="engine-serves-the-policy",
+        scope="gpuctl.core.engine",
+        why="the engine (the core's caches and every rule for keeping them) answers what the "
+        "plugins, the placers and the cycle ask; it never reaches back into the placers, the "
+        "cycle or the planners",
+        gpuctl=(
+            "gpuctl.core.engine",
+            "gpuctl.core.model",
+            "gpuctl.core.framework",
+            "gpuctl.core.plugins",
+            "gpuctl.core.snapshot",
+            "gpuctl.core.topology",
+            "gpuctl.core.leasing",
+            "gpuctl.core.preempt",
+        ),
+        third_party=("numpy",),
+    ),
+    Rule(
         id="providers-stand-on-the-core",
         scope="gpuctl.providers",
         why="lease providers are pure of the daemon: the standard library and gpuctl.core only",
@@ -314,6 +332,8 @@ CASES = [
     ("core-type-checking", "core-is-pure",            "gpuctl/core/cycle.py",     "if TYPE_CHECKING:\n    import sqlmodel", ["sqlmodel"]),
     ("core-store",         "core-is-pure",            "gpuctl/core/cycle.py",     "from gpuctl.store import Store",         ["gpuctl.store"]),
     ("core-relative-up",   "core-is-pure",            "gpuctl/core/cycle.py",     "from ..runtime import clock",            ["gpuctl.runtime.clock"]),
+    ("engine-plugins",     "engine-serves-the-policy", "gpuctl/core/engine/verdicts.py", "from gpuctl.core.plugins import Policy", []),
+    ("engine-cycle",       "engine-serves-the-policy", "gpuctl/core/engine/memos.py", "from gpuctl.core.cycle import Mode",   ["gpuctl.core.cycle"]),
     ("core-rule-scope",    "core-is-pure",            "gpuctl/store/sql.py",      "import sqlmodel",                        []),
     ("cli-third-party",    "cli-uses-the-sdk",        "gpuctl/cli/main.py",       "import click, yaml, grpc",               []),
     ("cli-sdk",            "cli-uses-the-sdk",        "gpuctl/cli/main.py",       "from gpuctl.api.client import Client",   []),

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from gpuctl.core import packing, schedule
+from gpuctl.core.engine.nodetable import NodeTable
 from gpuctl.core.model import (
     BandwidthProfile,
     Gpu,
@@ -22,7 +23,6 @@ from gpuctl.core.model import (
     Placement,
     RankPlacement,
 )
-from gpuctl.core.nodetable import NodeTable
 from gpuctl.core.packing import (
     ClusterState,
     Fragmentation,

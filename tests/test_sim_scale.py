@@ -18,6 +18,7 @@ from click.testing import CliRunner
 
 from gpuctl.cli.simulate_scale import scale_command, table
 from gpuctl.core import CycleResult, schedule
+from gpuctl.core.engine.verdicts import columnar
 from gpuctl.core.framework import FilterPlugin, ScorePlugin
 from gpuctl.core.model import (
     MILLI_PER_GPU,
@@ -34,7 +35,6 @@ from gpuctl.core.model import (
 )
 from gpuctl.core.plugins import DEFAULT_POLICY, Policy, build_policy
 from gpuctl.core.snapshot import Snapshot
-from gpuctl.core.verdicts import columnar
 from gpuctl.sim import scale
 
 # -- the synthetic cluster and load ---------------------------------------------------------
@@ -183,7 +183,7 @@ def test_gang_choices_kept_per_island_decide_as_worked_out_afresh(
 ) -> None:
     """Islands whose nodes did not change keep their best gang between gangs alike: the
     decisions are the ones that working every island out again gives."""
-    from gpuctl.core import cycle
+    from gpuctl.core.engine.islands import IslandMemo
 
     cluster = scale.scale_cluster(nodes)
     running = list(scale.background(cluster, seed=1, utilisation=0.4))
@@ -191,25 +191,25 @@ def test_gang_choices_kept_per_island_decide_as_worked_out_afresh(
     snapshot = Snapshot.build(cluster, running)
     policy = build_policy(DEFAULT_POLICY)
     reused = 0
-    real_of = cycle._IslandMemo.of
+    real_of = IslandMemo.of
 
-    def counting(*args: Any) -> cycle._IslandMemo:
+    def counting(*args: Any) -> IslandMemo:
         nonlocal reused
         memo = real_of(*args)
         reused += len(memo.known)
         return memo
 
-    monkeypatch.setattr(cycle._IslandMemo, "of", counting)
+    monkeypatch.setattr(IslandMemo, "of", counting)
     kept = schedule(snapshot, queue, policy, now=scale.NOW)
     assert reused > 5  # islands were kept, or there is nothing to compare
     assert sum(1 for b in kept.bindings if len(b.placement.ranks) > 1) > 5  # gangs placed
 
-    def afresh(*args: Any) -> cycle._IslandMemo:
+    def afresh(*args: Any) -> IslandMemo:
         memo = real_of(*args)
         memo.known.clear()
         return memo
 
-    monkeypatch.setattr(cycle._IslandMemo, "of", afresh)
+    monkeypatch.setattr(IslandMemo, "of", afresh)
     assert schedule(snapshot, queue, policy, now=scale.NOW) == kept
 
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from gpuctl.core.engine.verdicts import check
 from gpuctl.core.leasing import Offer, floors, gang_options, offer_misfit
 from gpuctl.core.model import MILLI_PER_GPU, Job, JobKind, JobSpec, Node, NodeState
 from gpuctl.core.plugins import Policy, RankRequest
 from gpuctl.core.snapshot import empty_view
-from gpuctl.core.verdicts import check
 
 _SHOWN = 3  # reasons named in a refusal
 

@@ -8,7 +8,7 @@ cycle knows what a plugin can do from what it declares, never by probing for a m
   runs by columns when every plugin of its policy declares them, node by node otherwise;
 - `reads_free = False`: the plugin reads only what a node is, never what it has free, so its
   answer for a node holds all cycle;
-- `facet(job)`: what of a job a score reads beyond its shape (`core.verdicts.shape`); None,
+- `facet(job)`: what of a job a score reads beyond its shape (`core.engine.verdicts.shape`); None,
   the default: nothing;
 - `prepare(context)` (PreScore): the score as it will run in one cycle, having seen the whole
   of it; itself by default, None when it has nothing to say in this cycle.
@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, ClassVar
 if TYPE_CHECKING:
     import numpy as np
 
+    from gpuctl.core.engine.nodetable import NodeTable
     from gpuctl.core.model import Job, JobKind
-    from gpuctl.core.nodetable import NodeTable
     from gpuctl.core.plugins import CycleContext, RankRequest, Status
     from gpuctl.core.snapshot import NodeView
 

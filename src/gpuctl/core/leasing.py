@@ -14,11 +14,11 @@ from datetime import datetime, timedelta
 
 import numpy as np
 
+from gpuctl.core.engine.nodetable import NodeTable
+from gpuctl.core.engine.verdicts import shape
 from gpuctl.core.model import MILLI_PER_GPU, Job, JobKind, JobSpec, LeaseState, NodeLease
-from gpuctl.core.nodetable import NodeTable
 from gpuctl.core.plugins import RankRequest, plural, replica_share
 from gpuctl.core.snapshot import NodeView
-from gpuctl.core.verdicts import shape
 
 # Queued jobs looked at when deciding whether an idle leased node is worth its idle grace:
 # the next few to start, which is who would take it.
@@ -551,7 +551,7 @@ class LeasePlan:
 
 
 def _shape(spec: JobSpec, limits: Sequence[float] = ()) -> tuple[object, ...]:
-    """What offers read of `spec`, as a key: its placement shape (`core.verdicts.shape`) and
+    """What offers read of `spec`, as a key: its placement shape (`core.engine.verdicts.shape`) and
     its time limit. `limits`: the grant lengths (sorted) of the offers that cannot renew, the
     only ones a time limit matters to: the limit is kept as the least that exceeds the same
     of them."""

@@ -13,8 +13,8 @@ import operator
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from gpuctl.core.engine.nodetable import NodeTable
 from gpuctl.core.model import MILLI_PER_GPU, Gpu, Job, Node, NodeState, Placement, RankPlacement
-from gpuctl.core.nodetable import NodeTable
 
 _INDEX = operator.attrgetter("index")
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gpuctl.core.nodetable import NodeTable
+from gpuctl.core.engine.nodetable import NodeTable
 from gpuctl.core.snapshot import NodeView
 
 # Scores are sums of floats; rounding keeps two equal placements equal whatever the

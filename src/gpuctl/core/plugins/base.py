@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
+from gpuctl.core.engine.nodetable import NodeTable
 from gpuctl.core.framework import FilterPlugin, ScorePlugin
 from gpuctl.core.model import MILLI_PER_GPU, Job, JobKind, JobSpec
-from gpuctl.core.nodetable import NodeTable
 from gpuctl.core.snapshot import NodeView
 
 BOTH = frozenset(JobKind)
@@ -116,12 +116,12 @@ Score = ScorePlugin
 # Column forms. Every plugin here also answers for many nodes at once, from the columns of
 # a `NodeTable` (`rows`: which rows), with exactly the figures its per-node method gives
 # (the same float operations in the same order: the cycle compares scores exactly). The
-# cycle uses them when every plugin of its policy has one (`core.verdicts`); a policy with
+# cycle uses them when every plugin of its policy has one (`core.engine.verdicts`); a policy with
 # one plugin without is asked node by node, as before. The contract, which lets the cycle
 # cache answers per job shape and per node state:
 # - a node is read only through the table's columns; a node holding ranks of the job itself
 #   is always asked node by node (that is how `spread` sees the job's own replicas);
-# - a job is read only through its shape (`core.verdicts.shape`: the spec without what
+# - a job is read only through its shape (`core.engine.verdicts.shape`: the spec without what
 #   placement ignores), plus what `facet(job)` returns where a plugin defines one;
 # - `reads_free = False`: the plugin reads only what a node is, never what it has free, so
 #   its answer for a node holds all cycle (without it, the node is asked again whenever it

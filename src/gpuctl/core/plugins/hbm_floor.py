@@ -7,9 +7,9 @@ from typing import ClassVar
 
 import numpy as np
 
+from gpuctl.core.engine.nodetable import NodeTable
 from gpuctl.core.framework import ColumnFilter
 from gpuctl.core.model import Job, JobKind
-from gpuctl.core.nodetable import NodeTable
 from gpuctl.core.plugins.base import (
     SUCCESS,
     Code,

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from gpuctl.core.engine.nodetable import NodeTable
 from gpuctl.core.model import Job, JobKind, JobSpec
-from gpuctl.core.nodetable import NodeTable
 from gpuctl.core.plugins import SUCCESS, Code, NodeReady, Policy, RankRequest, Status, plural
 from gpuctl.core.snapshot import Snapshot
 from gpuctl.core.topology import SCORE_DIGITS

@@ -84,7 +84,7 @@ class _Details:
 @dataclass(slots=True)
 class Memos:
     """Everything the cycle's machinery keeps on a table between questions, one map per kind
-    of answer, each keyed as its owner says (`core.verdicts`, `core.cycle`, the frag-aware
+    of answer, each keyed as its owner says (`engine.verdicts`, `engine.islands`, the frag-aware
     score). Keys name policies and mappings by `id()`; each entry holds the objects its key
     names, so no id is reused while it lives, and records the table's clock when it was
     worked out, so a user brings it up to date from `changed_since` rather than trusting it.
