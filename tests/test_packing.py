@@ -1,5 +1,6 @@
-"""core.packing: the published BestFit to the letter, GPU choice inside a node, model
-constraints, FGD's fragmentation, gpuctl's stranding term, and the daemon's score plugin."""
+"""core.packing and the simulator's cluster model (sim.cluster): the published BestFit to the
+letter, GPU choice inside a node, model constraints, FGD's fragmentation, gpuctl's stranding
+term, and the daemon's score plugin."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 
-from gpuctl.core import packing, schedule
+from gpuctl.core import schedule
 from gpuctl.core.engine.nodetable import NodeTable
 from gpuctl.core.model import (
     BandwidthProfile,
@@ -23,15 +24,7 @@ from gpuctl.core.model import (
     Placement,
     RankPlacement,
 )
-from gpuctl.core.packing import (
-    ClusterState,
-    Fragmentation,
-    NodeCapacity,
-    PodRequest,
-    PolicyContext,
-    Workload,
-    bestfit_scores,
-)
+from gpuctl.core.packing import PodRequest, Workload
 from gpuctl.core.plugins import (
     DEFAULT_POLICY,
     MIX_TYPES,
@@ -42,6 +35,14 @@ from gpuctl.core.plugins import (
 )
 from gpuctl.core.snapshot import NodeView, Snapshot
 from gpuctl.sim.baselines import DEFAULT_PACKING_POLICY, PACKING_POLICIES, make_policy
+from gpuctl.sim.cluster import (
+    Choice,
+    ClusterState,
+    NodeCapacity,
+    PolicyContext,
+    StateFragmentation,
+    bestfit_scores,
+)
 
 
 def cap(name: str, *, gpus: int = 8, cpu: int = 96_000, mem: int = 393_216, model: str = "G2"):
@@ -240,7 +241,7 @@ def test_fragmentation_matches_the_plain_definition() -> None:
         (cap("a", gpus=4, cpu=16_000), (1000, 450, 250, 0), 8000, 1 << 20),
         (cap("b", gpus=2, cpu=16_000), (700, 1000), 4000, 1 << 20),
     )
-    frag = Fragmentation(workload, state)
+    frag = StateFragmentation(workload, state)
     got = frag.expected(state.gpu_free, state.cpu_free, np.arange(2))
     # a: 500 -> 450 + 250 stuck = 700 (x3); 300 (cpu 8000 ok) -> 250 stuck (x2);
     #    2 whole GPUs: only 1 whole free -> all 1700 (x1); CPU type -> 1700 (x1)
@@ -290,8 +291,8 @@ def test_a_foreign_model_is_not_fragmentation_for_gpuctl() -> None:
     # free milli as fragmentation for it; gpuctl counts none (it is not that type's node).
     workload = Workload.of([share(500, models=("T4",))])
     state = ClusterState([cap("n", gpus=2)])
-    fgd = Fragmentation(workload, state)
-    ours = Fragmentation(workload, state, foreign=False)
+    fgd = StateFragmentation(workload, state)
+    ours = StateFragmentation(workload, state, foreign=False)
     nodes = np.arange(1)
     assert fgd.expected(state.gpu_free, state.cpu_free, nodes)[0] == 2000
     assert ours.expected(state.gpu_free, state.cpu_free, nodes)[0] == 0
@@ -333,11 +334,11 @@ def test_cached_keys_follow_every_bind() -> None:
 def test_bind_refuses_what_does_not_fit() -> None:
     state = state_with((cap("n", gpus=2, model="T4"), (1000, 300), 1000, 1000))
     with pytest.raises(ValueError, match="cannot take 400"):
-        state.bind(share(400), packing.Choice(0, ((1, 400),)))
+        state.bind(share(400), Choice(0, ((1, 400),)))
     with pytest.raises(ValueError, match="CPU/memory"):
-        state.bind(share(100, cpu=2000), packing.Choice(0, ((0, 100),)))
+        state.bind(share(100, cpu=2000), Choice(0, ((0, 100),)))
     with pytest.raises(ValueError, match="T4 GPUs"):
-        state.bind(share(100, models=("V100",)), packing.Choice(0, ((0, 100),)))
+        state.bind(share(100, models=("V100",)), Choice(0, ((0, 100),)))
     assert state.gpu_free.tolist() == [[1000, 300]]  # nothing changed
 
 

@@ -8,18 +8,15 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpuctl.core.packing import (
-    ClusterState,
-    Fragmentation,
-    GpuctlPacking,
-    Kind,
-    NodeCapacity,
-    PodRequest,
-    PolicyContext,
-    ReplicaLoss,
-    Workload,
-)
+from gpuctl.core.packing import Kind, PodRequest, ReplicaLoss, Workload
 from gpuctl.sim.baselines import PACKING_POLICIES, make_policy
+from gpuctl.sim.cluster import (
+    ClusterState,
+    GpuctlPacking,
+    NodeCapacity,
+    PolicyContext,
+    StateFragmentation,
+)
 
 MODELS = ("A", "B", "C")
 
@@ -137,7 +134,7 @@ def test_vectorised_fragmentation_matches_the_definition(
         if c is not None:
             state.bind(r, c)
     w = Workload.of(workload)
-    frag = Fragmentation(w, state, foreign=foreign)
+    frag = StateFragmentation(w, state, foreign=foreign)
     got = frag.expected(state.gpu_free, state.cpu_free, np.arange(len(state)))
     for i in range(len(state)):
         free = [int(f) for f in state.gpu_free[i, : state.gpu_count[i]]]

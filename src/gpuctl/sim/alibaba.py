@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpuctl.core.model import MILLI_PER_GPU
-from gpuctl.core.packing import NodeCapacity, PodRequest
+from gpuctl.core.packing import PodRequest
+from gpuctl.sim.cluster import NodeCapacity
 
 NODE_COLUMNS = ("sn", "cpu_milli", "memory_mib", "gpu", "model")
 POD_COLUMNS = (

@@ -1,7 +1,8 @@
 """The published packing baselines benchmark B1 compares gpuctl with (BestFit, RandomFit, FGD
 as published and as its authors' simulator scores it), and the registry of every packing
-policy `gpuctl simulate fgd --policy` can name, gpuctl's own (`core.packing`) among them.
-Only the simulator uses them: the daemon packs with `core.packing.GpuctlPacking`.
+policy `gpuctl simulate fgd --policy` can name, gpuctl's own (`sim.cluster.GpuctlPacking`)
+among them. Only the simulator uses them: the daemon packs with the `frag-aware` score, whose
+figures are `GpuctlPacking`'s (`core.packing.ReplicaLoss`).
 """
 
 from __future__ import annotations
@@ -13,14 +14,13 @@ from typing import ClassVar
 
 import numpy as np
 
-from gpuctl.core.packing import (
+from gpuctl.core.packing import Kind, PodRequest
+from gpuctl.sim.cluster import (
     Choice,
     ClusterState,
     GpuctlPacking,
     KeyedPolicy,
-    Kind,
     PackingPolicy,
-    PodRequest,
     PolicyContext,
     bestfit_scores,
     gpus_for,

@@ -1,7 +1,7 @@
 """Benchmark B1 (BENCHMARKS.md): the FGD protocol on the Alibaba GPU trace 2023.
 
 Builds each seed's canonical arrival sequence, places the pods one at a time with a packing
-policy from `gpuctl.core.packing`, and reports the GPU allocation curve as published
+policy on the simulator's cluster model (`gpuctl.sim.cluster`), and reports the GPU allocation curve as published
 (unallocated GPU % by arrived workload, median over seeds). `check_placements` replays a
 placement log independently of the packing code.
 """
@@ -19,15 +19,11 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpuctl.core.packing import (
-    MILLI_PER_GPU,
-    ClusterState,
-    PodRequest,
-    PolicyContext,
-    Workload,
-)
+from gpuctl.core.model import MILLI_PER_GPU
+from gpuctl.core.packing import PodRequest, Workload
 from gpuctl.sim.alibaba import TraceNode, TracePod
 from gpuctl.sim.baselines import make_policy
+from gpuctl.sim.cluster import ClusterState, PolicyContext
 from gpuctl.sim.fgd_core import DAEMON, DaemonPacking
 
 TUNE = 1.3  # the workload is inflated to 130 % of the cluster's GPU capacity

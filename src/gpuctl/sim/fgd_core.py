@@ -3,8 +3,8 @@ fgd`. Each arriving pod is one inference job (one replica) in a cycle of `core.s
 the default policy, on nodes built from the trace's node list, the pods placed before it
 running. It knows no trace: what frag-aware packs for is the mix of the work it has seen
 (`CycleContext.mix`), as in the daemon. So the figure is the one the daemon would give, every
-filter and score at its default weight, where the other B1 policies call `core.packing`
-directly.
+filter and score at its default weight, where the other B1 policies place on the simulator's own
+cluster model (`sim.cluster`).
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ from gpuctl.core.model import (
     JobState,
     Node,
 )
-from gpuctl.core.packing import Choice, ClusterState, PodRequest
+from gpuctl.core.packing import PodRequest
 from gpuctl.core.plugins import DEFAULT_POLICY, build_policy
 from gpuctl.core.snapshot import Snapshot
 from gpuctl.sim.alibaba import TraceNode
+from gpuctl.sim.cluster import Choice, ClusterState
 
 DAEMON = "daemon"
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
