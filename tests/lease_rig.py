@@ -191,6 +191,7 @@ class Rig:
             settings or LeaseSettings(),
             new_id=lambda: f"{prefix}{next(ids)}",
         )
+        self.ctl.attach_leases(self.keeper)
 
     def leases(self, *, everything: bool = True):
         return self.store.list_leases(include_released=everything)

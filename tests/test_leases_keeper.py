@@ -482,7 +482,7 @@ class Unlocked(Recording):
         self.during_release: list[str] = []
 
     def _check(self) -> None:
-        assert not self.rig_ref[0].ctl.lock._is_owned(), "provider called under the lock"
+        assert not self.rig_ref[0].ctl._lock._is_owned(), "provider called under the lock"
 
     def acquire(self, sku, count, *, fabric=None, now):
         self._check()

@@ -762,7 +762,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             raise FailedPrecondition("gpuctld issues no node certificates")
         if not request.csr_pem or len(request.csr_pem) > 16384:
             raise InvalidArgument([FieldViolation("csr_pem", "a PEM CSR of at most 16 KiB")])
-        with self.c.lock:  # one use: two joins racing with one token get one certificate
+        with self.c.writing():  # one use: two joins racing with one token get one certificate
             token = self.c.store.get_token(call.who.credential)
             if token.revoked_at is not None:
                 raise Unauthenticated("join token already used")

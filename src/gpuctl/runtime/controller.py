@@ -228,9 +228,9 @@ class Controller:
         # the verdicts given on them by the shape of the spec).
         self._fleet: tuple[datetime, FleetKinds, dict[tuple[object, ...], str]] | None = None
 
-    @property
-    def lock(self) -> threading.RLock:
-        """The one writer's lock (the lease keeper takes it for its store writes)."""
+    def writing(self) -> threading.RLock:
+        """The one writer's section, for what must read the store and write over it with no
+        other write of the controller's in between (the lease keeper, a join token's one use)."""
         return self._lock
 
     def attach_leases(self, keeper: LeaseSide) -> None:

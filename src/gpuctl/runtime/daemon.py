@@ -181,6 +181,7 @@ def serve(
                 ),
                 wake=lambda: periodic.wake("leases"),
             )
+            controller.attach_leases(keeper)
             keep_leases = keeper.tick
             log.info("leasing from %s", ", ".join(p.name for p in providers))
         periodic.every(

@@ -13,6 +13,7 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -43,15 +44,19 @@ if TYPE_CHECKING:
 
 class ControllerSide(Protocol):
     """What the keeper needs of the controller (`runtime.controller.Controller` is one), and
-    nothing more: its store and clock, its one writer's lock (the keeper's store writes take
-    it, and read the store again under it before writing), the running jobs and what they use,
-    writing jobs, and waking the cycle."""
+    nothing more: its store and clock, a write section (the keeper reads the store again in it
+    before writing over what it read), the running jobs and what they use, writing jobs, and
+    waking the cycle. The composition root hands the keeper to the controller
+    (`Controller.attach_leases`) when this gpuctld starts leading."""
 
     store: Store
     clock: Clock
 
-    @property
-    def lock(self) -> threading.RLock: ...
+    def writing(self) -> AbstractContextManager[object]:
+        """A write section: no other writer of the controller's (a cycle's decisions, a
+        heartbeat, a cancel) runs while it is held, so what the keeper reads in it is what
+        it writes over. Never held while a provider is called."""
+        ...
 
     def active_jobs(self) -> tuple[Job, ...]: ...
 
@@ -191,7 +196,6 @@ class LeaseKeeper:
             for x in self.store.list_leases()
             if x.state is LeaseState.REQUESTED and not x.provider_lease_id
         }
-        controller.attach_leases(self)
 
     # -- called by the controller, under its lock -------------------------------------------
 
@@ -420,14 +424,14 @@ class LeaseKeeper:
         self._release()
 
     def _open(self) -> tuple[NodeLease, ...]:
-        with self.c.lock:
+        with self.c.writing():
             return self.store.list_leases()
 
     # acquire -------------------------------------------------------------------------------
 
     def _acquire(self) -> None:
         groups: dict[tuple[str, str, int | None], list[NodeLease]] = {}
-        with self.c.lock, self._memory:
+        with self.c.writing(), self._memory:
             for x in self.store.list_leases():
                 if (
                     x.state is LeaseState.REQUESTED
@@ -453,7 +457,7 @@ class LeaseKeeper:
             return
         gang = False
         if job_id is not None:
-            with self.c.lock:
+            with self.c.writing():
                 try:
                     job = self.store.get_job(job_id)
                     gang = job.spec.kind is JobKind.TRAINING and job.spec.num_nodes > 1
@@ -488,7 +492,7 @@ class LeaseKeeper:
         self, provider: Provider, rows: list[NodeLease], got: Sequence[Acquired], now: datetime
     ) -> None:
         activated = False
-        with self.c.lock:
+        with self.c.writing():
             current = {x.id: x for x in self.store.list_leases()}
             events: list[Event] = []
             for row, grant in zip(rows, got, strict=True):
@@ -569,7 +573,7 @@ class LeaseKeeper:
         first = rows[0]
         what = f"lease of {len(rows)}x {first.sku} from {first.provider}"
         message = f"{what} failed: {why}; the next cycle tries the next-best offer"
-        with self.c.lock:
+        with self.c.writing():
             current = {x.id: x for x in self.store.list_leases()}
             events = []
             for row in rows:
@@ -608,7 +612,7 @@ class LeaseKeeper:
     def _boot_timeouts(self) -> None:
         now = self.clock.now()
         cutoff = now - timedelta(seconds=self.settings.boot_timeout_s)
-        with self.c.lock, self._memory:
+        with self.c.writing(), self._memory:
             # Marked under the lock: a node registering from now on is refused, not matched to
             # a lease about to be given back.
             late = [
@@ -645,7 +649,7 @@ class LeaseKeeper:
         soon = now + timedelta(seconds=self.settings.renew_before_s)
         with self._memory:
             renewable = set(self._renewable)
-        with self.c.lock:
+        with self.c.writing():
             in_use = set(self.c.node_usage())
             pending = {j.id for j in self.c.active_jobs() if j.state is JobState.PENDING}
             due = [
@@ -676,7 +680,7 @@ class LeaseKeeper:
             except ProviderError as e:
                 log.warning("renewing lease %s failed (tried again next time): %s", lease.id, e)
                 continue
-            with self.c.lock:
+            with self.c.writing():
                 current = next((x for x in self.store.list_leases() if x.id == lease.id), None)
                 if current is None or current.state is not LeaseState.ACTIVE:
                     continue
@@ -689,7 +693,7 @@ class LeaseKeeper:
     def _lost(self, lease: NodeLease, why: str) -> None:
         """The provider no longer holds a lease we thought open: it EXPIRED; its node drains."""
         now = self.clock.now()
-        with self.c.lock:
+        with self.c.writing():
             current = next((x for x in self.store.list_leases() if x.id == lease.id), None)
             if current is None or current.state not in _OPEN:
                 return
@@ -731,7 +735,7 @@ class LeaseKeeper:
 
     def _released(self, lease_id: str) -> None:
         now = self.clock.now()
-        with self.c.lock:
+        with self.c.writing():
             lease = next((x for x in self.store.list_leases() if x.id == lease_id), None)
             if lease is None or lease.state is not LeaseState.RELEASING:
                 return
@@ -773,7 +777,7 @@ class LeaseKeeper:
             return False
         now = self.clock.now()
         again: list[str] = []  # provider ids to give back, ended in our books already
-        with self.c.lock:
+        with self.c.writing():
             ours = [x for x in self.store.list_leases(include_released=True) if x.provider == name]
             by_pid = {x.provider_lease_id: x for x in ours if x.provider_lease_id}
             held_ids = {h.lease_id for h in held}
@@ -852,7 +856,7 @@ class LeaseKeeper:
         """Open leases of a provider no longer configured: nothing can act on them, so they
         stop holding jobs back; a granted one is left for the operator to release by hand."""
         now = self.clock.now()
-        with self.c.lock:
+        with self.c.writing():
             events: list[Event] = []
             for lease in self.store.list_leases():
                 if not managed(lease) or lease.provider in self.providers:
