@@ -268,6 +268,11 @@ class JobSpec:
     readiness_tcp: bool = False
 
     @property
+    def is_gang(self) -> bool:
+        """A training job of several nodes: placed all or nothing, on one fabric."""
+        return self.kind is JobKind.TRAINING and self.num_nodes > 1
+
+    @property
     def probed(self) -> bool:
         return bool(self.readiness_http or self.readiness_tcp)
 

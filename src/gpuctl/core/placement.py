@@ -64,7 +64,7 @@ Placer = Callable[
 
 
 def is_gang(job: Job) -> bool:
-    return job.spec.kind is JobKind.TRAINING and job.spec.num_nodes > 1
+    return job.spec.is_gang
 
 
 def _rank(index: int, node: NodeView, request: RankRequest) -> RankPlacement:

@@ -24,7 +24,7 @@ from gpuctl.core.cycle import CycleResult
 from gpuctl.core.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from gpuctl.core.leasing import Budget, Leasing, Offer, Spend, managed
 from gpuctl.core.lifecycle import LeaseEvent, NodeEvent, next_lease_state, next_node_state
-from gpuctl.core.model import Event, Job, JobKind, JobState, LeaseState, Node, NodeLease, NodeState
+from gpuctl.core.model import Event, Job, JobState, LeaseState, Node, NodeLease, NodeState
 from gpuctl.providers.base import (
     Acquired,
     Held,
@@ -460,7 +460,7 @@ class LeaseKeeper:
             with self.c.writing():
                 try:
                     job = self.store.get_job(job_id)
-                    gang = job.spec.kind is JobKind.TRAINING and job.spec.num_nodes > 1
+                    gang = job.spec.is_gang
                 except NotFound:
                     pass
         now = self.clock.now()
