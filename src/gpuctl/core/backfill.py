@@ -269,7 +269,12 @@ class Planner:
 
 
 class Backfill(Protocol):
-    """Called for each job that cannot start now: what it holds, and what its reason adds."""
+    """Called for each job that cannot start now: what it holds, and what its reason adds.
+
+    `hold` reads a job only through its shape (`engine.verdicts.shape`), the planner and
+    `fits`: so jobs alike that hold nothing while neither the working snapshot nor the
+    planner's reservations change get the same note, and the cycle asks once for them all
+    (`engine.memos`)."""
 
     name: ClassVar[str]
 

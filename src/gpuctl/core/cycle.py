@@ -48,7 +48,7 @@ import numpy as np
 
 from gpuctl.core.backfill import Hold, Planner, Reservation, ends_if_started, ids
 from gpuctl.core.engine.fits import PlanFits
-from gpuctl.core.engine.memos import CycleMemos
+from gpuctl.core.engine.memos import CycleMemos, Signature
 from gpuctl.core.engine.verdicts import Shape, check, filter_codes, shape
 from gpuctl.core.leasing import (
     LeaseBlocks,
@@ -393,8 +393,7 @@ class _Cycle:
         if signature not in memos.behind:
             memos.note_behind(signature, self._behind(job, blocked, placer, job_shape))
         behind = memos.behind[signature][0]
-        fits = PlanFits(self.work, self.policy, job, job_shape, self.lease_blocks)
-        hold, note = self.base_policy.backfill.hold(job, self.planner, fits)
+        hold, note = self._hold(job, job_shape, signature)
         if behind:
             parts = [behind]
         elif note.startswith("reserved"):
@@ -402,6 +401,23 @@ class _Cycle:
         else:
             parts = [miss, preempting, note]
         return Assignment(mode=Mode.WAITS, reason="; ".join(p for p in parts if p), hold=hold)
+
+    def _hold(self, job: Job, job_shape: Shape, signature: Signature) -> tuple[Hold | None, str]:
+        """What the backfill policy has `job` hold while it waits, and the note for its reason;
+        asked once for jobs alike while nothing changes (`engine.memos`)."""
+        at = self.work.table.last_change
+        # The plan reads the nodes the job's lease rules out, not the rest of what it may not
+        # use (the holds): those, shared by jobs alike, go in the key as well.
+        leased_out = id(self.lease_blocks.for_job(job)) if self.lease_blocks is not None else 0
+        key = ((*signature, leased_out), len(self.planner.reservations))
+        note = self.memos.no_hold(at, key)
+        if note is not None:
+            return None, note
+        fits = PlanFits(self.work, self.policy, job, job_shape, self.lease_blocks)
+        hold, note = self.base_policy.backfill.hold(job, self.planner, fits)
+        if hold is None and len(self.planner.reservations) == key[1]:
+            self.memos.note_no_hold(at, key, note)
+        return hold, note
 
     def _queued(self, job: Job) -> tuple[GangDemand, ...]:
         return tuple(d for d in self.demands if d.job_id != job.id and d.job_id not in self.fresh)

@@ -12,7 +12,8 @@ of its lease refusal. Jobs with one signature fit alike, so the cycle keeps:
   placement that showed it;
 - `candidates`: the preemptor's key -> who a job may preempt, cheapest first;
 - the working snapshot without those candidates, per key (`without`);
-- the holds' merged blocked nodes, per mix of holds (`blocked`).
+- the holds' merged blocked nodes, per mix of holds (`blocked`);
+- `no_hold`: (signature, reservations made) -> the reason's note of a job that holds nothing.
 
 Why each stays true, and what ends it (the two events of a cycle, `bound` and `preempted`):
 
@@ -26,6 +27,9 @@ Why each stays true, and what ends it (the two events of a cycle, `bound` and `p
   victim): a preemption takes the victims out of every list, keeping the order.
 - The snapshot without candidates is brought up to date by replaying what the cycle did
   since (`changes`), not copied anew.
+- A hold of nothing depends on the job's signature, the working snapshot and the
+  reservations made (`backfill.Backfill`): kept while the table's last change is the same,
+  and keyed by how many reservations were made.
 """
 
 from __future__ import annotations
@@ -56,6 +60,9 @@ class CycleMemos:
         self._candidates: dict[Any, tuple[Victim, ...]] = {}
         self._freed: dict[Any, _Freed] = {}
         self.changes: list[tuple[Job, bool]] = []  # (job, bound: True / preempted: False)
+        # (signature, reservations made) -> the note of a hold of nothing, at one table state
+        self._no_hold: dict[tuple[Signature, int], str] = {}
+        self._no_hold_at = -1
         self._blocked_by: dict[
             tuple[int, ...], tuple[list[Mapping[str, str]], dict[str, str], tuple[str, ...]]
         ] = {}
@@ -66,6 +73,18 @@ class CycleMemos:
         self.behind[signature] = found
         for node_id in found[1]:
             self._behind_on.setdefault(node_id, []).append(signature)
+
+    def no_hold(self, at: int, key: tuple[Signature, int]) -> str | None:
+        """The note of alike jobs that held nothing, the table as it was at `at` (its
+        `last_change`) and with as many reservations made; None: not asked yet."""
+        if at != self._no_hold_at:
+            self._no_hold.clear()
+            self._no_hold_at = at
+        return self._no_hold.get(key)
+
+    def note_no_hold(self, at: int, key: tuple[Signature, int], note: str) -> None:
+        if at == self._no_hold_at:
+            self._no_hold[key] = note
 
     def candidates(self, key: Any, find: Callable[[], tuple[Victim, ...]]) -> tuple[Victim, ...]:
         """Who a job whose preemptor key is `key` may preempt (`find()` the first time)."""

@@ -282,6 +282,12 @@ class NodeTable:
         """A clock reading: every row changed after it has a higher version."""
         return next(self._clock)
 
+    @property
+    def last_change(self) -> int:
+        """The version of the table's latest change (0: none): two readings alike, nothing
+        changed in between."""
+        return self._changes[-1] if self._changes else 0
+
     def set(self, row: int, view: NodeView) -> None:
         """Row `row` now holds `view` (the node after an assume or a forget)."""
         self.views[row] = view
