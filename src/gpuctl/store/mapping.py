@@ -110,7 +110,7 @@ def job_from_row(row: JobRow | Row[Any]) -> Job:
     assert row.id is not None, "a job row is read after the database gave it an id"
     return Job(
         id=row.id,
-        spec=_spec_from(json.loads(row.spec)),
+        spec=spec_from_text(row.spec),
         state=JobState(row.state),
         request_id=row.request_id or "",
         attempt=row.attempt,
@@ -124,6 +124,22 @@ def job_from_row(row: JobRow | Row[Any]) -> Job:
         updated_at=row.updated_at,
         revision=row.revision,
     )
+
+
+# Specs decoded, by their stored text: the jobs of an array, or a queue of alike submissions,
+# share one (frozen) spec instead of decoding and holding one each. Bounded: emptied when full.
+_SPECS: dict[str, JobSpec] = {}
+_SPECS_MAX = 4096
+
+
+def spec_from_text(text: str) -> JobSpec:
+    """The spec stored as `text` (a JSON object)."""
+    spec = _SPECS.get(text)
+    if spec is None:
+        if len(_SPECS) >= _SPECS_MAX:
+            _SPECS.clear()
+        spec = _SPECS[text] = _spec_from(json.loads(text))
+    return spec
 
 
 def _spec_from(data: dict[str, Any]) -> JobSpec:
