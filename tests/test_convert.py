@@ -53,3 +53,12 @@ def test_spec_round_trips_through_protobuf():
         weights_gb=14.0,
     )
     assert convert.spec_from_pb(convert.spec_to_pb(spec), owner="alice") == spec
+
+
+def test_every_spec_field_round_trips_through_protobuf():
+    from tests.test_store_contract import assert_every_field_set, full_spec
+
+    spec = full_spec()
+    spec = replace(spec, env=tuple(sorted(spec.env)))  # the wire's map comes back sorted
+    assert_every_field_set(spec)
+    assert convert.spec_from_pb(convert.spec_to_pb(spec), owner=spec.owner) == spec

@@ -442,3 +442,13 @@ def test_an_inference_job_must_say_what_gpus_it_needs_even_none():
     assert (
         spec_from_mapping({"kind": "inference", "command": "s", "gpu_share": 0.5}).gpu_milli == 500
     )
+
+
+def test_every_spec_field_round_trips_through_a_job_file():
+    from dataclasses import replace
+
+    from tests.test_store_contract import full_spec
+
+    spec = replace(full_spec(), owner="")  # the owner is the caller, never the file's
+    spec = replace(spec, env=tuple(sorted(spec.env)))
+    assert spec_from_mapping(spec_to_mapping(spec)) == spec

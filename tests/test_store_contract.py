@@ -39,6 +39,7 @@ from gpuctl.core.model import (
     RankPlacement,
     RankState,
     RestartPolicy,
+    SpreadPolicy,
 )
 from gpuctl.core.trust import ApiToken, AuditEntry, TokenKind
 from gpuctl.store import SqlStore, Store, open_store
@@ -97,6 +98,7 @@ def full_spec() -> JobSpec:
         progress_deadline_s=120,
         readiness_http="/health",  # (validation takes one of the two; the store keeps both)
         readiness_tcp=True,
+        spread=SpreadPolicy.NONE,
     )
 
 

@@ -30,6 +30,7 @@ from gpuctl.core.model import (
     OnNodeLost,
     RankState,
     RestartPolicy,
+    SpreadPolicy,
 )
 from gpuctl.core.trust import ApiToken, AuditEntry
 from gpuctl.core.validation import spec_violations
@@ -50,6 +51,8 @@ RESTART_POLICY = {
     RestartPolicy.NEVER: jobs_pb2.RESTART_POLICY_NEVER,
 }
 RESTART_POLICY_FROM = {v: k for k, v in RESTART_POLICY.items()}
+SPREAD = {SpreadPolicy.NODE: jobs_pb2.SPREAD_NODE, SpreadPolicy.NONE: jobs_pb2.SPREAD_NONE}
+SPREAD_FROM = {0: SpreadPolicy.NODE, **{v: k for k, v in SPREAD.items()}}
 ON_NODE_LOST = {
     OnNodeLost.REQUEUE: jobs_pb2.ON_NODE_LOST_REQUEUE,
     OnNodeLost.FAIL: jobs_pb2.ON_NODE_LOST_FAIL,
@@ -211,6 +214,7 @@ def spec_to_pb(spec: JobSpec) -> jobs_pb2.JobSpec:
         max_unavailable=spec.max_unavailable,
         readiness_http=spec.readiness_http,
         readiness_tcp=spec.readiness_tcp,
+        spread=SPREAD[spec.spread],
     )
     if spec.time_limit_s:
         msg.time_limit.CopyFrom(duration(spec.time_limit_s))
@@ -239,6 +243,8 @@ def spec_from_pb(msg: jobs_pb2.JobSpec, *, owner: str = "") -> JobSpec:
         violations.append(
             FieldViolation("spec.restart_policy", "must be 'always', 'on-failure' or 'never'")
         )
+    if msg.spread not in SPREAD_FROM:
+        violations.append(FieldViolation("spec.spread", "must be 'node' or 'none'"))
     if violations:
         raise InvalidArgument(violations)
     assert kind is not None
@@ -278,6 +284,7 @@ def spec_from_pb(msg: jobs_pb2.JobSpec, *, owner: str = "") -> JobSpec:
         ),
         readiness_http=msg.readiness_http,
         readiness_tcp=msg.readiness_tcp,
+        spread=SPREAD_FROM[msg.spread],
     )
 
 

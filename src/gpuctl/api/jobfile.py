@@ -47,6 +47,9 @@ restart_policy       ``always`` | ``on-failure`` | ``never`` inference: what rep
                                                              (default on-failure: a non-zero exit, a lost or
                                                              degraded node; never: one failure fails the job)
 preemptible          bool                                    higher-priority work may stop and requeue it
+spread               ``node`` | ``none``                     inference: one replica to a node where the
+                                                             cheapest fitting nodes allow (default), or
+                                                             packed (fewer nodes busy, more lost with one)
 target_tokens_per_s  number                                  inference: decode tokens/s each replica must
                                                              reach; needs ``weights_gb`` (HBM floor = the two
                                                              multiplied, GB/s)
@@ -75,7 +78,14 @@ import yaml
 from gpuctl.api import convert
 from gpuctl.api._pb.v1 import jobs_pb2
 from gpuctl.core.errors import FieldViolation, InvalidArgument
-from gpuctl.core.model import MILLI_PER_GPU, JobKind, JobSpec, OnNodeLost, RestartPolicy
+from gpuctl.core.model import (
+    MILLI_PER_GPU,
+    JobKind,
+    JobSpec,
+    OnNodeLost,
+    RestartPolicy,
+    SpreadPolicy,
+)
 
 MIB = 1024 * 1024
 _SIZE_UNITS = {
@@ -210,6 +220,14 @@ def _restart_policy(value: Any) -> RestartPolicy:
         return RestartPolicy(text)
     except ValueError:
         raise _Problem(f"must be 'always', 'on-failure' or 'never', got {value!r}") from None
+
+
+def _spread(value: Any) -> SpreadPolicy:
+    text = _str(value).strip().lower()
+    try:
+        return SpreadPolicy(text)
+    except ValueError:
+        raise _Problem(f"must be 'node' or 'none', got {value!r}") from None
 
 
 def _on_node_lost(value: Any) -> OnNodeLost:
@@ -362,6 +380,7 @@ FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "min_net_gbps": ("min_net_gbps", _number),
     "on_node_lost": ("on_node_lost", _on_node_lost),
     "restart_policy": ("restart_policy", _restart_policy),
+    "spread": ("spread", _spread),
     "max_surge": ("max_surge", _int),
     "max_unavailable": ("max_unavailable", _int),
     "min_ready": ("min_ready_s", parse_duration),
@@ -511,8 +530,11 @@ def spec_to_mapping(spec: JobSpec | jobs_pb2.JobSpec) -> dict[str, Any]:
     if spec.priority != default.priority:
         out["priority"] = spec.priority
     out["command"] = list(spec.command)
-    if spec.env:
-        out["env"] = dict(spec.env)
+    secret = set(spec.secret_env)
+    if plain := {k: v for k, v in spec.env if k not in secret}:
+        out["env"] = plain
+    if hidden := {k: v for k, v in spec.env if k in secret}:
+        out["secret_env"] = hidden  # stays secret when the mapping is submitted again
     if spec.working_dir:
         out["working_dir"] = spec.working_dir
     if spec.time_limit_s:
@@ -546,6 +568,8 @@ def spec_to_mapping(spec: JobSpec | jobs_pb2.JobSpec) -> dict[str, Any]:
         out["on_node_lost"] = str(spec.on_node_lost)
     if spec.restart_policy is not None:
         out["restart_policy"] = str(spec.restart_policy)
+    if spec.spread != default.spread:
+        out["spread"] = str(spec.spread)
     for key, attr in (
         ("max_surge", "max_surge"),
         ("max_unavailable", "max_unavailable"),

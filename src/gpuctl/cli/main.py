@@ -212,6 +212,11 @@ def _env_pairs(values: tuple[str, ...], flag: str = "--env") -> dict[str, str]:
     help="Inference: what replaces a replica that ends (default on-failure).",
 )
 @click.option(
+    "--spread",
+    type=click.Choice(["node", "none"]),
+    help="Inference: one replica to a node where the cheapest nodes allow (default), or packed.",
+)
+@click.option(
     "--preemptible/--no-preemptible",
     default=None,
     help="May be stopped and requeued for higher priority work.",

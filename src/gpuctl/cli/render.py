@@ -340,6 +340,8 @@ def describe_job(job: jobs_pb2.Job, *, now: datetime) -> str:
         if assigned:
             line += f", {assigned} starting"
         line += f"; restart policy {restart if spec.restart_policy else 'on-failure'}"
+        if spec.spread == jobs_pb2.SPREAD_NONE:
+            line += "; packed (spread none)"
         head.append(("Replicas", line))
     head += [
         ("Asks for", spec_summary(spec)),

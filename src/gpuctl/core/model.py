@@ -88,6 +88,16 @@ class RestartPolicy(enum.StrEnum):
     NEVER = "never"
 
 
+class SpreadPolicy(enum.StrEnum):
+    """Where an inference job's replicas go, for availability: one to a node where the
+    cheapest fitting nodes allow (a node lost loses one replica; the default, as Kubernetes
+    spreads a service's pods by default), or packed as tightly as the packing score says
+    (fewer nodes busy: cheaper to scale down, more replicas lost with a node)."""
+
+    NODE = "node"
+    NONE = "none"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Gpu:
     index: int
@@ -266,6 +276,9 @@ class JobSpec:
     # is ready once its process runs
     readiness_http: str = ""
     readiness_tcp: bool = False
+    spread: SpreadPolicy = (
+        SpreadPolicy.NODE
+    )  # inference: one replica to a node where it can, or packed
 
     @property
     def is_gang(self) -> bool:

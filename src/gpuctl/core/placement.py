@@ -31,6 +31,7 @@ from gpuctl.core.engine.verdicts import (
 from gpuctl.core.leasing import Refused
 from gpuctl.core.model import MILLI_PER_GPU, Job, JobKind, Placement, RankPlacement
 from gpuctl.core.plugins import Code, Policy, RankRequest, Status, pick_gpus, plural
+from gpuctl.core.plugins.base import price_per_gpu
 from gpuctl.core.snapshot import NodeView, Snapshot
 from gpuctl.core.topology import SCORE_DIGITS, GangChoice, GangDemand, best_gang_rows, damage
 
@@ -402,8 +403,11 @@ def _replica_where(
     ranks: Sequence[RankPlacement], views: dict[str, NodeView], request: RankRequest, fitting: int
 ) -> str:
     best_of = f"best of {plural(fitting, 'fitting node')}"
+    nodes = list(dict.fromkeys(r.node_id for r in ranks))
+    what = _what_it_buys([views[n] for n in nodes])
+    if what:
+        best_of = f"{what}, {best_of}"
     if len(ranks) > 1:
-        nodes = list(dict.fromkeys(r.node_id for r in ranks))
         return f"{len(ranks)} replicas on {plural(len(nodes), 'node')} ({_ids(nodes)}), {best_of}"
     r = ranks[0]
     view = views[r.node_id]
@@ -418,6 +422,20 @@ def _replica_where(
     else:
         keeps = f"keeps {view.cpu_free_milli} cpu-milli free"
     return f"node {r.node_id} {keeps}, {best_of}"
+
+
+def _what_it_buys(views: Sequence[NodeView]) -> str:
+    """ "L40S at $1.83/GPU-h, 864 GB/s HBM" for each kind of priced node of `views`: what a
+    replica pays for and gets there."""
+    seen = []
+    for view in views:
+        price = price_per_gpu(view)
+        if price:
+            text = f"{view.node.profile.gpu_model} at ${price:.2f}/GPU-h, "
+            text += f"{view.node.profile.hbm_gbps:g} GB/s HBM"
+            if text not in seen:
+                seen.append(text)
+    return " and ".join(seen)
 
 
 def _replica_reason(

@@ -22,6 +22,7 @@ from gpuctl.core.model import (
     Node,
     NodeState,
     RestartPolicy,
+    SpreadPolicy,
 )
 
 MAX_NODES = 1024
@@ -200,6 +201,8 @@ def spec_violations(spec: JobSpec, prefix: str = "spec.") -> list[FieldViolation
                     "is for inference replicas",
                 )
             )
+        if spec.spread is not SpreadPolicy.NODE:
+            out.append(FieldViolation(f("spread"), "is for inference replicas"))
         if spec.restart_policy not in (None, RestartPolicy.NEVER):
             out.append(
                 FieldViolation(

@@ -37,6 +37,7 @@ from gpuctl.core.model import (
     RankPlacement,
     RankState,
     RestartPolicy,
+    SpreadPolicy,
 )
 from gpuctl.core.trust import ApiToken, AuditEntry, TokenKind
 from gpuctl.store.base import utc
@@ -153,6 +154,7 @@ def _spec_from(data: dict[str, Any]) -> JobSpec:
             "secret_env": tuple(known.get("secret_env", ())),
             "on_node_lost": OnNodeLost(known.get("on_node_lost", OnNodeLost.REQUEUE)),
             "restart_policy": _maybe(RestartPolicy, known.get("restart_policy")),
+            "spread": SpreadPolicy(known.get("spread", SpreadPolicy.NODE)),
         }
     )
 

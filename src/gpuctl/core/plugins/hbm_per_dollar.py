@@ -23,8 +23,11 @@ from gpuctl.core.snapshot import NodeView
 @dataclass(frozen=True, slots=True)
 class HbmPerDollar(ColumnScore):
     """Inference on the most HBM bandwidth per dollar, counting only the bandwidth the replica
-    can use: up to its floor when it has a tokens/s target. A share of the best node for the
-    same replica; 0.5 on a node with no price."""
+    can use: up to its floor when it has a tokens/s target, none without one. So a replica
+    with a floor goes to the cheapest node that meets it, and one without to the cheapest
+    $/GPU-hour: bandwidth it does not need (and NVLink or InfiniBand, which the price pays
+    for) buys it nothing. A share of the best node for the same replica; 0.5 on a node with
+    no price."""
 
     name: ClassVar[str] = "hbm-per-dollar"
     kinds: ClassVar[frozenset[JobKind]] = frozenset({JobKind.INFERENCE})
@@ -48,7 +51,7 @@ class HbmPerDollar(ColumnScore):
         if not price or not node.gpu_count:
             return None
         bandwidth = node.node.profile.hbm_gbps * share
-        useful = min(bandwidth, floor) if floor > 0 else bandwidth
+        useful = min(bandwidth, floor) if floor > 0 else 1.0
         return useful / (price * share)
 
     @staticmethod
@@ -68,7 +71,7 @@ class HbmPerDollar(ColumnScore):
         with np.errstate(divide="ignore", invalid="ignore"):
             per_gpu = np.where(has, price / np.where(has, count, 1), 0.0)
             bandwidth = hbm * share
-            useful = np.minimum(bandwidth, floor) if floor > 0 else bandwidth
+            useful = np.minimum(bandwidth, floor) if floor > 0 else np.ones(len(hbm))
             value = useful / (per_gpu * share)
         return np.where(has, value, 0.0), has
 

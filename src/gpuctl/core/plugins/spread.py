@@ -9,7 +9,7 @@ import numpy as np
 
 from gpuctl.core.engine.nodetable import NodeTable
 from gpuctl.core.framework import ColumnScore
-from gpuctl.core.model import Job, JobKind
+from gpuctl.core.model import Job, JobKind, SpreadPolicy
 from gpuctl.core.plugins.base import (
     RankRequest,
 )
@@ -18,13 +18,16 @@ from gpuctl.core.snapshot import NodeView
 
 @dataclass(frozen=True, slots=True)
 class Spread(ColumnScore):
-    """Replicas of one service on different nodes, so losing a node loses one replica."""
+    """Replicas of one service on different nodes, so losing a node loses one replica; the
+    same for every node when the job asks to be packed (`spread: none`)."""
 
     name: ClassVar[str] = "spread"
     kinds: ClassVar[frozenset[JobKind]] = frozenset({JobKind.INFERENCE})
     reads_free: ClassVar[bool] = False
 
     def score(self, job: Job, request: RankRequest, node: NodeView) -> float:
+        if job.spec.spread is SpreadPolicy.NONE:
+            return 1.0
         return 1.0 / (1 + node.ranks_of(job.id))
 
     def scores(

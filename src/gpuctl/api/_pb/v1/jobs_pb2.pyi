@@ -118,6 +118,25 @@ RESTART_POLICY_ON_FAILURE: RestartPolicy.ValueType  # 2
 RESTART_POLICY_NEVER: RestartPolicy.ValueType  # 3
 Global___RestartPolicy: _TypeAlias = RestartPolicy  # noqa: Y015
 
+class _Spread:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SpreadEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Spread.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SPREAD_UNSPECIFIED: _Spread.ValueType  # 0
+    """node"""
+    SPREAD_NODE: _Spread.ValueType  # 1
+    SPREAD_NONE: _Spread.ValueType  # 2
+
+class Spread(_Spread, metaclass=_SpreadEnumTypeWrapper): ...
+
+SPREAD_UNSPECIFIED: Spread.ValueType  # 0
+"""node"""
+SPREAD_NODE: Spread.ValueType  # 1
+SPREAD_NONE: Spread.ValueType  # 2
+Global___Spread: _TypeAlias = Spread  # noqa: Y015
+
 class _OnNodeLost:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -191,6 +210,7 @@ class JobSpec(_message.Message):
     READINESS_HTTP_FIELD_NUMBER: _builtins.int
     READINESS_TCP_FIELD_NUMBER: _builtins.int
     PROGRESS_DEADLINE_FIELD_NUMBER: _builtins.int
+    SPREAD_FIELD_NUMBER: _builtins.int
     kind: Global___JobKind.ValueType
     name: _builtins.str
     queue: _builtins.str
@@ -238,6 +258,10 @@ class JobSpec(_message.Message):
     HTTP GET of this path (2xx or 3xx: ready), or a TCP connect. Neither: ready once running.
     """
     readiness_tcp: _builtins.bool
+    spread: Global___Spread.ValueType
+    """Inference: one replica to a node where the cheapest fitting nodes allow (unset: node),
+    or packed as the packing score says (none).
+    """
     @_builtins.property
     def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -293,10 +317,11 @@ class JobSpec(_message.Message):
         readiness_http: _builtins.str = ...,
         readiness_tcp: _builtins.bool = ...,
         progress_deadline: _duration_pb2.Duration | None = ...,
+        spread: Global___Spread.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_surge", b"_max_surge", "_num_nodes", b"_num_nodes", "_replicas", b"_replicas", "max_surge", b"max_surge", "min_ready", b"min_ready", "num_nodes", b"num_nodes", "progress_deadline", b"progress_deadline", "replicas", b"replicas", "time_limit", b"time_limit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_surge", b"_max_surge", "_num_nodes", b"_num_nodes", "_replicas", b"_replicas", "command", b"command", "cpu_milli", b"cpu_milli", "env", b"env", "gpu_memory_mib", b"gpu_memory_mib", "gpu_milli", b"gpu_milli", "gpu_model", b"gpu_model", "gpus_per_node", b"gpus_per_node", "kind", b"kind", "max_surge", b"max_surge", "max_unavailable", b"max_unavailable", "memory_mib", b"memory_mib", "min_net_gbps", b"min_net_gbps", "min_nvlink_gbps", b"min_nvlink_gbps", "min_ready", b"min_ready", "name", b"name", "num_nodes", b"num_nodes", "on_node_lost", b"on_node_lost", "preemptible", b"preemptible", "priority", b"priority", "progress_deadline", b"progress_deadline", "queue", b"queue", "readiness_http", b"readiness_http", "readiness_tcp", b"readiness_tcp", "replicas", b"replicas", "restart_policy", b"restart_policy", "secret_env", b"secret_env", "target_tokens_per_s", b"target_tokens_per_s", "time_limit", b"time_limit", "weights_gb", b"weights_gb", "working_dir", b"working_dir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_surge", b"_max_surge", "_num_nodes", b"_num_nodes", "_replicas", b"_replicas", "command", b"command", "cpu_milli", b"cpu_milli", "env", b"env", "gpu_memory_mib", b"gpu_memory_mib", "gpu_milli", b"gpu_milli", "gpu_model", b"gpu_model", "gpus_per_node", b"gpus_per_node", "kind", b"kind", "max_surge", b"max_surge", "max_unavailable", b"max_unavailable", "memory_mib", b"memory_mib", "min_net_gbps", b"min_net_gbps", "min_nvlink_gbps", b"min_nvlink_gbps", "min_ready", b"min_ready", "name", b"name", "num_nodes", b"num_nodes", "on_node_lost", b"on_node_lost", "preemptible", b"preemptible", "priority", b"priority", "progress_deadline", b"progress_deadline", "queue", b"queue", "readiness_http", b"readiness_http", "readiness_tcp", b"readiness_tcp", "replicas", b"replicas", "restart_policy", b"restart_policy", "secret_env", b"secret_env", "spread", b"spread", "target_tokens_per_s", b"target_tokens_per_s", "time_limit", b"time_limit", "weights_gb", b"weights_gb", "working_dir", b"working_dir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_surge: _TypeAlias = _typing.Literal["max_surge"]  # noqa: Y015
     _WhichOneofArgType__max_surge: _TypeAlias = _typing.Literal["_max_surge", b"_max_surge"]  # noqa: Y015

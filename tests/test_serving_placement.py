@@ -1,0 +1,118 @@
+"""Serving on a mixed fleet: replicas go to the cheapest node that meets what they need, never to
+a training island while serving-class nodes fit, spread over nodes only within that class.
+
+The fleet is the demo's (`make demo`):
+- train-1, train-2: 8 x H100 SXM (80 GB, 3,350 GB/s HBM, NVLink 900 GB/s), 8 x 400 Gb/s
+  InfiniBand, $23.92/h: $23.92 / 8 = $2.99 per GPU-hour;
+- infer-1, infer-2: 4 x L40S (45 GB, 864 GB/s HBM, no NVLink), 100 Gb/s Ethernet, $7.32/h:
+  $7.32 / 4 = $1.83 per GPU-hour.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from gpuctl.core import schedule
+from gpuctl.core.model import Job, JobKind, JobSpec, NetKind, SpreadPolicy
+from gpuctl.core.plugins import DEFAULT_POLICY, build_policy
+from gpuctl.core.snapshot import Snapshot
+from gpuctl.sim.synthetic import Sku, node_of
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+H100 = Sku(
+    name="h100",
+    model="H100 SXM",
+    gpus=8,
+    gpu_memory_mib=81_559,
+    hbm_gbps=3350,
+    nvlink_gbps=900,
+    tflops_per_gpu=989.4,
+    net=NetKind.INFINIBAND,
+    net_ports=8,
+    net_gbps_per_port=400,
+    price_per_hour=23.92,
+)
+L40S = Sku(
+    name="l40s",
+    model="L40S",
+    gpus=4,
+    gpu_memory_mib=46_068,
+    hbm_gbps=864,
+    nvlink_gbps=0,
+    tflops_per_gpu=362.05,
+    net=NetKind.ETHERNET,
+    net_ports=1,
+    net_gbps_per_port=100,
+    price_per_hour=7.32,
+)
+FLEET = [node_of(H100, f"train-{i}", "ib-demo/spine-1/leaf-1") for i in (1, 2)] + [
+    node_of(L40S, f"infer-{i}", "eth-demo/rack-1/tor-1") for i in (1, 2)
+]
+
+
+def place(**spec: object) -> tuple[list[str], str]:
+    job = Job(
+        id=1,
+        spec=JobSpec(kind=JobKind.INFERENCE, command=("serve",), **spec),  # type: ignore[arg-type]
+        created_at=NOW,
+    )
+    result = schedule(Snapshot.build(FLEET, ()), [job], build_policy(DEFAULT_POLICY), now=NOW)
+    assert not result.unschedulable, result.unschedulable
+    (binding,) = result.bindings
+    return [r.node_id for r in binding.placement.ranks], binding.placement.reason
+
+
+def test_replicas_without_a_floor_go_to_the_cheapest_gpu_hour_spread_over_those_nodes() -> None:
+    # No tokens/s floor: bandwidth buys nothing, so $1.83 beats $2.99 per GPU-hour. Spread puts
+    # one replica on each L40S node, then the third on an L40S node again rather than on an
+    # idle H100 node: the H100 node is a training island (NVLink and InfiniBand the replica
+    # cannot use, priced in its $2.99).
+    nodes, why = place(replicas=3, gpus_per_node=1)
+    assert nodes == ["infer-1", "infer-2", "infer-1"]
+    assert "L40S at $1.83/GPU-h, 864 GB/s HBM" in why
+
+
+def test_a_four_gpu_replica_takes_a_whole_l40s_node_not_half_an_h100_island() -> None:
+    # 4 x $1.83 = $7.32/h on infer-1 against 4 x $2.99 = $11.96/h on an H100 node, whose other
+    # half a gang could no longer use.
+    nodes, why = place(replicas=1, gpus_per_node=4)
+    assert nodes == ["infer-1"]
+    assert "keeps 0 GPUs free, L40S at $1.83/GPU-h" in why
+
+
+def test_a_floor_both_meet_still_goes_to_the_cheaper_node() -> None:
+    # 20 tokens/s x 14 GB of weights = 280 GB/s: the L40S's 864 GB/s meets it, so the extra
+    # bandwidth of the H100 (3,350 GB/s) is worth nothing to this replica.
+    nodes, _ = place(replicas=1, gpus_per_node=1, target_tokens_per_s=20.0, weights_gb=14.0)
+    assert nodes == ["infer-1"]
+
+
+def test_a_floor_only_the_h100_meets_goes_to_the_h100_and_says_what_it_pays() -> None:
+    # 30 tokens/s x 40 GB = 1,200 GB/s > 864 GB/s: no L40S serves it fast enough.
+    nodes, why = place(replicas=1, gpus_per_node=1, target_tokens_per_s=30.0, weights_gb=40.0)
+    assert nodes == ["train-1"]
+    assert "H100 SXM at $2.99/GPU-h, 3350 GB/s HBM" in why
+
+
+def test_packed_replicas_share_one_serving_node() -> None:
+    nodes, _ = place(replicas=3, gpus_per_node=1, spread=SpreadPolicy.NONE)
+    assert nodes == ["infer-1", "infer-1", "infer-1"]
+
+
+def test_replicas_spill_onto_the_h100_nodes_only_once_the_l40s_nodes_are_full() -> None:
+    # 8 L40S GPUs take the first 8 replicas; the 9th and 10th have nowhere else to go.
+    nodes, why = place(replicas=10, gpus_per_node=1)
+    assert sorted(nodes[:8]) == ["infer-1"] * 4 + ["infer-2"] * 4
+    assert sorted(nodes[8:]) == ["train-1", "train-2"]
+    assert "L40S at $1.83/GPU-h, 864 GB/s HBM and H100 SXM at $2.99/GPU-h" in why
+
+
+def test_a_training_job_may_not_ask_for_a_spread() -> None:
+    from gpuctl.core.errors import InvalidArgument
+    from gpuctl.core.validation import validate_spec
+
+    spec = JobSpec(kind=JobKind.TRAINING, command=("x",), gpus_per_node=8, spread=SpreadPolicy.NONE)
+    with pytest.raises(InvalidArgument, match="spread"):
+        validate_spec(spec)
