@@ -446,3 +446,21 @@ def test_the_cycle_packs_replicas_for_the_work_queued_and_running() -> None:
     result = schedule(Snapshot.build(nodes, busy), [job], build_policy(DEFAULT_POLICY), now=now)
     (binding,) = result.bindings
     assert binding.placement.node_ids == ("a",)
+
+
+def test_contention_weighs_models_pinned_demand_wants_beyond_the_rest() -> None:
+    # 80 GPUs of model A, 20 of B. Demand: 100 one-GPU pods of any model, 20 pinned to B.
+    # Total demand 120 GPUs: B's share of it is 20/120 = 0.1667 against 0.2 of the capacity:
+    # pressure 0.833; A's 0 (nothing pinned to it). The average over the capacity is
+    # 0.2 x 0.833 = 0.1667, so B's excess is 0.833 - 0.1667 = 0.6667 and A's 0.
+    from gpuctl.core.packing import contention
+
+    one = PodRequest(num_gpu=1, gpu_milli=1000)
+    pinned = PodRequest(num_gpu=1, gpu_milli=1000, gpu_models=("B",))
+    workload = Workload.counted([(one, 100), (pinned, 20)])
+    excess = contention(workload, ("A", "B"), (80, 20))
+    assert excess.tolist() == pytest.approx([0.0, 2 / 3])
+    # Demand pinned in proportion to capacity leaves no model above the rest.
+    both = Workload.counted([(one, 100), (replace(pinned, gpu_models=("A",)), 80), (pinned, 20)])
+    assert contention(both, ("A", "B"), (80, 20)).tolist() == pytest.approx([0.0, 0.0])
+    assert not contention(Workload.of([one]), ("A", "B"), (80, 20)).any()

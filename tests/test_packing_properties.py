@@ -187,7 +187,9 @@ def test_replica_loss_on_columns_is_the_packing_policys_node_by_node(
             state.bind(r, c)
     w = Workload.of(workload)
     policy = GpuctlPacking(PolicyContext(workload=w))
-    loss = ReplicaLoss(request, w)
+    excess = policy.excess(state)  # what pinned demand makes of each model (often nothing)
+    loss = ReplicaLoss(request, w, excess)
+    per_row = np.array([excess[m] for m in state.models])[state.model_of]
     # every GPU of the widest node as the one a share takes, in range or not
     for g in range(-1, state.width + 1):
         gpu = np.full(len(state), g) if request.kind is Kind.SHARE else None
@@ -197,6 +199,7 @@ def test_replica_loss_on_columns_is_the_packing_policys_node_by_node(
             state.mem_free,
             loss.model_ok(state.models)[state.model_of],
             gpu,
+            per_row,
         )
         for i in range(len(state)):
             want = policy.loss_on(state, i, request, g if gpu is not None else None)

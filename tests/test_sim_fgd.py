@@ -370,3 +370,15 @@ def test_simulate_fgd_refuses_bad_input(tmp_path: Path, args: list[str], message
     )
     assert result.exit_code != 0
     assert message in result.output
+
+
+def test_pinned_mixes_pin_demand_to_the_scarce_models_as_lists() -> None:
+    # GPUs by model: A 3 (n0, n2), B 12 (n1, n3): B is the dominant model, A the scarce one.
+    pods = tuple(pod(f"p{i:03d}", *[(0, 0), (1, 1000), (1, 500)][i % 3]) for i in range(300))
+    mixed = apply_mix(pods, NODES, parse_mix("pinned:0.4"))
+    gpu = [p for p in mixed if p.num_gpu]
+    pinned = [p for p in gpu if p.gpu_spec]
+    assert len(pinned) == round(0.4 * len(gpu))
+    # Never the dominant model alone; with two models, every list names the scarce one.
+    assert all(p.gpu_spec != ("B",) and "A" in p.gpu_spec for p in pinned)
+    assert mixed == apply_mix(pods, NODES, parse_mix("pinned:0.4"))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import math
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -262,6 +262,41 @@ class Stranding:
         return max(0.0, gpu_free - usable)
 
 
+def contention(workload: Workload, models: Sequence[str], capacity: Sequence[float]) -> np.ndarray:
+    """Per GPU model (`models`, with `capacity` in GPUs each): how much more of it the
+    workload's model-constrained demand wants than the fleet's average model, as a share of
+    what the model has.
+
+    Each constrained type's GPU demand (milli x pods) is spread over the models it allows in
+    proportion to their capacity; a model's pressure is its share of all GPU demand over its
+    share of the capacity. Capacity a flexible request takes on a model whose pressure is
+    above the average is capacity the pinned demand cannot get anywhere else, so the packing
+    loss counts `milli x excess` for it (`Stranding`'s unit: a milli-GPU of capacity the
+    workload cannot use). Demand pinned in proportion to capacity gives no excess anywhere,
+    and a workload without constraints none at all."""
+    caps = np.asarray(capacity, dtype=np.float64)
+    out = np.zeros(len(caps))
+    if not len(caps) or caps.sum() <= 0:
+        return out
+    demand = np.zeros(len(caps))
+    total = 0.0
+    for t, weight in workload.types:
+        if not t.num_gpu:
+            continue
+        total += weight * t.milli
+        if t.gpu_models:
+            allowed = np.array([m in t.gpu_models for m in models], dtype=bool)
+            room = caps[allowed].sum()
+            if room > 0:
+                demand[allowed] += weight * t.milli * caps[allowed] / room
+    if total <= 0 or not demand.any():
+        return out
+    share = caps / caps.sum()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pressure = np.where(share > 0, (demand / total) / share, 0.0)
+    return np.maximum(0.0, pressure - float((share * pressure).sum()))
+
+
 def replica_workload(request: PodRequest) -> Workload:
     """What the daemon packs an inference replica for when it knows no trace: more replicas
     like this one, and requests of 1, 2, 4 and 8 whole GPUs (keep whole GPUs whole)."""
@@ -275,11 +310,17 @@ class ReplicaLoss:
     of node states a cycle, without building a `ClusterState` for each question. The figures
     are the simulator's `GpuctlPacking`'s, node by node (a property test compares them)."""
 
-    def __init__(self, request: PodRequest, workload: Workload | None = None) -> None:
+    def __init__(
+        self,
+        request: PodRequest,
+        workload: Workload | None = None,
+        excess: Mapping[str, float] | None = None,
+    ) -> None:
         self.request = request
         workload = workload or replica_workload(request)
         self._stranding = Stranding(workload)
         self._frag = Fragmentation(workload, foreign=False)
+        self._excess = dict(excess or {})  # GPU model -> its `contention`
         self._models: dict[tuple[str, ...], np.ndarray] = {}
         self._rows: dict[str, tuple[bool, ...]] = {}
 
@@ -319,7 +360,8 @@ class ReplicaLoss:
         stranding = stranded(
             total - r.milli, cpu_free - r.cpu_milli, mem_free - r.memory_mib
         ) - stranded(total, cpu_free, mem_free)
-        return round(growth / self._stranding.pods + stranding)
+        pinned = r.milli * self._excess.get(model, 0.0)
+        return round(growth / self._stranding.pods + stranding + pinned)
 
     def _model_row(self, model: str) -> tuple[bool, ...]:
         found = self._rows.get(model)
@@ -341,9 +383,11 @@ class ReplicaLoss:
         mem_free: np.ndarray,
         model_ok: np.ndarray,
         gpu: np.ndarray | None = None,
+        excess: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """(fits, loss) per node state: free milli per GPU (R, W), free CPU and memory (R,),
-        the types its model suits (R, M); for a share, the GPU it takes there (R,)."""
+        the types its model suits (R, M); for a share, the GPU it takes there (R,); the
+        `contention` of its model (R,; None: none)."""
         r = self.request
         fits = (cpu_free >= r.cpu_milli) & (mem_free >= r.memory_mib)
         after = gpu_free
@@ -375,4 +419,6 @@ class ReplicaLoss:
             np.concatenate((mem_free - r.memory_mib, mem_free)),
         )
         lost = (expected[:n] - expected[n:]) / self._stranding.pods + (stranded[:n] - stranded[n:])
+        if excess is not None:
+            lost = lost + r.milli * excess
         return fits, np.rint(lost).astype(np.int64)

@@ -15,7 +15,7 @@ from typing import ClassVar, Protocol
 import numpy as np
 
 from gpuctl.core.model import MILLI_PER_GPU
-from gpuctl.core.packing import Fragmentation, Kind, PodRequest, Stranding, Workload
+from gpuctl.core.packing import Fragmentation, Kind, PodRequest, Stranding, Workload, contention
 
 # The published BestFit normalises by these constants, not by the node's own capacity.
 BESTFIT_CPU_SCALE = 128_000
@@ -381,19 +381,34 @@ class GpuctlPacking(KeyedPolicy):
         super().__init__(context)
         self._stranding = Stranding(context.workload)
         self._pods = self._stranding.pods
+        self._excess = np.zeros(0)
+
+    def _prepare(self, state: ClusterState) -> None:
+        capacity = np.zeros(len(state.models))
+        np.add.at(capacity, state.model_of, state.gpu_count)
+        self._excess = contention(self._workload, state.models, capacity)
+
+    def excess(self, state: ClusterState) -> dict[str, float]:
+        """Each GPU model's `contention` in `state`, by name."""
+        self._sync(state)
+        return dict(zip(state.models, self._excess.tolist(), strict=True))
 
     def lost(
         self, state: ClusterState, nodes: np.ndarray, request: PodRequest, growth: np.ndarray
     ) -> np.ndarray:
         """Milli-GPU of capacity the workload loses per candidate (R, C): fragmentation
-        growth per pod of the workload plus GPU newly stranded, rounded (1 milli apart is a
-        true tie)."""
+        growth per pod of the workload, plus GPU newly stranded, plus the capacity taken from
+        models that pinned demand needs more than the rest (`core.packing.contention`),
+        rounded (1 milli apart is a true tie)."""
         gpu = state.gpu_free[nodes].sum(axis=1)
         cpu, mem = state.cpu_free[nodes], state.mem_free[nodes]
         stranding = self._stranding.stranded(
             gpu - request.milli, cpu - request.cpu_milli, mem - request.memory_mib
         ) - self._stranding.stranded(gpu, cpu, mem)
-        return np.rint(growth / self._pods + stranding[:, None]).astype(np.int64)
+        lost = growth / self._pods + stranding[:, None]
+        if self._excess.any():
+            lost = lost + (request.milli * self._excess[state.model_of[nodes]])[:, None]
+        return np.rint(lost).astype(np.int64)
 
     def _node_keys(
         self, state: ClusterState, nodes: np.ndarray, request: PodRequest, growth: np.ndarray

@@ -6,7 +6,10 @@ A mix names target shares, e.g. `gpushare:0.8` or `cpu:0.3,gpuspec:0.2`:
 - `cpu`: CPU-only pods as a share of all pods;
 - `gpushare`: fractional-GPU pods as a share of the GPU pods;
 - `multigpu`: multi-GPU pods as a share of the GPU pods;
-- `gpuspec`: GPU pods that carry a GPU-model constraint, as a share of the GPU pods.
+- `gpuspec`: GPU pods that carry a GPU-model constraint, as a share of the GPU pods;
+- `pinned`: the same, shaped as a heterogeneous fleet's constraints are: pinned demand is
+  on the scarce models (the dominant model, the one with most GPUs, is never asked for
+  alone), as lists of acceptable models.
 
 The pod count stays that of the file. A class whose count rises keeps all its pods and adds
 copies drawn with replacement (named `<pod>-mix-<k>`); one whose count falls keeps a sample
@@ -14,7 +17,11 @@ drawn without replacement; one left alone keeps its pods; whole single-GPU pods 
 rest of the GPU pods. The file has no constrained pods, so `gpuspec` constrains a sample of
 GPU pods: each gets one model, drawn with probability proportional to that model's GPUs on
 nodes big enough for the pod, and one in three also allows a second model drawn the same
-way (`A|B`). Draws come from `random.Random("mix:" + the mix as written)`.
+way (`A|B`). `pinned` gives half of its pods one scarce model (drawn in proportion to the
+GPUs of the models other than the dominant one), a quarter that model and a sibling (the
+scarce model nearest it by name, as `V100M16|V100M32`), and a quarter every model but one
+scarce model (as `G2|P100|T4|V100M16|V100M32`). Draws come from `random.Random("mix:" +
+the mix as written)`.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from dataclasses import dataclass, replace
 from gpuctl.core.packing import Kind
 from gpuctl.sim.alibaba import TraceNode, TracePod
 
-MIX_KEYS = ("cpu", "gpushare", "multigpu", "gpuspec")
+MIX_KEYS = ("cpu", "gpushare", "multigpu", "gpuspec", "pinned")
 DEFAULT_MIX = "default"
 # The mixes `gpuctl simulate fgd --mixes` runs: each class raised well past the default
 # file's share (cpu 13 %, gpushare 44 %, multigpu 1 %, gpuspec 0 %) and, for shares, lowered.
@@ -41,6 +48,9 @@ STANDARD_MIXES = (
     "cpu:0.5",
     "gpuspec:0.2",
     "gpuspec:0.5",
+    "pinned:0.1",
+    "pinned:0.2",
+    "pinned:0.33",
 )
 
 
@@ -106,6 +116,39 @@ def _constrain(pod: TracePod, nodes: Sequence[TraceNode], rng: random.Random) ->
     return replace(pod, gpu_spec=tuple(sorted(spec)))
 
 
+def _pin(pod: TracePod, nodes: Sequence[TraceNode], rng: random.Random) -> TracePod:
+    gpus: Counter[str] = Counter()
+    for n in nodes:
+        if n.gpus >= pod.num_gpu:
+            gpus[n.model] += n.gpus
+    if len(gpus) < 2:
+        return pod
+    models = sorted(gpus)
+    dominant = max(models, key=lambda m: (gpus[m], m))
+    scarce = [m for m in models if m != dominant]
+    first = rng.choices(scarce, weights=[gpus[m] for m in scarce])[0]
+    draw = rng.random()
+    if draw < 0.5 or len(scarce) == 1:
+        spec = {first}
+    elif draw < 0.75:
+        others = [m for m in scarce if m != first]
+        spec = {first, min(others, key=lambda m: (_distance(m, first), m))}
+    else:
+        others = [m for m in scarce if m != first]
+        spec = set(models) - {rng.choices(others, weights=[gpus[m] for m in others])[0]}
+    return replace(pod, gpu_spec=tuple(sorted(spec)))
+
+
+def _distance(a: str, b: str) -> int:
+    """How unlike two model names are: the characters after their common prefix."""
+    common = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        common += 1
+    return len(a) + len(b) - 2 * common
+
+
 def apply_mix(
     pods: Sequence[TracePod], nodes: Sequence[TraceNode], mix: Mix
 ) -> tuple[TracePod, ...]:
@@ -143,12 +186,13 @@ def apply_mix(
         + _resize(by_kind[Kind.WHOLE], n_whole, rng, "whole single-GPU")
         + _resize(multi, n_multi, rng, "multi-GPU")
     )
-    spec_share = mix.share("gpuspec")
-    if spec_share:
-        gpu_index = [i for i, p in enumerate(out) if p.num_gpu]
-        chosen = rng.sample(gpu_index, round(spec_share * len(gpu_index)))
-        for i in sorted(chosen):
-            out[i] = _constrain(out[i], nodes, rng)
+    for key, constrain in (("gpuspec", _constrain), ("pinned", _pin)):
+        spec_share = mix.share(key)
+        if spec_share:
+            gpu_index = [i for i, p in enumerate(out) if p.num_gpu and not p.gpu_spec]
+            chosen = rng.sample(gpu_index, min(len(gpu_index), round(spec_share * n_gpu)))
+            for i in sorted(chosen):
+                out[i] = constrain(out[i], nodes, rng)
     return tuple(out)
 
 
