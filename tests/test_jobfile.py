@@ -452,3 +452,21 @@ def test_every_spec_field_round_trips_through_a_job_file():
     spec = replace(full_spec(), owner="")  # the owner is the caller, never the file's
     spec = replace(spec, env=tuple(sorted(spec.env)))
     assert spec_from_mapping(spec_to_mapping(spec)) == spec
+
+
+@pytest.mark.parametrize(
+    "value", [["A100 80GB", "H100 SXM"], "A100 80GB,H100 SXM", "A100 80GB | H100 SXM"]
+)
+def test_gpu_model_takes_a_list_of_acceptable_models(value):
+    spec = spec_from_mapping(
+        {"kind": "inference", "command": "serve", "gpus_per_node": 1, "gpu_model": value}
+    )
+    assert spec.gpu_models == ("A100 80GB", "H100 SXM")
+    assert spec_to_mapping(spec)["gpu_model"] == ["A100 80GB", "H100 SXM"]
+
+
+def test_a_gpu_model_list_with_an_empty_name_is_refused():
+    with pytest.raises(JobFileError, match="gpu_model"):
+        spec_from_mapping(
+            {"kind": "inference", "command": "serve", "gpus_per_node": 1, "gpu_model": "A,,B"}
+        )

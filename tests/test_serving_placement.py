@@ -116,3 +116,9 @@ def test_a_training_job_may_not_ask_for_a_spread() -> None:
     spec = JobSpec(kind=JobKind.TRAINING, command=("x",), gpus_per_node=8, spread=SpreadPolicy.NONE)
     with pytest.raises(InvalidArgument, match="spread"):
         validate_spec(spec)
+
+
+def test_a_job_accepting_several_models_goes_to_the_cheapest_of_them() -> None:
+    # Either model will do: the L40S at $1.83/GPU-h. With only the H100 accepted, the H100.
+    assert place(replicas=1, gpus_per_node=1, gpu_model="h100 sxm|L40S")[0] == ["infer-1"]
+    assert place(replicas=1, gpus_per_node=1, gpu_model="A100 80GB|H100 SXM")[0] == ["train-1"]

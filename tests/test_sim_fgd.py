@@ -120,9 +120,10 @@ def test_placement_log_replays_through_the_checker(tmp_path: Path, policy: str) 
 
 
 def test_the_daemons_core_places_the_pods_and_its_log_passes_the_checker(tmp_path: Path) -> None:
-    # Policy "daemon": every pod through core.schedule with the default policy. A job names
-    # one GPU model at most, so the pods allowing two are left out.
-    pods = tuple(p for p in tiny_pods() if len(p.gpu_spec) < 2)
+    # Policy "daemon": every pod through core.schedule with the default policy; a pod that
+    # allows two models is a job that accepts either.
+    pods = tiny_pods()
+    assert any(len(p.gpu_spec) > 1 for p in pods)
     (result,) = fgd.run(NODES, pods, ["daemon"], seeds=(1, 2), keep_placements=True)
     path = tmp_path / "placements.csv"
     fgd.write_placements(result, path)
@@ -131,10 +132,12 @@ def test_the_daemons_core_places_the_pods_and_its_log_passes_the_checker(tmp_pat
     assert report.unallocated(100) == pytest.approx(result.unallocated(100))
 
 
-def test_the_daemons_core_refuses_a_pod_allowing_two_models() -> None:
+def test_a_pod_allowing_two_models_is_a_job_accepting_either() -> None:
     two = pod("p", 1, 1000, spec=("A", "B"))
-    with pytest.raises(ValueError, match=r"allows 2 GPU models \(A\|B\); a job names at most one"):
-        fgd.run(NODES, (two,), ["daemon"], seeds=(1,))
+    (result,) = fgd.run(NODES, (two,), ["daemon"], seeds=(1,), keep_placements=True)
+    placed = [p.node for p in result.runs[0].placed if p.node]
+    models = {n.name: n.model for n in NODES}
+    assert {models[n] for n in placed} == {"A", "B"}  # either model takes it
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -382,3 +385,16 @@ def test_pinned_mixes_pin_demand_to_the_scarce_models_as_lists() -> None:
     # Never the dominant model alone; with two models, every list names the scarce one.
     assert all(p.gpu_spec != ("B",) and "A" in p.gpu_spec for p in pinned)
     assert mixed == apply_mix(pods, NODES, parse_mix("pinned:0.4"))
+
+
+def test_a_pod_list_of_only_the_five_request_columns_reads(tmp_path: Path) -> None:
+    path = tmp_path / "pods.csv"
+    path.write_text(
+        "name,cpu_milli,memory_mib,num_gpu,gpu_milli\np1,4000,1024,1,500\np2,0,0,2,1000\n"
+    )
+    p1, p2 = read_pods(path)
+    assert (p1.num_gpu, p1.gpu_milli, p1.gpu_spec, p1.creation_time) == (1, 500, (), None)
+    assert p2.request.milli == 2000
+    path.write_text("name,cpu_milli,memory_mib,num_gpu\np1,4000,1024,1\n")
+    with pytest.raises(TraceError, match=r"missing column\(s\) gpu_milli"):
+        read_pods(path)

@@ -26,7 +26,8 @@ gpu_share            float, 0 < x < 1                        inference: a share 
                                                              (stored as ``gpu_milli = round(x * 1000)``)
 gpu_milli            int, 1..999                             the same share in thousandths; give one of the two
 gpu_memory           ``40GiB`` ``80G`` ``512MiB`` or int MiB GPU memory each replica needs (weights + KV cache)
-gpu_model            string                                  only GPUs of this model, e.g. ``H100 SXM``
+gpu_model            string, or a list of strings            only GPUs of this model, e.g. ``H100 SXM``; a list
+                                                             (or ``A,B``, ``A|B``): any of those models
 cpus                 number, or ``500m``                     CPU cores per rank/replica (``cpu_milli``)
 memory               ``64GiB`` ``64G`` or int MiB            host memory per rank/replica
 min_nvlink_gbps      number                                  training: NVLink floor per GPU, GB/s
@@ -214,6 +215,15 @@ def _kind(value: Any) -> JobKind:
         raise _Problem(f"must be 'training' or 'inference', got {value!r}") from None
 
 
+def _gpu_models(value: Any) -> str:
+    """One model, or several as a list or joined by "," or "|": stored "|"-joined."""
+    items = value if isinstance(value, list) else [value]
+    names = [n.strip() for item in items for n in _str(item).replace(",", "|").split("|")]
+    if any(not n for n in names) and names != [""]:
+        raise _Problem(f"names an empty model in {value!r}")
+    return "|".join(names)
+
+
 def _restart_policy(value: Any) -> RestartPolicy:
     text = _str(value).strip().lower().replace("_", "-")
     try:
@@ -373,7 +383,7 @@ FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "gpu_share": ("gpu_milli", _gpu_share),
     "gpu_milli": ("gpu_milli", _int),
     "gpu_memory": ("gpu_memory_mib", parse_size_mib),
-    "gpu_model": ("gpu_model", _str),
+    "gpu_model": ("gpu_model", _gpu_models),
     "cpus": ("cpu_milli", _cpu_milli),
     "memory": ("memory_mib", parse_size_mib),
     "min_nvlink_gbps": ("min_nvlink_gbps", _number),
@@ -553,7 +563,8 @@ def spec_to_mapping(spec: JobSpec | jobs_pb2.JobSpec) -> dict[str, Any]:
     if spec.gpu_memory_mib:
         out["gpu_memory"] = format_size_mib(spec.gpu_memory_mib)
     if spec.gpu_model:
-        out["gpu_model"] = spec.gpu_model
+        models = spec.gpu_models
+        out["gpu_model"] = models[0] if len(models) == 1 else list(models)
     if spec.cpu_milli:
         out["cpus"] = (
             spec.cpu_milli // 1000 if spec.cpu_milli % 1000 == 0 else spec.cpu_milli / 1000

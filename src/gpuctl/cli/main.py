@@ -180,7 +180,10 @@ def _env_pairs(values: tuple[str, ...], flag: str = "--env") -> dict[str, str]:
     "--gpu-share", type=float, help="Inference: a share of one GPU per replica, 0 < x < 1."
 )
 @click.option("--gpu-memory", help="GPU memory per replica, e.g. 40GiB or 80G.")
-@click.option("--gpu-model", help="Only this GPU model, e.g. 'H100 SXM'.")
+@click.option(
+    "--gpu-model",
+    help="Only this GPU model, e.g. 'H100 SXM'; or any of several: 'A100 80GB,H100 SXM'.",
+)
 @click.option("--cpus", help="CPU cores per rank/replica (or millicores, '500m').")
 @click.option("--memory", help="Host memory per rank/replica, e.g. 64GiB.")
 @click.option(

@@ -256,7 +256,7 @@ def jobs_table(jobs: Iterable[jobs_pb2.Job], *, now: datetime, wide: bool = Fals
         if wide:
             created = _time(job.create_time)
             row += [
-                spec.gpu_model or "any",
+                spec.gpu_model.replace("|", ",") or "any",
                 spec.priority,
                 job.attempt,
                 sum(r.restarts for r in _live_ranks(job)),
@@ -270,7 +270,7 @@ def jobs_table(jobs: Iterable[jobs_pb2.Job], *, now: datetime, wide: bool = Fals
 
 def spec_summary(spec: jobs_pb2.JobSpec) -> str:
     """What a spec asks for, in one line: "training: 2 nodes x 8 GPUs = 16 GPUs on one fabric"."""
-    model = f" {spec.gpu_model}" if spec.gpu_model else ""
+    model = f" {spec.gpu_model.replace('|', ' or ')}" if spec.gpu_model else ""
     if spec.kind == jobs_pb2.JOB_KIND_TRAINING:
         n = _num_nodes(spec)
         what = f"training: {n} node{'s' * (n != 1)} x {spec.gpus_per_node}{model} GPUs = {total_gpus(spec):g} GPUs"

@@ -140,7 +140,7 @@ def fgd(
     from gpuctl.sim import fgd as b1
     from gpuctl.sim.alibaba import TraceError, read_nodes, read_pods
     from gpuctl.sim.baselines import DEFAULT_PACKING_POLICY, PACKING_POLICIES
-    from gpuctl.sim.fgd_core import DAEMON, UnsupportedPod
+    from gpuctl.sim.fgd_core import DAEMON
     from gpuctl.sim.mix import STANDARD_MIXES, MixError, apply_mix, parse_mix
 
     chosen = policies or (DEFAULT_PACKING_POLICY,)
@@ -165,19 +165,15 @@ def fgd(
     results = []
     for mix in parsed or [None]:
         workload = apply_mix(pods, nodes, mix) if mix is not None else pods
-        try:
-            runs = b1.run(
-                nodes,
-                workload,
-                chosen,
-                seed_list,
-                jobs=jobs or b1.default_jobs(),
-                keep_placements=placements is not None,
-                mix=mix.text if mix is not None else "",
-            )
-        except UnsupportedPod as e:
-            _fail(ctx, str(e))
-            return
+        runs = b1.run(
+            nodes,
+            workload,
+            chosen,
+            seed_list,
+            jobs=jobs or b1.default_jobs(),
+            keep_placements=placements is not None,
+            mix=mix.text if mix is not None else "",
+        )
         results.extend(runs)
     click.echo(
         f"unallocated GPU % at arrived workload (median of {len(seed_list)} seeds; "

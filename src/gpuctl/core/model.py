@@ -251,7 +251,9 @@ class JobSpec:
     replicas: int = 1
     gpu_milli: int = 0  # 1..999: a share of one GPU; 0: whole GPUs
     gpu_memory_mib: int = 0  # per replica (weights + KV cache)
-    gpu_model: str = ""  # "" = any; else a model name such as "H100 SXM"
+    # "" = any; else a model name such as "H100 SXM", or several a job accepts, "|"-separated
+    # as the Alibaba trace writes them ("A100 80GB|H100 SXM"; the job file takes a list)
+    gpu_model: str = ""
     cpu_milli: int = 0  # per rank/replica
     memory_mib: int = 0  # per rank/replica
     on_node_lost: OnNodeLost = OnNodeLost.REQUEUE
@@ -279,6 +281,16 @@ class JobSpec:
     spread: SpreadPolicy = (
         SpreadPolicy.NODE
     )  # inference: one replica to a node where it can, or packed
+
+    @property
+    def gpu_models(self) -> tuple[str, ...]:
+        """The GPU models the job accepts (`gpu_model` split); () for any."""
+        return tuple(m for m in (part.strip() for part in self.gpu_model.split("|")) if m)
+
+    def accepts(self, model: str) -> bool:
+        """Whether a GPU of `model` will do (model names compare case-insensitively)."""
+        wanted = self.gpu_models
+        return not wanted or model.casefold() in {m.casefold() for m in wanted}
 
     @property
     def is_gang(self) -> bool:

@@ -90,7 +90,7 @@ def _need(job: Job, request: RankRequest, count: int, unit: str) -> str:
     text = f"needs {plural(count, unit)} \N{MULTIPLICATION SIGN} {request.describe()}"
     extras = []
     if spec.gpu_model and request.milli:
-        extras.append(spec.gpu_model)
+        extras.append(" or ".join(spec.gpu_models))
     if spec.min_nvlink_gbps:
         extras.append(f"NVLink >= {spec.min_nvlink_gbps:g} GB/s")
     if spec.min_net_gbps:

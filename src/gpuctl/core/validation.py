@@ -33,6 +33,7 @@ MAX_CPU_MILLI = 1024 * 1000
 MAX_MEMORY_MIB = 16 * 1024 * 1024
 MAX_PRIORITY = 1_000_000
 MAX_TIME_LIMIT_S = 365 * 24 * 3600
+MAX_GPU_MODELS = 8  # a job's list of acceptable GPU models
 MAX_ARGS = 4096
 MAX_ARG_LEN = 64 * 1024
 MAX_ENV = 1024
@@ -141,8 +142,13 @@ def spec_violations(spec: JobSpec, prefix: str = "spec.") -> list[FieldViolation
         out.append(FieldViolation(f("working_dir"), "longer than 4096 or holds NUL"))
     if spec.working_dir and not spec.working_dir.startswith("/"):
         out.append(FieldViolation(f("working_dir"), "must be an absolute path"))
-    if len(spec.gpu_model) > 64:
-        out.append(FieldViolation(f("gpu_model"), "longer than 64 characters"))
+    models = spec.gpu_model.split("|")
+    if len(models) > MAX_GPU_MODELS:
+        out.append(FieldViolation(f("gpu_model"), f"names more than {MAX_GPU_MODELS} models"))
+    elif any(len(m) > 64 for m in models):
+        out.append(FieldViolation(f("gpu_model"), "has a model name longer than 64 characters"))
+    elif spec.gpu_model and any(not m.strip() for m in models):
+        out.append(FieldViolation(f("gpu_model"), "has an empty model name in its list"))
     _range(out, f("cpu_milli"), spec.cpu_milli, 0, MAX_CPU_MILLI)
     _range(out, f("memory_mib"), spec.memory_mib, 0, MAX_MEMORY_MIB)
     _range(out, f("gpu_memory_mib"), spec.gpu_memory_mib, 0, MAX_GPU_MEMORY_MIB)

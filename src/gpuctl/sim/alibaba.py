@@ -28,6 +28,9 @@ POD_COLUMNS = (
     "deletion_time",
     "scheduled_time",
 )
+# Some of the trace's pod lists carry only these; the rest read as empty (no model
+# constraint, no times: the protocol's arrival order does not use them).
+REQUIRED_POD_COLUMNS = POD_COLUMNS[:5]
 MAX_GPUS_PER_NODE = 8
 
 
@@ -156,11 +159,13 @@ def read_nodes(path: str | Path) -> tuple[TraceNode, ...]:
 
 
 def read_pods(path: str | Path) -> tuple[TracePod, ...]:
-    """A pod list (`name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec,...`), in file order."""
+    """A pod list (`name,cpu_milli,memory_mib,num_gpu,gpu_milli`, then optionally
+    `gpu_spec,qos,pod_phase,creation_time,deletion_time,scheduled_time`), in file order."""
     path = Path(path)
     pods: list[TracePod] = []
     seen: dict[str, int] = {}
-    for line, row in _rows(path, POD_COLUMNS):
+    for line, found in _rows(path, REQUIRED_POD_COLUMNS):
+        row = {c: found.get(c, "") for c in POD_COLUMNS}
         name = row["name"].strip()
         if not name:
             raise TraceError(f"{path}:{line}: name is empty")

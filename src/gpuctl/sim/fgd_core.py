@@ -49,17 +49,8 @@ def node_of(node: TraceNode) -> Node:
     )
 
 
-class UnsupportedPod(ValueError):
-    """A pod the daemon's core cannot take as a job."""
-
-
 def spec_of(request: PodRequest, name: str) -> JobSpec:
-    """One pod as a one-replica inference job; UnsupportedPod for what a job cannot say."""
-    if len(request.gpu_models) > 1:
-        raise UnsupportedPod(
-            f"pod {name} allows {len(request.gpu_models)} GPU models "
-            f"({'|'.join(request.gpu_models)}); a job names at most one"
-        )
+    """One pod as a one-replica inference job."""
     share = request.num_gpu == 1 and request.gpu_milli < MILLI_PER_GPU
     return JobSpec(
         kind=JobKind.INFERENCE,
@@ -68,7 +59,7 @@ def spec_of(request: PodRequest, name: str) -> JobSpec:
         replicas=1,
         gpus_per_node=0 if share else request.num_gpu,
         gpu_milli=request.gpu_milli if share else 0,
-        gpu_model=request.gpu_models[0] if request.gpu_models else "",
+        gpu_model="|".join(request.gpu_models),
         cpu_milli=request.cpu_milli,
         memory_mib=request.memory_mib,
     )

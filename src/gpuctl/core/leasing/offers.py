@@ -25,7 +25,7 @@ def floors(spec: JobSpec, request: RankRequest) -> str:
     unit = "node" if spec.kind is JobKind.TRAINING else "replica"
     parts = [f"{request.describe()} per {unit}"]
     if spec.gpu_model:
-        parts.append(spec.gpu_model)
+        parts.append(" or ".join(spec.gpu_models))
     if spec.min_nvlink_gbps:
         parts.append(f"NVLink >= {spec.min_nvlink_gbps:g} GB/s")
     if spec.min_net_gbps:
@@ -38,7 +38,7 @@ def floors(spec: JobSpec, request: RankRequest) -> str:
 def offer_misfit(spec: JobSpec, request: RankRequest, offer: Offer) -> str:
     """Why one rank (or replica) of `spec` cannot run on a node of `offer`; "" when it can."""
     gpus = 1 if request.gpu_milli else request.gpus
-    if spec.gpu_model and request.milli and spec.gpu_model.casefold() != offer.gpu_model.casefold():
+    if request.milli and not spec.accepts(offer.gpu_model):
         return "another GPU model"
     if gpus > offer.gpu_count:
         return "too few GPUs"

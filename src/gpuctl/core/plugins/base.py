@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -50,6 +50,9 @@ class RankRequest:
     gpu_memory_mib: int = 0  # across the rank's GPUs
     cpu_milli: int = 0
     memory_mib: int = 0
+    # The GPU models the rank accepts, in `CycleContext.mix` only (what frag-aware packs for);
+    # placement reads them from the spec (the gpu-model filter).
+    gpu_models: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, spec: JobSpec) -> RankRequest:
@@ -195,6 +198,7 @@ class CycleContext:
                 spec.gpu_memory_mib,
                 spec.cpu_milli,
                 spec.memory_mib,
+                spec.gpu_model,
             )
             ranks = spec.replicas if inference else spec.num_nodes
             seen = by_spec.get(key)
@@ -202,6 +206,8 @@ class CycleContext:
         counts: dict[RankRequest, int] = {}
         for spec, ranks in by_spec.values():
             request = RankRequest.of(spec)
+            if spec.gpu_model and request.milli:
+                request = replace(request, gpu_models=spec.gpu_models)
             counts[request] = counts.get(request, 0) + ranks
         return tuple(
             sorted(
@@ -213,6 +219,7 @@ class CycleContext:
                     kv[0].gpu_memory_mib,
                     kv[0].cpu_milli,
                     kv[0].memory_mib,
+                    kv[0].gpu_models,
                 ),
             )
         )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -10,11 +10,7 @@ import numpy as np
 from gpuctl.core.engine.nodetable import NodeTable
 from gpuctl.core.framework import ColumnScore
 from gpuctl.core.model import MILLI_PER_GPU, Job, JobKind
-from gpuctl.core.packing import (
-    PodRequest,
-    ReplicaLoss,
-    Workload,
-)
+from gpuctl.core.packing import PodRequest, ReplicaLoss, Workload, contention
 from gpuctl.core.plugins.base import (
     FEW_MISSED,
     MEMO_ROWS,
@@ -41,6 +37,11 @@ class FragAware(ColumnScore):
     their ranks), as benchmark B1 measures it against the trace's; with no mix, against more
     replicas like the one placed and requests of 1, 2, 4 and 8 whole GPUs.
 
+    On a fleet of several GPU models the loss also counts capacity taken from a model that
+    the mix's model-constrained work wants beyond the fleet's average model
+    (`core.packing.contention`, from the models the mix's jobs accept and each model's GPUs):
+    work that can run anywhere leaves the scarce models to the work that cannot.
+
     The loss depends only on the node's shape and what it has free, and many nodes look
     alike (every idle node of one SKU), so it is memoised for the cycle (`prepare`).
     """
@@ -48,6 +49,7 @@ class FragAware(ColumnScore):
     name: ClassVar[str] = "frag-aware"
     kinds: ClassVar[frozenset[JobKind]] = frozenset({JobKind.INFERENCE})
     mix: tuple[tuple[RankRequest, int], ...] = ()
+    excess: tuple[tuple[str, float], ...] = ()  # GPU model -> its contention, where above 0
     _memo: dict[tuple, float] = field(default_factory=dict, compare=False)
     _losses: dict[RankRequest, ReplicaLoss] = field(default_factory=dict, compare=False)
     _workload: Workload | None = field(default=None, init=False, repr=False, compare=False)
@@ -58,12 +60,30 @@ class FragAware(ColumnScore):
             object.__setattr__(self, "_workload", workload)
 
     def prepare(self, context: CycleContext) -> Score | None:
-        return FragAware(mix=context.mix[:MIX_TYPES])
+        mix = context.mix[:MIX_TYPES]
+        t = context.table
+        if t is None or not any(r.gpu_models for r, _ in mix):
+            return FragAware(mix=mix)
+        # The models each entry accepts, as the fleet names them (a spec's names compare
+        # case-insensitively), and each model's GPUs.
+        named = tuple(
+            (replace(r, gpu_models=_fleet_names(r.gpu_models, t.models)) if r.gpu_models else r, n)
+            for r, n in mix
+        )
+        workload = Workload.counted((_pod_request(r), n) for r, n in named)
+        capacity = np.bincount(t.model, weights=t.gpu_count, minlength=len(t.models))
+        excess = contention(workload, t.models, capacity)
+        return FragAware(
+            mix=named,
+            excess=tuple((m, e) for m, e in zip(t.models, excess.tolist(), strict=True) if e > 0),
+        )
 
     def _loss(self, request: RankRequest) -> ReplicaLoss:
         found = self._losses.get(request)
         if found is None:
-            found = self._losses[request] = ReplicaLoss(_pod_request(request), self._workload)
+            found = self._losses[request] = ReplicaLoss(
+                _pod_request(request), self._workload, dict(self.excess)
+            )
         return found
 
     def score(self, job: Job, request: RankRequest, node: NodeView) -> float:
@@ -165,21 +185,34 @@ class FragAware(ColumnScore):
             return out
         rows, free = rows[picked], free[picked]
         loss = self._loss(request)
+        excess = None
+        if self.excess:
+            by_model = dict(self.excess)
+            excess = np.array([by_model.get(m, 0.0) for m in table.models])[table.model[rows]]
         fits, lost = loss.losses(
             free,
             table.cpu_free[rows],
             table.mem_free[rows],
             loss.model_ok(table.models)[table.model[rows]],
             gpu[picked] if gpu is not None else None,
+            excess,
         )
         out[picked] = self._value(request, fits, lost)
         return out
 
 
 def _pod_request(request: RankRequest) -> PodRequest:
+    gpus = 1 if request.gpu_milli else request.gpus
     return PodRequest(
         cpu_milli=request.cpu_milli,
         memory_mib=request.memory_mib,
-        num_gpu=1 if request.gpu_milli else request.gpus,
+        num_gpu=gpus,
         gpu_milli=request.gpu_milli or (MILLI_PER_GPU if request.gpus else 0),
+        gpu_models=tuple(sorted(request.gpu_models)) if gpus else (),
     )
+
+
+def _fleet_names(wanted: tuple[str, ...], models: tuple[str, ...]) -> tuple[str, ...]:
+    """The fleet's names (`models`) of the GPU models `wanted` names, in any case."""
+    folded = {m.casefold() for m in wanted}
+    return tuple(m for m in models if m.casefold() in folded) or wanted

@@ -30,18 +30,16 @@ class GpuModel(ColumnFilter):
     reads_free: ClassVar[bool] = False
 
     def filter(self, job: Job, request: RankRequest, node: NodeView) -> Status:
-        want = job.spec.gpu_model
         have = node.node.profile.gpu_model
-        if not want or not request.milli or want.casefold() == have.casefold():
+        if not request.milli or job.spec.accepts(have):
             return SUCCESS
         return Status(code=Code.UNRESOLVABLE, reason=f"with {have or 'no'} GPUs", plugin=self.name)
 
     def codes(
         self, job: Job, request: RankRequest, table: NodeTable, rows: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        want = job.spec.gpu_model
-        if not want or not request.milli:
+        if not job.spec.gpu_model or not request.milli:
             return all_ok(rows)
-        match = np.array([m.casefold() == want.casefold() for m in table.models], dtype=bool)
+        match = np.array([job.spec.accepts(m) for m in table.models], dtype=bool)
         model = table.model[rows]
         return np.where(match[model], OK, NEVER), model
