@@ -83,8 +83,9 @@ decisions-digest: $(STAMP)
 
 # Benchmark B4: the cost of a fleet. One mixed workload (a week of the Gavel trace's training
 # gangs from day 10, plus three inference services on a diurnal curve) against
-# config/catalog.csv on three fleets: a training-shaped fleet sized for the peak, the cheapest
-# instance per job with a 5-minute idle timer, gpuctl leasing through the core.
+# config/catalog.csv on four fleets: a training-shaped fleet sized for the peak, the cheapest
+# instance per job with a 5-minute idle timer, a Karpenter-provisioned cluster, gpuctl leasing
+# through the core.
 COST_TRACE ?= $(TRACES)/gavel/msr/seed=0/ee9e8c.trace
 .PHONY: bench-cost
 bench-cost: $(STAMP)

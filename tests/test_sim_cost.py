@@ -307,16 +307,69 @@ def _report(fleet: str, dollars: float, jct: float, slo: float) -> cost.FleetRep
 def test_targets() -> None:
     a = _report(cost.SINGLE_SHAPE, 100.0, 10.0, 1.0)
     b = _report(cost.IDLE_TIMER, 70.0, 10.0, 0.9)
+    k = _report(cost.KARPENTER, 80.0, 12.0, 0.85)
     c = _report(cost.GPUCTL, 59.5, 10.5, 0.9)
+    # against the cheaper, faster and better of (b) and (b'): here (b) each time.
     # 59.5 / 100 = 0.595 <= 0.6; 59.5 / 70 = 0.85 <= 0.85; 10.5 / 10 = 1.05; 0.9 >= 0.9
-    assert [(t.value, t.met) for t in cost.targets(a, b, c)] == [
+    found = cost.targets(a, b, k, c)
+    assert [(t.value, t.met) for t in found] == [
         (pytest.approx(0.595), True),
         (pytest.approx(0.85), True),
         (pytest.approx(1.05), True),
         (pytest.approx(0.0), True),
     ]
+    assert [t.name for t in found][1:] == [
+        "dollars gpuctl / idle_timer",
+        "avg JCT gpuctl / idle_timer",
+        "SLO attainment gpuctl - idle_timer",
+    ]
     worse = replace(c, dollars=61.0, avg_jct_s=10.6, slo_attainment=0.8)
-    assert [t.met for t in cost.targets(a, b, worse)] == [False, False, False, False]
+    assert [t.met for t in cost.targets(a, b, k, worse)] == [False, False, False, False]
+    # a Karpenter fleet cheaper and better than (b) is what (c) is held to
+    k = replace(k, dollars=60.0, slo_attainment=0.95)
+    assert [(t.name, t.met) for t in cost.targets(a, b, k, c)][1::2] == [
+        ("dollars gpuctl / karpenter", False),  # 59.5 / 60 = 0.99
+        ("SLO attainment gpuctl - karpenter", False),  # 0.9 < 0.95
+    ]
+
+
+# -- (b') Karpenter, by hand ------------------------------------------------------------------
+
+
+def test_karpenter_packs_a_batch_onto_the_model_teams_name_and_consolidates_empty_nodes() -> None:
+    from gpuctl.sim.karpenter import BATCH_IDLE_S, karpenter_fleet
+
+    work = gang_and_chat()
+    out = karpenter_fleet(work, OFFERS, boot_s=BOOT, consolidate_after_s=300.0)
+    # One batch at 0, closed 1 s after its last pod (t = 1): the gang's two 8-GPU pods and the
+    # chat replica's pod, all naming the H100 (the model the team trains on), most GPUs first.
+    # Each gang pod opens an h100x8-ib (the only H100 with a fabric); the replica's 1-GPU pod
+    # then opens the H100 type with the least $ per GPU it can fill: h100x1 at $2 (h100x8 at
+    # $12 / 1 GPU to fill = $12). Up at 301 s; the gang runs 301 .. 7,501 s.
+    assert sorted(b.sku for b in out.bills) == ["h100x1", "h100x8-ib", "h100x8-ib"]
+    assert out.ended[work.training[0].id] == pytest.approx(BATCH_IDLE_S + BOOT + 2 * H)
+    gang_nodes = [b for b in out.bills if b.sku == "h100x8-ib"]
+    # empty from 7,501 s, deleted 300 s later
+    assert [b.end_s for b in gang_nodes] == [pytest.approx(7801.0)] * 2
+    (replica,) = [s for s in out.served if s.tokens_per_s]
+    assert replica.start_s == pytest.approx(301.0)
+    assert replica.tokens_per_s == pytest.approx(3350 / 16)  # on an H100, not an L40S
+    r = cost.report(cost.KARPENTER, work, out)
+    # 2 x $16 x (7,801 - 1) / 3,600 + $2 x (10,800 - 1) / 3,600
+    assert r.dollars == pytest.approx(2 * 16 * 7800 / H + 2 * 10799 / H)
+
+
+def test_karpenter_binds_a_gangs_pods_one_by_one_as_room_appears() -> None:
+    from gpuctl.sim.karpenter import karpenter_fleet
+
+    # Two 2 x 8 gangs: the first takes both nodes of its batch; the second arrives at 1 h and
+    # gets nodes of its own (nothing frees before 2 h), so it starts at 1 h + 1 s + boot.
+    work = build([training("g1", 2, 8, 0.0, 2 * H), training("g2", 2, 8, H, H)], [], window_s=4 * H)
+    out = karpenter_fleet(work, OFFERS, boot_s=BOOT, consolidate_after_s=300.0)
+    g1, g2 = work.training
+    assert out.ended[g1.id] == pytest.approx(1 + BOOT + 2 * H)
+    assert out.ended[g2.id] == pytest.approx(H + 1 + BOOT + H)
+    assert len(out.bills) == 4
 
 
 needs_shared = pytest.mark.skipif(
@@ -334,7 +387,7 @@ def test_the_bare_command_on_a_tiny_window(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "single_shape" in result.output and "dollars gpuctl / idle_timer" in result.output
     figures = json.loads(out.read_text())
-    assert set(figures["fleets"]) == {"single_shape", "idle_timer", "gpuctl"}
+    assert set(figures["fleets"]) == {"single_shape", "idle_timer", "karpenter", "gpuctl"}
     for fleet in figures["fleets"].values():
         assert {"dollars", "gpu_hours_paid", "gpu_hours_used", "avg_jct_s", "slo_attainment"} <= (
             set(fleet)

@@ -1,7 +1,7 @@
 """`gpuctl simulate cost`: benchmark B4. Replay one mixed workload (training gangs from a Gavel
-trace, inference services on a diurnal curve) against the provider catalog on three fleets —
-one training-shaped fleet, the cheapest instance per job with an idle timer, gpuctl leasing
-through the core — and print dollars, GPU-hours paid and used, JCT and SLO attainment.
+trace, inference services on a diurnal curve) against the provider catalog on four fleets —
+one training-shaped fleet, the cheapest instance per job with an idle timer, a cluster
+Karpenter provisions, gpuctl leasing through the core — and print dollars, GPU-hours paid and used, JCT and SLO attainment.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from gpuctl.providers.base import Sku
 from gpuctl.providers.catalog import load_catalog
 from gpuctl.sim import cost, gavel, workload
 from gpuctl.sim.cost import Comparison
+from gpuctl.sim.karpenter import DEFAULT_CONSOLIDATE_AFTER_S
+from gpuctl.sim.workload import TRAINING_GPU
 
 _ROOT = Path(__file__).resolve().parents[3]  # the checkout: config/ and ../shared beside it
 DEFAULT_CATALOG = _ROOT / "config" / "catalog.csv"
@@ -147,7 +149,7 @@ def cost_command(
     policy: str,
     json_out: Path | None,
 ) -> None:
-    """Compare what one mixed workload costs on three fleets (benchmark B4)."""
+    """Compare what one mixed workload costs on four fleets (benchmark B4)."""
     started = time.perf_counter()
     try:
         chosen = build_policy(policy)
@@ -205,7 +207,9 @@ def cost_command(
         raise click.ClickException(str(e)) from None
     click.echo(
         f"(a) {result.fleet_nodes} x {result.fleet_sku}; (b) idle timer {idle_timer_s:g} s; "
-        f"(c) idle grace {idle_grace_s:g} s; boot {boot_s:g} s for (b) and (c)"
+        f"(b') Karpenter, pods naming {TRAINING_GPU}, consolidateAfter "
+        f"{DEFAULT_CONSOLIDATE_AFTER_S:g} s; (c) idle grace {idle_grace_s:g} s; "
+        f"boot {boot_s:g} s for (b), (b') and (c)"
     )
     click.echo(_table(result))
     click.echo(
