@@ -61,7 +61,7 @@ from gpuctl.core.leasing import (
     plan_leases,
 )
 from gpuctl.core.model import Job, JobKind, JobState, Placement
-from gpuctl.core.placement import PLACERS, Placer, is_gang, replicas_fitting
+from gpuctl.core.placement import PLACERS, Placer, replicas_fitting
 from gpuctl.core.plugins import Code, CycleContext, Policy, RankRequest, plural
 from gpuctl.core.preempt import MAX_CANDIDATES, Preemption, Victim, choose_victims
 from gpuctl.core.queue import QueueOrder, Usage, placement_gpus
@@ -213,7 +213,9 @@ class _Cycle:
         # 2. prepare
         if any(j.spec.kind is JobKind.INFERENCE for j in pending):  # only replicas use it
             self.mix = CycleContext.mix_of(itertools.chain(pending, self.work.jobs()))
-        gangs = list(itertools.islice((j for j in order.preview() if is_gang(j)), _QUEUED_GANGS))
+        gangs = list(
+            itertools.islice((j for j in order.preview() if j.spec.is_gang), _QUEUED_GANGS)
+        )
         self.demands = self._demands(gangs)
         self._prepare()
         # 3. place, preempt or hold, job by job

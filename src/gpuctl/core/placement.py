@@ -64,10 +64,6 @@ Placer = Callable[
 ]
 
 
-def is_gang(job: Job) -> bool:
-    return job.spec.is_gang
-
-
 def _rank(index: int, node: NodeView, request: RankRequest) -> RankPlacement:
     gpus = pick_gpus(node, request)
     if gpus is None:  # the gpu-fit filter passed this node; the same function chose
