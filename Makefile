@@ -91,6 +91,7 @@ COST_TRACE ?= $(TRACES)/gavel/msr/seed=0/ee9e8c.trace
 bench-cost: $(STAMP)
 	@mkdir -p bench-results
 	$(VENV)/bin/gpuctl simulate cost --trace $(COST_TRACE) --json bench-results/cost.json
+	$(VENV)/bin/gpuctl simulate cost --workload w2 --json bench-results/cost-w2.json
 
 # RPC fuzzing: 10,000 random, mutated and undecodable requests, with every kind of credential,
 # against a gpuctld of its own on loopback (gpuctl.fuzz); fails on a crash, INTERNAL, UNKNOWN,

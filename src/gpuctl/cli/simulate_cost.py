@@ -18,7 +18,7 @@ from gpuctl.core.leasing import Offer
 from gpuctl.core.plugins import DEFAULT_POLICY, POLICIES, build_policy
 from gpuctl.providers.base import Sku
 from gpuctl.providers.catalog import load_catalog
-from gpuctl.sim import cost, gavel, workload
+from gpuctl.sim import cost, gavel, serving, workload
 from gpuctl.sim.cost import Comparison
 from gpuctl.sim.karpenter import DEFAULT_CONSOLIDATE_AFTER_S
 from gpuctl.sim.workload import TRAINING_GPU
@@ -28,7 +28,8 @@ DEFAULT_CATALOG = _ROOT / "config" / "catalog.csv"
 DEFAULT_TRACE = _ROOT.parent / "shared" / "traces" / "gavel" / "msr" / "seed=0" / "ee9e8c.trace"
 # The trace's VC starts slowly (12 jobs in its first 10 days): the window starts on day 10.
 DEFAULT_START_H = 240.0
-DEFAULT_HOURS = 168.0
+DEFAULT_HOURS = {"w1": 168.0, "w2": 24.0}
+DEFAULT_AZURE = _ROOT.parent / "shared" / "traces" / "azure-llm-2023"
 PROVIDER = "catalog"  # the one configured provider every catalog SKU is leased from
 _HOUR = 3600.0
 
@@ -39,6 +40,23 @@ def offer_of(sku: Sku) -> Offer:
 
 
 @click.command("cost")
+@click.option(
+    "--workload",
+    "which",
+    type=click.Choice(["w1", "w2"]),
+    default="w1",
+    show_default=True,
+    help="w1: a week of the Gavel trace's training plus three services on a cosine; w2: a day "
+    "of six services, 1B to 70B, loaded by the Azure LLM trace (gpuctl.sim.serving).",
+)
+@click.option(
+    "--azure",
+    "azure_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_AZURE,
+    show_default="../shared/traces/azure-llm-2023",
+    help="w2: the Azure LLM inference trace 2023 (its conv and code CSV files).",
+)
 @click.option(
     "--trace",
     "trace_path",
@@ -77,8 +95,8 @@ def offer_of(sku: Sku) -> Offer:
 @click.option(
     "--hours",
     type=click.FloatRange(0, min_open=True),
-    default=DEFAULT_HOURS,
-    show_default=True,
+    default=None,
+    show_default="168 for w1, 24 for w2",
     help="The window: training arriving in it, services running through it, dollars in it.",
 )
 @click.option(
@@ -132,12 +150,14 @@ def offer_of(sku: Sku) -> Offer:
 )
 @json_option
 def cost_command(
+    which: str,
+    azure_dir: Path,
     trace_path: Path,
     throughputs: Path | None,
     catalog_path: Path,
     sellers: tuple[str, ...],
     start_h: float,
-    hours: float,
+    hours: float | None,
     limit: int,
     step_min: float,
     no_services: bool,
@@ -155,12 +175,12 @@ def cost_command(
         chosen = build_policy(policy)
     except InvalidArgument as e:
         raise click.BadParameter(e.violations[0].description, param_hint="--policy") from None
-    if not trace_path.is_file():
+    if which == "w1" and not trace_path.is_file():
         raise click.BadParameter(f"{trace_path} not found", param_hint="--trace")
     if not catalog_path.is_file():
         raise click.BadParameter(f"{catalog_path} not found", param_hint="--catalog")
     table = throughputs or gavel.default_throughputs(trace_path)
-    if not table.is_file():
+    if which == "w1" and not table.is_file():
         raise click.BadParameter(f"{table} not found", param_hint="--throughputs")
     try:
         skus = load_catalog(catalog_path)
@@ -179,19 +199,33 @@ def cost_command(
         shape = next((o for o in offers if o.sku == fleet_sku), None)
         if shape is None:
             raise click.BadParameter(f"{fleet_sku} is not a catalog SKU", param_hint="--fleet-sku")
-    try:
-        jobs = gavel.workload(gavel.read_trace(trace_path), gavel.read_throughputs(table))
-    except gavel.TraceError as e:
-        raise click.ClickException(str(e)) from None
-    window_s = hours * _HOUR
-    training = workload.training_window(
-        jobs, start_s=start_h * _HOUR, window_s=window_s, limit=limit
-    )
-    services = () if no_services else workload.DEFAULT_SERVICES
-    work = workload.build(
-        training, services, window_s=window_s, step_s=step_min * 60, source=str(trace_path)
-    )
-    click.echo(_describe(work, trace_path, start_h, len(offers), sellers))
+    window_s = (hours or DEFAULT_HOURS[which]) * _HOUR
+    if which == "w2":
+        try:
+            traces = {
+                name: serving.per_minute(azure_dir / f"AzureLLMInferenceTrace_{name}.csv")
+                for name in ("conv", "code")
+            }
+        except serving.ServingTraceError as e:
+            raise click.ClickException(str(e)) from None
+        services = serving.services(traces, window_s=window_s, step_s=step_min * 60)
+        work = workload.build([], services, window_s=window_s, step_s=step_min * 60)
+        click.echo(f"w2 from {azure_dir}: " + _describe(work, len(offers), sellers))
+    else:
+        try:
+            jobs = gavel.workload(gavel.read_trace(trace_path), gavel.read_throughputs(table))
+        except gavel.TraceError as e:
+            raise click.ClickException(str(e)) from None
+        training = workload.training_window(
+            jobs, start_s=start_h * _HOUR, window_s=window_s, limit=limit
+        )
+        services = () if no_services else workload.DEFAULT_SERVICES
+        work = workload.build(
+            training, services, window_s=window_s, step_s=step_min * 60, source=str(trace_path)
+        )
+        click.echo(
+            f"{trace_path.name} from hour {start_h:g}: " + _describe(work, len(offers), sellers)
+        )
     try:
         result = cost.compare(
             work,
@@ -223,7 +257,17 @@ def cost_command(
     if json_out is not None:
         figures = {
             **result.as_dict(),
-            "workload": _workload_dict(work, trace_path, table, start_h, limit, step_min),
+            "workload": {
+                "name": which,
+                **_workload_dict(
+                    work,
+                    azure_dir if which == "w2" else trace_path,
+                    table,
+                    start_h,
+                    limit,
+                    step_min,
+                ),
+            },
             "catalog": {
                 "path": str(catalog_path),
                 "sellers": list(sellers) or "all",
@@ -240,18 +284,18 @@ def cost_command(
         write_figures(json_out, figures)
 
 
-def _describe(
-    work: workload.Workload, trace: Path, start_h: float, offers: int, sellers: tuple[str, ...]
-) -> str:
+def _describe(work: workload.Workload, offers: int, sellers: tuple[str, ...]) -> str:
     training = work.training
     gpu_hours = sum(d.gpus * d.duration_s for d in training) / _HOUR
     services = ", ".join(
-        f"{s.name} ({s.weights_gb:g} GB on {s.gpus_per_replica} GPU, {s.tokens_per_s:g} tok/s, "
-        f"{s.min_replicas}-{s.max_replicas} replicas peaking {s.peak_hour:g}h)"
+        f"{s.name} ({s.weights_gb:g} GB on "
+        f"{f'{s.gpu_milli} milli of a' if s.gpu_milli else s.gpus_per_replica} GPU, "
+        f"{s.tokens_per_s:g} tok/s, {s.min_replicas}-{s.max_replicas} replicas"
+        f"{'' if s.curve else f' peaking {s.peak_hour:g}h'})"
         for s in work.services
     )
     return (
-        f"{trace.name} from hour {start_h:g}: {len(training)} training jobs "
+        f"{len(training)} training jobs "
         f"({gpu_hours:.0f} GPU-hours) over {work.window_s / _HOUR:g} h; "
         f"{len(work.replicas)} replica stretches of {services or 'no services'}; "
         f"{offers} catalog offers ({', '.join(sellers) or 'all sellers'})"
@@ -285,6 +329,7 @@ def _workload_dict(
                 "name": s.name,
                 "weights_gb": s.weights_gb,
                 "gpus_per_replica": s.gpus_per_replica,
+                "gpu_milli": s.gpu_milli,
                 "tokens_per_s": s.tokens_per_s,
                 "min_replicas": s.min_replicas,
                 "max_replicas": s.max_replicas,

@@ -338,7 +338,8 @@ def targets(a: FleetReport, b: FleetReport, b2: FleetReport, c: FleetReport) -> 
     better = max((b, b2), key=lambda r: r.slo_attainment)
     cost_a = ratio(c.dollars, a.dollars)
     cost_b = ratio(c.dollars, cheaper.dollars)
-    jct = ratio(c.avg_jct_s, faster.avg_jct_s)
+    # no training in the workload: no JCT to compare
+    jct = ratio(c.avg_jct_s, faster.avg_jct_s) if c.training_jobs else 1.0
     return (
         Target(
             name="dollars gpuctl / single_shape",

@@ -36,9 +36,17 @@ class Service:
     min_replicas: int
     max_replicas: int
     peak_hour: float = 14.0  # hours after midnight; the window starts at midnight
+    gpu_milli: int = 0  # a share of one GPU a replica, instead of gpus_per_replica
+    # The replicas an autoscaler asked for, one a `curve_step_s` from the window's start (the
+    # last held to the end), instead of the raised cosine (`sim.serving`)
+    curve: tuple[int, ...] = ()
+    curve_step_s: float = 0.0
 
     def replicas_at(self, t_s: float) -> int:
-        """Replicas needed `t_s` seconds into the window: a raised cosine over the day."""
+        """Replicas needed `t_s` seconds into the window: the curve given, or a raised cosine
+        over the day."""
+        if self.curve:
+            return self.curve[min(int(t_s // self.curve_step_s), len(self.curve) - 1)]
         phase = 2 * math.pi * (t_s - self.peak_hour * _HOUR) / _DAY
         swing = (self.max_replicas - self.min_replicas) * (1 + math.cos(phase)) / 2
         return round(self.min_replicas + swing)
@@ -50,7 +58,8 @@ class Service:
             command=("serve", self.name),
             name=name,
             replicas=1,
-            gpus_per_node=self.gpus_per_replica,
+            gpus_per_node=0 if self.gpu_milli else self.gpus_per_replica,
+            gpu_milli=self.gpu_milli,
             target_tokens_per_s=self.tokens_per_s,
             weights_gb=self.weights_gb,
         )
