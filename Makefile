@@ -92,6 +92,7 @@ bench-cost: $(STAMP)
 	@mkdir -p bench-results
 	$(VENV)/bin/gpuctl simulate cost --trace $(COST_TRACE) --json bench-results/cost.json
 	$(VENV)/bin/gpuctl simulate cost --workload w2 --json bench-results/cost-w2.json
+	$(VENV)/bin/gpuctl simulate cost --workload w3 --json bench-results/cost-w3.json
 
 # RPC fuzzing: 10,000 random, mutated and undecodable requests, with every kind of credential,
 # against a gpuctld of its own on loopback (gpuctl.fuzz); fails on a crash, INTERNAL, UNKNOWN,

@@ -88,3 +88,23 @@ def test_w2_on_the_real_trace(tmp_path: Path) -> None:
     assert all(f["dollars"] >= figures["floor_dollars"] for f in fleets.values())
     assert all(f["slo_attainment"] > 0.9 for f in fleets.values())
     assert len({s["name"] for s in figures["workload"]["services"]}) == len(serving.W2_MODELS)
+
+
+def test_w3_trains_then_serves_what_it_trained_among_smaller_jobs() -> None:
+    from gpuctl.core.model import JobSpec
+    from gpuctl.sim.serving import w3
+    from gpuctl.sim.synthetic import SimJob
+
+    def job(name: str, nodes: int) -> SimJob:
+        spec = JobSpec(kind=JobKind.TRAINING, command=("t",), num_nodes=nodes, gpus_per_node=8)
+        return SimJob(name=name, spec=spec, arrival_s=H, duration_s=H)
+
+    training, (svc,) = w3([job("small", 1), job("gang", 2)], {"conv": [100.0] * 60}, step_s=H)
+    run, *rest = training
+    # the run: 8 x 8 H100 on one fabric for 24 h from the start; the 2-node job is left out
+    assert (run.spec.num_nodes, run.spec.gpus_per_node, run.spec.gpu_model) == (8, 8, "H100 SXM")
+    assert (run.arrival_s, run.duration_s, run.spec.min_net_gbps) == (0.0, 24 * H, 1600.0)
+    assert [j.name for j in rest] == ["small"]
+    # serving starts when the run ends (hour 24 of 72), on 2 GPUs a replica
+    assert svc.curve[:24] == (0,) * 24 and min(svc.curve[24:]) >= 1 and len(svc.curve) == 72
+    assert svc.spec("r").gpus_per_node == 2

@@ -28,7 +28,7 @@ DEFAULT_CATALOG = _ROOT / "config" / "catalog.csv"
 DEFAULT_TRACE = _ROOT.parent / "shared" / "traces" / "gavel" / "msr" / "seed=0" / "ee9e8c.trace"
 # The trace's VC starts slowly (12 jobs in its first 10 days): the window starts on day 10.
 DEFAULT_START_H = 240.0
-DEFAULT_HOURS = {"w1": 168.0, "w2": 24.0}
+DEFAULT_HOURS = {"w1": 168.0, "w2": 24.0, "w3": 72.0}
 DEFAULT_AZURE = _ROOT.parent / "shared" / "traces" / "azure-llm-2023"
 PROVIDER = "catalog"  # the one configured provider every catalog SKU is leased from
 _HOUR = 3600.0
@@ -43,11 +43,13 @@ def offer_of(sku: Sku) -> Offer:
 @click.option(
     "--workload",
     "which",
-    type=click.Choice(["w1", "w2"]),
+    type=click.Choice(["w1", "w2", "w3"]),
     default="w1",
     show_default=True,
     help="w1: a week of the Gavel trace's training plus three services on a cosine; w2: a day "
-    "of six services, 1B to 70B, loaded by the Azure LLM trace (gpuctl.sim.serving).",
+    "of six services, 1B to 70B, loaded by the Azure LLM trace; w3: a 64-GPU training run, "
+    "then serving the model it trained, with the Gavel trace's one-node jobs around it "
+    "(gpuctl.sim.serving).",
 )
 @click.option(
     "--azure",
@@ -55,7 +57,7 @@ def offer_of(sku: Sku) -> Offer:
     type=click.Path(file_okay=False, path_type=Path),
     default=DEFAULT_AZURE,
     show_default="../shared/traces/azure-llm-2023",
-    help="w2: the Azure LLM inference trace 2023 (its conv and code CSV files).",
+    help="w2, w3: the Azure LLM inference trace 2023 (its conv and code CSV files).",
 )
 @click.option(
     "--trace",
@@ -96,7 +98,7 @@ def offer_of(sku: Sku) -> Offer:
     "--hours",
     type=click.FloatRange(0, min_open=True),
     default=None,
-    show_default="168 for w1, 24 for w2",
+    show_default="168 for w1, 24 for w2, 72 for w3",
     help="The window: training arriving in it, services running through it, dollars in it.",
 )
 @click.option(
@@ -175,12 +177,12 @@ def cost_command(
         chosen = build_policy(policy)
     except InvalidArgument as e:
         raise click.BadParameter(e.violations[0].description, param_hint="--policy") from None
-    if which == "w1" and not trace_path.is_file():
+    if which != "w2" and not trace_path.is_file():
         raise click.BadParameter(f"{trace_path} not found", param_hint="--trace")
     if not catalog_path.is_file():
         raise click.BadParameter(f"{catalog_path} not found", param_hint="--catalog")
     table = throughputs or gavel.default_throughputs(trace_path)
-    if which == "w1" and not table.is_file():
+    if which != "w2" and not table.is_file():
         raise click.BadParameter(f"{table} not found", param_hint="--throughputs")
     try:
         skus = load_catalog(catalog_path)
@@ -200,7 +202,8 @@ def cost_command(
         if shape is None:
             raise click.BadParameter(f"{fleet_sku} is not a catalog SKU", param_hint="--fleet-sku")
     window_s = (hours or DEFAULT_HOURS[which]) * _HOUR
-    if which == "w2":
+    traces: dict[str, tuple[float, ...]] = {}
+    if which != "w1":
         try:
             traces = {
                 name: serving.per_minute(azure_dir / f"AzureLLMInferenceTrace_{name}.csv")
@@ -208,6 +211,7 @@ def cost_command(
             }
         except serving.ServingTraceError as e:
             raise click.ClickException(str(e)) from None
+    if which == "w2":
         services = serving.services(traces, window_s=window_s, step_s=step_min * 60)
         work = workload.build([], services, window_s=window_s, step_s=step_min * 60)
         click.echo(f"w2 from {azure_dir}: " + _describe(work, len(offers), sellers))
@@ -220,6 +224,10 @@ def cost_command(
             jobs, start_s=start_h * _HOUR, window_s=window_s, limit=limit
         )
         services = () if no_services else workload.DEFAULT_SERVICES
+        if which == "w3":
+            training, services = serving.w3(
+                training, traces, window_s=window_s, step_s=step_min * 60
+            )
         work = workload.build(
             training, services, window_s=window_s, step_s=step_min * 60, source=str(trace_path)
         )

@@ -1,5 +1,6 @@
-"""Workload W2 of benchmark B4: a day of many inference services, 1B to 70B parameters, whose
-load comes from the Azure LLM inference trace 2023 (`../shared/traces/azure-llm-2023`).
+"""Workloads W2 and W3 of benchmark B4. W2: a day of many inference services, 1B to 70B
+parameters, whose load comes from the Azure LLM inference trace 2023
+(`../shared/traces/azure-llm-2023`). W3 (`w3`): a training run, then serving what it trained.
 
 - **Load.** The trace holds one hour (2023-11-16, 18:15-19:14) of requests to two services,
   `conv` and `code`. Per minute, the tokens they generated per second. A day repeats that
@@ -21,10 +22,12 @@ import csv
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from gpuctl.sim.workload import DEFAULT_STEP_S, Service
+from gpuctl.core.model import JobKind, JobSpec
+from gpuctl.sim.synthetic import SimJob
+from gpuctl.sim.workload import DEFAULT_STEP_S, Service, training_spec
 
 _HOUR = 3600.0
 _DAY = 24 * _HOUR
@@ -128,3 +131,45 @@ def services(
             )
         )
     return tuple(out)
+
+
+# -- W3: train, then serve what was trained ---------------------------------------------------
+
+W3_HOURS = 72.0
+W3_RUN = (8, 8, 24 * _HOUR)  # the run: 8 nodes x 8 GPUs for 24 hours
+W3_SERVICE = Model(
+    name="trained-70b", weights_gb=140.0, gpus=2, tokens_per_s=20.0, trace="conv", share=0.3
+)
+
+
+def w3(
+    background: Sequence[SimJob],
+    traces: dict[str, Sequence[float]],
+    *,
+    window_s: float = W3_HOURS * _HOUR,
+    step_s: float = DEFAULT_STEP_S,
+) -> tuple[tuple[SimJob, ...], tuple[Service, ...]]:
+    """Workload W3, the story gpuctl is for: a training run of `W3_RUN` on an interconnect
+    island from the window's start; then the model it trained (70B, BF16) served from the
+    run's end with W2's chat-70b load (its share of the conversation trace, on the same daily
+    curve); and the one-node jobs of `background` (smaller training) arriving through the
+    window. Returns the training (the run first) and the service, for `workload.build`."""
+    nodes, gpus, run_s = W3_RUN
+    spec = training_spec(
+        JobSpec(
+            kind=JobKind.TRAINING, command=("train", "70b"), name="run", num_nodes=nodes,
+            gpus_per_node=gpus,
+        )
+    )  # fmt: skip
+    run = SimJob(
+        name="run",
+        spec=replace(spec, time_limit_s=int(1.5 * run_s)),
+        arrival_s=0.0,
+        duration_s=run_s,
+    )
+    (served,) = services(traces, window_s=window_s, step_s=step_s, models=(W3_SERVICE,))
+    starts = math.ceil(run_s / step_s)  # serving starts at the step the run ends in
+    curve = tuple(0 if i < starts else n for i, n in enumerate(served.curve))
+    served = replace(served, curve=curve, min_replicas=0)
+    small = tuple(j for j in background if j.spec.num_nodes == 1)
+    return (run, *small), (served,)
