@@ -79,6 +79,7 @@ def test_w2_on_the_real_trace(tmp_path: Path) -> None:
         ["--workload", "w2", "--catalog", str(DEFAULT_CATALOG), "--json", str(out)],
     )
     assert result.exit_code == 0, result.output
+    assert "gpuctl dollars by SKU: " in result.output
     figures = json.loads(out.read_text())
     assert figures["workload"]["name"] == "w2"
     assert figures["workload"]["training_jobs"] == 0

@@ -254,6 +254,8 @@ def cost_command(
         f"boot {boot_s:g} s for (b), (b') and (c)"
     )
     click.echo(_table(result))
+    for r in result.reports:
+        click.echo(f"{r.fleet} dollars by SKU: {_by_sku(r)}")
     click.echo(
         f"floor: ${result.floor_dollars:,.0f} (every demand at the lowest $/GPU-hour meeting its "
         "floors, no boot, no idle GPU)"
@@ -346,6 +348,17 @@ def _workload_dict(
             for s in work.services
         ],
     }
+
+
+def _by_sku(report: cost.FleetReport, most: int = 3) -> str:
+    """ "62 % vast/2x-A100, 23 % vast/1x-L40S, 15 % in 4 more" for a fleet's dollars."""
+    total = report.dollars or 1.0
+    items = list(report.dollars_by_sku.items())
+    parts = [f"{100 * d / total:.0f} % {sku}" for sku, d in items[:most]]
+    if len(items) > most:
+        rest = sum(d for _, d in items[most:])
+        parts.append(f"{100 * rest / total:.0f} % in {len(items) - most} more")
+    return ", ".join(parts) or "nothing"
 
 
 def _table(result: Comparison) -> str:
