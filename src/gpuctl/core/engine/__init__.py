@@ -10,6 +10,7 @@ core keeps, and every rule for bringing one up to date or forgetting it, lives h
   and the two events that end those answers (a bind, a preemption);
 - `fits`: fits(node) for the reservation planner, read off the verdicts.
 
-Policy (`core.plugins`, `core.placement`, `core.cycle`) asks questions of the engine; it keeps
-no cache of its own.
+Policy (`core.plugins`, `core.placement`, `core.cycle`) asks questions of the engine. What it
+memoises itself lives no longer than one cycle: a plugin instance `prepare` made for it
+(frag-aware's losses, hbm-per-dollar's best value) and the cycle's `LeaseBlocks`.
 """
