@@ -10,43 +10,21 @@ The fleet is the demo's (`make demo`):
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
 
 from gpuctl.core import schedule
-from gpuctl.core.model import Job, JobKind, JobSpec, NetKind, SpreadPolicy
+from gpuctl.core.model import Job, JobKind, JobSpec, SpreadPolicy
 from gpuctl.core.plugins import DEFAULT_POLICY, build_policy
 from gpuctl.core.snapshot import Snapshot
-from gpuctl.sim.synthetic import Sku, node_of
+from gpuctl.sim.synthetic import SKUS, node_of
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
-H100 = Sku(
-    name="h100",
-    model="H100 SXM",
-    gpus=8,
-    gpu_memory_mib=81_559,
-    hbm_gbps=3350,
-    nvlink_gbps=900,
-    tflops_per_gpu=989.4,
-    net=NetKind.INFINIBAND,
-    net_ports=8,
-    net_gbps_per_port=400,
-    price_per_hour=23.92,
-)
-L40S = Sku(
-    name="l40s",
-    model="L40S",
-    gpus=4,
-    gpu_memory_mib=46_068,
-    hbm_gbps=864,
-    nvlink_gbps=0,
-    tflops_per_gpu=362.05,
-    net=NetKind.ETHERNET,
-    net_ports=1,
-    net_gbps_per_port=100,
-    price_per_hour=7.32,
-)
+# The simulator's SKUs at the demo's sizes and prices.
+H100 = replace(SKUS["h100-sxm-ib"], price_per_hour=23.92)
+L40S = replace(SKUS["l40s-eth"], gpus=4, price_per_hour=7.32)
 FLEET = [node_of(H100, f"train-{i}", "ib-demo/spine-1/leaf-1") for i in (1, 2)] + [
     node_of(L40S, f"infer-{i}", "eth-demo/rack-1/tor-1") for i in (1, 2)
 ]

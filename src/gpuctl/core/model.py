@@ -278,9 +278,8 @@ class JobSpec:
     # is ready once its process runs
     readiness_http: str = ""
     readiness_tcp: bool = False
-    spread: SpreadPolicy = (
-        SpreadPolicy.NODE
-    )  # inference: one replica to a node where it can, or packed
+    # inference: one replica to a node where it can, or packed
+    spread: SpreadPolicy = SpreadPolicy.NODE
 
     @property
     def gpu_models(self) -> tuple[str, ...]:

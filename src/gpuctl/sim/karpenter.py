@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from gpuctl.core.leasing import Offer, offer_misfit
+from gpuctl.core.model import JobSpec
 from gpuctl.core.plugins import RankRequest, replica_share
 from gpuctl.sim.lease_replay import Bill, Outcome, Served, tokens_per_s
 from gpuctl.sim.workload import TRAINING_GPU, Demand, Workload
@@ -57,6 +58,8 @@ class _Node:
 @dataclass(slots=True)
 class _Pod:
     demand: Demand
+    spec: JobSpec  # what the pod asks of a node: the demand's, naming the team's model
+    kind: int  # pods alike in `spec` share one (`_Karpenter.kinds`)
     gpus: int
     node: _Node | None = None
 
@@ -97,7 +100,8 @@ class _Karpenter:
         self.served: list[Served] = []
         self.ended: dict[int, float] = {}
         self.batch: tuple[float, float] | None = None  # (first pod joined, last pod joined)
-        self.fitting: dict[tuple[object, ...], bool] = {}
+        self.kinds: dict[JobSpec, int] = {}
+        self.fitting: dict[tuple[int, int, int], bool] = {}
 
     def at(self, t: float, kind: str, what: object = None) -> None:
         heapq.heappush(self.events, (t, next(self.order), kind, what))
@@ -131,7 +135,9 @@ class _Karpenter:
             count, gpus = d.spec.num_nodes, d.spec.gpus_per_node
         else:  # whole GPUs, as the device plugin counts them
             count, gpus = 1, math.ceil(replica_share(RankRequest.of(d.spec)))
-        pods = [_Pod(demand=d, gpus=gpus) for _ in range(count)]
+        spec = replace(d.spec, name="", command=(), gpu_model=self.model)
+        kind = self.kinds.setdefault(spec, len(self.kinds))
+        pods = [_Pod(demand=d, spec=spec, kind=kind, gpus=gpus) for _ in range(count)]
         if not any(self._fits(pods[0], o) for o in self.offers):
             return  # no instance type fits it: it never runs
         self.pods[d.id] = pods
@@ -251,21 +257,10 @@ class _Karpenter:
     def _fits(self, pod: _Pod, offer: Offer) -> bool:
         """The pod's node selector (the model teams name) and NodePool requirements (its
         floors: a gang's fabric, a replica's memory and bandwidth) on one instance type."""
-        key = (
-            pod.demand.spec.kind,
-            pod.demand.spec.num_nodes,
-            pod.demand.spec.gpus_per_node,
-            pod.demand.spec.weights_gb,
-            pod.demand.spec.target_tokens_per_s,
-            pod.demand.spec.min_net_gbps,
-            pod.demand.spec.min_nvlink_gbps,
-            pod.demand.spec.gpu_memory_mib,
-            pod.gpus,
-            offer,
-        )
+        key = (pod.kind, pod.gpus, id(offer))  # the offers live as long as the run
         found = self.fitting.get(key)
         if found is None:
-            spec = replace(pod.demand.spec, gpu_model=self.model)
+            spec = pod.spec
             found = (
                 offer.gpu_count >= pod.gpus
                 and not offer_misfit(spec, RankRequest.of(spec), offer)

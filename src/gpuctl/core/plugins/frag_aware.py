@@ -52,6 +52,8 @@ class FragAware(ColumnScore):
     excess: tuple[tuple[str, float], ...] = ()  # GPU model -> its contention, where above 0
     _memo: dict[tuple, float] = field(default_factory=dict, compare=False)
     _losses: dict[RankRequest, ReplicaLoss] = field(default_factory=dict, compare=False)
+    # `excess` by model index, per tuple of model names a table has (one a cycle)
+    _excess_of: dict[tuple[str, ...], np.ndarray] = field(default_factory=dict, compare=False)
     _workload: Workload | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -187,8 +189,13 @@ class FragAware(ColumnScore):
         loss = self._loss(request)
         excess = None
         if self.excess:
-            by_model = dict(self.excess)
-            excess = np.array([by_model.get(m, 0.0) for m in table.models])[table.model[rows]]
+            of_model = self._excess_of.get(table.models)
+            if of_model is None:
+                by_name = dict(self.excess)
+                of_model = self._excess_of[table.models] = np.array(
+                    [by_name.get(m, 0.0) for m in table.models]
+                )
+            excess = of_model[table.model[rows]]
         fits, lost = loss.losses(
             free,
             table.cpu_free[rows],
