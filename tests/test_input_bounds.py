@@ -1014,3 +1014,45 @@ def test_a_node_without_violations_round_trips_the_wire_and_the_store(
     assert node_from_row(NodeRow(**node_values(node))) == node
     assert sqlite_store.put_node(node) == node
     assert sqlite_store.get_node(node.id) == node
+
+
+@pytest.mark.parametrize(
+    ("spec", "says"),
+    [
+        pytest.param(
+            replace(INFERENCE, gpu_model="|".join(f"M{i}" for i in range(9))),
+            "names more than 8 models",
+            id="nine-models",
+        ),
+        pytest.param(
+            replace(INFERENCE, gpu_model="A|" + "x" * 65),
+            "longer than 64 characters",
+            id="a-long-name",
+        ),
+        pytest.param(replace(INFERENCE, gpu_model="A||B"), "empty model name", id="empty-name"),
+        pytest.param(
+            replace(INFERENCE, gpu_model="|" * 100_000), "names more than 8", id="many-bars"
+        ),
+    ],
+)
+def test_a_gpu_model_list_is_bounded_and_named(spec: JobSpec, says: str) -> None:
+    found = [v for v in spec_violations(spec) if v.field == "spec.gpu_model"]
+    assert found and says in found[0].description
+
+
+def test_spread_is_for_inference_and_a_wire_value_past_the_enum_is_named() -> None:
+    from gpuctl.api._pb.v1 import jobs_pb2
+    from gpuctl.core.model import SpreadPolicy
+
+    assert "spec.spread" in [
+        v.field for v in spec_violations(replace(TRAINING, spread=SpreadPolicy.NONE))
+    ]
+    msg = convert.spec_to_pb(INFERENCE)
+    msg.spread = 99
+    with pytest.raises(InvalidArgument) as caught:
+        convert.spec_from_pb(msg)
+    assert [v.field for v in caught.value.violations] == ["spec.spread"]
+    assert (
+        convert.spec_to_pb(replace(INFERENCE, spread=SpreadPolicy.NONE)).spread
+        == jobs_pb2.SPREAD_NONE
+    )
