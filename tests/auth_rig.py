@@ -60,9 +60,12 @@ class Tokens:
 def serve(controller: Controller, **kwargs) -> ApiServer:
     server = ApiServer(
         controller,
-        guard_for(controller, **{k: v for k, v in kwargs.items() if k != "watch_poll_s"}),
+        guard_for(
+            controller, **{k: v for k, v in kwargs.items() if k not in ("watch_poll_s", "observer")}
+        ),
         Listeners(tcp="127.0.0.1:0"),
         watch_poll_s=kwargs.get("watch_poll_s", 0.05),
+        observer=kwargs.get("observer"),
     )
     server.start()
     return server

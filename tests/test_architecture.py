@@ -140,8 +140,8 @@ RULES = (
         id="agent-stays-off-the-daemon",
         scope="gpuctl.agent",
         why="the agent speaks the agent API (generated code, conversion) and shares the core, "
-        "sd_notify and the private-file modes; it never reaches into the daemon's store, "
-        "controller or servicers",
+        "sd_notify, the private-file modes, the log format and the metrics endpoint; it never "
+        "reaches into the daemon's store, controller or servicers",
         gpuctl=(
             "gpuctl.agent",
             "gpuctl.core",
@@ -153,6 +153,8 @@ RULES = (
             "gpuctl.runtime.sdnotify",
             "gpuctl.runtime.clock",
             "gpuctl.runtime.private",
+            "gpuctl.runtime.logfmt",
+            "gpuctl.runtime.exposition",
         ),
         forbidden=("sqlmodel", "sqlalchemy", "apscheduler"),
     ),

@@ -9,6 +9,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import urllib.request
 from pathlib import Path
 
 from gpuctl.client import Client, jobs_pb2
@@ -110,6 +111,27 @@ def print_placements(client: Client, job_ids: tuple[str, ...]) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
+SHOWN_METRICS = (
+    "gpuctl_jobs_running",
+    "gpuctl_gpus",
+    "gpuctl_fragmented_gpus",
+    "gpuctl_lease_cost_dollars_per_hour",
+    "gpuctl_charged_dollars_per_hour",
+    "gpuctl_scheduling_placements_total",
+    "gpuctl_leader",
+)
+
+
+def show_metrics(cluster: LocalCluster) -> None:
+    url = f"http://127.0.0.1:{cluster.metrics_port}/metrics"
+    print(f"$ curl -s {url} | grep ...", flush=True)
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        text = reply.read().decode()
+    for line in text.splitlines():
+        if line.split("{")[0].split(" ")[0] in SHOWN_METRICS:
+            print(line)
+
+
 def wait_for(what: str, check, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -120,7 +142,7 @@ def wait_for(what: str, check, timeout: float = 30.0) -> None:
 
 def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="gpuctl-demo-"))
-    cluster = LocalCluster(root, pki=True)
+    cluster = LocalCluster(root, pki=True, metrics=True)
     try:
         say("Starting gpuctld on a temporary SQLite store")
         cluster.start_daemon()
@@ -181,6 +203,9 @@ def main() -> int:
         with cluster.client() as client:
             print_placements(client, (train_id, serve_id))
         run(cluster, "describe", train_id)
+
+        say("What Prometheus sees (a few of gpuctld's metrics)")
+        show_metrics(cluster)
 
         say("Waiting for the training job to finish")
         with cluster.client() as client:

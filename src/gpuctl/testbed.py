@@ -83,6 +83,9 @@ class LocalCluster:
     # of one control plane (one leads, the others stand by).
     store_url: str = ""
     ha_name: str = ""
+    # metrics: gpuctld serves Prometheus metrics on a loopback port of its choosing
+    metrics: bool = False
+    metrics_port: int = 0
     # Unix socket paths hold 107 bytes: the socket lives in a short directory of its own.
     run_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="gpuctl-")))
 
@@ -139,6 +142,7 @@ class LocalCluster:
                 *(["--agent-listen", f"127.0.0.1:{self.agent_port}"] if self.pki else []),
                 *(["--store-url", self.store_url] if self.store_url else []),
                 "--port-file", str(port_file),
+                *(["--metrics-listen", "127.0.0.1:0"] if self.metrics else []),
             ],
         )  # fmt: skip
         deadline = time.monotonic() + timeout
@@ -155,6 +159,7 @@ class LocalCluster:
         ports = port_file.read_text().split()
         self.port = int(ports[0])
         self.agent_port = int(ports[1]) if self.pki else 0
+        self.metrics_port = int(ports[2]) if self.metrics else 0
         self.wait_serving(timeout)
 
     def wait_serving(self, timeout: float) -> None:

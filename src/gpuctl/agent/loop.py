@@ -97,6 +97,32 @@ class Notifier(Protocol):
     def stopping(self) -> bool: ...
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentStatus:
+    """What the agent's metrics show, as of the end of the last tick (read by another
+    thread: the loop replaces it whole, never changes it)."""
+
+    registered: bool = False
+    ranks: int = 0  # held: running, or exited and not yet reported
+    reports_pending: int = 0
+    silent_s: float | None = None  # since gpuctld last answered; None: never
+    fenced: bool = False
+    health_issues: int = 0
+    heartbeats_ok: int = 0
+    heartbeats_failed: int = 0
+    profile: BandwidthProfile | None = None  # as last measured
+
+
+class HeartbeatObserver(Protocol):
+    def heartbeat(self, ok: bool, seconds: float) -> None:
+        """A heartbeat was answered (ok) or failed after `seconds`."""
+
+
+class JobMap(Protocol):
+    def update(self, jobs_by_gpu: dict[int, set[int]]) -> None:
+        """The jobs each GPU of this node holds now (DCGM's job mapping)."""
+
+
 class _NoNotifier:
     watchdog_interval = None
 
@@ -177,6 +203,8 @@ class AgentLoop:
         jitter: Callable[[], float] = random.random,
         health_interval_s: float = DEFAULT_HEALTH_INTERVAL_S,
         min_bandwidth_fraction: float = DEFAULT_MIN_BANDWIDTH_FRACTION,
+        observer: HeartbeatObserver | None = None,
+        job_map: JobMap | None = None,
     ) -> None:
         self._stub = stub
         self._runner = runner
@@ -221,6 +249,13 @@ class AgentLoop:
         self._health_due = False  # a rank exited: re-profile at the next tick
         self._health_issues: tuple[str, ...] = ()
         self._profile_unsent: BandwidthProfile | None = None  # re-measured, not yet heartbeated
+        self._profile: BandwidthProfile | None = None  # the last measured
+
+        self._observer = observer
+        self._job_map = job_map
+        self._gpus: dict[RankKey, tuple[int, ...]] = {}  # each assigned rank's GPU indices
+        self._heartbeats = [0, 0]  # answered, failed
+        self.status = AgentStatus()
 
     # -- the view tests and main need -----------------------------------------------------
 
@@ -267,6 +302,30 @@ class AgentLoop:
         self._finish_exited()
         self._send_outbox()
         self._ping_watchdog()
+        self._publish()
+
+    def _publish(self) -> None:
+        """The status for metrics, and which jobs hold which GPUs for DCGM's exporter."""
+        held = self.held()
+        now = self._clock.monotonic()
+        self.status = AgentStatus(
+            registered=self._registered,
+            ranks=len(held),
+            reports_pending=len(self._outbox),
+            silent_s=None if self._last_word is None else max(0.0, now - self._last_word),
+            fenced=self._fenced,
+            health_issues=len(self._health_issues),
+            heartbeats_ok=self._heartbeats[0],
+            heartbeats_failed=self._heartbeats[1],
+            profile=self._profile,
+        )
+        self._gpus = {k: v for k, v in self._gpus.items() if k in held or k in self._seen}
+        if self._job_map is not None:
+            jobs: dict[int, set[int]] = {}
+            for key in held:
+                for gpu in self._gpus.get(key, ()):
+                    jobs.setdefault(gpu, set()).add(key.job_id)
+            self._job_map.update(jobs)
 
     def run(self, stop: threading.Event) -> None:
         """Tick until `stop` is set, sleeping (interruptibly) until the next thing is due."""
@@ -321,6 +380,7 @@ class AgentLoop:
 
     def _register(self) -> None:
         facts = self._probe.probe()
+        self._profile = facts.profile
         if self._baseline is None:
             self._baseline = facts.profile
             self._next_health = self._clock.monotonic() + self._health_interval
@@ -374,9 +434,11 @@ class AgentLoop:
             node_name=self._node_name, running=_refs(held), ready=_refs(self._probe_ready())
         )
         self._add_health(request)
+        started = self._clock.monotonic()
         try:
             response = self._stub.Heartbeat(request, timeout=self._rpc_timeout)
         except grpc.RpcError as e:
+            self._count_heartbeat(False, started)
             if e.code() is grpc.StatusCode.NOT_FOUND:
                 self._reregister("the daemon does not know this node")
                 return
@@ -388,6 +450,7 @@ class AgentLoop:
                 self._next_heartbeat = self._clock.monotonic() + delay
             self._failed(e, "heartbeat")
             return
+        self._count_heartbeat(True, started)
         self._reached()
         self._heartbeat_failures = 0
         self._profile_unsent = None
@@ -399,9 +462,17 @@ class AgentLoop:
             self._runner.stop(key)
         for assignment in response.assignments:
             key = key_from_pb(assignment.ref)
+            # Assignments are sent again each heartbeat: an agent that adopted ranks learns
+            # their GPUs here too.
+            self._gpus[key] = tuple(assignment.gpu_indices)
             if key in self._seen or key in stops:
                 continue
             self._start(launch_from_pb(assignment))
+
+    def _count_heartbeat(self, ok: bool, started: float) -> None:
+        self._heartbeats[0 if ok else 1] += 1
+        if self._observer is not None:
+            self._observer.heartbeat(ok, self._clock.monotonic() - started)
 
     # -- health ---------------------------------------------------------------------------
 
@@ -431,7 +502,7 @@ class AgentLoop:
             # Tell the daemon now, not at the next heartbeat: it keeps new work off a sick node.
             self._next_heartbeat = now
         self._health_issues = issues
-        self._profile_unsent = facts.profile
+        self._profile_unsent = self._profile = facts.profile
 
     def _add_health(self, request: agent_pb2.HeartbeatRequest) -> None:
         request.health_issues.extend(self._health_issues)

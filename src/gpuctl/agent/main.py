@@ -5,7 +5,7 @@ config and the environment; it builds the probe, runner and loop and runs them u
 from __future__ import annotations
 
 import argparse
-import ipaddress
+import hmac
 import json
 import logging
 import os
@@ -23,11 +23,13 @@ from typing import Any, NoReturn
 
 import grpc
 
+from gpuctl.agent.dcgm import JobMapping
 from gpuctl.agent.failover import FailoverStub
 from gpuctl.agent.fakenvml import FakeNvml, fake_nvml
 from gpuctl.agent.health import DEFAULT_HEALTH_INTERVAL_S, DEFAULT_MIN_BANDWIDTH_FRACTION
-from gpuctl.agent.loop import AgentLoop, NodeIdentity, SystemClock
+from gpuctl.agent.loop import AgentLoop, AgentStatus, NodeIdentity, SystemClock
 from gpuctl.agent.membench import HbmResult, load_backend, measure_hbm
+from gpuctl.agent.metrics import AgentMetrics
 from gpuctl.agent.nvml import NvmlProbe
 from gpuctl.agent.probe import (
     FakeGpus,
@@ -56,8 +58,11 @@ from gpuctl.api._pb.agent.v1 import agent_pb2, agent_pb2_grpc
 from gpuctl.api.auth import bearer
 from gpuctl.api.client import split_target
 from gpuctl.api.pki import node_key_and_csr, write_private
+from gpuctl.core.errors import InvalidArgument
 from gpuctl.core.model import Gpu, Network
 from gpuctl.core.trust import DEFAULT_DENIED_ACCOUNTS, DEFAULT_MIN_UID, RunAsPolicy
+from gpuctl.runtime import logfmt
+from gpuctl.runtime.exposition import EndpointSettings, MetricsEndpoint, Refused, is_loopback
 from gpuctl.runtime.private import private_state_dir
 from gpuctl.runtime.sdnotify import Notifier
 
@@ -96,7 +101,14 @@ _CONFIG_KEYS: dict[str, tuple[type, ...]] = {
     "run_as_min_uid": (int,),
     "run_as_deny": (list,),
     "run_as_allow": (list,),
+    "log_format": (str,),
+    "metrics_listen": (str,),
+    "metrics_tls_cert_file": (str,),  # config only, as the two below
+    "metrics_tls_key_file": (str,),
+    "metrics_token_file": (str,),
+    "dcgm_job_mapping_dir": (str,),
 }
+LOG_FORMATS = ("auto", "json", "plain")
 
 
 class SettingsError(ValueError):
@@ -129,6 +141,11 @@ class AgentSettings:
     join_token: str = ""  # --join: trade it for a certificate before starting
     join_server: str = ""  # where to join (gpuctld's main listener); "": --server
     ca_file: Path | None = None  # speak TLS to gpuctld, trusting only this CA
+    log_format: str = "auto"
+    # Prometheus metrics: where ("": none), and off loopback TLS and the scrapers' token
+    metrics: EndpointSettings | None = None
+    metrics_token_file: Path | None = None
+    dcgm_job_mapping_dir: Path | None = None  # DCGM exporter's --hpc-job-mapping-dir
 
     @property
     def servers(self) -> tuple[str, ...]:
@@ -231,6 +248,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, help="default: info")
     p.add_argument(
+        "--log-format",
+        type=str.lower,
+        choices=LOG_FORMATS,
+        help="auto (default: plain on a terminal, JSON lines otherwise), json or plain",
+    )
+    p.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics here, e.g. 127.0.0.1:9751 (off loopback: TLS and a "
+        "token, metrics_tls_cert_file, metrics_tls_key_file and metrics_token_file in the "
+        "config)",
+    )
+    p.add_argument(
+        "--dcgm-job-mapping-dir",
+        metavar="DIR",
+        help="keep DCGM exporter's job mapping files here (its --hpc-job-mapping-dir), so "
+        "its per-GPU metrics carry gpuctl job ids",
+    )
+    p.add_argument(
         "--health-interval",
         metavar="SECONDS",
         help="re-profile the node this often to check its health, besides after every job "
@@ -291,15 +327,6 @@ def _server_hosts(server: str) -> tuple[str, ...]:
     return tuple(_split_server(a)[0] for a in addresses)
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _labels(config: Mapping[str, str], flags: Sequence[str]) -> tuple[tuple[str, str], ...]:
     labels = dict(config)
     for item in flags:
@@ -328,7 +355,7 @@ def load_settings(argv: Sequence[str], env: Mapping[str, str]) -> AgentSettings:
         return flag if flag is not None else config.get(key, default)
 
     server = pick("server", DEFAULT_SERVER)
-    loopback = all(_is_loopback(host) for host in _server_hosts(server))
+    loopback = all(is_loopback(host) for host in _server_hosts(server))
     hostname = socket.gethostname()
     name = pick("name") or hostname
     address = pick("address") or ("127.0.0.1" if loopback else hostname)
@@ -346,6 +373,20 @@ def load_settings(argv: Sequence[str], env: Mapping[str, str]) -> AgentSettings:
     log_level = str(pick("log_level", "info")).lower()
     if log_level not in LOG_LEVELS:
         raise SettingsError(f"bad log_level {log_level!r}; known: {', '.join(LOG_LEVELS)}")
+    log_format = str(pick("log_format", "auto")).lower()
+    if log_format not in LOG_FORMATS:
+        raise SettingsError(f"bad log_format {log_format!r}; known: {', '.join(LOG_FORMATS)}")
+    metrics = None
+    if listen := pick("metrics_listen", ""):
+        metrics = EndpointSettings(
+            listen=listen,
+            tls_cert_file=config.get("metrics_tls_cert_file", ""),
+            tls_key_file=config.get("metrics_tls_key_file", ""),
+            where="--metrics-listen",
+        )
+        problems = metrics.violations(can_authorize=bool(config.get("metrics_token_file")))
+        if problems:
+            raise SettingsError(f"bad --metrics-listen: {'; '.join(problems)}")
     state_dir = pick("state_dir")
     fallback_user = str(pick("run_as_fallback_user", DEFAULT_FALLBACK_USER)).strip()
     if not fallback_user:
@@ -396,6 +437,16 @@ def load_settings(argv: Sequence[str], env: Mapping[str, str]) -> AgentSettings:
         join_token=args.join or "",
         join_server=pick("join_server", ""),
         ca_file=Path(pick("ca_file")).expanduser() if pick("ca_file") else None,
+        log_format=log_format,
+        metrics=metrics,
+        metrics_token_file=(
+            Path(config["metrics_token_file"]).expanduser()
+            if config.get("metrics_token_file")
+            else None
+        ),
+        dcgm_job_mapping_dir=(
+            Path(d).expanduser().absolute() if (d := pick("dcgm_job_mapping_dir")) else None
+        ),
     )
 
 
@@ -630,7 +681,7 @@ def open_channels(settings: AgentSettings) -> dict[str, grpc.Channel]:
         raise SettingsError(f"{settings.token_file} is empty")
     if roots is None:
         for address in settings.servers:
-            if not _is_loopback(_split_server(address)[0]):
+            if not is_loopback(_split_server(address)[0]):
                 raise SettingsError(
                     f"--server {address} is not on loopback: give --ca-file so that the node's "
                     "credential and its jobs' secrets cross the network encrypted, to the real "
@@ -661,9 +712,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SettingsError, SpecError) as e:
         print(f"gpuctl-agent: {e}", file=sys.stderr)
         return EXIT_USAGE
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logfmt.setup(settings.log_level, settings.log_format)
     try:
         # Listable by no one else: it holds rank logs and every job's environment.
         private_state_dir(settings.state_dir, STATE_DIR_MODE)
@@ -687,6 +736,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gpuctl-agent: {e}", file=sys.stderr)
         return EXIT_USAGE
     clock = SystemClock()
+    status: list[AgentLoop] = []
+    metrics = AgentMetrics(lambda: status[0].status if status else AgentStatus())
+    try:
+        endpoint = _metrics_endpoint(settings, metrics)
+    except (SettingsError, InvalidArgument, OSError) as e:
+        print(f"gpuctl-agent: {e}", file=sys.stderr)
+        return EXIT_USAGE
     loop = AgentLoop(
         FailoverStub({a: agent_pb2_grpc.AgentServiceStub(c) for a, c in channels.items()}),
         build_runner(settings, clock.monotonic),
@@ -696,7 +752,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         notifier=Notifier(os.environ),
         health_interval_s=settings.health_interval_s,
         min_bandwidth_fraction=settings.min_bandwidth_fraction,
+        observer=metrics,
+        job_map=(
+            JobMapping(settings.dcgm_job_mapping_dir) if settings.dcgm_job_mapping_dir else None
+        ),
     )
+    status.append(loop)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -720,7 +781,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         for channel in channels.values():
             channel.close()
+        if endpoint is not None:
+            endpoint.close()
     return 0
+
+
+def _metrics_endpoint(settings: AgentSettings, metrics: AgentMetrics) -> MetricsEndpoint | None:
+    """/metrics where --metrics-listen says; off loopback, for the token in
+    metrics_token_file (what Prometheus sends as its bearer credentials)."""
+    if settings.metrics is None:
+        return None
+    authorize = None
+    if settings.metrics_token_file is not None:
+        try:
+            expected = settings.metrics_token_file.read_text().strip().encode()
+        except OSError as e:
+            raise SettingsError(
+                f"cannot read metrics_token_file {settings.metrics_token_file}: {e.strerror}"
+            ) from None
+        if not expected:
+            raise SettingsError(f"metrics_token_file {settings.metrics_token_file} is empty")
+
+        def authorize(token: str) -> None:
+            if not hmac.compare_digest(token.encode(), expected):
+                raise Refused(401, "not the metrics token")
+
+    endpoint = MetricsEndpoint(settings.metrics, metrics.registry, authorize=authorize)
+    log.info("metrics on port %d", endpoint.port)
+    return endpoint
 
 
 if __name__ == "__main__":

@@ -4,9 +4,10 @@ Unix socket for the head node and on TCP (TLS where configured)."""
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -65,15 +66,29 @@ class Listeners:
     agent_ca: bytes = b""
 
 
+class CallObserver(Protocol):
+    """Told of every call answered (gpuctld's metrics): `method` as `JobService/CreateJob`,
+    `code` as `OK` or `NOT_FOUND`."""
+
+    def call(self, method: str, code: str, seconds: float) -> None:
+        """A unary call answered after `seconds`."""
+
+    def stream(self, method: str, code: str) -> None:
+        """A streaming call ended."""
+
+
 class _Edge(grpc.ServerInterceptor):
     """What every call meets before a servicer: a request that is not a valid message of its
     type gets INVALID_ARGUMENT (gRPC itself would answer INTERNAL), and reflection, which
     lists every method and message, needs credentials. Health stays open: load balancers and
     systemd checks carry none."""
 
-    def __init__(self, auth: Authenticator, gate: Gate | None = None) -> None:
+    def __init__(
+        self, auth: Authenticator, gate: Gate | None = None, observer: CallObserver | None = None
+    ) -> None:
         self.auth = auth
         self.gate = gate
+        self.observer = observer
 
     def intercept_service(self, continuation, details):
         if details.method.startswith("/grpc.reflection."):
@@ -93,6 +108,10 @@ class _Edge(grpc.ServerInterceptor):
         behavior = _refusing_malformed(getattr(handler, kind))
         if not details.method.startswith(_OWN_LANE):  # a person's call (see api.lanes)
             behavior = PeopleCall(behavior, _busy, self.gate)
+        if self.observer is not None:  # outermost: refusals for load are answers too
+            method = details.method.rsplit(".", 1)[-1]
+            observe = _observed_stream if handler.response_streaming else _observed
+            behavior = observe(behavior, method, self.observer)
         return handler._replace(
             request_deserializer=_tolerant(handler.request_deserializer), **{kind: behavior}
         )
@@ -100,6 +119,44 @@ class _Edge(grpc.ServerInterceptor):
 
 # Agents' calls and health checks: never behind people's, never refused for them.
 _OWN_LANE = ("/gpuctl.agent.v1.AgentService/", "/grpc.health.v1.Health/")
+
+
+def _code(context, failed: bool) -> str:
+    code = context.code()
+    if code is None:
+        return "UNKNOWN" if failed else "OK"
+    return code.name
+
+
+def _observed(behavior, method: str, observer: CallObserver):
+    def observed(request, context):
+        started = time.perf_counter()
+        failed = True
+        try:
+            reply = behavior(request, context)
+            failed = False
+            return reply
+        finally:
+            observer.call(method, _code(context, failed), time.perf_counter() - started)
+
+    return observed
+
+
+def _observed_stream(behavior, method: str, observer: CallObserver):
+    def observed(request, context):
+        code = ""
+        try:
+            yield from behavior(request, context)
+            # A stream that ends because its caller went away (cancelled, or past its
+            # deadline) returns like one that is done.
+            code = _code(context, failed=False) if context.is_active() else "CANCELLED"
+        except GeneratorExit:  # the caller went away while the stream waited to send
+            code = "CANCELLED"
+            raise
+        finally:
+            observer.stream(method, code or _code(context, failed=True))
+
+    return observed
 
 
 def _busy(_request, context):
@@ -145,6 +202,7 @@ class ApiServer:
         sessions: SessionBook | None = None,
         watch_poll_s: float = 0.5,
         max_message_bytes: int = 4 << 20,
+        observer: CallObserver | None = None,
     ) -> None:
         workers = guard.limits.settings.workers
         reserve = guard.limits.settings.agent_reserve
@@ -161,7 +219,7 @@ class ApiServer:
             # Past this many calls queued or running, gRPC refuses at once (RESOURCE_EXHAUSTED)
             # instead of queueing without end; the guard's own limits answer first.
             maximum_concurrent_rpcs=workers * 4,
-            interceptors=[_Edge(guard.auth, self.lanes.gate)],
+            interceptors=[_Edge(guard.auth, self.lanes.gate, observer)],
         )
         jobs_pb2_grpc.add_JobServiceServicer_to_server(
             JobServicer(controller, guard, poll_s=watch_poll_s), self.server

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from gpuctl.core.model import MILLI_PER_GPU, Job, NodeLease
+from gpuctl.core.model import MILLI_PER_GPU, Job, NodeLease, Placement
 
 
 class CostBy(enum.StrEnum):
@@ -102,24 +102,37 @@ def job_charge(
     if seconds <= 0:
         return None
     hours = seconds / 3600
-    held: dict[str, float] = {}
-    for r in job.placement.ranks:
-        held[r.node_id] = (
-            held.get(r.node_id, 0.0) + len(r.gpu_indices) * r.gpu_milli / MILLI_PER_GPU
-        )
-    dollars = gpu_hours = 0.0
-    for node_id, gpus in held.items():
-        price = prices.get(node_id)
-        gpu_hours += gpus * hours
-        if price is not None and price.gpu_count > 0:
-            dollars += gpus / price.gpu_count * price.price_per_hour * hours
+    gpu_hours = sum(_held_gpus(job.placement).values()) * hours
     return Charge(
         job_id=job.id,
         queue=job.spec.queue,
         owner=job.spec.owner,
-        dollars=dollars,
+        dollars=hourly_rate(job, prices) * hours,
         gpu_hours=gpu_hours,
     )
+
+
+def hourly_rate(job: Job, prices: Mapping[str, NodePrice]) -> float:
+    """Dollars an hour `job` is charged while it holds what it holds now (its share of each
+    node, as `job_charge` counts it); 0 when it holds nothing."""
+    if job.placement is None:
+        return 0.0
+    dollars = 0.0
+    for node_id, gpus in _held_gpus(job.placement).items():
+        price = prices.get(node_id)
+        if price is not None and price.gpu_count > 0:
+            dollars += gpus / price.gpu_count * price.price_per_hour
+    return dollars
+
+
+def _held_gpus(placement: Placement) -> dict[str, float]:
+    """GPUs held on each node (a 250-milli share counts as 0.25)."""
+    held: dict[str, float] = {}
+    for r in placement.ranks:
+        held[r.node_id] = (
+            held.get(r.node_id, 0.0) + len(r.gpu_indices) * r.gpu_milli / MILLI_PER_GPU
+        )
+    return held
 
 
 def attempt_charge(

@@ -15,6 +15,8 @@ from typing import Any
 from gpuctl.core.errors import FieldViolation, InvalidArgument
 from gpuctl.core.trust import DEFAULT_DENIED_ACCOUNTS, DEFAULT_MIN_UID
 
+LOG_FORMATS = ("auto", "json", "plain")
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DaemonConfig:
@@ -57,6 +59,8 @@ class DaemonConfig:
     retention_days: float = 30.0
     audit_retention_days: float = 365.0
     log_level: str = "INFO"
+    log_format: str = "auto"  # auto: JSON lines unless stderr is a terminal; json; plain
+    metrics_listen: str = ""  # Prometheus /metrics, e.g. 127.0.0.1:9750; "": none
     admins: tuple[str, ...] = ()
     operators: tuple[str, ...] = ()
     admin_groups: tuple[str, ...] = ()
@@ -169,6 +173,8 @@ _KEYS: dict[str, str] = {
     "jobs.retention_days": "retention_days",
     "auth.audit_retention_days": "audit_retention_days",
     "logging.level": "log_level",
+    "logging.format": "log_format",
+    "metrics.listen": "metrics_listen",
     "ha.name": "ha_name",
     "ha.address": "ha_address",
     "ha.agent_address": "ha_agent_address",
@@ -254,6 +260,8 @@ def load_config(
                 f"ports {base}..{base + size - 1} must lie within 1024..65535",
             )
         )
+    if values.get("log_format", "auto") not in LOG_FORMATS:
+        violations.append(FieldViolation("logging.format", 'must be "auto", "json" or "plain"'))
     if values.get("lease_unknown", "release") not in ("release", "adopt"):
         violations.append(FieldViolation("leases.unknown", 'must be "release" or "adopt"'))
     if violations:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -82,6 +83,15 @@ class LeaseSide(Protocol):
     def match(self, reported: Node, known: Node | None, now: datetime) -> NodeLease | None: ...
 
     def fabric_of(self, lease: NodeLease) -> str: ...
+
+
+class CycleObserver(Protocol):
+    """Told of each cycle that had something to decide (gpuctld's metrics)."""
+
+    def cycle(
+        self, seconds: float, result: CycleResult, placed: Sequence[Job], now: datetime
+    ) -> None:
+        """`placed`: the jobs the cycle bound, as they were while pending."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -223,6 +233,7 @@ class Controller:
         self._lock = threading.RLock()
         self.leases: LeaseSide | None = None  # leases from providers (`attach_leases`)
         self.cycles: CycleProcess | None = None  # where cycles decide, if not in here
+        self.observer: CycleObserver | None = None  # told of each cycle that decided (metrics)
         self._leading_since: datetime | None = None
         # The fleet by kind, for refusing jobs that could never run: (when read, the kinds,
         # the verdicts given on them by the shape of the spec).
@@ -235,6 +246,11 @@ class Controller:
 
     def attach_leases(self, keeper: LeaseSide) -> None:
         self.leases = keeper
+
+    @property
+    def leading(self) -> bool:
+        """Whether this gpuctld leads (decides and writes), not a standby."""
+        return self._leading_since is not None
 
     def lead(self) -> None:
         """This gpuctld starts deciding (at start, or taking over from a leader that died):
@@ -273,7 +289,13 @@ class Controller:
             audit=audit,
         )
         if created:
-            log.info("job %d submitted by %s (%s)", job.id, spec.owner or "-", what)
+            log.info(
+                "job %d submitted by %s (%s)",
+                job.id,
+                spec.owner or "-",
+                what,
+                extra={"job_id": job.id},
+            )
         self.feed.publish([job])
         self.wake()
         return job
@@ -352,7 +374,7 @@ class Controller:
                 what += "; stopping " + ", ".join(f"replica {r.rank} on {r.node_id}" for r in stop)
             events.insert(0, _job_event(job, now, "Scaled", what))
             job = self._respec(job, events)
-        log.info("job %d scaled: %s", job_id, what)
+        log.info("job %d scaled: %s", job_id, what, extra={"job_id": job_id})
         self.wake()
         return job
 
@@ -391,7 +413,7 @@ class Controller:
                 what = "the spec replaced before it started"
             what += f" by {by}" if by else ""
             job = self._respec(job, [_job_event(job, now, "Update", what)])
-        log.info("job %d: %s", job_id, what)
+        log.info("job %d: %s", job_id, what, extra={"job_id": job_id})
         self.wake()
         return job
 
@@ -410,7 +432,7 @@ class Controller:
                 else:
                     self._write([rolled.job], events)
                 for t, m in rolled.events:
-                    log.info("job %d: %s: %s", job.id, t, m)
+                    log.info("job %d: %s: %s", job.id, t, m, extra={"job_id": job.id})
 
     def drain(self, node_id: str, reason: str = "") -> Node:
         with self._lock:
@@ -419,7 +441,7 @@ class Controller:
             why = reason or "drained by an operator"
             node = self.store.put_node(replace(node, state=state, state_reason=why))
             self.store.add_events([_node_event(node_id, self.clock.now(), "Drain", why)])
-        log.info("node %s draining: %s", node_id, why)
+        log.info("node %s draining: %s", node_id, why, extra={"node_id": node_id})
         return node
 
     def undrain(self, node_id: str, *, by: str = "") -> Node:
@@ -434,7 +456,7 @@ class Controller:
             node = self.store.put_node(replace(node, state=state, state_reason=reason))
             why = f"undrained by {by}" if by else "undrained"
             self.store.add_events([_node_event(node_id, self.clock.now(), "Undrain", why)])
-        log.info("node %s %s: %s", node_id, why, state.value)
+        log.info("node %s %s: %s", node_id, why, state.value, extra={"node_id": node_id})
         self.wake()
         return node
 
@@ -515,7 +537,7 @@ class Controller:
                 log.warning(
                     "node %s: fabric claim implausible: %s", node.id, "; ".join(implausible)
                 )
-        log.info("node %s registered (%s)", node.id, gpus)
+        log.info("node %s registered (%s)", node.id, gpus, extra={"node_id": node.id})
         self.wake()
         return node
 
@@ -711,6 +733,8 @@ class Controller:
         preempted, bind what was placed, and leave every waiting job its reason (a blocked
         gang's reservation among them). Rolling updates take their step first."""
         self.roll_updates()
+        started = time.perf_counter()
+        placed: list[Job] = []  # as they were while pending
         with self._lock:
             now = self.clock.now()
             nodes = self.store.list_nodes()
@@ -752,8 +776,14 @@ class Controller:
                     where = _where(merged.placement, after=job.placement)
                     why = f"{where}; {binding.placement.reason}"
                     events.append(_job_event(job, now, "ReplicaScheduled", why))
-                    log.info("job %d: replacement replica(s) placed: %s", job.id, where)
+                    log.info(
+                        "job %d: replacement replica(s) placed: %s",
+                        job.id,
+                        where,
+                        extra={"job_id": job.id},
+                    )
                     continue
+                placed.append(job)
                 port = self.settings.master_port_base + job.id % self.settings.master_port_range
                 placement = replace(binding.placement, master_port=port)
                 changed.append(
@@ -767,7 +797,13 @@ class Controller:
                 )
                 where = _where(placement)
                 events.append(_job_event(job, now, "Scheduled", f"{where}; {placement.reason}"))
-                log.info("job %d placed: %s (%s)", job.id, where, placement.reason)
+                log.info(
+                    "job %d placed: %s (%s)",
+                    job.id,
+                    where,
+                    placement.reason,
+                    extra={"job_id": job.id},
+                )
             let_go = False
             for miss in result.unschedulable:  # only reasons that changed (cycleproc.decide)
                 job = by_id[miss.job_id]
@@ -782,6 +818,8 @@ class Controller:
                 events.extend(self.leases.apply(result, now))
             if changed or events:
                 self._write(changed, events)
+        if self.observer is not None:
+            self.observer.cycle(time.perf_counter() - started, result, placed, now)
         if let_go:
             self.wake()
         return result
@@ -803,7 +841,7 @@ class Controller:
             changed.append(attempts.next(job, state, preemption.reason))
             why = f"{preemption.reason}; requeued as attempt {job.attempt + 1}"
             events.append(_job_event(job, now, "Preempted", why))
-            log.info("job %d %s", job.id, why)
+            log.info("job %d %s", job.id, why, extra={"job_id": job.id})
         attempts.charge()
 
     def expire_heartbeats(self) -> list[str]:
@@ -829,7 +867,7 @@ class Controller:
                     )
                 )
                 self.store.add_events([_node_event(node.id, now, "NodeLost", why)])
-                log.warning("node %s lost: %s", node.id, why)
+                log.warning("node %s lost: %s", node.id, why, extra={"node_id": node.id})
                 lost.append(node.id)
             if lost:
                 self._fail_over(set(lost), now)
@@ -1136,15 +1174,25 @@ class Controller:
         if state is NodeState.DEGRADED:
             reason = summary
             events.append(_node_event(node.id, now, "Degraded", "; ".join(issues)))
-            log.warning("node %s degraded: %s", node.id, "; ".join(issues))
+            log.warning(
+                "node %s degraded: %s", node.id, "; ".join(issues), extra={"node_id": node.id}
+            )
         elif issues:  # draining: the operator's reason stands
             reason = node.state_reason
             events.append(_node_event(node.id, now, "HealthIssues", "; ".join(issues)))
-            log.warning("node %s (%s): %s", node.id, state.value, "; ".join(issues))
+            log.warning(
+                "node %s (%s): %s",
+                node.id,
+                state.value,
+                "; ".join(issues),
+                extra={"node_id": node.id},
+            )
         else:
             reason = "" if state is NodeState.READY else node.state_reason
             events.append(_node_event(node.id, now, "Recovered", "health issues cleared"))
-            log.info("node %s recovered: health issues cleared", node.id)
+            log.info(
+                "node %s recovered: health issues cleared", node.id, extra={"node_id": node.id}
+            )
         self.store.add_events(events)
         return replace(node, state=state, state_reason=reason, health_issues=issues)
 
@@ -1197,7 +1245,7 @@ class Controller:
                     replace(lost, state=state, reason=reason, finished_at=now, updated_at=now)
                 )
             events.append(_job_event(job, now, event_type, reason))
-            log.warning("job %d: %s", job.id, reason)
+            log.warning("job %d: %s", job.id, reason, extra={"job_id": job.id})
         if changed:
             attempts.charge()
             self._write(changed, events)

@@ -4,7 +4,6 @@ the gRPC server, starts the periodic work, tells systemd it is ready, and drains
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import os
 import signal
@@ -23,15 +22,18 @@ from gpuctl.api.servicers import Guard
 from gpuctl.core.errors import FieldViolation, GpuctlError, InvalidArgument
 from gpuctl.core.leasing import Budget
 from gpuctl.core.plugins import build_policy
-from gpuctl.core.trust import QueueGrants, RolePolicy, RunAsPolicy
+from gpuctl.core.trust import Permission, QueueGrants, RolePolicy, RunAsPolicy
+from gpuctl.runtime import logfmt
 from gpuctl.runtime.clock import SystemClock
 from gpuctl.runtime.config import DaemonConfig, load_config, load_providers
 from gpuctl.runtime.controller import Controller, ControllerSettings
 from gpuctl.runtime.cycleproc import CycleProcess
+from gpuctl.runtime.exposition import EndpointSettings, MetricsEndpoint, Refused, is_loopback
 from gpuctl.runtime.leadership import Elector, ElectorSettings
 from gpuctl.runtime.leadership import run as run_elector
 from gpuctl.runtime.leases import LeaseKeeper, LeaseSettings, build_providers
 from gpuctl.runtime.logstore import LogStore
+from gpuctl.runtime.metrics import DaemonMetrics, Standing
 from gpuctl.runtime.periodic import Periodic
 from gpuctl.runtime.private import private_state_dir
 from gpuctl.runtime.sdnotify import Notifier
@@ -66,6 +68,10 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         "--port-file", help="write the bound port here once serving (for tests and scripts)"
     )
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
+    p.add_argument("--log-format", help="auto (plain on a terminal, else JSON), json or plain")
+    p.add_argument(
+        "--metrics-listen", help="serve Prometheus metrics here, e.g. 127.0.0.1:9750 (port 0: any)"
+    )
     p.add_argument(
         "--migrate",
         action="store_true",
@@ -106,7 +112,16 @@ def run_migrate(argv: list[str]) -> int:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, object]:
-    names = ("listen", "state_dir", "socket", "agent_listen", "store_url", "log_level")
+    names = (
+        "listen",
+        "state_dir",
+        "socket",
+        "agent_listen",
+        "store_url",
+        "log_level",
+        "log_format",
+        "metrics_listen",
+    )
     pairs = {name: getattr(args, name, None) for name in names}
     return {k: v for k, v in pairs.items() if v is not None}
 
@@ -153,6 +168,17 @@ def serve(
         ),
         wake=lambda: periodic.wake("cycle"),
     )
+    metrics = DaemonMetrics(
+        Standing(
+            nodes=store.list_nodes,
+            active=controller.active_jobs,
+            leases=store.list_leases,
+            now=controller.clock.now,
+            leading=lambda: controller.leading,
+            queues=config.queues,
+        )
+    )
+    controller.observer = metrics
 
     def lead(epoch: int) -> None:
         """Start deciding: the cycle, heartbeat expiry, time limits, leases."""
@@ -192,7 +218,9 @@ def serve(
             rest=CYCLE_REST,
         )
         periodic.every(
-            "heartbeat-expiry", config.heartbeat_check_interval_s, controller.expire_heartbeats
+            "heartbeat-expiry",
+            config.heartbeat_check_interval_s,
+            lambda: metrics.nodes_lost(len(controller.expire_heartbeats())),
         )
         periodic.every(
             "time-limits", config.heartbeat_check_interval_s, controller.enforce_time_limits
@@ -248,21 +276,34 @@ def serve(
         default_token_ttl_s=config.token_ttl_s,
         authority=authority,
     )
-    server = ApiServer(controller, guard, listeners, sessions=sessions)
+    server = ApiServer(controller, guard, listeners, sessions=sessions, observer=metrics)
+    endpoint = _metrics_endpoint(config, state_dir, metrics, guard.auth)
     server.start()
     host = config.listen.rsplit(":", 1)[0]
     tls = "TLS" if listeners.tls_cert else "plain TCP"
     agents = f", agents (mTLS) on port {server.agent_port}" if server.agent_port else ""
+    served = ""
+    if endpoint is not None:
+        scheme = "https" if endpoint.tls else "http"
+        served = f", metrics at {scheme}://{config.metrics_listen.rsplit(':', 1)[0]}:"
+        served += f"{endpoint.port}/metrics"
     log.info(
-        "serving on %s (Unix socket)%s%s, store %s",
+        "serving on %s (Unix socket)%s%s%s, store %s",
         server.socket,
         f" and {host}:{server.port} ({tls})" if config.listen else "",
         agents,
+        served,
         _redact(config.resolved_store_url(env)),
     )
     if port_file:
         tmp = Path(port_file + ".tmp")
-        tmp.write_text(f"{server.port}\n" + (f"{server.agent_port}\n" if server.agent_port else ""))
+        # The API's port; then the agents' and the metrics' where either is served (0: none).
+        ports = [server.port]
+        if server.agent_port or endpoint is not None:
+            ports.append(server.agent_port)
+        if endpoint is not None:
+            ports.append(endpoint.port)
+        tmp.write_text("".join(f"{p}\n" for p in ports))
         tmp.replace(port_file)
 
     elector = Elector(
@@ -294,6 +335,8 @@ def serve(
         controller.cycles.close()
     elector.resign()
     server.drain(config.drain_grace_s)
+    if endpoint is not None:
+        endpoint.close()
     store.close()
     log.info("stopped")
     return 1 if lost else 0
@@ -336,7 +379,7 @@ def _listeners(
                 )
             ]
         )
-    if config.listen and not tls_cert and not _is_loopback(config.listen):
+    if config.listen and not tls_cert and not is_loopback(config.listen.rsplit(":", 1)[0]):
         if not config.insecure:
             raise InvalidArgument(
                 [
@@ -361,6 +404,35 @@ def _listeners(
         agent_ca=authority.cert_pem if authority is not None else b"",
     )
     return listeners, authority
+
+
+def _metrics_endpoint(
+    config: DaemonConfig, state_dir: Path, metrics: DaemonMetrics, auth: Authenticator
+) -> MetricsEndpoint | None:
+    """/metrics where `[metrics] listen` says: open plain HTTP on loopback; elsewhere over the
+    API's TLS certificate, for a token whose holder may read the site's cost (operators,
+    admins)."""
+    if not config.metrics_listen:
+        return None
+    cert, key = config.tls_cert_file, config.tls_key_file
+    if not cert and config.tls_self_signed:
+        cert, key = str(state_dir / "pki" / "server.crt"), str(state_dir / "pki" / "server.key")
+    if is_loopback(config.metrics_listen.rpartition(":")[0]):
+        cert = key = ""  # plain HTTP on loopback, as the scrapers there expect
+
+    def authorize(token: str) -> None:
+        try:
+            who = auth.principal_of(token)
+        except GpuctlError as e:
+            raise Refused(401, str(e)) from None
+        if not who.can(Permission.COST_ALL):
+            raise Refused(403, f"{who.name} may not read metrics (operators and admins may)")
+
+    return MetricsEndpoint(
+        EndpointSettings(listen=config.metrics_listen, tls_cert_file=cert, tls_key_file=key),
+        metrics.registry,
+        authorize=authorize,
+    )
 
 
 def _elector_settings(config: DaemonConfig, port: int, agent_port: int) -> ElectorSettings:
@@ -393,16 +465,6 @@ def _default_names(config: DaemonConfig) -> tuple[str, ...]:
         if host and host not in ("0.0.0.0", "::") and host not in names:
             names.append(host)
     return tuple(names)
-
-
-def _is_loopback(listen: str) -> bool:
-    host = listen.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a name, 0.0.0.0 and :: are reachable from elsewhere
 
 
 def _jwt_verifier(config: DaemonConfig) -> JwtVerifier | None:
@@ -443,12 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     except GpuctlError as e:
         print(f"gpuctld: bad config: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logfmt.setup(config.log_level, config.log_format)
     try:
         return serve(config, env, port_file=args.port_file, migrate=args.migrate)
     except (GpuctlError, OSError) as e:
