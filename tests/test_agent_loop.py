@@ -66,9 +66,15 @@ class FakeNotifier:
     def __init__(self, watchdog_interval: float | None = None) -> None:
         self.watchdog_interval = watchdog_interval
         self.sent: list[str] = []
+        self.statuses: list[str] = []  # STATUS= lines, which `sent` leaves out
 
     def ready(self, status: str = "") -> bool:
         self.sent.append("READY=1")
+        self.statuses.append(status)
+        return True
+
+    def status(self, text: str) -> bool:
+        self.statuses.append(text)
         return True
 
     def watchdog(self) -> bool:
@@ -314,12 +320,14 @@ def test_registration_retries_with_capped_exponential_backoff(
         agent.clock.advance(gap - 0.01)
         agent.loop.tick()  # not due yet
         assert daemon.attempts["RegisterNode"] == attempt - 1
-        assert not agent.loop.registered and agent.notifier.sent == []
+        assert not agent.loop.registered and agent.notifier.sent == ["READY=1"]
+        assert agent.notifier.statuses == ["registering with gpuctld"]
         agent.clock.advance(0.01)
         agent.loop.tick()
         assert daemon.attempts["RegisterNode"] == attempt
     assert agent.loop.registered
     assert agent.notifier.sent == ["READY=1"]
+    assert agent.notifier.statuses == ["registering with gpuctld", "registered as n1"]
     assert len(daemon.requests("Heartbeat")) == 1
 
 
@@ -333,7 +341,10 @@ def test_registration_against_no_daemon_at_all(tmp_path: Path) -> None:
     with make_agent(nobody, tmp_path, rpc_timeout_s=2.0) as agent:
         agent.loop.tick()
         assert not agent.loop.registered
-        assert agent.notifier.sent == []
+        # Ready all the same (systemd would otherwise restart it in a loop while gpuctld is
+        # down), saying what it waits for.
+        assert agent.notifier.sent == ["READY=1"]
+        assert agent.notifier.statuses == ["registering with gpuctld"]
 
 
 # -- running ranks --------------------------------------------------------------------------

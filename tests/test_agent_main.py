@@ -271,7 +271,9 @@ def test_agent_registers_runs_and_stops_its_ranks_on_sigterm_when_told(
         ]  # fmt: skip
         proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
         try:
-            assert notify.recv(4096).startswith(b"READY=1")
+            # Ready once it runs, then its status once gpuctld (the second address) knows it.
+            assert notify.recv(4096) == b"READY=1\nSTATUS=registering with gpuctld"
+            assert notify.recv(4096) == b"STATUS=registered as gpu-9"
             assert fake.registered.is_set()
             assert fake.authorization == "Bearer gpuctl.node9.secret"  # on every call
             assert (fake.node.name, len(fake.node.profile.gpus)) == ("gpu-9", 4)

@@ -96,6 +96,8 @@ class Notifier(Protocol):
 
     def stopping(self) -> bool: ...
 
+    def status(self, text: str) -> bool: ...
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AgentStatus:
@@ -127,6 +129,9 @@ class _NoNotifier:
     watchdog_interval = None
 
     def ready(self, status: str = "") -> bool:
+        return False
+
+    def status(self, text: str) -> bool:
         return False
 
     def watchdog(self) -> bool:
@@ -219,7 +224,6 @@ class AgentLoop:
 
         self._node_name = identity.name
         self._registered = False
-        self._ever_registered = False
         self._register_failures = 0
         self._next_register = 0.0  # monotonic
         self._heartbeat_s = DEFAULT_HEARTBEAT_S
@@ -290,6 +294,10 @@ class AgentLoop:
         self._unreachable = False
         if not self._recovered:
             self._recover()
+            # Up: its ranks found, its loop running. READY does not wait for gpuctld, which
+            # may be down for longer than systemd waits for a start: the agent keeps trying
+            # and keeps its ranks meanwhile, and a restart loop would help neither.
+            self._notify(lambda: self._notifier.ready("registering with gpuctld"))
         self._collect(self._runner.poll())
         now = self._clock.monotonic()
         if not self._registered and now >= self._next_register:
@@ -423,9 +431,7 @@ class AgentLoop:
             node.profile.source,
             self._heartbeat_s,
         )
-        if not self._ever_registered:
-            self._ever_registered = True
-            self._notify(lambda: self._notifier.ready(f"registered as {self._node_name}"))
+        self._notify(lambda: self._notifier.status(f"registered as {self._node_name}"))
 
     def _heartbeat(self) -> None:
         self._next_heartbeat = self._clock.monotonic() + self._heartbeat_s
