@@ -340,7 +340,7 @@ def test_sdk_against_the_real_server(api):
         assert [j.id for j in gpuctl.list(page_size=2)] == [1, 2, 3, 4, 5]
         with pytest.raises(InvalidArgumentError) as e:
             gpuctl.submit({"kind": "training", "gpus_per_node": 0, "command": "true"})
-        assert [v.field for v in e.value.violations] == ["spec.gpus_per_node"]
+        assert [v.field for v in e.value.violations] == ["gpus_per_node"]  # the file's key
         assert gpuctl.cancel(job.id).state == jobs_pb2.JOB_STATE_CANCELLED
         assert gpuctl.wait(job.id, timeout=5).state == jobs_pb2.JOB_STATE_CANCELLED
         with pytest.raises(FailedPreconditionError):

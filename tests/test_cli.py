@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 import socket
+from datetime import timedelta
 
 import pytest
 import yaml
 from click.testing import CliRunner
 
 from gpuctl.cli.main import cli
-from gpuctl.cli.render import clock, index_ranges, table
+from gpuctl.cli.render import age, index_ranges, table
 from gpuctl.client import jobs_pb2, leases_pb2, nodes_pb2
 from tests.fakes_api import FIXED_NOW, h100_node, running_job, serve_fake
 
@@ -132,7 +133,9 @@ def test_submit_invalid_spec_is_one_error_line(api, gpuctl):
 
     assert result.exit_code == 1
     assert result.stdout == ""
-    assert result.stderr == "error: spec.gpus_per_node: must be between 1 and 16, got 0\n"
+    # named as it was typed, and refused before anything is sent
+    assert result.stderr == "error: --gpus-per-node: must be between 1 and 16, got 0\n"
+    assert api.jobs.calls("CreateJob") == []
 
 
 def test_submit_bad_file_names_the_file_and_field(api, gpuctl, tmp_path):
@@ -211,7 +214,8 @@ def test_unreachable_server_is_one_clear_line():
 # -- jobs ---------------------------------------------------------------------------------
 
 
-def test_jobs_table_shows_active_jobs_by_default(api, gpuctl):
+def test_jobs_table_shows_active_jobs_by_default(api, gpuctl, monkeypatch):
+    monkeypatch.setattr("gpuctl.cli.main._now", lambda: FIXED_NOW)
     gpuctl(*TRAIN, "--name", "waiting", "--", "python")
     running_job(api, 2)
     gpuctl(*TRAIN, "--", "python")
@@ -228,6 +232,7 @@ def test_jobs_table_shows_active_jobs_by_default(api, gpuctl):
         "QUEUE",
         "USER",
         "ST",
+        "AGE",
         "TIME",
         "NODES",
         "GPUS",
@@ -235,14 +240,15 @@ def test_jobs_table_shows_active_jobs_by_default(api, gpuctl):
         "NODELIST(REASON)",
     ]
     assert [r.split()[0] for r in rows] == ["1", "2"]
-    assert rows[0].split()[:10] == [
+    assert rows[0].split()[:11] == [
         "1",
         "waiting",
         "training",
         "default",
         "alice",
         "PD",
-        "0:00",
+        "0s",  # submitted at the fake's fixed now
+        "-",  # not started
         "2",
         "16",
         "-",
@@ -277,7 +283,7 @@ def test_jobs_filters_by_state_and_queue(api, gpuctl):
 def test_jobs_wide_adds_columns(api, gpuctl):
     running_job(api, 1)
     header = gpuctl("jobs", "-o", "wide").stdout.splitlines()[0].split()
-    assert header[10:] == [
+    assert header[11:] == [
         "GPU_MODEL",
         "PRIO",
         "ATTEMPT",
@@ -298,9 +304,49 @@ def test_jobs_machine_output_parses(api, gpuctl, fmt):
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout) if fmt == "json" else yaml.safe_load(result.stdout)
     assert [j["name"] for j in data] == ["jobs/1", "jobs/2"]
-    assert data[0]["state"] == "JOB_STATE_RUNNING"
-    assert data[0]["placement"]["ranks"][1]["node"] == "gpu-02"
-    assert data[1]["spec"]["gpus_per_node"] == 8
+    # the job-file schema: enums as the words people type, zero values kept
+    assert data[0]["status"]["state"] == "running"
+    assert data[0]["status"]["placement"]["ranks"][0]["rank"] == 0
+    assert data[0]["status"]["placement"]["ranks"][1]["node"] == "gpu-02"
+    assert data[0]["status"]["attempt"] == 0 and data[0]["status"]["exit_code"] is None
+    assert data[1]["spec"]["gpus_per_node"] == 8 and data[1]["spec"]["kind"] == "training"
+    assert data[1]["spec"]["priority"] == 0 and data[1]["spec"]["preemptible"] is False
+    assert data[1]["spec"]["replicas"] is None  # not one of a training job's
+    assert data[1]["status"]["submitted"].endswith("Z")
+
+
+@pytest.mark.parametrize("fmt", ["json", "yaml"])
+def test_get_one_job_is_one_object_and_submit_takes_it_back(api, gpuctl, fmt, tmp_path):
+    gpuctl(
+        *TRAIN,
+        "--name",
+        "again",
+        "--env",
+        "A=1",
+        "--secret-env",
+        "TOKEN=s3cret",
+        "--gpu-model",
+        "H100 SXM,A100 80GB",
+        "--time-limit",
+        "2h",
+        "--",
+        "python",
+        "-c",
+        "print(1)",
+    )
+    shown = gpuctl("get", "job", "1", "-o", fmt)
+    assert shown.exit_code == 0, shown.output
+    doc = json.loads(shown.stdout) if fmt == "json" else yaml.safe_load(shown.stdout)
+    assert doc["id"] == 1 and doc["status"]["state"] == "pending"
+    again = gpuctl("submit", "-f", "-", input=shown.stdout)
+    assert again.exit_code == 0, again.output
+    first, second = (api.jobs.jobs[i].spec for i in (1, 2))
+    assert second == first  # every field, the secret env still secret
+    assert second.secret_env == ["TOKEN"]
+    # describe -o of one job is the same object
+    assert yaml.safe_load(gpuctl("describe", "1", "-o", "yaml").stdout)["spec"] == doc["spec"]
+    listed = gpuctl("get", "jobs", "-o", "json")
+    assert [j["id"] for j in json.loads(listed.stdout)] == [1, 2]
 
 
 # -- describe -----------------------------------------------------------------------------
@@ -363,8 +409,8 @@ def test_a_service_short_of_a_replica_shows_it_in_jobs_and_describe(api, gpuctl)
 
     row = gpuctl("jobs", "-o", "wide").stdout.splitlines()[1].split()
 
-    assert row[7:10] == ["2", "2", "2/3"]  # nodes and GPUs of the live replicas, 2 of 3 run
-    assert row[13] == "1"  # restarts
+    assert row[8:11] == ["2", "2", "2/3"]  # nodes and GPUs of the live replicas, 2 of 3 run
+    assert row[14] == "1"  # restarts
     out = gpuctl("describe", "4").stdout
     assert "Replicas:   2 ready, 2 running of 3 desired; restart policy on-failure" in (
         out.splitlines()
@@ -492,6 +538,26 @@ def test_logs_writes_the_bytes(api, gpuctl):
     assert result.exit_code == 0
     assert result.stdout_bytes == b"rank 1: step 10\n\xff binary ok\n"
     assert api.jobs.calls("StreamJobLogs")[0].rank == 1
+
+
+def test_logs_tail_and_all_ranks_prefix_each_line_with_its_rank(api, gpuctl):
+    running_job(api, 1)
+    api.jobs.log_chunk_size = 7  # lines cut across chunks
+    api.jobs.logs[(1, 0)] = b"a1\na2\na3\na4\n"
+    api.jobs.logs[(1, 1)] = b"b1\nb2\nno newline"
+
+    assert gpuctl("logs", "1", "--tail", "2").stdout_bytes == b"a3\na4\n"
+    assert gpuctl("logs", "1", "--tail", "0").stdout_bytes == b""
+    both = gpuctl("logs", "1", "--all-ranks", "--tail", "2")
+    assert both.exit_code == 0, both.output
+    assert both.stdout_bytes == (b"[rank 0] a3\n[rank 0] a4\n[rank 1] b2\n[rank 1] no newline")
+    everything = gpuctl("logs", "1", "--all-ranks").stdout_bytes.splitlines()
+    assert everything[:4] == [b"[rank 0] a1", b"[rank 0] a2", b"[rank 0] a3", b"[rank 0] a4"]
+    assert len(everything) == 7
+    # Following every rank: the streams end with the job, each line whole and prefixed.
+    followed = gpuctl("logs", "1", "--all-ranks", "-f").stdout_bytes.splitlines()
+    assert sorted(followed) == sorted(everything)
+    assert gpuctl("logs", "1", "--tail", "-1").exit_code == 2
 
 
 def test_cancel_several_keeps_going_after_a_failure(api, gpuctl):
@@ -631,15 +697,24 @@ def test_leases_table(api, gpuctl):
 
 
 @pytest.mark.parametrize(
-    ("seconds", "text"), [(0, "0:00"), (65, "1:05"), (3600, "1:00:00"), (90061, "1-01:01:01")]
+    ("seconds", "text"),
+    [(0, "0s"), (45, "45s"), (65, "1m"), (3600, "1h"), (7500, "2h5m"), (90061, "1d1h")],
 )
-def test_clock(seconds, text):
-    assert clock(seconds) == text
+def test_ages_read_as_people_read_them(seconds, text):
+    assert age(FIXED_NOW - timedelta(seconds=seconds), FIXED_NOW) == text
 
 
 def test_index_ranges_and_table():
     assert index_ranges([6, 0, 1, 2, 3]) == "0-3,6"
     assert table(["A", "LONGER"], [["xx", ""], ["y", "z"]]) == "A   LONGER\nxx  -\ny   z"
+    # cut to a width, the last column first; coloured cells keep the columns aligned
+    assert table(["A", "B"], [["xx", "a long reason"]], width=8) == "A   B\nxx  a l…"
+    red = table(
+        ["A", "ST", "C"],
+        [["1", "F", "x"], ["22", "R", "y"]],
+        paint=lambda row: lambda col, text: f"<{text}>" if col == 1 else text,
+    )
+    assert red == "A   ST  C\n1   <F >  x\n22  <R >  y"
 
 
 def test_unreadable_job_file_is_one_error_line(gpuctl, tmp_path):
@@ -681,3 +756,36 @@ def test_a_server_list_with_no_address_is_a_usage_error_not_a_traceback():
     assert result.exit_code == 2
     assert "Invalid value for --server: no gpuctld address" in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_config_contexts_pick_the_server_and_flags_still_win(api, tmp_path, monkeypatch):
+    monkeypatch.setenv("GPUCTL_CONFIG", str(tmp_path / "config.yaml"))
+    monkeypatch.setenv("GPUCTL_TOKEN", "token-of-alice")
+    monkeypatch.delenv("GPUCTL_SERVER", raising=False)
+    runner = CliRunner()
+
+    def run(*args: str):
+        return runner.invoke(cli, list(args))
+
+    assert run("config", "current-context").exit_code == 1  # none yet
+    assert run("config", "set-context", "lab", "--server", api.target).exit_code == 0
+    assert run("config", "set-context", "nowhere", "--server", "127.0.0.1:1").exit_code == 0
+    assert run("config", "current-context").stdout == "lab\n"  # the first becomes current
+    assert oct((tmp_path / "config.yaml").stat().st_mode & 0o777) == "0o600"
+    running_job(api, 1)
+    assert run("jobs").stdout.splitlines()[1].split()[0] == "1"  # through lab
+    down = run("--context", "nowhere", "jobs")
+    assert down.exit_code == 1 and "cannot reach gpuctld" in down.stderr
+    # --server wins over the context's
+    assert run("--context", "nowhere", "--server", api.target, "jobs").exit_code == 0
+    assert run("config", "use-context", "nowhere").exit_code == 0
+    listed = run("config", "get-contexts").stdout.splitlines()
+    assert [line.split()[:3] for line in listed[1:]] == [
+        ["-", "lab", api.target],
+        ["*", "nowhere", "127.0.0.1:1"],
+    ]
+    bad = run("--context", "prod", "jobs")
+    assert bad.exit_code == 1
+    assert bad.stderr == "error: context: 'prod': no such context; contexts: lab, nowhere\n"
+    assert run("config", "delete-context", "nowhere").exit_code == 0
+    assert run("config", "current-context").exit_code == 1

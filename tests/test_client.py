@@ -104,8 +104,11 @@ def test_submit_validate_only_stores_nothing(api, client):
 
 
 def test_submit_invalid_spec_raises_invalid_argument_naming_the_field(client):
+    # A JobSpec goes to the server as it is; the server names the API's field.
     with pytest.raises(InvalidArgumentError) as caught:
-        client.submit({**TRAINING, "gpus_per_node": 0})
+        client.submit(
+            JobSpec(kind=JobKind.TRAINING, command=("python",), num_nodes=2, gpus_per_node=0)
+        )
 
     err = caught.value
     assert isinstance(err, ValueError) and isinstance(err, ApiError)
@@ -113,6 +116,10 @@ def test_submit_invalid_spec_raises_invalid_argument_naming_the_field(client):
     assert [v.field for v in err.violations] == ["spec.gpus_per_node"]
     assert str(err) == "spec.gpus_per_node: must be between 1 and 16, got 0"
     assert any(isinstance(d, error_details_pb2.BadRequest) for d in err.details)
+    # A job-file mapping is checked here, in its own words.
+    with pytest.raises(InvalidArgumentError) as caught:
+        client.submit({**TRAINING, "gpus_per_node": 0})
+    assert str(caught.value) == "gpus_per_node: must be between 1 and 16, got 0"
 
 
 def test_submit_bad_job_file_raises_the_same_error_type_without_a_call(api, client, tmp_path):
@@ -431,3 +438,36 @@ def test_the_default_server_is_the_env_then_a_socket_on_this_host_then_loopback(
     assert sdk.default_target() == f"unix:{tmp_path / 'run' / 'gpuctld.sock'}"
     monkeypatch.setenv("GPUCTL_SERVER", "head:50051")
     assert sdk.default_target() == "head:50051"
+
+
+@pytest.mark.parametrize(
+    ("call", "field", "says"),
+    [
+        (lambda c: c.scale(1, "3"), "replicas", "must be an integer, got '3'"),
+        (lambda c: c.drain(5), "name", "must be text, got 5"),
+        (lambda c: c.node(None), "name", "must be text, got None"),
+        (lambda c: c.undrain(["a"]), "name", "must be text, got ['a']"),
+        (lambda c: list(c.list(states=["sleeping"])), "states", "'sleeping' is not a job state"),
+        (lambda c: list(c.list(states=5)), "states", "must be a list of job states, got 5"),
+        (lambda c: list(c.list(states=[99])), "states", "99 is not a job state"),
+        (lambda c: list(c.list(page_size="10")), "page_size", "must be an integer"),
+        (lambda c: list(c.logs(1, rank="0")), "rank", "must be an integer, got '0'"),
+        (lambda c: c.audit(limit=2.5), "limit", "must be an integer, got 2.5"),
+        (lambda c: c.revoke_token(7), "id", "must be text, got 7"),
+        (lambda c: c.submit({"kind": "training", "cpus": -2}), "cpus", "between 0 and 1024"),
+    ],
+)
+def test_wrong_argument_types_are_invalid_argument_errors_naming_the_argument(call, field, says):
+    # Nothing listens at this address: a call that were sent would fail UNAVAILABLE instead.
+    with (
+        Client(f"127.0.0.1:{free_port()}", token="t", timeout=2) as nowhere,
+        pytest.raises(InvalidArgumentError) as e,
+    ):
+        call(nowhere)
+    assert field in {v.field for v in e.value.violations}
+    assert says in str(e.value)
+
+
+def test_states_are_taken_as_the_cli_writes_them(api, client):
+    running_job(api, 1)
+    assert [j.id for j in client.list(states=["node-lost", "RUNNING"])] == [1]

@@ -78,7 +78,7 @@ def test_two_node_gang_runs_with_one_consistent_world_and_survives_a_restart(clu
     assert out.stdout.startswith("Submitted job ")
     job_id = out.stdout.split()[2]
     job = job_json(cluster, job_id)
-    assert job["state"] == "JOB_STATE_SUCCEEDED", job
+    assert job["status"]["state"] == "succeeded", job
 
     envs = []
     for rank in (0, 1):
@@ -102,7 +102,7 @@ def test_two_node_gang_runs_with_one_consistent_world_and_survives_a_restart(clu
     # The daemon dies hard and comes back on the same store: the job is still there.
     cluster.stop("gpuctld", signal.SIGKILL)
     cluster.start_daemon()
-    assert job_json(cluster, job_id)["state"] == "JOB_STATE_SUCCEEDED"
+    assert job_json(cluster, job_id)["status"]["state"] == "succeeded"
     described = cluster.gpuctl("describe", job_id).stdout
     assert "gpu-1" in described and "gpu-2" in described
 
@@ -116,8 +116,8 @@ def test_acknowledged_submission_survives_sigkill(cluster):
     cluster.stop("gpuctld", signal.SIGKILL)
     cluster.start_daemon()
     job = job_json(cluster, job_id)
-    assert job["state"] == "JOB_STATE_PENDING"
-    wait_until(lambda: job_json(cluster, job_id).get("reason"), what="a pending reason")
+    assert job["status"]["state"] == "pending"
+    wait_until(lambda: job_json(cluster, job_id)["status"]["reason"], what="a pending reason")
 
 
 def test_cancel_stops_a_running_rank_and_bad_input_is_one_line(cluster):
@@ -128,12 +128,12 @@ def test_cancel_stops_a_running_rank_and_bad_input_is_one_line(cluster):
         sys.executable, "-c", "import time; print('up', flush=True); time.sleep(600)",
     ).stdout.strip()  # fmt: skip
     wait_until(
-        lambda: job_json(cluster, job_id)["state"] == "JOB_STATE_RUNNING", what="the job to run"
+        lambda: job_json(cluster, job_id)["status"]["state"] == "running", what="the job to run"
     )
     wait_until(lambda: "up" in cluster.gpuctl("logs", job_id).stdout, what="the replica's output")
     cluster.gpuctl("cancel", job_id)
     wait_until(
-        lambda: job_json(cluster, job_id)["state"] == "JOB_STATE_CANCELLED",
+        lambda: job_json(cluster, job_id)["status"]["state"] == "cancelled",
         what="the job to be cancelled",
     )
 
@@ -142,7 +142,7 @@ def test_cancel_stops_a_running_rank_and_bad_input_is_one_line(cluster):
     )
     assert bad.returncode != 0
     assert len(bad.stderr.strip().splitlines()) == 1
-    assert "gpus_per_node" in bad.stderr
+    assert "--gpus-per-node" in bad.stderr
 
 
 # Each writes its pid beside the directory, then renames it in: a reader never sees it empty.
@@ -187,13 +187,13 @@ def test_a_killed_replica_is_replaced_the_others_keep_running_and_it_scales(clus
 
     wait_until(lambda: (pids / "3").exists(), what="a replacement replica")
     job = job_json(cluster, job_id)
-    assert job["state"] == "JOB_STATE_RUNNING" and job.get("attempt", 0) == 0
+    assert job["status"]["state"] == "running" and job["status"]["attempt"] == 0
     assert alive(first["0"]) and alive(first["2"])  # never stopped
     wait_until(
         lambda: "3/3" in cluster.gpuctl("jobs").stdout.splitlines()[1].split(),
         what="gpuctl jobs to show 3 of 3 replicas running",
     )
-    ranks = {r.get("rank", 0): r for r in job_json(cluster, job_id)["placement"]["ranks"]}
+    ranks = {r["rank"]: r for r in job_json(cluster, job_id)["status"]["placement"]["ranks"]}
     assert sorted(ranks) == [0, 2, 3]  # the killed one is replaced
     assert ranks[3]["restarts"] == 1 and "killed by SIGKILL" in ranks[3]["last_failure"]
 
@@ -210,7 +210,7 @@ def test_a_killed_replica_is_replaced_the_others_keep_running_and_it_scales(clus
     assert "2/2" in cluster.gpuctl("jobs").stdout.splitlines()[1].split()
     cluster.gpuctl("cancel", job_id)
     wait_until(
-        lambda: job_json(cluster, job_id)["state"] == "JOB_STATE_CANCELLED",
+        lambda: job_json(cluster, job_id)["status"]["state"] == "cancelled",
         what="the service to be cancelled",
     )
 
@@ -228,7 +228,9 @@ def test_a_killed_agent_loses_only_its_replicas_which_are_replaced_on_another_no
         "--", sys.executable, "-c", REPLICA, str(pids),
     ).stdout.strip()  # fmt: skip
     wait_until(lambda: len(list(pids.iterdir())) == 2, what="two replicas to start")
-    ranks = {r.get("rank", 0): r["node"] for r in job_json(cluster, job_id)["placement"]["ranks"]}
+    ranks = {
+        r["rank"]: r["node"] for r in job_json(cluster, job_id)["status"]["placement"]["ranks"]
+    }
     on_1 = next(str(rank) for rank, n in ranks.items() if n == "gpu-1")
     on_2 = next(str(rank) for rank, n in ranks.items() if n == "gpu-2")
     survivor, orphan = int((pids / on_1).read_text()), int((pids / on_2).read_text())
@@ -243,10 +245,10 @@ def test_a_killed_agent_loses_only_its_replicas_which_are_replaced_on_another_no
     # out (9.7 s here, before the node was called lost): it never runs beside its replacement.
     wait_until(lambda: not alive(orphan), timeout=5, what="the lost node's replica to stop")
     job = job_json(cluster, job_id)
-    placed = {r.get("rank", 0): r for r in job["placement"]["ranks"]}
+    placed = {r["rank"]: r for r in job["status"]["placement"]["ranks"]}
     assert sorted(placed) == sorted([int(on_1), 2]) and placed[2]["node"] == "gpu-3"
     assert placed[2]["last_failure"] == "node gpu-2 lost"
-    assert job["state"] == "JOB_STATE_RUNNING" and alive(survivor)
+    assert job["status"]["state"] == "running" and alive(survivor)
     cluster.gpuctl("cancel", job_id)
 
 
@@ -279,19 +281,20 @@ def test_a_rolling_update_moves_a_service_over_and_a_failing_one_rolls_back(clus
 
     wait_until(lambda: not any(alive(pid) for pid in old), timeout=40, what="v1 to stop")
     job = job_json(cluster, job_id)
-    assert len(list(v2.iterdir())) == 2 and job["generation"] == 1 and not job.get("rolling")
+    assert len(list(v2.iterdir())) == 2 and job["status"]["generation"] == 1
+    assert not job["status"]["rolling"]
     new = [int(p.read_text()) for p in v2.iterdir()]
 
     # A new spec whose replicas exit at once: rolled back, the running ones never stopped.
     spec_file.write_text(json.dumps({**service, "command": [sys.executable, "-c", "exit(3)"]}))
     cluster.gpuctl("update", job_id, "-f", str(spec_file))
     wait_until(
-        lambda: job_json(cluster, job_id).get("reason", "").startswith("rolled back"),
+        lambda: job_json(cluster, job_id)["status"]["reason"].startswith("rolled back"),
         timeout=60,
         what="the update to roll back",
     )
     assert all(alive(pid) for pid in new)
-    assert job_json(cluster, job_id)["generation"] == 1
+    assert job_json(cluster, job_id)["status"]["generation"] == 1
     cluster.gpuctl("cancel", job_id)
 
 
@@ -329,10 +332,10 @@ def test_a_replica_is_ready_once_its_probe_passes_and_an_update_never_ready_roll
     wait_until(
         lambda: (
             {
-                r.get("state")
-                for r in job_json(cluster, job_id).get("placement", {}).get("ranks", [])
+                r["state"]
+                for r in (job_json(cluster, job_id)["status"]["placement"] or {}).get("ranks", [])
             }
-            == {"RANK_STATE_RUNNING"}
+            == {"running"}
         ),
         what="both replicas to run",
     )
@@ -342,12 +345,12 @@ def test_a_replica_is_ready_once_its_probe_passes_and_an_update_never_ready_roll
         lambda: "2/2" in cluster.gpuctl("jobs").stdout.splitlines()[1].split(),
         what="both replicas to answer their probe",
     )
-    ports = {r["port"] for r in job_json(cluster, job_id)["placement"]["ranks"]}
+    ports = {r["port"] for r in job_json(cluster, job_id)["status"]["placement"]["ranks"]}
     assert len(ports) == 2  # one node, a port each
 
     # An update whose replicas never answer their probe is rolled back at its deadline; the
     # serving replicas are never stopped.
-    serving = {r.get("rank", 0) for r in job_json(cluster, job_id)["placement"]["ranks"]}
+    serving = {r["rank"] for r in job_json(cluster, job_id)["status"]["placement"]["ranks"]}
     spec.write_text(
         json.dumps(
             {
@@ -364,13 +367,14 @@ def test_a_replica_is_ready_once_its_probe_passes_and_an_update_never_ready_roll
     )
     cluster.gpuctl("update", job_id, "-f", str(spec))
     wait_until(
-        lambda: "was not ready 3 s" in job_json(cluster, job_id).get("reason", ""),
+        lambda: "was not ready 3 s" in job_json(cluster, job_id)["status"]["reason"],
         timeout=30,
         what="the update to roll back at its deadline",
     )
     wait_until(
         lambda: (
-            {r.get("rank", 0) for r in job_json(cluster, job_id)["placement"]["ranks"]} == serving
+            {r["rank"] for r in job_json(cluster, job_id)["status"]["placement"]["ranks"]}
+            == serving
         ),
         what="the never-ready replica to stop",
     )
@@ -391,7 +395,9 @@ def test_a_degraded_node_moves_its_replica_elsewhere_and_the_other_runs_on(clust
         "--", sys.executable, "-c", REPLICA, str(pids),
     ).stdout.strip()  # fmt: skip
     wait_until(lambda: len(list(pids.iterdir())) == 2, what="two replicas to start")
-    ranks = {r["node"]: r.get("rank", 0) for r in job_json(cluster, job_id)["placement"]["ranks"]}
+    ranks = {
+        r["node"]: r["rank"] for r in job_json(cluster, job_id)["status"]["placement"]["ranks"]
+    }
     on_1, on_2 = (
         int((pids / str(ranks["gpu-1"])).read_text()),
         int((pids / str(ranks["gpu-2"])).read_text()),
@@ -405,9 +411,9 @@ def test_a_degraded_node_moves_its_replica_elsewhere_and_the_other_runs_on(clust
     wait_until(lambda: not alive(on_2), what="the replica on the degraded node to stop")
     node2 = json.loads(cluster.gpuctl("nodes", "-o", "json").stdout)
     assert {n["name"]: n["state"] for n in node2}["gpu-2"] == "NODE_STATE_DEGRADED"
-    placed = {r.get("rank", 0): r for r in job_json(cluster, job_id)["placement"]["ranks"]}
+    placed = {r["rank"]: r for r in job_json(cluster, job_id)["status"]["placement"]["ranks"]}
     assert placed[2]["node"] == "gpu-3" and "degraded" in placed[2]["last_failure"]
-    assert alive(on_1) and job_json(cluster, job_id)["state"] == "JOB_STATE_RUNNING"
+    assert alive(on_1) and job_json(cluster, job_id)["status"]["state"] == "running"
     cluster.gpuctl("cancel", job_id)
 
 
@@ -445,10 +451,10 @@ def test_a_partitioned_agent_stops_its_rank_before_it_runs_elsewhere(tmp_path):
         assert not alive(first)  # stopped by its own agent, which gpuctld could not reach
         assert "no word from gpuctld" in c.log("agent-gpu-1")
         job = job_json(c, job_id)
-        assert job["placement"]["ranks"][0]["node"] == "gpu-2"
+        assert job["status"]["placement"]["ranks"][0]["node"] == "gpu-2"
         relays["gpu-1"].mend()  # back: nothing of attempt 1 starts again there
         wait_until(lambda: "registered as gpu-1" in c.log("agent-gpu-1").split("no word")[-1])
-        assert job_json(c, job_id)["state"] == "JOB_STATE_RUNNING"
+        assert job_json(c, job_id)["status"]["state"] == "running"
         assert len(list(marks.iterdir())) == 2
     finally:
         c.stop_all()

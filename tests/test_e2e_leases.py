@@ -90,7 +90,7 @@ def test_a_gang_leases_its_nodes_runs_and_gives_them_back(cluster):
     wait_until(lambda: boot_requested(cluster, booted), timeout=60, what="two leases granted")
     assert booted == {"lab-1", "lab-2"}
     wait_until(
-        lambda: job_json(cluster, job_id)["state"] == "JOB_STATE_SUCCEEDED",
+        lambda: job_json(cluster, job_id)["status"]["state"] == "succeeded",
         timeout=90,
         what="the gang to run and succeed",
     )

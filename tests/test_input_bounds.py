@@ -191,10 +191,15 @@ BAD_NODES: list[tuple[str, Callable[[Node], Node], str, str]] = [
         "given twice",
     ),
     ("cpu-negative", with_node(cpu_milli=-1), "node.cpu_milli", "got -1"),
-    ("cpu-over-4096-cores", with_node(cpu_milli=4097 * 1000), "node.cpu_milli", "4.096e+06"),
+    ("cpu-over-4096-cores", with_node(cpu_milli=4097 * 1000), "node.cpu_milli", "got 4097000"),
     ("cpu-a-float", with_node(cpu_milli=1.5), "node.cpu_milli", "must be an integer"),
     ("memory-negative", with_node(memory_mib=-1), "node.memory_mib", "got -1"),
-    ("memory-past-int64", with_node(memory_mib=2**70), "node.memory_mib", "got 1.18059e+21"),
+    (
+        "memory-past-int64",
+        with_node(memory_mib=2**70),
+        "node.memory_mib",
+        "got 1180591620717411303424",
+    ),
     ("memory-past-any-float", with_node(memory_mib=2**2000), "node.memory_mib", "2001 bits"),
     ("price-nan", with_node(price_per_hour=NAN), "node.price_per_hour", "finite"),
     ("price-inf", with_node(price_per_hour=INF), "node.price_per_hour", "finite"),
@@ -245,7 +250,12 @@ BAD_NODES: list[tuple[str, Callable[[Node], Node], str, str]] = [
     ("gpu-index-64", with_gpu(7, index=64), "node.profile.gpus[7].index", "between 0 and 63"),
     ("gpu-index-repeated", with_gpu(4, index=3), "node.profile.gpus[4].index", "above 3"),
     ("gpu-index-descending", with_gpu(1, index=0), "node.profile.gpus[1].index", "above 0"),
-    ("gpu-index-past-int32", with_gpu(7, index=2**31), "node.profile.gpus[7].index", "2.14748e+09"),
+    (
+        "gpu-index-past-int32",
+        with_gpu(7, index=2**31),
+        "node.profile.gpus[7].index",
+        "got 2147483648",
+    ),
     ("gpu-uuid-twice", with_gpu(5, uuid="GPU-0000"), "node.profile.gpus[5].uuid", "given twice"),
     ("gpu-uuid-too-long", with_gpu(0, uuid="u" * 129), "node.profile.gpus[0].uuid", "at most 128"),
     ("gpu-model-newline", with_gpu(0, model="H100\n"), "node.profile.gpus[0].model", "printable"),
@@ -259,7 +269,7 @@ BAD_NODES: list[tuple[str, Callable[[Node], Node], str, str]] = [
         "gpu-memory-past-1tib",
         with_gpu(2, memory_mib=2 * 1024**2),
         "node.profile.gpus[2].memory_mib",
-        "1.04858e+06",
+        "got 2097152",
     ),
     ("gpu-hbm-nan", with_gpu(3, hbm_gbps=NAN), "node.profile.gpus[3].hbm_gbps", "got nan"),
     ("gpu-hbm-inf", with_gpu(3, hbm_gbps=INF), "node.profile.gpus[3].hbm_gbps", "got inf"),
@@ -342,7 +352,7 @@ BAD_NODES: list[tuple[str, Callable[[Node], Node], str, str]] = [
     ("profile-pcie-width", with_profile(pcie_width=-16), "node.profile.pcie_width", "-16"),
     ("network-kind-a-string", with_network(kind="ib"), "node.profile.network.kind", "one of"),
     ("network-ports-negative", with_network(ports=-1), "node.profile.network.ports", "-1"),
-    ("network-ports-huge", with_network(ports=10**6), "node.profile.network.ports", "1e+06"),
+    ("network-ports-huge", with_network(ports=10**6), "node.profile.network.ports", "got 1000000"),
     (
         "network-gbps-nan",
         with_network(gbps_per_port=NAN),
@@ -393,7 +403,12 @@ BAD_NODES: list[tuple[str, Callable[[Node], Node], str, str]] = [
     ("ib-guid-too-long", with_port(3, guid="0x" * 40), "node.profile.ib_ports[3].guid", "64"),
     ("tflops-inf", with_profile(bf16_tflops=INF), "node.profile.bf16_tflops", "got inf"),
     ("tflops-negative", with_profile(bf16_tflops=-1.0), "node.profile.bf16_tflops", "got -1"),
-    ("tflops-past-an-exaflop", with_profile(bf16_tflops=2e6), "node.profile.bf16_tflops", "2e+06"),
+    (
+        "tflops-past-an-exaflop",
+        with_profile(bf16_tflops=2e6),
+        "node.profile.bf16_tflops",
+        "got 2000000",
+    ),
     ("source-too-long", with_profile(source="s" * 65), "node.profile.source", "at most 64"),
     (
         "measured-1999",
@@ -592,7 +607,10 @@ def test_spec_violations_catch_every_non_finite_float(spec: JobSpec, field: str)
     ("spec", "field", "says"),
     [
         pytest.param(
-            replace(TRAINING, priority=10**20), "spec.priority", "got 1e+20", id="priority-1e20"
+            replace(TRAINING, priority=10**20),
+            "spec.priority",
+            "got 100000000000000000000",
+            id="priority-1e20",
         ),
         pytest.param(
             replace(TRAINING, num_nodes=2**2000), "spec.num_nodes", "2001 bits", id="no-float"
@@ -699,10 +717,13 @@ def test_a_yaml_value_python_cannot_build_is_a_job_file_error(tmp_path: Path, te
 def test_the_sdk_refuses_an_integer_past_int32_before_any_call() -> None:
     with (
         Client(f"127.0.0.1:{_free_port()}", timeout=1) as client,
-        pytest.raises(ValueError, match=r"spec\.priority: must be between") as raised,
+        pytest.raises(ValueError, match=r"^priority: must be between") as raised,
     ):
-        client.submit({"kind": "training", "command": "python", "priority": 10**20})
-    assert [v.field for v in raised.value.violations] == ["spec.priority"]
+        client.submit(
+            {"kind": "training", "command": "python", "gpus_per_node": 8, "priority": 10**20}
+        )
+    # a job-file mapping is refused in its own words
+    assert [v.field for v in raised.value.violations] == ["priority"]
 
 
 # -- the CLI ------------------------------------------------------------------------------
@@ -725,59 +746,59 @@ SERVE = ("submit", "--kind", "inference", "--gpus-per-node", "0")
     [
         pytest.param(
             (*TRAIN, "--priority", "99999999999999999999", "--", "python"),
-            "error: spec.priority: must be between -1e+06 and 1e+06, got 1e+20",
+            "error: --priority: must be between -1000000 and 1000000, got 99999999999999999999",
             id="priority",
         ),
         pytest.param(
             (*TRAIN, "--priority", "-2147483649", "--", "python"),
-            "error: spec.priority: must be between -1e+06 and 1e+06, got -2.14748e+09",
+            "error: --priority: must be between -1000000 and 1000000, got -2147483649",
             id="priority-below-int32",
         ),
         pytest.param(
             (*TRAIN, "--nodes", str(10**30), "--", "python"),
-            "error: spec.num_nodes: must be between 1 and 1024, got 1e+30",
+            "error: --nodes: must be between 1 and 1024, got 1000000000000000000000000000000",
             id="nodes",
         ),
         pytest.param(
             ("submit", "--kind", "training", "--gpus-per-node", str(2**31), "--", "python"),
-            "error: spec.gpus_per_node: must be between 1 and 16, got 2.14748e+09",
+            "error: --gpus-per-node: must be between 1 and 16, got 2147483648",
             id="gpus-per-node",
         ),
         pytest.param(
             (*SERVE, "--replicas", str(2**40), "--", "python"),
-            "error: spec.replicas: must be between 1 and 10000, got 1.09951e+12",
+            "error: --replicas: must be between 1 and 10000, got 1099511627776",
             id="replicas",
         ),
         pytest.param(
             (*TRAIN, "--time-limit", "1" + "0" * 20, "--", "python"),
-            "error: spec.time_limit_s: must be between 0 and 3.1536e+07, got 1e+20",
+            "error: --time-limit: must be between 0 and 365d, got 100000000000000000000",
             id="time-limit-seconds",
         ),
         pytest.param(
             (*TRAIN, "--time-limit", "9" * 40, "--", "python"),
-            "error: time_limit: must be a whole number of at most 30 digits, got '"
+            "error: --time-limit: must be a whole number of at most 30 digits, got '"
             + "9" * 40
             + "'",
             id="time-limit-digits",
         ),
         pytest.param(
             (*SERVE, "--cpus", "1e306", "--", "python"),
-            "error: cpus: is too large a number of cores",
+            "error: --cpus: is too large a number of cores",
             id="cpus",
         ),
         pytest.param(
             (*SERVE, "--gpu-memory", "9" * 400 + "TiB", "--", "python"),
-            "error: gpu_memory: is too large a size",
+            "error: --gpu-memory: is too large a size",
             id="gpu-memory",
         ),
         pytest.param(
             (*TRAIN, "--min-nvlink-gbps", "nan", "--", "python"),
-            "error: min_nvlink_gbps: must be a finite number, got nan",
+            "error: --min-nvlink-gbps: must be a finite number, got nan",
             id="nvlink-nan",
         ),
         pytest.param(
             (*SERVE, "--gpu-share", "inf", "--", "python"),
-            "error: gpu_share: must be a finite number, got inf",
+            "error: --gpu-share: must be a finite number, got inf",
             id="share-inf",
         ),
     ],
@@ -805,7 +826,8 @@ def test_cli_job_file_with_a_huge_priority_is_one_error_line(tmp_path: Path) -> 
     )
     assert (as_int.exit_code, as_int.stderr) == (
         1,
-        "error: spec.priority: must be between -1e+06 and 1e+06, got 1e+30\n",
+        f"error: {big}: priority: must be between -1000000 and 1000000, got "
+        "1000000000000000000000000000000\n",
     )
 
 

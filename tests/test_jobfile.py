@@ -291,7 +291,9 @@ time_limit: 1d
 
 
 def test_load_job_file_from_stdin(monkeypatch):
-    monkeypatch.setattr("sys.stdin", io.StringIO("kind: training\ncommand: [echo, hi]\n"))
+    monkeypatch.setattr(
+        "sys.stdin", io.StringIO("kind: training\ngpus_per_node: 8\ncommand: [echo, hi]\n")
+    )
     assert load_job_file("-").command == ("echo", "hi")
 
 
@@ -354,6 +356,10 @@ def test_spec_to_mapping_round_trips(spec):
 
     assert spec_from_mapping(mapping) == spec
     assert spec_to_mapping(convert.spec_to_pb(spec)) == mapping  # a proto spec reads the same
+    # With every field shown (defaults as themselves or null), it reads back the same too.
+    complete = spec_to_mapping(spec, complete=True)
+    assert spec_from_mapping(complete) == spec
+    assert set(complete) | {"gpu_share", "gpu_milli"} == set(FIELDS)
 
 
 def test_spec_to_mapping_uses_the_file_vocabulary():
@@ -393,7 +399,7 @@ def test_binary_file_is_reported_not_raised_as_unicode_error(tmp_path):
         ),
         pytest.param(
             {"target_tokens_per_s": -1, "weights_gb": 16},
-            [("spec.target_tokens_per_s", "must be between 0 and 1e+06")],
+            [("spec.target_tokens_per_s", "must be between 0 and 1000000")],
             id="negative-target",
         ),
         pytest.param(
@@ -452,6 +458,7 @@ def test_every_spec_field_round_trips_through_a_job_file():
     spec = replace(full_spec(), owner="")  # the owner is the caller, never the file's
     spec = replace(spec, env=tuple(sorted(spec.env)))
     assert spec_from_mapping(spec_to_mapping(spec)) == spec
+    assert spec_from_mapping(spec_to_mapping(spec, complete=True)) == spec
 
 
 @pytest.mark.parametrize(
@@ -470,3 +477,23 @@ def test_a_gpu_model_list_with_an_empty_name_is_refused():
         spec_from_mapping(
             {"kind": "inference", "command": "serve", "gpus_per_node": 1, "gpu_model": "A,,B"}
         )
+
+
+def test_a_checked_file_names_its_keys_and_numbers_in_its_own_units(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(
+        "kind: training\nnodes: 2000\ngpus_per_node: 8\ncpus: -2\nmemory: 20TiB\n"
+        "time_limit: 400d\ncommand: [python]\nenv: {1BAD: x}\n"
+    )
+    with pytest.raises(JobFileError) as e:
+        load_job_file(path)
+    assert {str(v) for v in e.value.violations} == {
+        "nodes: must be between 1 and 1024, got 2000",
+        "cpus: must be between 0 and 1024, got -2",
+        "memory: must be between 0 and 16TiB, got 20TiB",
+        "time_limit: must be between 0 and 365d, got 400d",
+        "env.1BAD: is not a valid variable name",
+    }
+    assert str(e.value).startswith(f"{path}: ")
+    # Unchecked, a mapping is only parsed (a part of a spec, for tools that fill the rest).
+    assert spec_from_mapping({"kind": "training", "cpus": -2}).cpu_milli == -2000

@@ -20,10 +20,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
@@ -374,11 +376,63 @@ def job_name(job: JobRef) -> str:
 
 def _state_value(state: int | str | JobState) -> int:
     if isinstance(state, str):  # "running", JobState.RUNNING or "JOB_STATE_RUNNING"
-        name = state.upper()
-        return jobs_pb2.JobState.Value(
-            name if name.startswith("JOB_STATE_") else f"JOB_STATE_{name}"
+        name = state.upper().replace("-", "_")
+        try:
+            return jobs_pb2.JobState.Value(
+                name if name.startswith("JOB_STATE_") else f"JOB_STATE_{name}"
+            )
+        except ValueError:
+            pass
+    elif (
+        isinstance(state, int)
+        and not isinstance(state, bool)
+        and state in jobs_pb2.JobState.values()
+    ):
+        return state
+    known = ", ".join(
+        n.removeprefix("JOB_STATE_").lower().replace("_", "-") for n in jobs_pb2.JobState.keys()[1:]
+    )
+    raise _bad_argument("states", f"{state!r:.64} is not a job state ({known})")
+
+
+def _bad_argument(name: str, why: str) -> InvalidArgumentError:
+    return InvalidArgumentError(
+        grpc.StatusCode.INVALID_ARGUMENT, f"{name}: {why}", violations=[FieldViolation(name, why)]
+    )
+
+
+M = TypeVar("M", bound=Message)
+_WHAT = {  # a protobuf field's type, as a violation says what it must be
+    FieldDescriptor.TYPE_STRING: "text",
+    FieldDescriptor.TYPE_BOOL: "True or False",
+    FieldDescriptor.TYPE_INT32: "an integer",
+    FieldDescriptor.TYPE_INT64: "an integer",
+    FieldDescriptor.TYPE_UINT32: "an integer",
+    FieldDescriptor.TYPE_UINT64: "an integer",
+    FieldDescriptor.TYPE_DOUBLE: "a number",
+    FieldDescriptor.TYPE_FLOAT: "a number",
+}
+
+
+def _request(message: type[M], **fields: Any) -> M:
+    """`message(**fields)`, or `InvalidArgumentError` naming each argument of the wrong type
+    (protobuf's own TypeError names neither), before anything is sent."""
+    bad = []
+    for name, value in fields.items():
+        field = message.DESCRIPTOR.fields_by_name[name]
+        what = _WHAT.get(field.type, "a value of its type")
+        if value is None:
+            bad.append(FieldViolation(name, f"must be {what}, got None"))
+            continue
+        try:
+            message(**{name: value})
+        except (TypeError, ValueError):
+            bad.append(FieldViolation(name, f"must be {what}, got {value!r:.64}"))
+    if bad:
+        raise InvalidArgumentError(
+            grpc.StatusCode.INVALID_ARGUMENT, "; ".join(map(str, bad)), violations=bad
         )
-    return int(state)
+    return message(**fields)
 
 
 # Where a gpuctld started by hand (not by systemd) keeps its socket: in its state dir.
@@ -671,8 +725,14 @@ class Client:
         page_size: int = 100,
     ) -> Iterator[jobs_pb2.Job]:
         """Every job matching the filters (all when empty), fetching page after page."""
-        request = jobs_pb2.ListJobsRequest(
-            page_size=page_size, states=[_state_value(s) for s in states], queue=queue, owner=owner
+        if isinstance(states, str | int) or not isinstance(states, Iterable):
+            raise _bad_argument("states", f"must be a list of job states, got {states!r:.64}")
+        request = _request(
+            jobs_pb2.ListJobsRequest,
+            page_size=page_size,
+            states=[_state_value(s) for s in states],
+            queue=queue,
+            owner=owner,
         )
         while True:
             page = self._unary(lambda s: s.jobs.ListJobs, request)
@@ -702,7 +762,7 @@ class Client:
         """Set an inference job's desired replicas (the same call twice is the same as once)."""
         return self._unary(
             lambda s: s.jobs.ScaleJob,
-            jobs_pb2.ScaleJobRequest(name=job_name(job), replicas=replicas),
+            _request(jobs_pb2.ScaleJobRequest, name=job_name(job), replicas=replicas),
         )
 
     def watch(
@@ -764,8 +824,12 @@ class Client:
         self, job: JobRef, rank: int = 0, follow: bool = False, *, offset: int = 0
     ) -> Iterator[bytes]:
         """The combined stdout/stderr of one rank, chunk by chunk; with `follow`, until it ends."""
-        request = jobs_pb2.StreamJobLogsRequest(
-            name=job_name(job), rank=rank, offset=offset, follow=follow
+        request = _request(
+            jobs_pb2.StreamJobLogsRequest,
+            name=job_name(job),
+            rank=rank,
+            offset=offset,
+            follow=follow,
         )
         for chunk in self._stream(lambda s: s.jobs.StreamJobLogs, request):
             yield chunk.data
@@ -785,17 +849,20 @@ class Client:
 
     def node(self, name: str) -> nodes_pb2.Node:
         """One node with its events."""
-        return self._unary(lambda s: s.nodes.GetNode, nodes_pb2.GetNodeRequest(name=name))
+        return self._unary(lambda s: s.nodes.GetNode, _request(nodes_pb2.GetNodeRequest, name=name))
 
     def drain(self, name: str, reason: str = "") -> nodes_pb2.Node:
         """Stop new work landing on the node; what runs there finishes."""
         return self._unary(
-            lambda s: s.nodes.DrainNode, nodes_pb2.DrainNodeRequest(name=name, reason=reason)
+            lambda s: s.nodes.DrainNode,
+            _request(nodes_pb2.DrainNodeRequest, name=name, reason=reason),
         )
 
     def undrain(self, name: str) -> nodes_pb2.Node:
         """Let new work land on a drained node again."""
-        return self._unary(lambda s: s.nodes.UndrainNode, nodes_pb2.UndrainNodeRequest(name=name))
+        return self._unary(
+            lambda s: s.nodes.UndrainNode, _request(nodes_pb2.UndrainNodeRequest, name=name)
+        )
 
     # -- identity and access ---------------------------------------------------------------
 
@@ -808,7 +875,7 @@ class Client:
     ) -> auth_pb2.CreateTokenResponse:
         """A new API token (for yourself; admins may name a `user`); its `secret` is in this
         reply only."""
-        request = auth_pb2.CreateTokenRequest(user=user, description=description)
+        request = _request(auth_pb2.CreateTokenRequest, user=user, description=description)
         if ttl is not None:
             request.ttl.FromTimedelta(ttl)
         return self._unary(lambda s: s.auth.CreateToken, request)
@@ -816,12 +883,16 @@ class Client:
     def tokens(self, user: str = "") -> builtins.list[auth_pb2.Token]:
         """Your tokens (admins: a `user`'s, or "*" for everyone's), revoked ones too."""
         return list(
-            self._unary(lambda s: s.auth.ListTokens, auth_pb2.ListTokensRequest(user=user)).tokens
+            self._unary(
+                lambda s: s.auth.ListTokens, _request(auth_pb2.ListTokensRequest, user=user)
+            ).tokens
         )
 
     def revoke_token(self, token_id: str) -> auth_pb2.Token:
         """Revoke a token by id: it stops working at once."""
-        return self._unary(lambda s: s.auth.RevokeToken, auth_pb2.RevokeTokenRequest(id=token_id))
+        return self._unary(
+            lambda s: s.auth.RevokeToken, _request(auth_pb2.RevokeTokenRequest, id=token_id)
+        )
 
     def create_node_token(
         self, node: str, *, ttl: timedelta | None = None
@@ -839,7 +910,7 @@ class Client:
     def _node_credential(
         self, method: _Method, node: str, ttl: timedelta | None
     ) -> auth_pb2.CreateTokenResponse:
-        request = auth_pb2.CreateNodeTokenRequest(node=node)
+        request = _request(auth_pb2.CreateNodeTokenRequest, node=node)
         if ttl is not None:
             request.ttl.FromTimedelta(ttl)
         return self._unary(method, request)
@@ -848,7 +919,7 @@ class Client:
         self, *, since: datetime | None = None, principal: str = "", limit: int = 100
     ) -> builtins.list[auth_pb2.AuditEntry]:
         """The latest mutating calls, oldest first (operators)."""
-        request = auth_pb2.ListAuditRequest(principal=principal, limit=limit)
+        request = _request(auth_pb2.ListAuditRequest, principal=principal, limit=limit)
         if since is not None:
             request.since.FromDatetime(since.astimezone(UTC))
         return list(self._unary(lambda s: s.auth.ListAudit, request).entries)
@@ -856,7 +927,7 @@ class Client:
     def leases(self, include_released: bool = False) -> builtins.list[leases_pb2.Lease]:
         """The leases gpuctl holds (with `include_released`, also the ones it gave back)."""
         out: builtins.list[leases_pb2.Lease] = []
-        request = leases_pb2.ListLeasesRequest(include_released=include_released)
+        request = _request(leases_pb2.ListLeasesRequest, include_released=include_released)
         while True:
             page = self._unary(lambda s: s.leases.ListLeases, request)
             out.extend(page.leases)
@@ -898,7 +969,7 @@ def _spec_msg(
         if isinstance(spec, str | os.PathLike):
             spec = jobfile.load_job_file(spec)
         elif isinstance(spec, Mapping):
-            spec = jobfile.spec_from_mapping(spec)
+            spec = jobfile.spec_from_mapping(spec, check=True)
         return convert.spec_to_pb(spec)
     except InvalidArgument as e:
         raise _invalid(e) from None

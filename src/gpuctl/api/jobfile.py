@@ -72,6 +72,7 @@ import re
 import shlex
 import sys
 from collections.abc import Callable, Mapping
+from datetime import UTC
 from typing import Any
 
 import yaml
@@ -87,6 +88,7 @@ from gpuctl.core.model import (
     RestartPolicy,
     SpreadPolicy,
 )
+from gpuctl.core.validation import plain_number, spec_violations
 
 MIB = 1024 * 1024
 _SIZE_UNITS = {
@@ -436,8 +438,10 @@ _NO_GPUS = (
 )
 
 
-def spec_from_mapping(data: Mapping[str, Any], *, source: str = "") -> JobSpec:
-    """A JobSpec from a job-file mapping; every problem at once as `JobFileError`."""
+def spec_from_mapping(data: Mapping[str, Any], *, source: str = "", check: bool = False) -> JobSpec:
+    """A JobSpec from a job-file mapping; every problem at once as `JobFileError`. With
+    `check`, also every rule the server holds a spec to, named in the file's words (the
+    key, and numbers in its units), so a whole job file fails before it is sent."""
     if not isinstance(data, Mapping):
         raise JobFileError(
             [FieldViolation("(document)", f"must be a mapping of field: value, got {_show(data)}")],
@@ -476,7 +480,52 @@ def spec_from_mapping(data: Mapping[str, Any], *, source: str = "") -> JobSpec:
         # Secret values travel in env like any other; only their keys are marked.
         values["env"] = tuple(sorted({**dict(values.get("env", ())), **dict(secret)}.items()))
         values["secret_env"] = tuple(sorted(k for k, _ in secret))
-    return JobSpec(**values)
+    spec = JobSpec(**values)
+    if check:
+        # "cpus: must be between 0 and 1024, got -2", not "spec.cpu_milli: ... -2000" from
+        # the server. (The owner is the caller's, set by the server.)
+        found = [v for v in spec_violations(spec, prefix="") if v.field != "owner"]
+        if found:
+            raise JobFileError([_in_file_terms(v, data) for v in found], source=source)
+    return spec
+
+
+# How a spec attribute's numbers read in a job file, where its unit is not the spec's.
+_FILE_UNITS: dict[str, Callable[[float], str]] = {
+    "cpu_milli": lambda v: plain_number(v / 1000),
+    "memory_mib": lambda v: format_size_mib(int(v)) if v > 0 else plain_number(v),
+    "gpu_memory_mib": lambda v: format_size_mib(int(v)) if v > 0 else plain_number(v),
+    "gpu_milli": lambda v: plain_number(v / MILLI_PER_GPU),
+    "time_limit_s": lambda v: format_duration(int(v)) if v > 0 else plain_number(v),
+    "min_ready_s": lambda v: format_duration(int(v)) if v > 0 else plain_number(v),
+    "progress_deadline_s": lambda v: format_duration(int(v)) if v > 0 else plain_number(v),
+}
+_BETWEEN = re.compile(r"must be between (\S+) and (\S+), got (\S+)$")
+
+
+def _in_file_terms(violation: FieldViolation, data: Mapping[str, Any]) -> FieldViolation:
+    """`violation` (of a spec attribute) named by the job-file key the value came from, its
+    numbers in that key's unit."""
+    head, dot, rest = violation.field.partition(".")
+    head, bracket, index = head.partition("[")
+    attr = head
+    keys = [k for k, (a, _) in FIELDS.items() if a == attr]
+    key = next((k for k in keys if k in data), keys[0] if keys else attr)
+    field = key + (bracket + index if bracket else "") + (dot + rest if dot else "")
+    description = violation.description
+    m = _BETWEEN.match(description)
+    if m is not None and not (dot or bracket):
+        unit = _FILE_UNITS.get(attr) if key != "gpu_milli" else None
+        try:
+            lo, hi = (unit(float(x)) if unit else x for x in m.groups()[:2])
+        except ValueError:
+            lo, hi = m.groups()[:2]
+        raw = data.get(key)
+        # the value as it was written (a flag's text, a file's scalar), else the spec's
+        scalar = isinstance(raw, str | int | float) and not isinstance(raw, bool)
+        got = str(raw)[:64] if scalar else m[3]
+        description = f"must be between {lo} and {hi}, got {got}"
+    return FieldViolation(field, description)
 
 
 def load_job_mapping(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -518,18 +567,120 @@ def load_job_mapping(path: str | os.PathLike[str]) -> dict[str, Any]:
             [FieldViolation("(document)", f"must be a mapping of field: value, got {_show(data)}")],
             source=source,
         )
+    if "kind" not in data and isinstance(data.get("spec"), Mapping):
+        # A job as `gpuctl get job 7 -o yaml` shows it: its spec is the job file (its id and
+        # status are what happened to it, not what to run).
+        data = data["spec"]
     return dict(data)
 
 
 def load_job_file(path: str | os.PathLike[str]) -> JobSpec:
     """The JobSpec in a YAML job file; `JobFileError` names the file and every bad field."""
     source = "<stdin>" if os.fspath(path) == "-" else os.fspath(path)
-    return spec_from_mapping(load_job_mapping(path), source=source)
+    return spec_from_mapping(load_job_mapping(path), source=source, check=True)
 
 
-def spec_to_mapping(spec: JobSpec | jobs_pb2.JobSpec) -> dict[str, Any]:
-    """The job-file mapping of `spec` (fields left at their default are left out); the
-    inverse of `spec_from_mapping`."""
+def spec_to_mapping(spec: JobSpec | jobs_pb2.JobSpec, *, complete: bool = False) -> dict[str, Any]:
+    """The job-file mapping of `spec`; the inverse of `spec_from_mapping`. Fields left at
+    their default are left out, or with `complete` given as null (which a job file reads as
+    the default), so that every field shows."""
+    out = _spec_mapping(spec)
+    if complete:
+        given = "gpu_milli" if "gpu_milli" in out else "gpu_share"
+        shown = {  # defaults that read better as themselves than as null
+            "priority": 0,
+            "env": {},
+            "secret_env": {},
+            "preemptible": False,
+            "on_node_lost": str(JobSpec(kind=JobKind.TRAINING, command=()).on_node_lost),
+        }
+        for key in FIELDS:
+            if key not in out and key != ("gpu_share" if given == "gpu_milli" else "gpu_milli"):
+                out[key] = shown.get(key)
+        out = {key: out[key] for key in FIELDS if key in out}  # the file's order
+    return out
+
+
+def job_document(job: jobs_pb2.Job) -> dict[str, Any]:
+    """A job as `gpuctl get job -o json|yaml` shows it: its id, owner, spec (the job file, every
+    field; `gpuctl submit -f` takes the whole document and runs the spec again) and status.
+    Enums are the words the CLI and job files use; times are UTC, ISO 8601; nothing is left
+    out for being zero."""
+    placement = job.placement
+    return {
+        "id": job.id,
+        "name": job.name,
+        "owner": job.owner,
+        "spec": spec_to_mapping(job.spec, complete=True),
+        "status": {
+            "state": _word(jobs_pb2.JobState, job.state, "JOB_STATE_"),
+            "reason": job.reason,
+            "exit_code": job.exit_code if job.HasField("exit_code") else None,
+            "attempt": job.attempt,
+            "generation": job.generation,
+            "rolling": job.rolling,
+            "submitted": _iso(job.create_time),
+            "started": _iso(job.start_time),
+            "ended": _iso(job.end_time),
+            "updated": _iso(job.update_time),
+            "request_id": job.request_id,
+            "placement": (
+                {
+                    "reason": placement.reason,
+                    "master_addr": placement.master_addr,
+                    "master_port": placement.master_port,
+                    "ranks": [_rank_document(r) for r in placement.ranks],
+                }
+                if job.HasField("placement")
+                else None
+            ),
+            "events": [
+                {
+                    "time": _iso(e.time),
+                    "type": e.type,
+                    "message": e.message,
+                }
+                for e in job.events
+            ],
+        },
+    }
+
+
+def _rank_document(r: jobs_pb2.RankStatus) -> dict[str, Any]:
+    return {
+        "rank": r.rank,
+        "node": r.node,
+        "gpus": list(r.gpu_indices),
+        "gpu_share": r.gpu_milli / MILLI_PER_GPU,
+        "state": _word(jobs_pb2.RankState, r.state, "RANK_STATE_"),
+        "exit_code": r.exit_code if r.HasField("exit_code") else None,
+        "message": r.message,
+        "restarts": r.restarts,
+        "last_failure": r.last_failure,
+        "started": _iso(r.start_time),
+        "ended": _iso(r.end_time),
+        "generation": r.generation,
+        "port": r.port,
+        "ready": r.ready,
+        "env": dict(sorted(r.env.items())),
+    }
+
+
+def _word(enum_type: Any, value: int, prefix: str) -> str:
+    """JOB_STATE_NODE_LOST -> "node-lost", as `gpuctl jobs --state` takes it."""
+    try:
+        return enum_type.Name(value).removeprefix(prefix).lower().replace("_", "-")
+    except ValueError:
+        return str(value)
+
+
+def _iso(ts: Any) -> str | None:
+    if ts.seconds == 0 and ts.nanos == 0:
+        return None
+    return ts.ToDatetime(tzinfo=UTC).isoformat().replace("+00:00", "Z")
+
+
+def _spec_mapping(spec: JobSpec | jobs_pb2.JobSpec) -> dict[str, Any]:
     if isinstance(spec, jobs_pb2.JobSpec):
         spec = convert.spec_from_pb(spec)
     default = JobSpec(kind=spec.kind, command=())

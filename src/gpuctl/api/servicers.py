@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import importlib.metadata
 import inspect
 import logging
 import threading
@@ -71,6 +72,10 @@ if TYPE_CHECKING:
     from gpuctl.runtime.controller import Controller
 
 log = logging.getLogger(__name__)
+try:
+    SERVER_VERSION = importlib.metadata.version("gpuctl")  # as `gpuctl --version` reads it
+except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+    SERVER_VERSION = "unknown"
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
 MAX_LOG_PUSH = 4 << 20
@@ -616,6 +621,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
             role=who.role.value,
             via=who.via,
             permissions=sorted(p.value for p in ROLE_PERMISSIONS[who.role]),
+            server_version=SERVER_VERSION,
         )
         if who.uid is not None:
             reply.uid = who.uid

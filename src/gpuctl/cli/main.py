@@ -6,22 +6,29 @@ unknown job, an unreachable daemon) print one `error:` line on stderr and exit 1
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
 import os
 import re
+import shutil
+import sys
+import threading
 import time
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import click
 
-from gpuctl.cli import render
+from gpuctl.cli import contexts, render
 from gpuctl.cli.simulate import simulate
 from gpuctl.client import (
     DEFAULT_SOCKET,
     DEFAULT_TARGET,
     ApiError,
     Client,
+    JobFileError,
     UnavailableError,
     auth_pb2,
     jobs_pb2,
@@ -29,7 +36,7 @@ from gpuctl.client import (
     parse_duration,
     spec_from_mapping,
 )
-from gpuctl.core.errors import GpuctlError
+from gpuctl.core.errors import FieldViolation, GpuctlError
 
 _JOB_REF = re.compile(r"^(jobs/)?\d+$")
 _ACTIVE = ("pending", "running", "cancelling")
@@ -62,12 +69,20 @@ class _Gpuctl(click.Group):
 
 class _Settings:
     def __init__(
-        self, server: str | None, timeout: float, ca_file: str | None, token_file: str | None
+        self,
+        server: str | None,
+        timeout: float,
+        ca_file: str | None,
+        token_file: str | None,
+        context: str | None = None,
     ) -> None:
-        self.server = server
+        # A flag (or its environment variable) wins over the context, as with kubectl.
+        chosen = contexts.resolve(context)
+        self.context = chosen.name if chosen is not None else None
+        self.server = server or (chosen.server if chosen is not None else None) or None
         self.timeout = timeout
-        self.ca_file = ca_file
-        self.token_file = token_file
+        self.ca_file = ca_file or (chosen.ca_file if chosen is not None else None) or None
+        self.token_file = token_file or (chosen.token_file if chosen is not None else None) or None
         self._client: Client | None = None
 
     def client(self, ctx: click.Context) -> Client:
@@ -99,6 +114,74 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _terminal() -> tuple[bool, int | None]:
+    """Whether to colour stdout, and the width to cut table lines to: a terminal's, neither
+    when stdout is a pipe or a file. NO_COLOR (any value) turns colour off, as TERM=dumb."""
+    if not sys.stdout.isatty():
+        return False, None
+    colour = "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
+    return colour, shutil.get_terminal_size().columns
+
+
+def _completion_client(ctx: click.Context) -> Client | None:
+    """A client from the flags typed so far, for completing names; None when it cannot be
+    made. Completion never waits long or prints an error into the user's command line."""
+    params = ctx.find_root().params
+    try:
+        s = _Settings(
+            params.get("server"),
+            2.0,
+            params.get("ca_file"),
+            params.get("token_file"),
+            params.get("context"),
+        )
+        token = None
+        if s.token_file:
+            with open(s.token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        return Client(s.server, token=token, ca_file=s.ca_file, timeout=2)
+    except (OSError, ValueError, GpuctlError, ApiError):
+        return None
+
+
+def _complete_jobs(ctx: click.Context, _param: click.Parameter, incomplete: str) -> list:
+    from click.shell_completion import CompletionItem
+
+    client = _completion_client(ctx)
+    if client is None:
+        return []
+    try:
+        with client:
+            found = list(client.list(states=list(_ACTIVE)))
+    except (ApiError, GpuctlError):
+        return []
+    return [
+        CompletionItem(
+            str(j.id), help=f"{j.spec.name or j.spec.kind} ({render.job_state(j.state)})"
+        )
+        for j in found
+        if str(j.id).startswith(incomplete.removeprefix("jobs/"))
+    ]
+
+
+def _complete_nodes(ctx: click.Context, _param: click.Parameter, incomplete: str) -> list:
+    from click.shell_completion import CompletionItem
+
+    client = _completion_client(ctx)
+    if client is None:
+        return []
+    try:
+        with client:
+            found = client.nodes()
+    except (ApiError, GpuctlError):
+        return []
+    return [
+        CompletionItem(n.name, help=render.node_state(n.state))
+        for n in found
+        if n.name.startswith(incomplete)
+    ]
+
+
 @click.group(cls=_Gpuctl, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--server",
@@ -124,6 +207,12 @@ def _now() -> datetime:
     help="Read the API token from this file (or set GPUCTL_TOKEN); not needed on the "
     "head node's socket.",
 )
+@click.option(
+    "--context",
+    envvar="GPUCTL_CONTEXT",
+    help="Use this context of the config file (`gpuctl config get-contexts`) instead of the "
+    "current one (env GPUCTL_CONTEXT).",
+)
 @click.version_option(package_name="gpuctl")
 @click.pass_context
 def cli(
@@ -132,9 +221,12 @@ def cli(
     timeout: float,
     ca_file: str | None,
     token_file: str | None,
+    context: str | None,
 ) -> None:
     """gpuctl: queue training gangs and inference services on leased GPU nodes."""
-    ctx.obj = _Settings(server, timeout, ca_file, token_file)
+    if ctx.invoked_subcommand == "config":
+        return  # editing the contexts needs none of them to be valid
+    ctx.obj = _Settings(server, timeout, ca_file, token_file, context)
 
 
 # -- submit -------------------------------------------------------------------------------
@@ -272,7 +364,14 @@ def submit(
     elif not data.get("working_dir"):
         data["working_dir"] = os.getcwd()
     source = "<stdin>" if job_file == "-" else job_file or ""
-    spec = spec_from_mapping(data, source=source)
+    from_flags = {k for k, v in flags.items() if v is not None}
+    from_flags |= {k for k, given in (("env", env), ("secret_env", secret_env)) if given}
+    from_flags |= {"command"} if command else set()
+    from_flags |= {"working_dir"} if workdir is not None or not job_file else set()
+    try:
+        spec = spec_from_mapping(data, source=source, check=True)
+    except JobFileError as e:
+        raise _as_typed(e, from_flags, source) from None
 
     client = _client(ctx)
     if dry_run:
@@ -307,6 +406,28 @@ def submit(
         line += f": {final.reason}"
     click.echo(line, err=parsable)  # --parsable keeps stdout to the id
     ctx.exit(wait_exit_code(final))
+
+
+# The flag of each job-file key where they differ from `--` + the key with '-' for '_'.
+_FLAG_OF = {"working_dir": "--workdir", "command": "COMMAND"}
+
+
+def _as_typed(error: JobFileError, from_flags: set[str], source: str) -> JobFileError:
+    """`error` with each field a flag gave named as that flag (--cpus), the rest as the job
+    file's keys under the file's name: what the user typed, either way."""
+    out = []
+    for v in error.violations:
+        key = re.split(r"[.\[]", v.field, maxsplit=1)[0]
+        rest = v.field[len(key) :]
+        if key in from_flags:
+            flag = _FLAG_OF.get(key, "--" + key.replace("_", "-"))
+            # env.HF_TOKEN -> "--env HF_TOKEN", as it was typed
+            out.append(
+                FieldViolation(flag + (" " + rest[1:] if rest[:1] == "." else rest), v.description)
+            )
+        else:
+            out.append(FieldViolation(f"{source}: {v.field}" if source else v.field, v.description))
+    return JobFileError(out)
 
 
 # What `submit --wait` exits with, per end state (README, "Exit codes").
@@ -351,9 +472,21 @@ def _split(values: tuple[str, ...]) -> list[str]:
 @click.option("--queue", default="", help="Only this queue.")
 @click.option("-u", "--owner", default="", help="Only this user's jobs.")
 @click.option("-o", "--output", type=_OUTPUT, default="table", show_default=True)
+@click.option(
+    "-w",
+    "--watch",
+    is_flag=True,
+    help="After the list, print each job again as it changes, until interrupted (Ctrl-C).",
+)
 @click.pass_context
 def jobs(
-    ctx: click.Context, show_all: bool, states: tuple[str, ...], queue: str, owner: str, output: str
+    ctx: click.Context,
+    show_all: bool,
+    states: tuple[str, ...],
+    queue: str,
+    owner: str,
+    output: str,
+    watch: bool,
 ) -> None:
     """List jobs, like squeue: the active ones unless --all or --state."""
     wanted = _split(states)
@@ -364,15 +497,60 @@ def jobs(
             )
     if not wanted and not show_all:
         wanted = list(_ACTIVE)
-    found = list(_client(ctx).list(states=[s.lower() for s in wanted], queue=queue, owner=owner))
-    _emit(found, output, lambda wide: render.jobs_table(found, now=_now(), wide=wide))
+    client = _client(ctx)
+    found = list(client.list(states=[s.lower() for s in wanted], queue=queue, owner=owner))
+    colour, width = _terminal()
+
+    def rows(jobs: list, header: bool) -> str:
+        wide = output == "wide"
+        return render.jobs_table(
+            jobs, now=_now(), wide=wide, colour=colour, width=width, header=header
+        )
+
+    _emit(found, output, lambda _: rows(found, True))
+    if not watch:
+        return
+    # As `kubectl get -w`: each change is a line (or document) of its own, from the revision
+    # the list was read at, for the jobs the filters select, until the user stops it.
+    since = max((j.revision for j in found), default=0)
+    shown = {j.id for j in found}
+    for job in _watch(client, since):
+        selected = render.job_state(job.state).replace("_", "-") in wanted or not wanted
+        if (queue and job.spec.queue != queue) or (owner and job.owner != owner):
+            continue
+        if not selected and job.id not in shown:
+            continue
+        shown.add(job.id)
+        _emit([job], output, lambda _, job=job: rows([job], False), stream=True)
 
 
-def _emit(messages: list, output: str, as_table) -> None:
-    if output == "json":
-        click.echo(render.as_json(messages))
-    elif output == "yaml":
-        click.echo(render.as_yaml(messages))
+def _watch(client: Client, since: int):
+    """Every job change after revision `since`, riding out a daemon that restarts or a
+    stream the server ends (as `Client.wait` does)."""
+    backoff = 0.1
+    while True:
+        try:
+            for job in client.watch(since_revision=since):
+                since = max(since, job.revision)
+                backoff = 0.1
+                yield job
+        except UnavailableError:
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+
+def _emit(messages: list, output: str, as_table, *, stream: bool = False) -> None:
+    """`messages` as a table, or as JSON or YAML documents: a list (or, with `stream`, one
+    document per message: a JSON object a line, YAML documents apart by ---)."""
+    if output in ("json", "yaml"):
+        docs = [render.document(m) for m in messages]
+        if not stream:
+            click.echo(render.dump(docs, output))
+        for doc in docs if stream else ():
+            if output == "json":
+                click.echo(json.dumps(doc))
+            else:
+                click.echo("---\n" + render.dump(doc, "yaml"))
     else:
         click.echo(as_table(output == "wide"))
 
@@ -392,15 +570,44 @@ def describe(ctx: click.Context, what: str, output: str) -> None:
     else:
         obj = client.node(what)
         text = render.describe_node(obj, now=_now()) if output == "text" else ""
-    if output == "json":
-        text = render.as_json([obj])
-    elif output == "yaml":
-        text = render.as_yaml([obj])
+    if output != "text":  # one resource: one object
+        text = render.dump(render.document(obj), output)
     click.echo(text)
 
 
 @cli.command()
-@click.argument("job")
+@click.argument("kind", type=click.Choice(["job", "jobs", "node", "nodes"]))
+@click.argument("names", nargs=-1)
+@click.option("-o", "--output", type=_OUTPUT, default="table", show_default=True)
+@click.pass_context
+def get(ctx: click.Context, kind: str, names: tuple[str, ...], output: str) -> None:
+    """Show jobs or nodes, as kubectl get: `gpuctl get job 7 -o yaml` (one name: one object,
+    which `gpuctl submit -f` takes back); without names, the active jobs or every node."""
+    client = _client(ctx)
+    if kind.startswith("job"):
+        for name in names:
+            if not _JOB_REF.match(name):
+                raise click.BadParameter(f"{name!r} is not a job id like 42", param_hint="NAMES")
+        found = [client.get(n) for n in names] if names else list(client.list(states=list(_ACTIVE)))
+        colour, width = _terminal()
+
+        def as_table(wide: bool) -> str:
+            return render.jobs_table(found, now=_now(), wide=wide, colour=colour, width=width)
+    else:
+        found = [client.node(n) for n in names] if names else client.nodes()
+        colour, width = _terminal()
+
+        def as_table(wide: bool) -> str:
+            return render.nodes_table(found, wide=wide, colour=colour, width=width)
+
+    if len(names) == 1 and output in ("json", "yaml"):
+        click.echo(render.dump(render.document(found[0]), output))
+        return
+    _emit(found, output, as_table)
+
+
+@cli.command()
+@click.argument("job", shell_complete=_complete_jobs)
 @click.option(
     "--rank",
     type=click.IntRange(0, 2**31 - 1),  # an int32 on the wire
@@ -409,15 +616,94 @@ def describe(ctx: click.Context, what: str, output: str) -> None:
     help="Which rank (training) or replica (inference).",
 )
 @click.option("-f", "--follow", is_flag=True, help="Keep streaming until the job ends.")
+@click.option(
+    "--tail",
+    type=click.IntRange(0, None),
+    metavar="N",
+    help="Only the last N lines of each rank's log so far (then what follows, with -f).",
+)
+@click.option(
+    "--all-ranks",
+    is_flag=True,
+    help="Every rank (or replica) of the job, each line prefixed with its rank: [rank 2].",
+)
 @click.pass_context
-def logs(ctx: click.Context, job: str, rank: int, follow: bool) -> None:
+def logs(
+    ctx: click.Context, job: str, rank: int, follow: bool, tail: int | None, all_ranks: bool
+) -> None:
     """Print a rank's combined stdout and stderr."""
-    for chunk in _client(ctx).logs(job, rank=rank, follow=follow):
-        click.echo(chunk, nl=False)  # bytes go to the binary stdout as they are, and flush
+    client = _client(ctx)
+    if not all_ranks:
+        for chunk in _rank_log(client, job, rank, follow, tail):
+            click.echo(chunk, nl=False)  # bytes go to the binary stdout as they are, and flush
+        return
+    found = client.get(job)
+    ranks = sorted({r.rank for r in found.placement.ranks})
+    if not ranks:
+        raise click.UsageError(f"job {found.id} has no ranks yet: it has not been placed")
+    if not follow:
+        for n in ranks:
+            for line in _lines(_rank_log(client, job, n, False, tail)):
+                click.echo(f"[rank {n}] ".encode() + line, nl=False)
+        return
+    # Following several ranks: one stream each, their whole lines interleaved as they come.
+    lines: deque[tuple[int, bytes] | None] = deque()
+    arrived = threading.Condition()
+
+    def follow_rank(n: int) -> None:
+        try:
+            for line in _lines(_rank_log(client, job, n, True, tail)):
+                with arrived:
+                    lines.append((n, line))
+                    arrived.notify()
+        finally:
+            with arrived:
+                lines.append(None)
+                arrived.notify()
+
+    for n in ranks:
+        threading.Thread(target=follow_rank, args=(n,), daemon=True).start()
+    running = len(ranks)
+    while running:
+        with arrived:
+            arrived.wait_for(lambda: bool(lines))
+            item = lines.popleft()
+        if item is None:
+            running -= 1
+        else:
+            click.echo(f"[rank {item[0]}] ".encode() + item[1], nl=False)
+
+
+def _rank_log(client: Client, job: str, rank: int, follow: bool, tail: int | None):
+    """One rank's log as chunks of bytes; with `tail`, starting N lines before its end."""
+    if tail is None:
+        yield from client.logs(job, rank=rank, follow=follow)
+        return
+    kept: deque[bytes] = deque(maxlen=tail or None)
+    offset = 0
+    for line in _lines(client.logs(job, rank=rank)):
+        offset += len(line)
+        if tail:
+            kept.append(line)
+    yield from kept
+    if follow:
+        yield from client.logs(job, rank=rank, follow=True, offset=offset)
+
+
+def _lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Chunks of bytes as lines (each with its newline; a last line without one as it is)."""
+    rest = b""
+    for chunk in chunks:
+        rest += chunk
+        *whole, rest = rest.split(b"\n")
+        for line in whole:
+            yield line + b"\n"
+    if rest:
+        yield rest
 
 
 @cli.command()
-@click.argument("job")
+@click.argument("job", shell_complete=_complete_jobs)
 @click.option(
     "-f",
     "--file",
@@ -431,13 +717,13 @@ def update(ctx: click.Context, job: str, job_file: str) -> None:
     source = "<stdin>" if job_file == "-" else job_file
     data = load_job_mapping(job_file)
     data.setdefault("working_dir", os.getcwd())  # as submit does
-    updated = _client(ctx).update(job, spec_from_mapping(data, source=source))
+    updated = _client(ctx).update(job, spec_from_mapping(data, source=source, check=True))
     line = f"job {updated.id} updated"
     click.echo(f"{line}: {updated.reason}" if updated.reason else line)
 
 
 @cli.command()
-@click.argument("job")
+@click.argument("job", shell_complete=_complete_jobs)
 @click.option(
     "--replicas", type=click.IntRange(min=1), required=True, help="The desired replica count."
 )
@@ -450,7 +736,9 @@ def scale(ctx: click.Context, job: str, replicas: int) -> None:
 
 
 @cli.command()
-@click.argument("job_refs", nargs=-1, required=True, metavar="JOB...")
+@click.argument(
+    "job_refs", nargs=-1, required=True, metavar="JOB...", shell_complete=_complete_jobs
+)
 @click.pass_context
 def cancel(ctx: click.Context, job_refs: tuple[str, ...]) -> None:
     """Cancel jobs; a failure on one does not stop the others."""
@@ -473,20 +761,53 @@ def cancel(ctx: click.Context, job_refs: tuple[str, ...]) -> None:
 # -- nodes and leases ---------------------------------------------------------------------
 
 
+NODES_WATCH_POLL_S = 2.0
+
+
 @cli.command()
 @click.option("-o", "--output", type=_OUTPUT, default="table", show_default=True)
+@click.option(
+    "-w",
+    "--watch",
+    is_flag=True,
+    help="After the list, print each node again as it changes (state, free GPUs, profile), "
+    f"polled every {NODES_WATCH_POLL_S:g} s, until interrupted (Ctrl-C).",
+)
 @click.pass_context
-def nodes(ctx: click.Context, output: str) -> None:
+def nodes(ctx: click.Context, output: str, watch: bool) -> None:
     """List nodes with their measured bandwidth, lease price and free GPUs."""
-    found = _client(ctx).nodes()
-    _emit(found, output, lambda wide: render.nodes_table(found, wide=wide))
+    client = _client(ctx)
+    found = client.nodes()
+    colour, width = _terminal()
+
+    def rows(nodes: list, header: bool) -> str:
+        return render.nodes_table(
+            nodes, wide=output == "wide", colour=colour, width=width, header=header
+        )
+
+    _emit(found, output, lambda _: rows(found, True))
+
+    def shown(node) -> str:  # what a row shows of it (a heartbeat alone is no change)
+        return render.nodes_table([node], wide=True, header=False)
+
+    seen = {n.name: shown(n) for n in found}
+    while watch:
+        time.sleep(NODES_WATCH_POLL_S)
+        try:
+            now = client.nodes()
+        except UnavailableError:
+            continue
+        changed = [n for n in now if seen.get(n.name) != shown(n)]
+        seen = {n.name: shown(n) for n in now}
+        if changed:
+            _emit(changed, output, lambda _, c=changed: rows(c, False), stream=True)
 
 
 DRAIN_POLL_S = 2.0
 
 
 @cli.command()
-@click.argument("node")
+@click.argument("node", shell_complete=_complete_nodes)
 @click.option("--reason", default="", help="Why, for `gpuctl describe`.")
 @click.option(
     "--wait", "wait_", is_flag=True, help="Wait until no job holds GPUs on the node any more."
@@ -510,7 +831,7 @@ def drain(ctx: click.Context, node: str, reason: str, wait_: bool) -> None:
 
 
 @cli.command()
-@click.argument("node")
+@click.argument("node", shell_complete=_complete_nodes)
 @click.pass_context
 def undrain(ctx: click.Context, node: str) -> None:
     """Let new work land on a drained node again."""
@@ -581,6 +902,114 @@ def cost(ctx: click.Context, since: str | None, by: str, output: str) -> None:
 
 
 # -- identity and access -------------------------------------------------------------------
+
+
+@cli.group()
+def config() -> None:
+    """Contexts: which gpuctld, CA and token to use, by name (like kubectl config). The file
+    is $GPUCTL_CONFIG or ~/.config/gpuctl/config.yaml; --context or GPUCTL_CONTEXT picks one
+    for a command, flags override its fields."""
+
+
+@config.command("get-contexts")
+def config_get_contexts() -> None:
+    """List the contexts; the current one is marked *."""
+    current, found = contexts.load()
+    rows = [
+        ("*" if name == current else "", name, c.server, c.ca_file, c.token_file)
+        for name, c in sorted(found.items())
+    ]
+    click.echo(render.table(["CURRENT", "NAME", "SERVER", "CA_FILE", "TOKEN_FILE"], rows))
+
+
+@config.command("current-context")
+def config_current_context() -> None:
+    """Print the current context's name."""
+    current, _ = contexts.load()
+    if not current:
+        raise click.ClickException("no current context (gpuctl config use-context NAME)")
+    click.echo(current)
+
+
+@config.command("use-context")
+@click.argument("name")
+def config_use_context(name: str) -> None:
+    """Make NAME the current context."""
+    _, found = contexts.load()
+    if name not in found:
+        known = ", ".join(sorted(found)) or "none yet"
+        raise click.BadParameter(f"no context {name!r}; contexts: {known}", param_hint="NAME")
+    path = contexts.save(name, found)
+    click.echo(f"switched to context {name!r} ({path})")
+
+
+@config.command("set-context")
+@click.argument("name")
+@click.option("--server", help="gpuctld: unix:/PATH or HOST:PORT[,HOST:PORT...].")
+@click.option("--ca-file", type=click.Path(dir_okay=False), help="CA to trust (TLS).")
+@click.option("--token-file", type=click.Path(dir_okay=False), help="File holding the token.")
+@click.option("--use", "use_it", is_flag=True, help="Make it the current context too.")
+def config_set_context(
+    name: str, server: str | None, ca_file: str | None, token_file: str | None, use_it: bool
+) -> None:
+    """Create context NAME, or change the fields given of it."""
+    current, found = contexts.load()
+    old = found.get(name, contexts.Context(name))
+    found[name] = contexts.Context(
+        name,
+        server=server if server is not None else old.server,
+        # files named relative to where the command ran would break elsewhere
+        ca_file=os.path.abspath(ca_file) if ca_file else old.ca_file,
+        token_file=os.path.abspath(token_file) if token_file else old.token_file,
+    )
+    path = contexts.save(name if use_it or not current else current, found)
+    click.echo(f"context {name!r} saved in {path}")
+
+
+@config.command("delete-context")
+@click.argument("name")
+def config_delete_context(name: str) -> None:
+    """Remove context NAME."""
+    current, found = contexts.load()
+    if found.pop(name, None) is None:
+        raise click.BadParameter(f"no context {name!r}", param_hint="NAME")
+    contexts.save("" if current == name else current, found)
+    click.echo(f"context {name!r} deleted")
+
+
+@cli.command()
+@click.option("--client", "client_only", is_flag=True, help="Only this gpuctl's version.")
+@click.pass_context
+def version(ctx: click.Context, client_only: bool) -> None:
+    """This gpuctl's version and the version of the gpuctld it talks to."""
+    click.echo(f"client: {_own_version()}")
+    if client_only:
+        return
+    settings = ctx.find_object(_Settings)
+    me = _client(ctx).whoami()
+    click.echo(f"server: {me.server_version or 'unknown (older than 0.1.0)'}")
+    if settings is not None and settings.server:
+        click.echo(f"at:     {settings.server}")
+
+
+def _own_version() -> str:
+    try:
+        return importlib.metadata.version("gpuctl")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+@cli.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print the shell's completion script for gpuctl (commands, flags, and job ids and node
+    names from gpuctld). bash: eval "$(gpuctl completion bash)" in ~/.bashrc; zsh: the same
+    with zsh in ~/.zshrc; fish: gpuctl completion fish > ~/.config/fish/completions/gpuctl.fish"""
+    from click.shell_completion import get_completion_class
+
+    completer = get_completion_class(shell)
+    assert completer is not None  # the three shells click knows
+    click.echo(completer(cli, {}, "gpuctl", "_GPUCTL_COMPLETE").source())
 
 
 @cli.command()

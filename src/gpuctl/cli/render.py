@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 import shlex
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 
+import click
 import yaml
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
@@ -20,6 +21,7 @@ from gpuctl.client import (
     events_pb2,
     format_duration,
     format_size_mib,
+    job_document,
     jobs_pb2,
     leases_pb2,
     nodes_pb2,
@@ -69,19 +71,6 @@ def _time(ts: Timestamp) -> datetime | None:
     return ts.ToDatetime(tzinfo=UTC)
 
 
-def clock(seconds: float) -> str:
-    """squeue's TIME: M:SS, H:MM:SS or D-HH:MM:SS."""
-    s = max(0, int(seconds))
-    days, s = divmod(s, 86400)
-    hours, s = divmod(s, 3600)
-    minutes, s = divmod(s, 60)
-    if days:
-        return f"{days}-{hours:02d}:{minutes:02d}:{s:02d}"
-    if hours:
-        return f"{hours}:{minutes:02d}:{s:02d}"
-    return f"{minutes}:{s:02d}"
-
-
 def age(then: datetime, now: datetime) -> str:
     """kubectl's AGE: 45s, 12m, 3h5m, 2d4h."""
     s = max(0, int((now - then).total_seconds()))
@@ -128,17 +117,51 @@ def index_ranges(indices: Iterable[int]) -> str:
     return ",".join(out) or "-"
 
 
-def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
-    """Plain columns padded to their widest cell, two spaces apart; the last is not padded."""
-    cells = [list(headers)] + [
-        ["-" if c is None or c == "" else str(c) for c in row] for row in rows
-    ]
+Paint = Callable[[int, str], str]  # (column, padded cell) -> the cell with colour codes
+
+
+def table(
+    headers: Sequence[str],
+    rows: Iterable[Sequence[object]],
+    *,
+    width: int | None = None,
+    paint: Callable[[Sequence[str]], Paint | None] | None = None,
+    header: bool = True,
+) -> str:
+    """Plain columns padded to their widest cell, two spaces apart; the last is not padded.
+    `width`: lines are cut to it (the last column, then the line, ends in "…"). `paint`: for
+    a row (its cells), how to colour its cells (after padding, so columns stay aligned)."""
+    body = [["-" if c is None or c == "" else str(c) for c in row] for row in rows]
+    cells = [list(headers), *body]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = []
-    for row in cells:
+    for n, row in enumerate(cells if header else body):
         padded = [c.ljust(w) for c, w in zip(row[:-1], widths[:-1], strict=True)] + [row[-1]]
-        lines.append("  ".join(padded).rstrip())
+        line = "  ".join(padded).rstrip()
+        if width is not None and len(line) > width:
+            line = line[: max(0, width - 1)] + "…"
+        painter = paint(row) if paint is not None and (n > 0 or not header) else None
+        if painter is not None:
+            line = _painted(line, padded, painter)
+        lines.append(line)
     return "\n".join(lines)
+
+
+def _painted(line: str, padded: Sequence[str], painter: Paint) -> str:
+    """`line` with each of its whole cells passed through `painter` (a cut cell stays plain)."""
+    out, at = [], 0
+    for column, cell in enumerate(padded):
+        if at + len(cell) > len(line):
+            out.append(line[at:])
+            at = len(line)
+            break
+        out.append(painter(column, cell))
+        at += len(cell)
+        if at < len(line):
+            out.append(line[at : at + 2])
+            at += 2
+    out.append(line[at:])
+    return "".join(out)
 
 
 def fields(pairs: Iterable[tuple[str, object]], indent: int = 0) -> str:
@@ -153,16 +176,29 @@ def _indent(text: str, by: int = 2) -> str:
     return "\n".join((" " * by + line) if line else line for line in text.splitlines())
 
 
-def as_dicts(messages: Iterable[Message]) -> list[dict]:
-    return [MessageToDict(m, preserving_proto_field_name=True) for m in messages]
+def document(message: Message) -> dict:
+    """What `-o json|yaml` shows of one resource: a job in the job-file schema
+    (`job_document`), anything else as its API message, zero values included."""
+    if isinstance(message, jobs_pb2.Job):
+        return job_document(message)
+    return MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+
+
+def dump(data: object, fmt: str) -> str:
+    """`data` as JSON or YAML text."""
+    if fmt == "json":
+        return json.dumps(data, indent=2)
+    return yaml.safe_dump(data, sort_keys=False).rstrip()
 
 
 def as_json(messages: Iterable[Message]) -> str:
-    return json.dumps(as_dicts(messages), indent=2)
+    return dump([document(m) for m in messages], "json")
 
 
 def as_yaml(messages: Iterable[Message]) -> str:
-    return yaml.safe_dump(as_dicts(messages), sort_keys=False).rstrip()
+    return dump([document(m) for m in messages], "yaml")
 
 
 # -- jobs ---------------------------------------------------------------------------------
@@ -224,17 +260,79 @@ def _nodelist_or_reason(job: jobs_pb2.Job) -> str:
 
 
 def _elapsed(job: jobs_pb2.Job, now: datetime) -> str:
+    """How long it has run (or ran): 45s, 3m, 2h5m; "-" before it starts."""
     start = _time(job.start_time)
     if start is None:
-        return clock(0)
-    return clock(((_time(job.end_time) or now) - start).total_seconds())
+        return "-"
+    return age(start, _time(job.end_time) or now)
 
 
-def jobs_table(jobs: Iterable[jobs_pb2.Job], *, now: datetime, wide: bool = False) -> str:
-    headers = ["JOBID", "NAME", "KIND", "QUEUE", "USER", "ST", "TIME", "NODES", "GPUS", "REPLICAS"]
+def _age(ts: Timestamp, now: datetime) -> str:
+    t = _time(ts)
+    return age(t, now) if t is not None else "-"
+
+
+def iso(ts: Timestamp) -> str:
+    """A time with its zone, to the second: 2026-12-07T13:05:00Z."""
+    t = _time(ts)
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ") if t is not None else "-"
+
+
+# Colours of squeue's state codes on a terminal: running green, waiting yellow, failed red.
+_STATE_COLOUR = {
+    "R": "green",
+    "PD": "yellow",
+    "CG": "magenta",
+    "CD": "cyan",
+    "F": "red",
+    "NF": "red",
+    "TO": "red",
+    "CA": "magenta",
+}
+_NODE_COLOUR = {"ready": "green", "draining": "yellow", "degraded": "red", "lost": "red"}
+
+
+def _colour_column(column: int, colours: Mapping[str, str]) -> Callable[[Sequence[str]], Paint]:
+    """A `table` paint that colours column `column` by its own text."""
+
+    def paint(row: Sequence[str]) -> Paint:
+        colour = colours.get(row[column].strip())
+
+        def cell(index: int, text: str) -> str:
+            if index != column or colour is None:
+                return text
+            return click.style(text, fg=colour, bold=colour == "red")
+
+        return cell
+
+    return paint
+
+
+JOB_HEADERS = ["JOBID", "NAME", "KIND", "QUEUE", "USER", "ST", "AGE", "TIME", "NODES", "GPUS"]
+JOB_HEADERS_WIDE = ["GPU_MODEL", "PRIO", "ATTEMPT", "RESTARTS", "SUBMITTED", "EXIT"]
+
+
+def jobs_table(
+    jobs: Iterable[jobs_pb2.Job],
+    *,
+    now: datetime,
+    wide: bool = False,
+    colour: bool = False,
+    width: int | None = None,
+    header: bool = True,
+) -> str:
+    """squeue's columns with kubectl's AGE (since submission) and TIME (running), as 3m or
+    2h5m; `-o wide` adds the submission time with its zone. `colour`: states in colour (a
+    terminal's); `width`: lines cut to the terminal's."""
+    headers = [*JOB_HEADERS, "REPLICAS"]
     if wide:
-        headers += ["GPU_MODEL", "PRIO", "ATTEMPT", "RESTARTS", "SUBMITTED", "EXIT"]
+        headers += JOB_HEADERS_WIDE
     headers.append("NODELIST(REASON)")
+    paint = _colour_column(headers.index("ST"), _STATE_COLOUR) if colour else None
+    return table(headers, _job_rows(jobs, now, wide), width=width, paint=paint, header=header)
+
+
+def _job_rows(jobs: Iterable[jobs_pb2.Job], now: datetime, wide: bool) -> list[list[object]]:
     rows = []
     for job in jobs:
         spec = job.spec
@@ -248,24 +346,24 @@ def jobs_table(jobs: Iterable[jobs_pb2.Job], *, now: datetime, wide: bool = Fals
             spec.queue,
             job.owner,
             _SHORT_STATE.get(job.state, "?"),
+            _age(job.create_time, now),
             _elapsed(job, now),
             nodes,
             _gpus_held(job),
             replicas(job),
         ]
         if wide:
-            created = _time(job.create_time)
             row += [
                 spec.gpu_model.replace("|", ",") or "any",
                 spec.priority,
                 job.attempt,
                 sum(r.restarts for r in _live_ranks(job)),
-                created.strftime("%Y-%m-%dT%H:%M:%S") if created else "-",
+                iso(job.create_time),
                 job.exit_code if job.HasField("exit_code") else "-",
             ]
         row.append(_nodelist_or_reason(job))
         rows.append(row)
-    return table(headers, rows)
+    return rows
 
 
 def spec_summary(spec: jobs_pb2.JobSpec) -> str:
@@ -432,7 +530,14 @@ def free_gpus(node: nodes_pb2.Node) -> float:
     return (len(node.profile.gpus) * 1000 - used) / 1000
 
 
-def nodes_table(nodes: Iterable[nodes_pb2.Node], *, wide: bool = False) -> str:
+def nodes_table(
+    nodes: Iterable[nodes_pb2.Node],
+    *,
+    wide: bool = False,
+    colour: bool = False,
+    width: int | None = None,
+    header: bool = True,
+) -> str:
     headers = [
         "NAME",
         "STATE",
@@ -476,7 +581,8 @@ def nodes_table(nodes: Iterable[nodes_pb2.Node], *, wide: bool = False) -> str:
             ]
         row.append(f"{free_gpus(n):g}" if n.state == nodes_pb2.NODE_STATE_READY else "-")
         rows.append(row)
-    return table(headers, rows)
+    paint = _colour_column(1, _NODE_COLOUR) if colour else None
+    return table(headers, rows, width=width, paint=paint, header=header)
 
 
 def describe_node(node: nodes_pb2.Node, *, now: datetime) -> str:

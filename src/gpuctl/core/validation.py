@@ -66,7 +66,18 @@ def _show(value: object) -> str:
         return repr(value)[:64]
     if isinstance(value, int) and value.bit_length() > 1000:
         return f"an integer of {value.bit_length()} bits"
-    return f"{value:g}"
+    return plain_number(value)  # type: ignore[arg-type]
+
+
+def plain_number(value: float) -> str:
+    """A number as people write it: 1000000, not 1e+06; 0.5; 1e+20 only past 15 digits."""
+    if isinstance(value, int):
+        return str(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        return str(value)
+    if value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return repr(value)
 
 
 def _is_number(value: object) -> bool:
@@ -76,7 +87,12 @@ def _is_number(value: object) -> bool:
 def _range(out: list[FieldViolation], name: str, value: float, lo: float, hi: float) -> None:
     # `not lo <= x <= hi` rather than `x < lo or x > hi`: NaN compares false both ways.
     if not _is_number(value) or not lo <= value <= hi:
-        out.append(FieldViolation(name, f"must be between {lo:g} and {hi:g}, got {_show(value)}"))
+        out.append(
+            FieldViolation(
+                name,
+                f"must be between {plain_number(lo)} and {plain_number(hi)}, got {_show(value)}",
+            )
+        )
 
 
 def spec_violations(spec: JobSpec, prefix: str = "spec.") -> list[FieldViolation]:

@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14gpuctl/v1/auth.proto\x12\tgpuctl.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x0f\n\rWhoAmIRequest\"h\n\x0eWhoAmIResponse\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0b\n\x03via\x18\x03 \x01(\t\x12\x13\n\x0bpermissions\x18\x04 \x03(\t\x12\x10\n\x03uid\x18\x05 \x01(\x03H\x00\x88\x01\x01\x42\x06\n\x04_uid\"\xf0\x01\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x11\n\tprincipal\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x12\n\ncreated_by\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"_\n\x12\x43reateTokenRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12&\n\x03ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"V\n\x13\x43reateTokenResponse\x12\x1f\n\x05token\x18\x01 \x01(\x0b\x32\x10.gpuctl.v1.Token\x12\x0e\n\x06secret\x18\x02 \x01(\t\x12\x0e\n\x06\x63\x61_pem\x18\x03 \x01(\x0c\"!\n\x11ListTokensRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\"6\n\x12ListTokensResponse\x12 \n\x06tokens\x18\x01 \x03(\x0b\x32\x10.gpuctl.v1.Token\" \n\x12RevokeTokenRequest\x12\n\n\x02id\x18\x01 \x01(\t\"N\n\x16\x43reateNodeTokenRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xbf\x01\n\nAuditEntry\x12\n\n\x02id\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tprincipal\x18\x03 \x01(\t\x12\x0c\n\x04role\x18\x04 \x01(\t\x12\x0b\n\x03via\x18\x05 \x01(\t\x12\x0c\n\x04peer\x18\x06 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x07 \x01(\t\x12\x0e\n\x06target\x18\x08 \x01(\t\x12\x0f\n\x07outcome\x18\t \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\n \x01(\t\"_\n\x10ListAuditRequest\x12)\n\x05since\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tprincipal\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\x05\";\n\x11ListAuditResponse\x12&\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x15.gpuctl.v1.AuditEntry2\x99\x04\n\x0b\x41uthService\x12=\n\x06WhoAmI\x12\x18.gpuctl.v1.WhoAmIRequest\x1a\x19.gpuctl.v1.WhoAmIResponse\x12L\n\x0b\x43reateToken\x12\x1d.gpuctl.v1.CreateTokenRequest\x1a\x1e.gpuctl.v1.CreateTokenResponse\x12I\n\nListTokens\x12\x1c.gpuctl.v1.ListTokensRequest\x1a\x1d.gpuctl.v1.ListTokensResponse\x12>\n\x0bRevokeToken\x12\x1d.gpuctl.v1.RevokeTokenRequest\x1a\x10.gpuctl.v1.Token\x12T\n\x0f\x43reateNodeToken\x12!.gpuctl.v1.CreateNodeTokenRequest\x1a\x1e.gpuctl.v1.CreateTokenResponse\x12T\n\x0f\x43reateJoinToken\x12!.gpuctl.v1.CreateNodeTokenRequest\x1a\x1e.gpuctl.v1.CreateTokenResponse\x12\x46\n\tListAudit\x12\x1b.gpuctl.v1.ListAuditRequest\x1a\x1c.gpuctl.v1.ListAuditResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14gpuctl/v1/auth.proto\x12\tgpuctl.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x0f\n\rWhoAmIRequest\"\x80\x01\n\x0eWhoAmIResponse\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0b\n\x03via\x18\x03 \x01(\t\x12\x13\n\x0bpermissions\x18\x04 \x03(\t\x12\x10\n\x03uid\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\x0eserver_version\x18\x06 \x01(\tB\x06\n\x04_uid\"\xf0\x01\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x11\n\tprincipal\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x12\n\ncreated_by\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"_\n\x12\x43reateTokenRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12&\n\x03ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"V\n\x13\x43reateTokenResponse\x12\x1f\n\x05token\x18\x01 \x01(\x0b\x32\x10.gpuctl.v1.Token\x12\x0e\n\x06secret\x18\x02 \x01(\t\x12\x0e\n\x06\x63\x61_pem\x18\x03 \x01(\x0c\"!\n\x11ListTokensRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\"6\n\x12ListTokensResponse\x12 \n\x06tokens\x18\x01 \x03(\x0b\x32\x10.gpuctl.v1.Token\" \n\x12RevokeTokenRequest\x12\n\n\x02id\x18\x01 \x01(\t\"N\n\x16\x43reateNodeTokenRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xbf\x01\n\nAuditEntry\x12\n\n\x02id\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tprincipal\x18\x03 \x01(\t\x12\x0c\n\x04role\x18\x04 \x01(\t\x12\x0b\n\x03via\x18\x05 \x01(\t\x12\x0c\n\x04peer\x18\x06 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x07 \x01(\t\x12\x0e\n\x06target\x18\x08 \x01(\t\x12\x0f\n\x07outcome\x18\t \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\n \x01(\t\"_\n\x10ListAuditRequest\x12)\n\x05since\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tprincipal\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\x05\";\n\x11ListAuditResponse\x12&\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x15.gpuctl.v1.AuditEntry2\x99\x04\n\x0b\x41uthService\x12=\n\x06WhoAmI\x12\x18.gpuctl.v1.WhoAmIRequest\x1a\x19.gpuctl.v1.WhoAmIResponse\x12L\n\x0b\x43reateToken\x12\x1d.gpuctl.v1.CreateTokenRequest\x1a\x1e.gpuctl.v1.CreateTokenResponse\x12I\n\nListTokens\x12\x1c.gpuctl.v1.ListTokensRequest\x1a\x1d.gpuctl.v1.ListTokensResponse\x12>\n\x0bRevokeToken\x12\x1d.gpuctl.v1.RevokeTokenRequest\x1a\x10.gpuctl.v1.Token\x12T\n\x0f\x43reateNodeToken\x12!.gpuctl.v1.CreateNodeTokenRequest\x1a\x1e.gpuctl.v1.CreateTokenResponse\x12T\n\x0f\x43reateJoinToken\x12!.gpuctl.v1.CreateNodeTokenRequest\x1a\x1e.gpuctl.v1.CreateTokenResponse\x12\x46\n\tListAudit\x12\x1b.gpuctl.v1.ListAuditRequest\x1a\x1c.gpuctl.v1.ListAuditResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,28 +35,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_WHOAMIREQUEST']._serialized_start=100
   _globals['_WHOAMIREQUEST']._serialized_end=115
-  _globals['_WHOAMIRESPONSE']._serialized_start=117
-  _globals['_WHOAMIRESPONSE']._serialized_end=221
-  _globals['_TOKEN']._serialized_start=224
-  _globals['_TOKEN']._serialized_end=464
-  _globals['_CREATETOKENREQUEST']._serialized_start=466
-  _globals['_CREATETOKENREQUEST']._serialized_end=561
-  _globals['_CREATETOKENRESPONSE']._serialized_start=563
-  _globals['_CREATETOKENRESPONSE']._serialized_end=649
-  _globals['_LISTTOKENSREQUEST']._serialized_start=651
-  _globals['_LISTTOKENSREQUEST']._serialized_end=684
-  _globals['_LISTTOKENSRESPONSE']._serialized_start=686
-  _globals['_LISTTOKENSRESPONSE']._serialized_end=740
-  _globals['_REVOKETOKENREQUEST']._serialized_start=742
-  _globals['_REVOKETOKENREQUEST']._serialized_end=774
-  _globals['_CREATENODETOKENREQUEST']._serialized_start=776
-  _globals['_CREATENODETOKENREQUEST']._serialized_end=854
-  _globals['_AUDITENTRY']._serialized_start=857
-  _globals['_AUDITENTRY']._serialized_end=1048
-  _globals['_LISTAUDITREQUEST']._serialized_start=1050
-  _globals['_LISTAUDITREQUEST']._serialized_end=1145
-  _globals['_LISTAUDITRESPONSE']._serialized_start=1147
-  _globals['_LISTAUDITRESPONSE']._serialized_end=1206
-  _globals['_AUTHSERVICE']._serialized_start=1209
-  _globals['_AUTHSERVICE']._serialized_end=1746
+  _globals['_WHOAMIRESPONSE']._serialized_start=118
+  _globals['_WHOAMIRESPONSE']._serialized_end=246
+  _globals['_TOKEN']._serialized_start=249
+  _globals['_TOKEN']._serialized_end=489
+  _globals['_CREATETOKENREQUEST']._serialized_start=491
+  _globals['_CREATETOKENREQUEST']._serialized_end=586
+  _globals['_CREATETOKENRESPONSE']._serialized_start=588
+  _globals['_CREATETOKENRESPONSE']._serialized_end=674
+  _globals['_LISTTOKENSREQUEST']._serialized_start=676
+  _globals['_LISTTOKENSREQUEST']._serialized_end=709
+  _globals['_LISTTOKENSRESPONSE']._serialized_start=711
+  _globals['_LISTTOKENSRESPONSE']._serialized_end=765
+  _globals['_REVOKETOKENREQUEST']._serialized_start=767
+  _globals['_REVOKETOKENREQUEST']._serialized_end=799
+  _globals['_CREATENODETOKENREQUEST']._serialized_start=801
+  _globals['_CREATENODETOKENREQUEST']._serialized_end=879
+  _globals['_AUDITENTRY']._serialized_start=882
+  _globals['_AUDITENTRY']._serialized_end=1073
+  _globals['_LISTAUDITREQUEST']._serialized_start=1075
+  _globals['_LISTAUDITREQUEST']._serialized_end=1170
+  _globals['_LISTAUDITRESPONSE']._serialized_start=1172
+  _globals['_LISTAUDITRESPONSE']._serialized_end=1231
+  _globals['_AUTHSERVICE']._serialized_start=1234
+  _globals['_AUTHSERVICE']._serialized_end=1771
 # @@protoc_insertion_point(module_scope)

@@ -46,6 +46,7 @@ class WhoAmIResponse(_message.Message):
     VIA_FIELD_NUMBER: _builtins.int
     PERMISSIONS_FIELD_NUMBER: _builtins.int
     UID_FIELD_NUMBER: _builtins.int
+    SERVER_VERSION_FIELD_NUMBER: _builtins.int
     user: _builtins.str
     """the account name, or the node name for an agent"""
     role: _builtins.str
@@ -54,6 +55,8 @@ class WhoAmIResponse(_message.Message):
     """unix | token | oidc | node-token"""
     uid: _builtins.int
     """where the kernel vouched for it (the Unix socket)"""
+    server_version: _builtins.str
+    """the gpuctld that answered (`gpuctl version`)"""
     @_builtins.property
     def permissions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -64,10 +67,11 @@ class WhoAmIResponse(_message.Message):
         via: _builtins.str = ...,
         permissions: _abc.Iterable[_builtins.str] | None = ...,
         uid: _builtins.int | None = ...,
+        server_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_uid", b"_uid", "uid", b"uid"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_uid", b"_uid", "permissions", b"permissions", "role", b"role", "uid", b"uid", "user", b"user", "via", b"via"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_uid", b"_uid", "permissions", b"permissions", "role", b"role", "server_version", b"server_version", "uid", b"uid", "user", b"user", "via", b"via"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__uid: _TypeAlias = _typing.Literal["uid"]  # noqa: Y015
     _WhichOneofArgType__uid: _TypeAlias = _typing.Literal["_uid", b"_uid"]  # noqa: Y015
