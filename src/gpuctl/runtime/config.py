@@ -61,6 +61,7 @@ class DaemonConfig:
     log_level: str = "INFO"
     log_format: str = "auto"  # auto: JSON lines unless stderr is a terminal; json; plain
     metrics_listen: str = ""  # Prometheus /metrics, e.g. 127.0.0.1:9750; "": none
+    ui: bool = True  # the read-only web page /ui on the metrics listener
     admins: tuple[str, ...] = ()
     operators: tuple[str, ...] = ()
     admin_groups: tuple[str, ...] = ()
@@ -175,6 +176,7 @@ _KEYS: dict[str, str] = {
     "logging.level": "log_level",
     "logging.format": "log_format",
     "metrics.listen": "metrics_listen",
+    "metrics.ui": "ui",
     "ha.name": "ha_name",
     "ha.address": "ha_address",
     "ha.agent_address": "ha_agent_address",

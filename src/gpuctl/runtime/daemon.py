@@ -37,6 +37,7 @@ from gpuctl.runtime.metrics import DaemonMetrics, Standing
 from gpuctl.runtime.periodic import Periodic
 from gpuctl.runtime.private import private_state_dir
 from gpuctl.runtime.sdnotify import Notifier
+from gpuctl.runtime.webui import SAMPLE_EVERY_S, History, Sources, WebUi
 from gpuctl.store.sql import open_store
 
 log = logging.getLogger("gpuctld")
@@ -179,6 +180,15 @@ def serve(
         )
     )
     controller.observer = metrics
+    history = History(
+        Sources(
+            nodes=store.list_nodes,
+            active=controller.active_jobs,
+            leases=store.list_leases,
+            events=lambda job_id: store.list_events("job", str(job_id)),
+            now=controller.clock.now,
+        )
+    )
 
     def lead(epoch: int) -> None:
         """Start deciding: the cycle, heartbeat expiry, time limits, leases."""
@@ -227,6 +237,8 @@ def serve(
         )
         periodic.every("leases", config.lease_interval_s, keep_leases)
         periodic.every("retention", RETENTION_INTERVAL_S, controller.purge_history)
+        if config.ui and config.metrics_listen:
+            periodic.every("ui-history", SAMPLE_EVERY_S, history.sample)
         periodic.start()
         notifier.status(f"leading (epoch {epoch})")
 
@@ -277,7 +289,9 @@ def serve(
         authority=authority,
     )
     server = ApiServer(controller, guard, listeners, sessions=sessions, observer=metrics)
-    endpoint = _metrics_endpoint(config, state_dir, metrics, guard.auth)
+    endpoint = _metrics_endpoint(
+        config, state_dir, metrics, guard.auth, history if config.ui else None, sessions
+    )
     server.start()
     host = config.listen.rsplit(":", 1)[0]
     tls = "TLS" if listeners.tls_cert else "plain TCP"
@@ -285,8 +299,10 @@ def serve(
     served = ""
     if endpoint is not None:
         scheme = "https" if endpoint.tls else "http"
-        served = f", metrics at {scheme}://{config.metrics_listen.rsplit(':', 1)[0]}:"
-        served += f"{endpoint.port}/metrics"
+        base = f"{scheme}://{config.metrics_listen.rsplit(':', 1)[0]}:{endpoint.port}"
+        served = f", metrics at {base}/metrics" + (
+            f" and the web page at {base}/ui" if config.ui else ""
+        )
     log.info(
         "serving on %s (Unix socket)%s%s%s, store %s",
         server.socket,
@@ -407,7 +423,12 @@ def _listeners(
 
 
 def _metrics_endpoint(
-    config: DaemonConfig, state_dir: Path, metrics: DaemonMetrics, auth: Authenticator
+    config: DaemonConfig,
+    state_dir: Path,
+    metrics: DaemonMetrics,
+    auth: Authenticator,
+    history: History | None,
+    sessions: SessionBook,
 ) -> MetricsEndpoint | None:
     """/metrics where `[metrics] listen` says: open plain HTTP on loopback; elsewhere over the
     API's TLS certificate, for a token whose holder may read the site's cost (operators,
@@ -428,10 +449,14 @@ def _metrics_endpoint(
         if not who.can(Permission.COST_ALL):
             raise Refused(403, f"{who.name} may not read metrics (operators and admins may)")
 
+    pages = None
+    if history is not None:
+        pages = WebUi(history.sources, history, auth=auth, sessions=sessions, secure=bool(cert))
     return MetricsEndpoint(
         EndpointSettings(listen=config.metrics_listen, tls_cert_file=cert, tls_key_file=key),
         metrics.registry,
         authorize=authorize,
+        pages=pages,
     )
 
 

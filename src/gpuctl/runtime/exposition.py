@@ -1,5 +1,6 @@
 """The HTTP endpoint gpuctld and the agent serve their Prometheus metrics on (`/metrics`, in
-the client library's own exposition, text or OpenMetrics as the scraper asks).
+the client library's own exposition, text or OpenMetrics as the scraper asks), and gpuctld its
+web page (`/ui`, runtime.webui, which signs its people in itself).
 
 On a loopback address it is open, like the API's Unix socket is to the head node's people:
 the figures are counts and rates, never job ids, env or secrets. On any other address it
@@ -98,6 +99,7 @@ class MetricsEndpoint:
         registry: CollectorRegistry,
         *,
         authorize: Callable[[str], None] | None = None,
+        pages: Callable[[dict, Callable], Iterable[bytes]] | None = None,
     ) -> None:
         host, _, port = settings.listen.rpartition(":")
         problems = settings.violations(can_authorize=authorize is not None)
@@ -107,7 +109,10 @@ class MetricsEndpoint:
         metrics = make_wsgi_app(registry)
 
         def app(environ: dict, start_response: Callable) -> Iterable[bytes]:
-            if environ.get("PATH_INFO", "") not in ("/metrics", "/metrics/"):
+            path = environ.get("PATH_INFO", "")
+            if pages is not None and (path == "/ui" or path.startswith("/ui/")):
+                return pages(environ, start_response)  # signs its people in itself
+            if path not in ("/metrics", "/metrics/"):
                 return _reply(start_response, "404 Not Found", "not found: try /metrics\n")
             if not open_ and authorize is not None:
                 header = environ.get("HTTP_AUTHORIZATION", "")
