@@ -96,6 +96,7 @@ RULES = (
             "gpuctl.core.model",
             "gpuctl.core.errors",
             "gpuctl.core.validation",
+            "gpuctl.core.text",
         ),
         forbidden=("sqlmodel", "sqlalchemy"),
     ),

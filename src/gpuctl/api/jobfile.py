@@ -88,7 +88,8 @@ from gpuctl.core.model import (
     RestartPolicy,
     SpreadPolicy,
 )
-from gpuctl.core.validation import plain_number, spec_violations
+from gpuctl.core.text import plain_number
+from gpuctl.core.validation import spec_violations
 
 MIB = 1024 * 1024
 _SIZE_UNITS = {

@@ -27,6 +27,7 @@ from gpuctl.client import (
     nodes_pb2,
     spec_to_mapping,
 )
+from gpuctl.core import text
 
 # squeue's compact state codes, which people already read at a glance
 _SHORT_STATE = {
@@ -73,16 +74,7 @@ def _time(ts: Timestamp) -> datetime | None:
 
 def age(then: datetime, now: datetime) -> str:
     """kubectl's AGE: 45s, 12m, 3h5m, 2d4h."""
-    s = max(0, int((now - then).total_seconds()))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m"
-    if s < 86400:
-        h, m = divmod(s // 60, 60)
-        return f"{h}h{m}m" if m else f"{h}h"
-    d, h = divmod(s // 3600, 24)
-    return f"{d}d{h}h" if h else f"{d}d"
+    return text.age((now - then).total_seconds())
 
 
 def when(ts: Timestamp, now: datetime) -> str:

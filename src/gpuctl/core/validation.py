@@ -24,6 +24,7 @@ from gpuctl.core.model import (
     RestartPolicy,
     SpreadPolicy,
 )
+from gpuctl.core.text import plain_number
 
 MAX_NODES = 1024
 MAX_GPUS_PER_NODE = 16
@@ -67,17 +68,6 @@ def _show(value: object) -> str:
     if isinstance(value, int) and value.bit_length() > 1000:
         return f"an integer of {value.bit_length()} bits"
     return plain_number(value)  # type: ignore[arg-type]
-
-
-def plain_number(value: float) -> str:
-    """A number as people write it: 1000000, not 1e+06; 0.5; 1e+20 only past 15 digits."""
-    if isinstance(value, int):
-        return str(value)
-    if value != value or value in (float("inf"), float("-inf")):
-        return str(value)
-    if value.is_integer() and abs(value) < 1e15:
-        return str(int(value))
-    return repr(value)
 
 
 def _is_number(value: object) -> bool:

@@ -27,6 +27,7 @@ from gpuctl.core.errors import GpuctlError
 from gpuctl.core.fleetstats import fragmented_gpus, gpu_states, reason_class
 from gpuctl.core.model import Job, JobState, LeaseState, Node, NodeLease, NodeState
 from gpuctl.core.snapshot import Snapshot
+from gpuctl.core.text import age
 from gpuctl.core.trust import Permission, Principal
 
 COOKIE = "gpuctl_ui"
@@ -387,7 +388,7 @@ def _plot(title: str, points: list[tuple[datetime, float]], colour: str) -> str:
     )
     return (
         f"<div class=plot><b>{_e(title)}</b> <small>now {points[-1][1]:g}, "
-        f"max {top:g}, over {_duration(span)}</small><br>"
+        f"max {top:g}, over {age(span)}</small><br>"
         f'<svg width={width} height={height} role=img aria-label="{_e(title)}">'
         f'<polyline fill=none stroke="{colour}" stroke-width=1.5 points="{xy}"/></svg></div>'
     )
@@ -542,23 +543,10 @@ def _asks(job: Job) -> str:
 
 
 def _age(then: datetime | None, now: datetime) -> str:
-    return _duration((now - then).total_seconds()) if then is not None else "-"
+    return age((now - then).total_seconds()) if then is not None else "-"
 
 
 def _when(then: datetime | None, now: datetime) -> str:
     if then is None:
         return "-"
     return f"{then.astimezone(UTC):%Y-%m-%d %H:%M:%S}Z ({_age(then, now)} ago)"
-
-
-def _duration(seconds: float) -> str:
-    s = max(0, int(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m"
-    if s < 86400:
-        h, m = divmod(s // 60, 60)
-        return f"{h}h{m}m" if m else f"{h}h"
-    d, h = divmod(s // 3600, 24)
-    return f"{d}d{h}h" if h else f"{d}d"
