@@ -455,6 +455,16 @@ def test_the_default_server_is_the_env_then_a_socket_on_this_host_then_loopback(
         (lambda c: c.audit(limit=2.5), "limit", "must be an integer, got 2.5"),
         (lambda c: c.revoke_token(7), "id", "must be text, got 7"),
         (lambda c: c.submit({"kind": "training", "cpus": -2}), "cpus", "between 0 and 1024"),
+        (lambda c: c.submit(123), "spec", "must be a JobSpec, a job-file mapping"),
+        (lambda c: c.submit(None), "spec", "got None"),
+        (lambda c: c.update(1, ["x"]), "spec", "got ['x']"),
+        (lambda c: c.cost(by=5), "by", "must be job, queue or user, got 5"),
+        (lambda c: c.cost(since="yesterday"), "since", "timezone-aware datetime"),
+        (lambda c: c.audit(since="x"), "since", "timezone-aware datetime"),
+        (lambda c: c.create_token(ttl=5), "ttl", "must be a timedelta, got 5"),
+        (lambda c: c.create_node_token("n", ttl="1d"), "ttl", "must be a timedelta"),
+        (lambda c: c.wait(1, timeout="5"), "timeout", "must be seconds"),
+        (lambda c: list(c.watch(since_revision="x")), "since_revision", "must be an integer"),
     ],
 )
 def test_wrong_argument_types_are_invalid_argument_errors_naming_the_argument(call, field, says):

@@ -395,6 +395,18 @@ def _state_value(state: int | str | JobState) -> int:
     raise _bad_argument("states", f"{state!r:.64} is not a job state ({known})")
 
 
+def _aware(name: str, value: Any) -> datetime:
+    if not isinstance(value, datetime) or value.tzinfo is None:
+        raise _bad_argument(name, f"must be a timezone-aware datetime, got {value!r:.64}")
+    return value
+
+
+def _span(name: str, value: Any) -> timedelta:
+    if not isinstance(value, timedelta):
+        raise _bad_argument(name, f"must be a timedelta, got {value!r:.64}")
+    return value
+
+
 def _bad_argument(name: str, why: str) -> InvalidArgumentError:
     return InvalidArgumentError(
         grpc.StatusCode.INVALID_ARGUMENT, f"{name}: {why}", violations=[FieldViolation(name, why)]
@@ -772,8 +784,10 @@ class Client:
 
         Runs until the server ends the stream, `timeout` passes, or the caller stops iterating.
         """
-        request = jobs_pb2.WatchJobsRequest(
-            since_revision=since_revision, name=job_name(job) if job is not None else ""
+        request = _request(
+            jobs_pb2.WatchJobsRequest,
+            since_revision=since_revision,
+            name=job_name(job) if job is not None else "",
         )
         for response in self._stream(lambda s: s.jobs.WatchJobs, request, timeout):
             yield response.job
@@ -792,6 +806,10 @@ class Client:
         `timeout` seconds pass first.
         """
         name = job_name(job)
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, int | float)
+        ):
+            raise _bad_argument("timeout", f"must be seconds (a number), got {timeout!r:.64}")
         deadline = None if timeout is None else time.monotonic() + timeout
         backoff = 0.1
         while True:
@@ -877,7 +895,7 @@ class Client:
         reply only."""
         request = _request(auth_pb2.CreateTokenRequest, user=user, description=description)
         if ttl is not None:
-            request.ttl.FromTimedelta(ttl)
+            request.ttl.FromTimedelta(_span("ttl", ttl))
         return self._unary(lambda s: s.auth.CreateToken, request)
 
     def tokens(self, user: str = "") -> builtins.list[auth_pb2.Token]:
@@ -912,7 +930,7 @@ class Client:
     ) -> auth_pb2.CreateTokenResponse:
         request = _request(auth_pb2.CreateNodeTokenRequest, node=node)
         if ttl is not None:
-            request.ttl.FromTimedelta(ttl)
+            request.ttl.FromTimedelta(_span("ttl", ttl))
         return self._unary(method, request)
 
     def audit(
@@ -921,7 +939,7 @@ class Client:
         """The latest mutating calls, oldest first (operators)."""
         request = _request(auth_pb2.ListAuditRequest, principal=principal, limit=limit)
         if since is not None:
-            request.since.FromDatetime(since.astimezone(UTC))
+            request.since.FromDatetime(_aware("since", since).astimezone(UTC))
         return list(self._unary(lambda s: s.auth.ListAudit, request).entries)
 
     def leases(self, include_released: bool = False) -> builtins.list[leases_pb2.Lease]:
@@ -940,17 +958,14 @@ class Client:
     ) -> leases_pb2.GetCostResponse:
         """What each job (`by` "job", "queue" or "user") was charged since `since` (a time, or
         how long ago; None: since the beginning), with what the leases cost and what was idle."""
-        try:
-            group = leases_pb2.CostGroupBy.Value(f"COST_GROUP_BY_{by.upper()}")
-        except ValueError:
-            raise ValueError(f"by must be job, queue or user, not {by!r}") from None
+        if by not in ("job", "queue", "user"):
+            raise _bad_argument("by", f"must be job, queue or user, got {by!r:.64}")
+        group = leases_pb2.CostGroupBy.Value(f"COST_GROUP_BY_{by.upper()}")
         request = leases_pb2.GetCostRequest(group_by=group)
         if isinstance(since, timedelta):
             since = datetime.now(UTC) - since
         if since is not None:
-            if since.tzinfo is None:
-                raise ValueError("since must be a timezone-aware datetime")
-            request.since.FromDatetime(since.astimezone(UTC))
+            request.since.FromDatetime(_aware("since", since).astimezone(UTC))
         return self._unary(lambda s: s.leases.GetCost, request)
 
     def health(self) -> str:
@@ -965,6 +980,10 @@ def _spec_msg(
     """The wire form of a spec given as a JobSpec, a message, a job-file mapping or path."""
     if isinstance(spec, jobs_pb2.JobSpec):
         return spec
+    if not isinstance(spec, JobSpec | Mapping | str | os.PathLike):
+        raise _bad_argument(
+            "spec", f"must be a JobSpec, a job-file mapping or a file's path, got {spec!r:.64}"
+        )
     try:
         if isinstance(spec, str | os.PathLike):
             spec = jobfile.load_job_file(spec)
