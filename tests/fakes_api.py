@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import grpc
 from google.protobuf import message as pb_message
@@ -281,7 +281,12 @@ class FakeJobService(jobs_pb2_grpc.JobServiceServicer):
         job = self._find(request.name, context)
         data = self.logs.get((job.id, request.rank), b"")
         for offset in range(request.offset, len(data), self.log_chunk_size):
-            yield jobs_pb2.LogChunk(offset=offset, data=data[offset : offset + self.log_chunk_size])
+            chunk = jobs_pb2.LogChunk(
+                offset=offset, data=data[offset : offset + self.log_chunk_size]
+            )
+            if request.timestamps:  # as if each chunk arrived `offset` seconds after FIXED_NOW
+                chunk.time.FromDatetime(FIXED_NOW + timedelta(seconds=offset))
+            yield chunk
 
 
 class FakeNodeService(nodes_pb2_grpc.NodeServiceServicer):

@@ -4,6 +4,7 @@ idempotency, watch, health and reflection."""
 from __future__ import annotations
 
 import threading
+from datetime import UTC, timedelta
 
 import grpc
 import pytest
@@ -286,6 +287,22 @@ def test_logs_round_trip_through_push_and_stream(api):
     assert r.next_offset == 7  # wrong offset: told where to resume
     chunks = api.jobs.StreamJobLogs(jobs_pb2.StreamJobLogsRequest(name=job.name))
     assert b"".join(c.data for c in chunks) == b"step 1\n"
+    # With timestamps, the stream is cut where output arrived later, each part dated.
+    first = api.controller.clock.now()
+    api.controller.clock.advance(timedelta(seconds=30))
+    api.agent.PushLogs(
+        agent_pb2.PushLogsRequest(node_name="gpu-a", ref=ref, offset=7, data=b"step 2\n")
+    )
+    stamped = list(
+        api.jobs.StreamJobLogs(jobs_pb2.StreamJobLogsRequest(name=job.name, timestamps=True))
+    )
+    assert [(c.offset, c.data) for c in stamped] == [(0, b"step 1\n"), (7, b"step 2\n")]
+    assert [c.time.ToDatetime(tzinfo=UTC) for c in stamped] == [
+        first,
+        first + timedelta(seconds=30),
+    ]
+    plain = list(api.jobs.StreamJobLogs(jobs_pb2.StreamJobLogsRequest(name=job.name)))
+    assert len(plain) == 1 and not plain[0].HasField("time")
 
 
 def test_health_and_reflection(api):

@@ -560,6 +560,22 @@ def test_logs_tail_and_all_ranks_prefix_each_line_with_its_rank(api, gpuctl):
     assert gpuctl("logs", "1", "--tail", "-1").exit_code == 2
 
 
+def test_logs_timestamps_begin_each_line_with_when_its_first_byte_arrived(api, gpuctl):
+    running_job(api, 1)
+    api.jobs.log_chunk_size = 7  # the fake dates each chunk `offset` seconds after 12:00
+    api.jobs.logs[(1, 0)] = b"a1\na2\na3\na4\n"
+    out = gpuctl("logs", "1", "--timestamps").stdout_bytes.splitlines()
+    assert out == [
+        b"2025-03-01T12:00:00.000Z a1",
+        b"2025-03-01T12:00:00.000Z a2",
+        b"2025-03-01T12:00:00.000Z a3",  # begun in the first chunk, ended in the second
+        b"2025-03-01T12:00:07.000Z a4",
+    ]
+    assert api.jobs.calls("StreamJobLogs")[-1].timestamps
+    tail = gpuctl("logs", "1", "--timestamps", "--tail", "1", "--all-ranks").stdout_bytes
+    assert tail == b"[rank 0] 2025-03-01T12:00:07.000Z a4\n"
+
+
 def test_cancel_several_keeps_going_after_a_failure(api, gpuctl):
     gpuctl(*TRAIN, "--", "python")
     running_job(api, 2)

@@ -4,7 +4,7 @@ cancel, lose a node, time limits. No network, no sleeping."""
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -412,6 +412,24 @@ def test_logs_are_capped_per_rank_per_job_and_in_all(tmp_path, caps, kept):
     for rank, data in enumerate((b"aaaa", b"bbbb", b"cccc")):
         assert logs.append(7, 0, rank, 0, data) == 4  # accepted, whatever is kept
     assert [logs.read(7, 0, rank, 0) for rank in range(3)] == kept
+
+
+def test_log_arrival_times_are_kept_a_second_apart_and_cut_the_reads(tmp_path):
+    logs = LogStore(tmp_path / "logs", max_bytes_per_rank=1 << 20)
+    t0 = datetime(2026, 12, 7, 14, 0, tzinfo=UTC)
+    logs.append(7, 0, 0, 0, b"one\n", t0)
+    logs.append(7, 0, 0, 4, b"two\n", t0 + timedelta(seconds=0.5))  # within the second: no record
+    logs.append(7, 0, 0, 8, b"three\n", t0 + timedelta(seconds=2))
+    logs.append(7, 0, 0, 14, b"four\n")  # no time given (an older caller): none recorded
+    assert logs.times(7, 0, 0) == [(0, t0), (8, t0 + timedelta(seconds=2))]
+    assert logs.read_stamped(7, 0, 0, 0) == (b"one\ntwo\n", t0)
+    assert logs.read_stamped(7, 0, 0, 4) == (b"two\n", t0)
+    assert logs.read_stamped(7, 0, 0, 8) == (b"three\nfour\n", t0 + timedelta(seconds=2))
+    assert logs.times(7, 0, 1) == [] and logs.read_stamped(7, 0, 1, 0) == (b"", None)
+    # A torn last record (a crash mid-write) is left out, not misread.
+    times = logs.path(7, 0, 0).with_suffix(".times")
+    times.write_bytes(times.read_bytes() + b"\x01\x02")
+    assert len(logs.times(7, 0, 0)) == 2
 
 
 def test_the_active_jobs_kept_in_memory_follow_every_write_even_another_daemons(ctl, tmp_path):

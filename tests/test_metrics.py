@@ -500,3 +500,39 @@ def test_the_grafana_dashboard_asks_only_for_series_gpuctld_serves(ctl):
             names = re.findall(r"(gpuctl_[a-z_]+)", expr)
             for label in (x.strip() for x in grouping.split(",")):
                 assert any(label in exposed[n] for n in names), f"{label} in {expr!r}"
+
+
+def test_the_alert_rules_ask_only_for_series_gpuctl_serves(ctl):
+    """Every series the shipped Prometheus rules use is one gpuctld or an agent exposes, and
+    every rule says how bad it is and what it means."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from gpuctl.agent.loop import AgentStatus
+    from gpuctl.agent.metrics import AgentMetrics
+
+    metrics = metrics_of(ctl)
+    ctl.register_node(h100_node("a"))
+    ctl.submit(training(nodes=1, gpus=4))
+    ctl.run_cycle()
+    ctl.write_jobs(
+        [replace(j, state=JobState.RUNNING, started_at=ctl.clock.now()) for j in ctl.active_jobs()],
+        [],
+    )
+    ctl.submit(training(nodes=1, gpus=8))  # waits: 4 of a's GPUs are taken
+    exposed: set[str] = set()
+    for registry in (metrics.registry, AgentMetrics(AgentStatus).registry):
+        exposed |= {s.name for family in registry.collect() for s in family.samples}
+    exposed |= {"gpuctl_api_request_duration_seconds_count"}  # no call made here
+    rules = yaml.safe_load(
+        (Path(__file__).parent.parent / "config/prometheus/gpuctl-alerts.yml").read_text()
+    )
+    alerts = [rule for group in rules["groups"] for rule in group["rules"]]
+    assert len(alerts) >= 10
+    for rule in alerts:
+        assert rule["labels"]["severity"] in ("critical", "warning", "info"), rule["alert"]
+        assert rule["annotations"]["summary"], rule["alert"]
+        for name in re.findall(r"gpuctl_[a-z_]+", rule["expr"]):
+            assert name in exposed, f"{name} in {rule['alert']}"

@@ -842,15 +842,30 @@ class Client:
         self, job: JobRef, rank: int = 0, follow: bool = False, *, offset: int = 0
     ) -> Iterator[bytes]:
         """The combined stdout/stderr of one rank, chunk by chunk; with `follow`, until it ends."""
+        for chunk in self.log_chunks(job, rank, follow, offset=offset):
+            yield chunk.data
+
+    def log_chunks(
+        self,
+        job: JobRef,
+        rank: int = 0,
+        follow: bool = False,
+        *,
+        offset: int = 0,
+        timestamps: bool = False,
+    ) -> Iterator[jobs_pb2.LogChunk]:
+        """`logs` as the server's chunks: each with its offset and, with `timestamps`, cut where
+        gpuctld received the output and stamped with that time (`chunk.time`; unset for
+        output older than gpuctld's record of it)."""
         request = _request(
             jobs_pb2.StreamJobLogsRequest,
             name=job_name(job),
             rank=rank,
             offset=offset,
             follow=follow,
+            timestamps=timestamps,
         )
-        for chunk in self._stream(lambda s: s.jobs.StreamJobLogs, request):
-            yield chunk.data
+        yield from self._stream(lambda s: s.jobs.StreamJobLogs, request)
 
     # -- nodes and leases ------------------------------------------------------------------
 

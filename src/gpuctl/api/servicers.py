@@ -526,9 +526,16 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             raise NotFound("rank", f"{request.rank} of job {job_id}")
         offset = max(0, request.offset)
         while context.is_active():
-            data = self.c.logs.read(job_id, job.attempt, request.rank, offset)
+            when = None
+            if request.timestamps:
+                data, when = self.c.logs.read_stamped(job_id, job.attempt, request.rank, offset)
+            else:
+                data = self.c.logs.read(job_id, job.attempt, request.rank, offset)
             if data:
-                yield jobs_pb2.LogChunk(offset=offset, data=data)
+                chunk = jobs_pb2.LogChunk(offset=offset, data=data)
+                if when is not None:
+                    chunk.time.FromDatetime(when)
+                yield chunk
                 offset += len(data)
                 continue
             if not request.follow or job.state.finished:

@@ -627,14 +627,26 @@ def get(ctx: click.Context, kind: str, names: tuple[str, ...], output: str) -> N
     is_flag=True,
     help="Every rank (or replica) of the job, each line prefixed with its rank: [rank 2].",
 )
+@click.option(
+    "--timestamps",
+    is_flag=True,
+    help="Begin each line with when gpuctld received it (UTC, to the millisecond; within a "
+    "second of when the rank wrote it).",
+)
 @click.pass_context
 def logs(
-    ctx: click.Context, job: str, rank: int, follow: bool, tail: int | None, all_ranks: bool
+    ctx: click.Context,
+    job: str,
+    rank: int,
+    follow: bool,
+    tail: int | None,
+    all_ranks: bool,
+    timestamps: bool,
 ) -> None:
     """Print a rank's combined stdout and stderr."""
     client = _client(ctx)
     if not all_ranks:
-        for chunk in _rank_log(client, job, rank, follow, tail):
+        for chunk in _rank_log(client, job, rank, follow, tail, timestamps):
             click.echo(chunk, nl=False)  # bytes go to the binary stdout as they are, and flush
         return
     found = client.get(job)
@@ -643,22 +655,25 @@ def logs(
         raise click.UsageError(f"job {found.id} has no ranks yet: it has not been placed")
     if not follow:
         for n in ranks:
-            for line in _lines(_rank_log(client, job, n, False, tail)):
+            for line in _lines(_rank_log(client, job, n, False, tail, timestamps)):
                 click.echo(f"[rank {n}] ".encode() + line, nl=False)
         return
     # Following several ranks: one stream each, their whole lines interleaved as they come.
-    lines: deque[tuple[int, bytes] | None] = deque()
+    lines: deque[tuple[int, bytes] | BaseException | None] = deque()
     arrived = threading.Condition()
 
     def follow_rank(n: int) -> None:
+        end: BaseException | None = None
         try:
-            for line in _lines(_rank_log(client, job, n, True, tail)):
+            for line in _lines(_rank_log(client, job, n, True, tail, timestamps)):
                 with arrived:
                     lines.append((n, line))
                     arrived.notify()
+        except (ApiError, GpuctlError) as e:  # said by the main thread, as one error line
+            end = e
         finally:
             with arrived:
-                lines.append(None)
+                lines.append(end)
                 arrived.notify()
 
     for n in ranks:
@@ -668,26 +683,61 @@ def logs(
         with arrived:
             arrived.wait_for(lambda: bool(lines))
             item = lines.popleft()
+        if isinstance(item, BaseException):
+            raise item
         if item is None:
             running -= 1
         else:
             click.echo(f"[rank {item[0]}] ".encode() + item[1], nl=False)
 
 
-def _rank_log(client: Client, job: str, rank: int, follow: bool, tail: int | None):
-    """One rank's log as chunks of bytes; with `tail`, starting N lines before its end."""
+def _rank_log(
+    client: Client, job: str, rank: int, follow: bool, tail: int | None, stamps: bool = False
+) -> Iterator[bytes]:
+    """One rank's log as bytes; with `stamps`, each line begun by when gpuctld received it;
+    with `tail`, from N lines before its end."""
+
+    def chunks(follow: bool, offset: int) -> Iterator[jobs_pb2.LogChunk]:
+        return client.log_chunks(job, rank=rank, follow=follow, offset=offset, timestamps=stamps)
+
     if tail is None:
-        yield from client.logs(job, rank=rank, follow=follow)
+        yield from _dated(chunks(follow, 0), stamps)
         return
     kept: deque[bytes] = deque(maxlen=tail or None)
-    offset = 0
-    for line in _lines(client.logs(job, rank=rank)):
-        offset += len(line)
+    end = [0, b"\n"]  # the offset after the last chunk read, and its last byte
+
+    def noting(found: Iterator[jobs_pb2.LogChunk]) -> Iterator[jobs_pb2.LogChunk]:
+        for chunk in found:
+            end[:] = [chunk.offset + len(chunk.data), chunk.data[-1:] or end[1]]
+            yield chunk
+
+    for line in _lines(_dated(noting(chunks(False, 0)), stamps)):
         if tail:
             kept.append(line)
     yield from kept
     if follow:
-        yield from client.logs(job, rank=rank, follow=True, offset=offset)
+        yield from _dated(chunks(True, end[0]), stamps, at_line_start=end[1] == b"\n")
+
+
+def _dated(
+    chunks: Iterable[jobs_pb2.LogChunk], stamps: bool, *, at_line_start: bool = True
+) -> Iterator[bytes]:
+    """The chunks' bytes; with `stamps`, each line begun by its chunk's time, as kubectl logs
+    --timestamps does (2026-12-07T14:05:01.123Z; "-" where gpuctld has no time for it)."""
+    for chunk in chunks:
+        if not stamps:
+            yield chunk.data
+            continue
+        stamp = (
+            chunk.time.ToDatetime(tzinfo=UTC).isoformat(timespec="milliseconds")[:-6] + "Z "
+            if chunk.HasField("time")
+            else "- "
+        ).encode()
+        out = []
+        for line in chunk.data.splitlines(keepends=True):
+            out.append(stamp + line if at_line_start else line)
+            at_line_start = line.endswith(b"\n")
+        yield b"".join(out)
 
 
 def _lines(chunks: Iterable[bytes]) -> Iterator[bytes]:

@@ -724,7 +724,7 @@ class Controller:
                 f"node {node_id}",
                 permission="agent",
             )
-        return self.logs.append(ref.job_id, ref.attempt, ref.rank, offset, data)
+        return self.logs.append(ref.job_id, ref.attempt, ref.rank, offset, data, self.clock.now())
 
     # -- periodic work -------------------------------------------------------------------
 

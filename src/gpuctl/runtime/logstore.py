@@ -3,18 +3,28 @@
 One file per rank and attempt under `<state_dir>/logs/<job>/<attempt>/rank-<n>.log`. Appends
 are idempotent by offset, so an agent that resends after a lost answer never duplicates bytes.
 Jobs print their secrets too: the files are 0600 and the directories 0700, the daemon's alone.
+
+Beside each log, `rank-<n>.times` says when its bytes arrived: a record (offset, time) for an
+append that starts at least a second after the last recorded one (16 bytes a second at most,
+counted in the caps like the log), so `gpuctl logs --timestamps` can date every line to within
+a second of its arrival.
 """
 
 from __future__ import annotations
 
+import bisect
 import os
 import shutil
+import struct
 import threading
+from datetime import UTC, datetime
 from pathlib import Path
 
 from gpuctl.runtime.private import make_private_dirs, private_opener
 
 TRUNCATED = b"\n[gpuctl: log limit reached; further output dropped]\n"
+_TIME = struct.Struct("<Qd")  # an offset in the log, and when its byte arrived (Unix seconds)
+TIME_RESOLUTION_S = 1.0
 
 
 class LogStore:
@@ -42,9 +52,17 @@ class LogStore:
     def path(self, job_id: int, attempt: int, rank: int) -> Path:
         return self.root / str(job_id) / str(attempt) / f"rank-{rank}.log"
 
-    def append(self, job_id: int, attempt: int, rank: int, offset: int, data: bytes) -> int:
-        """Append `data` that starts at `offset` of the rank's output; return the next offset
-        expected (a caller whose offset is off resends from there)."""
+    def append(
+        self,
+        job_id: int,
+        attempt: int,
+        rank: int,
+        offset: int,
+        data: bytes,
+        now: datetime | None = None,
+    ) -> int:
+        """Append `data` that starts at `offset` of the rank's output, which arrived at `now`;
+        return the next offset expected (a caller whose offset is off resends from there)."""
         path = self.path(job_id, attempt, rank)
         with self._lock:
             accepted = self._accepted.get(path)
@@ -70,12 +88,57 @@ class LogStore:
                     if kept < len(data):
                         f.write(TRUNCATED)
                         kept += len(TRUNCATED)
+                if now is not None and kept and room - kept >= _TIME.size:
+                    kept += self._note_time(path, size, now)
             if job_id in self._job_bytes:
                 self._job_bytes[job_id] += kept
             if self._total is not None:
                 self._total += kept
             self._accepted[path] = accepted + len(data)
             return accepted + len(data)
+
+    def _note_time(self, path: Path, offset: int, now: datetime) -> int:
+        """Record that the byte at `offset` arrived at `now`, unless the last record is
+        under a second older; the bytes written."""
+        times = path.with_suffix(".times")
+        at = now.timestamp()
+        try:
+            with times.open("rb") as f:
+                f.seek(-_TIME.size, os.SEEK_END)
+                last = _TIME.unpack(f.read(_TIME.size))[1]
+            if at - last < TIME_RESOLUTION_S:
+                return 0
+        except (FileNotFoundError, OSError, struct.error):  # none yet, or a torn last record
+            pass
+        with open(times, "ab", opener=private_opener) as f:
+            f.write(_TIME.pack(offset, at))
+        return _TIME.size
+
+    def times(self, job_id: int, attempt: int, rank: int) -> list[tuple[int, datetime]]:
+        """When the rank's output arrived: (offset, time) in offset order; [] when unknown."""
+        path = self.path(job_id, attempt, rank).with_suffix(".times")
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return []
+        whole = len(raw) - len(raw) % _TIME.size  # a torn last record is left out
+        return [
+            (offset, datetime.fromtimestamp(at, UTC))
+            for offset, at in _TIME.iter_unpack(raw[:whole])
+        ]
+
+    def read_stamped(
+        self, job_id: int, attempt: int, rank: int, offset: int, limit: int = 1 << 20
+    ) -> tuple[bytes, datetime | None]:
+        """`read`, cut where a later arrival begins, with the arrival time of its first byte
+        (None for output older than this record)."""
+        times = self.times(job_id, attempt, rank)
+        offsets = [o for o, _ in times]
+        i = bisect.bisect_right(offsets, offset)
+        if i < len(offsets):
+            limit = min(limit, offsets[i] - offset)
+        when = times[i - 1][1] if i > 0 else None
+        return self.read(job_id, attempt, rank, offset, limit), when
 
     def remove(self, job_id: int) -> None:
         """Forget a job's logs (retention): every attempt and rank of it."""

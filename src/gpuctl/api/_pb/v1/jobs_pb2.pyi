@@ -772,10 +772,15 @@ class StreamJobLogsRequest(_message.Message):
     RANK_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
     FOLLOW_FIELD_NUMBER: _builtins.int
+    TIMESTAMPS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     rank: _builtins.int
     offset: _builtins.int
     follow: _builtins.bool
+    timestamps: _builtins.bool
+    """Cut the chunks where gpuctld received the output, each with that time (`gpuctl logs
+    --timestamps`).
+    """
     def __init__(
         self,
         *,
@@ -783,10 +788,11 @@ class StreamJobLogsRequest(_message.Message):
         rank: _builtins.int = ...,
         offset: _builtins.int = ...,
         follow: _builtins.bool = ...,
+        timestamps: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["follow", b"follow", "name", b"name", "offset", b"offset", "rank", b"rank"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["follow", b"follow", "name", b"name", "offset", b"offset", "rank", b"rank", "timestamps", b"timestamps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -798,17 +804,25 @@ class LogChunk(_message.Message):
 
     OFFSET_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
     offset: _builtins.int
     data: _builtins.bytes
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """With timestamps: when gpuctld received the first byte of `data` from the rank's agent
+        (within the agent's shipping interval, half a second, of when the rank wrote it).
+        """
+
     def __init__(
         self,
         *,
         offset: _builtins.int = ...,
         data: _builtins.bytes = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "offset", b"offset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "offset", b"offset", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
