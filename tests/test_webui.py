@@ -35,6 +35,7 @@ def site(tmp_path):
         nodes=store.list_nodes,
         active=ctl.active_jobs,
         leases=store.list_leases,
+        usage=ctl.node_usage,
         events=lambda job_id: store.list_events("job", str(job_id)),
         now=ctl.clock.now,
     )

@@ -327,7 +327,7 @@ class AgentLoop:
             heartbeats_failed=self._heartbeats[1],
             profile=self._profile,
         )
-        self._gpus = {k: v for k, v in self._gpus.items() if k in held or k in self._seen}
+        self._gpus = {k: v for k, v in self._gpus.items() if k in held}  # bounded by the ranks
         if self._job_map is not None:
             jobs: dict[int, set[int]] = {}
             for key in held:

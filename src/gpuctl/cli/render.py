@@ -185,14 +185,6 @@ def dump(data: object, fmt: str) -> str:
     return yaml.safe_dump(data, sort_keys=False).rstrip()
 
 
-def as_json(messages: Iterable[Message]) -> str:
-    return dump([document(m) for m in messages], "json")
-
-
-def as_yaml(messages: Iterable[Message]) -> str:
-    return dump([document(m) for m in messages], "yaml")
-
-
 # -- jobs ---------------------------------------------------------------------------------
 
 

@@ -8,11 +8,11 @@ ran. What the leases cost beyond the jobs' charges is idle capacity.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from gpuctl.core.model import MILLI_PER_GPU, Job, NodeLease, Placement
+from gpuctl.core.model import MILLI_PER_GPU, Job, Node, NodeLease, Placement
 
 
 class CostBy(enum.StrEnum):
@@ -110,6 +110,20 @@ def job_charge(
         dollars=hourly_rate(job, prices) * hours,
         gpu_hours=gpu_hours,
     )
+
+
+def prices_of(nodes: Iterable[Node]) -> dict[str, NodePrice]:
+    """Each node's GPU count and price per hour (a leased node's is its lease's)."""
+    return {n.id: NodePrice(gpu_count=n.gpu_count, price_per_hour=n.price_per_hour) for n in nodes}
+
+
+def charged_now(
+    jobs: Iterable[Job], prices: Mapping[str, NodePrice]
+) -> Iterator[tuple[Job, float]]:
+    """Each job being charged now (started, holding GPUs), with its `hourly_rate`."""
+    for job in jobs:
+        if job.state.holds_resources and job.started_at is not None:
+            yield job, hourly_rate(job, prices)
 
 
 def hourly_rate(job: Job, prices: Mapping[str, NodePrice]) -> float:

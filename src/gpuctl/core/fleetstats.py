@@ -12,12 +12,15 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from datetime import datetime
 
-from gpuctl.core.model import MILLI_PER_GPU, Job, NodeState
+from gpuctl.core import services
+from gpuctl.core.model import MILLI_PER_GPU, Job, LeaseState, Node, NodeLease, NodeState
 from gpuctl.core.plugins.base import CycleContext, RankRequest
-from gpuctl.core.snapshot import NodeView
+from gpuctl.core.snapshot import NodeView, Snapshot
 
 GPU_STATES = ("allocated", "free", "draining", "degraded", "lost")
+LIVE_LEASES = (LeaseState.REQUESTED, LeaseState.ACTIVE, LeaseState.RELEASING)  # not ended
 _UNALLOCATED = {
     NodeState.READY: "free",
     NodeState.DRAINING: "draining",
@@ -48,6 +51,24 @@ def reason_class(reason: str) -> str:
         if any(p in reason for p in phrases):
             return name
     return "resources"
+
+
+def views_now(
+    nodes: Sequence[Node], jobs: Sequence[Job], now: datetime
+) -> tuple[tuple[NodeView, ...], tuple[Job, ...]]:
+    """Every node with what the active `jobs` hold on it, and what waits to be placed (as the
+    cycle sees them: a service's missing replicas wait too)."""
+    given = services.cycle_input(jobs, now)
+    return Snapshot.build(nodes, given.holding).nodes, given.pending
+
+
+def paid_per_hour(leases: Iterable[NodeLease]) -> Counter[str]:
+    """Dollars an hour paid now, by provider: leases granted and not yet ended."""
+    paid: Counter[str] = Counter()
+    for lease in leases:
+        if lease.state in (LeaseState.ACTIVE, LeaseState.RELEASING):
+            paid[lease.provider] += lease.price_per_hour
+    return paid
 
 
 def gpu_states(views: Iterable[NodeView]) -> Counter[tuple[str, str]]:

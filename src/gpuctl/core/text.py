@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from gpuctl.core.model import JobKind, JobSpec
+
 
 def plain_number(value: float) -> str:
     """A number as people write it: 1000000, not 1e+06; 0.5; 1e+20 only past 15 digits."""
@@ -26,3 +28,11 @@ def age(seconds: float) -> str:
         return f"{h}h{m}m" if m else f"{h}h"
     d, h = divmod(s // 3600, 24)
     return f"{d}d{h}h" if h else f"{d}d"
+
+
+def job_size(spec: JobSpec) -> str:
+    """What a job asks for: "2 node(s) x 8 GPU(s)", "3 replica(s) x 500m of a GPU"."""
+    if spec.kind is JobKind.TRAINING:
+        return f"{spec.num_nodes} node(s) x {spec.gpus_per_node} GPU(s)"
+    each = f"{spec.gpu_milli}m of a GPU" if spec.gpu_milli else f"{spec.gpus_per_node} GPU(s)"
+    return f"{spec.replicas} replica(s) x {each}"

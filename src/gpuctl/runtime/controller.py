@@ -23,6 +23,7 @@ from gpuctl.core.cost import (
     NodePrice,
     attempt_charge,
     charges,
+    prices_of,
     report,
 )
 from gpuctl.core.cycle import CycleResult
@@ -56,6 +57,7 @@ from gpuctl.core.model import (
     RankState,
 )
 from gpuctl.core.plugins import Policy
+from gpuctl.core.text import job_size
 from gpuctl.core.trust import AuditEntry, PermissionDenied
 from gpuctl.core.validation import MAX_REPLICAS, validate_spec
 from gpuctl.runtime.clock import Clock
@@ -278,7 +280,7 @@ class Controller:
             raise FailedPrecondition(f"this job could never run: {why}")
         if validate_only:
             return Job(id=0, spec=spec, created_at=now, reason=self._dry_run(spec, now))
-        what = f"{spec.kind.value}: " + _describe_size(spec)
+        what = f"{spec.kind.value}: " + job_size(spec)
         # No controller lock: an insert takes nothing the cycle reads and writes back, so a
         # submit never waits for a cycle; the next cycle sees the job.
         job, created = self.store.create_job(
@@ -1010,10 +1012,7 @@ class Controller:
 
     def node_prices(self) -> dict[str, NodePrice]:
         """Every node's GPU count and price per hour (a leased node's is its lease's)."""
-        return {
-            n.id: NodePrice(gpu_count=n.gpu_count, price_per_hour=n.price_per_hour)
-            for n in self.store.list_nodes()
-        }
+        return prices_of(self.store.list_nodes())
 
     def write_jobs(self, jobs: Sequence[Job], events: Sequence[Event]) -> tuple[Job, ...]:
         """Write changed jobs and their events, and tell the watchers (call under `lock`)."""
@@ -1345,13 +1344,6 @@ def _gpus(rank: RankPlacement) -> str:
         return "no GPU"
     ids = ",".join(str(i) for i in rank.gpu_indices)
     return f"GPU {ids} @{rank.gpu_milli}m" if rank.gpu_milli < 1000 else f"GPU {ids}"
-
-
-def _describe_size(spec: JobSpec) -> str:
-    if spec.kind.value == "training":
-        return f"{spec.num_nodes} node(s) x {spec.gpus_per_node} GPU(s)"
-    each = f"{spec.gpu_milli}m of a GPU" if spec.gpu_milli else f"{spec.gpus_per_node} GPU(s)"
-    return f"{spec.replicas} replica(s) x {each}"
 
 
 def _issues_line(issues: Sequence[str]) -> str:

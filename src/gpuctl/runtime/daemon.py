@@ -185,6 +185,7 @@ def serve(
             nodes=store.list_nodes,
             active=controller.active_jobs,
             leases=store.list_leases,
+            usage=controller.node_usage,
             events=lambda job_id: store.list_events("job", str(job_id)),
             now=controller.clock.now,
         )

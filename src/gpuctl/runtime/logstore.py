@@ -12,7 +12,6 @@ a second of its arrival.
 
 from __future__ import annotations
 
-import bisect
 import os
 import shutil
 import struct
@@ -131,14 +130,33 @@ class LogStore:
         self, job_id: int, attempt: int, rank: int, offset: int, limit: int = 1 << 20
     ) -> tuple[bytes, datetime | None]:
         """`read`, cut where a later arrival begins, with the arrival time of its first byte
-        (None for output older than this record)."""
-        times = self.times(job_id, attempt, rank)
-        offsets = [o for o, _ in times]
-        i = bisect.bisect_right(offsets, offset)
-        if i < len(offsets):
-            limit = min(limit, offsets[i] - offset)
-        when = times[i - 1][1] if i > 0 else None
-        return self.read(job_id, attempt, rank, offset, limit), when
+        (None for output older than this record). The record is searched, not read whole: a
+        follower polling an idle log reads nothing of it."""
+        data = self.read(job_id, attempt, rank, offset, limit)
+        if not data:
+            return b"", None
+        try:
+            f = self.path(job_id, attempt, rank).with_suffix(".times").open("rb")
+        except FileNotFoundError:
+            return data, None
+        with f:
+            count = os.fstat(f.fileno()).st_size // _TIME.size
+
+            def record(i: int) -> tuple[int, float]:
+                f.seek(i * _TIME.size)
+                return _TIME.unpack(f.read(_TIME.size))
+
+            lo, hi = 0, count  # the first record past `offset`
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if record(mid)[0] <= offset:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            when = datetime.fromtimestamp(record(lo - 1)[1], UTC) if lo else None
+            if lo < count:
+                data = data[: record(lo)[0] - offset]
+        return data, when
 
     def remove(self, job_id: int) -> None:
         """Forget a job's logs (retention): every attempt and rank of it."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 
 from prometheus_client import CollectorRegistry, Histogram
@@ -24,12 +24,18 @@ from prometheus_client import Counter as CounterMetric
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from gpuctl.core import services
-from gpuctl.core.cost import NodePrice, hourly_rate
+from gpuctl.core.cost import charged_now, prices_of
 from gpuctl.core.cycle import CycleResult
-from gpuctl.core.fleetstats import REASON_CLASSES, fragmented_gpus, gpu_states, reason_class
-from gpuctl.core.model import Job, JobKind, JobState, LeaseState, Node, NodeState
-from gpuctl.core.snapshot import Snapshot
+from gpuctl.core.fleetstats import (
+    LIVE_LEASES,
+    REASON_CLASSES,
+    fragmented_gpus,
+    gpu_states,
+    paid_per_hour,
+    reason_class,
+    views_now,
+)
+from gpuctl.core.model import Job, JobKind, JobState, Node, NodeState
 
 MAX_QUEUES = 32  # queue label values when no queues are configured (the rest: "other")
 GB = 1e9
@@ -38,7 +44,6 @@ API_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5
 CYCLE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # From submit to placement: seconds on an idle fleet, hours or days for a queue.
 WAIT_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400, 259200)
-_LIVE_LEASES = (LeaseState.REQUESTED, LeaseState.ACTIVE, LeaseState.RELEASING)
 
 
 class DaemonMetrics:
@@ -146,10 +151,9 @@ class Standing(Collector):
         now = self._now()
         nodes = self._nodes()
         jobs = self._active()
-        given = services.cycle_input(jobs, now)
-        views = Snapshot.build(nodes, given.holding).nodes
+        views, pending = views_now(nodes, jobs, now)
         yield from self._jobs(jobs)
-        yield from self._gpus(views, given.pending)
+        yield from self._gpus(views, pending)
         yield from self._nodes_figures(nodes, now)
         yield from self._money(nodes, jobs)
         leader = GaugeMetricFamily(
@@ -181,35 +185,29 @@ class Standing(Collector):
                 pending[(kind, queue, reason_class(job.reason))] += 1
             else:
                 running[(kind, queue)] += 1
-        g = GaugeMetricFamily(
+        yield _family(
             "gpuctl_jobs_pending",
             "Jobs waiting to be placed, by kind, queue and what they wait for (reason: "
             + ", ".join(REASON_CLASSES)
             + ").",
-            labels=["kind", "queue", "reason"],
+            ["kind", "queue", "reason"],
+            pending,
         )
-        for key, n in sorted(pending.items()):
-            g.add_metric(list(key), n)
-        yield g
-        g = GaugeMetricFamily(
+        yield _family(
             "gpuctl_jobs_running",
             "Jobs holding GPUs (running, or stopping), by kind and queue.",
-            labels=["kind", "queue"],
+            ["kind", "queue"],
+            running,
         )
-        for key, n in sorted(running.items()):
-            g.add_metric(list(key), n)
-        yield g
 
     def _gpus(self, views, pending: Sequence[Job]) -> Iterator:
-        g = GaugeMetricFamily(
+        yield _family(
             "gpuctl_gpus",
             "GPUs by model and state: allocated (held by jobs; shares add up), and the rest by "
             "their node's state: free, draining, degraded, lost.",
-            labels=["model", "state"],
+            ["model", "state"],
+            {(model or "unknown", state): n for (model, state), n in gpu_states(views).items()},
         )
-        for (model, state), n in sorted(gpu_states(views).items()):
-            g.add_metric([model or "unknown", state], n)
-        yield g
         g = GaugeMetricFamily(
             "gpuctl_fragmented_gpus",
             "Free GPUs on schedulable nodes that none of the queued job shapes can use (in "
@@ -248,42 +246,37 @@ class Standing(Collector):
         yield bandwidth
 
     def _money(self, nodes: Sequence[Node], jobs: Sequence[Job]) -> Iterator:
-        leases = [x for x in self._leases() if x.state in _LIVE_LEASES]
-        count: Counter[tuple[str, str]] = Counter((x.provider, x.state.value) for x in leases)
-        g = GaugeMetricFamily(
+        leases = [x for x in self._leases() if x.state in LIVE_LEASES]
+        yield _family(
             "gpuctl_leases",
             "Leases not yet ended, by provider and state.",
-            labels=["provider", "state"],
+            ["provider", "state"],
+            Counter((x.provider, x.state.value) for x in leases),
         )
-        for key, n in sorted(count.items()):
-            g.add_metric(list(key), n)
-        yield g
-        paid: Counter[str] = Counter()
-        for x in leases:
-            if x.state is not LeaseState.REQUESTED:
-                paid[x.provider] += x.price_per_hour
-        g = GaugeMetricFamily(
+        yield _family(
             "gpuctl_lease_cost_dollars_per_hour",
             "Dollars an hour paid now for leased nodes, by provider.",
-            labels=["provider"],
+            ["provider"],
+            {(p,): round(d, 6) for p, d in paid_per_hour(leases).items()},
         )
-        for provider, dollars in sorted(paid.items()):
-            g.add_metric([provider], round(dollars, 6))
-        yield g
-        prices = {
-            n.id: NodePrice(gpu_count=n.gpu_count, price_per_hour=n.price_per_hour) for n in nodes
-        }
         label = self._queue_labels(jobs)
         charged: Counter[str] = Counter()
-        for job in jobs:
-            if job.state.holds_resources and job.started_at is not None:
-                charged[label(job.spec.queue)] += hourly_rate(job, prices)
-        g = GaugeMetricFamily(
+        for job, rate in charged_now(jobs, prices_of(nodes)):
+            charged[label(job.spec.queue)] += rate
+        yield _family(
             "gpuctl_charged_dollars_per_hour",
             "Dollars an hour charged now to running jobs (their share of each node's price), "
             "by queue.",
-            labels=["queue"],
+            ["queue"],
+            {(q,): round(d, 6) for q, d in charged.items()},
         )
-        for queue, dollars in sorted(charged.items()):
-            g.add_metric([queue], round(dollars, 6))
-        yield g
+
+
+def _family(
+    name: str, doc: str, labels: list[str], values: Mapping[tuple[str, ...], float]
+) -> GaugeMetricFamily:
+    """A gauge family of `values` by label values, in label order."""
+    family = GaugeMetricFamily(name, doc, labels=labels)
+    for key, value in sorted(values.items()):
+        family.add_metric(list(key), value)
+    return family

@@ -15,26 +15,30 @@ import html
 import threading
 import urllib.parse
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from http.cookies import SimpleCookie
 from typing import Protocol
 
-from gpuctl.core import services
-from gpuctl.core.cost import NodePrice, hourly_rate, lease_dollars
+from gpuctl.core.cost import charged_now, lease_dollars, prices_of
 from gpuctl.core.errors import GpuctlError
-from gpuctl.core.fleetstats import fragmented_gpus, gpu_states, reason_class
-from gpuctl.core.model import Job, JobState, LeaseState, Node, NodeLease, NodeState
-from gpuctl.core.snapshot import Snapshot
-from gpuctl.core.text import age
+from gpuctl.core.fleetstats import (
+    LIVE_LEASES,
+    fragmented_gpus,
+    gpu_states,
+    paid_per_hour,
+    reason_class,
+    views_now,
+)
+from gpuctl.core.model import Job, JobState, Node, NodeLease, NodeState
+from gpuctl.core.text import age, job_size
 from gpuctl.core.trust import Permission, Principal
 
 COOKIE = "gpuctl_ui"
 SAMPLE_EVERY_S = 60.0
 SAMPLES = 24 * 60  # a day at one a minute
 MAX_FORM_BYTES = 16 * 1024
-_LIVE_LEASES = (LeaseState.REQUESTED, LeaseState.ACTIVE, LeaseState.RELEASING)
 _CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; form-action 'self'"
 
 
@@ -71,36 +75,26 @@ class Sources:
     nodes: Callable[[], Sequence[Node]]
     active: Callable[[], Sequence[Job]]
     leases: Callable[[], Sequence[NodeLease]]
+    usage: Callable[[], Mapping[str, Mapping[int, tuple[int, list[int]]]]]  # node_usage
     events: Callable[[int], Sequence]  # a job's events
     now: Callable[[], datetime]
 
 
-def measure(sources: Sources) -> Sample:
+def measure(
+    now: datetime, nodes: Sequence[Node], jobs: Sequence[Job], leases: Sequence[NodeLease]
+) -> Sample:
     """The figures of one moment (what the plots draw)."""
-    now = sources.now()
-    nodes = sources.nodes()
-    jobs = sources.active()
-    given = services.cycle_input(jobs, now)
-    views = Snapshot.build(nodes, given.holding).nodes
+    views, pending = views_now(nodes, jobs, now)
     states = gpu_states(views)
-    prices = {
-        n.id: NodePrice(gpu_count=n.gpu_count, price_per_hour=n.price_per_hour) for n in nodes
-    }
     return Sample(
         at=now,
         pending=sum(j.state is JobState.PENDING for j in jobs),
         running=sum(j.state is not JobState.PENDING for j in jobs),
         gpus_allocated=sum(n for (_, s), n in states.items() if s == "allocated"),
         gpus=sum(states.values()),
-        fragmented=fragmented_gpus(views, given.pending),
-        paid_per_hour=sum(
-            x.price_per_hour
-            for x in sources.leases()
-            if x.state in (LeaseState.ACTIVE, LeaseState.RELEASING)
-        ),
-        charged_per_hour=sum(
-            hourly_rate(j, prices) for j in jobs if j.state.holds_resources and j.started_at
-        ),
+        fragmented=fragmented_gpus(views, pending),
+        paid_per_hour=sum(paid_per_hour(leases).values()),
+        charged_per_hour=sum(rate for _, rate in charged_now(jobs, prices_of(nodes))),
     )
 
 
@@ -114,7 +108,8 @@ class History:
         self._lock = threading.Lock()
 
     def sample(self) -> None:
-        taken = measure(self.sources)
+        src = self.sources
+        taken = measure(src.now(), src.nodes(), src.active(), src.leases())
         with self._lock:
             self._samples.append(taken)
 
@@ -208,12 +203,13 @@ class WebUi:
 
     def _overview(self, who: Principal) -> str:
         now = self.sources.now()
-        nodes = [n for n in self.sources.nodes() if n.state is not NodeState.RELEASED]
+        every_node = self.sources.nodes()
+        nodes = [n for n in every_node if n.state is not NodeState.RELEASED]
         everything = self.sources.active()
+        leases = self.sources.leases()
         jobs = self._visible(who, everything)
-        usage = _usage(everything)
         samples = self.history.samples()
-        now_sample = measure(self.sources)
+        now_sample = measure(now, every_node, everything, leases)
         money = who.can(Permission.COST_ALL)
         parts = [
             f"<p class=me>signed in as {_e(who.name)} ({_e(who.role.value)})</p>",
@@ -231,9 +227,9 @@ class WebUi:
         parts.append("</div>")
         parts.append(_queue(jobs, now))
         parts.append(_running(jobs, now))
-        parts.append(_nodes(nodes, usage, now))
+        parts.append(_nodes(nodes, self.sources.usage(), now))
         if money:
-            parts.append(_leases(self.sources.leases(), now))
+            parts.append(_leases(leases, now))
         return "\n".join(parts)
 
     def _job(self, who: Principal, job_id: int) -> str | None:
@@ -394,41 +390,27 @@ def _plot(title: str, points: list[tuple[datetime, float]], colour: str) -> str:
     )
 
 
-def _usage(jobs: Iterable[Job]) -> dict[str, dict[int, list[tuple[int, int]]]]:
-    """node -> GPU index -> [(job id, milli)] of the jobs holding GPUs."""
-    out: dict[str, dict[int, list[tuple[int, int]]]] = {}
-    for job in jobs:
-        if not job.state.holds_resources or job.placement is None:
-            continue
-        for r in job.placement.ranks:
-            if not r.live:
-                continue
-            for i in r.gpu_indices:
-                out.setdefault(r.node_id, {}).setdefault(i, []).append((job.id, r.gpu_milli))
-    return out
-
-
-def _gpu_map(node: Node, usage: dict[int, list[tuple[int, int]]]) -> str:
+def _gpu_map(node: Node, usage: Mapping[int, tuple[int, list[int]]]) -> str:
+    """A square a GPU: white when free, else in its first job's colour, filled as far as it
+    is held (`usage`: GPU index -> milli held and the jobs holding it)."""
     cells = []
     for g in node.profile.gpus:
-        held = usage.get(g.index, [])
-        milli = min(1000, sum(m for _, m in held))
+        milli, held = usage.get(g.index, (0, []))
         if not held:
             cells.append(f'<span class="gpu free" title="GPU {g.index}: free"></span>')
             continue
-        hue = (held[0][0] * 47) % 360
-        fill = f"hsl({hue},65%,55%)"
+        fill = f"hsl({held[0] * 47 % 360},65%,55%)"
         style = (
             f"background:{fill}"
             if milli >= 1000
             else f"background:linear-gradient(to top,{fill} {milli / 10:.0f}%,#fff 0)"
         )
-        who = ", ".join(f"job {j} ({m / 1000:g} GPU)" for j, m in held)
+        who = f"{', '.join(f'job {j}' for j in held)} ({min(milli, 1000) / 1000:g} GPU held)"
         cells.append(f'<span class=gpu style="{style}" title="GPU {g.index}: {_e(who)}"></span>')
     return "<span class=gpus>" + "".join(cells) + "</span>"
 
 
-def _nodes(nodes: Sequence[Node], usage: dict, now: datetime) -> str:
+def _nodes(nodes: Sequence[Node], usage: Mapping, now: datetime) -> str:
     rows = []
     for n in sorted(nodes, key=lambda x: x.id):
         p = n.profile
@@ -514,7 +496,7 @@ def _running(jobs: Sequence[Job], now: datetime) -> str:
 
 
 def _leases(leases: Sequence[NodeLease], now: datetime) -> str:
-    live = [x for x in leases if x.state in _LIVE_LEASES]
+    live = [x for x in leases if x.state in LIVE_LEASES]
     rows = [
         (
             x.id,
@@ -534,12 +516,8 @@ def _leases(leases: Sequence[NodeLease], now: datetime) -> str:
 
 
 def _asks(job: Job) -> str:
-    spec = job.spec
-    model = f" {spec.gpu_model.replace('|', ' or ')}" if spec.gpu_model else ""
-    if spec.is_gang or spec.kind.value == "training":
-        return f"{spec.num_nodes} x {spec.gpus_per_node}{model} GPUs"
-    each = f"{spec.gpu_milli / 1000:g}" if spec.gpu_milli else f"{spec.gpus_per_node}"
-    return f"{spec.replicas} x {each}{model} GPU"
+    model = job.spec.gpu_model.replace("|", " or ")
+    return job_size(job.spec) + (f" of {model}" if model else "")
 
 
 def _age(then: datetime | None, now: datetime) -> str:
