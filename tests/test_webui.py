@@ -112,6 +112,7 @@ def test_people_see_what_the_api_shows_them_escaped(site):
     assert "theirs" in page and "<h2>Leases</h2>" in page and "$24.00" in page
     assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt; no room" in page
     assert call(site, "GET", "/ui/jobs/999", cookie=olga)[0].startswith("404")
+    assert call(site, "GET", "/ui/jobs/" + "9" * 5000, cookie=olga)[0].startswith("404")
     assert call(site, "GET", "/ui/nothing", cookie=olga)[0].startswith("404")
 
 

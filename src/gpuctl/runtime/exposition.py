@@ -110,8 +110,12 @@ class MetricsEndpoint:
 
         def app(environ: dict, start_response: Callable) -> Iterable[bytes]:
             path = environ.get("PATH_INFO", "")
-            if pages is not None and (path == "/ui" or path.startswith("/ui/")):
-                return pages(environ, start_response)  # signs its people in itself
+            try:
+                if pages is not None and (path == "/ui" or path.startswith("/ui/")):
+                    return pages(environ, start_response)  # signs its people in itself
+            except Exception:  # a bug of ours: logged as one line, the page fails
+                log.exception("serving %s failed", path[:200])
+                return _reply(start_response, "500 Internal Server Error", "failed\n")
             if path not in ("/metrics", "/metrics/"):
                 return _reply(start_response, "404 Not Found", "not found: try /metrics\n")
             if not open_ and authorize is not None:

@@ -148,8 +148,9 @@ class WebUi:
             return _page(start_response, "405 Method Not Allowed", "gpuctl", "<p>read-only</p>")
         if path in ("/ui", "/ui/"):
             return _page(start_response, "200 OK", "gpuctl", self._overview(who))
-        if path.startswith("/ui/jobs/") and path[len("/ui/jobs/") :].isdigit():
-            body = self._job(who, int(path[len("/ui/jobs/") :]))
+        job_id = path[len("/ui/jobs/") :]
+        if path.startswith("/ui/jobs/") and job_id.isdigit() and len(job_id) <= 18:
+            body = self._job(who, int(job_id))
             if body is None:
                 return _page(start_response, "404 Not Found", "gpuctl", "<p>no such job</p>")
             return _page(start_response, "200 OK", "gpuctl: job", body)
