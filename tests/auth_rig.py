@@ -61,11 +61,17 @@ def serve(controller: Controller, **kwargs) -> ApiServer:
     server = ApiServer(
         controller,
         guard_for(
-            controller, **{k: v for k, v in kwargs.items() if k not in ("watch_poll_s", "observer")}
+            controller,
+            **{
+                k: v
+                for k, v in kwargs.items()
+                if k not in ("watch_poll_s", "observer", "inline_reads")
+            },
         ),
         Listeners(tcp="127.0.0.1:0"),
         watch_poll_s=kwargs.get("watch_poll_s", 0.05),
         observer=kwargs.get("observer"),
+        inline_reads=kwargs.get("inline_reads", True),
     )
     server.start()
     return server

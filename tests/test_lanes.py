@@ -15,7 +15,7 @@ from grpc_status import rpc_status
 
 from gpuctl.api._pb.agent.v1 import agent_pb2, agent_pb2_grpc
 from gpuctl.api._pb.v1 import jobs_pb2, jobs_pb2_grpc
-from gpuctl.api.lanes import GATE_SLOTS, Gate, Lanes, PeopleCall
+from gpuctl.api.lanes import GATE_SLOTS, Gate, Lanes
 from gpuctl.api.limits import LimitSettings
 from gpuctl.core.plugins import build_policy
 from gpuctl.runtime.clock import FakeClock
@@ -27,24 +27,21 @@ from tests.test_api import spec
 from tests.test_e2e import wait_until
 
 
-def test_a_full_people_lane_refuses_the_next_and_leaves_the_other_lane_free() -> None:
+def test_a_full_people_lane_admits_no_more_and_leaves_the_other_lane_free() -> None:
     lanes = Lanes(people=2, others=1)
     gate = threading.Event()
-    ran: list[str] = []
     try:
-        held = [
-            lanes.submit(lambda b: b(), PeopleCall(lambda: gate.wait(10), lambda: "refused"))
-            for _ in range(2)
-        ]
-        wait_until(lambda: lanes.people_in_flight == 2)
-        third = lanes.submit(lambda b: b(), PeopleCall(lambda: "ran", lambda: "refused"))
-        assert third.result(10) == "refused"
-        assert lanes.submit(lambda: ran.append("agent") or "agent").result(10) == "agent"
+        assert lanes.admit() and lanes.admit()
+        held = [lanes.call(True, gate.wait, 10) for _ in range(2)]
+        assert lanes.people_in_flight == 2
+        assert not lanes.admit()  # the third is refused, not queued
+        assert lanes.call(False, lambda: "agent").result(10) == "agent"
         gate.set()
         assert [f.result(10) for f in held] == [True, True]
+        wait_until(lambda: lanes.people_in_flight == 0)  # each call gave its place back
+        assert lanes.admit()
+        assert lanes.call(True, lambda: "ran").result(10) == "ran"
         wait_until(lambda: lanes.people_in_flight == 0)
-        again = lanes.submit(lambda b: b(), PeopleCall(lambda: "ran", lambda: "refused"))
-        assert again.result(10) == "ran"
     finally:
         gate.set()
         lanes.shutdown()
@@ -52,7 +49,8 @@ def test_a_full_people_lane_refuses_the_next_and_leaves_the_other_lane_free() ->
 
 @pytest.fixture
 def busy_server(tmp_path, monkeypatch):
-    """A server whose people's lane has 4 threads, and a gate that holds GetJob calls."""
+    """A server whose people's lane has 4 threads, and a gate that holds GetJob calls (run on
+    the lane: inline, a held read would hold the whole server)."""
     store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
     controller = Controller(
         store, FakeClock(), build_policy("default"), LogStore(tmp_path / "l", max_bytes_per_rank=1)
@@ -65,7 +63,11 @@ def busy_server(tmp_path, monkeypatch):
         return get(*args, **kwargs)
 
     monkeypatch.setattr(controller, "get", held_get)
-    server = serve(controller, limits=LimitSettings(workers=6, agent_reserve=2, max_streams=1))
+    server = serve(
+        controller,
+        limits=LimitSettings(workers=6, agent_reserve=2, max_streams=1),
+        inline_reads=False,
+    )
     try:
         yield server, Tokens(controller), gate
     finally:
@@ -163,6 +165,84 @@ def test_watches_never_hold_the_gate(tmp_path) -> None:
             assert got.name == job.name
             for w in watches:
                 w.cancel()
+    finally:
+        server.drain(0)
+        store.close()
+
+
+def test_inline_reads_are_answered_while_the_people_lane_is_full(tmp_path, monkeypatch) -> None:
+    # GetJob runs on the loop's thread: a full lane (4 held cancels) refuses a submit, not it.
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    controller = Controller(
+        store, FakeClock(), build_policy("default"), LogStore(tmp_path / "l", max_bytes_per_rank=1)
+    )
+    gate = threading.Event()
+    cancel = controller.cancel
+
+    def held_cancel(*args, **kwargs):
+        gate.wait(10)
+        return cancel(*args, **kwargs)
+
+    monkeypatch.setattr(controller, "cancel", held_cancel)
+    server = serve(controller, limits=LimitSettings(workers=6, agent_reserve=2, max_streams=1))
+    try:
+        tokens = Tokens(controller)
+        alice = tokens.metadata(tokens.user("alice"))
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            jobs = jobs_pb2_grpc.JobServiceStub(channel)
+            names = [
+                jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=spec()), metadata=alice).name
+                for _ in range(4)
+            ]
+            with ThreadPoolExecutor(4) as pool:
+                held = [
+                    pool.submit(
+                        jobs.CancelJob,
+                        jobs_pb2.CancelJobRequest(name=n),
+                        metadata=alice,
+                        timeout=20,
+                    )
+                    for n in names
+                ]
+                wait_until(lambda: server.lanes.people_in_flight == 4)
+                with pytest.raises(grpc.RpcError) as e:
+                    jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=spec()), metadata=alice)
+                assert e.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+                got = jobs.GetJob(jobs_pb2.GetJobRequest(name=names[0]), metadata=alice, timeout=5)
+                assert got.name == names[0]
+                listed = jobs.ListJobs(jobs_pb2.ListJobsRequest(), metadata=alice, timeout=5)
+                assert sorted(j.name for j in listed.jobs) == sorted(names)
+                gate.set()
+                assert all(f.result(20).name in names for f in held)
+    finally:
+        gate.set()
+        server.drain(0)
+        store.close()
+
+
+def test_a_stream_holds_its_place_until_its_caller_goes_and_then_gives_it_back(tmp_path) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    controller = Controller(
+        store, FakeClock(), build_policy("default"), LogStore(tmp_path / "l", max_bytes_per_rank=1)
+    )
+    # One stream for everyone: a second watch is refused while the first is open.
+    server = serve(controller, limits=LimitSettings(workers=6, agent_reserve=2, max_streams=1))
+    try:
+        tokens = Tokens(controller)
+        alice = tokens.metadata(tokens.user("alice"))
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            jobs = jobs_pb2_grpc.JobServiceStub(channel)
+            jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=spec()), metadata=alice)
+            for _ in range(3):  # each time the place and the stream slot come back
+                watch = jobs.WatchJobs(jobs_pb2.WatchJobsRequest(), metadata=alice, timeout=30)
+                next(watch)
+                assert server.lanes.people_in_flight == 1
+                second = jobs.WatchJobs(jobs_pb2.WatchJobsRequest(), metadata=alice, timeout=5)
+                with pytest.raises(grpc.RpcError) as e:
+                    next(second)
+                assert e.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+                watch.cancel()
+                wait_until(lambda: server.lanes.people_in_flight == 0, what="the place back")
     finally:
         server.drain(0)
         store.close()

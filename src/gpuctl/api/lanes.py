@@ -1,19 +1,18 @@
-"""gRPC's thread pool in two lanes, so that people's calls can neither delay agents' calls nor
+"""Where a call's handler runs, so that people's calls can neither delay agents' calls nor
 queue without end.
 
-gRPC hands each call to the pool before a servicer sees it, and a plain pool is one queue:
-under a flood of people's calls, an agent's heartbeat waited its turn behind hundreds, and
-every caller's latency grew with the flood. Here people's calls (the interceptor marks them,
-`PeopleCall`) run on a lane of their own, and when its threads are all taken the next one is
-refused at once (RESOURCE_EXHAUSTED, with RetryInfo) instead of queued; everything else
-(agents, health checks, the refusals themselves, which take microseconds) runs on the other
-lane, which people's calls never fill.
+The server is `grpc.aio` (api.server): one thread runs gRPC and an event loop; the handlers,
+which block (the store, the controller's lock), run on threads of two lanes. People's calls
+run on a lane of their own, and when its threads are all taken the next one is refused at
+once (RESOURCE_EXHAUSTED, with RetryInfo) instead of queued; everything else (agents, health
+checks) runs on the other lane, which people's calls never fill. The fast local reads run on
+the loop's own thread (`ApiServer(inline_reads=...)`) and take no lane at all.
 
 Within the people's lane a `Gate` lets only a few handlers run at once: one interpreter runs
 Python one thread at a time, and with 32 handlers in flight every release of the GIL (each
-SQLite call, each gRPC call into C) started a contest among all of them, ~350 futex calls a
-call and ~40 % of a core in the kernel. A handler leaves the gate as soon as it waits on a
-commit, so the writes of many calls still share one commit (store.groupcommit).
+SQLite call) started a contest among all of them, ~350 futex calls a call and ~40 % of a core
+in the kernel. A handler leaves the gate as soon as it waits on a commit, so the writes of many
+calls still share one commit (store.groupcommit).
 """
 
 from __future__ import annotations
@@ -21,7 +20,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from concurrent import futures
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 # Handlers running Python at once. Measured on a 2-core machine with 32 GetJob calls in flight:
 # 1 or 2 gave 560-660 calls/s, no gate 430-460/s; writers leave it when they wait, so it does
@@ -55,62 +56,55 @@ class Gate:
             self._slots.release()
 
 
-class PeopleCall:
-    """A people's call behavior, marked for the people's lane; `refuse` answers it instead
-    when the lane is full. It runs inside `gate`: for a streaming call that is only making
-    its generator, so a watch waiting for changes never holds the gate."""
+class Lanes:
+    """The two lanes' threads. People's work is admitted (`admit`) while the lane has a free
+    thread, and runs through the gate when `gated`; a streaming call stays admitted from its
+    start to its end, since each of its steps may wait (a watch waiting for a change)."""
 
-    __slots__ = ("behavior", "gate", "refuse")
-
-    def __init__(
-        self, behavior: Callable[..., Any], refuse: Callable[..., Any], gate: Gate | None = None
-    ) -> None:
-        self.behavior = behavior
-        self.refuse = refuse
-        self.gate = gate
-
-    def __call__(self, *args: Any) -> Any:
-        if self.gate is None:
-            return self.behavior(*args)
-        with self.gate:
-            return self.behavior(*args)
-
-
-class Lanes(futures.Executor):
     def __init__(self, *, people: int, others: int) -> None:
         self._people = futures.ThreadPoolExecutor(people, thread_name_prefix="grpc-people")
         self._others = futures.ThreadPoolExecutor(others, thread_name_prefix="grpc-others")
         self._capacity = people
         self.gate = Gate()
         self._lock = threading.Lock()
-        self._taken = 0  # people's calls running or about to
+        self._taken = 0  # people's calls admitted and not yet done
 
     @property
     def people_in_flight(self) -> int:
         return self._taken
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> futures.Future:
-        # gRPC submits a function of the call, with the method's behavior among its arguments.
-        marked = next((i for i, a in enumerate(args) if isinstance(a, PeopleCall)), None)
-        if marked is None:
-            return self._others.submit(fn, *args, **kwargs)
+    def admit(self) -> bool:
+        """Take a place in the people's lane, if one is free; `done` gives it back."""
         with self._lock:
-            admitted = self._taken < self._capacity
-            if admitted:
-                self._taken += 1
-        if not admitted:
-            refused = list(args)
-            refused[marked] = args[marked].refuse
-            return self._others.submit(fn, *refused, **kwargs)
-        return self._people.submit(self._run, fn, args, kwargs)
+            if self._taken >= self._capacity:
+                return False
+            self._taken += 1
+            return True
 
-    def _run(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def done(self) -> None:
+        with self._lock:
+            self._taken -= 1
+
+    def call(self, people: bool, fn: Callable[..., T], *args: Any) -> futures.Future[T]:
+        """Run a unary call's handler `fn(*args)` on a thread: of the people's lane (`people`;
+        admitted already, and done when it returns), through the gate; else of the other."""
+        if people:
+            return self._people.submit(self._gated, fn, args)
+        return self._others.submit(fn, *args)
+
+    def step(self, people: bool, fn: Callable[..., T], *args: Any) -> futures.Future[T]:
+        """Run one step of a streaming call on a thread of its lane (outside the gate: a step
+        may wait long)."""
+        return (self._people if people else self._others).submit(fn, *args)
+
+    def _gated(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         try:
-            return fn(*args, **kwargs)
-        finally:  # every task admitted runs (a call cancelled meanwhile returns at once)
-            with self._lock:
-                self._taken -= 1
+            with self.gate:
+                return fn(*args)
+        finally:
+            self.done()
 
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        self._people.shutdown(wait, cancel_futures=cancel_futures)
-        self._others.shutdown(wait, cancel_futures=cancel_futures)
+    def shutdown(self) -> None:
+        """Take no more work; what runs finishes on its own (a handler cannot be stopped)."""
+        self._people.shutdown(wait=False, cancel_futures=True)
+        self._others.shutdown(wait=False, cancel_futures=True)

@@ -289,7 +289,16 @@ def serve(
         default_token_ttl_s=config.token_ttl_s,
         authority=authority,
     )
-    server = ApiServer(controller, guard, listeners, sessions=sessions, observer=metrics)
+    server = ApiServer(
+        controller,
+        guard,
+        listeners,
+        sessions=sessions,
+        observer=metrics,
+        # Reads on the loop's thread only where they cannot wait on a network: a local store
+        # file, and no OIDC keys to fetch (api.server.ApiServer).
+        inline_reads=store.local and guard.auth.jwt is None,
+    )
     endpoint = _metrics_endpoint(
         config, state_dir, metrics, guard.auth, history if config.ui else None, sessions
     )

@@ -88,7 +88,12 @@ class Store(Protocol):
 
     Jobs get increasing integer ids (1, 2, ...). Every write to a job sets its `revision` to a
     store-wide counter that only grows, so watchers can resume from the last revision seen.
+
+    `local`: reads are answered on this host (a file, memory), with no network round trip to
+    wait on, so the API may run them on its event loop's thread (api.server).
     """
+
+    local: bool
 
     def create_job(
         self,

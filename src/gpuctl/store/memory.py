@@ -72,6 +72,7 @@ class MemoryStore:
         self._clock = clock  # seconds since 1970: the leader lease's clock
         self._epoch: int | None = None
         self.token_generation = 0
+        self.local = True
         self._jobs: dict[int, Job] = {}
         self._by_request: dict[str, int] = {}
         self._next_id = 1

@@ -150,6 +150,7 @@ class SqlStore:
         self._insert = _UPSERTS[self._engine.dialect.name]
         self._epoch: int | None = None  # see `fence`
         self.token_generation = 0  # see `Store.token_generation`
+        self.local = self._engine.dialect.name == "sqlite"
         self._reads = sessionmaker(self._engine, class_=Session, expire_on_commit=False)
         self._one_read = self._engine.execution_options(gpuctl_one_statement=True)  # `_reading`
         # Jobs as decoded, by (id, revision): a revision names one version of one job, so a
