@@ -120,6 +120,15 @@ def test_submit_from_a_file_with_flags_overriding_it(api, gpuctl, tmp_path):
     assert list(spec.command) == ["python", "train.py"]
 
 
+def test_submit_spreads_replicas_over_fabrics_on_request(api, gpuctl):
+    result = gpuctl(
+        "submit", "--kind", "inference", "--replicas", "4", "--gpus-per-node", "1",
+        "--spread", "fabric", "--", "serve",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert api.jobs.jobs[1].spec.spread == jobs_pb2.SPREAD_FABRIC
+
+
 def test_submit_from_stdin(api, gpuctl):
     result = gpuctl(
         "submit", "-f", "-", input="kind: training\ngpus_per_node: 1\ncommand: [python, x.py]\n"

@@ -1074,7 +1074,7 @@ def test_spread_is_for_inference_and_a_wire_value_past_the_enum_is_named() -> No
     with pytest.raises(InvalidArgument) as caught:
         convert.spec_from_pb(msg)
     assert [v.field for v in caught.value.violations] == ["spec.spread"]
-    assert (
-        convert.spec_to_pb(replace(INFERENCE, spread=SpreadPolicy.NONE)).spread
-        == jobs_pb2.SPREAD_NONE
-    )
+    for spread in SpreadPolicy:  # each on the wire and back
+        msg = convert.spec_to_pb(replace(INFERENCE, spread=spread))
+        assert jobs_pb2.Spread.Name(msg.spread) == f"SPREAD_{spread.name}"
+        assert convert.spec_from_pb(msg).spread is spread

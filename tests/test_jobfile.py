@@ -17,7 +17,7 @@ from gpuctl.api.jobfile import (
     spec_to_mapping,
 )
 from gpuctl.core.errors import InvalidArgument
-from gpuctl.core.model import JobKind, JobSpec, OnNodeLost
+from gpuctl.core.model import JobKind, JobSpec, OnNodeLost, SpreadPolicy
 from gpuctl.core.validation import spec_violations
 
 BASE = {"kind": "training", "command": ["python", "train.py"]}
@@ -345,11 +345,20 @@ ROUND_TRIPS = [
         target_tokens_per_s=40.0,
         weights_gb=16.06,
     ),
+    JobSpec(
+        kind=JobKind.INFERENCE,
+        command=("vllm", "serve"),
+        replicas=4,
+        gpus_per_node=1,
+        spread=SpreadPolicy.FABRIC,
+    ),
 ]
 
 
 @pytest.mark.parametrize(
-    "spec", ROUND_TRIPS, ids=["minimal", "training", "inference", "inference-throughput"]
+    "spec",
+    ROUND_TRIPS,
+    ids=["minimal", "training", "inference", "inference-throughput", "spread-fabric"],
 )
 def test_spec_to_mapping_round_trips(spec):
     mapping = spec_to_mapping(spec)

@@ -100,3 +100,81 @@ def test_a_job_accepting_several_models_goes_to_the_cheapest_of_them() -> None:
     # Either model will do: the L40S at $1.83/GPU-h. With only the H100 accepted, the H100.
     assert place(replicas=1, gpus_per_node=1, gpu_model="h100 sxm|L40S")[0] == ["infer-1"]
     assert place(replicas=1, gpus_per_node=1, gpu_model="A100 80GB|H100 SXM")[0] == ["train-1"]
+
+
+# Two serving fabrics (two racks of L40S, each behind its own switch) beside the training
+# island: `spread: fabric` puts replicas one to a rack first.
+RACKS = [node_of(H100, f"train-{i}", "ib-demo/spine-1/leaf-1") for i in (1, 2)] + [
+    node_of(L40S, f"infer-{i}", f"eth-{rack}/rack-1/tor-1")
+    for i, rack in ((1, "a"), (2, "a"), (3, "b"), (4, "b"))
+]
+
+
+def place_on(fleet, **spec: object) -> tuple[list[str], str]:
+    job = Job(
+        id=1,
+        spec=JobSpec(kind=JobKind.INFERENCE, command=("serve",), **spec),  # type: ignore[arg-type]
+        created_at=NOW,
+    )
+    result = schedule(Snapshot.build(fleet, ()), [job], build_policy(DEFAULT_POLICY), now=NOW)
+    (binding,) = result.bindings
+    return [r.node_id for r in binding.placement.ranks], binding.placement.reason
+
+
+def test_spread_fabric_puts_one_replica_in_each_rack_before_doubling_up_in_one() -> None:
+    # By node, the second replica goes to infer-2, in the first's rack: a rack switch lost
+    # loses both. By fabric, the second goes to the other rack. With the spread score's share
+    # s of the weighted mean, a node's spread value is the mean of a node half and a fabric
+    # half: infer-2 (1 in its fabric, 0 on it) (1/2 + 1) / 2 = 0.75, infer-3 (0, 0) 1.
+    nodes, _ = place_on(RACKS, replicas=2, gpus_per_node=1)
+    assert nodes == ["infer-1", "infer-2"]
+    nodes, why = place_on(RACKS, replicas=2, gpus_per_node=1, spread=SpreadPolicy.FABRIC)
+    assert nodes == ["infer-1", "infer-3"]
+    assert why.endswith("over 2 fabrics")
+    # Four: a rack each, then a node each within the racks.
+    nodes, _ = place_on(RACKS, replicas=4, gpus_per_node=1, spread=SpreadPolicy.FABRIC)
+    assert nodes == ["infer-1", "infer-3", "infer-2", "infer-4"]
+
+
+def test_spread_fabric_never_moves_a_replica_onto_the_training_island_while_l40s_fit() -> None:
+    # The H100 fabric has none of the job's replicas, and still gets none while L40S GPUs are
+    # free: the two halves of the spread value never lower an L40S node by more than s, as
+    # `spread: node` at worst, and the H100's $2.99/GPU-h and unused interconnect cost more.
+    nodes, _ = place_on(RACKS, replicas=16, gpus_per_node=1, spread=SpreadPolicy.FABRIC)
+    assert sorted(nodes) == sorted(f"infer-{i}" for i in (1, 2, 3, 4) for _ in range(4))
+    nodes, why = place_on(RACKS, replicas=17, gpus_per_node=1, spread=SpreadPolicy.FABRIC)
+    assert nodes.count("train-1") + nodes.count("train-2") == 1
+    assert "over 3 fabrics" in why
+
+
+def test_nodes_without_a_fabric_are_each_a_fabric_of_their_own() -> None:
+    loose = [node_of(L40S, f"infer-{i}", "") for i in (1, 2, 3)]
+    nodes, why = place_on(loose, replicas=3, gpus_per_node=1, spread=SpreadPolicy.FABRIC)
+    assert sorted(nodes) == ["infer-1", "infer-2", "infer-3"]
+    assert why.endswith("over 3 fabrics")
+
+
+def test_a_replacement_counts_the_fabrics_of_the_replicas_still_running() -> None:
+    # Replicas 0 and 1 run on infer-1 and infer-2, both in rack a; replica 2 (rack b) ended.
+    # Its replacement goes to rack b again: rack a has two already.
+    from gpuctl.core import services
+    from gpuctl.core.model import JobState, Placement, RankPlacement, RankState
+
+    ranks = (
+        RankPlacement(rank=0, node_id="infer-1", gpu_indices=(0,), state=RankState.RUNNING),
+        RankPlacement(rank=1, node_id="infer-2", gpu_indices=(0,), state=RankState.RUNNING),
+        RankPlacement(
+            rank=2, node_id="infer-3", gpu_indices=(0,), state=RankState.EXITED, exit_code=1,
+            ended_at=NOW,
+        ),
+    )  # fmt: skip
+    spec = JobSpec(
+        kind=JobKind.INFERENCE, command=("serve",), replicas=3, gpus_per_node=1,
+        spread=SpreadPolicy.FABRIC,
+    )  # fmt: skip
+    job = Job(id=7, spec=spec, state=JobState.RUNNING, placement=Placement(ranks=ranks))
+    given = services.cycle_input([job], NOW)
+    snapshot = Snapshot.build(RACKS, given.holding)
+    result = schedule(snapshot, given.pending, build_policy(DEFAULT_POLICY), now=NOW)
+    (binding,) = result.bindings
+    assert [r.node_id for r in binding.placement.ranks] == ["infer-3"]

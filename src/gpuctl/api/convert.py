@@ -51,7 +51,11 @@ RESTART_POLICY = {
     RestartPolicy.NEVER: jobs_pb2.RESTART_POLICY_NEVER,
 }
 RESTART_POLICY_FROM = {v: k for k, v in RESTART_POLICY.items()}
-SPREAD = {SpreadPolicy.NODE: jobs_pb2.SPREAD_NODE, SpreadPolicy.NONE: jobs_pb2.SPREAD_NONE}
+SPREAD = {
+    SpreadPolicy.NODE: jobs_pb2.SPREAD_NODE,
+    SpreadPolicy.FABRIC: jobs_pb2.SPREAD_FABRIC,
+    SpreadPolicy.NONE: jobs_pb2.SPREAD_NONE,
+}
 SPREAD_FROM = {0: SpreadPolicy.NODE, **{v: k for k, v in SPREAD.items()}}
 ON_NODE_LOST = {
     OnNodeLost.REQUEUE: jobs_pb2.ON_NODE_LOST_REQUEUE,
@@ -244,7 +248,7 @@ def spec_from_pb(msg: jobs_pb2.JobSpec, *, owner: str = "") -> JobSpec:
             FieldViolation("spec.restart_policy", "must be 'always', 'on-failure' or 'never'")
         )
     if msg.spread not in SPREAD_FROM:
-        violations.append(FieldViolation("spec.spread", "must be 'node' or 'none'"))
+        violations.append(FieldViolation("spec.spread", "must be 'node', 'fabric' or 'none'"))
     if violations:
         raise InvalidArgument(violations)
     assert kind is not None

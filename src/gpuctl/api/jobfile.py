@@ -48,9 +48,10 @@ restart_policy       ``always`` | ``on-failure`` | ``never`` inference: what rep
                                                              (default on-failure: a non-zero exit, a lost or
                                                              degraded node; never: one failure fails the job)
 preemptible          bool                                    higher-priority work may stop and requeue it
-spread               ``node`` | ``none``                     inference: one replica to a node where the
-                                                             cheapest fitting nodes allow (default), or
-                                                             packed (fewer nodes busy, more lost with one)
+spread               ``node`` | ``fabric`` | ``none``        inference: one replica to a node where the
+                                                             cheapest fitting nodes allow (default), one
+                                                             to a fabric first, or packed (fewer nodes
+                                                             busy, more lost with one)
 target_tokens_per_s  number                                  inference: decode tokens/s each replica must
                                                              reach; needs ``weights_gb`` (HBM floor = the two
                                                              multiplied, GB/s)
@@ -240,7 +241,7 @@ def _spread(value: Any) -> SpreadPolicy:
     try:
         return SpreadPolicy(text)
     except ValueError:
-        raise _Problem(f"must be 'node' or 'none', got {value!r}") from None
+        raise _Problem(f"must be 'node', 'fabric' or 'none', got {value!r}") from None
 
 
 def _on_node_lost(value: Any) -> OnNodeLost:

@@ -308,8 +308,9 @@ def _env_pairs(values: tuple[str, ...], flag: str = "--env") -> dict[str, str]:
 )
 @click.option(
     "--spread",
-    type=click.Choice(["node", "none"]),
-    help="Inference: one replica to a node where the cheapest nodes allow (default), or packed.",
+    type=click.Choice(["node", "fabric", "none"]),
+    help="Inference: one replica to a node where the cheapest nodes allow (default), one to a "
+    "fabric first, or packed.",
 )
 @click.option(
     "--preemptible/--no-preemptible",

@@ -424,6 +424,8 @@ def describe_job(job: jobs_pb2.Job, *, now: datetime) -> str:
         line += f"; restart policy {restart if spec.restart_policy else 'on-failure'}"
         if spec.spread == jobs_pb2.SPREAD_NONE:
             line += "; packed (spread none)"
+        elif spec.spread == jobs_pb2.SPREAD_FABRIC:
+            line += "; spread over fabrics"
         head.append(("Replicas", line))
     head += [
         ("Asks for", spec_summary(spec)),

@@ -91,10 +91,13 @@ class RestartPolicy(enum.StrEnum):
 class SpreadPolicy(enum.StrEnum):
     """Where an inference job's replicas go, for availability: one to a node where the
     cheapest fitting nodes allow (a node lost loses one replica; the default, as Kubernetes
-    spreads a service's pods by default), or packed as tightly as the packing score says
-    (fewer nodes busy: cheaper to scale down, more replicas lost with a node)."""
+    spreads a service's pods by default); one to a fabric (a switch or zone lost loses as few
+    as the fitting nodes allow), then one to a node within each; or packed as tightly as the
+    packing score says (fewer nodes busy: cheaper to scale down, more replicas lost with a
+    node)."""
 
     NODE = "node"
+    FABRIC = "fabric"
     NONE = "none"
 
 

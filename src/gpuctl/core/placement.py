@@ -29,7 +29,14 @@ from gpuctl.core.engine.verdicts import (
     verdicts,
 )
 from gpuctl.core.leasing import Refused
-from gpuctl.core.model import MILLI_PER_GPU, Job, JobKind, Placement, RankPlacement
+from gpuctl.core.model import (
+    MILLI_PER_GPU,
+    Job,
+    JobKind,
+    Placement,
+    RankPlacement,
+    SpreadPolicy,
+)
 from gpuctl.core.plugins import Code, Policy, RankRequest, Status, pick_gpus, plural
 from gpuctl.core.plugins.base import price_per_gpu
 from gpuctl.core.snapshot import NodeView, Snapshot
@@ -362,13 +369,15 @@ def _place_replicas(
     elif job.spec.replicas > 1:
         best = best.copy()
     fitting_at_start = np.count_nonzero(best != -np.inf)
+    fabrics = _FabricSpread.of(snapshot, job, policy)
     # The nodes as they would be with the replicas placed so far; only the node that took
     # the last replica changes, so only it is filtered and scored again.
     views: dict[int, NodeView] = {}
     local: dict[int, Status] = {}
     ranks: list[RankPlacement] = []
     for index in range(job.spec.replicas):
-        row = int(best.argmax()) if len(best) else 0  # the best, then the smallest id
+        pick = best if fabrics is None else fabrics.weigh(best)
+        row = int(pick.argmax()) if len(best) else 0  # the best, then the smallest id
         if not len(best) or best[row] == -np.inf:
             why = functools.partial(
                 _replica_reason, job, request, ranks, t, v, blocked, refused, local
@@ -378,6 +387,8 @@ def _place_replicas(
         rank = _rank(index, view, request)
         ranks.append(rank)
         view = views[row] = view.take(job.id, (rank,))
+        if fabrics is not None:
+            fabrics.took(row)
         if index == job.spec.replicas - 1:
             break  # the last: nothing is placed after it, so its node is not asked again
         status = recheck(policy, job, request, view)  # it passed them all before this replica
@@ -386,13 +397,58 @@ def _place_replicas(
         local[row] = status
         best[row] = score(policy, job, request, view) if status.ok else -np.inf
     taken = {w.id: w for w in views.values()}
+    reason = _replica_where(ranks, taken, request, fitting_at_start)
+    if fabrics is not None:
+        reason += f"; {fabrics.said(ranks, t)}"
     placement = Placement(
-        ranks=tuple(ranks),
-        master_addr=taken[ranks[0].node_id].node.address,
-        reason=_replica_where(ranks, taken, request, fitting_at_start),
+        ranks=tuple(ranks), master_addr=taken[ranks[0].node_id].node.address, reason=reason
     )
     snapshot.stage(placement, taken)
     return placement
+
+
+class _FabricSpread:
+    """`spread: fabric`: the spread score is then the mean of a node's half (in the score,
+    1 / (1 + the job's replicas on the node)) and a fabric's half, weighed here since it
+    depends on every node of the fabric: 1 / (1 + the job's replicas in the fabric). So
+    replicas go one to a fabric, then one to a node within each, where the best nodes allow:
+    the two halves together move a node's score no more than `spread: node` does, so they no
+    more than it push a replica off the cheapest class of nodes (onto a training island). A
+    node with no fabric is a fabric of its own; a service's running replicas count."""
+
+    __slots__ = ("counts", "group", "share")
+
+    def __init__(self, share: float, group: np.ndarray, counts: np.ndarray) -> None:
+        self.share = share
+        self.group = group  # per row: its fabric, or a number of its own
+        self.counts = counts  # per group: the job's replicas there
+
+    @classmethod
+    def of(cls, snapshot: Snapshot, job: Job, policy: Policy) -> _FabricSpread | None:
+        share = policy.share("spread", job.spec.kind)
+        if job.spec.spread is not SpreadPolicy.FABRIC or not share:
+            return None
+        t = snapshot.table
+        group = t.fabric.astype(np.int64)
+        if "" in t.fabrics:
+            alone = group == t.fabrics.index("")
+            group[alone] = len(t.fabrics) + np.flatnonzero(alone)
+        counts = np.zeros(len(t.fabrics) + len(t.ids), dtype=np.int64)
+        running = snapshot.placement_of(-job.id)  # a running service's (core.services)
+        for r in running.ranks if running is not None else ():
+            if r.live and r.node_id in t.pos:
+                counts[group[t.pos[r.node_id]]] += 1
+        return cls(share, group, counts)
+
+    def weigh(self, best: np.ndarray) -> np.ndarray:
+        return best - self.share * (1.0 - 1.0 / (1.0 + self.counts[self.group])) / 2
+
+    def took(self, row: int) -> None:
+        self.counts[self.group[row]] += 1
+
+    def said(self, ranks: Sequence[RankPlacement], t: NodeTable) -> str:
+        names = {t.fabrics[t.fabric[t.pos[r.node_id]]] or f"node {r.node_id}" for r in ranks}
+        return f"over {plural(len(names), 'fabric')}"
 
 
 def _replica_where(

@@ -10,7 +10,7 @@ from types import MappingProxyType
 
 from gpuctl.core.backfill import BACKFILLS, Backfill, FirstFit
 from gpuctl.core.errors import FieldViolation, InvalidArgument
-from gpuctl.core.model import Job
+from gpuctl.core.model import Job, JobKind
 from gpuctl.core.plugins.base import (
     SUCCESS,
     CycleContext,
@@ -164,6 +164,13 @@ class Policy:
                 if not status.ok:
                     return status
         return SUCCESS
+
+    def share(self, name: str, kind: JobKind) -> float:
+        """How much score `name` can move the weighted mean for a job of `kind`: its weight
+        over the weights of every score that applies (0 where the policy has no such score)."""
+        weights = [(s.name, w) for s, w in self.scores if kind in s.kinds]
+        total = sum(w for _, w in weights)
+        return sum(w for n, w in weights if n == name) / total if total else 0.0
 
     def score(self, job: Job, request: RankRequest, node: NodeView) -> float:
         """Weighted mean of the scores that apply to the job's kind: 0 to 1."""

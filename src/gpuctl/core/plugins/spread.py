@@ -19,7 +19,10 @@ from gpuctl.core.snapshot import NodeView
 @dataclass(frozen=True, slots=True)
 class Spread(ColumnScore):
     """Replicas of one service on different nodes, so losing a node loses one replica; the
-    same for every node when the job asks to be packed (`spread: none`)."""
+    same for every node when the job asks to be packed (`spread: none`). With `spread:
+    fabric` this is half of the score, the node's half: the replica placer weighs the other
+    half, the fabric's, since it depends on the other nodes of the fabric
+    (`core.placement._FabricSpread`)."""
 
     name: ClassVar[str] = "spread"
     kinds: ClassVar[frozenset[JobKind]] = frozenset({JobKind.INFERENCE})
@@ -28,6 +31,8 @@ class Spread(ColumnScore):
     def score(self, job: Job, request: RankRequest, node: NodeView) -> float:
         if job.spec.spread is SpreadPolicy.NONE:
             return 1.0
+        if job.spec.spread is SpreadPolicy.FABRIC:
+            return (1.0 + 1.0 / (1 + node.ranks_of(job.id))) / 2
         return 1.0 / (1 + node.ranks_of(job.id))
 
     def scores(

@@ -128,6 +128,7 @@ class _SpreadEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Spread.ValueTy
     """node"""
     SPREAD_NODE: _Spread.ValueType  # 1
     SPREAD_NONE: _Spread.ValueType  # 2
+    SPREAD_FABRIC: _Spread.ValueType  # 3
 
 class Spread(_Spread, metaclass=_SpreadEnumTypeWrapper): ...
 
@@ -135,6 +136,7 @@ SPREAD_UNSPECIFIED: Spread.ValueType  # 0
 """node"""
 SPREAD_NODE: Spread.ValueType  # 1
 SPREAD_NONE: Spread.ValueType  # 2
+SPREAD_FABRIC: Spread.ValueType  # 3
 Global___Spread: _TypeAlias = Spread  # noqa: Y015
 
 class _OnNodeLost:
