@@ -15,7 +15,7 @@ from gpuctl.core.model import JobState, Placement, RankPlacement
 from gpuctl.core.plugins import build_policy
 from gpuctl.runtime.clock import FakeClock
 from gpuctl.runtime.controller import Controller, ControllerSettings, _as_seen
-from gpuctl.runtime.cycleproc import CycleProcess, Decided
+from gpuctl.runtime.cycleproc import CycleProcess, Decided, Decider, decide
 from gpuctl.runtime.logstore import LogStore
 from gpuctl.store.sql import open_store
 from tests.test_controller import h100_node, training
@@ -90,3 +90,45 @@ def test_a_decision_about_jobs_changed_since_binds_nothing(ctl):
     kept = _as_seen(decided, active)
     assert kept.bindings == ()
     assert kept.unschedulable == decided.result.unschedulable
+
+
+def test_the_worker_tells_new_jobs_from_a_kept_quiet_cycle_what_a_full_cycle_would(ctl):
+    ctl.register_node(h100_node("a"))
+    ctl.register_node(h100_node("b"))
+    ctl.submit(training(time_limit_s=3600))
+    ctl.run_cycle()  # it runs on a and b: nothing else fits
+    for _ in range(3):
+        ctl.submit(training())
+    decider = Decider(ctl.policy)
+    now = ctl.clock.now()
+
+    def decide_now(nodes=None):
+        jobs = list(ctl.active_jobs())
+        nodes = list(ctl.store.list_nodes()) if nodes is None else nodes
+        full = decide(jobs, nodes, ctl.policy, now=now, leasing=None)
+        return decider.decide(jobs, nodes, now=now, leasing=None), full
+
+    first, _ = decide_now()
+    assert decider.carried == 0 and not first.result.bindings
+    new = ctl.submit(training(nodes=1, gpus=4))  # waits too: a and b are taken
+    got, full = decide_now()
+    assert decider.carried == 1
+    assert got.result.unschedulable == tuple(
+        u for u in full.result.unschedulable if u.job_id == new.id
+    )
+    assert got.seen == {new.id: ctl.store.get_job(new.id).revision}
+    # Only a heartbeat's time changed: still carried. A node drained: a full cycle.
+    beat = [replace(n, last_heartbeat=now) for n in ctl.store.list_nodes()]
+    decide_now(beat)
+    assert decider.carried == 2
+    ctl.drain("a", "maintenance")
+    decide_now()
+    assert decider.carried == 2
+    # A job that can start is never told from the kept cycle: a full cycle places it. On c,
+    # which the first waiting gang reserves for when the running job's hour is up, one that
+    # asks for a minute backfills; the 4-GPU job, with no time limit, may not.
+    ctl.register_node(h100_node("c"))
+    decide_now()  # a full cycle again (a new node), and quiet: kept
+    fits = ctl.submit(training(nodes=1, gpus=1, time_limit_s=60))
+    got, _ = decide_now()
+    assert decider.carried == 2 and [b.job_id for b in got.result.bindings] == [fits.id]

@@ -9,7 +9,8 @@ so backfilling never delays a reservation.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
@@ -171,6 +172,17 @@ class Planner:
 
     def reserved(self) -> frozenset[str]:
         return frozenset(n for r in self.reservations for n in r.node_ids)
+
+    @contextlib.contextmanager
+    def rewound(self, count: int) -> Iterator[None]:
+        """The planner with its first `count` reservations only, for the time of the `with`;
+        then as it was, whatever was reserved meanwhile."""
+        kept = self.reservations, dict(self._freed_by)
+        self.reservations = self.reservations[:count]
+        try:
+            yield
+        finally:
+            self.reservations, self._freed_by = kept
 
     def _ready(
         self, view: NodeView, verdict: bool, fits: Fits

@@ -39,9 +39,11 @@ import contextlib
 import enum
 import gc
 import itertools
+import math
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -71,6 +73,9 @@ from gpuctl.core.topology import GangDemand
 # Queued gangs whose islands the cycle keeps intact where it can: the next few to start. Each
 # costs one filter pass over the idle nodes per cycle.
 _QUEUED_GANGS = 4
+# How long a quiet cycle may go on deciding jobs queued since (`Carried`): it decides them at
+# its own `now`, so a job it lets wait is told so at most this much late.
+CARRY_S = 5.0
 
 __all__ = [
     "Binding",
@@ -82,6 +87,7 @@ __all__ = [
     "Reservation",
     "Unschedulable",
     "schedule",
+    "schedule_carrying",
 ]
 
 
@@ -133,6 +139,83 @@ def schedule(
         return _Cycle(snapshot.copy(), policy, now, leasing).run(pending)
 
 
+def schedule_carrying(
+    snapshot: Snapshot,
+    pending: Sequence[Job],
+    policy: Policy,
+    *,
+    now: datetime,
+    leasing: Leasing | None = None,
+) -> tuple[CycleResult, Carried | None]:
+    """`schedule`, and the cycle itself when it was quiet (`Carried`), to decide jobs queued
+    since without going through its own again."""
+    cycle = _Cycle(snapshot.copy(), policy, now, leasing, keep=True)
+    with _collector_paused():
+        result = cycle.run(pending)
+    quiet = leasing is None and not cycle.mix and not (result.bindings or result.preemptions)
+    return result, Carried(cycle) if quiet else None
+
+
+class Carried:
+    """A quiet cycle (it bound, preempted and leased nothing, and placed no replica), kept to
+    decide jobs queued since without going through its own jobs again.
+
+    `decide(job)` is what a cycle over the same jobs and `job` would have said of `job` when
+    that is to wait holding nothing: then nothing the jobs after it read has changed (it took
+    no GPUs, made no reservation, preempted nobody), so they come out as they did, and `job`
+    itself is decided as the cycle would have where it stands in the queue order, with the
+    holds and reservations of the jobs before it only. A job that would start, preempt or hold
+    changes what every job after it sees: `decide` says None, and a full cycle must run. So do
+    a replica (its packing reads the queue's mix of shapes) and a gang among the first queued
+    gangs (whose islands the cycle keeps). The caller vouches that nothing else changed: the
+    nodes, the jobs holding them, the pending jobs; and `now` within CARRY_S of the cycle's.
+    """
+
+    __slots__ = ("_cycle", "_marks", "_places")
+
+    def __init__(self, cycle: _Cycle) -> None:
+        self._cycle = cycle
+        self._places = cycle.places  # where each job gone through stands, in order
+        # (jobs gone through, holds, reservations) after each job that added to them
+        self._marks = cycle.marks
+
+    @property
+    def now(self) -> datetime:
+        return self._cycle.now
+
+    def fresh(self, now: datetime) -> bool:
+        return timedelta(0) <= now - self._cycle.now <= timedelta(seconds=CARRY_S)
+
+    def decide(self, job: Job) -> Unschedulable | None:
+        c = self._cycle
+        if job.spec.kind is JobKind.INFERENCE or c.order is None:
+            return None
+        place = c.order.place_of(job)
+        if place is None:
+            return None
+        at = bisect_left(self._places, place)
+        if job.spec.is_gang and bisect_left(c.gangs_at, at) < _QUEUED_GANGS:
+            return None
+        mark = bisect_right(self._marks, (at, math.inf, math.inf)) - 1
+        holds, reservations = self._marks[mark][1:] if mark >= 0 else (0, 0)
+        kept = c.holds
+        c.holds = c.holds[:holds]
+        try:
+            with c.planner.rewound(reservations):
+                outcome = c._assign(job)
+        finally:
+            c.holds = kept
+        if outcome.mode is not Mode.WAITS or outcome.hold is not None:
+            return None
+        # It stands in the queue now: the places of the jobs decided after it count it.
+        self._places.insert(at, place)
+        for i in range(mark + 1, len(self._marks)):
+            n, h, r = self._marks[i]
+            self._marks[i] = (n + 1, h, r)
+        c.gangs_at = [p + 1 if p >= at else p for p in c.gangs_at]
+        return Unschedulable(job_id=job.id, reason=outcome.reason)
+
+
 @contextlib.contextmanager
 def _collector_paused() -> Iterator[None]:
     """The garbage collector off while a cycle runs, back on after.
@@ -177,7 +260,13 @@ class _Cycle:
     """The working state of one cycle; `run` is the whole of it."""
 
     def __init__(
-        self, work: Snapshot, policy: Policy, now: datetime, leasing: Leasing | None = None
+        self,
+        work: Snapshot,
+        policy: Policy,
+        now: datetime,
+        leasing: Leasing | None = None,
+        *,
+        keep: bool = False,
     ) -> None:
         self.work = work
         self.leasing = leasing
@@ -198,6 +287,14 @@ class _Cycle:
         self.bindings: list[Binding] = []
         self.waiting: list[Unschedulable] = []
         self.preemptions: list[Preemption] = []
+        # With `keep` (core.cycle.Carried): the queue order, where each job gone through
+        # stands in it, where the gangs among them stand, and (jobs gone through, holds,
+        # reservations) after each job that added a hold or a reservation.
+        self.keep = keep
+        self.order: QueueOrder | None = None
+        self.places: list[Any] = []
+        self.gangs_at: list[int] = []
+        self.marks: list[tuple[int, int, int]] = []
 
     def run(self, pending: Sequence[Job]) -> CycleResult:
         # 1. sort
@@ -219,8 +316,11 @@ class _Cycle:
         self.demands = self._demands(gangs)
         self._prepare()
         # 3. place, preempt or hold, job by job
-        for job in order:
-            self._one(job, order)
+        if self.keep:
+            self._kept(order)
+        else:
+            for job in order:
+                self._one(job, order)
         # 4. lease
         leases = self._lease({j.id: j for j in pending})
         return CycleResult(
@@ -231,6 +331,19 @@ class _Cycle:
             lease_requests=leases.requests,
             lease_releases=leases.releases,
         )
+
+    def _kept(self, order: QueueOrder) -> None:
+        """Step 3, noting what `Carried` needs."""
+        self.order = order
+        holds = reservations = 0
+        for job in order:
+            self.places.append(order.last)
+            if job.spec.is_gang:
+                self.gangs_at.append(len(self.places) - 1)
+            self._one(job, order)
+            if len(self.holds) != holds or len(self.planner.reservations) != reservations:
+                holds, reservations = len(self.holds), len(self.planner.reservations)
+                self.marks.append((len(self.places), holds, reservations))
 
     def _lease(self, jobs: Mapping[int, Job]) -> LeasePlan:
         if self.leasing is None:

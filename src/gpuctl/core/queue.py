@@ -122,6 +122,8 @@ class QueueOrder:
         self._heap: list[tuple[tuple[Any, ...], tuple[int, str, str], int]] = []
         self._rebuilds = 0
         self._rebuild()
+        # Where the last job iterated stands in the order: (key, group, age)
+        self.last: tuple[tuple[Any, ...], tuple[int, str, str], Any] | None = None
 
     def _key(self, job: Job) -> tuple[Any, ...]:
         if not self._keyed:
@@ -166,10 +168,20 @@ class QueueOrder:
                     heapq.heappush(self._heap, fresh)
                     continue
             job = queue.popleft()
+            self.last = (key, group, _age(job))
             rebuilds = self._rebuilds
             yield job
             if queue and rebuilds == self._rebuilds:  # a rebuild has queued the new head
                 heapq.heappush(self._heap, self._entry(group, queue[0]))
+
+    def place_of(self, job: Job) -> tuple[tuple[Any, ...], tuple[int, str, str], Any] | None:
+        """Where `job` would stand in this order (as `last` says it), with the GPUs held as
+        they are now; None where it would change the order of the rest (a second group in an
+        order of one, which goes by age alone)."""
+        group = _group(job)
+        if not self._keyed and group not in self._groups:
+            return None
+        return (self._key(job), group, _age(job))
 
     def started(self, job: Job, gpus: float) -> None:
         self._add(job, gpus)

@@ -5,7 +5,8 @@ interpreter lock (0.2 s at 30,000 pending jobs): every call in flight waits it o
 storm of submits ran at half its rate with a p99 of 0.4 s. The worker process keeps its own
 copy of the active jobs (from the store, as `ActiveJobs` does: only what changed since is read)
 and the nodes, decides, and sends back the decisions, whose unschedulable reasons it cuts to
-those that changed. gpuctld applies them as before, under its lock, after checking that every
+those that changed. It keeps a quiet cycle for a few seconds to tell jobs queued since where
+they stand without going through the whole queue again (`Decider`, core.cycle.Carried). gpuctld applies them as before, under its lock, after checking that every
 job they name is as the worker saw it.
 
 The worker only reads the store. It is started by the leader, restarted when it dies (the
@@ -23,7 +24,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from gpuctl.core import services
-from gpuctl.core.cycle import CycleResult, schedule
+from gpuctl.core.cycle import Carried, CycleResult, schedule, schedule_carrying
 from gpuctl.core.leasing import Leasing
 from gpuctl.core.model import Job, JobState, Node
 from gpuctl.core.plugins import Policy
@@ -119,10 +120,107 @@ class WorkerLost(RuntimeError):
 def decide(
     jobs: list[Job], nodes: list[Node], policy: Policy, *, now: datetime, leasing: Leasing | None
 ) -> Decided:
-    """The decision itself: what the worker runs on its copy of the store."""
+    """The decision itself, from scratch."""
     given = services.cycle_input(jobs, now)
     snapshot = Snapshot.build(nodes, given.holding)
     result = schedule(snapshot, given.pending, policy, now=now, leasing=leasing)
+    return _decided(result, jobs, now)
+
+
+class Decider:
+    """What the worker runs on its copy of the store: `decide`, except that a quiet cycle is
+    kept (core.cycle.Carried), and while nothing has changed since but jobs queued, it says
+    what becomes of them without going through the whole queue again: with a long queue that
+    nothing can start from, a submit is told where it stands in milliseconds instead of a
+    cycle over every pending job (~8 us each)."""
+
+    def __init__(self, policy: Policy) -> None:
+        self._policy = policy
+        self._carry: _Carry | None = None
+        self.carried = 0  # decisions the kept cycle made (for tests and the log)
+
+    def decide(
+        self, jobs: list[Job], nodes: list[Node], *, now: datetime, leasing: Leasing | None
+    ) -> Decided:
+        given = services.cycle_input(jobs, now)
+        if self._carry is not None and leasing is None:
+            said = self._carry.decide(given, nodes, now)
+            if said is not None:
+                self.carried += 1
+                return _decided(CycleResult(unschedulable=tuple(said)), jobs, now)
+        self._carry = None
+        snapshot = Snapshot.build(nodes, given.holding)
+        result, carried = schedule_carrying(
+            snapshot, given.pending, self._policy, now=now, leasing=leasing
+        )
+        if carried is not None:
+            self._carry = _Carry(
+                carried,
+                nodes=_as_read(nodes),
+                holding={j.id: j for j in given.holding},
+                pending={j.id: j for j in given.pending},
+            )
+        return _decided(result, jobs, now)
+
+
+@dataclass(slots=True)
+class _Carry:
+    """A kept cycle, and the nodes and jobs it read."""
+
+    carried: Carried
+    nodes: tuple[Node, ...]
+    holding: dict[int, Job]
+    pending: dict[int, Job]
+
+    def decide(self, given: services.CycleInput, nodes: list[Node], now: datetime):
+        """The reasons of the jobs queued since, if nothing else changed and each waits
+        holding nothing; else None (a full cycle decides)."""
+        if not self.carried.fresh(now) or _as_read(nodes) != self.nodes:
+            return None
+        if len(given.holding) != len(self.holding) or not all(
+            _same(j, self.holding.get(j.id)) for j in given.holding
+        ):
+            return None
+        new, kept = [], 0
+        for job in given.pending:
+            before = self.pending.get(job.id)
+            if before is None:
+                new.append(job)
+            elif not _same(job, before):
+                return None
+            else:
+                kept += 1
+        if kept != len(self.pending):  # one left the queue
+            return None
+        said = []
+        for job in new:
+            reason = self.carried.decide(job)
+            if reason is None:
+                return None
+            said.append(reason)
+        self.pending.update((j.id, j) for j in new)
+        return said
+
+
+def _as_read(nodes: list[Node]) -> tuple[Node, ...]:
+    """The nodes as a cycle reads them: a heartbeat's time changes nothing it decides."""
+    return tuple(replace(n, last_heartbeat=None) for n in nodes)
+
+
+def _same(job: Job, before: Job | None) -> bool:
+    """Whether a cycle would read `job` as it read `before` (its reason and the time it was
+    written aside: the cycle wrote them)."""
+    if job is before:
+        return True
+    return before is not None and (
+        job.spec, job.state, job.attempt, job.placement, job.created_at, job.started_at
+    ) == (
+        before.spec, before.state, before.attempt, before.placement, before.created_at,
+        before.started_at,
+    )  # fmt: skip
+
+
+def _decided(result: CycleResult, jobs: list[Job], now: datetime) -> Decided:
     by_id = {j.id: j for j in jobs}
     changed = []
     for m in result.unschedulable:
@@ -149,6 +247,7 @@ def _serve(conn: Connection, store_url: str, policy: Policy) -> None:
 
     store = open_store(store_url)
     active = ActiveJobs(store)
+    decider = Decider(policy)
     try:
         while True:
             try:
@@ -157,7 +256,7 @@ def _serve(conn: Connection, store_url: str, policy: Policy) -> None:
                 return
             try:
                 jobs = list(active())
-                decided = decide(jobs, list(store.list_nodes()), policy, now=now, leasing=leasing)
+                decided = decider.decide(jobs, list(store.list_nodes()), now=now, leasing=leasing)
                 conn.send((True, decided))
             except Exception as e:  # told to gpuctld, which logs it; the next cycle tries again
                 conn.send((False, f"{type(e).__name__}: {e}"))
