@@ -21,6 +21,7 @@ from gpuctl.core.plugins import build_policy
 from gpuctl.runtime.clock import FakeClock
 from gpuctl.runtime.controller import Controller
 from gpuctl.runtime.logstore import LogStore
+from gpuctl.store.base import Store
 from gpuctl.store.sql import open_store
 from tests.auth_rig import Tokens, serve
 from tests.test_api import spec
@@ -47,14 +48,19 @@ def test_a_full_people_lane_admits_no_more_and_leaves_the_other_lane_free() -> N
         lanes.shutdown()
 
 
-@pytest.fixture
-def busy_server(tmp_path, monkeypatch):
-    """A server whose people's lane has 4 threads, and a gate that holds GetJob calls (run on
-    the lane: inline, a held read would hold the whole server)."""
+def _controller(tmp_path) -> tuple[Store, Controller]:
     store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
     controller = Controller(
         store, FakeClock(), build_policy("default"), LogStore(tmp_path / "l", max_bytes_per_rank=1)
     )
+    return store, controller
+
+
+@pytest.fixture
+def busy_server(tmp_path, monkeypatch):
+    """A server whose people's lane has 4 threads, and a gate that holds GetJob calls (run on
+    the lane: inline, a held read would hold the whole server)."""
+    store, controller = _controller(tmp_path)
     gate = threading.Event()
     get = controller.get
 
@@ -144,10 +150,7 @@ def test_the_gate_lets_in_its_slots_and_a_thread_that_leaves_lets_the_next_in() 
 def test_watches_never_hold_the_gate(tmp_path) -> None:
     # More open watches (streams waiting for changes) than the gate has slots: a GetJob still
     # runs at once (a streaming handler is a generator, which runs after the gate is left).
-    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
-    controller = Controller(
-        store, FakeClock(), build_policy("default"), LogStore(tmp_path / "l", max_bytes_per_rank=1)
-    )
+    store, controller = _controller(tmp_path)
     server = serve(controller, limits=LimitSettings(workers=16, agent_reserve=2, max_streams=8))
     try:
         tokens = Tokens(controller)
@@ -172,10 +175,7 @@ def test_watches_never_hold_the_gate(tmp_path) -> None:
 
 def test_inline_reads_are_answered_while_the_people_lane_is_full(tmp_path, monkeypatch) -> None:
     # GetJob runs on the loop's thread: a full lane (4 held cancels) refuses a submit, not it.
-    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
-    controller = Controller(
-        store, FakeClock(), build_policy("default"), LogStore(tmp_path / "l", max_bytes_per_rank=1)
-    )
+    store, controller = _controller(tmp_path)
     gate = threading.Event()
     cancel = controller.cancel
 
@@ -221,10 +221,7 @@ def test_inline_reads_are_answered_while_the_people_lane_is_full(tmp_path, monke
 
 
 def test_a_stream_holds_its_place_until_its_caller_goes_and_then_gives_it_back(tmp_path) -> None:
-    store = open_store(f"sqlite:///{tmp_path / 'state.db'}")
-    controller = Controller(
-        store, FakeClock(), build_policy("default"), LogStore(tmp_path / "l", max_bytes_per_rank=1)
-    )
+    store, controller = _controller(tmp_path)
     # One stream for everyone: a second watch is refused while the first is open.
     server = serve(controller, limits=LimitSettings(workers=6, agent_reserve=2, max_streams=1))
     try:
