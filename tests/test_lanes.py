@@ -17,6 +17,7 @@ from gpuctl.api._pb.agent.v1 import agent_pb2, agent_pb2_grpc
 from gpuctl.api._pb.v1 import jobs_pb2, jobs_pb2_grpc
 from gpuctl.api.lanes import GATE_SLOTS, Gate, Lanes
 from gpuctl.api.limits import LimitSettings
+from gpuctl.api.servicers import DEFAULT_PAGE_SIZE
 from gpuctl.core.plugins import build_policy
 from gpuctl.runtime.clock import FakeClock
 from gpuctl.runtime.controller import Controller
@@ -212,6 +213,12 @@ def test_inline_reads_are_answered_while_the_people_lane_is_full(tmp_path, monke
                 assert got.name == names[0]
                 listed = jobs.ListJobs(jobs_pb2.ListJobsRequest(), metadata=alice, timeout=5)
                 assert sorted(j.name for j in listed.jobs) == sorted(names)
+                # A page past the default size is no quick read: it takes the lane, and
+                # is refused like the submit.
+                with pytest.raises(grpc.RpcError) as e:
+                    big = jobs_pb2.ListJobsRequest(page_size=DEFAULT_PAGE_SIZE + 1)
+                    jobs.ListJobs(big, metadata=alice, timeout=5)
+                assert e.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
                 gate.set()
                 assert all(f.result(20).name in names for f in held)
     finally:

@@ -7,10 +7,11 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar
 
 import grpc
@@ -32,6 +33,7 @@ from gpuctl.api.auth import Authenticator, PeerCredIssuer, SessionBook, auth_soc
 from gpuctl.api.lanes import Lanes
 from gpuctl.api.limits import BUSY, BUSY_RETRY_S
 from gpuctl.api.servicers import (
+    DEFAULT_PAGE_SIZE,
     AgentServicer,
     AuthServicer,
     Guard,
@@ -160,12 +162,12 @@ class _Edge(grpc.aio.ServerInterceptor):
         auth: Authenticator,
         lanes: Lanes,
         observer: CallObserver | None = None,
-        inline: frozenset[str] = frozenset(),
+        inline: Mapping[str, Callable[[Any], bool]] | None = None,
     ) -> None:
         self.auth = auth
         self.lanes = lanes
         self.observer = observer
-        self.inline = inline
+        self.inline = inline or {}
 
     async def intercept_service(self, continuation, details):
         if details.method.startswith("/grpc.reflection."):
@@ -183,17 +185,15 @@ class _Edge(grpc.aio.ServerInterceptor):
             return handler  # reflection's own (it runs on the loop)
         kind = "unary_stream" if handler.response_streaming else "unary_unary"
         behavior = _refusing_malformed(getattr(handler, kind))
-        if details.method in self.inline:
-            where = _INLINE
-        elif details.method.startswith(_OWN_LANE):
-            where = _OTHERS
-        else:
-            where = _PEOPLE
+        people = not details.method.startswith(_OWN_LANE)
         method = details.method.rsplit(".", 1)[-1]
-        wrap = _stream if handler.response_streaming else _unary
+        if handler.response_streaming:
+            wrapped = _stream(behavior, self.lanes, people, method, self.observer)
+        else:
+            inline = self.inline.get(details.method)
+            wrapped = _unary(behavior, self.lanes, people, inline, method, self.observer)
         return handler._replace(
-            request_deserializer=_tolerant(handler.request_deserializer),
-            **{kind: wrap(behavior, self.lanes, where, method, self.observer)},
+            request_deserializer=_tolerant(handler.request_deserializer), **{kind: wrapped}
         )
 
 
@@ -203,25 +203,36 @@ _OWN_LANE = ("/gpuctl.agent.v1.AgentService/", "/grpc.health.v1.Health/")
 # loop's thread where the store is a local file: a handoff to a thread and back costs more
 # than the read. The same GetJob work, 32 in flight from 4 client processes on 2 cores:
 # 1,690 calls/s on the loop, 1,180 on a thread of the loop's, 990 on a sync server's threads.
-INLINE_READS = frozenset({"/gpuctl.v1.JobService/GetJob", "/gpuctl.v1.JobService/ListJobs"})
-_INLINE, _PEOPLE, _OTHERS = "inline", "people", "others"
+# Which calls of them: a page of at most the default size (a page of 1,000 jobs would hold
+# every other call's dispatch, heartbeats' too, for tens of milliseconds).
+INLINE_READS: Mapping[str, Callable[[Any], bool]] = MappingProxyType(
+    {
+        "/gpuctl.v1.JobService/GetJob": lambda request: True,
+        "/gpuctl.v1.JobService/ListJobs": lambda request: request.page_size <= DEFAULT_PAGE_SIZE,
+    }
+)
 _END = object()
 
 
-def _unary(behavior, lanes: Lanes, where: str, method: str, observer: CallObserver | None):
+def _unary(
+    behavior,
+    lanes: Lanes,
+    people: bool,
+    inline: Callable[[Any], bool] | None,
+    method: str,
+    observer: CallObserver | None,
+):
     async def unary(request, context):
         sync = SyncContext(context)
         started = time.perf_counter()
         code = "UNKNOWN"
         try:
-            if where == _INLINE:
-                reply = behavior(request, sync)
-            elif where == _PEOPLE and not lanes.admit():
+            if inline is not None and (isinstance(request, _Malformed) or inline(request)):
+                reply = behavior(request, sync)  # a malformed one is refused at once
+            elif people and not lanes.admit():
                 reply = _busy(request, sync)
             else:
-                reply = await asyncio.wrap_future(
-                    lanes.call(where == _PEOPLE, behavior, request, sync)
-                )
+                reply = await asyncio.wrap_future(lanes.call(people, behavior, request, sync))
             code = "OK"
             return reply
         except _Aborted as a:
@@ -243,10 +254,9 @@ def _unary(behavior, lanes: Lanes, where: str, method: str, observer: CallObserv
     return unary
 
 
-def _stream(behavior, lanes: Lanes, where: str, method: str, observer: CallObserver | None):
+def _stream(behavior, lanes: Lanes, people: bool, method: str, observer: CallObserver | None):
     """A streaming handler (a generator) steps on a lane's thread: each step may wait, for a
     change to watch or a log line; a people's call stays admitted from start to end."""
-    people = where == _PEOPLE
 
     async def stream(request, context):
         sync = SyncContext(context)
@@ -366,9 +376,7 @@ class ApiServer:
         self.lanes = Lanes(people=workers - reserve, others=reserve)
         # A handler waiting for its write to commit lets the next one run (api.lanes.Gate).
         controller.store.before_waiting(self.lanes.gate.leave)
-        edge = _Edge(
-            guard.auth, self.lanes, observer, INLINE_READS if inline_reads else frozenset()
-        )
+        edge = _Edge(guard.auth, self.lanes, observer, INLINE_READS if inline_reads else None)
         servicers = (
             (jobs_pb2_grpc.add_JobServiceServicer_to_server, JobServicer(
                 controller, guard, poll_s=watch_poll_s
