@@ -132,3 +132,29 @@ def test_the_worker_tells_new_jobs_from_a_kept_quiet_cycle_what_a_full_cycle_wou
     fits = ctl.submit(training(nodes=1, gpus=1, time_limit_s=60))
     got, _ = decide_now()
     assert decider.carried == 2 and [b.job_id for b in got.result.bindings] == [fits.id]
+
+
+def test_a_decision_with_nothing_new_renews_a_kept_cycle_that_has_aged(ctl):
+    from datetime import timedelta
+
+    from gpuctl.runtime.cycleproc import REFRESH_S
+
+    ctl.register_node(h100_node("a"))
+    ctl.submit(training(nodes=1, time_limit_s=3600))
+    ctl.run_cycle()  # it runs on a
+    ctl.submit(training(nodes=1))  # waits for a
+    decider = Decider(ctl.policy)
+    t0 = ctl.clock.now()
+
+    def at(seconds: float):
+        jobs, nodes = list(ctl.active_jobs()), list(ctl.store.list_nodes())
+        return decider.decide(jobs, nodes, now=t0 + timedelta(seconds=seconds), leasing=None)
+
+    at(0)  # full, and kept
+    at(REFRESH_S / 2)  # nothing new, young: nothing to do
+    assert decider.carried == 1
+    at(REFRESH_S)  # nothing new, aged: a full cycle, kept anew at this time
+    assert decider.carried == 1
+    ctl.submit(training(nodes=1))
+    at(REFRESH_S + 1)  # from the renewed cycle
+    assert decider.carried == 2

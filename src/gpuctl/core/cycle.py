@@ -43,7 +43,7 @@ import math
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -74,8 +74,10 @@ from gpuctl.core.topology import GangDemand
 # costs one filter pass over the idle nodes per cycle.
 _QUEUED_GANGS = 4
 # How long a quiet cycle may go on deciding jobs queued since (`Carried`): it decides them at
-# its own `now`, so a job it lets wait is told so at most this much late.
-CARRY_S = 5.0
+# its own `now`. It only ever says "wait", and as time passes with nothing else changed a job
+# can start no sooner (it would end later), except where a running job is past its limit and
+# not yet stopped: then a job may be told to wait up to this much longer than it need.
+CARRY_S = 10.0
 
 __all__ = [
     "Binding",
@@ -183,8 +185,12 @@ class Carried:
     def now(self) -> datetime:
         return self._cycle.now
 
+    def age(self, now: datetime) -> float:
+        """Seconds since the cycle's `now`."""
+        return (now - self._cycle.now).total_seconds()
+
     def fresh(self, now: datetime) -> bool:
-        return timedelta(0) <= now - self._cycle.now <= timedelta(seconds=CARRY_S)
+        return 0.0 <= self.age(now) <= CARRY_S
 
     def decide(self, job: Job) -> Unschedulable | None:
         c = self._cycle

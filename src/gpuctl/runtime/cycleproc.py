@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 # A cycle at 100,000 pending jobs takes seconds; one that takes this long is stuck, and the
 # worker is replaced.
 CYCLE_TIMEOUT_S = 300.0
+# A decision with nothing new to decide runs a full cycle when the kept one is this old: the
+# periodic cycle (every 5 s by default) then pays for the full cycles, and the submits between
+# find a kept cycle younger than core.cycle.CARRY_S.
+REFRESH_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +195,8 @@ class _Carry:
             else:
                 kept += 1
         if kept != len(self.pending):  # one left the queue
+            return None
+        if not new and self.carried.age(now) >= REFRESH_S:
             return None
         said = []
         for job in new:
