@@ -155,8 +155,9 @@ def test_nodes_without_a_fabric_are_each_a_fabric_of_their_own() -> None:
 
 
 def test_a_replacement_counts_the_fabrics_of_the_replicas_still_running() -> None:
-    # Replicas 0 and 1 run on infer-1 and infer-2, both in rack a; replica 2 (rack b) ended.
-    # Its replacement goes to rack b again: rack a has two already.
+    # Replicas 0 and 1 run on infer-1 and infer-2, both in rack a; replica 2 (rack b, on
+    # infer-3) ended. Its replacement goes to rack b again, where none runs, and there to
+    # infer-4: infer-3 still holds the ended replica's GPU until it is let go.
     from gpuctl.core import services
     from gpuctl.core.model import JobState, Placement, RankPlacement, RankState
 
@@ -177,4 +178,28 @@ def test_a_replacement_counts_the_fabrics_of_the_replicas_still_running() -> Non
     snapshot = Snapshot.build(RACKS, given.holding)
     result = schedule(snapshot, given.pending, build_policy(DEFAULT_POLICY), now=NOW)
     (binding,) = result.bindings
-    assert [r.node_id for r in binding.placement.ranks] == ["infer-3"]
+    assert [r.node_id for r in binding.placement.ranks] == ["infer-4"]
+
+
+def test_a_replacement_goes_to_the_node_with_fewest_of_the_service_s_replicas() -> None:
+    # Replicas 0 and 2 on infer-1 (2 ends, its GPU still held until let go), replica 1 on
+    # infer-2. The replacement goes to infer-2: one replica there against two on infer-1,
+    # spread value 1/2 against 1/3 (the H100 island stays out, as for a new service).
+    from gpuctl.core import services
+    from gpuctl.core.model import JobState, Placement, RankPlacement, RankState
+
+    ranks = (
+        RankPlacement(rank=0, node_id="infer-1", gpu_indices=(0,), state=RankState.RUNNING),
+        RankPlacement(rank=1, node_id="infer-2", gpu_indices=(0,), state=RankState.RUNNING),
+        RankPlacement(
+            rank=2, node_id="infer-1", gpu_indices=(1,), state=RankState.EXITED, exit_code=1,
+            ended_at=NOW,
+        ),
+    )  # fmt: skip
+    spec = JobSpec(kind=JobKind.INFERENCE, command=("serve",), replicas=3, gpus_per_node=1)
+    job = Job(id=7, spec=spec, state=JobState.RUNNING, placement=Placement(ranks=ranks))
+    given = services.cycle_input([job], NOW)
+    snapshot = Snapshot.build(FLEET, given.holding)
+    result = schedule(snapshot, given.pending, build_policy(DEFAULT_POLICY), now=NOW)
+    (binding,) = result.bindings
+    assert [r.node_id for r in binding.placement.ranks] == ["infer-2"]

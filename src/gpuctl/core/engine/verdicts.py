@@ -219,12 +219,19 @@ def verdicts(
     t = snapshot.table
     if _columnar(t, policy):
         job_shape = _rank_of(job_shape)
-        held = snapshot.placement_of(job.id)
+        # The job's own ranks: placed earlier, or a running service's (held under the negated
+        # id while its replacements are placed: core.services.cycle_input).
+        own_ranks = [
+            r
+            for held in (snapshot.placement_of(job.id), snapshot.placement_of(-job.id))
+            if held is not None
+            for r in held.ranks
+        ]
         filtered = _filtered(t, policy, job, request, job_shape)
-        scored = _scored(t, policy, job, request, job_shape, filtered, held is None)
+        scored = _scored(t, policy, job, request, job_shape, filtered, not own_ranks)
         code, first, key, value = filtered.code, filtered.first, filtered.key, scored.value
         reasons = filtered.reasons
-        own_rows = t.rows(r.node_id for r in held.ranks) if held is not None else ()
+        own_rows = t.rows(r.node_id for r in own_ranks) if own_ranks else ()
     else:  # a plugin without a column form: every node asked by itself
         code = np.zeros(len(t), dtype=np.int8)
         first = np.full(len(t), -1, dtype=np.int16)

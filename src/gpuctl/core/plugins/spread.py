@@ -31,9 +31,11 @@ class Spread(ColumnScore):
     def score(self, job: Job, request: RankRequest, node: NodeView) -> float:
         if job.spec.spread is SpreadPolicy.NONE:
             return 1.0
+        # A running service's replicas count for its replacements (held under -id).
+        here = node.ranks_of(job.id) + node.ranks_of(-job.id)
         if job.spec.spread is SpreadPolicy.FABRIC:
-            return (1.0 + 1.0 / (1 + node.ranks_of(job.id))) / 2
-        return 1.0 / (1 + node.ranks_of(job.id))
+            return (1.0 + 1.0 / (1 + here)) / 2
+        return 1.0 / (1 + here)
 
     def scores(
         self, job: Job, request: RankRequest, table: NodeTable, rows: np.ndarray
