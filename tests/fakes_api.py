@@ -105,6 +105,9 @@ class FakeJobService(jobs_pb2_grpc.JobServiceServicer):
         self.events: dict[int, list[events_pb2.Event]] = defaultdict(list)
         self.logs: dict[tuple[int, int], bytes] = {}
         self.log_chunk_size = 5  # small, so a log arrives in several chunks
+        # rank: an event its log stream waits for before its first chunk (the order streams end)
+        self.log_waits: dict[int, threading.Event] = {}
+        self.log_ended: dict[int, threading.Event] = {}  # rank: set when its stream ends
         self.requests: list[tuple[str, pb_message.Message, str]] = []  # (method, request, user)
         self.watch_ends_early = 0  # the next N watches end after the current state, like a restart
         # Run, one per watch, after a watch has sent the current state: how a test makes a job
@@ -280,6 +283,12 @@ class FakeJobService(jobs_pb2_grpc.JobServiceServicer):
         self._record("StreamJobLogs", request, context)
         job = self._find(request.name, context)
         data = self.logs.get((job.id, request.rank), b"")
+        if request.rank in self.log_waits:
+            self.log_waits[request.rank].wait(10)
+        yield from self._chunks(request, data)
+        self.log_ended.setdefault(request.rank, threading.Event()).set()
+
+    def _chunks(self, request, data: bytes):
         for offset in range(request.offset, len(data), self.log_chunk_size):
             chunk = jobs_pb2.LogChunk(
                 offset=offset, data=data[offset : offset + self.log_chunk_size]

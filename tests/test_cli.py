@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 from datetime import timedelta
 
 import pytest
@@ -567,6 +568,21 @@ def test_logs_tail_and_all_ranks_prefix_each_line_with_its_rank(api, gpuctl):
     followed = gpuctl("logs", "1", "--all-ranks", "-f").stdout_bytes.splitlines()
     assert sorted(followed) == sorted(everything)
     assert gpuctl("logs", "1", "--tail", "-1").exit_code == 2
+
+
+def test_following_all_ranks_starts_each_line_on_its_own_after_a_last_line_unended(api, gpuctl):
+    # Rank 1's log ends without a newline, and rank 0's stream begins only once rank 1's has
+    # ended, so rank 0's lines mostly come after that unended one: each still starts a line
+    # of its own, whatever the order.
+    running_job(api, 1)
+    api.jobs.logs[(1, 0)] = b"a1\na2\n"
+    api.jobs.logs[(1, 1)] = b"b1\nno newline"
+    api.jobs.log_ended[1] = threading.Event()
+    api.jobs.log_waits[0] = api.jobs.log_ended[1]
+    followed = gpuctl("logs", "1", "--all-ranks", "-f").stdout_bytes.splitlines()
+    assert sorted(followed) == [
+        b"[rank 0] a1", b"[rank 0] a2", b"[rank 1] b1", b"[rank 1] no newline"
+    ]  # fmt: skip
 
 
 def test_logs_timestamps_begin_each_line_with_when_its_first_byte_arrived(api, gpuctl):

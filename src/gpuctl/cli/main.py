@@ -680,6 +680,7 @@ def logs(
     for n in ranks:
         threading.Thread(target=follow_rank, args=(n,), daemon=True).start()
     running = len(ranks)
+    unended = False  # the last line shown was a rank's last, with no newline
     while running:
         with arrived:
             arrived.wait_for(lambda: bool(lines))
@@ -689,7 +690,10 @@ def logs(
         if item is None:
             running -= 1
         else:
+            if unended:  # another rank's line follows it: it starts on a line of its own
+                click.echo(b"\n", nl=False)
             click.echo(f"[rank {item[0]}] ".encode() + item[1], nl=False)
+            unended = not item[1].endswith(b"\n")
 
 
 def _rank_log(
