@@ -4,8 +4,11 @@ still get through."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
 import pytest
@@ -17,6 +20,7 @@ from gpuctl.api._pb.agent.v1 import agent_pb2, agent_pb2_grpc
 from gpuctl.api._pb.v1 import jobs_pb2, jobs_pb2_grpc
 from gpuctl.api.lanes import GATE_SLOTS, Gate, Lanes
 from gpuctl.api.limits import LimitSettings
+from gpuctl.api.server import ApiServer
 from gpuctl.api.servicers import DEFAULT_PAGE_SIZE
 from gpuctl.core.plugins import build_policy
 from gpuctl.runtime.clock import FakeClock
@@ -57,19 +61,25 @@ def _controller(tmp_path) -> tuple[Store, Controller]:
     return store, controller
 
 
+def _held(monkeypatch, controller: Controller, method: str) -> threading.Event:
+    """Hold every call of `controller.<method>` until the event returned is set."""
+    gate = threading.Event()
+    call = getattr(controller, method)
+
+    def held(*args, **kwargs):
+        gate.wait(10)
+        return call(*args, **kwargs)
+
+    monkeypatch.setattr(controller, method, held)
+    return gate
+
+
 @pytest.fixture
 def busy_server(tmp_path, monkeypatch):
     """A server whose people's lane has 4 threads, and a gate that holds GetJob calls (run on
     the lane: inline, a held read would hold the whole server)."""
     store, controller = _controller(tmp_path)
-    gate = threading.Event()
-    get = controller.get
-
-    def held_get(*args, **kwargs):
-        gate.wait(10)
-        return get(*args, **kwargs)
-
-    monkeypatch.setattr(controller, "get", held_get)
+    gate = _held(monkeypatch, controller, "get")
     server = serve(
         controller,
         limits=LimitSettings(workers=6, agent_reserve=2, max_streams=1),
@@ -148,105 +158,92 @@ def test_the_gate_lets_in_its_slots_and_a_thread_that_leaves_lets_the_next_in() 
         pass
 
 
-def test_watches_never_hold_the_gate(tmp_path) -> None:
-    # More open watches (streams waiting for changes) than the gate has slots: a GetJob still
-    # runs at once (a streaming handler is a generator, which runs after the gate is left).
-    store, controller = _controller(tmp_path)
-    server = serve(controller, limits=LimitSettings(workers=16, agent_reserve=2, max_streams=8))
+@contextlib.contextmanager
+def _serving(controller: Controller, **limits: int) -> Iterator[tuple[ApiServer, Any, Any]]:
+    """A server with these limits, a JobService stub on it and alice's call metadata; the
+    server drained on the way out."""
+    server = serve(controller, limits=LimitSettings(**limits))
     try:
         tokens = Tokens(controller)
         alice = tokens.metadata(tokens.user("alice"))
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            jobs = jobs_pb2_grpc.JobServiceStub(channel)
-            job = jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=spec()), metadata=alice)
-            watches = [
-                jobs.WatchJobs(jobs_pb2.WatchJobsRequest(), metadata=alice, timeout=30)
-                for _ in range(GATE_SLOTS + 1)
-            ]
-            for w in watches:
-                next(w)  # each runs, and now waits for a change
-            got = jobs.GetJob(jobs_pb2.GetJobRequest(name=job.name), metadata=alice, timeout=5)
-            assert got.name == job.name
-            for w in watches:
-                w.cancel()
+            yield server, jobs_pb2_grpc.JobServiceStub(channel), alice
     finally:
         server.drain(0)
-        store.close()
+
+
+def test_watches_never_hold_the_gate(tmp_path) -> None:
+    # More open watches (streams waiting for changes) than the gate has slots: a GetJob still
+    # runs at once (a streaming handler is a generator, which runs after the gate is left).
+    store, controller = _controller(tmp_path)
+    with _serving(controller, workers=16, agent_reserve=2, max_streams=8) as (_, jobs, alice):
+        job = jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=spec()), metadata=alice)
+        watches = [
+            jobs.WatchJobs(jobs_pb2.WatchJobsRequest(), metadata=alice, timeout=30)
+            for _ in range(GATE_SLOTS + 1)
+        ]
+        for w in watches:
+            next(w)  # each runs, and now waits for a change
+        got = jobs.GetJob(jobs_pb2.GetJobRequest(name=job.name), metadata=alice, timeout=5)
+        assert got.name == job.name
+        for w in watches:
+            w.cancel()
+    store.close()
 
 
 def test_inline_reads_are_answered_while_the_people_lane_is_full(tmp_path, monkeypatch) -> None:
     # GetJob runs on the loop's thread: a full lane (4 held cancels) refuses a submit, not it.
     store, controller = _controller(tmp_path)
-    gate = threading.Event()
-    cancel = controller.cancel
-
-    def held_cancel(*args, **kwargs):
-        gate.wait(10)
-        return cancel(*args, **kwargs)
-
-    monkeypatch.setattr(controller, "cancel", held_cancel)
-    server = serve(controller, limits=LimitSettings(workers=6, agent_reserve=2, max_streams=1))
-    try:
-        tokens = Tokens(controller)
-        alice = tokens.metadata(tokens.user("alice"))
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            jobs = jobs_pb2_grpc.JobServiceStub(channel)
+    gate = _held(monkeypatch, controller, "cancel")
+    with (
+        _serving(controller, workers=6, agent_reserve=2, max_streams=1) as (server, jobs, alice),
+        ThreadPoolExecutor(4) as pool,
+    ):
+        try:
             names = [
                 jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=spec()), metadata=alice).name
                 for _ in range(4)
             ]
-            with ThreadPoolExecutor(4) as pool:
-                held = [
-                    pool.submit(
-                        jobs.CancelJob,
-                        jobs_pb2.CancelJobRequest(name=n),
-                        metadata=alice,
-                        timeout=20,
-                    )
-                    for n in names
-                ]
-                wait_until(lambda: server.lanes.people_in_flight == 4)
-                with pytest.raises(grpc.RpcError) as e:
-                    jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=spec()), metadata=alice)
-                assert e.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-                got = jobs.GetJob(jobs_pb2.GetJobRequest(name=names[0]), metadata=alice, timeout=5)
-                assert got.name == names[0]
-                listed = jobs.ListJobs(jobs_pb2.ListJobsRequest(), metadata=alice, timeout=5)
-                assert sorted(j.name for j in listed.jobs) == sorted(names)
-                # A page past the default size is no quick read: it takes the lane, and
-                # is refused like the submit.
-                with pytest.raises(grpc.RpcError) as e:
-                    big = jobs_pb2.ListJobsRequest(page_size=DEFAULT_PAGE_SIZE + 1)
-                    jobs.ListJobs(big, metadata=alice, timeout=5)
-                assert e.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-                gate.set()
-                assert all(f.result(20).name in names for f in held)
-    finally:
-        gate.set()
-        server.drain(0)
-        store.close()
+            held = [
+                pool.submit(
+                    jobs.CancelJob, jobs_pb2.CancelJobRequest(name=n), metadata=alice, timeout=20
+                )
+                for n in names
+            ]
+            wait_until(lambda: server.lanes.people_in_flight == 4)
+            with pytest.raises(grpc.RpcError) as e:
+                jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=spec()), metadata=alice)
+            assert e.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            got = jobs.GetJob(jobs_pb2.GetJobRequest(name=names[0]), metadata=alice, timeout=5)
+            assert got.name == names[0]
+            listed = jobs.ListJobs(jobs_pb2.ListJobsRequest(), metadata=alice, timeout=5)
+            assert sorted(j.name for j in listed.jobs) == sorted(names)
+            # A page past the default size is no quick read: it takes the lane, and is
+            # refused like the submit.
+            with pytest.raises(grpc.RpcError) as e:
+                big = jobs_pb2.ListJobsRequest(page_size=DEFAULT_PAGE_SIZE + 1)
+                jobs.ListJobs(big, metadata=alice, timeout=5)
+            assert e.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            gate.set()
+            assert all(f.result(20).name in names for f in held)
+        finally:
+            gate.set()
+    store.close()
 
 
 def test_a_stream_holds_its_place_until_its_caller_goes_and_then_gives_it_back(tmp_path) -> None:
     store, controller = _controller(tmp_path)
     # One stream for everyone: a second watch is refused while the first is open.
-    server = serve(controller, limits=LimitSettings(workers=6, agent_reserve=2, max_streams=1))
-    try:
-        tokens = Tokens(controller)
-        alice = tokens.metadata(tokens.user("alice"))
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            jobs = jobs_pb2_grpc.JobServiceStub(channel)
-            jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=spec()), metadata=alice)
-            for _ in range(3):  # each time the place and the stream slot come back
-                watch = jobs.WatchJobs(jobs_pb2.WatchJobsRequest(), metadata=alice, timeout=30)
-                next(watch)
-                assert server.lanes.people_in_flight == 1
-                second = jobs.WatchJobs(jobs_pb2.WatchJobsRequest(), metadata=alice, timeout=5)
-                with pytest.raises(grpc.RpcError) as e:
-                    next(second)
-                assert e.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-                watch.cancel()
-                wait_until(lambda: server.lanes.people_in_flight == 0, what="the place back")
-    finally:
-        server.drain(0)
-        store.close()
+    with _serving(controller, workers=6, agent_reserve=2, max_streams=1) as (server, jobs, alice):
+        jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=spec()), metadata=alice)
+        for _ in range(3):  # each time the place and the stream slot come back
+            watch = jobs.WatchJobs(jobs_pb2.WatchJobsRequest(), metadata=alice, timeout=30)
+            next(watch)
+            assert server.lanes.people_in_flight == 1
+            second = jobs.WatchJobs(jobs_pb2.WatchJobsRequest(), metadata=alice, timeout=5)
+            with pytest.raises(grpc.RpcError) as e:
+                next(second)
+            assert e.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            watch.cancel()
+            wait_until(lambda: server.lanes.people_in_flight == 0, what="the place back")
+    store.close()

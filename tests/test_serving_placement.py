@@ -15,8 +15,17 @@ from datetime import UTC, datetime
 
 import pytest
 
-from gpuctl.core import schedule
-from gpuctl.core.model import Job, JobKind, JobSpec, SpreadPolicy
+from gpuctl.core import schedule, services
+from gpuctl.core.model import (
+    Job,
+    JobKind,
+    JobSpec,
+    JobState,
+    Placement,
+    RankPlacement,
+    RankState,
+    SpreadPolicy,
+)
 from gpuctl.core.plugins import DEFAULT_POLICY, build_policy
 from gpuctl.core.snapshot import Snapshot
 from gpuctl.sim.synthetic import SKUS, node_of
@@ -30,16 +39,20 @@ FLEET = [node_of(H100, f"train-{i}", "ib-demo/spine-1/leaf-1") for i in (1, 2)] 
 ]
 
 
-def place(**spec: object) -> tuple[list[str], str]:
+def place_on(fleet, **spec: object) -> tuple[list[str], str]:
     job = Job(
         id=1,
         spec=JobSpec(kind=JobKind.INFERENCE, command=("serve",), **spec),  # type: ignore[arg-type]
         created_at=NOW,
     )
-    result = schedule(Snapshot.build(FLEET, ()), [job], build_policy(DEFAULT_POLICY), now=NOW)
+    result = schedule(Snapshot.build(fleet, ()), [job], build_policy(DEFAULT_POLICY), now=NOW)
     assert not result.unschedulable, result.unschedulable
     (binding,) = result.bindings
     return [r.node_id for r in binding.placement.ranks], binding.placement.reason
+
+
+def place(**spec: object) -> tuple[list[str], str]:
+    return place_on(FLEET, **spec)
 
 
 def test_replicas_without_a_floor_go_to_the_cheapest_gpu_hour_spread_over_those_nodes() -> None:
@@ -110,17 +123,6 @@ RACKS = [node_of(H100, f"train-{i}", "ib-demo/spine-1/leaf-1") for i in (1, 2)] 
 ]
 
 
-def place_on(fleet, **spec: object) -> tuple[list[str], str]:
-    job = Job(
-        id=1,
-        spec=JobSpec(kind=JobKind.INFERENCE, command=("serve",), **spec),  # type: ignore[arg-type]
-        created_at=NOW,
-    )
-    result = schedule(Snapshot.build(fleet, ()), [job], build_policy(DEFAULT_POLICY), now=NOW)
-    (binding,) = result.bindings
-    return [r.node_id for r in binding.placement.ranks], binding.placement.reason
-
-
 def test_spread_fabric_puts_one_replica_in_each_rack_before_doubling_up_in_one() -> None:
     # By node, the second replica goes to infer-2, in the first's rack: a rack switch lost
     # loses both. By fabric, the second goes to the other rack. With the spread score's share
@@ -154,52 +156,41 @@ def test_nodes_without_a_fabric_are_each_a_fabric_of_their_own() -> None:
     assert why.endswith("over 3 fabrics")
 
 
+def replacement(fleet, running: list[str], ended: tuple[str, int], **spec: object) -> list[str]:
+    """Where the replacement of a 3-replica service goes: replicas 0 and 1 running on the
+    nodes `running` (GPU 0), replica 2 ended on `ended` (node, GPU), its GPU held until let
+    go."""
+    ranks = (
+        *(
+            RankPlacement(rank=i, node_id=n, gpu_indices=(0,), state=RankState.RUNNING)
+            for i, n in enumerate(running)
+        ),
+        RankPlacement(
+            rank=2, node_id=ended[0], gpu_indices=(ended[1],), state=RankState.EXITED,
+            exit_code=1, ended_at=NOW,
+        ),
+    )  # fmt: skip
+    job_spec = JobSpec(
+        kind=JobKind.INFERENCE, command=("serve",), replicas=3, gpus_per_node=1, **spec
+    )  # type: ignore[arg-type]
+    job = Job(id=7, spec=job_spec, state=JobState.RUNNING, placement=Placement(ranks=ranks))
+    given = services.cycle_input([job], NOW)
+    snapshot = Snapshot.build(fleet, given.holding)
+    result = schedule(snapshot, given.pending, build_policy(DEFAULT_POLICY), now=NOW)
+    (binding,) = result.bindings
+    return [r.node_id for r in binding.placement.ranks]
+
+
 def test_a_replacement_counts_the_fabrics_of_the_replicas_still_running() -> None:
     # Replicas 0 and 1 run on infer-1 and infer-2, both in rack a; replica 2 (rack b, on
     # infer-3) ended. Its replacement goes to rack b again, where none runs, and there to
     # infer-4: infer-3 still holds the ended replica's GPU until it is let go.
-    from gpuctl.core import services
-    from gpuctl.core.model import JobState, Placement, RankPlacement, RankState
-
-    ranks = (
-        RankPlacement(rank=0, node_id="infer-1", gpu_indices=(0,), state=RankState.RUNNING),
-        RankPlacement(rank=1, node_id="infer-2", gpu_indices=(0,), state=RankState.RUNNING),
-        RankPlacement(
-            rank=2, node_id="infer-3", gpu_indices=(0,), state=RankState.EXITED, exit_code=1,
-            ended_at=NOW,
-        ),
-    )  # fmt: skip
-    spec = JobSpec(
-        kind=JobKind.INFERENCE, command=("serve",), replicas=3, gpus_per_node=1,
-        spread=SpreadPolicy.FABRIC,
-    )  # fmt: skip
-    job = Job(id=7, spec=spec, state=JobState.RUNNING, placement=Placement(ranks=ranks))
-    given = services.cycle_input([job], NOW)
-    snapshot = Snapshot.build(RACKS, given.holding)
-    result = schedule(snapshot, given.pending, build_policy(DEFAULT_POLICY), now=NOW)
-    (binding,) = result.bindings
-    assert [r.node_id for r in binding.placement.ranks] == ["infer-4"]
+    placed = replacement(RACKS, ["infer-1", "infer-2"], ("infer-3", 0), spread=SpreadPolicy.FABRIC)
+    assert placed == ["infer-4"]
 
 
 def test_a_replacement_goes_to_the_node_with_fewest_of_the_service_s_replicas() -> None:
     # Replicas 0 and 2 on infer-1 (2 ends, its GPU still held until let go), replica 1 on
     # infer-2. The replacement goes to infer-2: one replica there against two on infer-1,
     # spread value 1/2 against 1/3 (the H100 island stays out, as for a new service).
-    from gpuctl.core import services
-    from gpuctl.core.model import JobState, Placement, RankPlacement, RankState
-
-    ranks = (
-        RankPlacement(rank=0, node_id="infer-1", gpu_indices=(0,), state=RankState.RUNNING),
-        RankPlacement(rank=1, node_id="infer-2", gpu_indices=(0,), state=RankState.RUNNING),
-        RankPlacement(
-            rank=2, node_id="infer-1", gpu_indices=(1,), state=RankState.EXITED, exit_code=1,
-            ended_at=NOW,
-        ),
-    )  # fmt: skip
-    spec = JobSpec(kind=JobKind.INFERENCE, command=("serve",), replicas=3, gpus_per_node=1)
-    job = Job(id=7, spec=spec, state=JobState.RUNNING, placement=Placement(ranks=ranks))
-    given = services.cycle_input([job], NOW)
-    snapshot = Snapshot.build(FLEET, given.holding)
-    result = schedule(snapshot, given.pending, build_policy(DEFAULT_POLICY), now=NOW)
-    (binding,) = result.bindings
-    assert [r.node_id for r in binding.placement.ranks] == ["infer-2"]
+    assert replacement(FLEET, ["infer-1", "infer-2"], ("infer-1", 1)) == ["infer-2"]

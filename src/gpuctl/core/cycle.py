@@ -181,10 +181,6 @@ class Carried:
         # (jobs gone through, holds, reservations) after each job that added to them
         self._marks = cycle.marks
 
-    @property
-    def now(self) -> datetime:
-        return self._cycle.now
-
     def age(self, now: datetime) -> float:
         """Seconds since the cycle's `now`."""
         return (now - self._cycle.now).total_seconds()
@@ -194,7 +190,8 @@ class Carried:
 
     def decide(self, job: Job) -> Unschedulable | None:
         c = self._cycle
-        if job.spec.kind is JobKind.INFERENCE or c.order is None:
+        assert c.order is not None  # a kept cycle has gone through its queue
+        if job.spec.kind is JobKind.INFERENCE:
             return None
         place = c.order.place_of(job)
         if place is None:

@@ -425,8 +425,10 @@ class _FabricSpread:
 
     @classmethod
     def of(cls, snapshot: Snapshot, job: Job, policy: Policy) -> _FabricSpread | None:
+        if job.spec.spread is not SpreadPolicy.FABRIC:
+            return None
         share = policy.share("spread", job.spec.kind)
-        if job.spec.spread is not SpreadPolicy.FABRIC or not share:
+        if not share:
             return None
         t = snapshot.table
         group = t.fabric.astype(np.int64)

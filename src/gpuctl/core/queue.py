@@ -122,8 +122,7 @@ class QueueOrder:
         self._heap: list[tuple[tuple[Any, ...], tuple[int, str, str], int]] = []
         self._rebuilds = 0
         self._rebuild()
-        # Where the last job iterated stands in the order: (key, group, age)
-        self.last: tuple[tuple[Any, ...], tuple[int, str, str], Any] | None = None
+        self._last: tuple[tuple[Any, ...], tuple[int, str, str], Job] | None = None
 
     def _key(self, job: Job) -> tuple[Any, ...]:
         if not self._keyed:
@@ -168,11 +167,19 @@ class QueueOrder:
                     heapq.heappush(self._heap, fresh)
                     continue
             job = queue.popleft()
-            self.last = (key, group, _age(job))
+            self._last = (key, group, job)
             rebuilds = self._rebuilds
             yield job
             if queue and rebuilds == self._rebuilds:  # a rebuild has queued the new head
                 heapq.heappush(self._heap, self._entry(group, queue[0]))
+
+    @property
+    def last(self) -> tuple[tuple[Any, ...], tuple[int, str, str], Any] | None:
+        """Where the last job iterated stands in the order: (key, group, age)."""
+        if self._last is None:
+            return None
+        key, group, job = self._last
+        return (key, group, _age(job))
 
     def place_of(self, job: Job) -> tuple[tuple[Any, ...], tuple[int, str, str], Any] | None:
         """Where `job` would stand in this order (as `last` says it), with the GPUs held as

@@ -5,9 +5,10 @@ interpreter lock (0.2 s at 30,000 pending jobs): every call in flight waits it o
 storm of submits ran at half its rate with a p99 of 0.4 s. The worker process keeps its own
 copy of the active jobs (from the store, as `ActiveJobs` does: only what changed since is read)
 and the nodes, decides, and sends back the decisions, whose unschedulable reasons it cuts to
-those that changed. It keeps a quiet cycle for a few seconds to tell jobs queued since where
-they stand without going through the whole queue again (`Decider`, core.cycle.Carried). gpuctld applies them as before, under its lock, after checking that every
-job they name is as the worker saw it.
+those that changed; it keeps a quiet cycle for a few seconds to tell jobs queued since where
+they stand without going through the whole queue again (`Decider`, core.cycle.Carried).
+gpuctld applies the decisions as before, under its lock, after checking that every job they
+name is as the worker saw it.
 
 The worker only reads the store. It is started by the leader, restarted when it dies (the
 cycle that found it dead decides in gpuctld's process instead), and stops with gpuctld.
@@ -141,7 +142,7 @@ class Decider:
     def __init__(self, policy: Policy) -> None:
         self._policy = policy
         self._carry: _Carry | None = None
-        self.carried = 0  # decisions the kept cycle made (for tests and the log)
+        self.carried = 0  # decisions the kept cycle made (for tests)
 
     def decide(
         self, jobs: list[Job], nodes: list[Node], *, now: datetime, leasing: Leasing | None
