@@ -148,6 +148,74 @@ def test_a_failing_write_fails_alone_and_the_rest_of_its_batch_commits(store: Sq
     assert len(store.list_jobs().jobs) == 2
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlStore]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'gpuctl.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    opened = open_store(url)
+    yield opened
+    opened.close()
+
+
+def test_submits_of_one_batch_share_their_statements(any_store: SqlStore) -> None:
+    store = any_store
+    (before, _) = store.create_job(SPEC, request_id="old", now=T0)
+    statements: list[str] = []
+    # Statements as the store hands them to SQLAlchemy: on PostgreSQL each is a round trip
+    # (SQLite's driver may run one a row at a time, but in this process).
+    event.listen(
+        store._engine, "before_execute", lambda *a: statements.append(str(a[1]).split()[0])
+    )
+
+    def submit(request_id: str, name: str) -> Callable[[], tuple[Job, bool]]:
+        spec = replace(SPEC, name=name)
+        return lambda: store.create_job(
+            spec,
+            request_id=request_id,
+            now=T0,
+            events=lambda j: [
+                Event(
+                    object_kind="job",
+                    object_id=str(j.id),
+                    time=T0,
+                    type="Submitted",
+                    message=j.spec.name,
+                )
+            ],
+            audit=lambda j: replace(_audit("CreateJob"), target=f"jobs/{j.id}"),
+        )
+
+    futures = _queued_behind(
+        store._write,
+        lambda: len(store._write._queue),
+        [submit(rid, f"job-{k}") for k, rid in enumerate(["a", "", "old", "", "a", "d"])],
+    )
+    results = [f.result() for f in futures]
+    ran = [s for s in statements if s in ("SELECT", "INSERT", "UPDATE")]
+    a, b, old, c, a_again, d = results
+    # A new job each, in the order asked; a request_id stored before, or earlier in the same
+    # batch, returns that job.
+    assert [created for _, created in results] == [True, True, False, True, False, True]
+    assert old[0] == before and a_again[0] == a[0]
+    new = [a[0], b[0], c[0], d[0]]
+    assert [j.spec.name for j in new] == ["job-0", "job-1", "job-3", "job-5"]
+    assert [j.id for j in new] == sorted(j.id for j in new) and before.id < new[0].id
+    assert [j.revision for j in new] == list(range(new[0].revision, new[0].revision + 4))
+    for job in new:
+        assert store.get_job(job.id) == job
+        (submitted,) = store.list_events("job", str(job.id))
+        assert submitted.message == job.spec.name
+    assert sorted(e.target for e in store.list_audit()) == sorted(f"jobs/{j.id}" for j in new)
+    # The first submit's batch, the gate's, then one of all six: a statement of each kind,
+    # not one per submit.
+    assert store._write.batches == 3
+    assert ran.count("UPDATE") == 1  # the store's revisions, taken once
+    assert ran.count("INSERT") == 3  # jobs, events, audit
+    assert ran.count("SELECT") == 1  # the request_ids asked for
+
+
 def test_a_failed_commit_fails_every_write_of_its_batch_and_runs_none_twice(
     store: SqlStore,
 ) -> None:

@@ -101,6 +101,8 @@ _EVENTS = EventRow.__table__  # type: ignore[attr-defined]
 _COUNTER = RevisionCounter.__table__  # type: ignore[attr-defined]
 _LEADER_ROW = LeaderRow.__table__  # type: ignore[attr-defined]
 _INSERT_JOB = insert(_JOBS).returning(_JOBS.c.id)
+# Many jobs in one statement, their ids in the order of their rows.
+_INSERT_JOBS = insert(_JOBS).returning(_JOBS.c.id, sort_by_parameter_order=True)
 _INSERT_EVENT = insert(_EVENTS)
 _NODES = NodeRow.__table__  # type: ignore[attr-defined]
 _TOUCH_NODE = (
@@ -109,6 +111,9 @@ _TOUCH_NODE = (
 _INSERT_AUDIT = insert(AuditRow.__table__)  # type: ignore[attr-defined]
 _JOB_BY_ID = select(_JOBS).where(_JOBS.c.id == bindparam("id"))
 _JOB_BY_REQUEST_ID = select(_JOBS).where(_JOBS.c.request_id == bindparam("request_id"))
+_JOBS_BY_REQUEST_ID = select(_JOBS).where(
+    _JOBS.c.request_id.in_(bindparam("request_ids", expanding=True))
+)
 _EVENTS_OF = (
     select(_EVENTS)
     .where(_EVENTS.c.object_kind == bindparam("kind"), _EVENTS.c.object_id == bindparam("id"))
@@ -201,29 +206,7 @@ class SqlStore:
         audit: Callable[[Job], AuditEntry] | None = None,
     ) -> tuple[Job, bool]:
 
-        def create(session: Session) -> tuple[Job, bool]:
-            # Core statements on the session's connection (no ORM objects, none of the ORM's
-            # execution path): the hottest path there is.
-            conn = session.connection()
-            if request_id and (row := _job_row_by_request_id(conn, request_id)):
-                return job_from_row(row), False
-            (revision,) = _next_revisions(conn, 1)
-            job = Job(
-                id=0,
-                spec=spec,
-                request_id=request_id,
-                created_at=now,
-                updated_at=now,
-                revision=revision,
-            )
-            new_id = conn.execute(_INSERT_JOB, job_values(job)).scalar_one()
-            created = as_stored(replace(job, id=new_id))
-            # In the same transaction: a crash never leaves a job without its events.
-            _insert_events(conn, events(created) if events else ())
-            if audit is not None:
-                conn.execute(_INSERT_AUDIT, audit_values(audit(created)))
-            return created, True
-
+        create = _Create(spec, request_id, now, events, audit)
         try:
             return self._write(create)
         except IntegrityError:
@@ -646,13 +629,18 @@ class SqlStore:
             try:
                 with self._writes.begin() as session:
                     fence = self._fence_error(session, batch)
-                    results = []
-                    for w in batch:
-                        if w.fenced and fence is not None:
-                            results.append((fence, None))
+                    results: list[tuple[NotLeader | None, Any]] = []
+                    for run in _runs(batch):
+                        if run[0].fenced and fence is not None:
+                            results.extend((fence, None) for _ in run)
                             continue
                         try:
-                            results.append((None, w.fn(session)))
+                            if len(run) > 1:  # submits, one statement of each kind for all
+                                creates = [w.fn for w in run]
+                                made = _create_many(session.connection(), creates)  # type: ignore[arg-type]
+                                results.extend((None, m) for m in made)
+                            else:
+                                results.append((None, run[0].fn(session)))
                         except Exception:
                             failed = True
                             raise
@@ -707,6 +695,104 @@ class SqlStore:
                 yield session
         except OperationalError as e:
             raise _unavailable(e) from e
+
+
+class _Create:
+    """One `create_job` write. Creates next to one another in a batch run together
+    (`_create_many`): six statements for the lot instead of four or five each, which on
+    PostgreSQL are round trips, all made while the batch holds the commit."""
+
+    __slots__ = ("audit", "events", "now", "request_id", "spec")
+
+    def __init__(
+        self,
+        spec: JobSpec,
+        request_id: str,
+        now: datetime,
+        events: Callable[[Job], Sequence[Event]] | None,
+        audit: Callable[[Job], AuditEntry] | None,
+    ) -> None:
+        self.spec, self.request_id, self.now = spec, request_id, now
+        self.events, self.audit = events, audit
+
+    def __call__(self, session: Session) -> tuple[Job, bool]:
+        return _create_many(session.connection(), [self])[0]
+
+
+def _runs(batch: Sequence[Write[Session]]) -> Iterator[list[Write[Session]]]:
+    """The batch in order, creates next to one another together, every other write alone."""
+    run: list[Write[Session]] = []
+    for w in batch:
+        if run and not (isinstance(w.fn, _Create) and w.fenced == run[0].fenced):
+            yield run
+            run = []
+        run.append(w)
+        if not isinstance(w.fn, _Create):
+            yield run
+            run = []
+    if run:
+        yield run
+
+
+def _create_many(conn: Connection, creates: Sequence[_Create]) -> list[tuple[Job, bool]]:
+    """Store a job for each create, or find the one stored before under its request_id (an
+    earlier create of these included): what each would have done run one after another.
+    Core statements (no ORM objects, none of the ORM's execution path): the hottest path
+    there is."""
+    asked = sorted({c.request_id for c in creates if c.request_id})
+    before: dict[str, Job] = {}
+    for start in range(0, len(asked), _IN_CHUNK):
+        chunk = asked[start : start + _IN_CHUNK]
+        for row in conn.execute(_JOBS_BY_REQUEST_ID, {"request_ids": chunk}):
+            before[row.request_id] = job_from_row(row)
+    new: list[int] = []  # indexes of the creates that store a job
+    first: dict[str, int] = {}  # request_id -> the create in this lot that stores it
+    for i, c in enumerate(creates):
+        if not c.request_id:
+            new.append(i)
+        elif c.request_id not in before and c.request_id not in first:
+            first[c.request_id] = i
+            new.append(i)
+    made: dict[int, Job] = {}
+    if new:
+        jobs = [
+            Job(
+                id=0,
+                spec=creates[i].spec,
+                request_id=creates[i].request_id,
+                created_at=creates[i].now,
+                updated_at=creates[i].now,
+                revision=revision,
+            )
+            for i, revision in zip(new, _next_revisions(conn, len(new)), strict=True)
+        ]
+        params = [job_values(job) for job in jobs]
+        if len(params) == 1:
+            ids = [conn.execute(_INSERT_JOB, params[0]).scalar_one()]
+        else:
+            ids = list(conn.execute(_INSERT_JOBS, params).scalars())
+        events: list[Event] = []
+        audits: list[dict[str, Any]] = []
+        for i, job, new_id in zip(new, jobs, ids, strict=True):
+            created = made[i] = as_stored(replace(job, id=new_id))
+            c = creates[i]
+            # In the same transaction: a crash never leaves a job without its events.
+            if c.events is not None:
+                events.extend(c.events(created))
+            if c.audit is not None:
+                audits.append(audit_values(c.audit(created)))
+        _insert_events(conn, events)
+        if audits:
+            conn.execute(_INSERT_AUDIT, audits)
+    results: list[tuple[Job, bool]] = []
+    for i, c in enumerate(creates):
+        if i in made:
+            results.append((made[i], True))
+        elif c.request_id in before:
+            results.append((before[c.request_id], False))
+        else:  # the same request_id as an earlier create of this lot
+            results.append((made[first[c.request_id]], False))
+    return results
 
 
 def _unavailable(e: OperationalError) -> Unavailable:
