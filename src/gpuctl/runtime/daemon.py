@@ -4,6 +4,7 @@ the gRPC server, starts the periodic work, tells systemd it is ready, and drains
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -303,6 +304,10 @@ def serve(
         config, state_dir, metrics, guard.auth, history if config.ui else None, sessions
     )
     server.start()
+    # What start-up made (modules, the schema, the policy, the servers) lives as long as the
+    # daemon: out of the collector's sight, a full collection under load scans only what came
+    # since, ~5 ms instead of 30-60 ms of every call waiting (each one there adds to p99).
+    gc.freeze()
     host = config.listen.rsplit(":", 1)[0]
     tls = "TLS" if listeners.tls_cert else "plain TCP"
     agents = f", agents (mTLS) on port {server.agent_port}" if server.agent_port else ""
