@@ -196,6 +196,25 @@ def test_gang_that_does_not_fit_stays_pending_with_a_reason(ctl):
     ]
 
 
+def test_a_cycle_tells_waiting_jobs_their_reasons_a_bounded_write_at_a_time(ctl, monkeypatch):
+    # Each write holds the store's commit, and every submit behind it, for its length.
+    jobs = [ctl.submit(training(nodes=2)) for _ in range(250)]
+    ctl.register_node(h100_node("a"))
+    writes: list[int] = []
+    update_jobs = ctl.store.update_jobs
+
+    def counted(jobs, events=()):
+        writes.append(len(jobs))
+        return update_jobs(jobs, events)
+
+    monkeypatch.setattr(ctl.store, "update_jobs", counted)
+    ctl.run_cycle()
+    assert writes == [100, 100, 50]
+    for job in jobs:
+        assert "2 nodes" in ctl.store.get_job(job.id).reason
+        assert [e.type for e in ctl.store.list_events("job", str(job.id))][-1] == "Unschedulable"
+
+
 def test_cancel_pending_is_immediate_and_cancel_finished_is_refused(ctl):
     job = ctl.submit(training())
     assert ctl.cancel(job.id).state is JobState.CANCELLED

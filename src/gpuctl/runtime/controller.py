@@ -113,6 +113,9 @@ class ControllerSettings:
 # Retention deletes at most this many rows a batch and this many batches a run, so that one run
 # holds the writer's lock briefly and a backlog (retention just turned on) drains over runs.
 PURGE_BATCH = 1000
+# Waiting jobs told their reasons in one store write (see run_cycle): small enough that submits
+# queued behind one wait milliseconds, large enough that a cycle makes few commits.
+REASONS_A_WRITE = 100
 # How long a submit judges whether a job could ever run by the fleet as last read.
 FLEET_TTL_S = 10.0
 MAX_VERDICTS = 10_000  # verdicts kept by spec shape between two reads of the fleet
@@ -807,19 +810,28 @@ class Controller:
                     extra={"job_id": job.id},
                 )
             let_go = False
+            told: list[tuple[Job, Event]] = []  # waiting jobs, each with its new reason
             for miss in result.unschedulable:  # only reasons that changed (cycleproc.decide)
                 job = by_id[miss.job_id]
-                if job.state is not JobState.PENDING:
-                    # No place but where the ended replicas were: they let go of it now.
-                    released = services.let_go(job)
-                    let_go = let_go or released is not job
-                    job = released
-                changed.append(replace(job, reason=miss.reason, updated_at=now))
-                events.append(_job_event(job, now, "Unschedulable", miss.reason))
+                event = _job_event(job, now, "Unschedulable", miss.reason)
+                if job.state is JobState.PENDING:
+                    told.append((replace(job, reason=miss.reason, updated_at=now), event))
+                    continue
+                # No place but where the ended replicas were: they let go of it now.
+                released = services.let_go(job)
+                let_go = let_go or released is not job
+                changed.append(replace(released, reason=miss.reason, updated_at=now))
+                events.append(event)
             if self.leases is not None:
                 events.extend(self.leases.apply(result, now))
             if changed or events:
                 self._write(changed, events)
+            # Then why the rest wait, REASONS_A_WRITE at a time: a cycle telling thousands of
+            # new jobs why they wait would otherwise hold the store's commit, and every submit
+            # queued behind it, for as long (~100 ms for 600 on PostgreSQL).
+            for start in range(0, len(told), REASONS_A_WRITE):
+                chunk = told[start : start + REASONS_A_WRITE]
+                self._write([j for j, _ in chunk], [e for _, e in chunk])
         if self.observer is not None:
             self.observer.cycle(time.perf_counter() - started, result, placed, now)
         if let_go:
