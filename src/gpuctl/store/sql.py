@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import (
     Engine,
@@ -635,9 +635,9 @@ class SqlStore:
                             results.extend((fence, None) for _ in run)
                             continue
                         try:
-                            if len(run) > 1:  # submits, one statement of each kind for all
-                                creates = [w.fn for w in run]
-                                made = _create_many(session.connection(), creates)  # type: ignore[arg-type]
+                            if len(run) > 1:  # submits: one statement of each kind for all
+                                creates = [cast(_Create, w.fn) for w in run]
+                                made = _create_many(session.connection(), creates)
                                 results.extend((None, m) for m in made)
                             else:
                                 results.append((None, run[0].fn(session)))
