@@ -12,7 +12,7 @@ from datetime import timedelta
 import pytest
 
 from gpuctl.core.cycle import CARRY_S, schedule, schedule_carrying
-from gpuctl.core.model import Job, JobKind, JobSpec
+from gpuctl.core.model import Job, JobKind, JobSpec, JobState, Placement, RankPlacement
 from gpuctl.core.plugins import DEFAULT_POLICY, build_policy
 from gpuctl.core.snapshot import Snapshot
 from gpuctl.sim.scale import NOW, QUEUES, applied, background, pending_jobs, scale_cluster
@@ -129,3 +129,87 @@ def test_a_cycle_that_binds_is_not_carried() -> None:
     queue = [j for j in pending_jobs(120, seed=4) if j.spec.kind is JobKind.TRAINING]
     result, carried = schedule_carrying(Snapshot.build(cluster, running), queue, POLICY, now=NOW)
     assert result.bindings and carried is None
+
+
+def _gangs(first_id: int, count: int, owner: str, *, age: timedelta = timedelta()) -> list[Job]:
+    """2-node gangs of 8 GPUs each, all of `owner`, submitted a minute apart, the last `age`
+    ago."""
+    spec = JobSpec(
+        kind=JobKind.TRAINING, command=("run",), num_nodes=2, gpus_per_node=8, owner=owner,
+        time_limit_s=3600,
+    )  # fmt: skip
+    return [
+        Job(id=first_id + i, spec=spec, created_at=NOW - age - timedelta(minutes=count - i))
+        for i in range(count)
+    ]
+
+
+def _busy(cluster, running: list[Job]) -> list[Job]:
+    """`running` and a one-GPU job on every node it leaves idle, of the users queued: no node
+    idle, and those users' fair share used."""
+    snapshot = Snapshot.build(cluster, running)
+    idle = [v.id for v in snapshot.nodes if v.idle]
+    return running + [
+        Job(
+            id=900_000 + i,
+            spec=JobSpec(
+                kind=JobKind.TRAINING,
+                command=("run",),
+                gpus_per_node=1,
+                time_limit_s=7200,
+                owner=("history", "other")[i % 2],
+            ),
+            state=JobState.RUNNING,
+            created_at=NOW,
+            started_at=NOW,
+            placement=Placement(ranks=(RankPlacement(rank=0, node_id=n, gpu_indices=(0,)),)),
+        )
+        for i, n in enumerate(idle)
+    ]
+
+
+@pytest.mark.parametrize("fleet", ["none", "busy"])
+def test_where_no_node_is_idle_gangs_queued_first_are_carried_too(fleet: str) -> None:
+    # A long queue on a full cluster (or no node at all), and a user who has used nothing:
+    # fair share puts their gangs first (with no node, their age does), where the islands of
+    # the first queued gangs are kept; with no node idle there are none to keep.
+    cluster = scale_cluster(32) if fleet == "busy" else ()
+    running = _busy(cluster, list(background(cluster, seed=5))) if cluster else []
+    pending = _gangs(1, 20, "history") + _gangs(100, 20, "other")
+    snapshot = Snapshot.build(cluster, running)
+    assert not any(v.idle for v in snapshot.nodes)
+    first, carried = schedule_carrying(snapshot, pending, POLICY, now=NOW)
+    assert carried is not None and not first.bindings
+    said_of = 0
+    for k, job in enumerate(_gangs(10_000, 6, "newcomer", age=timedelta(days=1))):
+        said = carried.decide(job)
+        full = schedule(snapshot, [*pending, job], POLICY, now=NOW)
+        order = [u.job_id for u in full.unschedulable]
+        assert order.index(job.id) == k  # ahead of every queued gang: among the first four
+        pending.append(job)
+        if said is None:  # the first blocked job reserves (EASY backfill): a full cycle,
+            assert job.id in {r.job_id for r in full.reservations}
+            first, carried = schedule_carrying(snapshot, pending, POLICY, now=NOW)  # kept
+            assert carried is not None
+            continue
+        assert (full.bindings, full.preemptions) == ((), ())
+        assert full.reservations == first.reservations
+        reasons = {u.job_id: u.reason for u in full.unschedulable}
+        assert reasons[job.id] == said.reason
+        assert all(reasons[u.job_id] == u.reason for u in first.unschedulable)
+        said_of += 1
+    assert said_of == (6 if fleet == "none" else 5)
+
+
+def test_where_a_node_is_idle_a_gang_queued_first_gets_a_full_cycle() -> None:
+    cluster = scale_cluster(32)
+    snapshot = Snapshot.build(cluster, list(background(cluster, seed=5)))
+    assert any(v.idle for v in snapshot.nodes)
+    b200 = lambda jobs: [replace(j, spec=replace(j.spec, gpu_model="B200")) for j in jobs]  # noqa: E731
+    queue = b200(_gangs(1, 20, "history") + _gangs(100, 20, "other"))
+    first, carried = schedule_carrying(snapshot, queue, POLICY, now=NOW)
+    assert carried is not None and not first.bindings
+    (job,) = b200(_gangs(10_000, 1, "newcomer", age=timedelta(days=1)))
+    full = schedule(snapshot, [*queue, job], POLICY, now=NOW)
+    assert full.unschedulable[0].job_id == job.id
+    assert carried.decide(job) is None  # first in the queue, where islands are kept

@@ -168,9 +168,12 @@ class Carried:
     itself is decided as the cycle would have where it stands in the queue order, with the
     holds and reservations of the jobs before it only. A job that would start, preempt or hold
     changes what every job after it sees: `decide` says None, and a full cycle must run. So do
-    a replica (its packing reads the queue's mix of shapes) and a gang among the first queued
-    gangs (whose islands the cycle keeps). The caller vouches that nothing else changed: the
-    nodes, the jobs holding them, the pending jobs; and `now` within CARRY_S of the cycle's.
+    a replica (its packing reads the queue's mix of shapes) and, where a node is idle, a gang
+    among the first queued gangs (whose islands the cycle keeps). The islands only rank the
+    places a job could take (the island-guard score, the least damage among a gang's choices),
+    and where no node is idle they are all empty. The caller vouches that nothing else
+    changed: the nodes, the jobs holding them, the pending jobs; and `now` within CARRY_S of
+    the cycle's.
     """
 
     __slots__ = ("_cycle", "_marks", "_places")
@@ -197,7 +200,10 @@ class Carried:
         if place is None:
             return None
         at = bisect_left(self._places, place)
-        if job.spec.is_gang and bisect_left(c.gangs_at, at) < _QUEUED_GANGS:
+        # A gang among the first queued gangs changes the islands the cycle keeps, unless no
+        # node is idle: then every queued gang's island is empty, and which gangs come first
+        # changes nothing (a long queue on a busy cluster, the case worth carrying).
+        if job.spec.is_gang and c.islands and bisect_left(c.gangs_at, at) < _QUEUED_GANGS:
             return None
         mark = bisect_right(self._marks, (at, math.inf, math.inf)) - 1
         holds, reservations = self._marks[mark][1:] if mark >= 0 else (0, 0)
@@ -284,6 +290,9 @@ class _Cycle:
         self.demands: tuple[GangDemand, ...] = ()
         self.mix: tuple[tuple[RankRequest, int], ...] = ()  # what frag-aware packs for
         self.eligible_rows: dict[int, np.ndarray] = {}  # queued gang -> its eligible rows
+        # Whether any node is idle, READY and on a fabric: where none is, no queued gang has an
+        # island to keep, whichever gangs are queued first (`_demands`).
+        self.islands = True
         self.start_nodes: tuple[NodeView, ...] = work.nodes
         self.fresh: set[int] = set()  # placed in this cycle: never a victim in it
         self.memos = CycleMemos()  # what jobs alike share, and when it stops being true
@@ -422,6 +431,7 @@ class _Cycle:
         t = self.work.table
         on_fabric = np.array([bool(f) for f in t.fabrics], dtype=bool)[t.fabric]
         idle = t.idle & t.ready & on_fabric
+        self.islands = bool(idle.any())
         out = []
         for job in gangs:
             request = RankRequest.of(job.spec)
