@@ -158,3 +158,93 @@ def test_a_decision_with_nothing_new_renews_a_kept_cycle_that_has_aged(ctl):
     ctl.submit(training(nodes=1))
     at(REFRESH_S + 1)  # from the renewed cycle
     assert decider.carried == 2
+
+
+def test_a_kept_cycle_is_renewed_aside_while_the_old_one_goes_on_answering(ctl, monkeypatch):
+    import threading
+    from datetime import timedelta
+
+    from gpuctl.core.cycle import CARRY_S
+    from gpuctl.runtime import cycleproc
+    from gpuctl.runtime.cycleproc import REFRESH_S
+
+    ctl.register_node(h100_node("a"))
+    ctl.submit(training(nodes=1, time_limit_s=3600))
+    ctl.run_cycle()  # it runs on a
+    ctl.submit(training(nodes=1))  # waits for a
+    decider = Decider(ctl.policy, renew_aside=True)
+    t0 = ctl.clock.now()
+    gate = threading.Event()
+    full_cycle = cycleproc.schedule_carrying
+
+    def held(*args, **kw):  # the renewal waits for the gate: the test says when it is done
+        if threading.current_thread().name == "cycle-renewal":
+            assert gate.wait(10)
+        return full_cycle(*args, **kw)
+
+    monkeypatch.setattr(cycleproc, "schedule_carrying", held)
+
+    def at(seconds: float):
+        jobs, nodes = list(ctl.active_jobs()), list(ctl.store.list_nodes())
+        now = t0 + timedelta(seconds=seconds)
+        got = decider.decide(jobs, nodes, now=now, leasing=None)
+        return got, decide(jobs, nodes, ctl.policy, now=now, leasing=None)
+
+    def told(decided, job_id):
+        return [u for u in decided.result.unschedulable if u.job_id == job_id]
+
+    at(0)  # full, and kept
+    one = ctl.submit(training(nodes=1))
+    got, full = at(REFRESH_S)  # aged: the old one answers at once, a renewal starts aside
+    assert decider.carried == 1 and told(got, one.id) == told(full, one.id) != []
+    two = ctl.submit(training(nodes=1))
+    got, full = at(REFRESH_S + 0.5)  # the renewal still runs: the old one answers
+    assert decider.carried == 2 and decider.renewed == 0
+    assert told(got, two.id) == told(full, two.id) != []
+    gate.set()
+    decider.wait_renewal(10)
+    three = ctl.submit(training(nodes=1))
+    got, full = at(REFRESH_S + 1)  # taken up, having said of `two` what the old one did
+    assert decider.renewed == 1 and decider.carried == 3
+    assert told(got, three.id) == told(full, three.id) != []
+    # Young again: it answers past the old one's CARRY_S.
+    four = ctl.submit(training(nodes=1))
+    got, full = at(CARRY_S + 1)
+    assert decider.carried == 4 and told(got, four.id) == told(full, four.id) != []
+    # Nothing new and aged: nothing to do, said at once, and renewed aside again.
+    at(CARRY_S + 1.5)
+    assert decider.carried == 5
+    decider.wait_renewal(10)
+    at(CARRY_S + 2)
+    assert decider.renewed == 2 and decider.carried == 6
+
+
+def test_a_renewal_taken_up_tells_the_old_jobs_their_reasons_where_time_changed_them(ctl):
+    from datetime import timedelta
+
+    ctl.register_node(h100_node("a"))
+    ctl.submit(training(nodes=1, time_limit_s=3600))
+    ctl.run_cycle()  # bound to a, not started: it may hold a for an hour from when it starts
+    waiting = ctl.submit(training(nodes=1))  # reserves a for when that hour is up
+    decider = Decider(ctl.policy, renew_aside=True)
+    t0 = ctl.clock.now() + timedelta(seconds=56)
+
+    def at(seconds: float):
+        jobs, nodes = list(ctl.active_jobs()), list(ctl.store.list_nodes())
+        now = t0 + timedelta(seconds=seconds)
+        return decider.decide(jobs, nodes, now=now, leasing=None), decide(
+            jobs, nodes, ctl.policy, now=now, leasing=None
+        )
+
+    first, _ = at(0)  # kept
+    (reserved,) = first.result.unschedulable
+    assert "starts by 01:00 UTC" in reserved.reason
+    got, _ = at(5)  # aged, nothing new: nothing to say at once; renewed aside
+    assert got.result.unschedulable == () and decider.renewed == 0
+    decider.wait_renewal(10)
+    got, full = at(5.5)  # taken up: a minute later, the reservation starts a minute later
+    assert decider.renewed == 1
+    assert got.result.unschedulable == full.result.unschedulable
+    assert [(u.job_id, "starts by 01:01 UTC" in u.reason) for u in got.result.unschedulable] == [
+        (waiting.id, True)
+    ]

@@ -19,13 +19,13 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from multiprocessing.connection import Connection
 from typing import Any
 
 from gpuctl.core import services
-from gpuctl.core.cycle import Carried, CycleResult, schedule, schedule_carrying
+from gpuctl.core.cycle import Carried, CycleResult, Unschedulable, schedule, schedule_carrying
 from gpuctl.core.leasing import Leasing
 from gpuctl.core.model import Job, JobState, Node
 from gpuctl.core.plugins import Policy
@@ -137,49 +137,150 @@ class Decider:
     kept (core.cycle.Carried), and while nothing has changed since but jobs queued, it says
     what becomes of them without going through the whole queue again: with a long queue that
     nothing can start from, a submit is told where it stands in milliseconds instead of a
-    cycle over every pending job (~8 us each)."""
+    cycle over every pending job (~8 us each).
 
-    def __init__(self, policy: Policy) -> None:
+    A kept cycle older than REFRESH_S is renewed: in the decision that finds it so, or, with
+    `renew_aside`, on a thread of its own (`_Renewal`) while the old one goes on answering,
+    so that no submit waits for a renewal (0.3 s at 30,000 pending jobs). A renewal is taken
+    up at the next decision if it is quiet too and says of the jobs the old one answered
+    since what the old one said; else the old one is kept, to its CARRY_S."""
+
+    def __init__(self, policy: Policy, *, renew_aside: bool = False) -> None:
         self._policy = policy
         self._carry: _Carry | None = None
+        self._renew_aside = renew_aside
+        self._renewal: _Renewal | None = None
         self.carried = 0  # decisions the kept cycle made (for tests)
+        self.renewed = 0  # renewals made aside and taken up (for tests)
 
     def decide(
         self, jobs: list[Job], nodes: list[Node], *, now: datetime, leasing: Leasing | None
     ) -> Decided:
         given = services.cycle_input(jobs, now)
+        told = self._take_renewal()
         if self._carry is not None and leasing is None:
-            said = self._carry.decide(given, nodes, now)
+            said = self._carry.decide(given, nodes, now, aged=self._renew_aside)
             if said is not None:
                 self.carried += 1
-                return _decided(CycleResult(unschedulable=tuple(said)), jobs, now)
+                if self._renew_aside and self._carry.carried.age(now) >= REFRESH_S:
+                    self._renew(given, nodes, now)
+                # With the reasons a renewal taken up gives the jobs it read (time moves some):
+                # only those that changed go to gpuctld (`_decided`).
+                waiting = {j.id for j in given.pending}
+                told = tuple(u for u in told if u.job_id in waiting)
+                return _decided(CycleResult(unschedulable=(*told, *said)), jobs, now)
         self._carry = None
+        if self._renewal is not None:
+            self._renewal.wanted = False  # made from an older view: of no use now
         snapshot = Snapshot.build(nodes, given.holding)
         result, carried = schedule_carrying(
             snapshot, given.pending, self._policy, now=now, leasing=leasing
         )
         if carried is not None:
-            self._carry = _Carry(
-                carried,
-                nodes=_as_read(nodes),
-                holding={j.id: j for j in given.holding},
-                pending={j.id: j for j in given.pending},
-            )
+            self._carry = _Carry.of(carried, nodes, given)
         return _decided(result, jobs, now)
+
+    def wait_renewal(self, timeout: float | None = None) -> None:
+        """Until a renewal made aside has finished (tests; the worker never waits)."""
+        if self._renewal is not None:
+            self._renewal.thread.join(timeout)
+
+    def _renew(self, given: services.CycleInput, nodes: list[Node], now: datetime) -> None:
+        if self._renewal is None:  # one at a time: a renewal is a whole cycle's work
+            self._renewal = _Renewal(self._policy, given, nodes, now)
+
+    def _take_renewal(self) -> tuple[Unschedulable, ...]:
+        """Take up a renewal made aside that has finished, where it can be: the reasons it
+        gave the jobs it read."""
+        renewal = self._renewal
+        if renewal is None or renewal.thread.is_alive():
+            return ()
+        self._renewal = None
+        if not renewal.wanted or self._carry is None:
+            return ()
+        if renewal.error is not None:
+            log.warning("renewing the kept cycle failed: %s", renewal.error)
+            return ()
+        if renewal.carry is None:  # no longer quiet: this decision runs a full cycle
+            self._carry = None
+            return ()
+        # What the old one told the jobs queued since the renewal read them, the new one must
+        # tell them too, as it would have had they been there.
+        if not renewal.carry.answer(self._carry.answered(since=renewal.carry)):
+            return ()
+        self._carry = renewal.carry
+        self.renewed += 1
+        return renewal.reasons
+
+
+class _Renewal:
+    """A full cycle over `given` and `nodes` at `now`, on a thread of its own: `carry` is
+    then the kept cycle, or None where the cycle was not quiet."""
+
+    def __init__(
+        self, policy: Policy, given: services.CycleInput, nodes: list[Node], now: datetime
+    ) -> None:
+        self.carry: _Carry | None = None
+        self.reasons: tuple[Unschedulable, ...] = ()  # of every job it read
+        self.error: BaseException | None = None
+        self.wanted = True
+        self.thread = threading.Thread(
+            target=self._run, args=(policy, given, nodes, now), name="cycle-renewal", daemon=True
+        )
+        self.thread.start()
+
+    def _run(
+        self, policy: Policy, given: services.CycleInput, nodes: list[Node], now: datetime
+    ) -> None:
+        try:
+            snapshot = Snapshot.build(nodes, given.holding)
+            result, carried = schedule_carrying(snapshot, given.pending, policy, now=now)
+            if carried is not None:
+                self.carry = _Carry.of(carried, nodes, given)
+                self.reasons = result.unschedulable
+        except Exception as e:  # logged by the decider that takes it up
+            self.error = e
 
 
 @dataclass(slots=True)
 class _Carry:
-    """A kept cycle, and the nodes and jobs it read."""
+    """A kept cycle, the nodes and jobs it read, and what it told jobs queued since."""
 
     carried: Carried
     nodes: tuple[Node, ...]
     holding: dict[int, Job]
     pending: dict[int, Job]
+    said: dict[int, Unschedulable] = field(default_factory=dict)
 
-    def decide(self, given: services.CycleInput, nodes: list[Node], now: datetime):
+    @classmethod
+    def of(cls, carried: Carried, nodes: list[Node], given: services.CycleInput) -> _Carry:
+        return cls(
+            carried,
+            nodes=_as_read(nodes),
+            holding={j.id: j for j in given.holding},
+            pending={j.id: j for j in given.pending},
+        )
+
+    def answered(self, since: _Carry) -> list[tuple[Job, Unschedulable]]:
+        """The jobs this one answered that `since` did not read, in the order answered."""
+        return [(self.pending[i], u) for i, u in self.said.items() if i not in since.pending]
+
+    def answer(self, told: list[tuple[Job, Unschedulable]]) -> bool:
+        """Take in jobs another kept cycle answered: whether this one says the same of each
+        (if not, it must not be used)."""
+        for job, before in told:
+            if self.carried.decide(job) != before:
+                return False
+            self.pending[job.id] = job
+            self.said[job.id] = before
+        return True
+
+    def decide(
+        self, given: services.CycleInput, nodes: list[Node], now: datetime, *, aged: bool = False
+    ) -> list[Unschedulable] | None:
         """The reasons of the jobs queued since, if nothing else changed and each waits
-        holding nothing; else None (a full cycle decides)."""
+        holding nothing; else None (a full cycle decides). With nothing new, a cycle older
+        than REFRESH_S says None too, unless `aged` (it is renewed aside)."""
         if not self.carried.fresh(now) or _as_read(nodes) != self.nodes:
             return None
         if len(given.holding) != len(self.holding) or not all(
@@ -197,7 +298,7 @@ class _Carry:
                 kept += 1
         if kept != len(self.pending):  # one left the queue
             return None
-        if not new and self.carried.age(now) >= REFRESH_S:
+        if not new and not aged and self.carried.age(now) >= REFRESH_S:
             return None
         said = []
         for job in new:
@@ -206,6 +307,7 @@ class _Carry:
                 return None
             said.append(reason)
         self.pending.update((j.id, j) for j in new)
+        self.said.update((u.job_id, u) for u in said)
         return said
 
 
@@ -254,7 +356,7 @@ def _serve(conn: Connection, store_url: str, policy: Policy) -> None:
 
     store = open_store(store_url)
     active = ActiveJobs(store)
-    decider = Decider(policy)
+    decider = Decider(policy, renew_aside=True)
     try:
         while True:
             try:
