@@ -12,6 +12,7 @@ from gpuctl.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from gpuctl.core.model import (
     BandwidthProfile,
     Gpu,
+    Job,
     JobKind,
     JobSpec,
     JobState,
@@ -471,6 +472,24 @@ def test_the_active_jobs_kept_in_memory_follow_every_write_even_another_daemons(
     assert [j.id for j in ctl.active_jobs()] == [j.id for j in other.active_jobs()]
     ctl.run_cycle()
     assert ctl.active_jobs() == ctl.store.active_jobs()
+
+
+def test_the_active_jobs_stay_in_id_order_and_count_the_pending(ctl):
+    active = ctl.active_jobs
+    first = [ctl.submit(training(nodes=1)) for _ in range(3)]
+    assert active.pending() == 3
+    # Jobs that come in below the highest id (an import with the ids it carries) sort in.
+    ctl.store.load_jobs(
+        [Job(id=first[-1].id + 10, spec=training()), Job(id=0, spec=training())], []
+    )
+    assert [j.id for j in active()] == sorted(j.id for j in ctl.store.active_jobs())
+    assert list(active.by_id()) == [j.id for j in active()] and active.pending() == 5
+    ctl.register_node(h100_node("a"))
+    ctl.run_cycle()  # one 1-node gang is bound: four wait
+    ctl.cancel(first[1].id)
+    assert active() == ctl.store.active_jobs()
+    waiting = [j for j in ctl.store.active_jobs() if j.state is JobState.PENDING]
+    assert active.pending() == len(waiting) == 3
 
 
 def test_a_new_leader_gives_every_node_a_full_timeout_before_calling_it_lost(ctl):

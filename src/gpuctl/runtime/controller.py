@@ -173,16 +173,34 @@ class ActiveJobs:
     def __init__(self, store: Store) -> None:
         self._store = store
         self._lock = threading.Lock()
+        # In id order, kept so: new jobs mostly come with ids above every other (an update
+        # keeps its place, a removal the order), and one that does not sorts it once. A
+        # cycle's read of 30,000 jobs is then a copy, not a sort and a lookup each (~4 ms).
         self._jobs: dict[int, Job] = {}
+        self._sorted = True
+        self._pending = 0  # of those, how many are PENDING
         self._holding: dict[int, Job] = {}  # of those, the ones that hold GPUs
         self._on_node: dict[str, set[int]] = {}  # the holding jobs with ranks on each node
         self._revision: int | None = None
 
     def __call__(self) -> tuple[Job, ...]:
         """Every job that is PENDING, RUNNING or CANCELLING, in id order."""
+        return tuple(self.by_id().values())
+
+    def by_id(self) -> dict[int, Job]:
+        """The same, by id (a copy, in id order)."""
         with self._lock:
             self._refresh()
-            return tuple(self._jobs[i] for i in sorted(self._jobs))
+            if not self._sorted:
+                self._jobs = {i: self._jobs[i] for i in sorted(self._jobs)}
+                self._sorted = True
+            return dict(self._jobs)
+
+    def pending(self) -> int:
+        """How many of them are PENDING."""
+        with self._lock:
+            self._refresh()
+            return self._pending
 
     def holding(self, node_id: str = "") -> tuple[Job, ...]:
         """The active jobs that hold resources (placed, running or stopping; with ranks on
@@ -203,10 +221,13 @@ class ActiveJobs:
             changed = self._store.jobs_since(self._revision)
         for job in changed:
             self._revision = max(self._revision, job.revision)
-            if job.state.finished:
-                self._jobs.pop(job.id, None)
-            else:
+            old = self._jobs.pop(job.id, None) if job.state.finished else self._jobs.get(job.id)
+            self._pending -= old is not None and old.state is JobState.PENDING
+            if not job.state.finished:
+                if old is None and self._jobs and job.id < next(reversed(self._jobs)):
+                    self._sorted = False
                 self._jobs[job.id] = job
+                self._pending += job.state is JobState.PENDING
             if (old := self._holding.pop(job.id, None)) is not None:
                 for node_id in old.placement.node_ids if old.placement else ():
                     self._on_node[node_id].discard(job.id)
@@ -743,12 +764,14 @@ class Controller:
         with self._lock:
             now = self.clock.now()
             nodes = self.store.list_nodes()
-            active = self.active_jobs()
-            pending = [j for j in active if j.state is JobState.PENDING]
+            by_id = self.active_jobs.by_id()
+            active = tuple(by_id.values())
             leasing = self.leases.context(nodes, active, now) if self.leases is not None else None
             # With nothing pending (no service's replica to replace either), only leases to
             # give back can come of a cycle.
-            idle = not pending and not any(services.wanted(j, now) for j in active)
+            idle = not self.active_jobs.pending() and not any(
+                services.wanted(j, now) for j in active
+            )
             if idle and (leasing is None or not any(map(managed, leasing.leases))):
                 return CycleResult(bindings=(), unschedulable=())
             decided = None
@@ -759,14 +782,12 @@ class Controller:
                     log.warning("%s: this cycle decides in gpuctld's process", e)
                 if decided is not None:
                     # The worker may have read jobs submitted since `active` was.
-                    active = self.active_jobs()
-                    pending = [j for j in active if j.state is JobState.PENDING]
+                    by_id = self.active_jobs.by_id()
             if decided is None:
                 decided = decide(list(active), list(nodes), self.policy, now=now, leasing=leasing)
-            result = _as_seen(decided, {j.id: j for j in active})
+            result = _as_seen(decided, by_id)
             if result is not decided.result:
                 self.wake()  # at once, on what the store holds now
-            by_id = {j.id: j for j in active}
             changed: list[Job] = []
             events: list[Event] = []
             self._requeue_preempted(result, by_id, now, changed, events)
