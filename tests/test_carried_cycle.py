@@ -11,7 +11,13 @@ from datetime import timedelta
 
 import pytest
 
-from gpuctl.core.cycle import CARRY_S, schedule, schedule_carrying
+from gpuctl.core.cycle import (
+    CARRY_S,
+    CycleResult,
+    Unschedulable,
+    schedule,
+    schedule_carrying,
+)
 from gpuctl.core.model import Job, JobKind, JobSpec, JobState, Placement, RankPlacement
 from gpuctl.core.plugins import DEFAULT_POLICY, build_policy
 from gpuctl.core.snapshot import Snapshot
@@ -66,6 +72,17 @@ def arrivals(seed: int, first_id: int, count: int) -> list[Job]:
     return jobs
 
 
+def assert_as_full(said: Unschedulable, full: CycleResult, first: CycleResult) -> None:
+    """The new job waits, holding nothing: the `full` cycle binds, preempts and reserves
+    exactly what the quiet one (`first`) did, gives the old jobs the same reasons, and the
+    new one what the kept cycle `said`."""
+    assert (full.bindings, full.preemptions) == ((), ())
+    assert full.reservations == first.reservations
+    reasons = {u.job_id: u.reason for u in full.unschedulable}
+    assert reasons[said.job_id] == said.reason
+    assert all(reasons[u.job_id] == u.reason for u in first.unschedulable)
+
+
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("seed", SEEDS)
 def test_a_carried_cycle_says_of_a_new_job_what_a_full_cycle_says(seed: int, policy) -> None:
@@ -80,13 +97,7 @@ def test_a_carried_cycle_says_of_a_new_job_what_a_full_cycle_says(seed: int, pol
         full = schedule(snapshot, [*queue, *decided, job], chosen, now=NOW)
         if said is None:  # a full cycle must decide it: it would start, preempt or hold
             continue
-        # It waits, holding nothing: the full cycle binds, preempts and reserves exactly
-        # what the quiet one did, gives the old jobs the same reasons, and this one its own.
-        assert (full.bindings, full.preemptions) == ((), ())
-        assert full.reservations == first.reservations
-        reasons = {u.job_id: u.reason for u in full.unschedulable}
-        assert reasons[job.id] == said.reason
-        assert all(reasons[u.job_id] == u.reason for u in first.unschedulable)
+        assert_as_full(said, full, first)
         decided.append(job)
 
 
@@ -192,11 +203,7 @@ def test_where_no_node_is_idle_gangs_queued_first_are_carried_too(fleet: str) ->
             first, carried = schedule_carrying(snapshot, pending, POLICY, now=NOW)  # kept
             assert carried is not None
             continue
-        assert (full.bindings, full.preemptions) == ((), ())
-        assert full.reservations == first.reservations
-        reasons = {u.job_id: u.reason for u in full.unschedulable}
-        assert reasons[job.id] == said.reason
-        assert all(reasons[u.job_id] == u.reason for u in first.unschedulable)
+        assert_as_full(said, full, first)
         said_of += 1
     assert said_of == (6 if fleet == "none" else 5)
 
