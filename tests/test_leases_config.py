@@ -23,12 +23,14 @@ def test_lease_settings_and_a_providers_file_relative_to_the_config(tmp_path):
         "[leases]\n"
         'providers_file = "providers.toml"\n'
         "idle_grace_s = 60\n"
+        "warm_nodes = 3\n"
         'unknown = "adopt"\n'
         "budgets = { research = { dollars_per_hour = 200, dollars = 10000.0 } }\n"
     )
     config = load_config(cfg)
     assert config.providers_file == str(tmp_path / "etc" / "providers.toml")
     assert (config.lease_idle_grace_s, config.lease_unknown) == (60.0, "adopt")
+    assert config.lease_warm_nodes == 3
     assert config.lease_budgets == {"research": {"dollars_per_hour": 200, "dollars": 10000.0}}
 
 
@@ -40,8 +42,18 @@ def test_lease_settings_and_a_providers_file_relative_to_the_config(tmp_path):
         ("budgets = { q = { dollars = -1 } }", "leases.budgets.q.dollars"),
         ("budgets = { q = 5 }", "leases.budgets.q"),
         ("boot_timeout_s = -1", "leases.boot_timeout_s"),
+        ("warm_nodes = -2", "leases.warm_nodes"),
+        ("warm_nodes = 1.5", "leases.warm_nodes"),
     ],
-    ids=["unknown", "budget-key", "budget-negative", "budget-shape", "negative"],
+    ids=[
+        "unknown",
+        "budget-key",
+        "budget-negative",
+        "budget-shape",
+        "negative",
+        "warm",
+        "warm-int",
+    ],
 )
 def test_bad_lease_settings_are_refused_by_name(tmp_path, text, field):
     cfg = tmp_path / "gpuctld.toml"

@@ -490,6 +490,24 @@ def test_idle_grace_keeps_a_node_a_queued_job_will_use_then_lets_it_go():
     assert "idle for 0:05:00 (idle grace 0:05:00)" in release.reason
 
 
+@pytest.mark.parametrize(
+    ("warm", "released"),
+    [(0, ["l1", "l2", "l3", "l4"]), (1, ["l1", "l2", "l4"]), (2, ["l2", "l4"]), (9, [])],
+)
+def test_a_warm_pool_keeps_the_cheapest_idle_nodes(warm: int, released: list[str]):
+    # Four idle leased nodes nothing waits for, on a, b, c and d at $30, $30, $12 and $40 an
+    # hour: the warm pool keeps the cheapest (c's l3), then at one price the first node (a's).
+    prices = {"l1": 30.0, "l2": 30.0, "l3": 12.0, "l4": 40.0}
+    nodes = [h100_node(n, lease_id=f"l{i}") for i, n in enumerate("abcd", start=1)]
+    leases = tuple(
+        replace(lease(f"l{i}", n, for_job=i), price_per_hour=prices[f"l{i}"])
+        for i, n in enumerate("abcd", start=1)
+    )
+    result = cycle([], nodes=nodes, leases=leases, warm_nodes=warm)
+    assert [r.lease_id for r in result.lease_releases] == released
+    assert all("no longer needs it; idle" in r.reason for r in result.lease_releases)
+
+
 def test_a_requested_lease_whose_job_no_longer_waits_is_released():
     leases = (lease("l1", state=LeaseState.REQUESTED, for_job=9),)
     (release,) = cycle([], leases=leases).lease_releases

@@ -138,6 +138,24 @@ def test_idle_grace_keeps_a_node_for_the_queued_job_that_takes_it(rig):
     assert [r.lease_id for r in rig.ctl.run_cycle().lease_releases] == [kept.id]
 
 
+def test_a_warm_node_outlives_its_job_and_the_next_job_starts_on_it_at_once(tmp_path):
+    rig = Rig(tmp_path, [Recording(lab())], LeaseSettings(idle_grace_s=300, warm_nodes=1))
+    first = rig.ctl.submit(training(nodes=1))
+    rig.ctl.run_cycle()
+    rig.keeper.tick()
+    rig.ctl.register_node(agent_node("hgx-1"))
+    rig.ctl.run_cycle()
+    rig.run(first.id)
+    # Nothing waits for hgx-1, past any grace: kept all the same, the pool's one warm node.
+    rig.clock.advance(timedelta(hours=2))
+    assert rig.ctl.run_cycle().lease_releases == ()
+    second = rig.ctl.submit(training(nodes=1))
+    result = rig.ctl.run_cycle()
+    assert [b.job_id for b in result.bindings] == [second.id]
+    assert result.lease_requests == ()  # no new lease, no boot to wait out
+    assert rig.store.get_job(second.id).placement.node_ids == ("hgx-1",)
+
+
 def test_idle_grace_holds_for_a_queued_job_that_would_use_the_node_then_ends(tmp_path):
     # The queue may lease nothing more, so the 2-node gang waits: it would use hgx-1, which is
     # kept for the grace (300 s) and no longer.

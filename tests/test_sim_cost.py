@@ -225,6 +225,29 @@ def test_gpuctl_fleet_places_on_free_gpus_of_a_leased_node() -> None:
     assert cost.report(cost.IDLE_TIMER, work, b).dollars == pytest.approx(14 * 4200 / H)
 
 
+@pytest.mark.parametrize("warm", [0, 1])
+def test_a_warm_node_spares_the_next_job_a_boot(warm: int) -> None:
+    # a: 1 GPU for an hour from 0 -> an h100x1 ($2, the cheapest with a GPU of its kind),
+    # running 300..3,900 s. b, alike, comes at 7,200 s. Without a warm pool the node goes back
+    # at 3,900 s and b waits out a new one's boot; with one warm node b starts at once on it.
+    work = build([training("a", 1, 1, 0.0, H), training("b", 1, 1, 2 * H, H)], [], window_s=4 * H)
+    out = cost.gpuctl_fleet(work, OFFERS, POLICY, boot_s=BOOT, idle_grace_s=300.0, warm_nodes=warm)
+    r = cost.report(cost.GPUCTL, work, out)
+    if warm:
+        # One node from 0 to b's end (10,800 s): $2 x 3 h.
+        assert [(b.sku, b.start_s) for b in out.bills] == [("h100x1", 0.0)]
+        assert r.avg_jct_s == pytest.approx((BOOT + H + H) / 2)
+        assert r.dollars == pytest.approx(2 * 3.0)
+    else:
+        # 0..3,900 s, then 7,200..11,100 s: $2 x 7,800/3,600.
+        assert [(b.sku, b.start_s, b.end_s) for b in out.bills] == [
+            ("h100x1", 0.0, BOOT + H),
+            ("h100x1", 2 * H, 2 * H + BOOT + H),
+        ]
+        assert r.avg_jct_s == pytest.approx(BOOT + H)
+        assert r.dollars == pytest.approx(2 * 7800 / H)
+
+
 def test_single_shape_fleet() -> None:
     work = gang_and_chat()
     # peak: 16 GPUs of the gang + 1 of the replica = 17 -> 3 nodes of 8

@@ -136,6 +136,13 @@ def offer_of(sku: Sku) -> Offer:
     help="(c): gpuctl's idle grace for a node a queued job fits (leases.idle_grace_s).",
 )
 @click.option(
+    "--warm-nodes",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help="(c): idle leased nodes gpuctl keeps warm beyond those (leases.warm_nodes).",
+)
+@click.option(
     "--fleet-sku", default="", help="(a)'s node [default: the cheapest 8-GPU training SKU]."
 )
 @click.option(
@@ -166,6 +173,7 @@ def cost_command(
     boot_s: float,
     idle_timer_s: float,
     idle_grace_s: float,
+    warm_nodes: int,
     fleet_sku: str,
     fleet_nodes: int,
     policy: str,
@@ -242,6 +250,7 @@ def cost_command(
             boot_s=boot_s,
             idle_timer_s=idle_timer_s,
             idle_grace_s=idle_grace_s,
+            warm_nodes=warm_nodes,
             fleet_offer=shape,
             fleet_nodes=fleet_nodes,
         )
@@ -250,7 +259,8 @@ def cost_command(
     click.echo(
         f"(a) {result.fleet_nodes} x {result.fleet_sku}; (b) idle timer {idle_timer_s:g} s; "
         f"(b') Karpenter, pods naming {TRAINING_GPU}, consolidateAfter "
-        f"{DEFAULT_CONSOLIDATE_AFTER_S:g} s; (c) idle grace {idle_grace_s:g} s; "
+        f"{DEFAULT_CONSOLIDATE_AFTER_S:g} s; (c) idle grace {idle_grace_s:g} s, "
+        f"{warm_nodes} warm nodes; "
         f"boot {boot_s:g} s for (b), (b') and (c)"
     )
     click.echo(_table(result))
@@ -286,6 +296,7 @@ def cost_command(
             "boot_s": boot_s,
             "idle_timer_s": idle_timer_s,
             "idle_grace_s": idle_grace_s,
+            "warm_nodes": warm_nodes,
             "policy": policy,
             "machine": platform.node(),
             "python": platform.python_version(),

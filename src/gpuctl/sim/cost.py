@@ -306,10 +306,18 @@ def gpuctl_fleet(
     *,
     boot_s: float,
     idle_grace_s: float,
+    warm_nodes: int = 0,
 ) -> Outcome:
     """(c): the core places on leased nodes, asks for leases for what waits, gives back what
-    nothing uses (with its idle grace for nodes a queued job fits)."""
-    return replay(workload, policy, offers=offers, boot_s=boot_s, idle_grace_s=idle_grace_s)
+    nothing uses (with its idle grace for nodes a queued job fits, and its warm pool)."""
+    return replay(
+        workload,
+        policy,
+        offers=offers,
+        boot_s=boot_s,
+        idle_grace_s=idle_grace_s,
+        warm_nodes=warm_nodes,
+    )
 
 
 # -- the comparison ----------------------------------------------------------------------------
@@ -397,6 +405,7 @@ def compare(
     boot_s: float = DEFAULT_BOOT_S,
     idle_timer_s: float = DEFAULT_IDLE_TIMER_S,
     idle_grace_s: float = DEFAULT_IDLE_GRACE_S,
+    warm_nodes: int = 0,
     consolidate_after_s: float = DEFAULT_CONSOLIDATE_AFTER_S,
     fleet_offer: Offer | None = None,
     fleet_nodes: int = 0,
@@ -417,7 +426,9 @@ def compare(
     b2 = karpenter_fleet(workload, offers, boot_s=boot_s, consolidate_after_s=consolidate_after_s)
     wall[KARPENTER] = time.perf_counter() - started
     started = time.perf_counter()
-    c = gpuctl_fleet(workload, offers, policy, boot_s=boot_s, idle_grace_s=idle_grace_s)
+    c = gpuctl_fleet(
+        workload, offers, policy, boot_s=boot_s, idle_grace_s=idle_grace_s, warm_nodes=warm_nodes
+    )
     wall[GPUCTL] = time.perf_counter() - started
     reports = (
         report(SINGLE_SHAPE, workload, a),

@@ -138,6 +138,7 @@ class _Replay:
         offers: Sequence[Offer] = (),
         boot_s: float = 0.0,
         idle_grace_s: float = 0.0,
+        warm_nodes: int = 0,
     ) -> None:
         self.demands = {d.id: d for d in workload.demands}
         self.policy = policy
@@ -146,6 +147,7 @@ class _Replay:
         self.offer = {(o.provider, o.sku): o for o in offers}
         self.boot_s = boot_s
         self.grace = idle_grace_s
+        self.warm_nodes = warm_nodes
         self.nodes: dict[str, Node] = {n.id: n for n in nodes}
         self.events: list[tuple[float, int, int, int | str, int]] = []
         self.seq = 0
@@ -307,6 +309,7 @@ class _Replay:
             failed={j: frozenset(f) for j, f in self.failed.items() if j in self.pending},
             idle_since=dict(self.idle_since),
             idle_grace_s=self.grace,
+            warm_nodes=self.warm_nodes,
         )
 
     def _tick_after_grace(self) -> None:
@@ -381,10 +384,17 @@ def replay(
     offers: Sequence[Offer] = (),
     boot_s: float = 0.0,
     idle_grace_s: float = 0.0,
+    warm_nodes: int = 0,
 ) -> Outcome:
     """Replay `workload` until every demand has ended: on `nodes` (a fixed fleet, paid for from
     0 on), and with `offers`, on nodes leased from them as the cycles ask (`boot_s` from request
-    to registered; the cycle's `idle_grace_s`)."""
+    to registered; the cycle's `idle_grace_s` and `warm_nodes`)."""
     return _Replay(
-        workload, policy, nodes=nodes, offers=offers, boot_s=boot_s, idle_grace_s=idle_grace_s
+        workload,
+        policy,
+        nodes=nodes,
+        offers=offers,
+        boot_s=boot_s,
+        idle_grace_s=idle_grace_s,
+        warm_nodes=warm_nodes,
     ).run()

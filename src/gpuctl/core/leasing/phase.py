@@ -142,11 +142,13 @@ def _releases(
     now: datetime,
 ) -> tuple[LeaseRelease, ...]:
     """Leases nothing will use: requested for a job that no longer waits; a node its job could
-    not use; an idle node no queued job fits, or one idle past the grace."""
+    not use; an idle node no queued job fits, or one idle past the grace, but for the warm
+    pool (`Leasing.warm_nodes`)."""
     waiting_by_id = {j.id: j for j in waiting}
     candidates = list(waiting)[:_GRACE_CANDIDATES]
     grace = leasing.idle_grace_s
     out: list[LeaseRelease] = []
+    idle: list[tuple[NodeLease, NodeView]] = []  # given back as no job waits for them
     for lease in leasing.leases:
         if not managed(lease):
             continue
@@ -201,4 +203,15 @@ def _releases(
         out.append(
             LeaseRelease(lease_id=lease.id, node_id=view.id, reason=done + why, job_id=owner)
         )
+        idle.append((lease, view))
+    if kept := _kept_warm(leasing.warm_nodes, idle):
+        out = [r for r in out if r.lease_id not in kept]
     return tuple(out)
+
+
+def _kept_warm(warm: int, idle: Sequence[tuple[NodeLease, NodeView]]) -> frozenset[str]:
+    """The leases of the `warm` cheapest idle nodes (by price, then node id), kept."""
+    if warm <= 0:
+        return frozenset()
+    cheapest = sorted(idle, key=lambda item: (item[0].price_per_hour, item[1].id))[:warm]
+    return frozenset(lease.id for lease, _ in cheapest)

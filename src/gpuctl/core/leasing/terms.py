@@ -64,6 +64,10 @@ class Leasing:
     failed: Mapping[int, frozenset[tuple[str, str]]] = field(default_factory=dict)
     idle_since: Mapping[str, datetime] = field(default_factory=dict)  # leased node -> since
     idle_grace_s: float = 0.0
+    # Idle leased nodes kept beyond those a queued job will take (a warm pool), the cheapest
+    # first: a replica added when a service scales up then starts at once instead of waiting
+    # out a new node's boot.
+    warm_nodes: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
