@@ -83,7 +83,11 @@ MAX_RUNNING_REFS = 4096  # ranks one node reports: far above GPUs x shares of an
 # Replies stay under gRPC's 4 MiB default whatever the jobs hold: a page or a heartbeat stops
 # short of this, and the rest comes with the next page or heartbeat.
 MAX_REPLY_BYTES = 3 << 20
-LISTED_VIEWS = 20_000  # job views kept built for ListJobs (see JobServicer._listed)
+# Job views kept built for ListJobs (see JobServicer._listed), ~0.5 KB each: room for a long
+# queue listed again and again. Emptied when full, so a queue longer than this is built anew
+# at every listing (with 30,000 active jobs and 20,000 here, `gpuctl jobs` listed in ~1.9 s
+# instead of ~0.5 s).
+LISTED_VIEWS = 50_000
 PENDING_RECOUNT = timedelta(seconds=1)  # see PendingCounts
 F = TypeVar("F", bound=Callable[..., Any])
 

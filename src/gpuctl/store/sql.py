@@ -138,7 +138,7 @@ _FIXED_OF = select(_JOBS.c.id, _JOBS.c.request_id, _JOBS.c.created_at).where(
     _JOBS.c.id.in_(bindparam("ids", expanding=True))
 )
 _IN_CHUNK = 5000  # ids in one IN (...): far below any backend's limit on parameters
-_DECODED_JOBS = 20_000  # jobs kept decoded (ten pages of the largest size, and more)
+_DECODED_JOBS = 50_000  # jobs kept decoded: a long queue listed again (see LISTED_VIEWS)
 
 
 def open_store(url: str, *, migrate: bool = False) -> SqlStore:
