@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from multiprocessing.connection import Connection
@@ -129,7 +130,7 @@ def decide(
     given = services.cycle_input(jobs, now)
     snapshot = Snapshot.build(nodes, given.holding)
     result = schedule(snapshot, given.pending, policy, now=now, leasing=leasing)
-    return _decided(result, jobs, now)
+    return _decided(result, {j.id: j for j in jobs}, now)
 
 
 class Decider:
@@ -154,8 +155,16 @@ class Decider:
         self.renewed = 0  # renewals made aside and taken up (for tests)
 
     def decide(
-        self, jobs: list[Job], nodes: list[Node], *, now: datetime, leasing: Leasing | None
+        self,
+        jobs: list[Job],
+        nodes: list[Node],
+        *,
+        now: datetime,
+        leasing: Leasing | None,
+        by_id: Mapping[int, Job] | None = None,
     ) -> Decided:
+        """`by_id`: the same jobs by id, where the caller has them (else made here)."""
+        by_id = by_id if by_id is not None else {j.id: j for j in jobs}
         given = services.cycle_input(jobs, now)
         told = self._take_renewal()
         if self._carry is not None and leasing is None:
@@ -166,9 +175,10 @@ class Decider:
                     self._renew(given, nodes, now)
                 # With the reasons a renewal taken up gives the jobs it read (time moves some):
                 # only those that changed go to gpuctld (`_decided`).
-                waiting = {j.id for j in given.pending}
-                told = tuple(u for u in told if u.job_id in waiting)
-                return _decided(CycleResult(unschedulable=(*told, *said)), jobs, now)
+                if told:
+                    waiting = {j.id for j in given.pending}
+                    told = tuple(u for u in told if u.job_id in waiting)
+                return _decided(CycleResult(unschedulable=(*told, *said)), by_id, now)
         self._carry = None
         if self._renewal is not None:
             self._renewal.wanted = False  # made from an older view: of no use now
@@ -178,7 +188,7 @@ class Decider:
         )
         if carried is not None:
             self._carry = _Carry.of(carried, nodes, given)
-        return _decided(result, jobs, now)
+        return _decided(result, by_id, now)
 
     def wait_renewal(self, timeout: float | None = None) -> None:
         """Until a renewal made aside has finished (tests; the worker never waits)."""
@@ -292,7 +302,7 @@ class _Carry:
             before = self.pending.get(job.id)
             if before is None:
                 new.append(job)
-            elif not _same(job, before):
+            elif before is not job and not _same(job, before):  # (the same object: most)
                 return None
             else:
                 kept += 1
@@ -329,8 +339,7 @@ def _same(job: Job, before: Job | None) -> bool:
     )  # fmt: skip
 
 
-def _decided(result: CycleResult, jobs: list[Job], now: datetime) -> Decided:
-    by_id = {j.id: j for j in jobs}
+def _decided(result: CycleResult, by_id: Mapping[int, Job], now: datetime) -> Decided:
     changed = []
     for m in result.unschedulable:
         job = by_id[m.job_id]
@@ -364,8 +373,11 @@ def _serve(conn: Connection, store_url: str, policy: Policy) -> None:
             except EOFError:  # gpuctld is gone or done with us
                 return
             try:
-                jobs = list(active())
-                decided = decider.decide(jobs, list(store.list_nodes()), now=now, leasing=leasing)
+                by_id = active.by_id()
+                nodes = list(store.list_nodes())
+                decided = decider.decide(
+                    list(by_id.values()), nodes, now=now, leasing=leasing, by_id=by_id
+                )
                 conn.send((True, decided))
             except Exception as e:  # told to gpuctld, which logs it; the next cycle tries again
                 conn.send((False, f"{type(e).__name__}: {e}"))
