@@ -100,8 +100,7 @@ _JOBS = JobRow.__table__  # type: ignore[attr-defined]
 _EVENTS = EventRow.__table__  # type: ignore[attr-defined]
 _COUNTER = RevisionCounter.__table__  # type: ignore[attr-defined]
 _LEADER_ROW = LeaderRow.__table__  # type: ignore[attr-defined]
-_INSERT_JOB = insert(_JOBS).returning(_JOBS.c.id)
-# Many jobs in one statement, their ids in the order of their rows.
+# Jobs in one statement, their ids in the order of their rows.
 _INSERT_JOBS = insert(_JOBS).returning(_JOBS.c.id, sort_by_parameter_order=True)
 _INSERT_EVENT = insert(_EVENTS)
 _NODES = NodeRow.__table__  # type: ignore[attr-defined]
@@ -766,11 +765,7 @@ def _create_many(conn: Connection, creates: Sequence[_Create]) -> list[tuple[Job
             )
             for i, revision in zip(new, _next_revisions(conn, len(new)), strict=True)
         ]
-        params = [job_values(job) for job in jobs]
-        if len(params) == 1:
-            ids = [conn.execute(_INSERT_JOB, params[0]).scalar_one()]
-        else:
-            ids = list(conn.execute(_INSERT_JOBS, params).scalars())
+        ids = list(conn.execute(_INSERT_JOBS, [job_values(job) for job in jobs]).scalars())
         events: list[Event] = []
         audits: list[dict[str, Any]] = []
         for i, job, new_id in zip(new, jobs, ids, strict=True):
