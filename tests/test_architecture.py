@@ -192,9 +192,9 @@ RULES = (
     Rule(
         id="only-the-daemon-wires-the-api",
         scope="gpuctl.runtime",
-        exempt=("gpuctl.runtime.daemon",),
+        exempt=("gpuctl.runtime.daemon", "gpuctl.runtime.apiworkers"),
         why="the runtime's parts (controller, leases, cycles) know nothing of gRPC: the daemon "
-        "module alone puts the API in front of them",
+        "module and its API workers' alone put the API in front of them",
         gpuctl=("gpuctl.runtime", "gpuctl.core", "gpuctl.store", "gpuctl.providers"),
         forbidden=("grpc",),
     ),

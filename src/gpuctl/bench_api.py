@@ -48,22 +48,32 @@ def _request(call: str, job: str):
     return health_pb2.HealthCheckRequest()
 
 
-async def _load(target: str, token: str, call: str, inflight: int, seconds: float, job: str):
-    async with grpc.aio.insecure_channel(target) as channel:
-        jobs = jobs_pb2_grpc.JobServiceStub(channel)
-        if call == "Health":
-            method = health_pb2_grpc.HealthStub(channel).Check
-        elif call == "ListNodes":
-            method = nodes_pb2_grpc.NodeServiceStub(channel).ListNodes
-        else:
-            method = getattr(jobs, call)
+def _method(channel: grpc.aio.Channel, call: str):
+    if call == "Health":
+        return health_pb2_grpc.HealthStub(channel).Check
+    if call == "ListNodes":
+        return nodes_pb2_grpc.NodeServiceStub(channel).ListNodes
+    return getattr(jobs_pb2_grpc.JobServiceStub(channel), call)
+
+
+async def _load(
+    target: str, token: str, call: str, inflight: int, seconds: float, job: str, channels: int
+):
+    # Each channel a connection of its own (not shared with the process's other channels): as
+    # many clients, which the kernel spreads over gpuctld and its API workers.
+    opened = [
+        grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(channels)
+    ]
+    methods = [_method(c, call) for c in opened]
+    try:
         metadata = bearer(token) if token else ()
         latencies: list[float] = []
         refusals: list[float] = []
         codes: Counter[str] = Counter()
         stop = time.monotonic() + seconds
 
-        async def worker() -> None:
+        async def worker(method) -> None:
             while time.monotonic() < stop:
                 start = time.perf_counter()
                 try:
@@ -78,8 +88,11 @@ async def _load(target: str, token: str, call: str, inflight: int, seconds: floa
                         refusals.append(time.perf_counter() - start)
                         await asyncio.sleep(_retry_delay(e) * random.uniform(1.0, 1.5))
 
-        await asyncio.gather(*(worker() for _ in range(inflight)))
+        await asyncio.gather(*(worker(methods[i % channels]) for i in range(inflight)))
         return latencies, codes, refusals
+    finally:
+        for c in opened:
+            await c.close()
 
 
 def _retry_delay(error: grpc.aio.AioRpcError) -> float:
@@ -97,13 +110,13 @@ def _process(args) -> tuple[list[float], dict[str, int], list[float]]:
     return latencies, dict(codes), refusals
 
 
-def run_load(target, tokens, call, *, procs, inflight, seconds, jobs=()) -> dict:
+def run_load(target, tokens, call, *, procs, inflight, seconds, jobs=(), channels=1) -> dict:
     """`procs` processes (each its own caller, with its token) with `inflight / procs` calls
-    each in flight, for `seconds`."""
+    each in flight over `channels` connections, for `seconds`."""
     per = max(1, inflight // procs)
     jobs = jobs or [""]
     work = [
-        (target, tokens[i % len(tokens)], call, per, seconds, jobs[i % len(jobs)])
+        (target, tokens[i % len(tokens)], call, per, seconds, jobs[i % len(jobs)], channels)
         for i in range(procs)
     ]
     with multiprocessing.get_context("spawn").Pool(procs) as pool:
@@ -198,7 +211,7 @@ def decision_latency(client_target: str, token: str, samples: int = 20) -> list[
     return sorted(took)
 
 
-def run_case(args, stored: int, rows: list[dict]) -> None:
+def run_case(args, stored: int, rows: list[dict], workers: int = 0) -> None:
     root = Path(tempfile.mkdtemp(prefix="gpuctl-bench-"))
     me = pwd.getpwuid(os.geteuid()).pw_name
     config = FAST_CONFIG.replace("{user}", me).replace("interval_s = 1.0", "interval_s = 5.0")
@@ -208,6 +221,8 @@ def run_case(args, stored: int, rows: list[dict]) -> None:
     else:
         store_url = f"sqlite:///{root / 'bench.db'}"
     config += f'\n[store]\nurl = "{store_url}"\n'
+    if workers:
+        config += f"\n[server]\napi_workers = {workers}\n"
     (root / "cluster").mkdir()
     (root / "cluster" / "gpuctld.toml").write_text(config)
     pending = min(stored, args.pending)
@@ -219,7 +234,12 @@ def run_case(args, stored: int, rows: list[dict]) -> None:
     trivial = multiprocessing.get_context("spawn").Process(
         target=_serve_trivial, args=(str(root / "trivial.port"),), daemon=True
     )
-    case = {"stored": stored, "pending": pending, "store": "postgresql" if schema else "sqlite"}
+    case = {
+        "stored": stored,
+        "pending": pending,
+        "store": "postgresql" if schema else "sqlite",
+        "api_workers": workers,
+    }
     try:
         cluster.start_daemon(timeout=300)
         daemon = psutil.Process(cluster.procs["gpuctld"].pid)
@@ -255,13 +275,13 @@ def run_case(args, stored: int, rows: list[dict]) -> None:
             # The ceiling first, then each call: close together, since the machine drifts.
             ceiling = run_load(
                 trivial_target, [""], "Health", procs=args.procs, inflight=inflight,
-                seconds=args.seconds,
+                seconds=args.seconds, channels=args.channels,
             )  # fmt: skip
             rows.append({**case, **ceiling, "server": "trivial"})
             for call in args.call or ["CreateJob", "GetJob", "ListJobs", "ListNodes"]:
                 row = run_load(
                     cluster.target, tokens, call, procs=args.procs, inflight=inflight,
-                    seconds=args.seconds, jobs=names,
+                    seconds=args.seconds, jobs=names, channels=args.channels,
                 )  # fmt: skip
                 row["of_ceiling"] = row["rate"] / ceiling["rate"] if ceiling["rate"] else 0.0
                 row["server"] = "gpuctld"
@@ -274,7 +294,7 @@ def run_case(args, stored: int, rows: list[dict]) -> None:
         if schema:
             _drop_schema(args.store_url, schema)
     print(
-        f"stored {stored:,}: first decision {case.get('first_decision_s', 0):.2f} s, then "
+        f"stored {stored:,}, {workers} API workers: first decision {case.get('first_decision_s', 0):.2f} s, then "
         f"p50 {case.get('decision_s', 0) * 1e3:.0f} ms, p90 "
         f"{case.get('decision_p90_s', 0) * 1e3:.0f} ms, longest "
         f"{case.get('decision_max_s', 0) * 1e3:.0f} ms; `gpuctl jobs` "
@@ -308,6 +328,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="gpuctl-bench-api", description=__doc__)
     p.add_argument("--seconds", type=float, default=5.0, help="per case (default 5)")
     p.add_argument("--procs", type=int, default=4, help="load processes (default 4)")
+    p.add_argument(
+        "--channels", type=int, default=1,
+        help="connections of each load process (default 1); many spread over API workers",
+    )  # fmt: skip
+    p.add_argument(
+        "--rounds", type=int, default=1, help="run every case this many times, interleaved"
+    )
     p.add_argument("--inflight", type=int, action="append", help="calls in flight (32, 128)")
     p.add_argument("--call", action="append", choices=CALLS, help="default: all")
     p.add_argument(
@@ -319,20 +346,26 @@ def main(argv: list[str] | None = None) -> int:
         help="of the stored jobs, how many pending; the rest finished (default 30,000)",
     )  # fmt: skip
     p.add_argument("--store-url", default="", help="postgresql://... (a schema of its own)")
+    p.add_argument(
+        "--api-workers", type=int, action="append",
+        help="gpuctld's [server] api_workers, one case each (default: 0)",
+    )  # fmt: skip
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args(argv)
     rows: list[dict] = []
-    for stored in args.stored or [0]:
-        run_case(args, stored, rows)
+    for _ in range(args.rounds):
+        for stored in args.stored or [0]:
+            for workers in args.api_workers or [0]:
+                run_case(args, stored, rows, workers)
     print(
-        f"{'stored':>9} {'server':8} {'call':10} {'inflight':>8} {'rate/s':>8} {'p50 ms':>8} "
+        f"{'stored':>9} {'workers':>7} {'server':8} {'call':10} {'inflight':>8} {'rate/s':>8} {'p50 ms':>8} "
         f"{'p99 ms':>8} {'ceiling':>8} {'RSS MiB':>8}  codes"
     )
     for r in rows:
         share = f"{r['of_ceiling']:.1%}" if "of_ceiling" in r else "-"
         rss = f"{r['rss_mib']:.0f}" if "rss_mib" in r else "-"
         print(
-            f"{r['stored']:>9,} {r['server']:8} {r['call']:10} {r['inflight']:>8} "
+            f"{r['stored']:>9,} {r['api_workers']:>7} {r['server']:8} {r['call']:10} {r['inflight']:>8} "
             f"{r['rate']:>8.0f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {share:>8} {rss:>8}  "
             f"{r['codes']}"
         )

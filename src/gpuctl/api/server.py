@@ -30,6 +30,7 @@ from gpuctl.api._pb.v1 import (
     nodes_pb2_grpc,
 )
 from gpuctl.api.auth import Authenticator, PeerCredIssuer, SessionBook, auth_socket_path
+from gpuctl.api.forward import SERVED_HERE, Forwarder
 from gpuctl.api.lanes import Lanes
 from gpuctl.api.limits import BUSY, BUSY_RETRY_S
 from gpuctl.api.servicers import (
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+MAX_MESSAGE_BYTES = 4 << 20  # a request's or reply's largest, less gRPC's framing
 MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the terminating NUL
 SERVICE_NAMES = (
     auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name,
@@ -72,6 +74,11 @@ class Listeners:
     # a client certificate without requiring it, so this is a listener of its own).
     agent_tcp: str = ""
     agent_ca: bytes = b""
+    # gpuctld's private socket for its API workers' calls (api.forward); None: no workers.
+    internal: Path | None = None
+    # Share `tcp`'s port with other processes of the same user (gpuctld and its API workers:
+    # the kernel spreads connections over them).
+    reuse_port: bool = False
 
 
 class CallObserver(Protocol):
@@ -163,11 +170,13 @@ class _Edge(grpc.aio.ServerInterceptor):
         lanes: Lanes,
         observer: CallObserver | None = None,
         inline: Mapping[str, Callable[[Any], bool]] | None = None,
+        forward: Forwarder | None = None,
     ) -> None:
         self.auth = auth
         self.lanes = lanes
         self.observer = observer
         self.inline = inline or {}
+        self.forward = forward  # in an API worker: where the calls it does not serve go
 
     async def intercept_service(self, continuation, details):
         if details.method.startswith("/grpc.reflection."):
@@ -183,6 +192,12 @@ class _Edge(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or handler.request_streaming or handler.request_deserializer is None:
             return handler  # reflection's own (it runs on the loop)
+        if (
+            self.forward is not None
+            and details.method not in SERVED_HERE
+            and not details.method.startswith("/grpc.health.")
+        ):
+            return self.forward.handler(details.method, handler.response_streaming)
         kind = "unary_stream" if handler.response_streaming else "unary_unary"
         behavior = _refusing_malformed(getattr(handler, kind))
         people = not details.method.startswith(_OWN_LANE)
@@ -367,16 +382,20 @@ class ApiServer:
         *,
         sessions: SessionBook | None = None,
         watch_poll_s: float = 0.5,
-        max_message_bytes: int = 4 << 20,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
         observer: CallObserver | None = None,
         inline_reads: bool = True,
+        forward: Forwarder | None = None,
     ) -> None:
         workers = guard.limits.settings.workers
         reserve = guard.limits.settings.agent_reserve
         self.lanes = Lanes(people=workers - reserve, others=reserve)
         # A handler waiting for its write to commit lets the next one run (api.lanes.Gate).
         controller.store.before_waiting(self.lanes.gate.leave)
-        edge = _Edge(guard.auth, self.lanes, observer, INLINE_READS if inline_reads else None)
+        edge = _Edge(
+            guard.auth, self.lanes, observer, INLINE_READS if inline_reads else None, forward
+        )
+        self.forward = forward
         servicers = (
             (jobs_pb2_grpc.add_JobServiceServicer_to_server, JobServicer(
                 controller, guard, poll_s=watch_poll_s
@@ -388,9 +407,13 @@ class ApiServer:
         )  # fmt: skip
         self.health = health.HealthServicer()
         self.socket = listeners.socket
+        self.internal = listeners.internal
         self.issuer: PeerCredIssuer | None = None
-        if listeners.socket is not None:
-            for p in (listeners.socket, auth_socket_path(listeners.socket)):
+        if listeners.socket is not None or listeners.internal is not None:
+            paths = [listeners.internal] if listeners.internal is not None else []
+            if listeners.socket is not None:
+                paths += [listeners.socket, auth_socket_path(listeners.socket)]
+            for p in paths:
                 if len(str(p).encode()) > MAX_SOCKET_PATH:
                     raise OSError(f"socket path {p} is longer than {MAX_SOCKET_PATH} bytes")
         self._loop = asyncio.new_event_loop()
@@ -402,7 +425,7 @@ class ApiServer:
         async def build() -> grpc.aio.Server:
             server = grpc.aio.server(
                 options=[
-                    ("grpc.so_reuseport", 0),
+                    ("grpc.so_reuseport", int(listeners.reuse_port)),
                     ("grpc.max_receive_message_length", max_message_bytes + (64 << 10)),
                     ("grpc.max_send_message_length", max_message_bytes + (64 << 10)),
                 ],
@@ -443,6 +466,11 @@ class ApiServer:
                 self._listen(f"unix:{path}", None, what=f"the Unix socket {path}")
                 if sessions is not None:
                     self.issuer = PeerCredIssuer(auth_socket_path(path), sessions, guard.auth.roles)
+            if listeners.internal is not None:  # in the private state directory: ours alone
+                listeners.internal.unlink(missing_ok=True)
+                self._listen(
+                    f"unix:{listeners.internal}", None, what=f"the socket {listeners.internal}"
+                )
         except BaseException:
             self._stop_loop()
             raise
@@ -480,11 +508,14 @@ class ApiServer:
             self.issuer.stop()
         try:
             self._on_loop(self.server.stop(grace_s), timeout=grace_s + 5)
+            if self.forward is not None:
+                self._on_loop(self.forward.close(), timeout=5)
         finally:
             self.lanes.shutdown()
             self._stop_loop()
-        if self.socket is not None:
-            self.socket.unlink(missing_ok=True)
+        for path in (self.socket, self.internal):
+            if path is not None:
+                path.unlink(missing_ok=True)
 
     def _stop_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)

@@ -33,6 +33,7 @@ from gpuctl.api._pb.v1 import (
 )
 from gpuctl.api.auth import Authenticator, account_groups, mint_token
 from gpuctl.api.auth import account as account_of
+from gpuctl.api.forward import peer_of
 from gpuctl.api.limits import Limits
 from gpuctl.api.pki import NODE_DAYS, Authority
 from gpuctl.api.status import abort, to_status
@@ -119,6 +120,8 @@ class Guard:
     join_token_ttl_s: float = 3600.0
     authority: Authority | None = None  # gpuctld's own CA: node certificates for joins
     queues: QueueGrants = field(default_factory=QueueGrants)
+    # What gpuctld's API workers show to vouch for a caller's address (api.forward); "": none.
+    forward_secret: str = ""
 
     def granted(self, who: Principal) -> frozenset[str]:
         """The queues whose jobs `who` may act on besides their own."""
@@ -141,7 +144,7 @@ def rpc(permission: Permission | None, *, audited: bool = False) -> Callable[[F]
 
         def begin(self, context) -> Call:
             who = self.guard.auth.authenticate(context)
-            call = Call(who=who, peer=context.peer() or "", action=action)
+            call = Call(who=who, peer=peer_of(context, self.guard.forward_secret), action=action)
             if permission is not None:
                 try:
                     who.require(permission)

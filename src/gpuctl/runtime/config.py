@@ -16,6 +16,7 @@ from gpuctl.core.errors import FieldViolation, InvalidArgument
 from gpuctl.core.trust import DEFAULT_DENIED_ACCOUNTS, DEFAULT_MIN_UID
 
 LOG_FORMATS = ("auto", "json", "plain")
+MAX_API_WORKERS = 64
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -29,6 +30,7 @@ class DaemonConfig:
     tls_names: tuple[str, ...] = ()  # its names; empty: localhost, 127.0.0.1, the host name
     agent_listen: str = ""  # agents with certificates from gpuctld's CA (mTLS)
     max_workers: int = 64
+    api_workers: int = 0  # processes that serve the TCP listener beside gpuctld's own
     drain_grace_s: float = 10.0
     state_dir: str = ""  # "": $STATE_DIRECTORY (systemd) or ~/.local/state/gpuctld
     store_url: str = ""  # "": SQLite at <state_dir>/gpuctld.db
@@ -118,6 +120,7 @@ _KEYS: dict[str, str] = {
     "server.socket": "socket",
     "server.insecure": "insecure",
     "server.max_workers": "max_workers",
+    "server.api_workers": "api_workers",
     "tls.cert_file": "tls_cert_file",
     "tls.key_file": "tls_key_file",
     "tls.self_signed": "tls_self_signed",
@@ -263,6 +266,11 @@ def load_config(
                 "jobs.replica_port_range",
                 f"ports {base}..{base + size - 1} must lie within 1024..65535",
             )
+        )
+    workers = values.get("api_workers", 0)
+    if isinstance(workers, int) and workers > MAX_API_WORKERS:
+        violations.append(
+            FieldViolation("server.api_workers", f"at most {MAX_API_WORKERS} (0: none)")
         )
     if values.get("log_format", "auto") not in LOG_FORMATS:
         violations.append(FieldViolation("logging.format", 'must be "auto", "json" or "plain"'))

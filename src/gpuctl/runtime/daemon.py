@@ -12,7 +12,9 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 
 from gpuctl.api.auth import Authenticator, JwtVerifier, SessionBook
@@ -25,6 +27,7 @@ from gpuctl.core.leasing import Budget
 from gpuctl.core.plugins import build_policy
 from gpuctl.core.trust import Permission, QueueGrants, RolePolicy, RunAsPolicy
 from gpuctl.runtime import logfmt
+from gpuctl.runtime.apiworkers import ApiWorkers
 from gpuctl.runtime.clock import SystemClock
 from gpuctl.runtime.config import DaemonConfig, load_config, load_providers
 from gpuctl.runtime.controller import Controller, ControllerSettings
@@ -39,6 +42,7 @@ from gpuctl.runtime.periodic import Periodic
 from gpuctl.runtime.private import private_state_dir
 from gpuctl.runtime.sdnotify import Notifier
 from gpuctl.runtime.webui import SAMPLE_EVERY_S, History, Sources, WebUi
+from gpuctl.store.base import Store
 from gpuctl.store.sql import open_store
 
 log = logging.getLogger("gpuctld")
@@ -146,30 +150,7 @@ def serve(
     store = open_store(config.resolved_store_url(env), migrate=migrate)
     store.fence(0)  # nothing is written until this gpuctld leads (see runtime/leadership)
     periodic = Periodic()
-    controller = Controller(
-        store,
-        SystemClock(),
-        build_policy(config.policy, config.policy_weights),
-        LogStore(
-            state_dir / "logs",
-            max_bytes_per_rank=config.max_log_bytes_per_rank,
-            max_bytes_per_job=config.max_log_bytes_per_job,
-            max_bytes_total=config.max_log_bytes_total,
-        ),
-        ControllerSettings(
-            heartbeat_interval_s=config.heartbeat_interval_s,
-            heartbeat_timeout_s=config.heartbeat_timeout_s,
-            kill_grace_s=config.kill_grace_s,
-            master_port_base=config.master_port_base,
-            master_port_range=config.master_port_range,
-            replica_port_base=config.replica_port_base,
-            replica_port_range=config.replica_port_range,
-            queues=config.queues,
-            job_retention_s=config.retention_days * 86400.0,
-            audit_retention_s=config.audit_retention_days * 86400.0,
-        ),
-        wake=lambda: periodic.wake("cycle"),
-    )
+    controller = build_controller(config, store, state_dir, wake=lambda: periodic.wake("cycle"))
     metrics = DaemonMetrics(
         Standing(
             nodes=store.list_nodes,
@@ -243,6 +224,8 @@ def serve(
         if config.ui and config.metrics_listen:
             periodic.every("ui-history", SAMPLE_EVERY_S, history.sample)
         periodic.start()
+        if workers is not None:
+            workers.start(epoch)
         notifier.status(f"leading (epoch {epoch})")
 
     lost: list[str] = []
@@ -252,44 +235,18 @@ def serve(
         stop.set()
 
     sessions = SessionBook(config.session_ttl_s)
-    listeners, authority = _listeners(config, env, state_dir)
-    limits = LimitSettings(
-        workers=config.max_workers,
-        agent_reserve=config.agent_reserve,
-        max_streams=config.max_streams,
-        streams_per_caller=config.streams_per_caller,
-        calls_per_caller=config.calls_per_caller,
-    )
-    if limits.violations():
-        raise InvalidArgument([FieldViolation("limits", v) for v in limits.violations()])
-    guard = Guard(
-        auth=Authenticator(
-            store,
-            roles=RolePolicy(
-                admins=frozenset(config.admins),
-                operators=frozenset(config.operators),
-                admin_groups=frozenset(config.admin_groups),
-                operator_groups=frozenset(config.operator_groups),
-            ),
-            sessions=sessions,
-            now=controller.clock.now,
-            jwt=_jwt_verifier(config),
-        ),
-        limits=Limits(limits),
-        runas=RunAsPolicy(
-            min_uid=config.run_as_min_uid,
-            deny=frozenset(config.run_as_deny),
-            allow=frozenset(config.run_as_allow),
-            map=dict(config.run_as_map),
-        ),
-        queues=QueueGrants(
-            members={q: frozenset(g.get("members", ())) for q, g in config.queue_grants.items()},
-            groups={q: frozenset(g.get("groups", ())) for q, g in config.queue_grants.items()},
-        ),
-        max_spec_bytes=config.max_spec_bytes,
-        max_pending_per_user=config.max_pending_per_user,
-        default_token_ttl_s=config.token_ttl_s,
+    listeners, authority = build_listeners(config, env, state_dir)
+    workers = None
+    if config.api_workers and config.listen:
+        workers = ApiWorkers(config, env, wake=lambda: periodic.wake("cycle"))
+        listeners = replace(listeners, internal=workers.socket, reuse_port=True)
+    guard = build_guard(
+        config,
+        store,
+        sessions=sessions,
+        now=controller.clock.now,
         authority=authority,
+        forward_secret=workers.secret if workers is not None else "",
     )
     server = ApiServer(
         controller,
@@ -305,6 +262,8 @@ def serve(
         config, state_dir, metrics, guard.auth, history if config.ui else None, sessions
     )
     server.start()
+    if workers is not None:
+        workers.port = server.port
     # What start-up made (modules, the schema, the policy, the servers) lives as long as the
     # daemon: out of the collector's sight, a full collection under load scans only what came
     # since, ~5 ms instead of 30-60 ms of every call waiting (each one there adds to p99).
@@ -362,6 +321,8 @@ def serve(
         log.info("SIGTERM: draining (grace %gs)", config.drain_grace_s)
     notifier.stopping()
     electing.join()
+    if workers is not None:
+        workers.stop(config.drain_grace_s)
     periodic.shutdown()
     if controller.cycles is not None:
         controller.cycles.close()
@@ -374,12 +335,92 @@ def serve(
     return 1 if lost else 0
 
 
-def _listeners(
-    config: DaemonConfig, env: Mapping[str, str], state_dir: Path
+def build_controller(
+    config: DaemonConfig, store: Store, state_dir: Path, *, wake: Callable[[], None]
+) -> Controller:
+    return Controller(
+        store,
+        SystemClock(),
+        build_policy(config.policy, config.policy_weights),
+        LogStore(
+            state_dir / "logs",
+            max_bytes_per_rank=config.max_log_bytes_per_rank,
+            max_bytes_per_job=config.max_log_bytes_per_job,
+            max_bytes_total=config.max_log_bytes_total,
+        ),
+        ControllerSettings(
+            heartbeat_interval_s=config.heartbeat_interval_s,
+            heartbeat_timeout_s=config.heartbeat_timeout_s,
+            kill_grace_s=config.kill_grace_s,
+            master_port_base=config.master_port_base,
+            master_port_range=config.master_port_range,
+            replica_port_base=config.replica_port_base,
+            replica_port_range=config.replica_port_range,
+            queues=config.queues,
+            job_retention_s=config.retention_days * 86400.0,
+            audit_retention_s=config.audit_retention_days * 86400.0,
+        ),
+        wake=wake,
+    )
+
+
+def build_guard(
+    config: DaemonConfig,
+    store: Store,
+    *,
+    sessions: SessionBook,
+    now: Callable[[], datetime],
+    authority: Authority | None,
+    forward_secret: str = "",
+) -> Guard:
+    """What every call is checked against, as the config says."""
+    limits = LimitSettings(
+        workers=config.max_workers,
+        agent_reserve=config.agent_reserve,
+        max_streams=config.max_streams,
+        streams_per_caller=config.streams_per_caller,
+        calls_per_caller=config.calls_per_caller,
+    )
+    if limits.violations():
+        raise InvalidArgument([FieldViolation("limits", v) for v in limits.violations()])
+    return Guard(
+        auth=Authenticator(
+            store,
+            roles=RolePolicy(
+                admins=frozenset(config.admins),
+                operators=frozenset(config.operators),
+                admin_groups=frozenset(config.admin_groups),
+                operator_groups=frozenset(config.operator_groups),
+            ),
+            sessions=sessions,
+            now=now,
+            jwt=_jwt_verifier(config),
+        ),
+        limits=Limits(limits),
+        runas=RunAsPolicy(
+            min_uid=config.run_as_min_uid,
+            deny=frozenset(config.run_as_deny),
+            allow=frozenset(config.run_as_allow),
+            map=dict(config.run_as_map),
+        ),
+        queues=QueueGrants(
+            members={q: frozenset(g.get("members", ())) for q, g in config.queue_grants.items()},
+            groups={q: frozenset(g.get("groups", ())) for q, g in config.queue_grants.items()},
+        ),
+        max_spec_bytes=config.max_spec_bytes,
+        max_pending_per_user=config.max_pending_per_user,
+        default_token_ttl_s=config.token_ttl_s,
+        authority=authority,
+        forward_secret=forward_secret,
+    )
+
+
+def build_listeners(
+    config: DaemonConfig, env: Mapping[str, str], state_dir: Path, *, quiet: bool = False
 ) -> tuple[Listeners, Authority | None]:
     """The Unix socket and TCP listeners, and gpuctld's own CA where they need it; refuses TCP
     that strangers could reach without TLS unless the config says `insecure = true`, and then
-    says so at every start."""
+    says so at every start (unless `quiet`: an API worker's start)."""
     tls_cert = tls_key = b""
     authority = None
     if config.tls_self_signed or config.agent_listen:
@@ -422,11 +463,12 @@ def _listeners(
                     )
                 ]
             )
-        log.warning(
-            "INSECURE: serving %s without TLS (insecure = true): tokens cross the network in "
-            "clear text; anyone on the path can act as any user who sends one",
-            config.listen,
-        )
+        if not quiet:
+            log.warning(
+                "INSECURE: serving %s without TLS (insecure = true): tokens cross the network in "
+                "clear text; anyone on the path can act as any user who sends one",
+                config.listen,
+            )
     listeners = Listeners(
         tcp=config.listen,
         socket=config.resolved_socket(env),

@@ -6,6 +6,7 @@ and its scheduler thread at once.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
 from collections.abc import Callable, Iterator, Sequence
@@ -168,6 +169,10 @@ class SqlStore:
         )
         # Every write but the schema's: batched, fenced unless told otherwise (see `fence`).
         self._write: GroupCommit[Session] = GroupCommit(self._commit_batch)
+        db = self._engine.url.database if self.local else None
+        self._one_writer = (
+            _WriterLock(Path(db).with_name(Path(db).name + "-writer")) if db else None
+        )
         try:
             self.schema = self._prepare_schema(migrate)
         except BaseException:
@@ -615,6 +620,8 @@ class SqlStore:
 
     def close(self) -> None:
         self._engine.dispose()
+        if self._one_writer is not None:
+            self._one_writer.close()
 
     def _commit_batch(self, batch: Sequence[Write[Session]]) -> None:
         """Run a batch of writes (see `store.groupcommit`) in one transaction, fenced ones under
@@ -623,6 +630,13 @@ class SqlStore:
         functions of the session and run again the same (a savepoint for each would cost every
         write a third more, for a failure that is rare). A failed commit fails every write of
         the batch: its outcome may be unknown, and nothing may be written twice."""
+        if self._one_writer is None:
+            self._commit_batch_alone(batch)
+            return
+        with self._one_writer:
+            self._commit_batch_alone(batch)
+
+    def _commit_batch_alone(self, batch: Sequence[Write[Session]]) -> None:
         if len(batch) > 1:
             failed = False
             try:
@@ -880,6 +894,29 @@ def _create_engine(url: str) -> Engine:
     )
 
 
+class _WriterLock:
+    """One writing process at a time on a SQLite file (gpuctld and its API workers), taken
+    before BEGIN IMMEDIATE: a process that finds the lock taken sleeps in the kernel and wakes
+    as it is released, where SQLite's own busy wait polls (1, 2, 5, 10 ms... apart)."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._fd = -1  # opened at the first write: a store only read leaves no file
+
+    def __enter__(self) -> None:
+        if self._fd < 0:
+            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)  # lets go of the GIL while it waits
+
+    def __exit__(self, *_exc: object) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
 def _private_sqlite_files(db: Path) -> None:
     """The database file exists, 0600, before SQLite opens it: SQLite would create it 0644 less
     the umask, and gives the -wal, -shm and -journal files it creates the database file's mode,
@@ -890,7 +927,8 @@ def _private_sqlite_files(db: Path) -> None:
     db.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     if not db.exists():
         os.close(os.open(db, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
-    for path in (db, *(db.with_name(db.name + suffix) for suffix in ("-wal", "-shm", "-journal"))):
+    suffixes = ("-wal", "-shm", "-journal", "-writer")
+    for path in (db, *(db.with_name(db.name + suffix) for suffix in suffixes)):
         try:
             loose = stat.S_IMODE(path.stat().st_mode) & 0o077
         except FileNotFoundError:

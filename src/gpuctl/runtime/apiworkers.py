@@ -1,0 +1,222 @@
+"""API workers (`[server] api_workers`): processes that serve gpuctld's TCP listener beside it,
+so that the API uses more than the one core a Python process has.
+
+Each binds the same port (SO_REUSEPORT: the kernel spreads new connections over gpuctld and
+its workers, and lets only the same user bind it), opens the store itself and serves what reads
+the store or only inserts into it (`api.forward.SERVED_HERE`: submits, job reads) through the
+same servicers and checks as gpuctld; every other call goes to gpuctld as it came, over a
+private socket in the state directory (`api.forward`). A worker's writes are fenced with the
+epoch gpuctld leads under, so a worker of a leader that lost the lease writes nothing; a submit
+wakes gpuctld's cycle through the worker's stdout. gpuctld starts them when it starts to lead,
+starts one again that died (after a pause that doubles, to 30 s), and stops them before itself:
+they drain when their stdin closes, which also happens when gpuctld dies.
+
+`python -m gpuctl.runtime.apiworkers` is the worker; gpuctld hands it its orders on stdin.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import os
+import pickle
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from gpuctl.runtime.config import DaemonConfig
+
+log = logging.getLogger("gpuctld.api-workers")
+RESTART_PAUSE_S = (0.5, 30.0)  # the first pause before starting a dead worker again, the most
+HEALTHY_S = 60.0  # a worker that ran this long before it died starts again after the first pause
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Orders:
+    """What a worker is told on its stdin (not on its command line, which anyone may read)."""
+
+    config: DaemonConfig
+    env: Mapping[str, str]
+    port: int
+    epoch: int
+    socket: str
+    secret: str
+    index: int
+
+
+class ApiWorkers:
+    """gpuctld's side: starts, restarts and stops `config.api_workers` workers."""
+
+    def __init__(
+        self, config: DaemonConfig, env: Mapping[str, str], *, wake: Callable[[], None]
+    ) -> None:
+        self._config = config
+        self._env = dict(env)
+        self._wake = wake
+        self.socket = config.resolved_state_dir(env) / "api-workers.sock"
+        self.secret = secrets.token_urlsafe(32)
+        self.port = 0  # the TCP listener's, once bound
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._procs: dict[int, subprocess.Popen] = {}
+        self._threads: list[threading.Thread] = []
+
+    def start(self, epoch: int) -> None:
+        for index in range(self._config.api_workers):
+            t = threading.Thread(
+                target=self._keep, args=(index, epoch), name=f"api-worker-{index}", daemon=True
+            )
+            t.start()
+            self._threads.append(t)
+
+    def pids(self) -> list[int]:
+        with self._lock:
+            return [p.pid for p in self._procs.values() if p.poll() is None]
+
+    def _keep(self, index: int, epoch: int) -> None:
+        pause = RESTART_PAUSE_S[0]
+        while not self._stopping.is_set():
+            started = time.monotonic()
+            proc = self._spawn(index, epoch)
+            if proc is None:
+                return
+            while proc.stdout is not None and proc.stdout.read1(4096):  # a submit: a cycle soon
+                self._wake()
+            code = proc.wait()
+            if self._stopping.is_set():
+                return
+            if time.monotonic() - started > HEALTHY_S:
+                pause = RESTART_PAUSE_S[0]
+            log.error(
+                "API worker %d (pid %d) exited with %s; starting it again in %g s",
+                index,
+                proc.pid,
+                code,
+                pause,
+            )
+            self._stopping.wait(pause)
+            pause = min(pause * 2, RESTART_PAUSE_S[1])
+
+    def _spawn(self, index: int, epoch: int) -> subprocess.Popen | None:
+        orders = _Orders(
+            config=self._config,
+            env=self._env,
+            port=self.port,
+            epoch=epoch,
+            socket=str(self.socket),
+            secret=self.secret,
+            index=index,
+        )
+        with self._lock:
+            if self._stopping.is_set():
+                return None
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "gpuctl.runtime.apiworkers"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+            )
+            self._procs[index] = proc
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(pickle.dumps(orders))
+            proc.stdin.flush()  # and kept open: its end tells the worker to stop
+        except OSError:
+            pass  # it died already; `_keep` sees it exit
+        return proc
+
+    def stop(self, grace_s: float) -> None:
+        """Tell every worker to drain (its in-flight calls get `grace_s`), and wait for them."""
+        with self._lock:
+            self._stopping.set()
+            procs = list(self._procs.values())
+        for proc in procs:
+            if proc.stdin is not None:
+                with contextlib.suppress(OSError):
+                    proc.stdin.close()
+        deadline = time.monotonic() + grace_s + 5.0
+        for proc in procs:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("API worker (pid %d) did not stop in time: killed", proc.pid)
+                proc.kill()
+                proc.wait()
+        for t in self._threads:
+            t.join(5.0)
+
+
+def _serve(orders: _Orders) -> int:
+    from gpuctl.api.auth import SessionBook
+    from gpuctl.api.forward import Forwarder
+    from gpuctl.api.server import MAX_MESSAGE_BYTES, ApiServer, Listeners
+    from gpuctl.runtime import daemon
+    from gpuctl.store.sql import open_store
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    os.set_blocking(sys.stdout.fileno(), False)
+
+    def wake() -> None:
+        # A full pipe: a wake is waiting to be read already. A broken one: gpuctld is gone
+        # (stdin ends too).
+        with contextlib.suppress(BlockingIOError, BrokenPipeError):
+            os.write(sys.stdout.fileno(), b".")
+
+    def watch_stdin() -> None:
+        while sys.stdin.buffer.read(4096):
+            pass
+        stop.set()
+
+    config, env = orders.config, dict(orders.env)
+    state_dir = config.resolved_state_dir(env)
+    store = open_store(config.resolved_store_url(env))
+    store.fence(orders.epoch)
+    controller = daemon.build_controller(config, store, state_dir, wake=wake)
+    own, authority = daemon.build_listeners(config, env, state_dir, quiet=True)
+    host = config.listen.rsplit(":", 1)[0]
+    listeners = Listeners(
+        tcp=f"{host}:{orders.port}", tls_cert=own.tls_cert, tls_key=own.tls_key, reuse_port=True
+    )
+    guard = daemon.build_guard(
+        config, store, sessions=SessionBook(), now=controller.clock.now, authority=authority
+    )
+    server = ApiServer(
+        controller,
+        guard,
+        listeners,
+        inline_reads=store.local and guard.auth.jwt is None,
+        forward=Forwarder(Path(orders.socket), orders.secret, max_message_bytes=MAX_MESSAGE_BYTES),
+    )
+    server.start()
+    gc.freeze()  # as gpuctld does: see runtime.daemon
+    threading.Thread(target=watch_stdin, name="lifeline", daemon=True).start()
+    log.info("API worker %d serving port %d (pid %d)", orders.index, orders.port, os.getpid())
+    stop.wait()
+    server.drain(config.drain_grace_s)
+    store.close()
+    return 0
+
+
+def main() -> int:
+    orders = pickle.load(sys.stdin.buffer)  # from gpuctld, our parent, over a pipe
+    from gpuctl.core.errors import GpuctlError
+    from gpuctl.runtime import logfmt
+
+    logfmt.setup(orders.config.log_level, orders.config.log_format)
+    try:
+        return _serve(orders)
+    except (GpuctlError, OSError) as e:
+        log.error("API worker %d cannot start: %s", orders.index, e)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
