@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
@@ -278,3 +278,51 @@ def test_each_writer_is_told_before_it_waits_for_its_commit() -> None:
     group.before_waiting = lambda: told.append(threading.current_thread().name)
     assert group(lambda _s: 7) == 7
     assert told == [threading.current_thread().name] and seen == [told]
+
+
+def test_a_renewal_batched_with_submits_cannot_deadlock_another_writer(postgres_url: str) -> None:
+    """Two writers of one PostgreSQL under one epoch (gpuctld and an API worker): each fences
+    its transaction by holding the lease row FOR SHARE, and takes the revision counter to
+    submit. A renewal of the lease (FOR UPDATE of that row) in a batch with submits runs before
+    them, so it never waits for the row while holding the counter the other writer waits for:
+    PostgreSQL would find that deadlock after deadlock_timeout (1 s) and fail one side."""
+    ours, other = open_store(postgres_url), open_store(postgres_url)
+    try:
+        lead = ours.claim_leadership("head-1", address="", agent_address="", ttl_s=30.0)
+        ours.fence(lead.epoch)
+        pids: set[int] = set()
+        event.listen(ours._engine, "connect", lambda conn, _rec: pids.add(conn.info.backend_pid))
+        ours._engine.dispose()  # connections from now on: their pids known
+        rollbacks: list[object] = []  # a deadlock would fail our batch (then retried alone)
+        event.listen(ours._engine, "rollback", rollbacks.append)
+        with other._engine.connect() as worker:
+            worker.execute(text("SET lock_timeout = '10s'"))
+            worker.execute(text("SELECT epoch FROM leader WHERE id = 1 FOR SHARE"))  # its fence
+            gate = Gate()
+            pool = ThreadPoolExecutor(3)
+            held = pool.submit(ours._write, gate)
+            assert gate.entered.wait(10)
+            submit = pool.submit(ours.create_job, SPEC, request_id="", now=T0)
+            renew = pool.submit(ours.renew_leadership, "head-1", lead.epoch, 30.0)
+            wait_until(lambda: len(ours._write._queue) == 2)
+            gate.open.set()
+            assert held.result(10) == "gate"
+
+            def ours_waits_on_a_lock() -> bool:
+                rows = worker.execute(
+                    text("SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+                )
+                return any(pid in pids for (pid,) in rows)
+
+            wait_until(ours_waits_on_a_lock, what="the renewal to wait for the lease row")
+            # The other writer now takes revisions, as a submit of its own would.
+            worker.execute(text("UPDATE revision_counter SET value = value + 1 WHERE id = 1"))
+            worker.commit()
+            assert renew.result(10) is True
+            job, created = submit.result(10)
+            pool.shutdown(wait=True)
+        assert created and ours.get_job(job.id) == job
+        assert rollbacks == []
+    finally:
+        ours.close()
+        other.close()

@@ -638,6 +638,12 @@ class SqlStore:
 
     def _commit_batch_alone(self, batch: Sequence[Write[Session]]) -> None:
         if len(batch) > 1:
+            # The unfenced writes (the leader lease's) first: a renewal locks the lease row FOR
+            # UPDATE, and must not wait for that while holding the revision counter, which a
+            # transaction of another process of ours (an API worker) may wait for while it holds
+            # the row FOR SHARE (its fence): PostgreSQL would find the deadlock after 1 s and
+            # fail one of them. The writes are independent of one another.
+            batch = sorted(batch, key=lambda w: w.fenced)
             failed = False
             try:
                 with self._writes.begin() as session:
