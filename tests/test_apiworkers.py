@@ -9,11 +9,13 @@ import os
 import pwd
 import signal
 import sys
+import urllib.request
 from pathlib import Path
 
 import grpc
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from gpuctl.api._pb.v1 import auth_pb2, auth_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 from gpuctl.api.auth import bearer
@@ -34,7 +36,7 @@ CONFIG = FAST_CONFIG.replace("{user}", ME).replace("interval_s = 1.0", "interval
 
 
 def start(root: Path) -> LocalCluster:
-    cluster = LocalCluster(root)
+    cluster = LocalCluster(root, metrics=True)
     root.mkdir(parents=True)
     (root / "gpuctld.toml").write_text(CONFIG)
     cluster.start_daemon()
@@ -153,6 +155,42 @@ def test_a_submit_through_a_worker_wakes_the_cycle(cluster):
             lambda: conn.jobs.GetJob(jobs_pb2.GetJobRequest(name=job.name), metadata=me).reason,
             timeout=20,
             what="the job's reason",
+        )
+    finally:
+        conn.close()
+
+
+def answered(cluster: LocalCluster, method: str, code: str) -> float:
+    """gpuctld's count of `method` calls answered with `code`, from its /metrics."""
+    url = f"http://127.0.0.1:{cluster.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        text = reply.read().decode()
+    return sum(
+        s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "gpuctl_api_request_duration_seconds_count"
+        and s.labels == {"method": method, "code": code}
+    )
+
+
+def test_gpuctlds_metrics_count_the_calls_its_workers_answer(cluster):
+    me = user_token(cluster)
+    conn = connection_to(cluster, worker=True)
+    try:
+        job = conn.jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=SPEC), metadata=me)
+        before = answered(cluster, "JobService/GetJob", "OK")
+        missing = answered(cluster, "JobService/GetJob", "NOT_FOUND")
+        for _ in range(5):
+            conn.jobs.GetJob(jobs_pb2.GetJobRequest(name=job.name), metadata=me)
+        with pytest.raises(grpc.RpcError):
+            conn.jobs.GetJob(jobs_pb2.GetJobRequest(name="jobs/999999"), metadata=me)
+        wait_until(
+            lambda: (
+                answered(cluster, "JobService/GetJob", "OK") == before + 5
+                and answered(cluster, "JobService/GetJob", "NOT_FOUND") == missing + 1
+            ),
+            what="gpuctld to count the worker's calls",
         )
     finally:
         conn.close()

@@ -6,8 +6,9 @@ its workers, and lets only the same user bind it), opens the store itself and se
 the store or only inserts into it (`api.forward.SERVED_HERE`: submits, job reads) through the
 same servicers and checks as gpuctld; every other call goes to gpuctld as it came, over a
 private socket in the state directory (`api.forward`). A worker's writes are fenced with the
-epoch gpuctld leads under, so a worker of a leader that lost the lease writes nothing; a submit
-wakes gpuctld's cycle through the worker's stdout. gpuctld starts them when it starts to lead,
+epoch gpuctld leads under, so a worker of a leader that lost the lease writes nothing. A worker
+tells gpuctld on its stdout, a JSON line at a time, that a submit wants a cycle and which calls
+it answered (for gpuctld's metrics; the calls it passed on gpuctld counts itself). gpuctld starts them when it starts to lead,
 starts one again that died (after a pause that doubles, to 30 s), and stops them before itself:
 they drain when their stdin closes, which also happens when gpuctld dies.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import logging
 import os
 import pickle
@@ -27,15 +29,21 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gpuctl.runtime.config import DaemonConfig
+
+if TYPE_CHECKING:
+    from gpuctl.api.server import CallObserver
 
 log = logging.getLogger("gpuctld.api-workers")
 RESTART_PAUSE_S = (0.5, 30.0)  # the first pause before starting a dead worker again, the most
 HEALTHY_S = 60.0  # a worker that ran this long before it died starts again after the first pause
+REPORT_EVERY_S = 0.5  # how often a worker reports the calls it answered (a wake goes at once)
+MAX_REPORTED = 100_000  # calls a report holds at most: past it, the rest are counted as lost
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -55,11 +63,17 @@ class ApiWorkers:
     """gpuctld's side: starts, restarts and stops `config.api_workers` workers."""
 
     def __init__(
-        self, config: DaemonConfig, env: Mapping[str, str], *, wake: Callable[[], None]
+        self,
+        config: DaemonConfig,
+        env: Mapping[str, str],
+        *,
+        wake: Callable[[], None],
+        observer: CallObserver | None = None,
     ) -> None:
         self._config = config
         self._env = dict(env)
         self._wake = wake
+        self._observer = observer
         self.socket = config.resolved_state_dir(env) / "api-workers.sock"
         self.secret = secrets.token_urlsafe(32)
         self.port = 0  # the TCP listener's, once bound
@@ -87,8 +101,12 @@ class ApiWorkers:
             proc = self._spawn(index, epoch)
             if proc is None:
                 return
-            while proc.stdout is not None and proc.stdout.read1(4096):  # a submit: a cycle soon
-                self._wake()
+            for report in _reports(proc):
+                if report.get("wake"):  # a submit: a cycle soon
+                    self._wake()
+                if self._observer is not None:
+                    for method, code, seconds in report.get("calls", ()):
+                        self._observer.call(method, code, seconds)
             code = proc.wait()
             if self._stopping.is_set():
                 return
@@ -152,6 +170,58 @@ class ApiWorkers:
             t.join(5.0)
 
 
+def _reports(proc: subprocess.Popen) -> Iterator[dict]:
+    """What a worker says until it exits: one JSON object a line."""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        try:
+            report = json.loads(line)
+        except ValueError:
+            log.warning("API worker (pid %d) said something not JSON: %.80r", proc.pid, line)
+            continue
+        if isinstance(report, dict):
+            yield report
+
+
+class _Reporter:
+    """The worker's side: a thread writes what gpuctld should know, at once for a wake, else
+    every REPORT_EVERY_S (the metrics of the calls answered since)."""
+
+    def __init__(self, out: int) -> None:
+        self._out = out
+        self._lock = threading.Lock()
+        self._calls: list[tuple[str, str, float]] = []
+        self._wake = threading.Event()
+        threading.Thread(target=self._run, name="reporter", daemon=True).start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def call(self, method: str, code: str, seconds: float) -> None:
+        with self._lock:
+            if len(self._calls) < MAX_REPORTED:
+                self._calls.append((method, code, round(seconds, 6)))
+
+    def stream(self, method: str, code: str) -> None:
+        """Streams are gpuctld's: a worker passes them on."""
+
+    def _run(self) -> None:
+        while True:
+            woken = self._wake.wait(REPORT_EVERY_S)
+            self._wake.clear()
+            with self._lock:
+                calls, self._calls = self._calls, []
+            if not (woken or calls):
+                continue
+            line = json.dumps({"wake": woken, "calls": calls}, separators=(",", ":")) + "\n"
+            data = memoryview(line.encode())
+            try:
+                while data:  # blocking: gpuctld reads at once
+                    data = data[os.write(self._out, data) :]
+            except OSError:
+                return  # gpuctld is gone; stdin ends too, and the worker with it
+
+
 def _serve(orders: _Orders) -> int:
     from gpuctl.api.auth import SessionBook
     from gpuctl.api.forward import Forwarder
@@ -162,13 +232,7 @@ def _serve(orders: _Orders) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    os.set_blocking(sys.stdout.fileno(), False)
-
-    def wake() -> None:
-        # A full pipe: a wake is waiting to be read already. A broken one: gpuctld is gone
-        # (stdin ends too).
-        with contextlib.suppress(BlockingIOError, BrokenPipeError):
-            os.write(sys.stdout.fileno(), b".")
+    reporter = _Reporter(sys.stdout.fileno())
 
     def watch_stdin() -> None:
         while sys.stdin.buffer.read(4096):
@@ -179,7 +243,7 @@ def _serve(orders: _Orders) -> int:
     state_dir = config.resolved_state_dir(env)
     store = open_store(config.resolved_store_url(env))
     store.fence(orders.epoch)
-    controller = daemon.build_controller(config, store, state_dir, wake=wake)
+    controller = daemon.build_controller(config, store, state_dir, wake=reporter.wake)
     own, authority = daemon.build_listeners(config, env, state_dir, quiet=True)
     host = config.listen.rsplit(":", 1)[0]
     listeners = Listeners(
@@ -193,6 +257,7 @@ def _serve(orders: _Orders) -> int:
         guard,
         listeners,
         inline_reads=store.local and guard.auth.jwt is None,
+        observer=reporter,
         forward=Forwarder(Path(orders.socket), orders.secret, max_message_bytes=MAX_MESSAGE_BYTES),
     )
     server.start()

@@ -238,7 +238,7 @@ def serve(
     listeners, authority = build_listeners(config, env, state_dir)
     workers = None
     if config.api_workers and config.listen:
-        workers = ApiWorkers(config, env, wake=lambda: periodic.wake("cycle"))
+        workers = ApiWorkers(config, env, wake=lambda: periodic.wake("cycle"), observer=metrics)
         listeners = replace(listeners, internal=workers.socket, reuse_port=True)
     guard = build_guard(
         config,
