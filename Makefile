@@ -108,10 +108,18 @@ fuzz: $(STAMP)
 # (this machine's ceiling); ~7 minutes. bench-api-postgres: the same on PostgreSQL
 # ($$GPUCTL_TEST_POSTGRES_URL, default 127.0.0.1:5432/test, in a schema of its own).
 BENCH_API_CASES := --inflight 32 --inflight 500 --stored 0 --stored 30000
-.PHONY: bench-api bench-api-postgres
+.PHONY: bench-api bench-api-postgres bench-api-workers
 bench-api: $(STAMP)
 	@mkdir -p bench-results
 	$(PY) -m gpuctl.bench_api $(BENCH_API_CASES) --stored 1000000 --json bench-results/api.json
+
+# bench-api-workers: gpuctld alone against gpuctld with one API worker, interleaved, 3 rounds,
+# each load process on 8 connections (as many clients); ~8 minutes.
+bench-api-workers: $(STAMP)
+	@mkdir -p bench-results
+	$(PY) -m gpuctl.bench_api --inflight 32 --call CreateJob --call GetJob --call ListJobs \
+		--api-workers 0 --api-workers 1 --channels 8 --rounds 3 --seconds 6 \
+		--json bench-results/api-workers.json
 
 bench-api-postgres: $(STAMP)
 	@mkdir -p bench-results

@@ -285,7 +285,7 @@ def run_case(args, stored: int, rows: list[dict], workers: int = 0) -> None:
                 )  # fmt: skip
                 row["of_ceiling"] = row["rate"] / ceiling["rate"] if ceiling["rate"] else 0.0
                 row["server"] = "gpuctld"
-                row["rss_mib"] = daemon.memory_info().rss / 2**20
+                row["rss_mib"] = _rss(daemon) / 2**20
                 rows.append({**case, **row})
     finally:
         if trivial.is_alive():
@@ -300,6 +300,12 @@ def run_case(args, stored: int, rows: list[dict], workers: int = 0) -> None:
         f"{case.get('decision_max_s', 0) * 1e3:.0f} ms; `gpuctl jobs` "
         f"{case.get('gpuctl_jobs_s', 0):.2f} s for {case.get('gpuctl_jobs_listed', 0):,} jobs"
     )
+
+
+def _rss(daemon: psutil.Process) -> int:
+    """gpuctld's resident memory, its API workers' with it (not its cycle worker's)."""
+    workers = [p for p in daemon.children() if "gpuctl.runtime.apiworkers" in p.cmdline()]
+    return sum(p.memory_info().rss for p in (daemon, *workers))
 
 
 def _fresh_schema(url: str) -> tuple[str, str]:
