@@ -35,12 +35,13 @@ CONFIG = FAST_CONFIG.replace("{user}", ME).replace("interval_s = 1.0", "interval
 )
 
 
-def start(root: Path) -> LocalCluster:
-    cluster = LocalCluster(root, metrics=True)
+def start(root: Path, *, store_url: str = "", ha_name: str = "", leads: bool = True):
+    cluster = LocalCluster(root, metrics=True, store_url=store_url)
     root.mkdir(parents=True)
-    (root / "gpuctld.toml").write_text(CONFIG)
+    (root / "gpuctld.toml").write_text(CONFIG + (f'\n[ha]\nname = "{ha_name}"\n' * bool(ha_name)))
     cluster.start_daemon()
-    wait_until(lambda: len(workers(cluster)) == 2, what="two API workers")
+    if leads:
+        wait_until(lambda: len(workers(cluster)) == 2, what="two API workers")
     return cluster
 
 
@@ -234,6 +235,31 @@ def test_workers_stop_with_gpuctld_and_when_it_dies(tmp_path):
                 if p.is_running():
                     p.kill()
             cluster.remove()
+
+
+@pytest.mark.postgres
+def test_only_the_leader_has_workers_and_a_new_leader_starts_its_own(postgres_url, tmp_path):
+    a = start(tmp_path / "head-a", store_url=postgres_url, ha_name="head-a")
+    b = None
+    try:
+        b = start(tmp_path / "head-b", store_url=postgres_url, ha_name="head-b", leads=False)
+        assert workers(b) == []  # a standby serves reads and refuses writes itself
+        old = workers(a)
+        a.stop("gpuctld", signal.SIGKILL)
+        _gone, alive = psutil.wait_procs(old, timeout=20)
+        assert not alive, "the dead leader's workers outlived it"
+        wait_until(lambda: len(workers(b)) == 2, what="the new leader's workers")
+        me = user_token(b)
+        conn = connection_to(b, worker=True)
+        try:  # its writes carry the new leader's epoch
+            job = conn.jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=SPEC), metadata=me)
+            assert job.state == jobs_pb2.JOB_STATE_PENDING
+        finally:
+            conn.close()
+    finally:
+        a.remove()
+        if b is not None:
+            b.remove()
 
 
 # -- without processes -------------------------------------------------------------------

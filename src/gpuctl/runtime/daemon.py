@@ -237,7 +237,12 @@ def serve(
     sessions = SessionBook(config.session_ttl_s)
     listeners, authority = build_listeners(config, env, state_dir)
     workers = None
-    if config.api_workers and config.listen:
+    if config.api_workers and not config.listen:
+        log.warning(
+            "[server] api_workers = %d ignored: they serve `listen`, which is off",
+            config.api_workers,
+        )
+    elif config.api_workers:
         workers = ApiWorkers(config, env, wake=lambda: periodic.wake("cycle"), observer=metrics)
         listeners = replace(listeners, internal=workers.socket, reuse_port=True)
     guard = build_guard(
