@@ -647,9 +647,10 @@ def _describe(msg: Message | None, payload: bytes, limit: int = 2000) -> str:
 # -- the run -------------------------------------------------------------------------------
 
 
-def _config() -> str:
+def _config(api_workers: int = 0) -> str:
     user = pwd.getpwuid(os.geteuid()).pw_name
-    return FAST_CONFIG.replace("{user}", user) + '\n[auth]\noperators = ["fuzz-operator"]\n'
+    text = FAST_CONFIG.replace("{user}", user) + '\n[auth]\noperators = ["fuzz-operator"]\n'
+    return text + (f"\n[server]\napi_workers = {api_workers}\n" if api_workers else "")
 
 
 class Fuzzer:
@@ -835,6 +836,7 @@ def run(
     deadline_s: float = 5.0,
     check_every: int = 1000,
     root: Path | None = None,
+    api_workers: int = 0,
 ) -> Report:
     """Start a gpuctld of its own under `root` (a temporary directory by default), fuzz it with
     `messages` requests, read what it stored back every `check_every` and at the end, stop it
@@ -852,7 +854,7 @@ def run(
     ]
     try:
         cluster.root.mkdir(parents=True, exist_ok=True)
-        (cluster.root / "gpuctld.toml").write_text(_config())
+        (cluster.root / "gpuctld.toml").write_text(_config(api_workers))
         cluster.start_daemon()
         with (
             grpc.insecure_channel(cluster.target, options=options) as tcp,
@@ -990,8 +992,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--deadline", type=float, default=5.0, help="seconds each call may take")
     parser.add_argument("--json", type=Path, help="write the whole report here as JSON")
+    parser.add_argument(
+        "--api-workers", type=int, default=0,
+        help="gpuctld's [server] api_workers (TCP calls then land on one of them or gpuctld)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
-    report = run(args.messages, args.seed, deadline_s=args.deadline)
+    report = run(args.messages, args.seed, deadline_s=args.deadline, api_workers=args.api_workers)
     print(render(report))
     if args.json:
         args.json.write_text(json.dumps(report.to_json(), indent=2, default=str) + "\n")
