@@ -721,7 +721,7 @@ class _Create:
     (`_create_many`): six statements for the lot instead of four or five each, which on
     PostgreSQL are round trips, all made while the batch holds the commit."""
 
-    __slots__ = ("audit", "events", "now", "request_id", "spec")
+    __slots__ = ("audit", "events", "job", "request_id", "values")
 
     def __init__(
         self,
@@ -731,8 +731,14 @@ class _Create:
         events: Callable[[Job], Sequence[Event]] | None,
         audit: Callable[[Job], AuditEntry] | None,
     ) -> None:
-        self.spec, self.request_id, self.now = spec, request_id, now
-        self.events, self.audit = events, audit
+        self.request_id, self.events, self.audit = request_id, events, audit
+        # The job and its row, but for id and revision, made by the caller's thread before
+        # its write queues: the batch that runs it holds the commit (and on SQLite the file's
+        # write lock, which other processes wait for) for less (the spec's JSON is the most).
+        self.job = as_stored(
+            Job(id=0, spec=spec, request_id=request_id, created_at=now, updated_at=now)
+        )
+        self.values = job_values(self.job)
 
     def __call__(self, session: Session) -> tuple[Job, bool]:
         return _create_many(session.connection(), [self])[0]
@@ -774,23 +780,14 @@ def _create_many(conn: Connection, creates: Sequence[_Create]) -> list[tuple[Job
             new.append(i)
     made: dict[int, Job] = {}
     if new:
-        jobs = [
-            Job(
-                id=0,
-                spec=creates[i].spec,
-                request_id=creates[i].request_id,
-                created_at=creates[i].now,
-                updated_at=creates[i].now,
-                revision=revision,
-            )
-            for i, revision in zip(new, _next_revisions(conn, len(new)), strict=True)
-        ]
-        ids = list(conn.execute(_INSERT_JOBS, [job_values(job) for job in jobs]).scalars())
+        revisions = _next_revisions(conn, len(new))
+        rows = [{**creates[i].values, "revision": r} for i, r in zip(new, revisions, strict=True)]
+        ids = list(conn.execute(_INSERT_JOBS, rows).scalars())
         events: list[Event] = []
         audits: list[dict[str, Any]] = []
-        for i, job, new_id in zip(new, jobs, ids, strict=True):
-            created = made[i] = as_stored(replace(job, id=new_id))
+        for i, revision, new_id in zip(new, revisions, ids, strict=True):
             c = creates[i]
+            created = made[i] = replace(c.job, id=new_id, revision=revision)
             # In the same transaction: a crash never leaves a job without its events.
             if c.events is not None:
                 events.extend(c.events(created))
