@@ -35,10 +35,13 @@ CONFIG = FAST_CONFIG.replace("{user}", ME).replace("interval_s = 1.0", "interval
 )
 
 
-def start(root: Path, *, store_url: str = "", ha_name: str = "", leads: bool = True):
+def start(
+    root: Path, *, store_url: str = "", ha_name: str = "", leads: bool = True, tls: bool = False
+):
     cluster = LocalCluster(root, metrics=True, store_url=store_url)
     root.mkdir(parents=True)
-    (root / "gpuctld.toml").write_text(CONFIG + (f'\n[ha]\nname = "{ha_name}"\n' * bool(ha_name)))
+    text = CONFIG + (f'\n[ha]\nname = "{ha_name}"\n' if ha_name else "")
+    (root / "gpuctld.toml").write_text(text + ("\n[tls]\nself_signed = true\n" if tls else ""))
     cluster.start_daemon()
     if leads:
         wait_until(lambda: len(workers(cluster)) == 2, what="two API workers")
@@ -69,11 +72,15 @@ SPEC = jobs_pb2.JobSpec(
 class Connection:
     """One TCP connection of its own to gpuctld's port, and the process that serves it."""
 
-    def __init__(self, cluster: LocalCluster) -> None:
+    def __init__(self, cluster: LocalCluster, ca: bytes = b"") -> None:
         before = _our_ports(cluster.port)
-        self.channel = grpc.insecure_channel(
-            cluster.target, options=[("grpc.use_local_subchannel_pool", 1)]
-        )
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        if ca:
+            self.channel = grpc.secure_channel(
+                f"localhost:{cluster.port}", grpc.ssl_channel_credentials(ca), options=options
+            )
+        else:
+            self.channel = grpc.insecure_channel(cluster.target, options=options)
         self.jobs = jobs_pb2_grpc.JobServiceStub(self.channel)
         self.auth = auth_pb2_grpc.AuthServiceStub(self.channel)
         grpc.channel_ready_future(self.channel).result(timeout=10)
@@ -98,11 +105,11 @@ def _our_ports(port: int) -> set[int]:
     }
 
 
-def connection_to(cluster: LocalCluster, worker: bool) -> Connection:
+def connection_to(cluster: LocalCluster, worker: bool, ca: bytes = b"") -> Connection:
     """A connection a worker serves (or gpuctld itself): the kernel picks, so try a few."""
     pids = {p.pid for p in workers(cluster)}
     for _ in range(60):
-        conn = Connection(cluster)
+        conn = Connection(cluster, ca)
         if (conn.pid in pids) == worker:
             return conn
         conn.close()
@@ -260,6 +267,23 @@ def test_only_the_leader_has_workers_and_a_new_leader_starts_its_own(postgres_ur
         a.remove()
         if b is not None:
             b.remove()
+
+
+def test_workers_speak_gpuctlds_tls(tmp_path):
+    cluster = start(tmp_path / "tls", tls=True)
+    try:
+        ca = (cluster.root / "state" / "pki" / "ca.crt").read_bytes()
+        me = user_token(cluster)
+        for worker in (True, False):
+            conn = connection_to(cluster, worker=worker, ca=ca)
+            try:
+                job = conn.jobs.CreateJob(jobs_pb2.CreateJobRequest(spec=SPEC), metadata=me)
+                who = conn.auth.WhoAmI(auth_pb2.WhoAmIRequest(), metadata=me)  # passed on
+                assert job.name and who.user == ME
+            finally:
+                conn.close()
+    finally:
+        cluster.remove()
 
 
 # -- without processes -------------------------------------------------------------------
