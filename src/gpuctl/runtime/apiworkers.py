@@ -43,7 +43,7 @@ log = logging.getLogger("gpuctld.api-workers")
 RESTART_PAUSE_S = (0.5, 30.0)  # the first pause before starting a dead worker again, the most
 HEALTHY_S = 60.0  # a worker that ran this long before it died starts again after the first pause
 REPORT_EVERY_S = 0.5  # how often a worker reports the calls it answered (a wake goes at once)
-MAX_REPORTED = 100_000  # calls a report holds at most: past it, the rest are counted as lost
+MAX_REPORTED = 100_000  # calls a report holds at most (bounded memory): past it, uncounted
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -89,10 +89,6 @@ class ApiWorkers:
             )
             t.start()
             self._threads.append(t)
-
-    def pids(self) -> list[int]:
-        with self._lock:
-            return [p.pid for p in self._procs.values() if p.poll() is None]
 
     def _keep(self, index: int, epoch: int) -> None:
         pause = RESTART_PAUSE_S[0]
