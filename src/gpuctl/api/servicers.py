@@ -163,7 +163,7 @@ def rpc(permission: Permission | None, *, audited: bool = False) -> Callable[[F]
                     "%s by %s from %s refused: %s: %s",
                     action,
                     call.who.name if call is not None else "(unauthenticated)",
-                    context.peer() or "-",
+                    (call.peer if call is not None else context.peer()) or "-",
                     to_status(e).code.name,
                     str(e)[:300],
                 )

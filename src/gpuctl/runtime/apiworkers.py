@@ -76,33 +76,35 @@ class ApiWorkers:
         self._observer = observer
         self.socket = config.resolved_state_dir(env) / "api-workers.sock"
         self.secret = secrets.token_urlsafe(32)
-        self.port = 0  # the TCP listener's, once bound
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._procs: dict[int, subprocess.Popen] = {}
         self._threads: list[threading.Thread] = []
 
-    def start(self, epoch: int) -> None:
+    def start(self, epoch: int, port: int) -> None:
+        """Start the workers, fenced at `epoch`, on gpuctld's TCP `port` (bound already)."""
         for index in range(self._config.api_workers):
             t = threading.Thread(
-                target=self._keep, args=(index, epoch), name=f"api-worker-{index}", daemon=True
+                target=self._keep,
+                args=(index, epoch, port),
+                name=f"api-worker-{index}",
+                daemon=True,
             )
             t.start()
             self._threads.append(t)
 
-    def _keep(self, index: int, epoch: int) -> None:
+    def _keep(self, index: int, epoch: int, port: int) -> None:
         pause = RESTART_PAUSE_S[0]
         while not self._stopping.is_set():
             started = time.monotonic()
-            proc = self._spawn(index, epoch)
+            proc = self._spawn(index, epoch, port)
             if proc is None:
                 return
             for report in _reports(proc):
                 if report.get("wake"):  # a submit: a cycle soon
                     self._wake()
                 if self._observer is not None:
-                    for method, code, seconds in report.get("calls", ()):
-                        self._observer.call(method, code, seconds)
+                    self._count(proc, report.get("calls", ()))
             code = proc.wait()
             if self._stopping.is_set():
                 return
@@ -118,11 +120,19 @@ class ApiWorkers:
             self._stopping.wait(pause)
             pause = min(pause * 2, RESTART_PAUSE_S[1])
 
-    def _spawn(self, index: int, epoch: int) -> subprocess.Popen | None:
+    def _count(self, proc: subprocess.Popen, calls: object) -> None:
+        assert self._observer is not None
+        try:
+            for method, code, seconds in calls:  # type: ignore[attr-defined]
+                self._observer.call(str(method), str(code), float(seconds))
+        except (TypeError, ValueError):  # a report not of our making: skipped, not fatal
+            log.warning("API worker (pid %d) reported calls gpuctld cannot read", proc.pid)
+
+    def _spawn(self, index: int, epoch: int, port: int) -> subprocess.Popen | None:
         orders = _Orders(
             config=self._config,
             env=self._env,
-            port=self.port,
+            port=port,
             epoch=epoch,
             socket=str(self.socket),
             secret=self.secret,

@@ -189,18 +189,20 @@ class ActiveJobs:
 
     def by_id(self) -> dict[int, Job]:
         """The same, by id (a copy, in id order)."""
+        return self.read()[0]
+
+    def pending(self) -> int:
+        """How many of them are PENDING."""
+        return self.read()[1]
+
+    def read(self) -> tuple[dict[int, Job], int]:
+        """`by_id()` and `pending()` of one look at the store."""
         with self._lock:
             self._refresh()
             if not self._sorted:
                 self._jobs = {i: self._jobs[i] for i in sorted(self._jobs)}
                 self._sorted = True
-            return dict(self._jobs)
-
-    def pending(self) -> int:
-        """How many of them are PENDING."""
-        with self._lock:
-            self._refresh()
-            return self._pending
+            return dict(self._jobs), self._pending
 
     def holding(self, node_id: str = "") -> tuple[Job, ...]:
         """The active jobs that hold resources (placed, running or stopping; with ranks on
@@ -764,14 +766,12 @@ class Controller:
         with self._lock:
             now = self.clock.now()
             nodes = self.store.list_nodes()
-            by_id = self.active_jobs.by_id()
+            by_id, pending = self.active_jobs.read()
             active = tuple(by_id.values())
             leasing = self.leases.context(nodes, active, now) if self.leases is not None else None
             # With nothing pending (no service's replica to replace either), only leases to
             # give back can come of a cycle.
-            idle = not self.active_jobs.pending() and not any(
-                services.wanted(j, now) for j in active
-            )
+            idle = not pending and not any(services.wanted(j, now) for j in active)
             if idle and (leasing is None or not any(map(managed, leasing.leases))):
                 return CycleResult(bindings=(), unschedulable=())
             decided = None

@@ -225,7 +225,7 @@ def serve(
             periodic.every("ui-history", SAMPLE_EVERY_S, history.sample)
         periodic.start()
         if workers is not None:
-            workers.start(epoch)
+            workers.start(epoch, server.port)
         notifier.status(f"leading (epoch {epoch})")
 
     lost: list[str] = []
@@ -267,8 +267,6 @@ def serve(
         config, state_dir, metrics, guard.auth, history if config.ui else None, sessions
     )
     server.start()
-    if workers is not None:
-        workers.port = server.port
     # What start-up made (modules, the schema, the policy, the servers) lives as long as the
     # daemon: out of the collector's sight, a full collection under load scans only what came
     # since, ~5 ms instead of 30-60 ms of every call waiting (each one there adds to p99).

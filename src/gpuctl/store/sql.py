@@ -10,7 +10,7 @@ import fcntl
 import os
 import stat
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -630,10 +630,7 @@ class SqlStore:
         functions of the session and run again the same (a savepoint for each would cost every
         write a third more, for a failure that is rare). A failed commit fails every write of
         the batch: its outcome may be unknown, and nothing may be written twice."""
-        if self._one_writer is None:
-            self._commit_batch_alone(batch)
-            return
-        with self._one_writer:
+        with self._one_writer or nullcontext():
             self._commit_batch_alone(batch)
 
     def _commit_batch_alone(self, batch: Sequence[Write[Session]]) -> None:
