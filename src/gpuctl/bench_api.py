@@ -358,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args(argv)
+    if args.channels < 1 or args.rounds < 1 or any(w < 0 for w in args.api_workers or ()):
+        p.error("--channels and --rounds must be at least 1, --api-workers at least 0")
     rows: list[dict] = []
     for _ in range(args.rounds):
         for stored in args.stored or [0]:
