@@ -89,7 +89,7 @@ def test_a_state_dir_open_to_others_is_tightened_once_with_a_warning(tmp_path, n
         assert oct(state.stat().st_mode & 0o777) == oct(0o700)
         db_files = {p.name: oct(p.stat().st_mode & 0o777) for p in state.glob("gpuctld.db*")}
         assert db_files == dict.fromkeys(
-            ("gpuctld.db", "gpuctld.db-wal", "gpuctld.db-shm"), oct(0o600)
+            ("gpuctld.db", "gpuctld.db-wal", "gpuctld.db-shm", "gpuctld.db-writer"), oct(0o600)
         )
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0

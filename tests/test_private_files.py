@@ -142,7 +142,12 @@ def test_sqlite_store_files_are_private(tmp_path: Path) -> None:
         files = {p.name: mode(p) for p in db.parent.iterdir()}
     finally:
         store.close()
-    assert files == {"gpuctld.db": 0o600, "gpuctld.db-wal": 0o600, "gpuctld.db-shm": 0o600}
+    assert files == {
+        "gpuctld.db": 0o600,
+        "gpuctld.db-wal": 0o600,
+        "gpuctld.db-shm": 0o600,
+        "gpuctld.db-writer": 0o600,  # the writers' lock (store.sql._WriterLock)
+    }
     assert mode(db.parent) == 0o700
 
 

@@ -900,8 +900,8 @@ class _WriterLock:
     as it is released, where SQLite's own busy wait polls (1, 2, 5, 10 ms... apart)."""
 
     def __init__(self, path: Path) -> None:
-        self._path = path
-        self._fd = -1  # opened at the first write: a store only read leaves no file
+        self._path = path  # made with the database (`_private_sqlite_files`)
+        self._fd = -1  # opened at the first write
 
     def __enter__(self) -> None:
         if self._fd < 0:
@@ -920,13 +920,15 @@ class _WriterLock:
 def _private_sqlite_files(db: Path) -> None:
     """The database file exists, 0600, before SQLite opens it: SQLite would create it 0644 less
     the umask, and gives the -wal, -shm and -journal files it creates the database file's mode,
-    so they follow. Files an older version left open to other accounts are tightened.
+    so they follow. The writers' lock file (`_WriterLock`) is made beside it, 0600, at once.
+    Files an older version left open to other accounts are tightened.
 
     Explicit modes rather than a process umask: the umask is process-wide (the daemon's socket
     and port file have modes of their own), and the store is opened by tests and tools too."""
     db.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if not db.exists():
-        os.close(os.open(db, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    for path in (db, db.with_name(db.name + "-writer")):
+        if not path.exists():
+            os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
     suffixes = ("-wal", "-shm", "-journal", "-writer")
     for path in (db, *(db.with_name(db.name + suffix) for suffix in suffixes)):
         try:
