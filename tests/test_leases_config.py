@@ -24,13 +24,14 @@ def test_lease_settings_and_a_providers_file_relative_to_the_config(tmp_path):
         'providers_file = "providers.toml"\n'
         "idle_grace_s = 60\n"
         "warm_nodes = 3\n"
+        "service_grace_s = 600\n"
         'unknown = "adopt"\n'
         "budgets = { research = { dollars_per_hour = 200, dollars = 10000.0 } }\n"
     )
     config = load_config(cfg)
     assert config.providers_file == str(tmp_path / "etc" / "providers.toml")
     assert (config.lease_idle_grace_s, config.lease_unknown) == (60.0, "adopt")
-    assert config.lease_warm_nodes == 3
+    assert (config.lease_warm_nodes, config.lease_service_grace_s) == (3, 600.0)
     assert config.lease_budgets == {"research": {"dollars_per_hour": 200, "dollars": 10000.0}}
 
 
@@ -44,6 +45,8 @@ def test_lease_settings_and_a_providers_file_relative_to_the_config(tmp_path):
         ("boot_timeout_s = -1", "leases.boot_timeout_s"),
         ("warm_nodes = -2", "leases.warm_nodes"),
         ("warm_nodes = 1.5", "leases.warm_nodes"),
+        ("service_grace_s = -1", "leases.service_grace_s"),
+        ('service_grace_s = "1h"', "leases.service_grace_s"),
     ],
     ids=[
         "unknown",
@@ -53,6 +56,8 @@ def test_lease_settings_and_a_providers_file_relative_to_the_config(tmp_path):
         "negative",
         "warm",
         "warm-int",
+        "service-grace",
+        "service-grace-type",
     ],
 )
 def test_bad_lease_settings_are_refused_by_name(tmp_path, text, field):

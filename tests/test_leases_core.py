@@ -508,6 +508,42 @@ def test_a_warm_pool_keeps_the_cheapest_idle_nodes(warm: int, released: list[str
     assert all("no longer needs it; idle" in r.reason for r in result.lease_releases)
 
 
+@pytest.mark.parametrize(
+    ("owner", "idle_s", "grace_s", "released"),
+    [
+        (7, 1799, 1800, ""),  # service 7 runs on node b: node a kept for its next scale-up
+        (7, 1800, 1800, "service 7 has not scaled back onto it within the service grace"),
+        (7, 10, 0, "job 7 no longer needs it; idle"),  # no service grace: as any idle node
+        (8, 10, 1800, "job 8 no longer needs it; idle"),  # job 8 is done: nothing to scale
+        (9, 10, 1800, "job 9 no longer needs it; idle"),  # service 9 accepts L40S only
+    ],
+    ids=["within", "past", "no-grace", "done", "does-not-fit"],
+)
+def test_a_service_grace_keeps_a_node_a_running_service_scaled_down_from(
+    owner: int, idle_s: int, grace_s: float, released: str
+):
+    # Node a was leased for `owner` and is idle since `idle_s` ago; services 7 and 9 run one
+    # replica each on node b. Nothing is queued.
+    busy = [
+        running(service(7, gpus=1), "b"),
+        running(service(9, gpus=1, gpu_model="L40S"), "b"),
+    ]
+    result = cycle(
+        [],
+        nodes=[h100_node("a", lease_id="l1"), h100_node("b")],
+        busy=busy,
+        leases=(lease("l1", "a", for_job=owner),),
+        idle_since={"a": NOW - timedelta(seconds=idle_s)},
+        service_grace_s=grace_s,
+    )
+    if not released:
+        assert result.lease_releases == ()
+    else:
+        (release,) = result.lease_releases
+        assert release.lease_id == "l1"
+        assert released in release.reason
+
+
 def test_a_requested_lease_whose_job_no_longer_waits_is_released():
     leases = (lease("l1", state=LeaseState.REQUESTED, for_job=9),)
     (release,) = cycle([], leases=leases).lease_releases

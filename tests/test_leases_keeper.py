@@ -156,6 +156,39 @@ def test_a_warm_node_outlives_its_job_and_the_next_job_starts_on_it_at_once(tmp_
     assert rig.store.get_job(second.id).placement.node_ids == ("hgx-1",)
 
 
+@pytest.mark.parametrize("back_after_min", [29, 31])
+def test_a_node_a_service_scaled_down_from_waits_its_service_grace(tmp_path, back_after_min):
+    rig = Rig(tmp_path, [Recording(lab())], LeaseSettings(service_grace_s=1800))
+    spec = JobSpec(
+        kind=JobKind.INFERENCE, command=("serve",), replicas=2, gpus_per_node=8,
+        gpu_model="H100 SXM",
+    )  # fmt: skip
+    job = rig.ctl.submit(spec)
+    rig.ctl.run_cycle()
+    rig.keeper.tick()
+    for name in ("hgx-1", "hgx-2"):
+        rig.ctl.register_node(agent_node(name))
+    rig.ctl.run_cycle()
+    assert len(rig.store.get_job(job.id).placement.ranks) == 2
+    rig.ctl.scale(job.id, 1)
+    (gone,) = {"hgx-1", "hgx-2"} - set(rig.store.get_job(job.id).placement.node_ids)
+    assert rig.ctl.run_cycle().lease_releases == ()  # kept for the service
+    rig.clock.advance(timedelta(minutes=back_after_min))
+    result = rig.ctl.run_cycle()
+    if back_after_min < 30:
+        assert result.lease_releases == ()
+        rig.ctl.scale(job.id, 2)
+        result = rig.ctl.run_cycle()
+        assert result.lease_requests == ()  # no new lease, no boot to wait out
+        assert gone in rig.store.get_job(job.id).placement.node_ids
+    else:
+        (release,) = result.lease_releases
+        assert release.node_id == gone
+        assert f"service {job.id} has not scaled back onto it within the service grace" in (
+            release.reason
+        )
+
+
 def test_idle_grace_holds_for_a_queued_job_that_would_use_the_node_then_ends(tmp_path):
     # The queue may lease nothing more, so the 2-node gang waits: it would use hgx-1, which is
     # kept for the grace (300 s) and no longer.
@@ -536,7 +569,8 @@ def test_providers_are_called_outside_the_lock_and_a_late_node_is_refused(tmp_pa
     assert watched.held() == ()
 
 
-def test_a_service_scaled_down_gives_back_the_lease_of_the_node_it_empties_at_once(rig):
+def test_without_a_service_grace_a_service_scaled_down_gives_back_the_node_it_empties(tmp_path):
+    rig = Rig(tmp_path, [Recording(lab())], LeaseSettings(service_grace_s=0))
     serve = JobSpec(kind=JobKind.INFERENCE, command=("serve",), replicas=2, gpus_per_node=8)
     job = rig.ctl.submit(serve)
     (request,) = rig.ctl.run_cycle().lease_requests

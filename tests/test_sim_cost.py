@@ -428,3 +428,29 @@ def test_bad_arguments_are_named(tmp_path: Path) -> None:
     assert result.exit_code != 0 and "--trace" in result.output
     result = CliRunner().invoke(cost_command, ["--policy", "nope"])
     assert result.exit_code != 0 and "--policy" in result.output
+
+
+@pytest.mark.parametrize("grace", [0.0, 1800.0])
+def test_a_service_grace_spares_a_scale_up_a_boot(grace: float) -> None:
+    # CHAT wants 1, 2, 1, 2 replicas, 15 minutes each. Replica 2 comes at 900 s: an l40s is
+    # leased for it ($1/h) and serves from 1,200 s. At 1,800 s the service scales down. With
+    # no service grace that node goes back at once, and replica 2's return at 2,700 s waits
+    # out another boot, to 3,000 s. With one, the node is kept for the service (its replica 1
+    # still runs) and replica 2 starts on it at once.
+    svc = replace(CHAT, min_replicas=1, max_replicas=2, curve=(1, 2, 1, 2), curve_step_s=900.0)
+    work = build([], [svc], window_s=3600.0, step_s=900.0)
+    out = cost.gpuctl_fleet(
+        work, OFFERS, POLICY, boot_s=BOOT, idle_grace_s=300.0, service_grace_s=grace
+    )
+    served = sorted((s.start_s, s.end_s) for s in out.served)
+    bills = sorted((b.start_s, b.end_s) for b in out.bills)
+    r = cost.report(cost.GPUCTL, work, out)
+    if grace:
+        assert served == [(300.0, 3600.0), (1200.0, 1800.0), (2700.0, 3600.0)]
+        assert bills == [(0.0, 3600.0), (900.0, 3600.0)]
+        # Short of the target while replica 1 boots (0..300) and replica 2 boots (900..1,200).
+        assert r.slo_attainment == pytest.approx(1 - 600 / 3600)
+    else:
+        assert served == [(300.0, 3600.0), (1200.0, 1800.0), (3000.0, 3600.0)]
+        assert bills == [(0.0, 3600.0), (900.0, 1800.0), (2700.0, 3600.0)]
+        assert r.slo_attainment == pytest.approx(1 - 900 / 3600)

@@ -143,6 +143,14 @@ def offer_of(sku: Sku) -> Offer:
     help="(c): idle leased nodes gpuctl keeps warm beyond those (leases.warm_nodes).",
 )
 @click.option(
+    "--service-grace-s",
+    type=click.FloatRange(0),
+    default=cost.DEFAULT_SERVICE_GRACE_S,
+    show_default=True,
+    help="(c): how long an idle node a running service scaled down from is kept for its next "
+    "scale-up (leases.service_grace_s).",
+)
+@click.option(
     "--fleet-sku", default="", help="(a)'s node [default: the cheapest 8-GPU training SKU]."
 )
 @click.option(
@@ -174,6 +182,7 @@ def cost_command(
     idle_timer_s: float,
     idle_grace_s: float,
     warm_nodes: int,
+    service_grace_s: float,
     fleet_sku: str,
     fleet_nodes: int,
     policy: str,
@@ -251,6 +260,7 @@ def cost_command(
             idle_timer_s=idle_timer_s,
             idle_grace_s=idle_grace_s,
             warm_nodes=warm_nodes,
+            service_grace_s=service_grace_s,
             fleet_offer=shape,
             fleet_nodes=fleet_nodes,
         )
@@ -260,7 +270,7 @@ def cost_command(
         f"(a) {result.fleet_nodes} x {result.fleet_sku}; (b) idle timer {idle_timer_s:g} s; "
         f"(b') Karpenter, pods naming {TRAINING_GPU}, consolidateAfter "
         f"{DEFAULT_CONSOLIDATE_AFTER_S:g} s; (c) idle grace {idle_grace_s:g} s, "
-        f"{warm_nodes} warm nodes; "
+        f"service grace {service_grace_s:g} s, {warm_nodes} warm nodes; "
         f"boot {boot_s:g} s for (b), (b') and (c)"
     )
     click.echo(_table(result))
@@ -297,6 +307,7 @@ def cost_command(
             "idle_timer_s": idle_timer_s,
             "idle_grace_s": idle_grace_s,
             "warm_nodes": warm_nodes,
+            "service_grace_s": service_grace_s,
             "policy": policy,
             "machine": platform.node(),
             "python": platform.python_version(),

@@ -400,6 +400,7 @@ class _Cycle:
             replicas_short=replicas_short,
             fits=fits,
             now=self.now,
+            serving={j.id: j for j in self.work.jobs() if j.spec.kind is JobKind.INFERENCE},
         )
         if plan.notes:
             self.waiting = [

@@ -46,6 +46,7 @@ class DaemonConfig:
     providers_file: str = ""  # "": no providers; nodes only register by themselves
     lease_idle_grace_s: float = 300.0
     lease_warm_nodes: int = 0
+    lease_service_grace_s: float = 1800.0
     lease_boot_timeout_s: float = 600.0
     lease_renew_before_s: float = 600.0
     lease_retry_after_s: float = 900.0
@@ -163,6 +164,7 @@ _KEYS: dict[str, str] = {
     "leases.providers_file": "providers_file",
     "leases.idle_grace_s": "lease_idle_grace_s",
     "leases.warm_nodes": "lease_warm_nodes",
+    "leases.service_grace_s": "lease_service_grace_s",
     "leases.boot_timeout_s": "lease_boot_timeout_s",
     "leases.renew_before_s": "lease_renew_before_s",
     "leases.retry_after_s": "lease_retry_after_s",

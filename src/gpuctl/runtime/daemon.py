@@ -193,6 +193,7 @@ def serve(
                 LeaseSettings(
                     idle_grace_s=config.lease_idle_grace_s,
                     warm_nodes=config.lease_warm_nodes,
+                    service_grace_s=config.lease_service_grace_s,
                     boot_timeout_s=config.lease_boot_timeout_s,
                     renew_before_s=config.lease_renew_before_s,
                     retry_after_s=config.lease_retry_after_s,

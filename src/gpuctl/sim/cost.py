@@ -26,6 +26,7 @@ FLEETS = (SINGLE_SHAPE, IDLE_TIMER, KARPENTER, GPUCTL)
 DEFAULT_BOOT_S = 300.0  # request to registered, for every leased node of (b) and (c) alike
 DEFAULT_IDLE_TIMER_S = 300.0  # SkyPilot's default autostop: 5 idle minutes
 DEFAULT_IDLE_GRACE_S = 300.0  # gpuctld's leases.idle_grace_s default (runtime/config.py)
+DEFAULT_SERVICE_GRACE_S = 1800.0  # gpuctld's leases.service_grace_s default
 
 # The targets of B4 for (c): dollars against (a) and the cheaper of (b) and (b'), JCT against
 # the faster of them.
@@ -307,6 +308,7 @@ def gpuctl_fleet(
     boot_s: float,
     idle_grace_s: float,
     warm_nodes: int = 0,
+    service_grace_s: float = 0.0,
 ) -> Outcome:
     """(c): the core places on leased nodes, asks for leases for what waits, gives back what
     nothing uses (with its idle grace for nodes a queued job fits, and its warm pool)."""
@@ -317,6 +319,7 @@ def gpuctl_fleet(
         boot_s=boot_s,
         idle_grace_s=idle_grace_s,
         warm_nodes=warm_nodes,
+        service_grace_s=service_grace_s,
     )
 
 
@@ -406,6 +409,7 @@ def compare(
     idle_timer_s: float = DEFAULT_IDLE_TIMER_S,
     idle_grace_s: float = DEFAULT_IDLE_GRACE_S,
     warm_nodes: int = 0,
+    service_grace_s: float = DEFAULT_SERVICE_GRACE_S,
     consolidate_after_s: float = DEFAULT_CONSOLIDATE_AFTER_S,
     fleet_offer: Offer | None = None,
     fleet_nodes: int = 0,
@@ -427,7 +431,13 @@ def compare(
     wall[KARPENTER] = time.perf_counter() - started
     started = time.perf_counter()
     c = gpuctl_fleet(
-        workload, offers, policy, boot_s=boot_s, idle_grace_s=idle_grace_s, warm_nodes=warm_nodes
+        workload,
+        offers,
+        policy,
+        boot_s=boot_s,
+        idle_grace_s=idle_grace_s,
+        warm_nodes=warm_nodes,
+        service_grace_s=service_grace_s,
     )
     wall[GPUCTL] = time.perf_counter() - started
     reports = (

@@ -139,6 +139,7 @@ class _Replay:
         boot_s: float = 0.0,
         idle_grace_s: float = 0.0,
         warm_nodes: int = 0,
+        service_grace_s: float = 0.0,
     ) -> None:
         self.demands = {d.id: d for d in workload.demands}
         self.policy = policy
@@ -148,6 +149,7 @@ class _Replay:
         self.boot_s = boot_s
         self.grace = idle_grace_s
         self.warm_nodes = warm_nodes
+        self.service_grace = service_grace_s
         self.nodes: dict[str, Node] = {n.id: n for n in nodes}
         self.events: list[tuple[float, int, int, int | str, int]] = []
         self.seq = 0
@@ -211,6 +213,7 @@ class _Replay:
                 self.pending.pop(key, None)
                 if key in self.running:
                     self._stop(key, t)
+                    self._to_service(key)
             elif key in self.running and self.running[key].attempt == attempt:
                 self._stop(key, t)
                 self.ended[key] = t
@@ -223,6 +226,17 @@ class _Replay:
                 self.nodes[lease.node_id] = node_of_offer(
                     offer, lease.node_id, fabric=self.fabric[key], lease_id=key
                 )
+
+    def _to_service(self, replica: int) -> None:
+        """The leases of a replica that ended go to a running replica of its service: in the
+        daemon a service is one job, which owns the nodes its replicas were leased for."""
+        service = self.demands[replica].service
+        heir = next((j for j in sorted(self.running) if self.demands[j].service == service), None)
+        if heir is None:
+            return
+        for lease in list(self.leases.values()):
+            if lease.for_job_id == replica and lease.state is LeaseState.ACTIVE:
+                self.leases[lease.id] = replace(lease, for_job_id=heir)
 
     def _stop(self, job_id: int, t: float) -> Job:
         job = self.running.pop(job_id)
@@ -285,7 +299,7 @@ class _Replay:
             if r.unusable and r.job_id is not None:
                 self.failed.setdefault(r.job_id, set()).add((lease.provider, lease.sku))
             self._close(r.lease_id, t)
-        if self.leased and self.grace > 0:
+        if self.leased and (self.grace > 0 or self.service_grace > 0):
             self._tick_after_grace()
 
     def _leasing(self, now: datetime) -> Leasing:
@@ -310,14 +324,16 @@ class _Replay:
             idle_since=dict(self.idle_since),
             idle_grace_s=self.grace,
             warm_nodes=self.warm_nodes,
+            service_grace_s=self.service_grace,
         )
 
     def _tick_after_grace(self) -> None:
-        """A cycle when an idle node's grace runs out, so the release is not left to chance."""
+        """A cycle when an idle node's graces run out, so the release is not left to chance."""
         for node_id, since in self.idle_since.items():
             if node_id in self.nodes and (node_id, since) not in self.ticked:
                 self.ticked.add((node_id, since))
-                self._push((since - EPOCH).total_seconds() + self.grace, _TICK, node_id)
+                for grace in {self.grace, self.service_grace} - {0.0}:
+                    self._push((since - EPOCH).total_seconds() + grace, _TICK, node_id)
 
     def _request(
         self,
@@ -385,10 +401,11 @@ def replay(
     boot_s: float = 0.0,
     idle_grace_s: float = 0.0,
     warm_nodes: int = 0,
+    service_grace_s: float = 0.0,
 ) -> Outcome:
     """Replay `workload` until every demand has ended: on `nodes` (a fixed fleet, paid for from
     0 on), and with `offers`, on nodes leased from them as the cycles ask (`boot_s` from request
-    to registered; the cycle's `idle_grace_s` and `warm_nodes`)."""
+    to registered; the cycle's `idle_grace_s`, `warm_nodes` and `service_grace_s`)."""
     return _Replay(
         workload,
         policy,
@@ -397,4 +414,5 @@ def replay(
         boot_s=boot_s,
         idle_grace_s=idle_grace_s,
         warm_nodes=warm_nodes,
+        service_grace_s=service_grace_s,
     ).run()

@@ -47,6 +47,7 @@ def plan_leases(
     replicas_short: Callable[[Job], int],
     fits: Fits,
     now: datetime,
+    serving: Mapping[int, Job] | None = None,
 ) -> LeasePlan:
     """After the cycle placed what it could: lease for the `waiting` jobs (in queue order) that
     the leased nodes cannot take, and give back leases nothing will use.
@@ -60,7 +61,7 @@ def plan_leases(
     for lease in leasing.leases:
         if lease.state is LeaseState.REQUESTED and lease.for_job_id is not None:
             requested.setdefault(lease.for_job_id, []).append(lease)
-    releases = _releases(leasing, waiting, by_node, requested, fits, now)
+    releases = _releases(leasing, waiting, by_node, requested, fits, now, serving or {})
     gone = {r.lease_id for r in releases}
     book = BudgetBook(leasing)
     limits = grant_limits(leasing.offers)
@@ -140,10 +141,12 @@ def _releases(
     requested: Mapping[int, Sequence[NodeLease]],
     fits: Fits,
     now: datetime,
+    serving: Mapping[int, Job],
 ) -> tuple[LeaseRelease, ...]:
     """Leases nothing will use: requested for a job that no longer waits; a node its job could
-    not use; an idle node no queued job fits, or one idle past the grace, but for the warm
-    pool (`Leasing.warm_nodes`)."""
+    not use; an idle node no queued job fits, or one idle past the grace, but for the nodes of
+    services still running (`Leasing.service_grace_s`) and the warm pool
+    (`Leasing.warm_nodes`)."""
     waiting_by_id = {j.id: j for j in waiting}
     candidates = list(waiting)[:_GRACE_CANDIDATES]
     grace = leasing.idle_grace_s
@@ -190,6 +193,11 @@ def _releases(
                 )
             )
             continue
+        service = serving.get(owner) if owner is not None else None
+        if service is not None and not fits(service, view):
+            service = None
+        if service is not None and idle_for < leasing.service_grace_s:
+            continue  # kept for the service's next scale-up
         if idle_for < grace:
             taker = next((c for c in candidates if fits(c, view)), None)
             if taker is not None:
@@ -199,7 +207,13 @@ def _releases(
             why = f"idle for {duration(idle_for)} (idle grace {duration(grace)})"
         else:
             why = "idle; no idle grace"
-        done = f"job {owner} no longer needs it; " if owner is not None else ""
+        if service is not None and leasing.service_grace_s > 0:
+            done = (
+                f"service {owner} has not scaled back onto it within the service grace "
+                f"({duration(leasing.service_grace_s)}); "
+            )
+        else:
+            done = f"job {owner} no longer needs it; " if owner is not None else ""
         out.append(
             LeaseRelease(lease_id=lease.id, node_id=view.id, reason=done + why, job_id=owner)
         )

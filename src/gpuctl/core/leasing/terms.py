@@ -68,6 +68,10 @@ class Leasing:
     # first: a replica added when a service scales up then starts at once instead of waiting
     # out a new node's boot.
     warm_nodes: int = 0
+    # An idle leased node whose job is a service still running (on fewer replicas than when the
+    # node served it) is kept this long for that service's next scale-up, if its replica fits
+    # the node: a scale-up then starts at once instead of waiting out a new node's boot.
+    service_grace_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
