@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from datetime import UTC, timedelta
+from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -233,11 +234,17 @@ def test_agent_registration_then_nodes_drain_and_leases(api):
         api.nodes.GetNode(nodes_pb2.GetNodeRequest(name="nope"))
     assert e.value.code() is grpc.StatusCode.NOT_FOUND
     (lease,) = api.leases.ListLeases(leases_pb2.ListLeasesRequest(), metadata=olga).leases
-    assert (lease.node, lease.price_per_hour, lease.state) == (
+    assert (lease.node, lease.price_per_hour, lease.state, lease.kept_for) == (
         "gpu-a",
         24.0,
         leases_pb2.LEASE_STATE_ACTIVE,
+        "",
     )
+    # Why the lease keeper's last cycle kept an idle node, as it says it.
+    lease_id = lease.name.removeprefix("leases/")
+    api.controller.leases = SimpleNamespace(kept={lease_id: "warm pool (1 of 1 kept)"})
+    (lease,) = api.leases.ListLeases(leases_pb2.ListLeasesRequest(), metadata=olga).leases
+    assert lease.kept_for == "warm pool (1 of 1 kept)"
 
 
 def test_bad_registration_is_rejected(api):

@@ -702,6 +702,7 @@ def test_leases_table(api, gpuctl):
                 state=leases_pb2.LEASE_STATE_ACTIVE,
                 for_job_id=2,
                 cost_usd=12.5,
+                kept_for="warm pool (1 of 1 kept)",
             ),
             leases_pb2.Lease(name="leases/b", node="gpu-02", state=leases_pb2.LEASE_STATE_RELEASED),
         ]
@@ -718,6 +719,7 @@ def test_leases_table(api, gpuctl):
         "AGE",
         "FOR_JOB",
         "COST_$",
+        "KEPT",
     ]
     assert rows[1].split() == [
         "leases/a",
@@ -729,6 +731,7 @@ def test_leases_table(api, gpuctl):
         "-",
         "2",
         "12.50",
+        *["warm", "pool", "(1", "of", "1", "kept)"],
     ]
     assert len(rows) == 2
     assert len(gpuctl("leases", "--all").stdout.splitlines()) == 3

@@ -482,6 +482,7 @@ def test_idle_grace_keeps_a_node_a_queued_job_will_use_then_lets_it_go():
         idle_since={"a": NOW - timedelta(seconds=299)},
     )  # fmt: skip
     assert kept.lease_releases == ()
+    assert kept.lease_kept == {"l1": "for job 2, queued (idle grace, 0:00:01 left)"}
     gone = cycle(
         waiting, nodes=nodes, leases=leases, idle_grace_s=300,
         idle_since={"a": NOW - timedelta(seconds=300)},
@@ -505,6 +506,8 @@ def test_a_warm_pool_keeps_the_cheapest_idle_nodes(warm: int, released: list[str
     )
     result = cycle([], nodes=nodes, leases=leases, warm_nodes=warm)
     assert [r.lease_id for r in result.lease_releases] == released
+    kept = sorted(set(prices) - set(released))
+    assert result.lease_kept == {x: f"warm pool ({len(kept)} of {warm} kept)" for x in kept}
     assert all("no longer needs it; idle" in r.reason for r in result.lease_releases)
 
 
@@ -538,10 +541,14 @@ def test_a_service_grace_keeps_a_node_a_running_service_scaled_down_from(
     )
     if not released:
         assert result.lease_releases == ()
+        assert result.lease_kept == {
+            "l1": "for service 7's next scale-up (service grace, 0:00:01 left)"
+        }
     else:
         (release,) = result.lease_releases
         assert release.lease_id == "l1"
         assert released in release.reason
+        assert result.lease_kept == {}
 
 
 def test_a_requested_lease_whose_job_no_longer_waits_is_released():

@@ -177,6 +177,10 @@ def test_a_node_a_service_scaled_down_from_waits_its_service_grace(tmp_path, bac
     result = rig.ctl.run_cycle()
     if back_after_min < 30:
         assert result.lease_releases == ()
+        (lease,) = [x for x in rig.leases() if x.node_id == gone]
+        assert rig.keeper.kept == {  # what `gpuctl leases` shows
+            lease.id: f"for service {job.id}'s next scale-up (service grace, 0:01:00 left)"
+        }
         rig.ctl.scale(job.id, 2)
         result = rig.ctl.run_cycle()
         assert result.lease_requests == ()  # no new lease, no boot to wait out

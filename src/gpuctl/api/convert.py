@@ -546,7 +546,7 @@ def node_from_pb(msg: nodes_pb2.Node, prefix: str = "node.") -> Node:
 # -- leases -------------------------------------------------------------------------------
 
 
-def lease_to_pb(lease: NodeLease, *, now: datetime) -> leases_pb2.Lease:
+def lease_to_pb(lease: NodeLease, *, now: datetime, kept_for: str = "") -> leases_pb2.Lease:
     end = lease.released_at or now
     hours = max(0.0, (end - lease.acquired_at).total_seconds() / 3600) if lease.acquired_at else 0.0
     return leases_pb2.Lease(
@@ -562,6 +562,7 @@ def lease_to_pb(lease: NodeLease, *, now: datetime) -> leases_pb2.Lease:
         for_job_id=lease.for_job_id or 0,
         state=LEASE_STATE[lease.state],
         cost_usd=round(hours * lease.price_per_hour, 4),
+        kept_for=kept_for,
     )
 
 

@@ -606,8 +606,13 @@ class LeaseServicer(leases_pb2_grpc.LeaseServiceServicer):
         offset, size = _page(request)
         now = self.c.clock.now()
         reply = leases_pb2.ListLeasesResponse()
+        kept = self.c.leases.kept if self.c.leases is not None else {}
         taken = _fill(
-            reply.leases, (convert.lease_to_pb(x, now=now) for x in leases[offset : offset + size])
+            reply.leases,
+            (
+                convert.lease_to_pb(x, now=now, kept_for=kept.get(x.id, ""))
+                for x in leases[offset : offset + size]
+            ),
         )
         reply.next_page_token = _token(offset + taken, len(leases))
         return reply

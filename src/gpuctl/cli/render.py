@@ -684,11 +684,13 @@ def leases_table(leases: Iterable[leases_pb2.Lease], *, now: datetime) -> str:
             _age_or_dash(x.acquire_time, now),
             x.for_job_id or "-",
             f"{x.cost_usd:.2f}",
+            x.kept_for or "-",
         )
         for x in leases
     ]
     return table(
-        ["NAME", "NODE", "PROVIDER", "SKU", "STATE", "$/HR", "AGE", "FOR_JOB", "COST_$"], rows
+        ["NAME", "NODE", "PROVIDER", "SKU", "STATE", "$/HR", "AGE", "FOR_JOB", "COST_$", "KEPT"],
+        rows,
     )
 
 

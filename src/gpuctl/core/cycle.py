@@ -113,6 +113,8 @@ class CycleResult:
     preemptions: tuple[Preemption, ...] = ()  # applied before the bindings that need them
     lease_requests: tuple[LeaseRequest, ...] = ()  # scale up: for jobs left waiting
     lease_releases: tuple[LeaseRelease, ...] = ()  # scale down: leases nothing will use
+    # Idle leased nodes kept, and why; None: the cycle had no lease phase (leasing=None).
+    lease_kept: Mapping[str, str] | None = None
 
 
 def schedule(
@@ -342,6 +344,7 @@ class _Cycle:
             preemptions=tuple(self.preemptions),
             lease_requests=leases.requests,
             lease_releases=leases.releases,
+            lease_kept=leases.kept if self.leasing is not None else None,
         )
 
     def _kept(self, order: QueueOrder) -> None:

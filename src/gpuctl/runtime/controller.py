@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Protocol
@@ -85,6 +85,8 @@ class LeaseSide(Protocol):
     def match(self, reported: Node, known: Node | None, now: datetime) -> NodeLease | None: ...
 
     def fabric_of(self, lease: NodeLease) -> str: ...
+
+    kept: Mapping[str, str]  # idle leases the last cycle kept -> why
 
 
 class CycleObserver(Protocol):
@@ -1347,6 +1349,7 @@ def _as_seen(decided: Decided, active: dict[int, Job]) -> CycleResult:
         unschedulable=tuple(m for m in result.unschedulable if m.job_id not in stale),
         reservations=result.reservations,
         lease_releases=result.lease_releases,
+        lease_kept=result.lease_kept,
     )
 
 

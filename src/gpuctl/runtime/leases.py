@@ -188,6 +188,9 @@ class LeaseKeeper:
         for job_id, provider_name, sku, at in self.store.failed_offers(since=since):
             self._failed.setdefault(job_id, {})[(provider_name, sku)] = at
         self._inflight: set[str] = set()  # intents being acquired right now
+        # Idle leased nodes the last cycle kept, and why (`gpuctl leases`): not stored, the
+        # next cycle says it again.
+        self.kept: Mapping[str, str] = {}
         self._timing_out: set[str] = set()  # granted, never came up, being given back now
         self._unreconciled = set(self.providers)
         self._orphans_checked = False
@@ -275,6 +278,8 @@ class LeaseKeeper:
         """Write what the cycle decided about leases: new requests, releases, and which job a
         reused idle node now serves. Returns the events for the cycle's write."""
         events: list[Event] = []
+        if result.lease_kept is not None:
+            self.kept = result.lease_kept
         leases = {x.id: x for x in self.store.list_leases()}
         by_node = {x.node_id: x for x in leases.values() if x.node_id and managed(x)}
         idle = {x.node_id for x in leases.values() if _idle(x)}

@@ -36,6 +36,7 @@ class LeasePlan:
     requests: tuple[LeaseRequest, ...] = ()
     releases: tuple[LeaseRelease, ...] = ()
     notes: Mapping[int, str] = field(default_factory=dict)  # job -> what leasing does for it
+    kept: Mapping[str, str] = field(default_factory=dict)  # idle lease kept -> why
 
 
 def plan_leases(
@@ -61,7 +62,7 @@ def plan_leases(
     for lease in leasing.leases:
         if lease.state is LeaseState.REQUESTED and lease.for_job_id is not None:
             requested.setdefault(lease.for_job_id, []).append(lease)
-    releases = _releases(leasing, waiting, by_node, requested, fits, now, serving or {})
+    releases, kept = _releases(leasing, waiting, by_node, requested, fits, now, serving or {})
     gone = {r.lease_id for r in releases}
     book = BudgetBook(leasing)
     limits = grant_limits(leasing.offers)
@@ -131,7 +132,7 @@ def plan_leases(
             )
         )
         notes[job.id] = reason
-    return LeasePlan(requests=tuple(requests), releases=releases, notes=notes)
+    return LeasePlan(requests=tuple(requests), releases=releases, notes=notes, kept=kept)
 
 
 def _releases(
@@ -142,16 +143,21 @@ def _releases(
     fits: Fits,
     now: datetime,
     serving: Mapping[int, Job],
-) -> tuple[LeaseRelease, ...]:
+) -> tuple[tuple[LeaseRelease, ...], dict[str, str]]:
     """Leases nothing will use: requested for a job that no longer waits; a node its job could
     not use; an idle node no queued job fits, or one idle past the grace, but for the nodes of
     services still running (`Leasing.service_grace_s`) and the warm pool
-    (`Leasing.warm_nodes`)."""
+    (`Leasing.warm_nodes`). Also, for each idle leased node kept, why."""
     waiting_by_id = {j.id: j for j in waiting}
     candidates = list(waiting)[:_GRACE_CANDIDATES]
     grace = leasing.idle_grace_s
     out: list[LeaseRelease] = []
+    kept: dict[str, str] = {}
     idle: list[tuple[NodeLease, NodeView]] = []  # given back as no job waits for them
+
+    def left(limit: float) -> str:
+        return duration(limit - idle_for)
+
     for lease in leasing.leases:
         if not managed(lease):
             continue
@@ -173,8 +179,10 @@ def _releases(
         if job is not None:
             usable = fits(job, view)
             if requested.get(job.id):
-                continue  # the rest of its nodes are on their way
+                kept[lease.id] = f"for job {job.id}: the rest of its nodes are on their way"
+                continue
             if not job.spec.is_gang and usable and idle_for < grace:
+                kept[lease.id] = f"for job {job.id}, queued (idle grace, {left(grace)} left)"
                 continue
             why = (
                 f"job {job.id} could not use node {view.id}"
@@ -197,10 +205,15 @@ def _releases(
         if service is not None and not fits(service, view):
             service = None
         if service is not None and idle_for < leasing.service_grace_s:
-            continue  # kept for the service's next scale-up
+            kept[lease.id] = (
+                f"for service {owner}'s next scale-up (service grace, "
+                f"{left(leasing.service_grace_s)} left)"
+            )
+            continue
         if idle_for < grace:
             taker = next((c for c in candidates if fits(c, view)), None)
             if taker is not None:
+                kept[lease.id] = f"for job {taker.id}, queued (idle grace, {left(grace)} left)"
                 continue
             why = f"idle; no queued job fits node {view.id}"
         elif grace > 0:
@@ -218,9 +231,10 @@ def _releases(
             LeaseRelease(lease_id=lease.id, node_id=view.id, reason=done + why, job_id=owner)
         )
         idle.append((lease, view))
-    if kept := _kept_warm(leasing.warm_nodes, idle):
-        out = [r for r in out if r.lease_id not in kept]
-    return tuple(out)
+    if warm := _kept_warm(leasing.warm_nodes, idle):
+        out = [r for r in out if r.lease_id not in warm]
+        kept.update((x, f"warm pool ({len(warm)} of {leasing.warm_nodes} kept)") for x in warm)
+    return tuple(out), kept
 
 
 def _kept_warm(warm: int, idle: Sequence[tuple[NodeLease, NodeView]]) -> frozenset[str]:

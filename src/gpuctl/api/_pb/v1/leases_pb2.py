@@ -25,29 +25,29 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16gpuctl/v1/leases.proto\x12\tgpuctl.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd6\x02\n\x05Lease\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x19\n\x11provider_lease_id\x18\x03 \x01(\t\x12\x0c\n\x04node\x18\x04 \x01(\t\x12\x0b\n\x03sku\x18\x05 \x01(\t\x12\x16\n\x0eprice_per_hour\x18\x06 \x01(\x01\x12\x30\n\x0c\x61\x63quire_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0crelease_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nfor_job_id\x18\n \x01(\x03\x12$\n\x05state\x18\x0b \x01(\x0e\x32\x15.gpuctl.v1.LeaseState\x12\x10\n\x08\x63ost_usd\x18\x0c \x01(\x01\"T\n\x11ListLeasesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x18\n\x10include_released\x18\x03 \x01(\x08\"O\n\x12ListLeasesResponse\x12 \n\x06leases\x18\x01 \x03(\x0b\x32\x10.gpuctl.v1.Lease\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"e\n\x0eGetCostRequest\x12)\n\x05since\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x08group_by\x18\x02 \x01(\x0e\x32\x16.gpuctl.v1.CostGroupBy\"H\n\x07\x43ostRow\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0f\n\x07\x64ollars\x18\x02 \x01(\x01\x12\x11\n\tgpu_hours\x18\x03 \x01(\x01\x12\x0c\n\x04jobs\x18\x04 \x01(\x05\"\xfa\x01\n\x0fGetCostResponse\x12 \n\x04rows\x18\x01 \x03(\x0b\x32\x12.gpuctl.v1.CostRow\x12\x17\n\x0f\x63harged_dollars\x18\x02 \x01(\x01\x12\x16\n\x0eleased_dollars\x18\x03 \x01(\x01\x12\x14\n\x0cidle_dollars\x18\x04 \x01(\x01\x12)\n\x05since\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05\x61s_of\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x08group_by\x18\x07 \x01(\x0e\x32\x16.gpuctl.v1.CostGroupBy*\xc2\x01\n\nLeaseState\x12\x1b\n\x17LEASE_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15LEASE_STATE_REQUESTED\x10\x01\x12\x16\n\x12LEASE_STATE_ACTIVE\x10\x02\x12\x19\n\x15LEASE_STATE_RELEASING\x10\x03\x12\x18\n\x14LEASE_STATE_RELEASED\x10\x04\x12\x17\n\x13LEASE_STATE_EXPIRED\x10\x05\x12\x16\n\x12LEASE_STATE_FAILED\x10\x06*t\n\x0b\x43ostGroupBy\x12\x1d\n\x19\x43OST_GROUP_BY_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43OST_GROUP_BY_JOB\x10\x01\x12\x17\n\x13\x43OST_GROUP_BY_QUEUE\x10\x02\x12\x16\n\x12\x43OST_GROUP_BY_USER\x10\x03\x32\x9b\x01\n\x0cLeaseService\x12I\n\nListLeases\x12\x1c.gpuctl.v1.ListLeasesRequest\x1a\x1d.gpuctl.v1.ListLeasesResponse\x12@\n\x07GetCost\x12\x19.gpuctl.v1.GetCostRequest\x1a\x1a.gpuctl.v1.GetCostResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16gpuctl/v1/leases.proto\x12\tgpuctl.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe8\x02\n\x05Lease\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x19\n\x11provider_lease_id\x18\x03 \x01(\t\x12\x0c\n\x04node\x18\x04 \x01(\t\x12\x0b\n\x03sku\x18\x05 \x01(\t\x12\x16\n\x0eprice_per_hour\x18\x06 \x01(\x01\x12\x30\n\x0c\x61\x63quire_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0crelease_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nfor_job_id\x18\n \x01(\x03\x12$\n\x05state\x18\x0b \x01(\x0e\x32\x15.gpuctl.v1.LeaseState\x12\x10\n\x08\x63ost_usd\x18\x0c \x01(\x01\x12\x10\n\x08kept_for\x18\r \x01(\t\"T\n\x11ListLeasesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x18\n\x10include_released\x18\x03 \x01(\x08\"O\n\x12ListLeasesResponse\x12 \n\x06leases\x18\x01 \x03(\x0b\x32\x10.gpuctl.v1.Lease\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"e\n\x0eGetCostRequest\x12)\n\x05since\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x08group_by\x18\x02 \x01(\x0e\x32\x16.gpuctl.v1.CostGroupBy\"H\n\x07\x43ostRow\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0f\n\x07\x64ollars\x18\x02 \x01(\x01\x12\x11\n\tgpu_hours\x18\x03 \x01(\x01\x12\x0c\n\x04jobs\x18\x04 \x01(\x05\"\xfa\x01\n\x0fGetCostResponse\x12 \n\x04rows\x18\x01 \x03(\x0b\x32\x12.gpuctl.v1.CostRow\x12\x17\n\x0f\x63harged_dollars\x18\x02 \x01(\x01\x12\x16\n\x0eleased_dollars\x18\x03 \x01(\x01\x12\x14\n\x0cidle_dollars\x18\x04 \x01(\x01\x12)\n\x05since\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05\x61s_of\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x08group_by\x18\x07 \x01(\x0e\x32\x16.gpuctl.v1.CostGroupBy*\xc2\x01\n\nLeaseState\x12\x1b\n\x17LEASE_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15LEASE_STATE_REQUESTED\x10\x01\x12\x16\n\x12LEASE_STATE_ACTIVE\x10\x02\x12\x19\n\x15LEASE_STATE_RELEASING\x10\x03\x12\x18\n\x14LEASE_STATE_RELEASED\x10\x04\x12\x17\n\x13LEASE_STATE_EXPIRED\x10\x05\x12\x16\n\x12LEASE_STATE_FAILED\x10\x06*t\n\x0b\x43ostGroupBy\x12\x1d\n\x19\x43OST_GROUP_BY_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43OST_GROUP_BY_JOB\x10\x01\x12\x17\n\x13\x43OST_GROUP_BY_QUEUE\x10\x02\x12\x16\n\x12\x43OST_GROUP_BY_USER\x10\x03\x32\x9b\x01\n\x0cLeaseService\x12I\n\nListLeases\x12\x1c.gpuctl.v1.ListLeasesRequest\x1a\x1d.gpuctl.v1.ListLeasesResponse\x12@\n\x07GetCost\x12\x19.gpuctl.v1.GetCostRequest\x1a\x1a.gpuctl.v1.GetCostResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gpuctl.v1.leases_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LEASESTATE']._serialized_start=1013
-  _globals['_LEASESTATE']._serialized_end=1207
-  _globals['_COSTGROUPBY']._serialized_start=1209
-  _globals['_COSTGROUPBY']._serialized_end=1325
+  _globals['_LEASESTATE']._serialized_start=1031
+  _globals['_LEASESTATE']._serialized_end=1225
+  _globals['_COSTGROUPBY']._serialized_start=1227
+  _globals['_COSTGROUPBY']._serialized_end=1343
   _globals['_LEASE']._serialized_start=71
-  _globals['_LEASE']._serialized_end=413
-  _globals['_LISTLEASESREQUEST']._serialized_start=415
-  _globals['_LISTLEASESREQUEST']._serialized_end=499
-  _globals['_LISTLEASESRESPONSE']._serialized_start=501
-  _globals['_LISTLEASESRESPONSE']._serialized_end=580
-  _globals['_GETCOSTREQUEST']._serialized_start=582
-  _globals['_GETCOSTREQUEST']._serialized_end=683
-  _globals['_COSTROW']._serialized_start=685
-  _globals['_COSTROW']._serialized_end=757
-  _globals['_GETCOSTRESPONSE']._serialized_start=760
-  _globals['_GETCOSTRESPONSE']._serialized_end=1010
-  _globals['_LEASESERVICE']._serialized_start=1328
-  _globals['_LEASESERVICE']._serialized_end=1483
+  _globals['_LEASE']._serialized_end=431
+  _globals['_LISTLEASESREQUEST']._serialized_start=433
+  _globals['_LISTLEASESREQUEST']._serialized_end=517
+  _globals['_LISTLEASESRESPONSE']._serialized_start=519
+  _globals['_LISTLEASESRESPONSE']._serialized_end=598
+  _globals['_GETCOSTREQUEST']._serialized_start=600
+  _globals['_GETCOSTREQUEST']._serialized_end=701
+  _globals['_COSTROW']._serialized_start=703
+  _globals['_COSTROW']._serialized_end=775
+  _globals['_GETCOSTRESPONSE']._serialized_start=778
+  _globals['_GETCOSTRESPONSE']._serialized_end=1028
+  _globals['_LEASESERVICE']._serialized_start=1346
+  _globals['_LEASESERVICE']._serialized_end=1501
 # @@protoc_insertion_point(module_scope)

@@ -82,6 +82,7 @@ class Lease(_message.Message):
     FOR_JOB_ID_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     COST_USD_FIELD_NUMBER: _builtins.int
+    KEPT_FOR_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """"leases/{id}" """
     provider: _builtins.str
@@ -94,6 +95,10 @@ class Lease(_message.Message):
     state: Global___LeaseState.ValueType
     cost_usd: _builtins.float
     """accrued so far"""
+    kept_for: _builtins.str
+    """An idle leased node gpuctl keeps rather than gives back: why, as the last scheduling
+    cycle said ("for service 12's next scale-up (service grace, 0:21:13 left)"); else empty.
+    """
     @_builtins.property
     def acquire_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -115,10 +120,11 @@ class Lease(_message.Message):
         for_job_id: _builtins.int = ...,
         state: Global___LeaseState.ValueType = ...,
         cost_usd: _builtins.float = ...,
+        kept_for: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["acquire_time", b"acquire_time", "expire_time", b"expire_time", "release_time", b"release_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquire_time", b"acquire_time", "cost_usd", b"cost_usd", "expire_time", b"expire_time", "for_job_id", b"for_job_id", "name", b"name", "node", b"node", "price_per_hour", b"price_per_hour", "provider", b"provider", "provider_lease_id", b"provider_lease_id", "release_time", b"release_time", "sku", b"sku", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquire_time", b"acquire_time", "cost_usd", b"cost_usd", "expire_time", b"expire_time", "for_job_id", b"for_job_id", "kept_for", b"kept_for", "name", b"name", "node", b"node", "price_per_hour", b"price_per_hour", "provider", b"provider", "provider_lease_id", b"provider_lease_id", "release_time", b"release_time", "sku", b"sku", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
