@@ -38,6 +38,7 @@ def site(tmp_path):
         usage=ctl.node_usage,
         events=lambda job_id: store.list_events("job", str(job_id)),
         now=ctl.clock.now,
+        kept=lambda: {x.id: "warm pool (1 of 1 kept)" for x in store.list_leases()},
     )
     history = History(sources)
     guard = guard_for(ctl)
@@ -110,6 +111,7 @@ def test_people_see_what_the_api_shows_them_escaped(site):
     olga = sign_in(site, site.tokens.user("olga"))  # an operator
     _, _, page = call(site, "GET", "/ui", cookie=olga)
     assert "theirs" in page and "<h2>Leases</h2>" in page and "$24.00" in page
+    assert "warm pool (1 of 1 kept)" in page  # why the lease keeper keeps it
     assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt; no room" in page
     assert call(site, "GET", "/ui/jobs/999", cookie=olga)[0].startswith("404")
     assert call(site, "GET", "/ui/jobs/" + "9" * 5000, cookie=olga)[0].startswith("404")

@@ -170,6 +170,7 @@ def serve(
             usage=controller.node_usage,
             events=lambda job_id: store.list_events("job", str(job_id)),
             now=controller.clock.now,
+            kept=lambda: controller.leases.kept if controller.leases is not None else {},
         )
     )
 

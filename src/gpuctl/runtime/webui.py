@@ -78,6 +78,7 @@ class Sources:
     usage: Callable[[], Mapping[str, Mapping[int, tuple[int, list[int]]]]]  # node_usage
     events: Callable[[int], Sequence]  # a job's events
     now: Callable[[], datetime]
+    kept: Callable[[], Mapping[str, str]] = dict  # idle leases the last cycle kept -> why
 
 
 def measure(
@@ -230,7 +231,7 @@ class WebUi:
         parts.append(_running(jobs, now))
         parts.append(_nodes(nodes, self.sources.usage(), now))
         if money:
-            parts.append(_leases(leases, now))
+            parts.append(_leases(leases, self.sources.kept(), now))
         return "\n".join(parts)
 
     def _job(self, who: Principal, job_id: int) -> str | None:
@@ -496,7 +497,7 @@ def _running(jobs: Sequence[Job], now: datetime) -> str:
     )
 
 
-def _leases(leases: Sequence[NodeLease], now: datetime) -> str:
+def _leases(leases: Sequence[NodeLease], kept: Mapping[str, str], now: datetime) -> str:
     live = [x for x in leases if x.state in LIVE_LEASES]
     rows = [
         (
@@ -508,11 +509,12 @@ def _leases(leases: Sequence[NodeLease], now: datetime) -> str:
             f"${x.price_per_hour:.2f}",
             f"${lease_dollars(x, now=now):,.2f}",
             f"job {x.for_job_id}" if x.for_job_id else "-",
+            kept.get(x.id, "-"),
         )
         for x in live
     ]
     return "<h2>Leases</h2>" + _table(
-        ["LEASE", "PROVIDER", "SKU", "NODE", "STATE", "$/H", "SO FAR", "FOR"], rows
+        ["LEASE", "PROVIDER", "SKU", "NODE", "STATE", "$/H", "SO FAR", "FOR", "KEPT IDLE"], rows
     )
 
 
