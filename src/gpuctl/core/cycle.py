@@ -403,7 +403,9 @@ class _Cycle:
             replicas_short=replicas_short,
             fits=fits,
             now=self.now,
-            serving={j.id: j for j in self.work.jobs() if j.spec.kind is JobKind.INFERENCE},
+            serving={j.id: j for j in self.work.jobs() if j.spec.kind is JobKind.INFERENCE}
+            if self.leasing.service_grace_s > 0
+            else None,
         )
         if plan.notes:
             self.waiting = [

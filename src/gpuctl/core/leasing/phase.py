@@ -154,10 +154,7 @@ def _releases(
     out: list[LeaseRelease] = []
     kept: dict[str, str] = {}
     idle: list[tuple[NodeLease, NodeView]] = []  # given back as no job waits for them
-
-    def left(limit: float) -> str:
-        return duration(limit - idle_for)
-
+    service_grace = leasing.service_grace_s
     for lease in leasing.leases:
         if not managed(lease):
             continue
@@ -182,7 +179,8 @@ def _releases(
                 kept[lease.id] = f"for job {job.id}: the rest of its nodes are on their way"
                 continue
             if not job.spec.is_gang and usable and idle_for < grace:
-                kept[lease.id] = f"for job {job.id}, queued (idle grace, {left(grace)} left)"
+                left = duration(grace - idle_for)
+                kept[lease.id] = f"for job {job.id}, queued (idle grace, {left} left)"
                 continue
             why = (
                 f"job {job.id} could not use node {view.id}"
@@ -201,29 +199,29 @@ def _releases(
                 )
             )
             continue
-        service = serving.get(owner) if owner is not None else None
+        # A service still running that scaled down off the node (its replica fits it).
+        service = serving.get(owner) if owner is not None and service_grace > 0 else None
         if service is not None and not fits(service, view):
             service = None
-        if service is not None and idle_for < leasing.service_grace_s:
-            kept[lease.id] = (
-                f"for service {owner}'s next scale-up (service grace, "
-                f"{left(leasing.service_grace_s)} left)"
-            )
+        if service is not None and idle_for < service_grace:
+            left = duration(service_grace - idle_for)
+            kept[lease.id] = f"for service {owner}'s next scale-up (service grace, {left} left)"
             continue
         if idle_for < grace:
             taker = next((c for c in candidates if fits(c, view)), None)
             if taker is not None:
-                kept[lease.id] = f"for job {taker.id}, queued (idle grace, {left(grace)} left)"
+                left = duration(grace - idle_for)
+                kept[lease.id] = f"for job {taker.id}, queued (idle grace, {left} left)"
                 continue
             why = f"idle; no queued job fits node {view.id}"
         elif grace > 0:
             why = f"idle for {duration(idle_for)} (idle grace {duration(grace)})"
         else:
             why = "idle; no idle grace"
-        if service is not None and leasing.service_grace_s > 0:
+        if service is not None:
             done = (
                 f"service {owner} has not scaled back onto it within the service grace "
-                f"({duration(leasing.service_grace_s)}); "
+                f"({duration(service_grace)}); "
             )
         else:
             done = f"job {owner} no longer needs it; " if owner is not None else ""
