@@ -154,10 +154,15 @@ def _serve_trivial(port_file: str) -> None:
     asyncio.run(_trivial(port_file))
 
 
-def preload(store_url: str, *, pending: int, finished: int) -> None:
+def preload(store_url: str, *, pending: int, finished: int, config: Path | None = None) -> None:
     """Store `pending` pending jobs and `finished` finished ones (a day old, with their
-    events) the fast way, before gpuctld starts: a history as a busy head node keeps it."""
+    events) the fast way, before gpuctld starts: a history as a busy head node keeps it. With
+    `config` (gpuctld's), a cycle of gpuctld's own controller then tells the pending jobs why
+    they wait, as a store that gpuctld ran on holds them: a gpuctld starting on it finds their
+    reasons written, where jobs stored without one would have it write them all at once."""
     from gpuctl.core.model import Event, Job, JobKind, JobSpec, JobState
+    from gpuctl.runtime import daemon
+    from gpuctl.runtime.config import load_config
     from gpuctl.store.sql import open_store
 
     store = open_store(store_url)
@@ -184,6 +189,13 @@ def preload(store_url: str, *, pending: int, finished: int) -> None:
                     for t in (("Submitted", "Succeeded") if done else ("Submitted",))
                 ]
             store.load_jobs(jobs, events)
+        if pending and config is not None:
+            with tempfile.TemporaryDirectory() as logs:
+                controller = daemon.build_controller(
+                    load_config(config), store, Path(logs), wake=lambda: None
+                )
+                controller.lead()
+                controller.run_cycle()
         store.analyze()
     finally:
         store.close()
@@ -227,7 +239,12 @@ def run_case(args, stored: int, rows: list[dict], workers: int = 0) -> None:
     (root / "cluster" / "gpuctld.toml").write_text(config)
     pending = min(stored, args.pending)
     t0 = time.monotonic()
-    preload(store_url, pending=pending, finished=stored - pending)
+    preload(
+        store_url,
+        pending=pending,
+        finished=stored - pending,
+        config=root / "cluster" / "gpuctld.toml",
+    )
     if stored:
         print(f"stored {stored:,} jobs ({pending:,} pending) in {time.monotonic() - t0:.0f} s")
     cluster = LocalCluster(root / "cluster")
