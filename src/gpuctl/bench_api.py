@@ -154,9 +154,15 @@ def _serve_trivial(port_file: str) -> None:
     asyncio.run(_trivial(port_file))
 
 
+# The people whose jobs a stored history holds. A queue of one person's jobs goes in age order;
+# the first job of a second person orders it by fair share, which only a full cycle can say.
+HISTORY_OWNERS = 8
+
+
 def preload(store_url: str, *, pending: int, finished: int, config: Path | None = None) -> None:
     """Store `pending` pending jobs and `finished` finished ones (a day old, with their
-    events) the fast way, before gpuctld starts: a history as a busy head node keeps it. With
+    events) the fast way, before gpuctld starts: a history as a busy head node keeps it, of
+    `HISTORY_OWNERS` people (none of them a load process's caller). With
     `config` (gpuctld's), a cycle of gpuctld's own controller then tells the pending jobs why
     they wait, as a store that gpuctld ran on holds them: a gpuctld starting on it finds their
     reasons written, where jobs stored without one would have it write them all at once."""
@@ -167,9 +173,13 @@ def preload(store_url: str, *, pending: int, finished: int, config: Path | None 
 
     store = open_store(store_url)
     now = datetime.now(UTC)
-    spec = JobSpec(
-        kind=JobKind.TRAINING, command=("python", "train.py"), gpus_per_node=8, owner="history"
-    )
+    specs = [
+        JobSpec(
+            kind=JobKind.TRAINING, command=("python", "train.py"), gpus_per_node=8,
+            owner=f"history-{i}",
+        )
+        for i in range(HISTORY_OWNERS)
+    ]  # fmt: skip
     total = pending + finished
     try:
         for start in range(0, total, 10_000):
@@ -180,7 +190,7 @@ def preload(store_url: str, *, pending: int, finished: int, config: Path | None 
                 state = JobState.SUCCEEDED if done else JobState.PENDING
                 jobs.append(
                     Job(
-                        id=n, spec=spec, state=state, created_at=at, updated_at=at,
+                        id=n, spec=specs[n % HISTORY_OWNERS], state=state, created_at=at, updated_at=at,
                         finished_at=at if done else None, exit_code=0 if done else None,
                     )
                 )  # fmt: skip
