@@ -454,3 +454,12 @@ def test_a_service_grace_spares_a_scale_up_a_boot(grace: float) -> None:
         assert served == [(300.0, 3600.0), (1200.0, 1800.0), (3000.0, 3600.0)]
         assert bills == [(0.0, 3600.0), (900.0, 1800.0), (2700.0, 3600.0)]
         assert r.slo_attainment == pytest.approx(1 - 900 / 3600)
+
+
+def test_the_simulators_lease_defaults_are_gpuctlds() -> None:
+    from gpuctl.runtime.config import DaemonConfig
+    from gpuctl.runtime.leases import LeaseSettings
+
+    config, settings = DaemonConfig(), LeaseSettings()
+    assert cost.DEFAULT_IDLE_GRACE_S == config.lease_idle_grace_s == settings.idle_grace_s
+    assert cost.DEFAULT_SERVICE_GRACE_S == config.lease_service_grace_s == settings.service_grace_s

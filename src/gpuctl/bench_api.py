@@ -190,8 +190,9 @@ def preload(store_url: str, *, pending: int, finished: int, config: Path | None 
                 state = JobState.SUCCEEDED if done else JobState.PENDING
                 jobs.append(
                     Job(
-                        id=n, spec=specs[n % HISTORY_OWNERS], state=state, created_at=at, updated_at=at,
-                        finished_at=at if done else None, exit_code=0 if done else None,
+                        id=n, spec=specs[n % HISTORY_OWNERS], state=state, created_at=at,
+                        updated_at=at, finished_at=at if done else None,
+                        exit_code=0 if done else None,
                     )
                 )  # fmt: skip
                 events += [

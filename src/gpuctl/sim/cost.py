@@ -311,7 +311,8 @@ def gpuctl_fleet(
     service_grace_s: float = 0.0,
 ) -> Outcome:
     """(c): the core places on leased nodes, asks for leases for what waits, gives back what
-    nothing uses (with its idle grace for nodes a queued job fits, and its warm pool)."""
+    nothing uses (with its idle grace for nodes a queued job fits, its service grace for nodes
+    a running service scaled down from, and its warm pool)."""
     return replay(
         workload,
         policy,
