@@ -25,6 +25,7 @@ def test_lease_settings_and_a_providers_file_relative_to_the_config(tmp_path):
         "idle_grace_s = 60\n"
         "warm_nodes = 3\n"
         "service_grace_s = 600\n"
+        "service_headroom = 2\n"
         'unknown = "adopt"\n'
         "budgets = { research = { dollars_per_hour = 200, dollars = 10000.0 } }\n"
     )
@@ -32,6 +33,7 @@ def test_lease_settings_and_a_providers_file_relative_to_the_config(tmp_path):
     assert config.providers_file == str(tmp_path / "etc" / "providers.toml")
     assert (config.lease_idle_grace_s, config.lease_unknown) == (60.0, "adopt")
     assert (config.lease_warm_nodes, config.lease_service_grace_s) == (3, 600.0)
+    assert config.lease_service_headroom == 2
     assert config.lease_budgets == {"research": {"dollars_per_hour": 200, "dollars": 10000.0}}
 
 
@@ -47,6 +49,7 @@ def test_lease_settings_and_a_providers_file_relative_to_the_config(tmp_path):
         ("warm_nodes = 1.5", "leases.warm_nodes"),
         ("service_grace_s = -1", "leases.service_grace_s"),
         ('service_grace_s = "1h"', "leases.service_grace_s"),
+        ("service_headroom = -1", "leases.service_headroom"),
     ],
     ids=[
         "unknown",
@@ -58,6 +61,7 @@ def test_lease_settings_and_a_providers_file_relative_to_the_config(tmp_path):
         "warm-int",
         "service-grace",
         "service-grace-type",
+        "headroom",
     ],
 )
 def test_bad_lease_settings_are_refused_by_name(tmp_path, text, field):

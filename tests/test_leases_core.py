@@ -551,6 +551,34 @@ def test_a_service_grace_keeps_a_node_a_running_service_scaled_down_from(
         assert result.lease_kept == {}
 
 
+def test_service_headroom_leases_ahead_keeps_what_it_leased_and_counts_replicas_alike_once():
+    # Services 7 and 8 are replicas alike (one service, as an autoscaler submits them), running
+    # on node b, which has no room left. Headroom 1: one l40s-1 ($1/h, the best HBM per dollar
+    # for a replica with no floor: 864 GB/s per $/h against 375 of the l4 and 112 of the h100).
+    alike = [running(service(7, gpus=1), "b"), running(service(8, gpus=1), "b")]
+    nodes = [h100_node("b")]
+    (request,) = cycle([], nodes=nodes, busy=alike, service_headroom=1).lease_requests
+    assert (request.job_id, request.sku, request.count) == (7, "l40s-1", 1)
+    assert request.reason.startswith("headroom for service 7 (1 replica more ready): leasing")
+    # On its way: kept, and nothing more asked.
+    asked = (lease("l1", state=LeaseState.REQUESTED, for_job=7),)
+    on_way = cycle([], nodes=nodes, busy=alike, leases=asked, service_headroom=1)
+    assert (on_way.lease_requests, on_way.lease_releases) == ((), ())
+    assert on_way.lease_kept == {"l1": "headroom for service 7: on its way"}
+    # Up and idle: kept as the headroom, however long; a second idle node of the service goes.
+    ready = (lease("l1", "a", for_job=7), lease("l2", "c", for_job=8))
+    up = cycle(
+        [], nodes=[*nodes, h100_node("a", lease_id="l1"), h100_node("c", lease_id="l2")],
+        busy=alike, leases=ready, service_headroom=1,
+        idle_since={"a": NOW - timedelta(days=1), "c": NOW - timedelta(days=1)},
+    )  # fmt: skip
+    assert up.lease_requests == ()
+    assert up.lease_kept == {"l1": "headroom for service 7 (1 of 1)"}
+    assert [r.lease_id for r in up.lease_releases] == ["l2"]
+    # Without headroom nothing is asked.
+    assert cycle([], nodes=nodes, busy=alike).lease_requests == ()
+
+
 def test_a_requested_lease_whose_job_no_longer_waits_is_released():
     leases = (lease("l1", state=LeaseState.REQUESTED, for_job=9),)
     (release,) = cycle([], leases=leases).lease_releases

@@ -193,6 +193,32 @@ def test_a_node_a_service_scaled_down_from_waits_its_service_grace(tmp_path, bac
         )
 
 
+def test_service_headroom_leases_a_node_ahead_for_a_running_service(tmp_path):
+    rig = Rig(tmp_path, [Recording(lab())], LeaseSettings(service_headroom=1))
+    spec = JobSpec(
+        kind=JobKind.INFERENCE, command=("serve",), replicas=1, gpus_per_node=8,
+        gpu_model="H100 SXM",
+    )  # fmt: skip
+    job = rig.ctl.submit(spec)
+    rig.ctl.run_cycle()
+    rig.keeper.tick()
+    rig.ctl.register_node(agent_node("hgx-1"))
+    result = rig.ctl.run_cycle()  # the replica starts on hgx-1; hgx-2 is leased as headroom
+    assert rig.store.get_job(job.id).placement.node_ids == ("hgx-1",)
+    (request,) = result.lease_requests
+    assert (request.job_id, request.sku) == (job.id, "hgx-h100")
+    assert request.reason.startswith(f"headroom for service {job.id} (1 replica more ready)")
+    rig.keeper.tick()
+    rig.ctl.register_node(agent_node("hgx-2"))
+    rig.clock.advance(timedelta(hours=3))  # idle, past every grace: kept all the same
+    assert rig.ctl.run_cycle().lease_releases == ()
+    rig.ctl.scale(job.id, 2)
+    result = rig.ctl.run_cycle()  # the new replica starts at once on hgx-2...
+    assert set(rig.store.get_job(job.id).placement.node_ids) == {"hgx-1", "hgx-2"}
+    (request,) = result.lease_requests  # ...and the next headroom is asked for
+    assert request.job_id == job.id and request.reason.startswith("headroom for service")
+
+
 def test_idle_grace_holds_for_a_queued_job_that_would_use_the_node_then_ends(tmp_path):
     # The queue may lease nothing more, so the 2-node gang waits: it would use hgx-1, which is
     # kept for the grace (300 s) and no longer.

@@ -463,3 +463,27 @@ def test_the_simulators_lease_defaults_are_gpuctlds() -> None:
     config, settings = DaemonConfig(), LeaseSettings()
     assert cost.DEFAULT_IDLE_GRACE_S == config.lease_idle_grace_s == settings.idle_grace_s
     assert cost.DEFAULT_SERVICE_GRACE_S == config.lease_service_grace_s == settings.service_grace_s
+
+
+@pytest.mark.parametrize("headroom", [0, 1])
+def test_service_headroom_leases_ahead_so_a_scale_up_starts_at_once(headroom: int) -> None:
+    # CHAT wants 1 replica, then 2 from 900 s. Replica 1's l40s ($1/h) is up at 300 s. With a
+    # headroom of 1, the cycle that starts replica 1 leases another l40s for the service (up
+    # at 600 s); replica 2 starts on it at 900 s, and the next headroom is leased then. With
+    # none, replica 2 waits out a boot to 1,200 s.
+    svc = replace(CHAT, min_replicas=1, max_replicas=2, curve=(1, 2), curve_step_s=900.0)
+    work = build([], [svc], window_s=1800.0, step_s=900.0)
+    out = cost.gpuctl_fleet(
+        work, OFFERS, POLICY, boot_s=BOOT, idle_grace_s=300.0, service_headroom=headroom
+    )
+    served = sorted((s.start_s, s.end_s) for s in out.served)
+    bills = sorted((b.start_s, b.end_s) for b in out.bills)
+    r = cost.report(cost.GPUCTL, work, out)
+    if headroom:
+        assert served == [(300.0, 1800.0), (900.0, 1800.0)]
+        assert bills == [(0.0, 1800.0), (300.0, 1800.0), (900.0, 1800.0)]
+        assert r.slo_attainment == pytest.approx(1 - 300 / 1800)  # replica 1's boot alone
+    else:
+        assert served == [(300.0, 1800.0), (1200.0, 1800.0)]
+        assert bills == [(0.0, 1800.0), (900.0, 1800.0)]
+        assert r.slo_attainment == pytest.approx(1 - 600 / 1800)

@@ -151,6 +151,14 @@ def offer_of(sku: Sku) -> Offer:
     "scale-up (leases.service_grace_s).",
 )
 @click.option(
+    "--service-headroom",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help="(c): replicas of each running service kept ready on leased nodes, leased ahead "
+    "(leases.service_headroom).",
+)
+@click.option(
     "--fleet-sku", default="", help="(a)'s node [default: the cheapest 8-GPU training SKU]."
 )
 @click.option(
@@ -183,6 +191,7 @@ def cost_command(
     idle_grace_s: float,
     warm_nodes: int,
     service_grace_s: float,
+    service_headroom: int,
     fleet_sku: str,
     fleet_nodes: int,
     policy: str,
@@ -261,6 +270,7 @@ def cost_command(
             idle_grace_s=idle_grace_s,
             warm_nodes=warm_nodes,
             service_grace_s=service_grace_s,
+            service_headroom=service_headroom,
             fleet_offer=shape,
             fleet_nodes=fleet_nodes,
         )
@@ -270,7 +280,8 @@ def cost_command(
         f"(a) {result.fleet_nodes} x {result.fleet_sku}; (b) idle timer {idle_timer_s:g} s; "
         f"(b') Karpenter, pods naming {TRAINING_GPU}, consolidateAfter "
         f"{DEFAULT_CONSOLIDATE_AFTER_S:g} s; (c) idle grace {idle_grace_s:g} s, "
-        f"service grace {service_grace_s:g} s, {warm_nodes} warm nodes; "
+        f"service grace {service_grace_s:g} s, headroom {service_headroom}, "
+        f"{warm_nodes} warm nodes; "
         f"boot {boot_s:g} s for (b), (b') and (c)"
     )
     click.echo(_table(result))
@@ -308,6 +319,7 @@ def cost_command(
             "idle_grace_s": idle_grace_s,
             "warm_nodes": warm_nodes,
             "service_grace_s": service_grace_s,
+            "service_headroom": service_headroom,
             "policy": policy,
             "machine": platform.node(),
             "python": platform.python_version(),

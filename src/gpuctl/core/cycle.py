@@ -403,8 +403,8 @@ class _Cycle:
             replicas_short=replicas_short,
             fits=fits,
             now=self.now,
-            serving={j.id: j for j in self.work.jobs() if j.spec.kind is JobKind.INFERENCE}
-            if self.leasing.service_grace_s > 0
+            serving=self._serving()
+            if self.leasing.service_grace_s > 0 or self.leasing.service_headroom > 0
             else None,
         )
         if plan.notes:
@@ -415,6 +415,15 @@ class _Cycle:
                 for w in self.waiting
             ]
         return plan
+
+    def _serving(self) -> dict[int, Job]:
+        """The running inference jobs by id; a service with replicas to replace holds its
+        capacity under its negated id (`services.cycle_input`): here, under its own."""
+        return {
+            abs(j.id): j if j.id > 0 else replace(j, id=-j.id)
+            for j in self.work.jobs()
+            if j.spec.kind is JobKind.INFERENCE
+        }
 
     def _blocked(self, job: Job) -> tuple[Mapping[str, str], tuple[str, ...]]:
         """Nodes `job` may not use, and why: held for a reservation ahead of it, or ruled out

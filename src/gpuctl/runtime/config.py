@@ -47,6 +47,7 @@ class DaemonConfig:
     lease_idle_grace_s: float = 300.0
     lease_warm_nodes: int = 0
     lease_service_grace_s: float = 1800.0
+    lease_service_headroom: int = 0
     lease_boot_timeout_s: float = 600.0
     lease_renew_before_s: float = 600.0
     lease_retry_after_s: float = 900.0
@@ -165,6 +166,7 @@ _KEYS: dict[str, str] = {
     "leases.idle_grace_s": "lease_idle_grace_s",
     "leases.warm_nodes": "lease_warm_nodes",
     "leases.service_grace_s": "lease_service_grace_s",
+    "leases.service_headroom": "lease_service_headroom",
     "leases.boot_timeout_s": "lease_boot_timeout_s",
     "leases.renew_before_s": "lease_renew_before_s",
     "leases.retry_after_s": "lease_retry_after_s",

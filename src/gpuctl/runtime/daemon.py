@@ -195,6 +195,7 @@ def serve(
                     idle_grace_s=config.lease_idle_grace_s,
                     warm_nodes=config.lease_warm_nodes,
                     service_grace_s=config.lease_service_grace_s,
+                    service_headroom=config.lease_service_headroom,
                     boot_timeout_s=config.lease_boot_timeout_s,
                     renew_before_s=config.lease_renew_before_s,
                     retry_after_s=config.lease_retry_after_s,

@@ -85,6 +85,7 @@ class LeaseSettings:
     idle_grace_s: float = 300.0  # an idle leased node a queued job fits is kept this long
     warm_nodes: int = 0  # idle leased nodes kept beyond those (core.leasing.Leasing)
     service_grace_s: float = 1800.0  # an idle node a running service left is kept this long
+    service_headroom: int = 0  # replicas of each running service kept ready, leased ahead
     boot_timeout_s: float = 600.0  # a granted node must register within this
     renew_before_s: float = 600.0  # a lease in use is renewed this long before it ends
     retry_after_s: float = 900.0  # an offer that failed a job is skipped for it this long
@@ -247,6 +248,7 @@ class LeaseKeeper:
             idle_grace_s=self.settings.idle_grace_s,
             warm_nodes=self.settings.warm_nodes,
             service_grace_s=self.settings.service_grace_s,
+            service_headroom=self.settings.service_headroom,
         )
 
     def _spend(

@@ -309,6 +309,7 @@ def gpuctl_fleet(
     idle_grace_s: float,
     warm_nodes: int = 0,
     service_grace_s: float = 0.0,
+    service_headroom: int = 0,
 ) -> Outcome:
     """(c): the core places on leased nodes, asks for leases for what waits, gives back what
     nothing uses (with its idle grace for nodes a queued job fits, its service grace for nodes
@@ -321,6 +322,7 @@ def gpuctl_fleet(
         idle_grace_s=idle_grace_s,
         warm_nodes=warm_nodes,
         service_grace_s=service_grace_s,
+        service_headroom=service_headroom,
     )
 
 
@@ -411,6 +413,7 @@ def compare(
     idle_grace_s: float = DEFAULT_IDLE_GRACE_S,
     warm_nodes: int = 0,
     service_grace_s: float = DEFAULT_SERVICE_GRACE_S,
+    service_headroom: int = 0,
     consolidate_after_s: float = DEFAULT_CONSOLIDATE_AFTER_S,
     fleet_offer: Offer | None = None,
     fleet_nodes: int = 0,
@@ -439,6 +442,7 @@ def compare(
         idle_grace_s=idle_grace_s,
         warm_nodes=warm_nodes,
         service_grace_s=service_grace_s,
+        service_headroom=service_headroom,
     )
     wall[GPUCTL] = time.perf_counter() - started
     reports = (

@@ -140,6 +140,7 @@ class _Replay:
         idle_grace_s: float = 0.0,
         warm_nodes: int = 0,
         service_grace_s: float = 0.0,
+        service_headroom: int = 0,
     ) -> None:
         self.demands = {d.id: d for d in workload.demands}
         self.policy = policy
@@ -150,6 +151,7 @@ class _Replay:
         self.grace = idle_grace_s
         self.warm_nodes = warm_nodes
         self.service_grace = service_grace_s
+        self.service_headroom = service_headroom
         self.nodes: dict[str, Node] = {n.id: n for n in nodes}
         self.events: list[tuple[float, int, int, int | str, int]] = []
         self.seq = 0
@@ -235,7 +237,7 @@ class _Replay:
         if heir is None:
             return
         for lease in list(self.leases.values()):
-            if lease.for_job_id == replica and lease.state is LeaseState.ACTIVE:
+            if lease.for_job_id == replica:
                 self.leases[lease.id] = replace(lease, for_job_id=heir)
 
     def _stop(self, job_id: int, t: float) -> Job:
@@ -325,6 +327,7 @@ class _Replay:
             idle_grace_s=self.grace,
             warm_nodes=self.warm_nodes,
             service_grace_s=self.service_grace,
+            service_headroom=self.service_headroom,
         )
 
     def _tick_after_grace(self) -> None:
@@ -402,10 +405,12 @@ def replay(
     idle_grace_s: float = 0.0,
     warm_nodes: int = 0,
     service_grace_s: float = 0.0,
+    service_headroom: int = 0,
 ) -> Outcome:
     """Replay `workload` until every demand has ended: on `nodes` (a fixed fleet, paid for from
     0 on), and with `offers`, on nodes leased from them as the cycles ask (`boot_s` from request
-    to registered; the cycle's `idle_grace_s`, `warm_nodes` and `service_grace_s`)."""
+    to registered; the cycle's `idle_grace_s`, `warm_nodes`, `service_grace_s` and
+    `service_headroom`)."""
     return _Replay(
         workload,
         policy,
@@ -415,4 +420,5 @@ def replay(
         idle_grace_s=idle_grace_s,
         warm_nodes=warm_nodes,
         service_grace_s=service_grace_s,
+        service_headroom=service_headroom,
     ).run()

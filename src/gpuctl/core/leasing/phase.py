@@ -4,9 +4,10 @@ jobs the leased nodes cannot take, and give back the leases nothing will use."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
+from gpuctl.core.engine.verdicts import shape
 from gpuctl.core.leasing.offers import (
     BudgetBook,
     Option,
@@ -55,7 +56,9 @@ def plan_leases(
 
     `nodes`: every node as the cycle leaves it; `barred`: waiting jobs held back by the queue
     itself (new nodes would not start them); `replicas_short(job)`: replicas of an inference
-    job that do not fit on the nodes now; `fits(job, node)`: the policy's filters.
+    job that do not fit on the nodes now; `fits(job, node)`: the policy's filters;
+    `serving`: the inference jobs running, by id (the services whose idle nodes
+    `Leasing.service_grace_s` keeps, and whose headroom `Leasing.service_headroom` leases).
     """
     by_node = {v.id: v for v in nodes}
     requested: dict[int, list[NodeLease]] = {}
@@ -132,7 +135,61 @@ def plan_leases(
             )
         )
         notes[job.id] = reason
+    if leasing.service_headroom > 0 and serving and leasing.offers:
+        requests.extend(_headroom(leasing, serving, requested, gone, book, replicas_short))
     return LeasePlan(requests=tuple(requests), releases=releases, notes=notes, kept=kept)
+
+
+def service_key(job: Job) -> tuple[object, ...]:
+    """Running inference jobs with the same key are replicas of one service: gpuctld runs a
+    service as one job, an autoscaler may submit a job per replica."""
+    spec = job.spec
+    return (spec.owner, spec.queue, spec.command, shape(replace(spec, replicas=1, name="")))
+
+
+def _headroom(
+    leasing: Leasing,
+    serving: Mapping[int, Job],
+    requested: Mapping[int, Sequence[NodeLease]],
+    gone: set[str],
+    book: BudgetBook,
+    replicas_short: Callable[[Job], int],
+) -> list[LeaseRequest]:
+    """Leases for the headroom each running service lacks (`Leasing.service_headroom`): for
+    the replicas of it the nodes cannot take now, nothing for it being on its way already."""
+    groups: dict[tuple[object, ...], list[Job]] = {}
+    for job in sorted(serving.values(), key=lambda j: j.id):
+        groups.setdefault(service_key(job), []).append(job)
+    out = []
+    for members in groups.values():
+        if any(x.id not in gone for j in members for x in requested.get(j.id, ())):
+            continue  # its headroom, or a replica's node, is on its way
+        first = members[0]
+        want = replace(first, spec=replace(first.spec, replicas=leasing.service_headroom))
+        short = replicas_short(want)
+        if short <= 0:
+            continue
+        options, _ = replica_options(want, short, leasing.offers)
+        chosen = next((o for o in options if not book.over(want, o)), None)
+        if chosen is None:
+            continue
+        book.take(want, chosen)
+        offer = chosen.offer
+        out.append(
+            LeaseRequest(
+                job_id=first.id,
+                provider=offer.provider,
+                sku=offer.sku,
+                count=chosen.count,
+                price_per_hour=offer.price_per_hour,
+                reason=(
+                    f"headroom for service {first.id} ({plural(short, 'replica')} more ready): "
+                    f"leasing {chosen.count}x {offer.sku} from {offer.provider} at "
+                    f"${offer.price_per_hour:.2f}/h each: {chosen.why}"
+                ),
+            )
+        )
+    return out
 
 
 def _releases(
@@ -155,11 +212,16 @@ def _releases(
     kept: dict[str, str] = {}
     idle: list[tuple[NodeLease, NodeView]] = []  # given back as no job waits for them
     service_grace = leasing.service_grace_s
+    headroom = leasing.service_headroom if serving else 0
+    ready: dict[tuple[object, ...], int] = {}  # service -> idle nodes kept as its headroom
     for lease in leasing.leases:
         if not managed(lease):
             continue
         owner = lease.for_job_id
         if lease.state is LeaseState.REQUESTED:
+            if headroom and owner in serving and owner not in waiting_by_id:
+                kept[lease.id] = f"headroom for service {owner}: on its way"
+                continue
             if owner not in waiting_by_id:
                 why = f"job {owner} no longer waits for it" if owner else "no job waits for it"
                 out.append(
@@ -200,9 +262,17 @@ def _releases(
             )
             continue
         # A service still running that scaled down off the node (its replica fits it).
-        service = serving.get(owner) if owner is not None and service_grace > 0 else None
+        service = (
+            serving.get(owner) if owner is not None and (service_grace > 0 or headroom) else None
+        )
         if service is not None and not fits(service, view):
             service = None
+        if service is not None and headroom:
+            key = service_key(service)
+            if ready.get(key, 0) < headroom:
+                ready[key] = ready.get(key, 0) + 1
+                kept[lease.id] = f"headroom for service {owner} ({ready[key]} of {headroom})"
+                continue
         if service is not None and idle_for < service_grace:
             left = duration(service_grace - idle_for)
             kept[lease.id] = f"for service {owner}'s next scale-up (service grace, {left} left)"
@@ -218,7 +288,7 @@ def _releases(
             why = f"idle for {duration(idle_for)} (idle grace {duration(grace)})"
         else:
             why = "idle; no idle grace"
-        if service is not None:
+        if service is not None and service_grace > 0:
             done = (
                 f"service {owner} has not scaled back onto it within the service grace "
                 f"({duration(service_grace)}); "

@@ -72,6 +72,11 @@ class Leasing:
     # node served it) is kept this long for that service's next scale-up, if its replica fits
     # the node: a scale-up then starts at once instead of waiting out a new node's boot.
     service_grace_s: float = 0.0
+    # Replicas of each running service kept ready: idle leased capacity for that many more of
+    # its replicas, leased ahead when missing, so that a scale-up starts at once (the service
+    # then leases the next while its new replica serves). Services: the running inference jobs,
+    # replicas alike (`service_key`) counting as one.
+    service_headroom: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
