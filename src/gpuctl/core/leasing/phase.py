@@ -117,24 +117,10 @@ def plan_leases(
             notes[job.id] = over
             continue
         book.take(job, chosen)
-        offer = chosen.offer
         within = "; within budget" if over else ""
-        reason = (
-            f"leasing {chosen.count}x {offer.sku} from {offer.provider} at "
-            f"${offer.price_per_hour:.2f}/h each: {chosen.why}{within}{failed_note}"
-        )
-        requests.append(
-            LeaseRequest(
-                job_id=job.id,
-                provider=offer.provider,
-                sku=offer.sku,
-                count=chosen.count,
-                price_per_hour=offer.price_per_hour,
-                same_fabric=job.spec.is_gang,
-                reason=reason,
-            )
-        )
-        notes[job.id] = reason
+        request = _request(job, chosen, f"{_leasing(chosen)}{within}{failed_note}")
+        requests.append(request)
+        notes[job.id] = request.reason
     if leasing.service_headroom > 0 and serving and leasing.offers:
         requests.extend(_headroom(leasing, serving, requested, gone, book, replicas_short))
     return LeasePlan(requests=tuple(requests), releases=releases, notes=notes, kept=kept)
@@ -174,22 +160,30 @@ def _headroom(
         if chosen is None:
             continue
         book.take(want, chosen)
-        offer = chosen.offer
-        out.append(
-            LeaseRequest(
-                job_id=first.id,
-                provider=offer.provider,
-                sku=offer.sku,
-                count=chosen.count,
-                price_per_hour=offer.price_per_hour,
-                reason=(
-                    f"headroom for service {first.id} ({plural(short, 'replica')} more ready): "
-                    f"leasing {chosen.count}x {offer.sku} from {offer.provider} at "
-                    f"${offer.price_per_hour:.2f}/h each: {chosen.why}"
-                ),
-            )
-        )
+        more = f"headroom for service {first.id} ({plural(short, 'replica')} more ready)"
+        out.append(_request(want, chosen, f"{more}: {_leasing(chosen)}"))
     return out
+
+
+def _leasing(chosen: Option) -> str:
+    offer = chosen.offer
+    return (
+        f"leasing {chosen.count}x {offer.sku} from {offer.provider} at "
+        f"${offer.price_per_hour:.2f}/h each: {chosen.why}"
+    )
+
+
+def _request(job: Job, chosen: Option, reason: str) -> LeaseRequest:
+    offer = chosen.offer
+    return LeaseRequest(
+        job_id=job.id,
+        provider=offer.provider,
+        sku=offer.sku,
+        count=chosen.count,
+        price_per_hour=offer.price_per_hour,
+        same_fabric=job.spec.is_gang,
+        reason=reason,
+    )
 
 
 def _releases(
