@@ -195,7 +195,9 @@ class ActiveJobs:
 
     def pending(self) -> int:
         """How many of them are PENDING."""
-        return self.read()[1]
+        with self._lock:
+            self._refresh()
+            return self._pending
 
     def read(self) -> tuple[dict[int, Job], int]:
         """`by_id()` and `pending()` of one look at the store."""

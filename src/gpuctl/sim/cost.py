@@ -313,7 +313,7 @@ def gpuctl_fleet(
 ) -> Outcome:
     """(c): the core places on leased nodes, asks for leases for what waits, gives back what
     nothing uses (with its idle grace for nodes a queued job fits, its service grace for nodes
-    a running service scaled down from, and its warm pool)."""
+    a running service scaled down from, its warm pool), and leases the services' headroom."""
     return replay(
         workload,
         policy,

@@ -233,7 +233,7 @@ class _Replay:
         """The leases of a replica that ended go to a running replica of its service: in the
         daemon a service is one job, which owns the nodes its replicas were leased for."""
         service = self.demands[replica].service
-        heir = next((j for j in sorted(self.running) if self.demands[j].service == service), None)
+        heir = min((j for j in self.running if self.demands[j].service == service), default=None)
         if heir is None:
             return
         for lease in list(self.leases.values()):

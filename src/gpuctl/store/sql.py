@@ -170,9 +170,7 @@ class SqlStore:
         # Every write but the schema's: batched, fenced unless told otherwise (see `fence`).
         self._write: GroupCommit[Session] = GroupCommit(self._commit_batch)
         db = self._engine.url.database if self.local else None
-        self._one_writer = (
-            _WriterLock(Path(db).with_name(Path(db).name + "-writer")) if db else None
-        )
+        self._one_writer = _WriterLock(_writer_lock_path(Path(db))) if db else None
         try:
             self.schema = self._prepare_schema(migrate)
         except BaseException:
@@ -917,6 +915,10 @@ class _WriterLock:
             self._fd = -1
 
 
+def _writer_lock_path(db: Path) -> Path:
+    return db.with_name(db.name + "-writer")
+
+
 def _private_sqlite_files(db: Path) -> None:
     """The database file exists, 0600, before SQLite opens it: SQLite would create it 0644 less
     the umask, and gives the -wal, -shm and -journal files it creates the database file's mode,
@@ -926,7 +928,7 @@ def _private_sqlite_files(db: Path) -> None:
     Explicit modes rather than a process umask: the umask is process-wide (the daemon's socket
     and port file have modes of their own), and the store is opened by tests and tools too."""
     db.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    for path in (db, db.with_name(db.name + "-writer")):
+    for path in (db, _writer_lock_path(db)):
         if not path.exists():
             os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
     suffixes = ("-wal", "-shm", "-journal", "-writer")

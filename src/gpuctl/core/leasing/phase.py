@@ -256,9 +256,7 @@ def _releases(
             )
             continue
         # A service still running that scaled down off the node (its replica fits it).
-        service = (
-            serving.get(owner) if owner is not None and (service_grace > 0 or headroom) else None
-        )
+        service = serving.get(owner) if owner is not None else None
         if service is not None and not fits(service, view):
             service = None
         if service is not None and headroom:
