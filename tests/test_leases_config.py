@@ -50,6 +50,7 @@ def test_lease_settings_and_a_providers_file_relative_to_the_config(tmp_path):
         ("service_grace_s = -1", "leases.service_grace_s"),
         ('service_grace_s = "1h"', "leases.service_grace_s"),
         ("service_headroom = -1", "leases.service_headroom"),
+        ("service_headroom = 65", "leases.service_headroom"),
     ],
     ids=[
         "unknown",
@@ -62,6 +63,7 @@ def test_lease_settings_and_a_providers_file_relative_to_the_config(tmp_path):
         "service-grace",
         "service-grace-type",
         "headroom",
+        "headroom-bound",
     ],
 )
 def test_bad_lease_settings_are_refused_by_name(tmp_path, text, field):

@@ -17,6 +17,7 @@ from gpuctl.core.trust import DEFAULT_DENIED_ACCOUNTS, DEFAULT_MIN_UID
 
 LOG_FORMATS = ("auto", "json", "plain")
 MAX_API_WORKERS = 64
+MAX_SERVICE_HEADROOM = 64  # replicas a service keeps ready; more is a typo, not a plan
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -275,6 +276,11 @@ def load_config(
     if isinstance(workers, int) and workers > MAX_API_WORKERS:
         violations.append(
             FieldViolation("server.api_workers", f"at most {MAX_API_WORKERS} (0: none)")
+        )
+    headroom = values.get("lease_service_headroom", 0)
+    if isinstance(headroom, int) and headroom > MAX_SERVICE_HEADROOM:
+        violations.append(
+            FieldViolation("leases.service_headroom", f"at most {MAX_SERVICE_HEADROOM} (0: none)")
         )
     if values.get("log_format", "auto") not in LOG_FORMATS:
         violations.append(FieldViolation("logging.format", 'must be "auto", "json" or "plain"'))
